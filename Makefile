@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: run test test-slow bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main job: every seed's claims checked on the embedded data (see README)
+run: $(STAMP)
+	$(VENV)/bin/proxnets reproduce --quick $(ARGS)
+
+## the default test suite (well under 15 minutes on 2 cores)
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/proxnets bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,3 @@
+from proxnets.cli import main
+
+main()

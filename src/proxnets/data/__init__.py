@@ -1,0 +1,1 @@
+"""Real datasets (in progress)."""

@@ -1,0 +1,1 @@
+"""The shared training engine (in progress)."""

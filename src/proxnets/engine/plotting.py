@@ -1,0 +1,68 @@
+"""Headless plots for every experiment: one helper, one look.
+
+``line_plot`` draws named series (x, y) on one axis and writes a PNG atomically. ``multi_plot``
+draws several panels side by side. Both use the Agg backend, so they work without a display.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from proxnets.utils.io import atomic_path  # noqa: E402
+
+__all__ = ["line_plot", "multi_plot", "Panel"]
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+
+
+class Panel(dict):
+    """One axis of :func:`multi_plot`: ``Panel(series=..., xlabel=..., ylabel=..., title=..., logx=, logy=,
+    kind="line"|"scatter")``."""
+
+
+def _draw(ax, series: Series, *, xlabel="", ylabel="", title="", logx=False, logy=False, kind="line", hlines=None):
+    for name, (x, y) in series.items():
+        if kind == "scatter":
+            ax.scatter(list(x), list(y), label=name, s=18)
+        else:
+            marker = "o" if len(x) <= 25 else None
+            ax.plot(list(x), list(y), label=name, marker=marker, markersize=3)
+    for value, label in (hlines or {}).items() if isinstance(hlines, dict) else []:
+        ax.axhline(value, color="gray", linestyle="--", linewidth=0.8, label=label)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("symlog" if logy == "symlog" else "log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+
+
+def line_plot(path: str | os.PathLike, series: Series, **kwargs) -> Path:
+    """Plot ``{name: (x, y)}`` to ``path`` (PNG). kwargs: xlabel, ylabel, title, logx, logy, kind, hlines."""
+    return multi_plot(path, [Panel(series=series, **kwargs)])
+
+
+def multi_plot(path: str | os.PathLike, panels: Sequence[Mapping], *, suptitle: str = "", width: float = 4.6) -> Path:
+    """Several panels in one row, each given as a mapping of :func:`line_plot` arguments."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        panel = dict(panel)
+        _draw(ax, panel.pop("series"), **panel)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,1 @@
+"""Small helpers shared by every module: argument validation, atomic I/O, timing."""

@@ -1,0 +1,94 @@
+"""Timing and memory measurement for ``benchmarks/``.
+
+These machines are shared and noisy: we report medians (and the interquartile range) of repeated
+runs, and compare implementations *in the same run*, printing their ratio.
+
+- :func:`time_fn` -- median wall time of ``fn()`` after warm-up (synchronizes CUDA when used).
+- :func:`peak_memory_mb` -- peak memory of one call of ``fn()``: on CUDA the allocator's peak, on
+  CPU the peak resident set of a forked child running ``fn`` minus its resident set at the fork.
+- :func:`ratio_line` -- the one-line "A vs B" summary every benchmark prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["Timing", "time_fn", "peak_memory_mb", "ratio_line"]
+
+
+@dataclasses.dataclass
+class Timing:
+    median: float
+    q1: float
+    q3: float
+    repeats: int
+
+    def __str__(self) -> str:
+        return f"{self.median * 1e3:.2f} ms (IQR {self.q1 * 1e3:.2f}-{self.q3 * 1e3:.2f}, n={self.repeats})"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7, min_time: float = 0.0) -> Timing:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (more if ``min_time`` not reached)."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start_all < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    qs = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Timing(statistics.median(times), qs[0], qs[2], len(times))
+
+
+def _child(fn, conn) -> None:
+    base = _rss_mb()
+    fn()
+    conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base)
+    conn.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Peak memory (MiB) that one call of ``fn()`` adds."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(fn, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return float(value)
+
+
+def ratio_line(name: str, ours: Timing, baseline: Timing, baseline_name: str) -> str:
+    """``"<name>: ours 1.2 ms, <baseline_name> 6.0 ms, speed-up 5.00x"``."""
+    return (
+        f"{name}: ours {ours.median * 1e3:.2f} ms, {baseline_name} {baseline.median * 1e3:.2f} ms, "
+        f"speed-up {baseline.median / ours.median:.2f}x"
+    )
