@@ -1,0 +1,114 @@
+"""Capsule layers: convolutional primary capsules, routed capsule layer, reconstruction decoder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from proxnets.capsules.functional import squash
+from proxnets.capsules.routing import GRADIENT_MODES, RoutingInfo, dynamic_routing
+from proxnets.capsules.votes import FactoredVotes
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
+
+__all__ = ["PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "conv_output_size"]
+
+
+def conv_output_size(size: int, kernel_size: int, stride: int) -> int:
+    """Spatial size after an unpadded convolution: ``floor((size - kernel) / stride) + 1``."""
+    return (size - kernel_size) // stride + 1
+
+
+class PrimaryCapsules(nn.Module):
+    """Convolutional capsules: one convolution with ``channels * capsule_dim`` filters, regrouped.
+
+    Output ``(B, channels * H' * W', capsule_dim)``, squashed; capsule ``(ch, y, x)`` is the vector
+    of the ``capsule_dim`` filters of group ``ch`` at position ``(y, x)``.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 32, capsule_dim: int = 8, kernel_size: int = 9, stride: int = 2):
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("channels", channels), ("capsule_dim", capsule_dim),
+                            ("kernel_size", kernel_size), ("stride", stride)):
+            check_int(name, value, low=1)
+        self.channels, self.capsule_dim = channels, capsule_dim
+        self.conv = nn.Conv2d(in_channels, channels * capsule_dim, kernel_size, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)  # (B, channels * dim, H', W')
+        B, _, H, W = y.shape
+        y = y.view(B, self.channels, self.capsule_dim, H, W).permute(0, 1, 3, 4, 2)  # (B, ch, H', W', dim)
+        return squash(y.reshape(B, self.channels * H * W, self.capsule_dim))  # (B, M, dim)
+
+
+class CapsuleLinear(nn.Module):
+    """Routed capsule layer: ``M`` child capsules of ``in_dim`` -> ``N`` parents of ``out_dim``.
+
+    Votes ``u_hat[b, i, j] = u[b, i] @ weight[j, i]`` with one ``in_dim x out_dim`` matrix per pair
+    (``weight``: ``(N, M, in_dim, out_dim)``, no bias: Sabour et al.'s count), then
+    :func:`~proxnets.capsules.routing.dynamic_routing` on the factored votes (never materialized).
+    """
+
+    def __init__(
+        self,
+        in_capsules: int,
+        in_dim: int,
+        out_capsules: int,
+        out_dim: int,
+        *,
+        iterations: int = 3,
+        gradient: str = "last",
+        leaky: bool = False,
+        init_std: float = 0.01,
+    ):
+        super().__init__()
+        for name, value in (("in_capsules", in_capsules), ("in_dim", in_dim), ("out_capsules", out_capsules),
+                            ("out_dim", out_dim)):
+            check_int(name, value, low=1)
+        self.iterations = check_int("iterations", iterations, low=0)
+        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
+        self.leaky = bool(leaky)
+        self.weight = nn.Parameter(torch.randn(out_capsules, in_capsules, in_dim, out_dim)
+                                   * check_number("init_std", init_std, low=0.0))
+
+    def votes(self, u: torch.Tensor) -> FactoredVotes:
+        """The layer's votes for child capsules ``u (B, M, in_dim)``."""
+        _, M, K, _ = self.weight.shape
+        check_tensor("u", u, shape=(None, M, K))
+        return FactoredVotes(u, self.weight, validate=False)
+
+    def forward(self, u: torch.Tensor, *, iterations: int | None = None, trace: bool = False,
+                tol: float | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+        """Parent capsules ``(B, N, out_dim)`` and the routing info; ``iterations`` overrides the layer's."""
+        r = self.iterations if iterations is None else iterations
+        return dynamic_routing(self.votes(u), r, gradient=self.gradient, leaky=self.leaky, trace=trace, tol=tol)
+
+    def extra_repr(self) -> str:
+        N, M, K, D = self.weight.shape
+        return f"{M}x{K} -> {N}x{D}, iterations={self.iterations}, gradient={self.gradient!r}, leaky={self.leaky}"
+
+
+class ReconstructionDecoder(nn.Module):
+    """Image from the class capsules: keep the capsule of ``labels`` (zero the others) -> MLP -> sigmoid."""
+
+    def __init__(self, num_classes: int, capsule_dim: int, out_shape: Sequence[int], hidden: Sequence[int] = (512, 1024)):
+        super().__init__()
+        check_int("num_classes", num_classes, low=1)
+        check_int("capsule_dim", capsule_dim, low=1)
+        self.out_shape = tuple(int(s) for s in out_shape)
+        if len(self.out_shape) != 3 or min(self.out_shape) < 1:
+            fail("out_shape", "(C, H, W) with positive sizes", out_shape)
+        sizes = [num_classes * capsule_dim, *[check_int("hidden", h, low=1) for h in hidden], math.prod(self.out_shape)]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        layers[-1] = nn.Sigmoid()
+        self.net = nn.Sequential(*layers)
+        self.num_classes = num_classes
+
+    def forward(self, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask = nn.functional.one_hot(labels, self.num_classes).to(v.dtype)  # (B, N)
+        flat = (v * mask.unsqueeze(-1)).flatten(1)  # (B, N * D)
+        return self.net(flat).view(-1, *self.out_shape)  # (B, C, H, W)

@@ -1,0 +1,267 @@
+"""Dynamic routing as entropic mirror descent on a concave energy.
+
+Notation (one sample; the batch is a leading axis everywhere): votes ``u_hat[i, j]`` of child
+``i = 1..M`` for parent ``j = 1..N``, couplings ``C`` of shape ``(M, N)`` with rows on the
+probability simplex (``C >= 0``, ``C 1 = 1``: linear constraints), parent inputs
+``s_j(C) = sum_i c_ij u_hat_ij`` and outputs ``v_j = squash(s_j)``.
+
+**Energy.** ``E(C) = - sum_j g(n(s_j(C)))`` with ``g(r) = r - arctan(r)`` and the safe length
+``n`` of :mod:`proxnets.capsules.functional`. Since ``g'(r) = r^2 / (1 + r^2)``,
+
+    dE/dc_ij = - <u_hat_ij, v_j>                      (the "agreement", with a minus sign)
+
+``g`` is convex and non-decreasing on ``r >= 0`` and ``n(s)`` is convex in ``s``, so ``-E`` is convex
+and ``E`` concave in ``C``.
+
+**Routing = mirror descent.** Procedure 1 of Sabour et al. (2017) keeps logits ``b`` (zero for every
+sample), sets ``C = softmax(b)`` over the *parents* and adds the agreement to ``b``. That is
+
+    C_{t+1} = C_t * exp(-grad E(C_t)) / Z         (row-wise normalization)
+
+an exponentiated-gradient (entropic mirror descent) step of size 1 on the product of simplices.
+For a concave ``E`` the linearization is an upper bound, and the mirror step gives
+
+    E(C_{t+1}) <= E(C_t) - KL(C_{t+1} || C_t) - KL(C_t || C_{t+1}),
+
+so the energy is non-increasing at every iteration, at any scale of the votes; its minima sit at
+vertices (one-hot rows): repeated routing *polarizes* the couplings and mutes some parents.
+
+**Counting.** ``iterations = r`` follows Sabour et al.: ``r`` passes, the output uses ``C_{r-1}``
+(after ``r - 1`` mirror steps); ``r = 1`` is uniform couplings. ``iterations = 0`` is accepted as
+"no routing" and gives the same output as ``r = 1``.
+
+**Leaky routing** (Sabour et al.'s code) adds a none-of-the-above parent with a zero vote and a logit
+fixed at 0: rows live on the simplex of ``N + 1`` entries and the couplings to real parents sum to
+less than one. The energy and the mirror-descent reading are unchanged (the extra parent's
+gradient is zero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from proxnets.capsules.functional import EPS, capsule_length, squash
+from proxnets.capsules.votes import Votes, as_votes
+from proxnets.utils.convergence import POLICIES, IterInfo, handle_nonconvergence
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor
+
+__all__ = [
+    "GRADIENT_MODES",
+    "RoutingInfo",
+    "routing_energy",
+    "energy_gradient",
+    "coupling_entropy",
+    "dynamic_routing",
+]
+
+GRADIENT_MODES = ("last", "all")
+
+
+@dataclasses.dataclass
+class RoutingInfo(IterInfo):
+    """What :func:`dynamic_routing` reports besides the parent capsules.
+
+    - ``iterations``: passes performed (``T``); fewer than asked when ``tol`` stopped it.
+    - ``converged``: ``tol`` was given and reached (always ``False`` without ``tol``: the classic
+      procedure runs a fixed number of passes and claims nothing).
+    - ``residuals``: per pass ``t``, ``max_b max_{i,j} |C_{t+1} - C_t|`` (measured only with ``tol``
+      or ``trace``; empty otherwise).
+    - ``couplings``: ``(B, M, N)`` the couplings ``C`` that produced the output (detached; for leaky
+      routing the real parents' columns only).
+
+    With ``trace=True``, per pass ``t = 0..T-1`` and per sample (tensors of shape ``(T, B)``):
+
+    - ``energy``: ``E(C_t) = - sum_j g(n(s_j))`` (non-increasing in ``t``).
+    - ``entropy``: mean over children of the row entropy ``- sum_j c_ij log c_ij`` (``log N`` for
+      uniform rows, ``log(N + 1)`` with leaky routing, 0 for one-hot rows).
+    - ``max_coupling``: mean over children of ``max_j c_ij`` (1 for one-hot rows).
+    - ``change``: ``max_{i,j} |C_{t+1} - C_t|``, the step taken after pass ``t``.
+    - ``muted``: fraction of parents with ``|v_j| < mute_threshold``.
+
+    :meth:`summary` gives the batch means as lists.
+    """
+
+    couplings: torch.Tensor | None = None
+    energy: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    max_coupling: torch.Tensor | None = None
+    change: torch.Tensor | None = None
+    muted: torch.Tensor | None = None
+
+    TRACE_FIELDS = ("energy", "entropy", "max_coupling", "change", "muted")
+
+    def summary(self) -> dict[str, list[float]]:
+        """Batch-averaged traces: ``{field: [mean over the batch at pass t for t in 0..T-1]}``."""
+        out = {}
+        for name in self.TRACE_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = [float(x) for x in value.double().mean(1)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "residuals": list(self.residuals),
+            **self.summary(),
+        }
+
+
+def _g(r: torch.Tensor) -> torch.Tensor:
+    return r - torch.atan(r)  # g(r) = r - arctan r, g'(r) = r^2 / (1 + r^2)
+
+
+def _energy_of(s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    return -_g(capsule_length(s, -1, eps)).sum(-1)  # (B,)
+
+
+def _check_couplings(votes: Votes, couplings: Any) -> torch.Tensor:
+    return check_tensor("couplings", couplings, shape=(votes.batch, votes.children, votes.parents))
+
+
+def routing_energy(votes: torch.Tensor | Votes, couplings: torch.Tensor) -> torch.Tensor:
+    """``E(C) = - sum_j g(n(s_j(C)))`` per sample, shape ``(B,)``, for any couplings ``(B, M, N)``.
+
+    ``votes``: a ``(B, M, N, D)`` tensor or a :class:`~proxnets.capsules.votes.Votes`. The couplings
+    need not come from routing (uniform, random, one-hot...); differentiable in both arguments.
+    """
+    votes = as_votes(votes)
+    c = _check_couplings(votes, couplings)
+    return _energy_of(votes.combine(c))
+
+
+def energy_gradient(votes: torch.Tensor | Votes, couplings: torch.Tensor) -> torch.Tensor:
+    """Closed form ``dE/dc_ij = - <u_hat_ij, squash(s_j(C))>``, shape ``(B, M, N)``."""
+    votes = as_votes(votes)
+    c = _check_couplings(votes, couplings)
+    return -votes.agree(squash(votes.combine(c)))
+
+
+def coupling_entropy(couplings: torch.Tensor) -> torch.Tensor:
+    """Mean over children of the row entropy ``- sum_j c_ij log c_ij`` (``0 log 0 = 0``): ``(B,)``."""
+    return -torch.special.xlogy(couplings, couplings).sum(-1).mean(-1)
+
+
+def _softmax_couplings(logits: torch.Tensor, leaky: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``C`` over the parents; with ``leaky`` a last, zero-logit column is the leak."""
+    if not leaky:
+        c = torch.softmax(logits, dim=-1)
+        return c, c
+    full = torch.softmax(torch.nn.functional.pad(logits, (0, 1)), dim=-1)  # (B, M, N + 1)
+    return full[..., :-1], full
+
+
+def dynamic_routing(
+    votes: torch.Tensor | Votes,
+    iterations: int = 3,
+    *,
+    tol: float | None = None,
+    gradient: str = "last",
+    leaky: bool = False,
+    trace: bool = False,
+    mute_threshold: float = 1e-2,
+    policy: str = "warn",
+) -> tuple[torch.Tensor, RoutingInfo]:
+    """Routing by agreement (Sabour et al. 2017, Procedure 1), vectorized over batch, children, parents.
+
+    Args:
+        votes: ``(B, M, N, D)`` prediction vectors, or a :class:`Votes` (a capsule layer passes
+            :class:`~proxnets.capsules.votes.FactoredVotes`, which never forms them).
+        iterations: passes ``r >= 0`` (see the module docstring for the counting); with ``tol``, the
+            maximum number of passes.
+        tol: stop once ``max |C_{t+1} - C_t| < tol`` over the batch (the output then uses ``C_t``);
+            not reaching it within ``iterations`` is handled by ``policy``.
+        gradient: ``"last"`` (default): the couplings are constants for back-propagation, gradients
+            reach the votes only through ``s = sum_i c_ij u_hat_ij`` of the final pass (as in Sabour
+            et al.'s code, which stops gradients in the inner passes; cheaper). ``"all"``:
+            back-propagate through every pass, couplings included.
+        leaky: add a none-of-the-above parent (zero vote, logit fixed at 0).
+        trace: record energy, entropy, max coupling, change and muted fraction per pass (costs one
+            extra agreement pass).
+        mute_threshold: ``|v_j|`` below which a parent counts as muted in the trace.
+        policy: ``"ignore" | "warn" | "raise"`` when ``tol`` is not reached.
+
+    Returns:
+        ``(v, info)``: parent capsules ``v (B, N, D)`` and a :class:`RoutingInfo`.
+    """
+    votes = as_votes(votes)
+    iterations = check_int("iterations", iterations, low=0)
+    if tol is not None:
+        tol = check_number("tol", tol, low=0.0, low_inclusive=False)
+    check_choice("gradient", gradient, GRADIENT_MODES)
+    mute_threshold = check_number("mute_threshold", mute_threshold, low=0.0)
+    check_choice("policy", policy, POLICIES)
+    if not isinstance(leaky, bool):
+        raise TypeError(f"leaky: expected a bool, got {leaky!r}")
+
+    B, M, N = votes.batch, votes.children, votes.parents
+    passes = max(iterations, 1)
+    measure = trace or tol is not None
+    outer_grad = torch.is_grad_enabled()
+    detached = gradient == "last"
+    inner = votes.detach() if detached else votes
+    inner_mode = torch.no_grad() if detached else contextlib.nullcontext()
+
+    logits = torch.zeros(B, M, N, dtype=votes.dtype, device=votes.device)  # b, reset for every call
+    c, c_full = _softmax_couplings(logits, leaky)
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in RoutingInfo.TRACE_FIELDS}
+    residuals: list[float] = []
+    converged = False
+    s = v = None
+    s_has_grad = False
+    for t in range(passes):
+        final = t == passes - 1 and not measure
+        if final and detached:
+            # The last pass of the classic procedure: the only one gradients go through.
+            with torch.set_grad_enabled(outer_grad):
+                s = votes.combine(c)  # (B, N, D)
+            s_has_grad = True
+        else:
+            with inner_mode:
+                s = inner.combine(c)  # (B, N, D)
+            s_has_grad = not detached
+        v = squash(s)  # (B, N, D)
+        if trace:
+            with torch.no_grad():
+                stats["energy"].append(_energy_of(s.detach()))
+                stats["entropy"].append(coupling_entropy(c_full.detach()))
+                stats["max_coupling"].append(c_full.detach().amax(-1).mean(-1))
+                stats["muted"].append((capsule_length(v.detach()) < mute_threshold).to(s.dtype).mean(-1))
+        if final or iterations == 0:
+            break
+        with inner_mode:
+            logits = logits + inner.agree(v)  # b <- b - grad E(C), (B, M, N)
+            c_next, c_next_full = _softmax_couplings(logits, leaky)
+        if measure:
+            step = (c_next_full - c_full).detach().abs().amax((-2, -1))  # (B,)
+            residuals.append(float(step.max()))
+            if trace:
+                stats["change"].append(step)
+            if tol is not None and residuals[-1] < tol:
+                converged = True
+                break
+        if t == passes - 1:
+            break
+        c, c_full = c_next, c_next_full
+
+    if detached and not s_has_grad and outer_grad:
+        s = votes.combine(c)  # re-run the final pass with gradients to the votes
+        v = squash(s)
+    if trace and len(stats["change"]) < len(stats["energy"]):
+        stats["change"].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
+    info = RoutingInfo(
+        iterations=len(stats["energy"]) if trace else min(passes, t + 1),
+        converged=converged,
+        residuals=residuals,
+        couplings=c.detach(),
+        **({k: torch.stack(val) for k, val in stats.items()} if trace else {}),
+    )
+    if tol is not None:
+        handle_nonconvergence(info, policy, "dynamic routing")
+    return v, info

@@ -1,0 +1,225 @@
+"""Votes (prediction vectors) and the two linear maps routing needs.
+
+Routing between ``M`` child capsules and ``N`` parent capsules of dimension ``D`` only ever touches
+the votes ``u_hat[b, i, j]`` (child ``i``'s prediction for parent ``j`` in sample ``b``) through
+
+    combine:  A(c)[b, j]     = sum_i c[b, i, j] * u_hat[b, i, j]          (B, M, N) -> (B, N, D)
+    agree:    A^*(v)[b, i, j] = <u_hat[b, i, j], v[b, j]>                 (B, N, D) -> (B, M, N)
+
+and ``agree`` is the adjoint of ``combine``: ``<A(c), v> = <c, A^*(v)>``. Two implementations:
+
+- :class:`DenseVotes` holds an explicit ``(B, M, N, D)`` tensor (any votes a user has).
+- :class:`FactoredVotes` holds the votes of a capsule layer as the product
+  ``u_hat[b, i, j] = u[b, i] @ weight[j, i]`` with child capsules ``u (B, M, d_in)`` and transformation
+  matrices ``weight (N, M, d_in, D)``, and never forms ``u_hat``. Both maps become batched
+  matrix products over the parents with ``x[j, b, (i, k)] = c[b, i, j] * u[b, i, k]``:
+
+      A(c)[b, j]      = x[j, b, :] @ weight[j].reshape(M * d_in, D)
+      A^*(v)[b, i, j] = sum_k u[b, i, k] * (v[b, j] @ weight[j].reshape(M * d_in, D).T)[i, k]
+
+  They run over chunks of the batch so that every temporary stays in cache, and their backward
+  passes recompute ``x`` instead of storing it: memory stays at the size of ``u``, ``weight`` and
+  the couplings, never of the votes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from proxnets.utils.validation import check_tensor, fail
+
+__all__ = ["Votes", "DenseVotes", "FactoredVotes", "as_votes"]
+
+# Elements of one chunk's temporary (N, chunk, M * d_in): 2^20 floats = 4 MiB in float32, which stays
+# in the cache of the machines we measured; larger chunks are slower (the kernels are memory-bound).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+class Votes:
+    """The votes ``u_hat (B, M, N, D)`` seen through ``combine`` and ``agree`` (see module docstring)."""
+
+    batch: int
+    children: int
+    parents: int
+    dim: int
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:  # (B, M, N) -> (B, N, D)
+        raise NotImplementedError
+
+    def agree(self, v: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, M, N)
+        raise NotImplementedError
+
+    def detach(self) -> "Votes":
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:
+        """The explicit ``(B, M, N, D)`` votes (tests, small problems)."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+
+class DenseVotes(Votes):
+    """Explicit votes ``u_hat`` of shape ``(B, M, N, D)``."""
+
+    def __init__(self, u_hat: torch.Tensor, *, validate: bool = True):
+        if validate:
+            check_tensor("votes", u_hat, ndim=4)
+        self.u_hat = u_hat
+        self.batch, self.children, self.parents, self.dim = u_hat.shape
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bmn,bmnd->bnd", c, self.u_hat)  # (B, N, D)
+
+    def agree(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bmnd,bnd->bmn", self.u_hat, v)  # (B, M, N)
+
+    def detach(self) -> "DenseVotes":
+        return DenseVotes(self.u_hat.detach(), validate=False)
+
+    def dense(self) -> torch.Tensor:
+        return self.u_hat
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.u_hat.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.u_hat.device
+
+
+def _chunks(batch: int, per_sample: int):
+    step = max(1, min(batch, _CHUNK_ELEMENTS // max(per_sample, 1)))
+    return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
+
+
+def _combine_kernel(c: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``s[b, j] = sum_{i,k} c[b,i,j] u[b,i,k] w[j, i*k, :]``; c (B,M,N), u (B,M,K), w (N, M*K, D)."""
+    B, M, K = u.shape
+    N, _, D = w.shape
+    out = torch.empty(B, N, D, dtype=w.dtype, device=w.device)
+    for sl in _chunks(B, N * M * K):
+        x = c[sl].permute(2, 0, 1).unsqueeze(-1) * u[sl].unsqueeze(0)  # (N, b, M, K)
+        out[sl] = torch.bmm(x.reshape(N, -1, M * K), w).transpose(0, 1)  # (b, N, D)
+    return out
+
+
+def _agree_kernel(v: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``a[b, i, j] = sum_{k,d} u[b,i,k] w[j, i*k, d] v[b,j,d]``; v (B,N,D) -> a (B,M,N)."""
+    B, M, K = u.shape
+    N = w.shape[0]
+    out = torch.empty(B, M, N, dtype=w.dtype, device=w.device)
+    wt = w.transpose(1, 2)  # (N, D, M*K), a strided view: BLAS reads it transposed
+    for sl in _chunks(B, N * M * K):
+        z = torch.bmm(v[sl].transpose(0, 1), wt).view(N, -1, M, K)  # (N, b, M, K) = W_ij^T v_j
+        out[sl] = (z * u[sl]).sum(-1).permute(1, 2, 0)  # (b, M, N)
+    return out
+
+
+def _trilinear_grads(p, y, u, w, need_u: bool, need_w: bool):
+    """Gradients in ``u`` and ``w`` of ``T = sum p[b,i,j] u[b,i,k] w[j,i*k,d] y[b,j,d]``.
+
+    ``combine`` and ``agree`` are the partial derivatives of this one trilinear form (in ``y`` and in
+    ``p``), so their backward passes share this routine: ``p (B,M,N)``, ``y (B,N,D)``.
+    """
+    B, M, K = u.shape
+    N, _, D = w.shape
+    gu = torch.empty_like(u) if need_u else None
+    gw = torch.zeros_like(w) if need_w else None
+    wt = w.transpose(1, 2)  # (N, D, M*K)
+    for sl in _chunks(B, N * M * K):
+        pt = p[sl].permute(2, 0, 1).unsqueeze(-1)  # (N, b, M, 1)
+        yt = y[sl].transpose(0, 1)  # (N, b, D)
+        if need_w:
+            x = (pt * u[sl].unsqueeze(0)).reshape(N, -1, M * K)  # (N, b, M*K)
+            gw.baddbmm_(x.transpose(1, 2), yt)  # (N, M*K, D)
+        if need_u:
+            z = torch.bmm(yt, wt).view(N, -1, M, K)  # (N, b, M, K)
+            gu[sl] = (z * pt).sum(0)  # (b, M, K)
+    return gu, gw
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, c, u, w):
+        ctx.save_for_backward(c, u, w)
+        return _combine_kernel(c, u, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        c, u, w = ctx.saved_tensors
+        gc = _agree_kernel(g, u, w) if ctx.needs_input_grad[0] else None
+        gu, gw = _trilinear_grads(c, g, u, w, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return gc, gu, gw
+
+
+class _Agree(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v, u, w):
+        ctx.save_for_backward(v, u, w)
+        return _agree_kernel(v, u, w)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, h):
+        v, u, w = ctx.saved_tensors
+        gv = _combine_kernel(h, u, w) if ctx.needs_input_grad[0] else None
+        gu, gw = _trilinear_grads(h, v, u, w, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return gv, gu, gw
+
+
+class FactoredVotes(Votes):
+    """Votes ``u_hat[b, i, j] = u[b, i] @ weight[j, i]`` of a capsule layer, never materialized.
+
+    ``u``: child capsules ``(B, M, d_in)``; ``weight``: ``(N, M, d_in, D)``.
+    """
+
+    def __init__(self, u: torch.Tensor, weight: torch.Tensor, *, validate: bool = True):
+        if validate:
+            check_tensor("weight", weight, ndim=4)
+            check_tensor("u", u, shape=(None, weight.shape[1], weight.shape[2]))
+            if u.dtype != weight.dtype or u.device != weight.device:
+                fail("u", f"dtype {weight.dtype} on {weight.device} (those of weight)", f"{u.dtype} on {u.device}")
+        self.u = u.contiguous()
+        self.weight = weight
+        self.batch, self.children, _ = u.shape
+        self.parents, _, _, self.dim = weight.shape
+        self._w = weight.reshape(self.parents, -1, self.dim)  # (N, M*d_in, D), a view when contiguous
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        return _Combine.apply(c.contiguous(), self.u, self._w)
+
+    def agree(self, v: torch.Tensor) -> torch.Tensor:
+        return _Agree.apply(v.contiguous(), self.u, self._w)
+
+    def detach(self) -> "FactoredVotes":
+        return FactoredVotes(self.u.detach(), self.weight.detach(), validate=False)
+
+    def dense(self) -> torch.Tensor:
+        return torch.einsum("bmk,nmkd->bmnd", self.u, self.weight)  # (B, M, N, D)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+
+def as_votes(votes: torch.Tensor | Votes) -> Votes:
+    """Wrap a ``(B, M, N, D)`` tensor as :class:`DenseVotes`; pass :class:`Votes` through."""
+    if isinstance(votes, Votes):
+        return votes
+    if isinstance(votes, torch.Tensor):
+        return DenseVotes(votes)
+    fail("votes", "a (B, M, N, D) tensor or a Votes object", type(votes).__name__, TypeError)
