@@ -26,7 +26,9 @@ from proxnets.capsules.losses import margin_loss, reconstruction_loss
 from proxnets.capsules.routing import RoutingInfo
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
-__all__ = ["CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores"]
+__all__ = [
+    "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
+]
 
 
 @dataclasses.dataclass
@@ -138,3 +140,16 @@ def capsnet_loss(model: CapsNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         parts["reconstruction"] = float(rec.detach())
         loss = loss + rec
     return loss, parts
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """The paper's augmentation: shift each image by up to ``max_shift`` pixels, zero padding."""
+    B, _, H, W = x.shape
+    p = max_shift
+    padded = nn.functional.pad(x, (p, p, p, p))  # (B, C, H + 2p, W + 2p)
+    dy = torch.randint(0, 2 * p + 1, (B,), generator=generator)
+    dx = torch.randint(0, 2 * p + 1, (B,), generator=generator)
+    rows = (dy[:, None] + torch.arange(H)[None]).to(x.device)  # (B, H)
+    cols = (dx[:, None] + torch.arange(W)[None]).to(x.device)  # (B, W)
+    idx = torch.arange(B, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
