@@ -149,12 +149,20 @@ def coupling_entropy(couplings: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_couplings(logits: torch.Tensor, leaky: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ``C`` over the parents; with ``leaky`` a last, zero-logit column is the leak."""
+    """Couplings from parent-major logits ``(N, B, M)``: softmax over the parents (dim 0).
+
+    Returns ``(c, c_full)`` parent-major; with ``leaky`` a last, zero-logit parent is the leak and
+    ``c`` drops it. (Parent-major because a softmax over a short last axis is slow on CPU.)
+    """
     if not leaky:
-        c = torch.softmax(logits, dim=-1)
+        c = torch.softmax(logits, dim=0)
         return c, c
-    full = torch.softmax(torch.nn.functional.pad(logits, (0, 1)), dim=-1)  # (B, M, N + 1)
-    return full[..., :-1], full
+    full = torch.softmax(torch.cat([logits, logits.new_zeros(1, *logits.shape[1:])]), dim=0)  # (N + 1, B, M)
+    return full[:-1], full
+
+
+def _bmn(c: torch.Tensor) -> torch.Tensor:
+    return c.permute(1, 2, 0)  # parent-major (N, B, M) -> logical (B, M, N) view
 
 
 def dynamic_routing(
@@ -208,7 +216,7 @@ def dynamic_routing(
     inner = votes.detach() if detached else votes
     inner_mode = torch.no_grad() if detached else contextlib.nullcontext()
 
-    logits = torch.zeros(B, M, N, dtype=votes.dtype, device=votes.device)  # b, reset for every call
+    logits = torch.zeros(N, B, M, dtype=votes.dtype, device=votes.device)  # b (parent-major), reset every call
     c, c_full = _softmax_couplings(logits, leaky)
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in RoutingInfo.TRACE_FIELDS}
     residuals: list[float] = []
@@ -220,26 +228,26 @@ def dynamic_routing(
         if final and detached:
             # The last pass of the classic procedure: the only one gradients go through.
             with torch.set_grad_enabled(outer_grad):
-                s = votes.combine(c)  # (B, N, D)
+                s = votes.combine(_bmn(c))  # (B, N, D)
             s_has_grad = True
         else:
             with inner_mode:
-                s = inner.combine(c)  # (B, N, D)
+                s = inner.combine(_bmn(c))  # (B, N, D)
             s_has_grad = not detached
         v = squash(s)  # (B, N, D)
         if trace:
             with torch.no_grad():
                 stats["energy"].append(_energy_of(s.detach()))
-                stats["entropy"].append(coupling_entropy(c_full.detach()))
-                stats["max_coupling"].append(c_full.detach().amax(-1).mean(-1))
+                stats["entropy"].append(-torch.special.xlogy(c_full, c_full).detach().sum(0).mean(-1))
+                stats["max_coupling"].append(c_full.detach().amax(0).mean(-1))
                 stats["muted"].append((capsule_length(v.detach()) < mute_threshold).to(s.dtype).mean(-1))
         if final or iterations == 0:
             break
         with inner_mode:
-            logits = logits + inner.agree(v)  # b <- b - grad E(C), (B, M, N)
+            logits = logits + inner.agree(v).permute(2, 0, 1)  # b <- b - grad E(C), (N, B, M)
             c_next, c_next_full = _softmax_couplings(logits, leaky)
         if measure:
-            step = (c_next_full - c_full).detach().abs().amax((-2, -1))  # (B,)
+            step = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
             residuals.append(float(step.max()))
             if trace:
                 stats["change"].append(step)
@@ -251,7 +259,7 @@ def dynamic_routing(
         c, c_full = c_next, c_next_full
 
     if detached and not s_has_grad and outer_grad:
-        s = votes.combine(c)  # re-run the final pass with gradients to the votes
+        s = votes.combine(_bmn(c))  # re-run the final pass with gradients to the votes
         v = squash(s)
     if trace and len(stats["change"]) < len(stats["energy"]):
         stats["change"].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
@@ -259,7 +267,7 @@ def dynamic_routing(
         iterations=len(stats["energy"]) if trace else min(passes, t + 1),
         converged=converged,
         residuals=residuals,
-        couplings=c.detach(),
+        couplings=_bmn(c).detach().contiguous(),
         **({k: torch.stack(val) for k, val in stats.items()} if trace else {}),
     )
     if tol is not None:

@@ -101,27 +101,39 @@ def _chunks(batch: int, per_sample: int):
     return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
 
 
+def _parent_major(p: torch.Tensor, sl: slice) -> torch.Tensor:
+    """``p[sl]`` of logical shape ``(b, M, N)`` as a contiguous ``(N, b, M, 1)``."""
+    return p[sl].permute(2, 0, 1).contiguous().unsqueeze(-1)
+
+
 def _combine_kernel(c: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``s[b, j] = sum_{i,k} c[b,i,j] u[b,i,k] w[j, i*k, :]``; c (B,M,N), u (B,M,K), w (N, M*K, D)."""
     B, M, K = u.shape
     N, _, D = w.shape
-    out = torch.empty(B, N, D, dtype=w.dtype, device=w.device)
+    out = torch.empty(N, B, D, dtype=w.dtype, device=w.device)
     for sl in _chunks(B, N * M * K):
-        x = c[sl].permute(2, 0, 1).unsqueeze(-1) * u[sl].unsqueeze(0)  # (N, b, M, K)
-        out[sl] = torch.bmm(x.reshape(N, -1, M * K), w).transpose(0, 1)  # (b, N, D)
-    return out
+        x = _parent_major(c, sl) * u[sl]  # (N, b, M, K), contiguous
+        out[:, sl] = torch.bmm(x.view(N, -1, M * K), w)  # (N, b, D)
+    return out.transpose(0, 1)  # (B, N, D)
 
 
 def _agree_kernel(v: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a[b, i, j] = sum_{k,d} u[b,i,k] w[j, i*k, d] v[b,j,d]``; v (B,N,D) -> a (B,M,N)."""
+    """``a[b, i, j] = sum_{k,d} u[b,i,k] w[j, i*k, d] v[b,j,d]``; v (B,N,D) -> a (B,M,N).
+
+    The result is a ``(B, M, N)`` view of a parent-major ``(N, B, M)`` buffer: routing keeps its
+    logits in that layout, where the softmax over parents is fast.
+    """
     B, M, K = u.shape
     N = w.shape[0]
-    out = torch.empty(B, M, N, dtype=w.dtype, device=w.device)
+    out = torch.empty(N, B, M, dtype=w.dtype, device=w.device)
     wt = w.transpose(1, 2)  # (N, D, M*K), a strided view: BLAS reads it transposed
+    vt = v.transpose(0, 1)  # (N, B, D)
     for sl in _chunks(B, N * M * K):
-        z = torch.bmm(v[sl].transpose(0, 1), wt).view(N, -1, M, K)  # (N, b, M, K) = W_ij^T v_j
-        out[sl] = (z * u[sl]).sum(-1).permute(1, 2, 0)  # (b, M, N)
-    return out
+        b = sl.stop - sl.start
+        z = torch.bmm(vt[:, sl], wt).view(N, b * M, K)  # (N, b*M, K): rows W_ij^T v_j
+        us = u[sl].reshape(b * M, K, 1)  # (b*M, K, 1)
+        out[:, sl] = torch.bmm(z.transpose(0, 1), us).view(b, M, N).permute(2, 0, 1)  # (N, b, M)
+    return out.permute(1, 2, 0)  # (B, M, N) view
 
 
 def _trilinear_grads(p, y, u, w, need_u: bool, need_w: bool):
@@ -135,14 +147,14 @@ def _trilinear_grads(p, y, u, w, need_u: bool, need_w: bool):
     gu = torch.empty_like(u) if need_u else None
     gw = torch.zeros_like(w) if need_w else None
     wt = w.transpose(1, 2)  # (N, D, M*K)
+    yt = y.transpose(0, 1)  # (N, B, D)
     for sl in _chunks(B, N * M * K):
-        pt = p[sl].permute(2, 0, 1).unsqueeze(-1)  # (N, b, M, 1)
-        yt = y[sl].transpose(0, 1)  # (N, b, D)
+        pt = _parent_major(p, sl)  # (N, b, M, 1)
         if need_w:
-            x = (pt * u[sl].unsqueeze(0)).reshape(N, -1, M * K)  # (N, b, M*K)
-            gw.baddbmm_(x.transpose(1, 2), yt)  # (N, M*K, D)
+            x = (pt * u[sl]).view(N, -1, M * K)  # (N, b, M*K)
+            gw.baddbmm_(x.transpose(1, 2), yt[:, sl])  # (N, M*K, D)
         if need_u:
-            z = torch.bmm(yt, wt).view(N, -1, M, K)  # (N, b, M, K)
+            z = torch.bmm(yt[:, sl], wt).view(N, -1, M, K)  # (N, b, M, K)
             gu[sl] = (z * pt).sum(0)  # (b, M, K)
     return gu, gw
 
@@ -196,10 +208,10 @@ class FactoredVotes(Votes):
         self._w = weight.reshape(self.parents, -1, self.dim)  # (N, M*d_in, D), a view when contiguous
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
-        return _Combine.apply(c.contiguous(), self.u, self._w)
+        return _Combine.apply(c, self.u, self._w)  # any strides: the kernels read c parent-major
 
     def agree(self, v: torch.Tensor) -> torch.Tensor:
-        return _Agree.apply(v.contiguous(), self.u, self._w)
+        return _Agree.apply(v, self.u, self._w)
 
     def detach(self) -> "FactoredVotes":
         return FactoredVotes(self.u.detach(), self.weight.detach(), validate=False)
