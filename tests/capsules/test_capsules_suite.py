@@ -1,0 +1,24 @@
+"""The ``reproduce capsules`` suite at size smoke: every claim measured and holding, figures written."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxnets.report.suite import SuiteContext
+
+
+@pytest.mark.timeout(120)
+def test_capsules_smoke_suite(tmp_path):
+    from proxnets.capsules.experiments import run
+
+    result = run(SuiteContext(out_dir=tmp_path, size="smoke", log=lambda m: None))
+    assert result.method == "capsules"
+    assert len(result.claims) == 7
+    failing = [(c.claim, c.value) for c in result.claims if not c.holds]
+    assert not failing, failing
+    for fig in result.figures:
+        assert (tmp_path / fig.path).stat().st_size > 1000
+    assert (tmp_path / "capsules_results.json").exists()
+    study = result.metrics["studies"]["mnist5k"]
+    assert set(study["accuracy_by_updates"]) == {0, 1, 2, 3, 5, 10}
+    assert set(study["prediction_change"]) >= {"1->3", "3->10", "10->50"}
