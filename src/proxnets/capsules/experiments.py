@@ -132,8 +132,15 @@ def _study(ctx: SuiteContext, name: str, ds) -> dict:
 def _long_run(ctx: SuiteContext, model: CapsNet, u: torch.Tensor, pred3: torch.Tensor) -> dict:
     """Routing until the couplings stop moving (``tol``) on a few test samples: where it converges."""
     max_passes = ctx.pick(smoke=1000, quick=2000, full=10000)
-    v, info = dynamic_routing(model.classes.votes(u), max_passes, tol=LONG_RUN_TOL, trace=True, policy="ignore",
-                              leaky=model.classes.leaky)
+    # Thousands of passes on a few samples are thousands of tiny operations: threads would only add
+    # synchronization (and stall badly on a loaded machine), so this part runs on one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        v, info = dynamic_routing(model.classes.votes(u), max_passes, tol=LONG_RUN_TOL, trace=True,
+                                  policy="ignore", leaky=model.classes.leaky)
+    finally:
+        torch.set_num_threads(threads)
     summary = info.summary()
     e = info.energy.double()
     return {

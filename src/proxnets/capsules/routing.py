@@ -148,17 +148,25 @@ def coupling_entropy(couplings: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(couplings, couplings).sum(-1).mean(-1)
 
 
-def _softmax_couplings(logits: torch.Tensor, leaky: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Couplings from parent-major logits ``(N, B, M)``: softmax over the parents (dim 0).
+def _logit_floor(dtype: torch.dtype) -> float:
+    """How far below its row's maximum a logit may fall: ``0.6 * |log(smallest normal)|`` (52 in float32).
 
-    Returns ``(c, c_full)`` parent-major; with ``leaky`` a last, zero-logit parent is the leak and
-    ``c`` drops it. (Parent-major because a softmax over a short last axis is slow on CPU.)
+    Polarized rows drive logits apart without bound; couplings near ``exp(-87)`` (float32) become
+    subnormal numbers, which make CPU arithmetic ~100x slower. Holding them at ``exp(-floor)``
+    (2e-23 in float32, 1e-185 in float64) changes ``s`` by less than the rounding of a row's sum.
     """
-    if not leaky:
-        c = torch.softmax(logits, dim=0)
-        return c, c
-    full = torch.softmax(torch.cat([logits, logits.new_zeros(1, *logits.shape[1:])]), dim=0)  # (N + 1, B, M)
-    return full[:-1], full
+    return 0.6 * -math.log(torch.finfo(dtype).tiny)
+
+
+def _softmax_couplings(logits: torch.Tensor, leaky: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Couplings from parent-major logits ``(N [+ 1], B, M)``: softmax over the parents (dim 0).
+
+    Returns ``(c, c_full)``; with ``leaky`` the last row of the logits is the leak (its logit never
+    changes from 0) and ``c`` drops it. (Parent-major because a softmax over a short last axis is
+    slow on CPU.)
+    """
+    full = torch.softmax(logits, dim=0)
+    return (full[:-1] if leaky else full), full
 
 
 def _bmn(c: torch.Tensor) -> torch.Tensor:
@@ -216,7 +224,9 @@ def dynamic_routing(
     inner = votes.detach() if detached else votes
     inner_mode = torch.no_grad() if detached else contextlib.nullcontext()
 
-    logits = torch.zeros(N, B, M, dtype=votes.dtype, device=votes.device)  # b (parent-major), reset every call
+    # b, parent-major (N, B, M) plus the leak's row; reset for every call
+    logits = torch.zeros(N + int(leaky), B, M, dtype=votes.dtype, device=votes.device)
+    floor = _logit_floor(votes.dtype)
     c, c_full = _softmax_couplings(logits, leaky)
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in RoutingInfo.TRACE_FIELDS}
     residuals: list[float] = []
@@ -244,7 +254,11 @@ def dynamic_routing(
         if final or iterations == 0:
             break
         with inner_mode:
-            logits = logits + inner.agree(v).permute(2, 0, 1)  # b <- b - grad E(C), (N, B, M)
+            step_b = inner.agree(v).permute(2, 0, 1)  # -grad E(C), (N, B, M)
+            if leaky:
+                step_b = torch.cat([step_b, step_b.new_zeros(1, B, M)])  # the leak's gradient is 0
+            logits = logits + step_b  # b <- b - grad E(C)
+            logits = (logits - logits.amax(0, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
             c_next, c_next_full = _softmax_couplings(logits, leaky)
         if measure:
             step = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
