@@ -17,12 +17,14 @@ small CapsNet on mnist5k. ``--quick`` uses fewer repeats and extrapolates the ep
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import resource
 import time
 
 import torch
 
 from proxnets.capsules import CapsNet, CapsuleLinear, DenseVotes, capsnet_loss, dynamic_routing, small_config, squash
-from proxnets.utils.benchmark import peak_memory_mb, ratio_line, time_fn
+from proxnets.utils.benchmark import ratio_line, time_fn
 
 B, M, N, D_IN, D_OUT, ITERATIONS = 128, 1152, 10, 8, 16, 3
 
@@ -42,11 +44,9 @@ def textbook_routing(u: torch.Tensor, W: torch.Tensor, iterations: int = ITERATI
     return v
 
 
-def main(quick: bool, threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    repeats = 3 if quick else 7
+def build(seed: int = 0):
+    """The three implementations on the same weights and inputs: ``{name: fn}`` plus the tensors."""
+    torch.manual_seed(seed)
     layer = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS)
     W_text = layer.weight.detach().permute(0, 1, 3, 2).unsqueeze(0).clone().requires_grad_()  # (1, N, M, 16, 8)
     W_dense = layer.weight.detach().clone().requires_grad_()  # (N, M, 8, 16)
@@ -71,6 +71,59 @@ def main(quick: bool, threads: int | None) -> None:
         v = textbook_routing(u, W_text)
         (v * probe).sum().backward()
         return v
+
+    fns = {"ours": run_ours, "einsum": run_einsum, "textbook": run_textbook}
+    return fns, layer, W_text
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mb() -> float:
+    """High-water mark of this process's resident set (``VmHWM``; ``ru_maxrss`` survives exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _memory_child(name: str, threads: int | None, conn) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    fns, _, _ = build()
+    base = _rss_mb()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the high-water mark to the current resident set
+    except OSError:
+        pass
+    fns[name]()
+    conn.send(_peak_rss_mb() - base)
+
+
+def peak_memory(name: str, threads: int | None) -> float:
+    """Peak resident memory (MiB) one forward+backward adds, in a fresh (spawned) interpreter.
+
+    A forked child of a process whose OpenMP threads have run can hang, so no fork here.
+    """
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_memory_child, args=(name, threads, child))
+    proc.start()
+    value = parent.recv()
+    proc.join()
+    return float(value)
+
+
+def main(quick: bool, threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    repeats = 3 if quick else 7
+    fns, layer, W_text = build()
+    run_ours, run_einsum, run_textbook = fns["ours"], fns["einsum"], fns["textbook"]
 
     v_ours, v_e, v_t = run_ours(), run_einsum(), run_textbook()
     g_ours = layer.weight.grad
@@ -99,9 +152,7 @@ def main(quick: bool, threads: int | None) -> None:
           f"{t_ours.median / t_mm.median:.1f}x that ({flops / t_ours.median / 1e9:.1f} GFLOP/s vs "
           f"{flops / t_mm.median / 1e9:.1f} GFLOP/s)")
 
-    mem_text = peak_memory_mb(run_textbook)
-    mem_einsum = peak_memory_mb(run_einsum)
-    mem_ours = peak_memory_mb(run_ours)
+    mem_text, mem_einsum, mem_ours = (peak_memory(name, threads) for name in ("textbook", "einsum", "ours"))
     print(f"peak memory: ours {mem_ours:.0f} MiB, einsum {mem_einsum:.0f} MiB, textbook {mem_text:.0f} MiB "
           f"({mem_text / max(mem_ours, 1e-9):.1f}x less)")
 
