@@ -271,14 +271,19 @@ def run(ctx: SuiteContext) -> SuiteResult:
         f"{acc3:.4f}",
         acc3 >= floor))
     peak, last = max(lr["change"][:-1]), lr["change"][-2]
+    e_long = lr["energy_normalized"]
+    tail = max(1, len(e_long) // 10)
+    settled = (e_long[-1 - tail] - e_long[-1]) / max(e_long[0] - e_long[-1], 1e-12)
     result.claims.append(Claim(
         "Routing converges (the iteration is a convergent optimization method).",
-        f"mnist5k, {lr['samples']} test samples, up to {lr['max_passes']} passes: the mean coupling change "
-        f"max|C_t+1 - C_t| falls below 2% of its peak, the energy never rising; also whether the batch-wide "
-        f"tolerance {lr['tol']:g} was reached (convergence is linear with a rate set by the votes' scale)",
-        f"change {peak:.1e} (peak) -> {last:.1e} at pass {lr['passes']}; tolerance "
-        f"{'reached' if lr['converged'] else 'not reached'}; energy rise {lr['max_relative_energy_increase']:.1e}",
-        last <= 0.02 * peak and lr["max_relative_energy_increase"] <= ENERGY_RTOL))
+        f"mnist5k, {lr['samples']} test samples, up to {lr['max_passes']} passes: over the last 10% of the passes the "
+        "energy moves by less than 1% of its total decrease (never rising), and the mean coupling change "
+        "max|C_t+1 - C_t| falls below 5% of its peak; the batch-wide tolerance "
+        f"{lr['tol']:g} is reported (the couplings converge slowly, about like 1/t, once rows near a vertex)",
+        f"energy moved {settled:.1e} of its decrease in the last 10%; change {peak:.1e} (peak) -> {last:.1e} at pass "
+        f"{lr['passes']}; tolerance {'reached' if lr['converged'] else 'not reached'}; energy rise "
+        f"{lr['max_relative_energy_increase']:.1e}",
+        settled < 0.01 and last <= 0.05 * peak and lr["max_relative_energy_increase"] <= ENERGY_RTOL))
     # --- tables ----------------------------------------------------------------------------------
     result.tables.append(Table(
         "Test accuracy vs coupling updates k (r = k + 1 passes)", ["dataset", *[f"k={k}" for k in UPDATES]],
