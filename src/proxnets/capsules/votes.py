@@ -159,34 +159,27 @@ def _trilinear_grads(p, y, u, w, need_u: bool, need_w: bool):
     return gu, gw
 
 
-class _Combine(torch.autograd.Function):
+class _Partial(torch.autograd.Function):
+    """``combine`` (``dT/dy``, input ``c``) or ``agree`` (``dT/dp``, input ``v``) of the trilinear form
+    ``T(p, u, w, y)``, with a backward pass that recomputes instead of storing the votes."""
+
     @staticmethod
-    def forward(ctx, c, u, w):
-        ctx.save_for_backward(c, u, w)
-        return _combine_kernel(c, u, w)
+    def forward(ctx, which, x, u, w):
+        ctx.which = which
+        ctx.save_for_backward(x, u, w)
+        return _combine_kernel(x, u, w) if which == "combine" else _agree_kernel(x, u, w)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        c, u, w = ctx.saved_tensors
-        gc = _agree_kernel(g, u, w) if ctx.needs_input_grad[0] else None
-        gu, gw = _trilinear_grads(c, g, u, w, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return gc, gu, gw
-
-
-class _Agree(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, u, w):
-        ctx.save_for_backward(v, u, w)
-        return _agree_kernel(v, u, w)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, h):
-        v, u, w = ctx.saved_tensors
-        gv = _combine_kernel(h, u, w) if ctx.needs_input_grad[0] else None
-        gu, gw = _trilinear_grads(h, v, u, w, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return gv, gu, gw
+        x, u, w = ctx.saved_tensors
+        if ctx.which == "combine":  # x = p (couplings), g in the place of y
+            gx = _agree_kernel(g, u, w) if ctx.needs_input_grad[1] else None
+            gu, gw = _trilinear_grads(x, g, u, w, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        else:  # x = y (parent capsules), g in the place of p
+            gx = _combine_kernel(g, u, w) if ctx.needs_input_grad[1] else None
+            gu, gw = _trilinear_grads(g, x, u, w, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        return None, gx, gu, gw
 
 
 class FactoredVotes(Votes):
@@ -208,10 +201,10 @@ class FactoredVotes(Votes):
         self._w = weight.reshape(self.parents, -1, self.dim)  # (N, M*d_in, D), a view when contiguous
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
-        return _Combine.apply(c, self.u, self._w)  # any strides: the kernels read c parent-major
+        return _Partial.apply("combine", c, self.u, self._w)  # any strides: the kernels read c parent-major
 
     def agree(self, v: torch.Tensor) -> torch.Tensor:
-        return _Agree.apply(v, self.u, self._w)
+        return _Partial.apply("agree", v, self.u, self._w)
 
     def detach(self) -> "FactoredVotes":
         return FactoredVotes(self.u.detach(), self.weight.detach(), validate=False)
