@@ -18,6 +18,7 @@ from proxnets.capsules import (
     random_shift,
     reconstruction_loss,
     reference_config,
+    routing_certificate,
     small_config,
 )
 
@@ -110,3 +111,6 @@ def test_small_capsnet_learns_mnist5k():
         v, info = model(ds.x_test[:8], trace=True)
     assert torch.allclose(capsule_length(v), capsnet_scores(model, ds.x_test[:8]))
     assert bool((info.energy[1:] <= info.energy[:-1] + 1e-5 * info.energy.abs().amax(0)).all())
+    cert = routing_certificate(model, ds.x_test[:32], passes=20)
+    assert cert["passes"] == 20 and cert["energy_non_increasing"]
+    assert cert["energy_last"] < cert["energy_first"] and cert["entropy_last"] < cert["entropy_first"]

@@ -300,3 +300,16 @@ def test_trace_fields_and_summary():
 def test_bad_input_names_argument_expected_and_received(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_float32_energy_is_accurate_for_short_capsules():
+    """g(r) = r - arctan r cancels in float32 for small r; the series branch keeps E accurate."""
+    for scale in (1e-3, 1e-2, 1e-1, 1.0):
+        u_hat = votes(scale, seed=6)
+        c = torch.softmax(torch.randn(B, M, N, dtype=torch.float64), -1)
+        e64 = routing_energy(u_hat, c)
+        e32 = routing_energy(u_hat.float(), c.float()).double()
+        assert bool(((e32 - e64).abs() <= 1e-5 * e64.abs()).all()), scale
+        _, info = dynamic_routing(u_hat.float(), 20, trace=True)
+        e = info.energy.double()
+        assert bool((e[1:] <= e[:-1] + 1e-5 * e.abs().amax(0)).all()), scale

@@ -26,6 +26,7 @@ from proxnets.capsules.capsnet import (
     capsnet_scores,
     random_shift,
     reference_config,
+    routing_certificate,
     small_config,
 )
 from proxnets.capsules.functional import capsule_length, squash
@@ -47,7 +48,7 @@ __all__ = [
     "GRADIENT_MODES", "RoutingInfo", "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
     "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
-    "MODELS", "make_capsnet",
+    "routing_certificate", "MODELS", "make_capsnet",
 ]
 
 
@@ -69,7 +70,9 @@ def make_capsnet(input_shape, num_classes, *, size: str = "reference", epochs: i
     build = reference_config if size == "reference" else small_config
     model = CapsNet(build(input_shape, num_classes, **overrides))
     cfg = _train_config(**({} if epochs is None else {"epochs": epochs}))
-    return Trainable(model=model, loss_fn=capsnet_loss, predict_fn=capsnet_scores, config=cfg, augment=random_shift)
+    trainable = Trainable(model=model, loss_fn=capsnet_loss, predict_fn=capsnet_scores, config=cfg, augment=random_shift)
+    trainable.certificate = routing_certificate  # read by `proxnets eval` when present
+    return trainable
 
 
 MODELS = {

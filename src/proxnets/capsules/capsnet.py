@@ -28,6 +28,7 @@ from proxnets.utils.validation import check_int, check_number, check_tensor, fai
 
 __all__ = [
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
+    "routing_certificate",
 ]
 
 
@@ -140,6 +141,33 @@ def capsnet_loss(model: CapsNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
         parts["reconstruction"] = float(rec.detach())
         loss = loss + rec
     return loss, parts
+
+
+@torch.no_grad()
+def routing_certificate(model: CapsNet, x: torch.Tensor, passes: int | None = None) -> dict[str, float | bool]:
+    """The routing certificate on images ``x``: energy, entropy and monotonicity over the passes.
+
+    ``energy_non_increasing`` is the seed's theorem checked on these votes (relative float tolerance
+    1e-5); ``passes`` defaults to the model's routing passes.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    _, info = model(x.to(device), iterations=passes, trace=True)
+    model.train(was_training)
+    e = info.energy.double()  # (T, B)
+    rise = float(((e[1:] - e[:-1]) / e[:-1].abs().clamp_min(1e-12)).max()) if len(e) > 1 else 0.0
+    summary = info.summary()
+    return {
+        "passes": info.iterations,
+        "energy_first": summary["energy"][0],
+        "energy_last": summary["energy"][-1],
+        "max_relative_energy_increase": rise,
+        "energy_non_increasing": rise <= 1e-5,
+        "entropy_first": summary["entropy"][0],
+        "entropy_last": summary["entropy"][-1],
+        "max_coupling_last": summary["max_coupling"][-1],
+    }
 
 
 def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:

@@ -113,8 +113,33 @@ class RoutingInfo(IterInfo):
         }
 
 
+class _G(torch.autograd.Function):
+    """``g(r) = r - arctan r`` with its exact derivative ``g'(r) = r^2 / (1 + r^2)``.
+
+    In low precision the difference cancels for short capsules (``g(r) ~ r^3 / 3``): below
+    ``r = 0.3`` the value comes from the series ``sum_k (-1)^(k+1) r^(2k+1) / (2k+1)``, k = 1..7
+    (relative truncation error < 1e-8). float64 keeps the direct formula.
+    """
+
+    @staticmethod
+    def forward(ctx, r):
+        ctx.save_for_backward(r)
+        direct = r - torch.atan(r)
+        if r.dtype == torch.float64:
+            return direct
+        r2 = r * r
+        series = r * r2 * (1 / 3 - r2 * (1 / 5 - r2 * (1 / 7 - r2 * (1 / 9 - r2 * (1 / 11 - r2 * (1 / 13 - r2 / 15))))))
+        return torch.where(r < 0.3, series, direct)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        r2 = r * r
+        return grad * r2 / (1 + r2)
+
+
 def _g(r: torch.Tensor) -> torch.Tensor:
-    return r - torch.atan(r)  # g(r) = r - arctan r, g'(r) = r^2 / (1 + r^2)
+    return _G.apply(r)  # g(r) = r - arctan r, g'(r) = r^2 / (1 + r^2)
 
 
 def _energy_of(s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
