@@ -147,7 +147,7 @@ class BSQH(torch.optim.Optimizer):
                          f"dtype {p.dtype}", TypeError)
                 if p.is_sparse:
                     fail("params", "dense tensors", "a sparse tensor", TypeError)
-                self.state[p]["eps"] = torch.tensor(float(group["eps"]))
+                self.state[p]["eps"] = torch.tensor(float(group["eps"]), dtype=torch.float64)
         # run-level named state (serialized by state_dict under "bsqh")
         self.run_state: dict[str, Any] = dict(
             iteration=0, accepted=0, rejected=0, stopped=False, message="", converged=False, last_tau=math.nan
@@ -244,9 +244,9 @@ class BSQH(torch.optim.Optimizer):
             self.recorder.enabled = False
         reg_k = self.regularization()
         j_k = loss_k + reg_k
-        eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0)
+        eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
         record: dict[str, Any] = dict(iteration=rs["iteration"], J_before=j_k, loss_before=loss_k)
-        accepted, trials, trial, tau = False, 0, None, torch.zeros(len(layers))
+        accepted, trials, trial, tau = False, 0, None, torch.zeros(len(layers), dtype=torch.float64)
         gain = math.nan
         while trials < self.max_trials and layers:
             trials += 1
