@@ -77,7 +77,8 @@ class BSQH(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (``named_parameters()`` gives named diagnostics).
-            Per-group options: ``rho``, ``eps`` (initial eps of the group's layers), ``regularizer``.
+            Per-group options: ``rho``, ``eps`` (initial eps of the group's layers), ``regularizer``,
+            ``lr`` (default 1: the rule uses ``eps / lr``, so the engine's lr schedules act on it).
         rho: weight of the regularizer (``>= 0``); put biases in a group with ``rho=0``
             (see :func:`~proxnets.pmp.sparsity.sparsity_param_groups`).
         eps: initial augmentation parameter (``> 0``); one value per parameter tensor ("layer").
@@ -136,11 +137,14 @@ class BSQH(torch.optim.Optimizer):
             fail("regularizer", "an object with value(w) and prox(z, t)", type(regularizer).__name__, TypeError)
         self.recorder = recorder
         self.record_history = record_history
-        defaults = dict(rho=rho, eps=eps, regularizer=regularizer)
+        # lr only multiplies the step length 1/(2 eps) (so that the engine's schedules apply);
+        # the default 1 is the plain method
+        defaults = dict(rho=rho, eps=eps, regularizer=regularizer, lr=1.0)
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_number("rho", group["rho"], low=0.0)
             check_number("eps", group["eps"], low=0.0, low_inclusive=False)
+            check_number("lr", group["lr"], low=0.0, low_inclusive=False)
             for p in group["params"]:
                 if not p.is_floating_point():
                     fail("params", "real floating-point tensors (bSQH cannot handle complex or integer ones)",
@@ -252,7 +256,7 @@ class BSQH(torch.optim.Optimizer):
             trials += 1
             lin = 0.0
             for i, (name, p, group, w_k, g) in enumerate(layers):
-                w = self.rule(w_k, g, float(eps[i]), group["rho"], group["regularizer"])
+                w = self.rule(w_k, g, float(eps[i]) / group["lr"], group["rho"], group["regularizer"])
                 p.copy_(w)
                 d = w - w_k
                 tau[i] = float((d * d).sum())
