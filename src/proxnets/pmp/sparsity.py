@@ -20,9 +20,19 @@ from torch.nn.utils import prune
 
 from proxnets.utils.validation import check_number
 
-__all__ = ["SPARSIFIABLE", "sparsity_param_groups", "freeze_sparsity", "sparsity_report", "export_sparse"]
+__all__ = ["SPARSIFIABLE", "weight_density", "sparsity_param_groups", "freeze_sparsity", "sparsity_report", "export_sparse"]
 
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def weight_density(model: nn.Module) -> float:
+    """Fraction of nonzero :data:`SPARSIFIABLE` weights (pruning masks applied)."""
+    nnz = total = 0
+    for m in model.modules():
+        if isinstance(m, SPARSIFIABLE):
+            nnz += int((m.weight != 0).sum())
+            total += m.weight.numel()
+    return nnz / total if total else 1.0
 
 
 def sparsity_param_groups(model: nn.Module, rho: float, **group_options: Any) -> list[dict[str, Any]]:
