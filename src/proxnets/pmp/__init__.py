@@ -50,3 +50,7 @@ __all__ = [
     "sparsity_param_groups",
     "sparsity_report",
 ]
+
+from proxnets.pmp.training import MODELS  # noqa: E402  (needs the engine; after the core imports)
+
+__all__ += ["MODELS"]

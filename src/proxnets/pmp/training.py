@@ -36,7 +36,7 @@ def bsqh_optimizer(model: nn.Module, rho: float, **options: Any) -> BSQH:
 
 
 def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size: int = 64, seed: int = 0,
-               finetune_epochs: int = 0, callbacks=(), log=lambda s: None,
+               finetune_epochs: int = 0, schedule: str = "constant", callbacks=(), log=lambda s: None,
                **options: Any) -> dict[str, Any]:
     """Mini-batch bSQH through the engine, then (optionally) fine-tuning with frozen zeros, rho = 0.
 
@@ -44,16 +44,17 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
     per-iteration bSQH diagnostics in ``optimizer.history``.
     """
     opt = bsqh_optimizer(model, rho, **options)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device="cpu", progress=False)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device="cpu", progress=False,
+                      schedule=schedule)
     t0 = time.perf_counter()
     res = fit(model, dataset, cfg, optimizer=opt, callbacks=callbacks, log=log)
     history = list(res.history)
     if finetune_epochs:
         freeze_sparsity(model)
-        tune = bsqh_optimizer(model, 0.0, eps=float(next(iter(opt.state.values()))["eps"]), **{
-            k: v for k, v in options.items() if k != "eps"})
+        tune = bsqh_optimizer(model, 0.0, **options)
         res = fit(model, dataset, TrainConfig(epochs=finetune_epochs, batch_size=batch_size, seed=seed + 1,
-                                              device="cpu", progress=False), optimizer=tune, log=log)
+                                              device="cpu", progress=False, schedule=schedule),
+                  optimizer=tune, log=log)
         history += res.history
     elapsed = time.perf_counter() - t0
     density = weight_density(model)
