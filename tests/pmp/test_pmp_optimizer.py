@@ -1,7 +1,6 @@
 """bSQH: sufficient decrease, zeros, adjoints, eps rules, errors, state."""
 
 import math
-import warnings
 
 import pytest
 import torch

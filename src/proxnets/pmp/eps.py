@@ -71,6 +71,12 @@ class TrialStep:
         return 2.0 * (self.d_loss - self.lin) / total
 
 
+def _check_increase_and_floor(rule) -> None:
+    """The fields both rules share: ``sigma > 1`` (least increase on rejection), ``eps_min > 0``."""
+    check_number("sigma", rule.sigma, low=1.0, low_inclusive=False)
+    check_number("eps_min", rule.eps_min, low=0.0, low_inclusive=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class SigmaZetaEps:
     """The plain SQH rule: ``eps <- sigma eps`` on rejection, ``eps <- zeta eps`` on acceptance."""
@@ -82,9 +88,8 @@ class SigmaZetaEps:
     name = "sigma-zeta"
 
     def __post_init__(self) -> None:
-        check_number("sigma", self.sigma, low=1.0, low_inclusive=False)
+        _check_increase_and_floor(self)
         check_number("zeta", self.zeta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
-        check_number("eps_min", self.eps_min, low=0.0, low_inclusive=False)
 
     def accept(self, eps: torch.Tensor, trial: TrialStep) -> torch.Tensor:
         return torch.clamp(eps * self.zeta, min=self.eps_min)
@@ -111,12 +116,11 @@ class CurvatureEps:
     name = "curvature"
 
     def __post_init__(self) -> None:
+        _check_increase_and_floor(self)
         check_number("safety", self.safety, low=0.0, low_inclusive=False)
-        check_number("sigma", self.sigma, low=1.0, low_inclusive=False)
         check_number("shrink", self.shrink, low=0.0, high=1.0, low_inclusive=False)
         check_number("grow", self.grow, low=1.0)
         check_number("max_grow", self.max_grow, low=self.sigma)
-        check_number("eps_min", self.eps_min, low=0.0, low_inclusive=False)
 
     def _factor(self, eps: torch.Tensor, trial: TrialStep) -> float:
         kappa, gain = trial.curvature, trial.gain

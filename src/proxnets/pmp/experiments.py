@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Any
 
