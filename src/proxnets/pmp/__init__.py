@@ -13,7 +13,7 @@ Parts (swappable): the Hamiltonian rule (:mod:`.hamiltonian`), the regularizer
 
 from proxnets.pmp.adjoints import AdjointRecorder, control_layers
 from proxnets.pmp.eps import EPS_RULES, CurvatureEps, SigmaZetaEps, TrialStep, make_eps_rule
-from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule, augmented_hamiltonian_1d, hamiltonian_gain
+from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule, augmented_hamiltonian_1d
 from proxnets.pmp.models import LeNet5, SmallCNN
 from proxnets.pmp.optimizer import BSQH, BSQHInfo, EpsExplodedWarning
 from proxnets.pmp.regularizers import Regularizer, SparseRegularizer, soft_threshold
@@ -44,7 +44,6 @@ __all__ = [
     "control_layers",
     "export_sparse",
     "freeze_sparsity",
-    "hamiltonian_gain",
     "make_eps_rule",
     "soft_threshold",
     "sparsity_param_groups",

@@ -27,7 +27,7 @@ import torch
 
 from proxnets.pmp.regularizers import Regularizer
 
-__all__ = ["LinearizedHamiltonianRule", "augmented_hamiltonian_1d", "hamiltonian_gain"]
+__all__ = ["LinearizedHamiltonianRule", "augmented_hamiltonian_1d"]
 
 
 def augmented_hamiltonian_1d(
@@ -41,13 +41,6 @@ def augmented_hamiltonian_1d(
     w, w_k, g = torch.broadcast_tensors(w, w_k, g)
     r = torch.stack([reg.value(v.reshape(1)) for v in w.reshape(-1)]).reshape(w.shape) if w.numel() else w
     return g * (w - w_k) - rho * r - eps * (w - w_k) ** 2
-
-
-def hamiltonian_gain(
-    w_new: torch.Tensor, w_k: torch.Tensor, grad: torch.Tensor, rho: float, reg: Regularizer
-) -> torch.Tensor:
-    """Increase of the linearized Hamiltonian ``-<dL/du, u - u_k> - rho (R(u) - R(u_k))``."""
-    return -(grad * (w_new - w_k)).sum() - rho * (reg.value(w_new) - reg.value(w_k))
 
 
 class LinearizedHamiltonianRule:
