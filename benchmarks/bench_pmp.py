@@ -57,13 +57,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="subset of 2000 images, 4 epochs")
     ap.add_argument("--rho", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: steadier timings on a shared machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     ds = load_dataset("mnist5k", seed=0)
     if args.quick:
         ds = ds.subset(2000, 1000, seed=0)
     epochs, target = (4, 0.8) if args.quick else (10, 0.9)
     quiet = lambda s: None  # noqa: E731
-    print(f"data: {ds}; LeNet-5; batch 64; {epochs} epochs; rho={args.rho}; target accuracy {target}")
+    print(f"data: {ds}; LeNet-5; batch 64; {epochs} epochs; rho={args.rho}; target accuracy {target}; "
+          f"{args.threads} thread(s)")
 
     xb, yb = ds.x_train[:64], ds.y_train[:64]
     t_b = step_time(lambda m: bsqh_optimizer(m, args.rho), xb, yb, repeats=30)

@@ -15,6 +15,7 @@ from proxnets.pmp import (
     EpsExplodedWarning,
     SigmaZetaEps,
     SparseRegularizer,
+    export_sparse,
     freeze_sparsity,
     sparsity_param_groups,
 )
@@ -281,3 +282,7 @@ def test_frozen_masks_keep_zeros_under_adam(digits):
         adam.step()
     for i, z in zero.items():
         assert torch.all(model[i].weight[z] == 0)
+    state = export_sparse(model)  # masks made permanent: a plain state dict with the same zeros
+    assert not any(k.endswith(("_orig", "_mask")) for k in state)
+    for i, z in zero.items():
+        assert torch.all(state[f"{i}.weight"][z] == 0)
