@@ -1,0 +1,45 @@
+"""Reference CNNs for bSQH experiments (ReLU and max-pooling: a discrete control system).
+
+``LeNet5``: the classic layout for 28x28 inputs (LeCun et al. 1998, with ReLU and max-pooling):
+conv 5x5 (6, pad 2) -> pool -> conv 5x5 (16) -> pool -> fc 120 -> fc 84 -> fc classes; 61.7k
+parameters for MNIST. ``SmallCNN``: a narrower version for fast tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LeNet5", "SmallCNN"]
+
+
+class LeNet5(nn.Module):
+    def __init__(self, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10,
+                 widths: tuple[int, int, int, int] = (6, 16, 120, 84)):
+        super().__init__()
+        c, h, w = input_shape
+        c1, c2, f1, f2 = widths
+        self.conv1 = nn.Conv2d(c, c1, 5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        h2, w2 = (h // 2 - 4) // 2, (w // 2 - 4) // 2  # after pool, conv 5x5, pool
+        if h2 < 1 or w2 < 1:
+            raise ValueError(f"input_shape: expected images of at least 12x12, got {tuple(input_shape)}")
+        self.fc1 = nn.Linear(c2 * h2 * w2, f1)
+        self.fc2 = nn.Linear(f1, f2)
+        self.fc3 = nn.Linear(f2, num_classes)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))  # (B, c1, H/2, W/2)
+        x = self.pool(torch.relu(self.conv2(x)))  # (B, c2, h2, w2)
+        x = x.flatten(1)  # (B, c2 h2 w2)
+        x = torch.relu(self.fc1(x))  # (B, f1)
+        x = torch.relu(self.fc2(x))  # (B, f2)
+        return self.fc3(x)  # (B, K) class scores
+
+
+class SmallCNN(LeNet5):
+    """LeNet5 with widths (4, 8, 32, 32): about 7k parameters for MNIST."""
+
+    def __init__(self, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10):
+        super().__init__(input_shape, num_classes, widths=(4, 8, 32, 32))

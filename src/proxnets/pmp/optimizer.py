@@ -1,0 +1,325 @@
+"""The bSQH optimizer: batch sequential quadratic Hamiltonian training with an L0 cost.
+
+One call of :meth:`BSQH.step` is one bSQH iteration on the batch the closure evaluates:
+
+1. forward and backward sweep: ``L_B(u_k)`` and ``dL_B/du`` (the adjoints are minus the loss
+   gradients with respect to layer outputs, see :mod:`proxnets.pmp.adjoints`);
+2. per layer ``l``: ``u_l = argmax_u H_eps`` by the Hamiltonian rule (closed form, exact zeros);
+3. trial forward sweep ``L_B(u)``; ``tau = |u - u_k|^2``;
+4. accept iff ``J_B(u) - J_B(u_k) <= -eta * tau`` with ``J_B = L_B + sum_groups rho R``; on
+   acceptance ``eps`` is decreased by the eps rule, on rejection increased and step 2 repeated;
+5. stop (with a message, and a warning) when ``eps`` exceeds ``eps_max``; ``converged`` when
+   ``tau <= kappa``.
+
+Full-batch mode (the theorem's setting): the closure evaluates the whole training set; then every
+accepted iteration decreases ``J`` by at least ``eta * tau``. Mini-batch mode: the closure
+evaluates the current batch, and the acceptance test uses that same batch.
+
+The closure has the engine's signature ``closure(backward: bool = True) -> loss``: it zeroes the
+gradients, computes the batch loss (without the regularizer, which the optimizer adds) and
+back-propagates when ``backward`` is true. Trial points are evaluated with ``backward=False``
+under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from proxnets.pmp.adjoints import AdjointRecorder
+from proxnets.pmp.eps import TrialStep, make_eps_rule
+from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
+from proxnets.pmp.regularizers import Regularizer, SparseRegularizer
+from proxnets.utils.convergence import IterInfo, NonConvergenceWarning
+from proxnets.utils.validation import check_int, check_number, fail
+
+__all__ = ["BSQH", "BSQHInfo", "EpsExplodedWarning"]
+
+
+class EpsExplodedWarning(RuntimeWarning):
+    """bSQH stopped: eps exceeded ``eps_max`` (no trial step reduced J enough)."""
+
+
+@dataclasses.dataclass
+class BSQHInfo(IterInfo):
+    """Summary of a bSQH run (``optimizer.info()``).
+
+    - ``iterations``: bSQH iterations (calls of ``step``) performed.
+    - ``converged``: the last iteration had ``tau <= kappa`` (the update stalled).
+    - ``residuals``: ``tau = |u_{k+1} - u_k|^2`` of each iteration (0 for a failed one).
+    - ``accepted`` / ``rejected``: trial counts over the run; ``acceptance_ratio = accepted / trials``.
+    - ``stopped`` / ``message``: set when eps exploded (then ``step`` no longer changes weights).
+    """
+
+    accepted: int = 0
+    rejected: int = 0
+    acceptance_ratio: float = math.nan
+    stopped: bool = False
+    message: str = ""
+
+
+def _accepts_backward(closure: Callable) -> bool:
+    try:
+        params = inspect.signature(closure).parameters
+    except (TypeError, ValueError):
+        return False
+    return "backward" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class BSQH(torch.optim.Optimizer):
+    """bSQH with the regularizer ``rho * R`` (default pure L0: ``rho`` per nonzero weight).
+
+    Args:
+        params: parameters or parameter groups (``named_parameters()`` gives named diagnostics).
+            Per-group options: ``rho``, ``eps`` (initial eps of the group's layers), ``regularizer``,
+            ``lr`` (default 1: the rule uses ``eps / lr``, so the engine's lr schedules act on it).
+        rho: weight of the regularizer (``>= 0``); put biases in a group with ``rho=0``
+            (see :func:`~proxnets.pmp.sparsity.sparsity_param_groups`).
+        eps: initial augmentation parameter (``> 0``); one value per parameter tensor ("layer").
+        eta: sufficient-decrease constant of the acceptance test (``> 0``).
+        eps_rule: ``"sigma-zeta"`` (plain), ``"curvature"`` or a rule object (:mod:`proxnets.pmp.eps`).
+        sigma, zeta: the plain rule's factors (``sigma > 1``, ``0 < zeta < 1``); ``sigma`` is also
+            the curvature rule's minimum increase.
+        regularizer: a :class:`~proxnets.pmp.regularizers.Regularizer` (default L0).
+        rule: the Hamiltonian maximization rule (default :class:`LinearizedHamiltonianRule`).
+        eps_min: floor of eps for the rules given by name (a ceiling ``1/(2 eps_min)`` on the step; in
+            mini-batch mode it guards against a huge step that happens to pass the test on one batch).
+        eps_max: eps above this stops the run (the "eps explodes" stop).
+        max_trials: trials per iteration before giving up on that batch (weights kept, warning).
+        kappa: ``tau <= kappa`` marks convergence.
+        recorder: an :class:`AdjointRecorder` on the model: adds the Hamiltonian value to the
+            diagnostics (costs hooks on every forward pass).
+        record_history: keep one diagnostics dict per iteration in ``self.history``.
+    """
+
+    def __init__(
+        self,
+        params,
+        rho: float = 0.0,
+        eps: float = 1.0,
+        eta: float = 1e-5,
+        eps_rule: Any = "sigma-zeta",
+        sigma: float = 1.1,
+        zeta: float = 0.9,
+        regularizer: Regularizer | None = None,
+        rule: Callable | None = None,
+        eps_min: float = 1e-8,
+        eps_max: float = 1e8,
+        max_trials: int = 50,
+        kappa: float = 0.0,
+        recorder: AdjointRecorder | None = None,
+        record_history: bool = True,
+    ):
+        check_number("rho", rho, low=0.0)
+        check_number("eps", eps, low=0.0, low_inclusive=False)
+        self.eta = check_number("eta", eta, low=0.0, low_inclusive=False)
+        check_number("sigma", sigma, low=1.0, low_inclusive=False)
+        check_number("zeta", zeta, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        eps_min = check_number("eps_min", eps_min, low=0.0, high=eps, low_inclusive=False)
+        self.eps_max = check_number("eps_max", eps_max, low=eps, low_inclusive=False)
+        self.max_trials = check_int("max_trials", max_trials, low=1)
+        self.kappa = check_number("kappa", kappa, low=0.0)
+        if isinstance(eps_rule, str) and eps_rule == "sigma-zeta":
+            self.eps_rule = make_eps_rule(eps_rule, sigma=sigma, zeta=zeta, eps_min=eps_min)
+        elif isinstance(eps_rule, str):
+            self.eps_rule = make_eps_rule(eps_rule, sigma=sigma, eps_min=eps_min)
+        else:
+            self.eps_rule = make_eps_rule(eps_rule)
+        self.rule = LinearizedHamiltonianRule() if rule is None else rule
+        regularizer = SparseRegularizer() if regularizer is None else regularizer
+        if not isinstance(regularizer, Regularizer):
+            fail("regularizer", "an object with value(w) and prox(z, t)", type(regularizer).__name__, TypeError)
+        self.recorder = recorder
+        self.record_history = record_history
+        # lr only multiplies the step length 1/(2 eps) (so that the engine's schedules apply);
+        # the default 1 is the plain method
+        defaults = dict(rho=rho, eps=eps, regularizer=regularizer, lr=1.0)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_number("rho", group["rho"], low=0.0)
+            check_number("eps", group["eps"], low=0.0, low_inclusive=False)
+            check_number("lr", group["lr"], low=0.0, low_inclusive=False)
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    fail("params", "real floating-point tensors (bSQH cannot handle complex or integer ones)",
+                         f"dtype {p.dtype}", TypeError)
+                if p.is_sparse:
+                    fail("params", "dense tensors", "a sparse tensor", TypeError)
+                self.state[p]["eps"] = torch.tensor(float(group["eps"]), dtype=torch.float64)
+        # run-level named state (serialized by state_dict under "bsqh")
+        self.run_state: dict[str, Any] = dict(
+            iteration=0, accepted=0, rejected=0, stopped=False, message="", converged=False, last_tau=math.nan
+        )
+        self.history: list[dict[str, Any]] = []
+        self._taus: list[float] = []
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for group in sd["param_groups"]:  # the regularizer is a frozen dataclass: store its fields
+            reg = group.get("regularizer")
+            if dataclasses.is_dataclass(reg):
+                group["regularizer"] = {"type": type(reg).__name__, **dataclasses.asdict(reg)}
+        sd["bsqh"] = dict(self.run_state)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        run_state = state_dict.pop("bsqh", None)
+        groups = []
+        for group, own in zip(state_dict["param_groups"], self.param_groups):
+            group = dict(group)
+            if isinstance(group.get("regularizer"), dict):
+                group["regularizer"] = own["regularizer"] if _same_reg(own["regularizer"], group["regularizer"]) \
+                    else SparseRegularizer(**{k: v for k, v in group["regularizer"].items() if k != "type"})
+            groups.append(group)
+        state_dict["param_groups"] = groups
+        super().load_state_dict(state_dict)
+        if run_state is not None:
+            self.run_state.update(run_state)
+
+    # ----------------------------------------------------------------------------- helpers
+    def _layers(self):
+        """(name, param, group) for every parameter with a gradient."""
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for pi, p in enumerate(group["params"]):
+                name = names[pi] if names else f"group{gi}.param{pi}"
+                yield name, p, group
+
+    def regularization(self) -> float:
+        """``sum_groups rho R(u)`` at the current weights."""
+        total = 0.0
+        for group in self.param_groups:
+            if group["rho"]:
+                total += group["rho"] * sum(float(group["regularizer"].value(p.detach())) for p in group["params"])
+        return total
+
+    def sparsity(self) -> dict[str, Any]:
+        """Exact zeros per layer and in total over the parameters with ``rho > 0``."""
+        per_layer, zeros, total = {}, 0, 0
+        for name, p, group in self._layers():
+            z, n = int((p.detach() == 0).sum()), p.numel()
+            per_layer[name] = z / n
+            if group["rho"] > 0:
+                zeros, total = zeros + z, total + n
+        return dict(per_layer=per_layer, zeros=zeros, regularized=total, fraction=zeros / total if total else 0.0)
+
+    def info(self) -> BSQHInfo:
+        rs = self.run_state
+        trials = rs["accepted"] + rs["rejected"]
+        return BSQHInfo(
+            iterations=rs["iteration"], converged=bool(rs["converged"]), residuals=list(self._taus),
+            accepted=rs["accepted"], rejected=rs["rejected"],
+            acceptance_ratio=rs["accepted"] / trials if trials else math.nan,
+            stopped=bool(rs["stopped"]), message=rs["message"],
+        )
+
+    # ----------------------------------------------------------------------------- the iteration
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        if closure is None or not _accepts_backward(closure):
+            fail("closure", "a callable closure(backward: bool = True) -> loss (bSQH evaluates trial points)",
+                 closure, TypeError)
+        rs = self.run_state
+        if self.recorder is not None:
+            self.recorder.enabled = True
+            self.recorder.clear()
+        with torch.enable_grad():
+            loss = closure(backward=True)
+        if rs["stopped"]:
+            return loss
+        loss_k = float(loss)
+        layers = []
+        for name, p, group in self._layers():
+            if p.grad is None:
+                continue  # unused this batch: left unchanged (as torch optimizers do)
+            if p.grad.is_sparse:
+                fail("params", "dense gradients", f"a sparse gradient for {name}", TypeError)
+            layers.append((name, p, group, p.detach().clone(), p.grad.detach()))
+        hamiltonian = self.recorder.hamiltonian() if self.recorder is not None else None
+        if self.recorder is not None:
+            self.recorder.enabled = False
+        reg_k = self.regularization()
+        j_k = loss_k + reg_k
+        eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
+        record: dict[str, Any] = dict(iteration=rs["iteration"], J_before=j_k, loss_before=loss_k)
+        accepted, trials, trial, tau = False, 0, None, torch.zeros(len(layers), dtype=torch.float64)
+        gain = math.nan
+        while trials < self.max_trials and layers:
+            trials += 1
+            lin = 0.0
+            for i, (name, p, group, w_k, g) in enumerate(layers):
+                w = self.rule(w_k, g, float(eps[i]) / group["lr"], group["rho"], group["regularizer"])
+                p.copy_(w)
+                d = w - w_k
+                tau[i] = float((d * d).sum())
+                lin += float((g * d).sum())
+            total_tau = float(tau.sum())
+            if total_tau <= self.kappa:  # the maximizer is u_k itself: a stationary point
+                rs["converged"] = True
+                accepted = True
+                record.update(J_after=j_k, loss_after=loss_k)
+                break
+            rs["converged"] = False
+            loss_new = float(closure(backward=False))
+            reg_new = self.regularization()
+            j_new = loss_new + reg_new
+            trial = TrialStep(tau=tau.clone(), lin=lin, d_loss=loss_new - loss_k, d_reg=reg_new - reg_k, eta=self.eta)
+            if math.isfinite(j_new) and j_new - j_k <= -self.eta * total_tau:
+                accepted = True
+                rs["accepted"] += 1
+                # linearized Hamiltonian gain -<dL/du, D> - rho dR, and minus the augmentation
+                gain = trial.gain
+                record.update(J_after=j_new, loss_after=loss_new,
+                              augmented_gain=gain - float((eps * tau).sum()))
+                eps = self.eps_rule.accept(eps, trial)
+                break
+            rs["rejected"] += 1
+            for _, p, _, w_k, _ in layers:
+                p.copy_(w_k)
+            eps = self.eps_rule.reject(eps, trial)
+            if float(eps.max()) > self.eps_max:
+                rs["stopped"] = True
+                rs["message"] = (f"bSQH stopped at iteration {rs['iteration']}: eps rose to {float(eps.max()):.3g} "
+                                 f"> eps_max={self.eps_max:.3g} without a trial step decreasing J by eta*tau")
+                warnings.warn(rs["message"], EpsExplodedWarning, stacklevel=2)
+                break
+        if not accepted:
+            for _, p, _, w_k, _ in layers:
+                p.copy_(w_k)
+            record.update(J_after=j_k, loss_after=loss_k)
+            if not rs["stopped"] and layers:
+                warnings.warn(f"bSQH iteration {rs['iteration']}: no trial accepted in {self.max_trials} trials; "
+                              "weights kept", NonConvergenceWarning, stacklevel=2)
+        for i, (_, p, _, _, _) in enumerate(layers):
+            self.state[p]["eps"] = eps[i].clone()
+        tau_acc = float(tau.sum()) if accepted else 0.0
+        self._taus.append(tau_acc)
+        rs["last_tau"] = tau_acc
+        rs["iteration"] += 1
+        if self.record_history:
+            sp = self.sparsity()
+            record.update(
+                accepted=accepted, trials=trials, tau=tau_acc,
+                eps={name: float(eps[i]) for i, (name, *_rest) in enumerate(layers)},
+                sparsity=sp["per_layer"], zeros=sp["zeros"], sparsity_total=sp["fraction"],
+                hamiltonian_gain=gain, curvature=trial.curvature if trial is not None else math.nan,
+            )
+            if hamiltonian is not None:
+                record["hamiltonian"] = hamiltonian - reg_k
+            record.setdefault("augmented_gain", math.nan)
+            self.history.append(record)
+        return loss
+
+
+def _same_reg(reg: Any, fields: dict[str, Any]) -> bool:
+    return dataclasses.is_dataclass(reg) and type(reg).__name__ == fields.get("type") and all(
+        getattr(reg, k, None) == v for k, v in fields.items() if k != "type"
+    )
