@@ -1,0 +1,315 @@
+"""Fixed-point solvers for ``z = T(z)``, one signature, one registry.
+
+Every solver is called as
+
+    z, info = solver(T, z0, *, tol, max_iter, objective=None, **options)
+
+with ``T`` a map on batched tensors ``(B, ...) -> (B, ...)`` and ``objective`` an optional
+``z -> (B,)`` (the convex objective ``G`` whose minimizers are the fixed points, see
+:mod:`proxnets.equilibrium.layers`). It returns ``T`` applied to its last iterate, so the returned
+point's residual is at most the last recorded one when ``T`` is nonexpansive.
+
+Residual (all solvers): for the point ``z_k`` at which ``T`` was evaluated,
+
+    r_k = max_i |T(z_k)_i - z_k_i| / (|T(z_k)_i| + 1e-9)            (i over the batch)
+
+and a solver stops when ``r_k <= tol``. For OptEq, ``T(z) = prox_f(W^T W z + U x + b)`` is exactly a
+proximal-gradient step of size 1 on ``G``, so ``r_k = 0`` is first-order optimality.
+
+Solvers
+-------
+``fixed_point``  ``z_{k+1} = T(z_k)`` (proximal gradient on G; G non-increasing when |W|_2 <= 1).
+``accelerated``  FISTA on the same step: ``z_{k+1} = T(y_k)``, ``t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2``,
+                 ``y_{k+1} = z_{k+1} + (t_k - 1) / t_{k+1} (z_{k+1} - z_k)``, with adaptive restart
+                 (O'Donoghue & Candes 2015) per sample: ``restart="objective"`` restarts when
+                 ``G(z_{k+1}) > G(z_k)`` and keeps ``z_k``, so the next step is a plain (descent)
+                 step from ``z_k`` and G never increases (up to round-off),
+                 ``restart="gradient"`` when ``<y_k - z_{k+1}, z_{k+1} - z_k> > 0`` (no objective needed).
+``anderson``     Anderson acceleration with memory ``m``: with residuals ``g_j = T(x_j) - x_j`` of the
+                 last ``n <= m`` iterates, ``alpha = argmin |sum_j alpha_j g_j|^2 + lam |alpha|^2``
+                 subject to ``sum_j alpha_j = 1``, and
+                 ``x_{k+1} = sum_j alpha_j (beta T(x_j) + (1 - beta) x_j)``.
+``halpern``      anchored iteration ``z_{k+1} = beta_k a + (1 - beta_k) T(z_k)``, ``beta_k = 1 / (k + 2)``,
+                 anchor ``a`` (default ``z0``): for nonexpansive T it converges to the fixed point
+                 nearest the anchor, which selects one equilibrium when they are not unique.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+
+from proxnets.utils.convergence import IterInfo
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
+
+__all__ = [
+    "EquilibriumInfo",
+    "relative_residual",
+    "fixed_point",
+    "accelerated",
+    "anderson",
+    "halpern",
+    "SOLVERS",
+    "get_solver",
+    "solve",
+]
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+Objective = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass
+class EquilibriumInfo(IterInfo):
+    """What a fixed-point solve reports.
+
+    - ``solver`` (str): registry name.
+    - ``iterations`` (int): evaluations of ``T``.
+    - ``converged`` (bool): ``residuals[-1] <= tol``.
+    - ``residuals`` (list[float], length ``iterations``): ``r_k`` of the module docstring.
+    - ``objectives`` (list[float]): mean over the batch of ``G`` at the k-th iterate (empty
+      without an objective or when not tracked).
+    - ``final_residual`` (list[float], length B): per-sample relative residual of the last check.
+    - ``restarts`` (int): momentum restarts (``accelerated``) or history resets (``anderson``).
+    - ``tol`` (float): the stopping tolerance.
+    - ``backward`` (EquilibriumInfo | None): the adjoint solve of the implicit backward pass,
+      filled in when gradients flow.
+    """
+
+    solver: str = ""
+    objectives: list[float] = dataclasses.field(default_factory=list)
+    final_residual: list[float] = dataclasses.field(default_factory=list)
+    restarts: int = 0
+    tol: float = 0.0
+    backward: "EquilibriumInfo | None" = None
+
+
+def relative_residual(z: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``|T(z) - z| / (|T(z)| + 1e-9)``, shape ``(B,)``."""
+    diff = (tz - z).reshape(z.shape[0], -1).norm(dim=1)
+    return diff / (tz.reshape(z.shape[0], -1).norm(dim=1) + 1e-9)
+
+
+def _record(info: EquilibriumInfo, r: torch.Tensor) -> bool:
+    info.iterations += 1
+    rmax = float(r.max())
+    info.residuals.append(rmax)
+    info.final_residual = r.tolist()
+    if rmax <= info.tol:
+        info.converged = True
+    return info.converged
+
+
+def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def fixed_point(
+    T: Map, z0: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 200, objective: Objective | None = None
+) -> tuple[torch.Tensor, EquilibriumInfo]:
+    """Plain iteration ``z_{k+1} = T(z_k)`` (see module docstring)."""
+    info = EquilibriumInfo(solver="fixed_point", tol=tol)
+    z = z0
+    if objective is not None:
+        info.objectives.append(float(objective(z).mean()))
+    for _ in range(max_iter):
+        tz = T(z)
+        done = _record(info, relative_residual(z, tz))
+        z = tz
+        if objective is not None:
+            info.objectives.append(float(objective(z).mean()))
+        if done:
+            break
+    return z, info
+
+
+def accelerated(
+    T: Map,
+    z0: torch.Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    objective: Objective | None = None,
+    restart: str = "gradient",
+) -> tuple[torch.Tensor, EquilibriumInfo]:
+    """FISTA on the proximal-gradient step ``T`` with per-sample adaptive restart."""
+    check_choice("restart", restart, ("objective", "gradient", "none"))
+    if restart == "objective" and objective is None:
+        fail("objective", 'a callable z -> (B,) when restart="objective"', None)
+    info = EquilibriumInfo(solver="accelerated", tol=tol)
+    z = y = z0
+    t = torch.ones(z0.shape[0], dtype=z0.dtype, device=z0.device)
+    g_z = objective(z) if objective is not None else None
+    forced = torch.zeros_like(t, dtype=torch.bool)  # samples whose step is a plain step from z_k
+    if g_z is not None:
+        info.objectives.append(float(g_z.mean()))
+    for _ in range(max_iter):
+        z_new = T(y)
+        done = _record(info, relative_residual(y, z_new))
+        if done:
+            z = z_new
+            if objective is not None:
+                info.objectives.append(float(objective(z).mean()))
+            break
+        if restart == "objective":
+            g_new = objective(z_new)
+            # a plain step after a restart is a descent step in exact arithmetic: accept it even
+            # when round-off in G says otherwise, else the iteration could stall on noise
+            worse = (g_new > g_z) & ~forced  # (B,)
+            forced = worse
+            # keep z_k where G went up: the next step is then a plain prox-gradient step from z_k
+            z_new = torch.where(_expand(worse, z), z, z_new)
+            g_z = torch.where(worse, g_z, g_new)
+        elif restart == "gradient":
+            worse = _batch_dot(y - z_new, z_new - z) > 0
+        else:
+            worse = torch.zeros_like(t, dtype=torch.bool)
+        info.restarts += int(worse.sum())
+        t = torch.where(worse, torch.ones_like(t), t)
+        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+        mom = _expand((t - 1) / t_next, z)
+        y = z_new + mom * (z_new - z)
+        z, t = z_new, t_next
+        if objective is not None:
+            info.objectives.append(float((g_z if restart == "objective" else objective(z)).mean()))
+    return z, info
+
+
+def anderson(
+    T: Map,
+    z0: torch.Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    objective: Objective | None = None,
+    m: int = 5,
+    lam: float = 1e-4,
+    beta: float = 1.0,
+) -> tuple[torch.Tensor, EquilibriumInfo]:
+    """Anderson acceleration (type II, regularized normal equations; see module docstring)."""
+    m = check_int("m", m, low=1)
+    lam = check_number("lam", lam, low=0.0)
+    beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=False)
+    info = EquilibriumInfo(solver="anderson", tol=tol)
+    bsz = z0.shape[0]
+    x = z0.reshape(bsz, -1)
+    shape = z0.shape
+    X = torch.zeros(bsz, m, x.shape[1], dtype=x.dtype, device=x.device)  # past iterates
+    F = torch.zeros_like(X)  # their images T(x_j)
+    if objective is not None:
+        info.objectives.append(float(objective(z0).mean()))
+    fx = x
+    for k in range(max_iter):
+        fx = T(x.reshape(shape)).reshape(bsz, -1)
+        done = _record(info, relative_residual(x, fx))
+        if objective is not None:
+            info.objectives.append(float(objective(fx.reshape(shape)).mean()))
+        if done:
+            break
+        slot = k % m
+        X[:, slot], F[:, slot] = x, fx
+        n = min(k + 1, m)
+        G = F[:, :n] - X[:, :n]  # (B, n, d) residuals
+        H = torch.bmm(G, G.transpose(1, 2))  # (B, n, n)
+        scale = H.diagonal(dim1=1, dim2=2).mean(dim=1, keepdim=True).clamp_min(1e-30)
+        H = H + lam * scale.unsqueeze(-1) * torch.eye(n, dtype=x.dtype, device=x.device)
+        ones = torch.ones(bsz, n, 1, dtype=x.dtype, device=x.device)
+        sol = torch.linalg.solve(H.double(), ones.double()).to(x.dtype)  # (B, n, 1)
+        alpha = sol / sol.sum(dim=1, keepdim=True)
+        mix_f = torch.bmm(alpha.transpose(1, 2), F[:, :n]).squeeze(1)  # (B, d)
+        if beta == 1.0:
+            x_new = mix_f
+        else:
+            x_new = beta * mix_f + (1 - beta) * torch.bmm(alpha.transpose(1, 2), X[:, :n]).squeeze(1)
+        bad = ~torch.isfinite(x_new).all(dim=1)
+        if bool(bad.any()):  # a singular least-squares system: fall back to the plain step
+            info.restarts += int(bad.sum())
+            x_new = torch.where(bad.unsqueeze(1), fx, x_new)
+        x = x_new
+    return fx.reshape(shape), info
+
+
+def halpern(
+    T: Map,
+    z0: torch.Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 2000,
+    objective: Objective | None = None,
+    anchor: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, EquilibriumInfo]:
+    """Anchored iteration ``z_{k+1} = a / (k + 2) + (1 - 1 / (k + 2)) T(z_k)``."""
+    a = z0 if anchor is None else check_tensor("anchor", anchor, shape=tuple(z0.shape))
+    info = EquilibriumInfo(solver="halpern", tol=tol)
+    z = z0
+    tz = z
+    if objective is not None:
+        info.objectives.append(float(objective(z).mean()))
+    for k in range(max_iter):
+        tz = T(z)
+        done = _record(info, relative_residual(z, tz))
+        if done:
+            break
+        beta = 1.0 / (k + 2)
+        z = beta * a + (1 - beta) * tz
+        if objective is not None:
+            info.objectives.append(float(objective(z).mean()))
+    return tz, info
+
+
+SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, EquilibriumInfo]]] = {
+    "fixed_point": fixed_point,
+    "accelerated": accelerated,
+    "anderson": anderson,
+    "halpern": halpern,
+}
+
+_OPTIONS = {
+    "fixed_point": set(),
+    "accelerated": {"restart"},
+    "anderson": {"m", "lam", "beta"},
+    "halpern": {"anchor"},
+}
+
+
+def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, EquilibriumInfo]]:
+    """The solver registered under ``name``."""
+    check_choice("solver", name, sorted(SOLVERS))
+    return SOLVERS[name]
+
+
+def check_solver_options(name: str, options: dict) -> dict:
+    """Unknown options raise (never silently ignored)."""
+    check_choice("solver", name, sorted(SOLVERS))
+    unknown = set(options) - _OPTIONS[name]
+    if unknown:
+        fail("solver_options", f"options of {name!r} among {sorted(_OPTIONS[name])}", sorted(unknown))
+    return dict(options)
+
+
+def solve(
+    name: str,
+    T: Map,
+    z0: torch.Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    objective: Objective | None = None,
+    **options,
+) -> tuple[torch.Tensor, EquilibriumInfo]:
+    """Validate, then run the solver ``name`` (see module docstring)."""
+    check_solver_options(name, options)
+    check_number("tol", tol, low=0.0, low_inclusive=False)
+    check_int("max_iter", max_iter, low=1)
+    check_tensor("z0", z0, finite=True)
+    if z0.ndim < 2:
+        fail("z0", "a batched tensor (B, ...)", f"shape {tuple(z0.shape)}")
+    if not math.isfinite(tol):
+        fail("tol", "a finite number", tol)
+    return SOLVERS[name](T, z0, tol=tol, max_iter=max_iter, objective=objective, **options)
