@@ -86,7 +86,7 @@ class OperatorNormBound(nn.Module):
             fail("module", "an nn.Linear or nn.Conv2d", type(module).__name__, TypeError)
         self.in_shape = shape
         self.spec = _operator_spec(module)
-        self.estimator = OperatorNormEstimator(shape, cheap_iterations=n_power_iterations)
+        self.estimator = OperatorNormEstimator(shape, cheap_iterations=n_power_iterations, exact_iterations=3000, tol=1e-12)
         with torch.no_grad():
             self.estimator.v.copy_(self.estimator.v.to(module.weight.dtype))
 
