@@ -49,7 +49,8 @@ class OptEqBase(nn.Module):
     ``solver_options``, ``tol`` > 0, ``max_iter``, ``backward`` in {"implicit", "phantom",
     "unrolled"} with ``backward_solver``/``backward_tol``/``backward_max_iter``, ``warm_start``
     (start from the previous batch's equilibrium when shapes match), ``policy`` for
-    non-convergence, ``track_objective`` (record ``G`` along the iterations).
+    non-convergence, ``track_objective`` (record ``G`` along the iterations), ``power_iterations``
+    (per training forward, for the norm bound).
     """
 
     def __init__(
@@ -70,8 +71,13 @@ class OptEqBase(nn.Module):
         warm_start: bool = False,
         policy: str = "warn",
         track_objective: bool = False,
+        power_iterations: int = 16,
     ):
         super().__init__()
+        # warm-started power iterations per training forward: each costs two single-sample
+        # convolutions (negligible next to a batched solve); one is not enough, since training
+        # can grow a direction the stale vector does not see and push |W|_2 above the target
+        self.power_iterations = check_int("power_iterations", power_iterations, low=1)
         self.base_activation = get_activation(activation, **(activation_options or {}))
         self.l1 = check_number("l1", l1, low=0.0)
         self.activation = self.base_activation.with_l1(self.l1)
@@ -151,6 +157,15 @@ class OptEqBase(nn.Module):
             bound = self.W.parametrizations.weight[0]
             return float(bound.sigma(self.W.weight.detach()))
 
+    def train(self, mode: bool = True) -> "OptEqBase":
+        """Switching to eval mode runs the norm's power iteration to convergence (then frozen),
+        so an evaluated model has ``|W|_2 <= target_norm`` up to the estimator's accuracy."""
+        was_training = self.training
+        super().train(mode)
+        if was_training and not mode:
+            refresh_operator_norm(self.W)
+        return self
+
     def _adjoint_vjp(self, inj: torch.Tensor, w: torch.Tensor):
         """``g -> J^T g = W^T W (prox_f'(v) * g)`` at ``z*`` with ``v = W^T W z* + inj`` (closed form)."""
 
@@ -210,7 +225,9 @@ class OptEq(OptEqBase):
         self.features = check_int("features", features, low=1)
         self.width = check_int("width", features if width is None else width, low=1)
         self.U = nn.Linear(self.in_features, self.features)
-        self.W = operator_norm_bound(nn.Linear(self.features, self.width, bias=False), target=self.target_norm)
+        self.W = operator_norm_bound(
+            nn.Linear(self.features, self.width, bias=False), target=self.target_norm, n_power_iterations=self.power_iterations
+        )
 
     def _check_input(self, x):
         return check_tensor("x", x, shape=(None, self.in_features), finite=False)
@@ -256,6 +273,7 @@ class OptEqConv2d(OptEqBase):
             nn.Conv2d(self.channels, self.width, self.kernel_size, padding=pad, bias=False),
             target=self.target_norm,
             in_shape=(self.channels, *self.spatial),
+            n_power_iterations=self.power_iterations,
         )
         self._pad = pad
 
