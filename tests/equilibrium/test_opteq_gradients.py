@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from proxnets.equilibrium.implicit import equilibrium, BackwardConfig
+from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.layers import OptEq, OptEqConv2d
 from proxnets.equilibrium.runtime import intra_op_threads
 
@@ -49,9 +49,11 @@ def _params(layer):
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
-@pytest.mark.parametrize("activation", ["relu", "soft_threshold", "identity"])
-def test_implicit_gradient_matches_finite_differences(kind, activation):
-    layer = _layer(kind, activation)
+@pytest.mark.parametrize("activation,backward_solver", [("relu", "anderson"), ("soft_threshold", "accelerated"),
+                                                        ("identity", "fixed_point"), ("box", "conjugate_gradient"),
+                                                        ("relu", "conjugate_gradient")])
+def test_implicit_gradient_matches_finite_differences(kind, activation, backward_solver):
+    layer = _layer(kind, activation, backward_solver=backward_solver)
     x = _input(kind).requires_grad_()
     with torch.no_grad():
         c = torch.randn(layer(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
@@ -86,9 +88,10 @@ def test_implicit_equals_unrolled_at_convergence(kind):
         assert torch.allclose(gi, gu, rtol=1e-7, atol=1e-9)
 
 
-def test_autograd_adjoint_equals_closed_form():
-    # the generic (autograd) vector-Jacobian product gives the same gradient as W^T W (prox' * g)
-    layer = _layer("dense", "soft_threshold")
+@pytest.mark.parametrize("backward_solver", ["anderson", "accelerated", "fixed_point", "conjugate_gradient"])
+def test_generic_adjoint_equals_symmetrized_adjoint(backward_solver):
+    # autograd's J^T g with a generic solver gives the same gradient as the layer's symmetrized adjoint
+    layer = _layer("dense", "soft_threshold", backward_solver=backward_solver)
     x = _input("dense")
     g_closed = torch.autograd.grad(layer(x).sin().sum(), layer.U.weight)[0]
     inj = layer.injection(x)
@@ -107,3 +110,9 @@ def test_phantom_gradient_is_a_descent_direction():
     g_ex = torch.autograd.grad(exact(x).pow(2).sum(), exact.U.weight)[0]
     cos = (g_ph * g_ex).sum() / (g_ph.norm() * g_ex.norm())
     assert cos > 0.5
+
+
+def test_generic_adjoint_refuses_accelerated():
+    with pytest.raises(ValueError, match="backward_solver: expected one of"):
+        x = torch.randn(2, 3, requires_grad=True)
+        equilibrium(lambda z: 0.5 * torch.tanh(z + x), torch.zeros(2, 3), backward=BackwardConfig(solver="accelerated"))

@@ -8,7 +8,7 @@ import torch
 from proxnets.equilibrium.layers import OptEq, OptEqConv2d
 from proxnets.equilibrium.prox import ACTIVATIONS, UserProx, get_activation
 from proxnets.equilibrium.runtime import intra_op_threads
-from proxnets.equilibrium.solvers import SOLVERS, EquilibriumInfo, halpern, solve
+from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumInfo, halpern, solve
 from proxnets.utils.convergence import NonConvergenceError, NonConvergenceWarning
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -194,3 +194,17 @@ def test_invalid_settings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         OptEq(3, 4)  # valid settings raise nothing
+
+
+def test_conjugate_gradient_solves_symmetric_affine_fixed_point():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(10, 10, generator=g, dtype=torch.float64)
+    m = 0.95 * (a + a.T) / torch.linalg.matrix_norm(a + a.T, 2)  # symmetric, |M|_2 = 0.95
+    c = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    z, info = solve("conjugate_gradient", lambda z: z @ m + c, torch.zeros_like(c), tol=1e-12, max_iter=50,
+                    registry=ADJOINT_SOLVERS)
+    exact = torch.linalg.solve(torch.eye(10, dtype=torch.float64) - m, c.T).T
+    assert info.converged and info.iterations <= 11  # CG: at most n + 1 checks in exact arithmetic
+    assert torch.allclose(z, exact, atol=1e-10)
+    with pytest.raises(ValueError, match="solver: expected one of"):
+        solve("conjugate_gradient", lambda z: z, torch.zeros(1, 2))  # not a forward solver

@@ -15,8 +15,10 @@
 ``unrolled``  plain iterations ``z <- T(z)`` from ``z0`` all recorded by autograd (exact gradient
               of the truncated iteration; memory grows with the iterations; a reference for tests).
 
-``adjoint_vjp`` may supply ``g -> J^T g`` in closed form (OptEq: ``W^T W (prox_f'(v) * g)``); by
-default autograd computes it through one recorded ``T(z*)``.
+By default the recorded step is ``T(z*)`` and ``J^T g`` comes from autograd through it. A layer may
+instead supply ``attach(z*) -> (z, adjoint)``: ``z`` one recorded application of ``T`` at ``z*`` and
+``adjoint(v) -> (g, info)`` its own solver of the adjoint equation (OptEq solves a symmetrized,
+convex form of it, see :meth:`proxnets.equilibrium.layers.OptEqBase.attach_implicit`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from collections.abc import Callable
 
 import torch
 
-from proxnets.equilibrium.solvers import EquilibriumInfo, check_solver_options, relative_residual, solve
+from proxnets.equilibrium.solvers import (
+    ADJOINT_SOLVERS,
+    EquilibriumInfo,
+    check_solver_options,
+    relative_residual,
+    solve,
+)
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_choice, check_int, check_number
 
@@ -55,12 +63,8 @@ class BackwardConfig:
         phantom_damping: float = 0.8,
     ):
         self.mode = check_choice("backward", mode, BACKWARDS)
-        if solver == "accelerated":
-            # FISTA's guarantees rest on the objective of the forward problem; the adjoint system
-            # is linear but not symmetric, so only generic fixed-point solvers apply
-            raise ValueError("backward_solver: expected one of ['anderson', 'fixed_point', 'halpern'], got 'accelerated'")
         self.solver = solver
-        self.options = check_solver_options(solver, options or {})
+        self.options = check_solver_options(solver, options or {}, ADJOINT_SOLVERS)
         self.tol = check_number("backward_tol", tol, low=0.0, low_inclusive=False)
         self.max_iter = check_int("backward_max_iter", max_iter, low=1)
         self.phantom_steps = check_int("phantom_steps", phantom_steps, low=1)
@@ -69,6 +73,28 @@ class BackwardConfig:
 
 def _needs_grad(z: torch.Tensor) -> bool:
     return z.requires_grad
+
+
+def _generic_adjoint(T: Map, z_star: torch.Tensor, backward: BackwardConfig):
+    """``v -> g`` solving ``g = J^T g + v`` with ``J^T g`` by autograd through ``T`` at ``z*``."""
+    if backward.solver in ("accelerated", "conjugate_gradient"):
+        # both rest on a symmetric linear part; the generic adjoint J^T is not symmetric
+        raise ValueError(
+            "backward_solver: expected one of ['anderson', 'fixed_point', 'halpern'] for a map without a "
+            f"symmetric adjoint, got {backward.solver!r}"
+        )
+    z_in = z_star.clone().requires_grad_()
+    with torch.enable_grad():
+        tz_in = T(z_in)
+
+    def adjoint(v: torch.Tensor):
+        def vjp(g: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad(tz_in, z_in, g, retain_graph=True)[0]
+
+        return solve(backward.solver, lambda g: vjp(g) + v, v, tol=backward.tol, max_iter=backward.max_iter,
+                     **backward.options)
+
+    return adjoint
 
 
 def equilibrium(
@@ -81,13 +107,13 @@ def equilibrium(
     solver_options: dict | None = None,
     objective: Callable[[torch.Tensor], torch.Tensor] | None = None,
     backward: BackwardConfig | None = None,
-    adjoint_vjp: Callable[[torch.Tensor], Map] | None = None,
+    attach: Callable[[torch.Tensor], tuple[torch.Tensor, Callable]] | None = None,
     policy: str = "warn",
     what: str = "equilibrium solve",
 ) -> tuple[torch.Tensor, EquilibriumInfo]:
     """Solve ``z = T(z)`` from ``z0`` and attach the chosen backward pass (module docstring).
 
-    ``adjoint_vjp(z_star)`` returns ``g -> J^T g`` at ``z*`` (optional). Non-convergence of the
+    ``attach(z_star)`` (optional) returns the recorded step and the adjoint solver. Non-convergence of the
     forward or adjoint solve goes through ``policy`` (``"ignore" | "warn" | "raise"``).
     """
     backward = backward or BackwardConfig()
@@ -124,28 +150,17 @@ def equilibrium(
         return z, info
 
     # implicit: one recorded application of T connects z* to parameters and inputs
-    z = T(z_star)
+    if attach is not None:
+        z, adjoint = attach(z_star)
+    else:
+        z = T(z_star)
+        adjoint = _generic_adjoint(T, z_star, backward)
     if not _needs_grad(z):
         return z, info
-    if adjoint_vjp is not None:
-        vjp = adjoint_vjp(z_star)
-    else:
-        z_in = z_star.clone().requires_grad_()
-        tz_in = T(z_in)
-
-        def vjp(g: torch.Tensor) -> torch.Tensor:
-            return torch.autograd.grad(tz_in, z_in, g, retain_graph=True)[0]
 
     def hook(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            g, binfo = solve(
-                backward.solver,
-                lambda g: vjp(g) + v,
-                v,
-                tol=backward.tol,
-                max_iter=backward.max_iter,
-                **backward.options,
-            )
+            g, binfo = adjoint(v)
         info.backward = binfo
         handle_nonconvergence(binfo, policy, f"{what} (adjoint)")
         return g

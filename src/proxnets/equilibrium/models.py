@@ -86,7 +86,7 @@ class OptEqConfig:
     tol: float = 1e-3  # relative residual for training (tighten for certification)
     max_iter: int = 60
     backward: str = "implicit"
-    backward_solver: str = "anderson"
+    backward_solver: str | None = None  # None: conjugate gradient on the symmetrized adjoint
     warm_start: bool = False
     policy: str = "warn"
     pool: int = 4  # average pooling before the head
