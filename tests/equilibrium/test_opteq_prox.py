@@ -90,3 +90,9 @@ def test_errors():
         BoxClamp(1.0, 2.0).with_l1(0.1)
     with pytest.raises(TypeError, match="prox_fn"):
         UserProx(lambda z: z, None)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=IDS)
+def test_inplace_prox_equals_prox(act):
+    v = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2
+    assert torch.equal(act.prox_(v.clone()), act.prox(v))

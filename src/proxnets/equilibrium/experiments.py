@@ -216,7 +216,7 @@ def _run(ctx: SuiteContext) -> SuiteResult:
     except (FileNotFoundError, OSError, ValueError) as err:
         notes.append(f"{name} not available ({err}); used mnist5k")
         ds = load_dataset("mnist5k", seed=ctx.seed)
-    n_train = ctx.pick(smoke=500, quick=len(ds.y_train), full=len(ds.y_train))
+    n_train = ctx.pick(smoke=500, quick=min(3000, len(ds.y_train)), full=len(ds.y_train))
     n_test = ctx.pick(smoke=200, quick=len(ds.y_test), full=len(ds.y_test))
     if (n_train, n_test) != (len(ds.y_train), len(ds.y_test)):
         ds = ds.subset(n_train, n_test, ctx.seed)

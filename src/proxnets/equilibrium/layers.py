@@ -133,7 +133,14 @@ class OptEqBase(nn.Module):
 
     def fixed_point_map(self, inj: torch.Tensor, w: torch.Tensor):
         """``T(z) = prox_f(W^T W z + inj)``: a proximal-gradient step of size 1 on ``G``."""
-        return lambda z: self.activation.prox(self.gram(z, w) + inj)
+        def T(z: torch.Tensor) -> torch.Tensor:
+            v = self.gram(z, w)  # a fresh tensor
+            if torch.is_grad_enabled():
+                return self.activation.prox(v + inj)
+            # in place outside autograd: batch-sized allocations cost more than the arithmetic
+            return self.activation.prox_(v.add_(inj))
+
+        return T
 
     def objective(self, z: torch.Tensor, x: torch.Tensor | None = None, *, inj: torch.Tensor | None = None,
                   w: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,8 +206,13 @@ class OptEqBase(nn.Module):
 
             def adjoint(v: torch.Tensor):
                 sv = s * v
-                h, binfo = solve(cfg.solver, lambda h: s * self.gram(s * h, wd) + sv, sv, tol=cfg.tol,
-                                 max_iter=cfg.max_iter, registry=ADJOINT_SOLVERS, **cfg.options)
+                def H(h: torch.Tensor) -> torch.Tensor:  # s W^T W (s h) + s v
+                    return self.gram(s * h, wd).mul_(s).add_(sv)
+
+                # CG starts from 0 (its first step already improves on s v); the others from s v = H(0)
+                h0 = torch.zeros_like(sv) if cfg.solver == "conjugate_gradient" else sv
+                h, binfo = solve(cfg.solver, H, h0, tol=cfg.tol, max_iter=cfg.max_iter, registry=ADJOINT_SOLVERS,
+                                 **cfg.options)
                 return self.gram(s * h, wd) + v, binfo
 
             return z, adjoint

@@ -77,6 +77,10 @@ class ProxActivation:
     def value(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def prox_(self, v: torch.Tensor) -> torch.Tensor:
+        """``prox`` that may overwrite ``v`` (solvers call it outside autograd on a fresh tensor)."""
+        return self.prox(v)
+
     def derivative(self, v: torch.Tensor) -> torch.Tensor | None:
         """Elementwise ``d prox_f / dv`` at ``v``; ``None`` means "use autograd"."""
         return None
@@ -102,6 +106,9 @@ class ReLUProx(ProxActivation):
 
     def prox(self, v):
         return torch.relu(v)
+
+    def prox_(self, v):
+        return v.relu_()
 
     def value(self, z):
         return _indicator(z >= 0).to(z.dtype)
@@ -144,6 +151,9 @@ class BoxClamp(ProxActivation):
 
     def prox(self, v):
         return torch.clamp(v, self.low, self.high)
+
+    def prox_(self, v):
+        return v.clamp_(self.low, self.high)
 
     def value(self, z):
         return _indicator((z >= self.low) & (z <= self.high)).to(z.dtype)

@@ -88,10 +88,20 @@ class EquilibriumInfo(IterInfo):
     backward: "EquilibriumInfo | None" = None
 
 
-def relative_residual(z: torch.Tensor, tz: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``|T(z) - z| / (|T(z)| + 1e-9)``, shape ``(B,)``."""
-    diff = (tz - z).reshape(z.shape[0], -1).norm(dim=1)
-    return diff / (tz.reshape(z.shape[0], -1).norm(dim=1) + 1e-9)
+def relative_residual(z: torch.Tensor, tz: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ``|T(z) - z| / (|T(z)| + 1e-9)``, shape ``(B,)``.
+
+    ``out`` (optional, shape of ``z``) receives ``z - T(z)``: the solvers reuse one buffer, since
+    allocating a batch-sized tensor per iteration costs more than the arithmetic on a CPU.
+    """
+    diff = torch.sub(z, tz, out=out) if out is not None else z - tz
+    num = torch.linalg.vector_norm(diff.reshape(z.shape[0], -1), dim=1)
+    return num / (torch.linalg.vector_norm(tz.reshape(z.shape[0], -1), dim=1) + 1e-9)
+
+
+def _fresh(tz: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``tz`` itself unless it shares memory with a solver buffer (a map may return its input)."""
+    return tz.clone() if any(tz.data_ptr() == t.data_ptr() for t in inputs) else tz
 
 
 def _record(info: EquilibriumInfo, r: torch.Tensor) -> bool:
@@ -118,11 +128,12 @@ def fixed_point(
     """Plain iteration ``z_{k+1} = T(z_k)`` (see module docstring)."""
     info = EquilibriumInfo(solver="fixed_point", tol=tol)
     z = z0
+    diff = torch.empty_like(z0)
     if objective is not None:
         info.objectives.append(float(objective(z).mean()))
     for _ in range(max_iter):
         tz = T(z)
-        done = _record(info, relative_residual(z, tz))
+        done = _record(info, relative_residual(z, tz, out=diff))
         z = tz
         if objective is not None:
             info.objectives.append(float(objective(z).mean()))
@@ -146,14 +157,15 @@ def accelerated(
         fail("objective", 'a callable z -> (B,) when restart="objective"', None)
     info = EquilibriumInfo(solver="accelerated", tol=tol)
     z = y = z0
+    y_buf, diff, d = torch.empty_like(z0), torch.empty_like(z0), torch.empty_like(z0)
     t = torch.ones(z0.shape[0], dtype=z0.dtype, device=z0.device)
     g_z = objective(z) if objective is not None else None
     forced = torch.zeros_like(t, dtype=torch.bool)  # samples whose step is a plain step from z_k
     if g_z is not None:
         info.objectives.append(float(g_z.mean()))
     for _ in range(max_iter):
-        z_new = T(y)
-        done = _record(info, relative_residual(y, z_new))
+        z_new = _fresh(T(y), y_buf)
+        done = _record(info, relative_residual(y, z_new, out=diff))  # diff = y_k - z_{k+1}
         if done:
             z = z_new
             if objective is not None:
@@ -168,15 +180,15 @@ def accelerated(
             # keep z_k where G went up: the next step is then a plain prox-gradient step from z_k
             z_new = torch.where(_expand(worse, z), z, z_new)
             g_z = torch.where(worse, g_z, g_new)
-        elif restart == "gradient":
-            worse = _batch_dot(y - z_new, z_new - z) > 0
-        else:
+        torch.sub(z_new, z, out=d)  # z_{k+1} - z_k
+        if restart == "gradient":
+            worse = _batch_dot(diff, d) > 0  # <y_k - z_{k+1}, z_{k+1} - z_k> > 0
+        elif restart == "none":
             worse = torch.zeros_like(t, dtype=torch.bool)
         info.restarts += int(worse.sum())
         t = torch.where(worse, torch.ones_like(t), t)
         t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-        mom = _expand((t - 1) / t_next, z)
-        y = z_new + mom * (z_new - z)
+        y = torch.addcmul(z_new, _expand((t - 1) / t_next, z), d, out=y_buf)  # z_{k+1} + mom (z_{k+1} - z_k)
         z, t = z_new, t_next
         if objective is not None:
             info.objectives.append(float((g_z if restart == "objective" else objective(z)).mean()))
@@ -209,9 +221,10 @@ def anderson(
     if objective is not None:
         info.objectives.append(float(objective(z0).mean()))
     fx = x
+    diff = torch.empty_like(x)
     for k in range(max_iter):
         fx = T(x.reshape(shape)).reshape(bsz, -1)
-        done = _record(info, relative_residual(x, fx))
+        done = _record(info, relative_residual(x, fx, out=diff))
         if objective is not None:
             info.objectives.append(float(objective(fx.reshape(shape)).mean()))
         if done:
@@ -288,21 +301,26 @@ def conjugate_gradient(
         return (a * b).reshape(bsz, -1).sum(dim=1)
 
     c = T(torch.zeros_like(z0))
-    x = z0
-    r = T(x) - x
-    p = r
+    x = z0.clone()
+    if bool((z0 == 0).all()):  # r = T(0) - 0 = c: no second evaluation
+        r = c.clone()
+    else:
+        r = T(x)
+        r.sub_(x)  # r = T(x) - x
+    p = r.clone()
     rs = dot(r, r)
     for _ in range(max_iter):
         # |r| / |T(x)| with T(x) = x + r
-        rel = rs.sqrt() / ((x + r).reshape(bsz, -1).norm(dim=1) + 1e-9)
+        rel = rs.sqrt() / (torch.linalg.vector_norm((x + r).reshape(bsz, -1), dim=1) + 1e-9)
         if _record(info, rel):
             break
-        ap = p - (T(p) - c)
-        alpha = rs / dot(p, ap).clamp_min(1e-30)
-        x = x + _expand(alpha, x) * p
-        r = r - _expand(alpha, r) * ap
+        ap = _fresh(T(p), p, x, r)
+        ap.sub_(c).neg_().add_(p)  # (I - M) p = p - (T(p) - c)
+        alpha = _expand(rs / dot(p, ap).clamp_min(1e-30), x)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
         rs_new = dot(r, r)
-        p = r + _expand(rs_new / rs.clamp_min(1e-30), p) * p
+        p.mul_(_expand(rs_new / rs.clamp_min(1e-30), p)).add_(r)
         rs = rs_new
     if objective is not None:
         info.objectives.append(float(objective(x + r).mean()))
