@@ -201,7 +201,8 @@ class OptEqBase(nn.Module):
         def attach(z_star: torch.Tensor):
             pre = self.gram(z_star, w) + inj  # recorded: connects z* to W, U, b and x
             z = self.activation.prox(pre)
-            s = self.activation.derivative(pre.detach()).sqrt()
+            # prox' lies in [0, 1] (prox is monotone and nonexpansive); clamp a user's round-off
+            s = self.activation.derivative(pre.detach()).clamp(0.0, 1.0).sqrt()
             wd = w.detach()
 
             def adjoint(v: torch.Tensor):
