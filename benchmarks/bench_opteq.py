@@ -16,7 +16,6 @@ Usage: ``python benchmarks/bench_opteq.py [--quick]``. Runs on one CPU thread (s
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 
@@ -28,7 +27,7 @@ from proxnets.equilibrium.layers import OptEqConv2d
 from proxnets.equilibrium.models import OptEqClassifier, OptEqConfig
 from proxnets.equilibrium.runtime import intra_op_threads
 from proxnets.equilibrium.solvers import relative_residual
-from proxnets.utils.benchmark import Timing, peak_memory_mb, time_fn
+from proxnets.utils.benchmark import peak_memory_mb, ratio_line, time_interleaved
 
 TOL = 1e-4
 MAX_ITER = 400
@@ -94,18 +93,6 @@ def _run_torchdeq(layer: OptEqConv2d, x: torch.Tensor, c: torch.Tensor, solver: 
     return forward, step, lambda: holder.get("info")
 
 
-def _interleaved_times(fns: dict, repeats: int) -> dict:
-    """Median seconds per callable, timed round-robin so that the load of a shared machine hits
-    every method alike (one ``time_fn`` call of one run per method per round)."""
-    samples = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            samples[k].append(time_fn(fn, warmup=0, repeats=1).median)
-    return {k: Timing(statistics.median(v), *statistics.quantiles(v, n=4)[::2], len(v)) for k, v in samples.items()}
-
-
 def _describe(name, forward, step, info_fn, layer, x):
     """Iterations, residual of the returned point (one more application of T) and peak memory."""
     with torch.no_grad():
@@ -169,8 +156,8 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
             return fn()
         return call
 
-    totals = _interleaved_times({n: bind(n, r[1]) for n, r in runs.items()}, repeats)
-    forwards = _interleaved_times({n: bind(n, lambda f=r[0]: f().detach()) for n, r in runs.items()}, repeats)
+    totals = time_interleaved({n: bind(n, r[1]) for n, r in runs.items()}, repeats=repeats)
+    forwards = time_interleaved({n: bind(n, lambda f=r[0]: f().detach()) for n, r in runs.items()}, repeats=repeats)
     for row in rows:
         total, fwd = totals[row["method"]], forwards[row["method"]]
         row.update(total_ms=total.median * 1e3, total_iqr_ms=(total.q1 * 1e3, total.q3 * 1e3),
@@ -186,8 +173,8 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     if theirs:
         best = min(theirs, key=lambda r: r["total_ms"])
         ratio = ours["total_ms"] / best["total_ms"]
-        print(f"{title}: ours ({ours['method']}) {ours['total_ms']:.1f} ms, TorchDEQ fastest ({best['method']}) "
-              f"{best['total_ms']:.1f} ms, time ratio {ratio:.2f}x (target <= 0.5x), speed-up {1 / ratio:.2f}x")
+        print(ratio_line(f"{title}, {ours['method']} vs {best['method']}", totals[ours["method"]],
+                         totals[best["method"]], best["method"]) + f", time ratio {ratio:.2f}x (target <= 0.5x)")
     return rows
 
 

@@ -115,7 +115,8 @@ def _record(info: EquilibriumInfo, r: torch.Tensor) -> bool:
 
 
 def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+    """Per-sample inner product ``(B,)`` without a batch-sized temporary."""
+    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -212,46 +213,53 @@ def anderson(
     beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=False)
     info = EquilibriumInfo(solver="anderson", tol=tol)
     bsz = z0.shape[0]
-    x = z0.reshape(bsz, -1)
     shape = z0.shape
-    X = torch.zeros(bsz, m, x.shape[1], dtype=x.dtype, device=x.device)  # past iterates x_j
-    F = torch.zeros_like(X)  # their images T(x_j)
-    G = torch.zeros_like(X)  # their residuals g_j = T(x_j) - x_j
-    H = torch.zeros(bsz, m, m, dtype=torch.float64, device=x.device)  # Gram matrix <g_i, g_j>, updated by one row
+    x = z0.reshape(bsz, -1)
+    # ring buffers of the last m iterates: T(x_j) are kept by reference (T returns fresh tensors),
+    # residuals g_j = T(x_j) - x_j are written into preallocated slots; x_j are kept only if beta < 1
+    F: list[torch.Tensor | None] = [None] * m
+    G = [torch.empty_like(x) for _ in range(m)]
+    X = [torch.empty_like(x) for _ in range(m)] if beta < 1.0 else []
+    H = torch.zeros(bsz, m, m, dtype=torch.float64, device=x.device)  # <g_i, g_j>, updated by one row
+    x_bufs = (torch.empty_like(x), torch.empty_like(x))  # ping-pong storage of the mixed iterate
     if objective is not None:
         info.objectives.append(float(objective(z0).mean()))
     fx = x
     diff = torch.empty_like(x)
     for k in range(max_iter):
-        fx = T(x.reshape(shape)).reshape(bsz, -1)
+        fx = _fresh(T(x.reshape(shape)).reshape(bsz, -1), *x_bufs)
         done = _record(info, relative_residual(x, fx, out=diff))
         if objective is not None:
             info.objectives.append(float(objective(fx.reshape(shape)).mean()))
         if done:
             break
         slot = k % m
-        X[:, slot], F[:, slot] = x, fx
-        torch.sub(fx, x, out=G[:, slot])
+        F[slot] = fx
+        torch.sub(fx, x, out=G[slot])
+        if X:
+            X[slot].copy_(x)
         n = min(k + 1, m)
-        # (B, n); an elementwise product and sum: batched matrix-vector bmm is far slower on CPU
-        row = (G[:, :n] * G[:, slot].unsqueeze(1)).sum(dim=2).double()
+        row = torch.stack([torch.linalg.vecdot(G[j], G[slot]) for j in range(n)], dim=1).double()  # (B, n)
         H[:, slot, :n], H[:, :n, slot] = row, row
         Hn = H[:, :n, :n]
         scale = Hn.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (B,)
         reg = Hn + (lam * scale)[:, None, None] * torch.eye(n, dtype=Hn.dtype, device=x.device)
         ones = torch.ones(bsz, n, 1, dtype=Hn.dtype, device=x.device)
-        sol = torch.linalg.solve(reg, ones)  # (B, n, 1)
+        sol = torch.linalg.solve(reg, ones).squeeze(2)  # (B, n)
         alpha = (sol / sol.sum(dim=1, keepdim=True)).to(x.dtype)
-        bad = ~torch.isfinite(alpha).all(dim=1).squeeze(1)  # (B,)
+        bad = ~torch.isfinite(alpha).all(dim=1)  # (B,)
         if bool(bad.any()):  # a singular least-squares system: fall back to the plain step
             info.restarts += int(bad.sum())
-            alpha = torch.where(bad[:, None, None], torch.zeros_like(alpha), alpha)
-            alpha[bad, slot if slot < n else 0] = 1.0
-        mix_f = torch.bmm(alpha.transpose(1, 2), F[:, :n]).squeeze(1)  # (B, d)
-        if beta == 1.0:
-            x = mix_f
-        else:
-            x = beta * mix_f + (1 - beta) * torch.bmm(alpha.transpose(1, 2), X[:, :n]).squeeze(1)
+            alpha = torch.where(bad[:, None], torch.zeros_like(alpha), alpha)
+            alpha[bad, slot] = 1.0
+        out = x_bufs[k % 2]
+        # x_{k+1} = sum_j alpha_j (beta T(x_j) + (1 - beta) x_j), slot by slot (no (B, n, d) temporaries)
+        torch.mul(F[0], alpha[:, :1] * beta, out=out)
+        for j in range(1, n):
+            out.addcmul_(F[j], alpha[:, j : j + 1] * beta)
+        for j in range(n if X else 0):
+            out.addcmul_(X[j], alpha[:, j : j + 1] * (1 - beta))
+        x = out
     return fx.reshape(shape), info
 
 
@@ -297,9 +305,6 @@ def conjugate_gradient(
     info = EquilibriumInfo(solver="conjugate_gradient", tol=tol)
     bsz = z0.shape[0]
 
-    def dot(a, b):  # (B,)
-        return (a * b).reshape(bsz, -1).sum(dim=1)
-
     c = T(torch.zeros_like(z0))
     x = z0.clone()
     if bool((z0 == 0).all()):  # r = T(0) - 0 = c: no second evaluation
@@ -308,7 +313,7 @@ def conjugate_gradient(
         r = T(x)
         r.sub_(x)  # r = T(x) - x
     p = r.clone()
-    rs = dot(r, r)
+    rs = _batch_dot(r, r)
     for _ in range(max_iter):
         # |r| / |T(x)| with T(x) = x + r
         rel = rs.sqrt() / (torch.linalg.vector_norm((x + r).reshape(bsz, -1), dim=1) + 1e-9)
@@ -316,10 +321,10 @@ def conjugate_gradient(
             break
         ap = _fresh(T(p), p, x, r)
         ap.sub_(c).neg_().add_(p)  # (I - M) p = p - (T(p) - c)
-        alpha = _expand(rs / dot(p, ap).clamp_min(1e-30), x)
+        alpha = _expand(rs / _batch_dot(p, ap).clamp_min(1e-30), x)
         x.addcmul_(alpha, p)
         r.addcmul_(alpha, ap, value=-1.0)
-        rs_new = dot(r, r)
+        rs_new = _batch_dot(r, r)
         p.mul_(_expand(rs_new / rs.clamp_min(1e-30), p)).add_(r)
         rs = rs_new
     if objective is not None:
