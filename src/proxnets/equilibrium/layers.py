@@ -110,9 +110,6 @@ class OptEqBase(nn.Module):
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def z_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        raise NotImplementedError
-
     def apply_w(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``W z`` with weight tensor ``w`` (the parametrized weight, read once per forward)."""
         raise NotImplementedError
@@ -133,6 +130,7 @@ class OptEqBase(nn.Module):
 
     def fixed_point_map(self, inj: torch.Tensor, w: torch.Tensor):
         """``T(z) = prox_f(W^T W z + inj)``: a proximal-gradient step of size 1 on ``G``."""
+
         def T(z: torch.Tensor) -> torch.Tensor:
             v = self.gram(z, w)  # a fresh tensor
             if torch.is_grad_enabled():
