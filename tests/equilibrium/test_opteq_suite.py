@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from proxnets.engine import Trainable
-from proxnets.equilibrium import MODELS, MONClassifier, OptEqClassifier, count_parameters
+from proxnets.equilibrium import MODELS, MONClassifier, OptEqClassifier, certify_opteq, count_parameters
 from proxnets.equilibrium.runtime import intra_op_threads
 from proxnets.report.suite import SuiteContext
 
@@ -57,3 +57,16 @@ def test_mon_parametrization_is_monotone():
     quad = (mon.monotone_part(z, mon.A.weight, mon.B.weight) * z).sum()
     assert quad >= mon.m * z.pow(2).sum() * (1 - 1e-12)
     assert count_parameters(mon) > 0
+
+
+def test_certificate_of_an_untrained_classifier():
+    with intra_op_threads(1):
+        torch.manual_seed(0)
+        trainable = MODELS["opteq"]((1, 12, 12), 10, channels=4, stem_channels=4, blocks=2, pool=2)
+        cert = trainable.certificate(trainable.model, torch.rand(8, 1, 12, 12))
+        assert set(cert) >= {"block0.residual", "block1.operator_norm"}
+        assert cert["block0.residual"] <= 1e-4 and cert["block1.residual"] <= 1e-4
+        assert cert["block0.perturbations_not_better"] == 1.0
+        assert cert["block0.operator_norm"] <= 0.97 * (1 + 1e-4)
+        with pytest.raises(TypeError, match="model: expected an OptEqClassifier"):
+            certify_opteq(torch.nn.Linear(2, 2), torch.rand(1, 2))

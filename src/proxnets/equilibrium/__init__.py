@@ -24,6 +24,8 @@ from proxnets.equilibrium.models import (
     MONConv2d,
     OptEqClassifier,
     OptEqConfig,
+    certify_opteq,
+    convergence_logger,
     count_parameters,
 )
 from proxnets.equilibrium.parametrize import OperatorNormBound, operator_norm_bound, refresh_operator_norm
@@ -48,5 +50,6 @@ __all__ = [
     "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",
     "OptEqBase", "OptEq", "OptEqConv2d",
     "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
+    "certify_opteq", "convergence_logger",
     "MODELS", "intra_op_threads",
 ]

@@ -27,39 +27,24 @@ from proxnets.equilibrium.models import (
     MONConfig,
     OptEqClassifier,
     OptEqConfig,
+    certify_opteq,
+    convergence_logger,
     count_parameters,
 )
 from proxnets.equilibrium.runtime import intra_op_threads
-from proxnets.equilibrium.solvers import halpern, relative_residual, solve
+from proxnets.equilibrium.solvers import halpern, solve
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
 
 __all__ = ["run"]
 
 TRAIN_TOL, TRAIN_MAX_ITER = 1e-3, 40
-CERT_TOL = 1e-4
-
-
-def _convergence_logger(model, ctx: SuiteContext, name: str, counts: dict):
-    """Callback: count forward solves that missed their tolerance; log them per epoch."""
-
-    def callback(event: str, state: dict) -> None:
-        if event == "step_end":
-            for info in model.equilibrium_infos():
-                if info is not None:
-                    counts["solves"] += 1
-                    counts["unconverged"] += int(not info.converged)
-                    counts["iterations"] += info.iterations
-        elif event == "epoch_end":
-            ctx.log(f"  {name}: {counts['unconverged']}/{counts['solves']} training solves above tol "
-                    f"(mean {counts['iterations'] / max(counts['solves'], 1):.1f} iterations)")
-
-    return callback
+CERT_TOL = 1e-4  # the certificate's residual tolerance (certify_opteq's default)
 
 
 def _train(model, ds, cfg: TrainConfig, ctx: SuiteContext, name: str) -> dict:
-    counts = {"solves": 0, "unconverged": 0, "iterations": 0}
-    callbacks = [_convergence_logger(model, ctx, name, counts)] if hasattr(model, "equilibrium_infos") else []
+    counts: dict = {"solves": 0, "unconverged": 0, "iterations": 0}
+    callbacks = [convergence_logger(model, ctx.log, counts, name)] if hasattr(model, "equilibrium_infos") else []
     t0 = time.perf_counter()
     result = fit(model, ds, cfg, callbacks=callbacks, log=lambda s: None)
     seconds = time.perf_counter() - t0
@@ -78,38 +63,6 @@ def _train(model, ds, cfg: TrainConfig, ctx: SuiteContext, name: str) -> dict:
 
 def _opteq_config(**kw) -> OptEqConfig:
     return OptEqConfig(tol=TRAIN_TOL, max_iter=TRAIN_MAX_ITER, policy="ignore", **kw)
-
-
-def _certify(model: OptEqClassifier, x: torch.Tensor, generator: torch.Generator) -> dict:
-    """Optimality of the trained equilibrium for the explicit objective G, on a test batch."""
-    block = model.blocks[0]
-    with torch.no_grad():
-        inj_x = model.stem(x)
-        inj, w = block.injection(inj_x), block.W.weight
-        T = block.fixed_point_map(inj, w)
-        z, info = solve("anderson", T, torch.zeros_like(inj), tol=CERT_TOL, max_iter=500)
-        residual = float(relative_residual(z, T(z)).max())
-        g_star = block.objective(z, inj=inj, w=w)
-        worse = []
-        for scale in (1e-3, 1e-2, 1e-1):
-            for _ in range(10):
-                d = scale * torch.randn(z.shape, generator=generator)
-                # perturb inside the domain of f (ReLU: the nonnegative orthant), else G = +inf trivially
-                zd = block.activation.prox(z + d)
-                worse.append(bool((block.objective(zd, inj=inj, w=w) >= g_star - 1e-4 * g_star.abs()).all()))
-        # G along the plain iteration (a proximal-gradient method on G)
-        _, fp = solve("fixed_point", T, torch.zeros_like(inj), tol=CERT_TOL, max_iter=500,
-                      objective=lambda v: block.objective(v, inj=inj, w=w))
-    obj = torch.tensor(fp.objectives, dtype=torch.float64)
-    increase = float((obj[1:] - obj[:-1]).clamp_min(0).max() / obj.abs().max())
-    return {
-        "residual": residual,
-        "converged": info.converged,
-        "perturbations_not_better": sum(worse) / len(worse),
-        "fixed_point_max_relative_increase_of_G": increase,
-        "operator_norm": block.operator_norm(),
-        "target_norm": block.target_norm,
-    }
 
 
 def _solver_curves(model: OptEqClassifier, x: torch.Tensor, ctx: SuiteContext) -> tuple[dict, Figure]:
@@ -243,10 +196,9 @@ def _run(ctx: SuiteContext) -> SuiteResult:
     opteq = models["OptEq"]
 
     # 2. certificate of the trained equilibrium
-    gen = torch.Generator().manual_seed(ctx.seed)
     x_batch = ds.x_test[:128]
     opteq.eval()
-    cert = _certify(opteq, x_batch, gen)
+    cert = certify_opteq(opteq, x_batch, seed=ctx.seed)[0]
     ctx.log(f"certificate: residual {cert['residual']:.2e}, |W|_2 {cert['operator_norm']:.4f}")
 
     # 3. solvers and gradients

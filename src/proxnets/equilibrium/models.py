@@ -43,6 +43,8 @@ __all__ = [
     "MONClassifier",
     "ExplicitCNN",
     "count_parameters",
+    "certify_opteq",
+    "convergence_logger",
     "MODELS",
 ]
 
@@ -266,6 +268,86 @@ class ExplicitCNN(nn.Module):
         return self.head(F.avg_pool2d(z, self.pool).flatten(1))  # (B, K)
 
 
+def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4, perturbations: int = 30,
+                  seed: int = 0) -> list[dict]:
+    """The optimization certificate of each OptEq block of ``model`` on inputs ``x``, one dict per block.
+
+    Fields: ``residual`` (max relative residual ``|T(z) - z| / |T(z)|`` of the equilibrium solved
+    to ``tol`` with Anderson), ``converged``; ``perturbations_not_better`` (fraction of random
+    in-domain perturbations ``prox_f(z* + d)``, scales 1e-3..1e-1, with ``G >= G(z*)`` up to 1e-4
+    relative); ``fixed_point_max_relative_increase_of_G`` (largest increase of the mean objective
+    along the plain iteration, relative to ``|G|``: 0 in exact arithmetic); ``operator_norm`` (by
+    power iteration to convergence) and ``target_norm``.
+    """
+    from proxnets.equilibrium.solvers import relative_residual, solve
+
+    if not isinstance(model, OptEqClassifier):
+        fail("model", "an OptEqClassifier", type(model).__name__, TypeError)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        h = model.stem(x)  # (B, S, H/2, W/2)
+        for block in model.blocks:
+            inj, w = block.injection(h), block.W.weight
+            T = block.fixed_point_map(inj, w)
+            G = lambda v: block.objective(v, inj=inj, w=w)  # noqa: E731
+            z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol, max_iter=1000)
+            g_star = G(z)
+            not_better = 0
+            scales = (1e-3, 1e-2, 1e-1)
+            for i in range(perturbations):
+                d = scales[i % len(scales)] * torch.randn(z.shape, generator=generator)
+                zd = block.activation.prox(z + d)  # inside the domain of f, else G = +inf trivially
+                not_better += int(bool((G(zd) >= g_star - 1e-4 * g_star.abs()).all()))
+            _, fp = solve("fixed_point", T, torch.zeros_like(inj), tol=tol, max_iter=1000, objective=G)
+            obj = torch.tensor(fp.objectives, dtype=torch.float64)
+            out.append({
+                "residual": float(relative_residual(z, T(z)).max()),
+                "converged": info.converged,
+                "perturbations_not_better": not_better / max(perturbations, 1),
+                "fixed_point_max_relative_increase_of_G": float((obj[1:] - obj[:-1]).clamp_min(0).max()
+                                                                / obj.abs().max().clamp_min(1e-30)),
+                "operator_norm": block.operator_norm(),
+                "target_norm": block.target_norm,
+            })
+            h = z
+    model.train(was_training)
+    return out
+
+
+def _opteq_certificate(model: OptEqClassifier, x: torch.Tensor) -> dict:
+    """Flat form of :func:`certify_opteq` for ``proxnets eval``."""
+    blocks = certify_opteq(model, x)
+    if len(blocks) == 1:
+        return blocks[0]
+    return {f"block{i}.{k}": v for i, b in enumerate(blocks) for k, v in b.items()}
+
+
+def convergence_logger(model: nn.Module, log=print, counts: dict | None = None, name: str | None = None):
+    """A training callback (``fit(..., callbacks=[...])``) that counts the forward solves of
+    ``model.equilibrium_infos()`` that missed their tolerance, and logs the count every epoch.
+
+    ``counts`` (optional dict) receives ``solves``, ``unconverged`` and ``iterations``.
+    """
+    counts = counts if counts is not None else {}
+    counts.update(solves=0, unconverged=0, iterations=0)
+
+    def callback(event: str, state: dict) -> None:
+        if event == "step_end":
+            for info in model.equilibrium_infos():
+                if info is not None:
+                    counts["solves"] += 1
+                    counts["unconverged"] += int(not info.converged)
+                    counts["iterations"] += info.iterations
+        elif event == "epoch_end":
+            log(f"  {name or type(model).__name__}: {counts['unconverged']}/{counts['solves']} training solves above tol "
+                f"(mean {counts['iterations'] / max(counts['solves'], 1):.1f} iterations)")
+
+    return callback
+
+
 def _config_from(cls, opts: dict):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(opts) - known)
@@ -279,7 +361,9 @@ def _train_config(**overrides) -> TrainConfig:
 
 
 def _opteq(input_shape, num_classes, **opts) -> Trainable:
-    return Trainable(OptEqClassifier(input_shape, num_classes, _config_from(OptEqConfig, opts)), config=_train_config())
+    trainable = Trainable(OptEqClassifier(input_shape, num_classes, _config_from(OptEqConfig, opts)), config=_train_config())
+    trainable.certificate = _opteq_certificate  # read by `proxnets eval`
+    return trainable
 
 
 def _mon(input_shape, num_classes, **opts) -> Trainable:
