@@ -1,1 +1,55 @@
-"""(in progress)"""
+"""Optimization induced equilibrium networks (OptEq, seed 003).
+
+An OptEq layer outputs the equilibrium ``z* = prox_f(W^T W z* + U x + b)``, which is the minimizer
+of the explicit convex objective ``G(z; x) = sum f(z) + 1/2 |z|^2 - 1/2 |W z|^2 - <U x + b, z>``
+when ``|W|_2 < 1``. The package provides
+
+- proximal activations that know their convex ``f`` (:mod:`~proxnets.equilibrium.prox`);
+- fixed-point solvers with one interface returning ``(z, info)`` (:mod:`~proxnets.equilibrium.solvers`);
+- implicit / phantom / unrolled backward passes (:mod:`~proxnets.equilibrium.implicit`);
+- the ``|W|_2 <= target`` parametrization for dense and convolutional weights
+  (:mod:`~proxnets.equilibrium.parametrize`);
+- dense and convolutional OptEq layers with their objective and priors (:mod:`~proxnets.equilibrium.layers`);
+- an OptEq image classifier, the MON baseline and an explicit CNN (:mod:`~proxnets.equilibrium.models`);
+- the ``reproduce opteq`` suite (:mod:`~proxnets.equilibrium.experiments`).
+"""
+
+from proxnets.equilibrium.implicit import BACKWARDS, BackwardConfig, equilibrium
+from proxnets.equilibrium.layers import OptEq, OptEqBase, OptEqConv2d
+from proxnets.equilibrium.models import (
+    MODELS,
+    ExplicitCNN,
+    MONClassifier,
+    MONConfig,
+    MONConv2d,
+    OptEqClassifier,
+    OptEqConfig,
+    certify_opteq,
+    convergence_logger,
+    count_parameters,
+)
+from proxnets.equilibrium.parametrize import OperatorNormBound, operator_norm_bound, refresh_operator_norm
+from proxnets.equilibrium.prox import (
+    ACTIVATIONS,
+    BoxClamp,
+    IdentityProx,
+    ProxActivation,
+    ReLUProx,
+    SoftThreshold,
+    UserProx,
+    get_activation,
+)
+from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumInfo, get_solver, solve
+
+__all__ = [
+    "ACTIVATIONS", "ProxActivation", "ReLUProx", "SoftThreshold", "BoxClamp", "IdentityProx", "UserProx",
+    "get_activation",
+    "SOLVERS", "ADJOINT_SOLVERS", "EquilibriumInfo", "get_solver", "solve",
+    "BACKWARDS", "BackwardConfig", "equilibrium",
+    "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",
+    "OptEqBase", "OptEq", "OptEqConv2d",
+    "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
+    "certify_opteq", "convergence_logger",
+    "MODELS", "intra_op_threads",
+]

@@ -1,0 +1,209 @@
+"""Benchmark: OptEq conv layer, forward solve to relative residual 1e-4 plus implicit backward.
+
+Ours (every solver of the registry that suits a unique equilibrium) against TorchDEQ's ``anderson``
+and ``fixed_point_iter`` (implicit differentiation, same tolerance and stopping rule: the largest
+per-sample relative residual ``|f(z) - z| / |f(z)|`` below 1e-4), on the *same* layer map
+``T(z) = relu(W^T W z + U x + b)`` and the same batch of 128 MNIST stem features, in two regimes:
+``|W|_2 = 0.97`` (bound active, the hard regime) and after training the classifier.
+Reports per method: median time of forward+backward, median backward time, forward/backward
+iterations, the residual reached (recomputed on the returned point), peak memory, and the ratio
+of our fastest to TorchDEQ's fastest (target: <= 0.5).
+
+Usage: ``python benchmarks/bench_opteq.py [--quick]``. Runs on one CPU thread (see
+:mod:`proxnets.equilibrium.runtime`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from proxnets.data import load_dataset
+from proxnets.engine import TrainConfig, fit
+from proxnets.equilibrium.layers import OptEqConv2d
+from proxnets.equilibrium.models import OptEqClassifier, OptEqConfig
+from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.equilibrium.solvers import relative_residual
+from proxnets.utils.benchmark import peak_memory_mb, ratio_line, time_interleaved
+
+TOL = 1e-4
+MAX_ITER = 400
+
+
+def _layer_at_bound(channels: int, spatial: tuple[int, int], stem_channels: int, seed: int) -> OptEqConv2d:
+    torch.manual_seed(seed)
+    layer = OptEqConv2d(stem_channels, channels, spatial, target_norm=0.97, tol=TOL, max_iter=MAX_ITER, policy="warn")
+    with torch.no_grad():  # make the bound active: |W|_2 = 0.97 exactly
+        layer.W.parametrizations.weight.original.mul_(10.0)
+    return layer.eval()
+
+
+def _trained_layer(ds, steps: int, seed: int) -> tuple[OptEqConv2d, torch.nn.Module]:
+    torch.manual_seed(seed)
+    model = OptEqClassifier(ds.input_shape, ds.num_classes, OptEqConfig(tol=1e-3, max_iter=60, policy="ignore"))
+    fit(model, ds, TrainConfig(epochs=100, max_steps=steps, batch_size=64, lr=2e-3, progress=False), log=lambda s: None)
+    model.eval()  # exact refresh of the norm bound
+    block = model.blocks[0]
+    block.tol, block.max_iter, block.policy = TOL, MAX_ITER, "warn"
+    return block, model.stem
+
+
+def _run_ours(layer: OptEqConv2d, x: torch.Tensor, c: torch.Tensor, solver: str, options: dict, backward_solver: str):
+    layer.solver, layer.solver_options = solver, options
+    layer.backward_config.solver, layer.backward_config.options = backward_solver, {}
+    layer.backward_config.tol, layer.backward_config.max_iter = TOL, MAX_ITER
+    params = list(layer.parameters())
+
+    def forward():
+        return layer(x)
+
+    def step():
+        z = forward()
+        grads = torch.autograd.grad((c * z).sum(), params)
+        return z, grads
+
+    return forward, step, lambda: layer.last_info
+
+
+def _run_torchdeq(layer: OptEqConv2d, x: torch.Tensor, c: torch.Tensor, solver: str):
+    from torchdeq import get_deq
+
+    deq = get_deq(
+        f_solver=solver, b_solver=solver, f_max_iter=MAX_ITER, b_max_iter=MAX_ITER, f_tol=TOL, b_tol=TOL,
+        f_stop_mode="rel", b_stop_mode="rel", ift=True,
+    )
+    params = list(layer.parameters())
+    holder = {}
+
+    def forward():
+        inj = layer.injection(x)
+        T = layer.fixed_point_map(inj, layer.W.weight)
+        z_out, info = deq(T, torch.zeros_like(inj))
+        holder["info"] = info
+        return z_out[-1]
+
+    def step():
+        z = forward()
+        grads = torch.autograd.grad((c * z).sum(), params)
+        return z, grads
+
+    return forward, step, lambda: holder.get("info")
+
+
+def _describe(name, forward, step, info_fn, layer, x):
+    """Iterations, residual of the returned point (one more application of T) and peak memory."""
+    with torch.no_grad():
+        z = forward()
+        T = layer.fixed_point_map(layer.injection(x), layer.W.weight)
+        residual = float(relative_residual(z, T(z)).max())
+    step()
+    info = info_fn()
+    if hasattr(info, "iterations"):
+        f_it = info.iterations
+        b_it = info.backward.iterations if info.backward is not None else None
+    else:  # TorchDEQ's statistics dict
+        f_it = int(info["nstep"].max()) if info is not None and "nstep" in info else None
+        b_it = None
+    return {"method": name, "forward_iters": f_it, "backward_iters": b_it, "residual": residual,
+            "peak_mb": peak_memory_mb(step)}
+
+
+def _torchdeq_backward_iters(layer, x, c, solver):
+    """TorchDEQ reports backward statistics through a writer callback."""
+    from torchdeq import get_deq
+
+    deq = get_deq(f_solver=solver, b_solver=solver, f_max_iter=MAX_ITER, b_max_iter=MAX_ITER, f_tol=TOL, b_tol=TOL,
+                  f_stop_mode="rel", b_stop_mode="rel", ift=True)
+    seen = {}
+    inj = layer.injection(x)
+    z_out, _ = deq(layer.fixed_point_map(inj, layer.W.weight), torch.zeros_like(inj),
+                   backward_writer=lambda stat: seen.update(nstep=int(stat["nstep"].max())))
+    (c * z_out[-1]).sum().backward()
+    layer.zero_grad()
+    return seen.get("nstep")
+
+
+def bench_regime(title, layer, x, repeats, have_torchdeq):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        c = torch.randn_like(layer.injection(x))
+    runs = {}
+    for solver, backward_solver in [("accelerated", "conjugate_gradient"), ("anderson", "conjugate_gradient"),
+                                    ("accelerated", "accelerated"), ("anderson", "anderson"),
+                                    ("fixed_point", "fixed_point")]:
+        runs[f"ours:{solver}/{backward_solver}"] = _run_ours(layer, x, c, solver, {}, backward_solver)
+    if have_torchdeq:
+        for solver in ("anderson", "fixed_point_iter"):
+            runs[f"torchdeq:{solver}"] = _run_torchdeq(layer, x, c, solver)
+    rows = []
+    for name, (forward, step, info_fn) in runs.items():
+        if name.startswith("ours"):  # the layer's solver settings are per run: set them again
+            solver, backward_solver = name[5:].split("/")
+            _run_ours(layer, x, c, solver, {}, backward_solver)
+        row = _describe(name, forward, step, info_fn, layer, x)
+        if name.startswith("torchdeq"):
+            row["backward_iters"] = _torchdeq_backward_iters(layer, x, c, name.split(":")[1])
+        rows.append(row)
+
+    def bind(name, fn):
+        def call():
+            if name.startswith("ours"):
+                solver, backward_solver = name[5:].split("/")
+                _run_ours(layer, x, c, solver, {}, backward_solver)
+            return fn()
+        return call
+
+    totals = time_interleaved({n: bind(n, r[1]) for n, r in runs.items()}, repeats=repeats)
+    forwards = time_interleaved({n: bind(n, lambda f=r[0]: f().detach()) for n, r in runs.items()}, repeats=repeats)
+    for row in rows:
+        total, fwd = totals[row["method"]], forwards[row["method"]]
+        row.update(total_ms=total.median * 1e3, total_iqr_ms=(total.q1 * 1e3, total.q3 * 1e3),
+                   forward_ms=fwd.median * 1e3, backward_ms=max(total.median - fwd.median, 0.0) * 1e3)
+    print(f"\n== {title}: |W|_2 = {layer.operator_norm():.4f}, batch {x.shape[0]}, z {tuple(x.shape[1:])} ==")
+    print(f"{'method':30s} {'fwd+bwd ms':>11s} {'IQR':>13s} {'bwd ms':>8s} {'f-it':>5s} {'b-it':>5s} {'residual':>9s} {'peak MB':>8s}")
+    for r in rows:
+        iqr = f"{r['total_iqr_ms'][0]:.0f}-{r['total_iqr_ms'][1]:.0f}"
+        print(f"{r['method']:30s} {r['total_ms']:11.1f} {iqr:>13s} {r['backward_ms']:8.1f} {str(r['forward_iters']):>5s} "
+              f"{str(r['backward_iters']):>5s} {r['residual']:9.2e} {r['peak_mb']:8.1f}")
+    ours = min((r for r in rows if r["method"].startswith("ours")), key=lambda r: r["total_ms"])
+    theirs = [r for r in rows if r["method"].startswith("torchdeq")]
+    if theirs:
+        best = min(theirs, key=lambda r: r["total_ms"])
+        ratio = ours["total_ms"] / best["total_ms"]
+        print(ratio_line(f"{title}, {ours['method']} vs {best['method']}", totals[ours["method"]],
+                         totals[best["method"]], best["method"]) + f", time ratio {ratio:.2f}x (target <= 0.5x)")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and training steps")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        import torchdeq  # noqa: F401
+
+        have_torchdeq = True
+    except ImportError:
+        have_torchdeq = False
+        print("torchdeq is not installed: only our solvers are timed (pip install torchdeq)")
+    repeats = 5 if args.quick else 11
+    steps = 60 if args.quick else 300
+    with intra_op_threads(1):
+        ds = load_dataset("mnist5k", seed=0)
+        x_img = ds.x_test[:128]
+        t0 = time.perf_counter()
+        block, stem = _trained_layer(ds, steps, seed=0)
+        print(f"trained the classifier for {steps} steps in {time.perf_counter() - t0:.1f} s")
+        with torch.no_grad():
+            x = stem(x_img)  # (128, 16, 14, 14)
+        hard = _layer_at_bound(block.channels, block.spatial, block.in_channels, seed=0)
+        bench_regime("|W|_2 = 0.97", hard, x, repeats, have_torchdeq)
+        bench_regime(f"after {steps} training steps", block, x, repeats, have_torchdeq)
+
+
+if __name__ == "__main__":
+    main()

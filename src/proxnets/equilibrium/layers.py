@@ -1,0 +1,324 @@
+"""OptEq layers: equilibria that are minimizers of an explicit convex objective.
+
+With ``sigma = prox_f`` a proximal activation (:mod:`proxnets.equilibrium.prox`), the layer output
+is the equilibrium
+
+    z* = prox_f( W^T W z* + U x + b ),
+
+which is exactly the first-order optimality condition of
+
+    G(z; x) = sum_i f(z_i) + 1/2 |z|^2 - 1/2 |W z|^2 - <U x + b, z>.
+
+The smooth part ``h(z) = 1/2 z^T (I - W^T W) z - <U x + b, z>`` has Hessian ``I - W^T W``, whose
+eigenvalues lie in ``[1 - |W|_2^2, 1]``: ``G`` is convex for ``|W|_2 <= 1`` and ``(1 - |W|_2^2)``-strongly
+convex for ``|W|_2 < 1`` (unique equilibrium). The map ``T(z) = prox_f(z - grad h(z))`` is a
+proximal-gradient step of size ``1 = 1/L`` on ``G`` and a ``|W|_2^2``-contraction, so every solver of
+:mod:`proxnets.equilibrium.solvers` applies and the relative residual ``|T(z) - z| / |T(z)|`` is
+the optimality certificate.
+
+A prior ``l1 |z|_1`` adds a term to ``G`` and changes the activation to
+``prox_{f + l1 |.|} = prox_f o soft_l1`` (a shifted ReLU for ``f`` = ReLU's indicator).
+
+``|W|_2 <= target_norm < 1`` is kept by :func:`proxnets.equilibrium.parametrize.operator_norm_bound`
+(the operator norm of the convolution at the layer's input size for :class:`OptEqConv2d`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
+from proxnets.equilibrium.parametrize import operator_norm_bound, refresh_operator_norm
+from proxnets.equilibrium.prox import ProxActivation, get_activation
+from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, EquilibriumInfo, check_solver_options, relative_residual, solve
+from proxnets.utils.convergence import POLICIES
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
+
+__all__ = ["OptEqBase", "OptEq", "OptEqConv2d"]
+
+
+class OptEqBase(nn.Module):
+    """Shared solve/objective logic; subclasses define ``U`` (with bias ``b``) and ``W`` (no bias).
+
+    Options (validated here): ``activation`` (registry name or :class:`ProxActivation`),
+    ``activation_options``, ``l1`` (prior weight >= 0), ``target_norm`` in (0, 1), ``solver`` and
+    ``solver_options``, ``tol`` > 0, ``max_iter``, ``backward`` in {"implicit", "phantom",
+    "unrolled"} with ``backward_solver`` (default: conjugate gradient on the symmetrized adjoint,
+    Anderson when f has no closed-form prox derivative), ``backward_tol``/``backward_max_iter``, ``warm_start``
+    (start from the previous batch's equilibrium when shapes match), ``policy`` for
+    non-convergence, ``track_objective`` (record ``G`` along the iterations), ``power_iterations``
+    (per training forward, for the norm bound).
+    """
+
+    def __init__(
+        self,
+        *,
+        activation: str | ProxActivation = "relu",
+        activation_options: dict | None = None,
+        l1: float = 0.0,
+        target_norm: float = 0.97,
+        solver: str = "accelerated",
+        solver_options: dict | None = None,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        backward: str = "implicit",
+        backward_solver: str | None = None,
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        warm_start: bool = False,
+        policy: str = "warn",
+        track_objective: bool = False,
+        power_iterations: int = 16,
+    ):
+        super().__init__()
+        # warm-started power iterations per training forward: each costs two single-sample
+        # convolutions (negligible next to a batched solve); one is not enough, since training
+        # can grow a direction the stale vector does not see and push |W|_2 above the target
+        self.power_iterations = check_int("power_iterations", power_iterations, low=1)
+        self.base_activation = get_activation(activation, **(activation_options or {}))
+        self.l1 = check_number("l1", l1, low=0.0)
+        self.activation = self.base_activation.with_l1(self.l1)
+        self.target_norm = check_number("target_norm", target_norm, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        self.solver_options = check_solver_options(solver, solver_options or {})
+        self.solver = solver
+        self.tol = check_number("tol", tol, low=0.0, low_inclusive=False)
+        self.max_iter = check_int("max_iter", max_iter, low=1)
+        if backward_solver is None:
+            # CG on the symmetrized adjoint when prox_f has a closed-form derivative (the fastest,
+            # see the benchmark); Anderson on the generic autograd adjoint otherwise
+            symmetric = self.activation.derivative(torch.zeros(1, 1)) is not None
+            backward_solver = "conjugate_gradient" if symmetric else "anderson"
+        self.backward_config = BackwardConfig(
+            backward,
+            solver=backward_solver,
+            tol=self.tol if backward_tol is None else backward_tol,
+            max_iter=self.max_iter if backward_max_iter is None else backward_max_iter,
+        )
+        if not isinstance(warm_start, bool):
+            fail("warm_start", "a bool", warm_start, TypeError)
+        self.warm_start = warm_start
+        self.policy = check_choice("policy", policy, POLICIES)
+        self.track_objective = bool(track_objective)
+        self.last_info: EquilibriumInfo | None = None
+        self._z_prev: torch.Tensor | None = None
+
+    # --- the operators (subclasses) -------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_w(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``W z`` with weight tensor ``w`` (the parametrized weight, read once per forward)."""
+        raise NotImplementedError
+
+    def apply_wt(self, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``W^T y``."""
+        raise NotImplementedError
+
+    # --- the mathematics ------------------------------------------------------------------
+    def injection(self, x: torch.Tensor) -> torch.Tensor:
+        """``U x + b``: shape of ``z``."""
+        return self.U(self._check_input(x))
+
+    def gram(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """``W^T W z``."""
+        w = self.W.weight if w is None else w
+        return self.apply_wt(self.apply_w(z, w), w)
+
+    def fixed_point_map(self, inj: torch.Tensor, w: torch.Tensor):
+        """``T(z) = prox_f(W^T W z + inj)``: a proximal-gradient step of size 1 on ``G``."""
+
+        def T(z: torch.Tensor) -> torch.Tensor:
+            v = self.gram(z, w)  # a fresh tensor
+            if torch.is_grad_enabled():
+                return self.activation.prox(v + inj)
+            # in place outside autograd: batch-sized allocations cost more than the arithmetic
+            return self.activation.prox_(v.add_(inj))
+
+        return T
+
+    def objective(self, z: torch.Tensor, x: torch.Tensor | None = None, *, inj: torch.Tensor | None = None,
+                  w: torch.Tensor | None = None) -> torch.Tensor:
+        """``G(z; x)`` per sample, shape ``(B,)`` (``+inf`` outside the domain of f)."""
+        if inj is None:
+            if x is None:
+                fail("x", "an input tensor (or inj=U x + b)", None)
+            inj = self.injection(x)
+        w = self.W.weight if w is None else w
+        bsz = z.shape[0]
+        wz = self.apply_w(z, w)
+        quad = 0.5 * z.reshape(bsz, -1).pow(2).sum(1) - 0.5 * wz.reshape(bsz, -1).pow(2).sum(1)
+        return self.activation.value(z) + quad - (inj * z).reshape(bsz, -1).sum(1)
+
+    def optimality_residual(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``|T(z) - z| / |T(z)|``: zero iff ``0`` is in the subdifferential of ``G`` at z."""
+        with torch.no_grad():
+            w = self.W.weight
+            return relative_residual(z, self.fixed_point_map(self.injection(x), w)(z))
+
+    def operator_norm(self, exact: bool = True) -> float:
+        """``|W|_2`` of the constrained weight (power iteration to convergence when ``exact``)."""
+        with torch.no_grad():
+            if exact:
+                sigma_v = float(refresh_operator_norm(self.W))
+                return min(sigma_v, self.target_norm)
+            bound = self.W.parametrizations.weight[0]
+            return float(bound.sigma(self.W.weight.detach()))
+
+    def train(self, mode: bool = True) -> "OptEqBase":
+        """Switching to eval mode runs the norm's power iteration to convergence (then frozen),
+        so an evaluated model has ``|W|_2 <= target_norm`` up to the estimator's accuracy."""
+        was_training = self.training
+        super().train(mode)
+        if was_training and not mode:
+            refresh_operator_norm(self.W)
+        return self
+
+    def attach_implicit(self, inj: torch.Tensor, w: torch.Tensor):
+        """The implicit backward of OptEq in a symmetric, convex form.
+
+        At ``z*`` with pre-activation ``p = W^T W z* + inj`` and ``d = prox_f'(p)`` (in [0, 1], prox is
+        monotone and nonexpansive), ``J^T = W^T W diag(d)``. With ``s = sqrt(d)`` and ``h = s g``, the
+        adjoint equation ``g = J^T g + v`` becomes
+
+            h = s W^T W (s h) + s v,       then    g = W^T W (s h) + v,
+
+        whose map is a gradient step of size 1 on the convex quadratic
+        ``1/2 h^T (I - s W^T W s) h - <s v, h>`` (``|s W^T W s|_2 <= |W|_2^2 < 1``): every solver of the
+        registry applies, the accelerated one included, and conjugate gradient (affine, symmetric). Returns ``attach(z*) -> (z, adjoint)`` for
+        :func:`proxnets.equilibrium.implicit.equilibrium`, or ``None`` when f has no closed-form
+        derivative (autograd is used then).
+        """
+        if self.activation.derivative(inj[:1].detach()) is None:
+            return None
+        cfg = self.backward_config
+
+        def attach(z_star: torch.Tensor):
+            pre = self.gram(z_star, w) + inj  # recorded: connects z* to W, U, b and x
+            z = self.activation.prox(pre)
+            # prox' lies in [0, 1] (prox is monotone and nonexpansive); clamp a user's round-off
+            s = self.activation.derivative(pre.detach()).clamp(0.0, 1.0).sqrt()
+            wd = w.detach()
+
+            def adjoint(v: torch.Tensor):
+                sv = s * v
+                def H(h: torch.Tensor) -> torch.Tensor:  # s W^T W (s h) + s v
+                    return self.gram(s * h, wd).mul_(s).add_(sv)
+
+                # CG starts from 0 (its first step already improves on s v); the others from s v = H(0)
+                h0 = torch.zeros_like(sv) if cfg.solver == "conjugate_gradient" else sv
+                h, binfo = solve(cfg.solver, H, h0, tol=cfg.tol, max_iter=cfg.max_iter, registry=ADJOINT_SOLVERS,
+                                 **cfg.options)
+                return self.gram(s * h, wd) + v, binfo
+
+            return z, adjoint
+
+        return attach
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        inj = self.injection(x)  # (B, *z_shape)
+        w = self.W.weight  # read once: the parametrization (power iteration) runs once per forward
+        shape = tuple(inj.shape)
+        if z0 is None:
+            if self.warm_start and self._z_prev is not None and tuple(self._z_prev.shape) == shape:
+                z0 = self._z_prev
+            else:
+                z0 = torch.zeros_like(inj)
+        else:
+            check_tensor("z0", z0, shape=shape)
+        T = self.fixed_point_map(inj, w)
+        objective = None
+        if self.track_objective or self.solver_options.get("restart") == "objective":
+            inj_d, w_d = inj.detach(), w.detach()
+            objective = lambda z: self.objective(z, inj=inj_d, w=w_d)  # noqa: E731
+        z, info = equilibrium(
+            T,
+            z0,
+            solver=self.solver,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            solver_options=self.solver_options,
+            objective=objective,
+            backward=self.backward_config,
+            attach=self.attach_implicit(inj, w),
+            policy=self.policy,
+            what=f"{type(self).__name__} forward ({self.solver})",
+        )
+        self.last_info = info
+        if self.warm_start:
+            self._z_prev = z.detach()
+        return z
+
+
+class OptEq(OptEqBase):
+    """Dense OptEq: ``x (B, in_features) -> z* (B, features)``; ``W`` is ``width x features``."""
+
+    def __init__(self, in_features: int, features: int, *, width: int | None = None, **options):
+        super().__init__(**options)
+        self.in_features = check_int("in_features", in_features, low=1)
+        self.features = check_int("features", features, low=1)
+        self.width = check_int("width", features if width is None else width, low=1)
+        self.U = nn.Linear(self.in_features, self.features)
+        self.W = operator_norm_bound(
+            nn.Linear(self.features, self.width, bias=False), target=self.target_norm, n_power_iterations=self.power_iterations
+        )
+
+    def _check_input(self, x):
+        return check_tensor("x", x, shape=(None, self.in_features), finite=False)
+
+    def apply_w(self, z, w):
+        return F.linear(z, w)
+
+    def apply_wt(self, y, w):
+        return y @ w
+
+
+class OptEqConv2d(OptEqBase):
+    """Convolutional OptEq: ``x (B, in_channels, H, W) -> z* (B, channels, H, W)``.
+
+    ``W`` is a ``channels -> width`` convolution (zero padding ``kernel_size // 2``), ``W^T`` its
+    transposed convolution; ``|W|_2`` is the norm of that operator at ``spatial = (H, W)``, so the
+    layer accepts only inputs of that size.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        spatial: Sequence[int],
+        *,
+        kernel_size: int = 3,
+        width: int | None = None,
+        **options,
+    ):
+        super().__init__(**options)
+        self.in_channels = check_int("in_channels", in_channels, low=1)
+        self.channels = check_int("channels", channels, low=1)
+        self.width = check_int("width", channels if width is None else width, low=1)
+        self.kernel_size = check_int("kernel_size", kernel_size, low=1)
+        if self.kernel_size % 2 == 0:
+            fail("kernel_size", "an odd integer (same-size padding)", kernel_size)
+        if not (isinstance(spatial, (tuple, list)) and len(spatial) == 2 and all(isinstance(s, int) and s > 0 for s in spatial)):
+            fail("spatial", "a pair (H, W) of positive ints", spatial)
+        self.spatial = tuple(spatial)
+        pad = self.kernel_size // 2
+        self.U = nn.Conv2d(self.in_channels, self.channels, self.kernel_size, padding=pad)
+        self.W = operator_norm_bound(
+            nn.Conv2d(self.channels, self.width, self.kernel_size, padding=pad, bias=False),
+            target=self.target_norm,
+            in_shape=(self.channels, *self.spatial),
+            n_power_iterations=self.power_iterations,
+        )
+        self._pad = pad
+
+    def _check_input(self, x):
+        return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False)
+
+    def apply_w(self, z, w):
+        return F.conv2d(z, w, padding=self._pad)
+
+    def apply_wt(self, y, w):
+        return F.conv_transpose2d(y, w, padding=self._pad)

@@ -1,0 +1,72 @@
+"""The reproduce suite at size smoke: claims hold, figures exist; the models and the CLI registry."""
+
+import pytest
+import torch
+
+from proxnets.engine import Trainable
+from proxnets.equilibrium import MODELS, MONClassifier, OptEqClassifier, certify_opteq, count_parameters
+from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.report.suite import SuiteContext
+
+
+@pytest.mark.timeout(120)
+def test_suite_smoke(tmp_path):
+    from proxnets.equilibrium.experiments import run
+
+    result = run(SuiteContext(out_dir=tmp_path, size="smoke", log=lambda s: None))
+    assert result.method == "opteq"
+    by_claim = {c.claim: c for c in result.claims}
+    for claim in result.claims:
+        if "beats an earlier implicit model" in claim.claim:
+            continue  # an accuracy comparison after a few dozen steps: measured and reported, not asserted
+        assert claim.holds, (claim.claim, claim.value)
+    assert any("MON" in c for c in by_claim)
+    for fig in result.figures:
+        path = fig.path if fig.path.is_absolute() else tmp_path / fig.path
+        assert path.exists() and path.stat().st_size > 0
+    assert (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("input_shape", [(1, 28, 28), (3, 32, 32)])
+def test_models_registry(name, input_shape):
+    with intra_op_threads(1):
+        trainable = MODELS[name](input_shape, 10)
+        assert isinstance(trainable, Trainable)
+        x = torch.rand(2, *input_shape)
+        loss = trainable.loss_fn(trainable.model, x, torch.tensor([1, 3]))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert trainable.predict_fn(trainable.model, x).shape == (2, 10)
+
+
+def test_model_errors():
+    with pytest.raises(ValueError, match="options: expected keys among"):
+        MODELS["opteq"]((1, 28, 28), 10, widht=3)
+    with pytest.raises(ValueError, match="input_shape: expected"):
+        OptEqClassifier((28, 28), 10)
+    with pytest.raises(ValueError, match="num_classes: expected"):
+        OptEqClassifier((1, 28, 28), 1)
+
+
+def test_mon_parametrization_is_monotone():
+    # I - W = m I + A^T A - (B - B^T) is m-strongly monotone: <(I - W) z, z> >= m |z|^2
+    torch.manual_seed(0)
+    mon = MONClassifier((1, 12, 12), 10).mon.double()
+    z = torch.randn(4, mon.channels, *mon.spatial, dtype=torch.float64)
+    quad = (mon.monotone_part(z, mon.A.weight, mon.B.weight) * z).sum()
+    assert quad >= mon.m * z.pow(2).sum() * (1 - 1e-12)
+    assert count_parameters(mon) > 0
+
+
+def test_certificate_of_an_untrained_classifier():
+    with intra_op_threads(1):
+        torch.manual_seed(0)
+        trainable = MODELS["opteq"]((1, 12, 12), 10, channels=4, stem_channels=4, blocks=2, pool=2)
+        cert = trainable.certificate(trainable.model, torch.rand(8, 1, 12, 12))
+        assert set(cert) >= {"block0.residual", "block1.operator_norm"}
+        assert cert["block0.residual"] <= 1e-4 and cert["block1.residual"] <= 1e-4
+        assert cert["block0.perturbations_not_better"] == 1.0
+        assert cert["block0.operator_norm"] <= 0.97 * (1 + 1e-4)
+        with pytest.raises(TypeError, match="model: expected an OptEqClassifier"):
+            certify_opteq(torch.nn.Linear(2, 2), torch.rand(1, 2))
