@@ -1,0 +1,290 @@
+"""``fit``: the one training loop of proxnets.
+
+One optimizer step per global batch, always through ``optimizer.step(closure)``, so that
+optimizers which re-evaluate the loss (L-BFGS, the bSQH optimizer of :mod:`proxnets.pmp`) fit
+through the same door as SGD/Adam. ``closure(backward=True)`` zeroes the gradients, computes the
+loss on the current batch and back-propagates when ``backward`` is true.
+
+Exact resumption: batches come from a permutation seeded by ``(seed, epoch)``, augmentation from
+a generator seeded by ``(seed, epoch, step)``, the learning rate is a pure function of the step,
+and checkpoints hold the RNG states. A run interrupted after any checkpoint and resumed with
+``resume=True`` ends with the same weights as an uninterrupted run (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proxnets.data.dataset import ImageDataset
+from proxnets.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from proxnets.engine.config import TrainConfig
+from proxnets.engine.device import seed_everything, select_device, set_deterministic
+from proxnets.engine.distributed import all_reduce_mean, init_distributed, local_slice, unwrap, wrap_model
+from proxnets.engine.progress import epoch_line, progress_iter
+from proxnets.engine.schedules import lr_factor
+from proxnets.utils.io import append_jsonl, write_json, write_text
+
+__all__ = ["Trainable", "FitResult", "fit", "evaluate", "build_optimizer", "default_loss", "default_predict"]
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
+PredictFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+Callback = Callable[[str, dict], None]
+
+
+def default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def default_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+@dataclasses.dataclass
+class Trainable:
+    """Everything the CLI needs to train a named model: what a method's ``MODELS[name](...)`` returns."""
+
+    model: nn.Module
+    loss_fn: LossFn = default_loss
+    predict_fn: PredictFn = default_predict
+    config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict]
+    run_dir: Path | None
+    global_step: int
+    interrupted: bool = False
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, predict_fn: PredictFn | None = None, batch_size: int = 512
+) -> float:
+    """Accuracy of ``argmax predict_fn(model, x)`` against ``y`` (eval mode, restored afterwards)."""
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    predict_fn = predict_fn or default_predict
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        scores = predict_fn(model, x[i : i + batch_size].to(device))
+        correct += int((scores.argmax(dim=1).cpu() == y[i : i + batch_size].cpu()).sum())
+    model.train(was_training)
+    return correct / max(len(x), 1)
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return out, {}
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def _batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
+
+
+def fit(
+    model: nn.Module,
+    dataset: ImageDataset,
+    cfg: TrainConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    predict_fn: PredictFn | None = None,
+    optimizer: Callable[[Any], torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    callbacks: Sequence[Callback] = (),
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> FitResult:
+    """Train ``model`` on ``dataset.train`` and evaluate on ``dataset.test`` after every epoch.
+
+    ``run_dir`` (optional) receives ``config.json``, ``metrics.jsonl`` (one record per logged step
+    and per epoch) and ``checkpoint.pt``. With ``resume=True`` and a checkpoint there, training
+    continues from it. Returns a :class:`FitResult`; the history holds one record per epoch.
+    """
+    cfg = cfg or TrainConfig()
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset: expected a proxnets.data.ImageDataset, got {type(dataset).__name__}")
+    if resume and run_dir is None:
+        raise ValueError("resume: expected a run_dir to resume from, got resume=True with run_dir=None")
+    loss_fn = loss_fn or default_loss
+    predict_fn = predict_fn or default_predict
+    device = select_device(cfg.device)
+    dist_info = init_distributed(device)
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        set_deterministic(True)
+    model.to(device)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        opt = optimizer
+    elif optimizer is not None:
+        opt = optimizer(model.parameters())
+    else:
+        opt = build_optimizer(model.parameters(), cfg)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+
+    run_path = Path(run_dir) if run_dir is not None else None
+    writer = dist_info.is_main and run_path is not None
+    if writer:
+        run_path.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_path / CHECKPOINT_NAME if run_path is not None else None
+    metrics_path = run_path / "metrics.jsonl" if run_path is not None else None
+
+    n = len(dataset.x_train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    history: list[dict] = []
+    start_epoch, start_step, global_step = 0, 0, 0
+    resumed_sums: dict[str, float] = {}
+
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        restore(state, unwrap(model), opt)
+        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        history = list(state["history"])
+        resumed_sums = dict(state.get("epoch_sums", {}))
+        if writer and metrics_path.exists():
+            _truncate_metrics(metrics_path, global_step)
+        log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {global_step}")
+    elif writer:
+        write_json(run_path / "config.json", cfg.to_dict())
+        if metrics_path.exists():
+            metrics_path.unlink()
+
+    net = wrap_model(model, dist_info, device)
+    x_all, y_all = dataset.x_train, dataset.y_train
+
+    def checkpoint(epoch: int, step_in_epoch: int, sums: dict[str, float] | None = None) -> None:
+        if writer:
+            save_checkpoint(
+                ckpt_path, unwrap(net), opt, epoch=epoch, step_in_epoch=step_in_epoch,
+                global_step=global_step, history=history, config=cfg.to_dict(), epoch_sums=sums,
+            )
+
+    interrupted = False
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if global_step >= total_steps:
+                break
+            net.train()
+            perm = _epoch_permutation(n, cfg.seed, epoch)
+            first = start_step if epoch == start_epoch else 0
+            t0 = time.perf_counter()
+            # running sums of the epoch's metrics; restored mid-epoch so that a resumed epoch
+            # reports the same averages as an uninterrupted one
+            sums: dict[str, float] = dict(resumed_sums) if epoch == start_epoch else {}
+            steps = progress_iter(range(first, steps_per_epoch), steps_per_epoch - first,
+                                  f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and dist_info.is_main)
+            for step in steps:
+                idx, weight = local_slice(perm[step * cfg.batch_size : (step + 1) * cfg.batch_size], dist_info)
+                xb, yb = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
+                if augment is not None:
+                    xb = augment(xb, _batch_generator(cfg.seed, epoch, step))
+                factor = lr_factor(cfg, global_step, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                extras: dict[str, float] = {}
+                evaluated: list[torch.Tensor] = []
+
+                def closure(backward: bool = True) -> torch.Tensor:
+                    opt.zero_grad(set_to_none=True)
+                    loss, more = _split_loss(loss_fn(net, xb, yb))
+                    extras.update(more)
+                    if backward:
+                        (loss * weight).backward()
+                        if cfg.grad_clip is not None:
+                            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                        evaluated.append(loss.detach())
+                    return loss.detach()
+
+                loss = opt.step(closure)
+                if loss is None:  # optimizers may return nothing: report the loss at the step's start
+                    loss = evaluated[0] if evaluated else torch.tensor(float("nan"))
+                loss_value = all_reduce_mean(float(loss), dist_info)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss became {loss_value} at step {global_step} (epoch {epoch + 1})")
+                for k, v in {"train_loss": loss_value, "_count": 1.0, **extras}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                global_step += 1
+                record = {"event": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_value,
+                          "lr": opt.param_groups[0]["lr"], **{k: float(v) for k, v in extras.items()}}
+                if writer and global_step % cfg.log_every == 0:
+                    append_jsonl(metrics_path, record)
+                for cb in callbacks:
+                    cb("step_end", {"model": unwrap(net), "optimizer": opt, "record": record})
+                done_epoch = step + 1 == steps_per_epoch
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and not done_epoch:
+                    checkpoint(epoch, step + 1, sums)
+                if global_step >= total_steps:
+                    break
+            count = max(sums.pop("_count", 0.0), 1.0)
+            rec: dict[str, Any] = {"epoch": epoch + 1, "step": global_step}
+            rec.update({k: v / count for k, v in sums.items()})
+            if cfg.eval_every_epoch and len(dataset.x_test):
+                rec["test_acc"] = evaluate(unwrap(net), dataset.x_test, dataset.y_test, predict_fn)
+            rec["epoch_time"] = time.perf_counter() - t0
+            history.append(rec)
+            if writer:
+                append_jsonl(metrics_path, {"event": "epoch", **rec})
+            if dist_info.is_main:
+                log(epoch_line(rec))
+            for cb in callbacks:
+                cb("epoch_end", {"model": unwrap(net), "optimizer": opt, "record": rec})
+            finished = step + 1 == steps_per_epoch
+            checkpoint(epoch + 1 if finished else epoch, 0 if finished else step + 1, None if finished else sums)
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"interrupted at step {global_step}; resume with resume=True from {run_path}")
+        raise
+    return FitResult(unwrap(net), history, run_path, global_step, interrupted)
+
+
+def _truncate_metrics(path: Path, global_step: int) -> None:
+    """Drop records written after the checkpoint we resume from (they will be written again)."""
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the interruption
+        if rec.get("step", 0) <= global_step and not (rec.get("event") == "epoch" and rec.get("step", 0) > global_step):
+            keep.append(line)
+    write_text(path, "".join(k + "\n" for k in keep))
