@@ -95,9 +95,9 @@ def empirical_lipschitz(
             num = (f(x + d) - f(x)).flatten(1).norm(dim=1)  # (B,)
             den = d.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
             rho = num / den
-            i = int(rho.argmax())
-            if float(rho[i]) > best:
-                best = float(rho[i])
+            i = int(rho.detach().argmax())
+            if float(rho[i].detach()) > best:
+                best = float(rho[i].detach())
                 info.best_pair = (x[i].detach().clone(), (x[i] + d[i]).detach().clone())
             opt.zero_grad()
             (-rho.sum()).backward()

@@ -1,7 +1,6 @@
 """Restoration from and to PNG files: what ``proxnets denoise`` and ``proxnets deblur`` call.
 
-- :func:`read_image` / :func:`write_image`: 8/16-bit PNG (gray or RGB; an alpha channel is
-  dropped) <-> ``(1, C, H, W)`` float tensors in [0, 1]; written atomically.
+Images are read and written by :mod:`proxnets.data.images` (atomic PNG writes).
 - :func:`save_denoiser` / :func:`load_denoiser`: a denoiser with its config (weights only, no pickle).
 - :func:`denoise_image`: apply a denoiser to a noisy PNG (or to a clean one with simulated noise).
 - :func:`deblur_image`: PnP deblurring of a blurred PNG (or of a clean one with simulated blur).
@@ -14,64 +13,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from proxnets.stable.models import AveragedDenoiser, DenoiserConfig, DnCNN
 from proxnets.stable.physics import Blur, gaussian_kernel, motion_kernel
 from proxnets.stable.pnp import SOLVERS, psnr, ssim
-from proxnets.utils.io import atomic_path, load_state, save_state
+from proxnets.data.images import read_image, write_image
+from proxnets.utils.io import load_state, save_state
 from proxnets.utils.validation import check_choice, check_number, fail
 
-__all__ = ["read_image", "write_image", "save_denoiser", "load_denoiser", "denoise_image", "deblur_image", "KERNELS"]
+__all__ = ["save_denoiser", "load_denoiser", "denoise_image", "deblur_image", "KERNELS"]
 
 KERNELS = ("gaussian", "motion")
-
-
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """``(1, C, H, W)`` float32 in [0, 1] from an image file (C = 1 or 3; alpha dropped)."""
-    from skimage import io as skio
-
-    path = Path(path)
-    if not path.is_file():
-        fail("path", "an existing image file", str(path), FileNotFoundError)
-    try:
-        arr = np.asarray(skio.imread(path))
-    except Exception as exc:  # the reader's own error says which format it could not parse
-        raise ValueError(f"path: expected an image file (PNG), got {str(path)!r} ({type(exc).__name__}: {exc})") from exc
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / 65535.0
-    elif arr.dtype == bool:
-        arr = arr.astype(np.float32)
-    elif np.issubdtype(arr.dtype, np.floating):
-        arr = np.clip(arr.astype(np.float32), 0.0, 1.0)
-    else:
-        fail("path", "an 8-bit, 16-bit or float image", f"{str(path)!r} of dtype {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
-        fail("path", "a gray or RGB(A) image", f"{str(path)!r} of shape {arr.shape}")
-    if arr.shape[2] in (2, 4):  # drop alpha
-        arr = arr[:, :, :-1]
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
-
-
-def write_image(path: str | os.PathLike, x: torch.Tensor) -> Path:
-    """Write ``(1, C, H, W)`` or ``(C, H, W)`` in [0, 1] (clipped) as an 8-bit PNG, atomically."""
-    from skimage import io as skio
-
-    x = x.detach().cpu()
-    if x.ndim == 4:
-        x = x[0]
-    arr = (x.clamp(0, 1).numpy().transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
-    if arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    with atomic_path(path, suffix=".png") as tmp:
-        skio.imsave(tmp, arr, check_contrast=False)
-    return Path(path)
 
 
 def save_denoiser(path: str | os.PathLike, model: nn.Module) -> Path:
@@ -124,7 +78,7 @@ def denoise_image(
     Returns ``{"height", "width", "channels"}`` plus those metrics when simulated.
     """
     model = _resolve_model(model)
-    clean = read_image(path_in)
+    clean = read_image(path_in)[None]  # (1, C, H, W)
     _check_channels(clean, model, path_in)
     out: dict[str, float] = {"height": clean.shape[2], "width": clean.shape[3], "channels": clean.shape[1]}
     y = clean
@@ -136,7 +90,7 @@ def denoise_image(
         x = model(y)
     if add_noise is not None:
         out.update(psnr_noisy=psnr(y.clamp(0, 1), clean), psnr_denoised=psnr(x.clamp(0, 1), clean), ssim_denoised=ssim(x.clamp(0, 1), clean))
-    write_image(path_out, x)
+    write_image(path_out, x[0].clamp(0, 1))
     return out
 
 
@@ -171,7 +125,7 @@ def deblur_image(
     check_choice("kernel", kernel, KERNELS)
     check_choice("algorithm", algorithm, list(SOLVERS))
     model = _resolve_model(model)
-    img = read_image(path_in)
+    img = read_image(path_in)[None]  # (1, C, H, W)
     _check_channels(img, model, path_in)
     k = gaussian_kernel(kernel_size, kernel_sigma) if kernel == "gaussian" else motion_kernel(kernel_size, angle)
     physics = Blur(k, boundary)
@@ -189,7 +143,7 @@ def deblur_image(
     if gamma is not None or algorithm != "fbs":
         options["gamma"] = 1.0 if gamma is None else gamma
     x, info = SOLVERS[algorithm](y, physics, model, **options)
-    write_image(path_out, x)
+    write_image(path_out, x[0].clamp(0, 1))
     summary: dict[str, Any] = {"iterations": info.iterations, "converged": info.converged, "gamma": info.gamma,
                                "final_residual": info.residuals[-1] if info.residuals else None}
     if simulate:
