@@ -3,7 +3,8 @@
 Classifier (the seed's CIFAR-10 shape; ``ClassifierConfig`` defaults): a norm-1 1x1 lift
 ``C_in -> width``, ``stages`` stages of ``blocks_per_stage`` blocks at constant shape, each stage
 followed by a norm-1 1x1 conv doubling the channels and a 1-Lipschitz 2x2 average pooling, then a
-1-Lipschitz global mean and a norm-1 linear layer to the logits. Every piece is 1-Lipschitz, so
+1-Lipschitz global mean (or, ``head="flatten"``, the isometric flattening: small nets keep the
+positions) and a norm-1 linear layer to the logits. Every piece is 1-Lipschitz, so
 ``lipschitz_bound(model) <= 1``. :class:`ResNetClassifier` has the same layout with plain layers
 and ResNet blocks ``x + B sigma(A x)``.
 
@@ -53,6 +54,7 @@ class ClassifierConfig:
     time: float = 1.0  # T per block; the adaptive schedule takes ceil(T nu / 2) steps
     schedule: str = "adaptive"
     steps: int = 1  # fixed schedule only
+    head: str = "global"  # "global": sqrt(HW)-scaled mean (seed); "flatten": keep the positions (small nets)
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps"):
@@ -61,7 +63,13 @@ class ClassifierConfig:
         if self.image_size // 2**self.stages < 1:
             raise ValueError(f"image_size: expected >= 2**stages = {2**self.stages}, got {self.image_size}")
         check_choice("activation", self.activation, list(ACTIVATIONS))
+        check_choice("head", self.head, ["global", "flatten"])
         return self
+
+    @property
+    def head_features(self) -> int:
+        c, s = self.width * 2**self.stages, self.image_size // 2**self.stages
+        return c if self.head == "global" else c * s * s
 
 
 class _Stack(nn.Module):
@@ -95,8 +103,8 @@ class NonExpansiveClassifier(_Stack):
             layers.append(lipschitz_conv2d(c, 2 * c, 1, (s, s)))  # (B, 2c, s, s)
             layers.append(ScaledAvgPool2d(2))  # (B, 2c, s/2, s/2)
             c, s = 2 * c, s // 2
-        layers.append(ScaledGlobalAvgPool())  # (B, c)
-        layers.append(lipschitz_linear(c, cfg.num_classes))  # (B, K)
+        layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())  # (B, c) or (B, c s s)
+        layers.append(lipschitz_linear(cfg.head_features, cfg.num_classes))  # (B, K)
         self.layers = nn.ModuleList(layers)
 
 
@@ -114,8 +122,8 @@ class ResNetClassifier(_Stack):
             layers.append(_PlainConv(c, 2 * c, 1, (s, s)))
             layers.append(ScaledAvgPool2d(2))
             c, s = 2 * c, s // 2
-        layers.append(ScaledGlobalAvgPool())
-        layers.append(_PlainLinear(c, cfg.num_classes))
+        layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())
+        layers.append(_PlainLinear(cfg.head_features, cfg.num_classes))
         self.layers = nn.ModuleList(layers)
 
 
