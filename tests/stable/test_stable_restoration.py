@@ -28,6 +28,7 @@ def trained_classifier():
     from proxnets.engine import TrainConfig, fit
 
     torch.set_num_threads(1)
+    torch.manual_seed(0)
     data = load_dataset("digits", seed=0).subset(600, 200, seed=0)
     model = NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=8, num_classes=10, width=8, stages=1, blocks_per_stage=1, head="flatten"))
     fit(model, data, TrainConfig(epochs=6, batch_size=64, lr=1e-2, progress=False, eval_every_epoch=False), log=lambda s: None)
