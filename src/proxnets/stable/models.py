@@ -55,9 +55,10 @@ class ClassifierConfig:
     schedule: str = "adaptive"
     steps: int = 1  # fixed schedule only
     head: str = "global"  # "global": sqrt(HW)-scaled mean (seed); "flatten": keep the positions (small nets)
+    max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
 
     def validate(self) -> "ClassifierConfig":
-        for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps"):
+        for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
             check_int(name, getattr(self, name), low=1)
         check_int("blocks_per_stage", self.blocks_per_stage, low=0)
         if self.image_size // 2**self.stages < 1:
@@ -97,7 +98,7 @@ class NonExpansiveClassifier(_Stack):
                 layers.append(
                     NonExpansiveBlock(
                         (c, s, s), kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
-                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps,
+                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps,
                     )
                 )  # (B, c, s, s)
             layers.append(lipschitz_conv2d(c, 2 * c, 1, (s, s)))  # (B, 2c, s, s)

@@ -35,7 +35,7 @@ from skimage.metrics import structural_similarity
 from proxnets.utils.convergence import IterInfo, handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
-__all__ = ["PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "psnr", "ssim", "SOLVERS"]
+__all__ = ["PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "relax_denoiser", "psnr", "ssim", "SOLVERS"]
 
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,11 +68,16 @@ class PnPInfo(IterInfo):
     step_bound: float = float("inf")
 
 
-def firmly_nonexpansive(denoiser: Denoiser, alpha: float) -> Denoiser:
-    """``x -> (1 - theta) x + theta D(x)`` with ``theta = 1 / (2 alpha)``: 1/2-averaged when ``D`` is ``alpha``-averaged."""
-    check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False)
-    theta = min(1.0, 1.0 / (2.0 * alpha))
+def relax_denoiser(denoiser: Denoiser, theta: float) -> Denoiser:
+    """``D_theta = (1 - theta) I + theta D``: a weaker denoiser, ``theta alpha``-averaged when ``D`` is ``alpha``-averaged."""
+    check_number("theta", theta, low=0.0, high=1.0, low_inclusive=False)
     return lambda x: (1.0 - theta) * x + theta * denoiser(x)
+
+
+def firmly_nonexpansive(denoiser: Denoiser, alpha: float) -> Denoiser:
+    """``D_theta`` with ``theta = min(1, 1 / (2 alpha))``: 1/2-averaged when ``D`` is ``alpha``-averaged."""
+    check_number("alpha", alpha, low=0.0, high=1.0, low_inclusive=False)
+    return relax_denoiser(denoiser, min(1.0, 1.0 / (2.0 * alpha)))
 
 
 def _apply(denoiser: Denoiser, x: torch.Tensor) -> torch.Tensor:
