@@ -211,9 +211,9 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
     # PnP forward-backward deblurring
     physics = Blur(gaussian_kernel(9, 1.6), "circular")
     y = physics.A(clean) + 0.01 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(ctx.seed + 1))
-    iters = ctx.pick(smoke=60, quick=150, full=500)
+    iters = ctx.pick(smoke=200, quick=250, full=500)
     tol = 1e-4
-    thetas = (0.05, 0.1, 0.25, 0.5, 1.0)
+    thetas = ctx.pick(smoke=(0.1, 1.0), quick=(0.05, 0.25, 1.0), full=(0.02, 0.05, 0.1, 0.25, 0.5, 1.0))
     traces, outs, chosen, sweep = {}, {}, {}, []
     for name, model in models.items():
         # the denoiser's strength D_theta = (1 - theta) I + theta D, chosen on the test image (as PnP
