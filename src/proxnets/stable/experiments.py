@@ -49,7 +49,7 @@ def _quiet(fn, *args, **kwargs):
 # -- 1. Lipschitz growth with depth ------------------------------------------------------------
 def lipschitz_growth(ctx: SuiteContext, result: SuiteResult) -> None:
     depths = ctx.pick(smoke=[1, 2, 4, 6], quick=[1, 2, 4, 6, 8, 12, 16, 20], full=list(range(1, 21)))
-    steps = ctx.pick(smoke=25, quick=40, full=200)
+    steps = ctx.pick(smoke=25, quick=30, full=200)
     shape = (4, 8, 8)
     g = torch.Generator().manual_seed(ctx.seed)
     x0 = torch.rand(8, *shape, generator=g)
@@ -174,7 +174,8 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
     patches = random_patches(train_imgs, patch, n_patches, seed=ctx.seed)  # (N, 1, p, p)
     data = ImageDataset("photo-patches", patches, torch.zeros(len(patches), dtype=torch.long), patches[:1], torch.zeros(1, dtype=torch.long), 1)
     width, depth = ctx.pick(smoke=(8, 3), quick=(16, 4), full=(64, 10))
-    averaged = AveragedDenoiser(DenoiserConfig(channels=1, image_size=patch, width=width, depth=depth, averaged_margin=0.1))
+    averaged = AveragedDenoiser(DenoiserConfig(channels=1, image_size=patch, width=width, depth=depth, averaged_margin=0.1,
+                                               max_steps=ctx.pick(smoke=2, quick=2, full=64)))
     dncnn = DnCNN(channels=1, width=ctx.pick(smoke=8, quick=16, full=64), depth=ctx.pick(smoke=4, quick=5, full=20))
     train = TrainConfig(epochs=ctx.pick(smoke=1, quick=4, full=30), batch_size=ctx.pick(smoke=32, quick=32, full=128), lr=2e-3,
                         progress=False, eval_every_epoch=False, seed=ctx.seed)

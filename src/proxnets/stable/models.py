@@ -159,6 +159,8 @@ class DenoiserConfig:
     method: str = "euler"
     time: float = 1.0
     averaged_margin: float = 0.1  # each step alpha <= 0.9
+    schedule: str = "adaptive"
+    max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
 
     def validate(self) -> "DenoiserConfig":
         for name in ("channels", "image_size", "width", "depth", "kernel_size"):
@@ -184,7 +186,7 @@ class AveragedDenoiser(nn.Module):
         self.blocks = nn.ModuleList(
             NonExpansiveBlock(
                 shape, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
-                time=cfg.time, averaged_margin=cfg.averaged_margin,
+                time=cfg.time, averaged_margin=cfg.averaged_margin, schedule=cfg.schedule, max_steps=cfg.max_steps,
             )
             for _ in range(cfg.depth)
         )
