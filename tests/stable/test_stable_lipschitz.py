@@ -14,15 +14,6 @@ from proxnets.stable.integrators import step_averagedness
 
 TOL = 1e-4
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one intra-op thread avoids thread contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _grow(block, factor=3.0):
     """Push |A| above 1 so that the step rule has to act (more steps / smaller h)."""

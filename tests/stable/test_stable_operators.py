@@ -7,15 +7,6 @@ from proxnets.operators import LinearOperator, adjoint_test, operator_matrix, po
 from proxnets.stable import Blur, ChannelSelect, NonExpansiveBlock, ScaledAvgPool2d, ZeroChannelPad, gaussian_kernel, motion_kernel
 from proxnets.stable.norms import OperatorNorm, layer_operator
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one intra-op thread avoids thread contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _dense_norm(op: LinearOperator) -> float:
     return float(torch.linalg.matrix_norm(operator_matrix(op).double(), ord=2))

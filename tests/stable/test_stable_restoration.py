@@ -12,15 +12,6 @@ from proxnets.stable import (
 from proxnets.stable.pnp import firmly_nonexpansive
 from proxnets.utils.convergence import NonConvergenceWarning
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one intra-op thread avoids thread contention on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture(scope="module")
 def trained_classifier():

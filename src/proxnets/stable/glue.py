@@ -46,7 +46,14 @@ def lipschitz_linear(in_features: int, out_features: int, *, bias: bool = True, 
     return constrain_operator_norm(nn.Linear(in_features, out_features, bias=bias), (in_features,), bound=bound, rescale=rescale)
 
 
-class ScaledAvgPool2d(nn.Module):
+class _OneLipschitz(nn.Module):
+    """A layer whose Lipschitz constant is 1 by construction (stated in its docstring)."""
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        return 1.0
+
+
+class ScaledAvgPool2d(_OneLipschitz):
     """``k * avg_pool2d(x, k)``: ``(B, C, H, W) -> (B, C, H // k, W // k)``, 1-Lipschitz."""
 
     def __init__(self, kernel_size: int = 2):
@@ -56,21 +63,15 @@ class ScaledAvgPool2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel_size * F.avg_pool2d(x, self.kernel_size)
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return 1.0
 
-
-class ScaledGlobalAvgPool(nn.Module):
+class ScaledGlobalAvgPool(_OneLipschitz):
     """``sqrt(H W) * mean_{H, W}``: ``(B, C, H, W) -> (B, C)``, 1-Lipschitz."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3)) * (x.shape[2] * x.shape[3]) ** 0.5
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return 1.0
 
-
-class ZeroChannelPad(nn.Module):
+class ZeroChannelPad(_OneLipschitz):
     """``(B, C, H, W) -> (B, out_channels, H, W)``: append zero channels (an isometry)."""
 
     def __init__(self, out_channels: int):
@@ -83,11 +84,8 @@ class ZeroChannelPad(nn.Module):
             raise ValueError(f"x: expected at most {self.out_channels} channels, got {x.shape[1]}")
         return F.pad(x, (0, 0, 0, 0, 0, extra))
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return 1.0
 
-
-class ChannelSelect(nn.Module):
+class ChannelSelect(_OneLipschitz):
     """``(B, C', H, W) -> (B, channels, H, W)``: keep the first channels (adjoint of the zero pad)."""
 
     def __init__(self, channels: int):
@@ -96,6 +94,3 @@ class ChannelSelect(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, : self.channels]
-
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return 1.0

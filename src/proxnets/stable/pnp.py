@@ -105,6 +105,26 @@ def _check_common(y, x_true, max_iter, tol, policy):
         fail("policy", "one of ['ignore', 'warn', 'raise']", policy)
 
 
+def _fixed_point_loop(step, state, scale: float, info: PnPInfo, x_true, with_ssim: bool, max_iter: int, tol: float,
+                      policy: str, what: str) -> tuple[torch.Tensor, PnPInfo]:
+    """Iterate ``state, estimate, |s_{k+1} - s_k| = step(state)`` until the scaled residual is ``<= tol``."""
+    estimate = None
+    for k in range(max_iter):
+        state, estimate, diff = step(state)
+        info.residuals.append(diff / scale)
+        info.iterations = k + 1
+        _record(info, estimate, x_true, with_ssim)
+        if info.residuals[-1] <= tol:
+            info.converged = True
+            break
+    handle_nonconvergence(info, policy, what)
+    return estimate, info
+
+
+def _start(y: torch.Tensor, physics, x0: torch.Tensor | None) -> torch.Tensor:
+    return physics.A_adjoint(y) if x0 is None else check_tensor("x0", x0, ndim=4).clone()
+
+
 def pnp_fbs(
     y: torch.Tensor,
     physics,
@@ -120,27 +140,19 @@ def pnp_fbs(
 ) -> tuple[torch.Tensor, PnPInfo]:
     """Forward-backward PnP; ``gamma`` in ``(0, 2 / |A|^2)`` (default ``1 / |A|^2``); ``x0`` default ``A^T y``."""
     _check_common(y, x_true, max_iter, tol, policy)
-    x = physics.A_adjoint(y) if x0 is None else check_tensor("x0", x0, ndim=4).clone()
+    x = _start(y, physics, x0)
     norm2 = physics.norm(tuple(x.shape[1:])) ** 2
     bound = 2.0 / norm2
-    if gamma is None:
-        gamma = 1.0 / norm2
-    gamma = check_number("gamma", gamma)
+    gamma = check_number("gamma", 1.0 / norm2 if gamma is None else gamma)
     if not 0.0 < gamma < bound:
         fail("gamma", f"a step in (0, 2/|A|^2 = {bound:.6g})", gamma)
-    info = PnPInfo(gamma=gamma, step_bound=bound)
-    scale = float(x.norm()) or 1.0
-    for k in range(max_iter):
+
+    def step(x):
         x_new = _apply(denoiser, x - gamma * physics.A_adjoint(physics.A(x) - y))
-        info.residuals.append(float((x_new - x).norm()) / scale)
-        x = x_new
-        info.iterations = k + 1
-        _record(info, x, x_true, with_ssim)
-        if info.residuals[-1] <= tol:
-            info.converged = True
-            break
-    handle_nonconvergence(info, policy, "PnP forward-backward")
-    return x, info
+        return x_new, x_new, float((x_new - x).norm())
+
+    info = PnPInfo(gamma=gamma, step_bound=bound)
+    return _fixed_point_loop(step, x, float(x.norm()) or 1.0, info, x_true, with_ssim, max_iter, tol, policy, "PnP forward-backward")
 
 
 def pnp_drs(
@@ -159,23 +171,15 @@ def pnp_drs(
     """Douglas-Rachford PnP (module docstring); returns the denoised iterate ``u``."""
     _check_common(y, x_true, max_iter, tol, policy)
     gamma = check_number("gamma", gamma, low=0.0, low_inclusive=False)
-    z = physics.A_adjoint(y) if x0 is None else check_tensor("x0", x0, ndim=4).clone()
-    info = PnPInfo(gamma=gamma)
-    scale = float(z.norm()) or 1.0
-    u = z
-    for k in range(max_iter):
+    z = _start(y, physics, x0)
+
+    def step(z):
         x = physics.prox_data(z, y, gamma)
         u = _apply(denoiser, 2 * x - z)
-        z_new = z + u - x
-        info.residuals.append(float((z_new - z).norm()) / scale)
-        z = z_new
-        info.iterations = k + 1
-        _record(info, u, x_true, with_ssim)
-        if info.residuals[-1] <= tol:
-            info.converged = True
-            break
-    handle_nonconvergence(info, policy, "PnP Douglas-Rachford")
-    return u, info
+        return z + u - x, u, float((u - x).norm())  # z_{k+1} - z_k = u - x
+
+    return _fixed_point_loop(step, z, float(z.norm()) or 1.0, PnPInfo(gamma=gamma), x_true, with_ssim, max_iter, tol, policy,
+                             "PnP Douglas-Rachford")
 
 
 def pnp_admm(
@@ -194,23 +198,17 @@ def pnp_admm(
     """ADMM PnP (module docstring); returns ``v`` (the denoiser's output)."""
     _check_common(y, x_true, max_iter, tol, policy)
     gamma = check_number("gamma", gamma, low=0.0, low_inclusive=False)
-    v = physics.A_adjoint(y) if x0 is None else check_tensor("x0", x0, ndim=4).clone()
-    w = torch.zeros_like(v)
-    info = PnPInfo(gamma=gamma)
-    scale = float(v.norm()) or 1.0
-    for k in range(max_iter):
+    v = _start(y, physics, x0)
+
+    def step(state):
+        v, w = state
         x = physics.prox_data(v - w, y, gamma)
         v_new = _apply(denoiser, x + w)
         w_new = w + x - v_new
-        info.residuals.append(float(torch.sqrt((v_new - v).norm() ** 2 + (w_new - w).norm() ** 2)) / scale)
-        v, w = v_new, w_new
-        info.iterations = k + 1
-        _record(info, v, x_true, with_ssim)
-        if info.residuals[-1] <= tol:
-            info.converged = True
-            break
-    handle_nonconvergence(info, policy, "PnP ADMM")
-    return v, info
+        return (v_new, w_new), v_new, float(torch.sqrt((v_new - v).norm() ** 2 + (w_new - w).norm() ** 2))
+
+    return _fixed_point_loop(step, (v, torch.zeros_like(v)), float(v.norm()) or 1.0, PnPInfo(gamma=gamma), x_true, with_ssim,
+                             max_iter, tol, policy, "PnP ADMM")
 
 
 SOLVERS = {"fbs": pnp_fbs, "drs": pnp_drs, "admm": pnp_admm}
