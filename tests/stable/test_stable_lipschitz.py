@@ -51,14 +51,7 @@ def test_stable_averaged_block_inequality(method):
     block = _grow(NonExpansiveBlock((2, 5, 5), features=3, method=method, averaged_margin=0.2, time=1.5)).double().eval()
     alpha = block.averagedness()
     assert 0 < alpha < 1
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 2, 5, 5, generator=g, dtype=torch.float64)
-    y = x + torch.randn(64, 2, 5, 5, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, 64, dtype=torch.float64).view(-1, 1, 1, 1)
-    with torch.no_grad():
-        tx, ty = block(x), block(y)
-    lhs = (tx - ty).flatten(1).norm(dim=1) ** 2
-    rhs = (x - y).flatten(1).norm(dim=1) ** 2 - (1 - alpha) / alpha * ((x - tx) - (y - ty)).flatten(1).norm(dim=1) ** 2
-    assert bool((lhs <= rhs + 1e-9 * (x - y).flatten(1).norm(dim=1) ** 2).all())
+    _assert_averaged(block, alpha, (2, 5, 5))
 
 
 def test_stable_averagedness_algebra():
@@ -69,6 +62,9 @@ def test_stable_averagedness_algebra():
     assert step_averagedness("euler", 1.0) == 0.5
     assert step_averagedness("heun", 1.0) == pytest.approx(1 / 3)
     assert math.isnan(step_averagedness("rk4", 1.0))
+    # the inequality check itself can fail: a reflection is non-expansive but not averaged
+    with pytest.raises(AssertionError):
+        _assert_averaged(lambda x: -x, 0.99, (3,))
 
 
 def test_stable_whole_models_certified():
@@ -88,6 +84,20 @@ def test_stable_whole_models_certified():
     assert lipschitz_bound(den) <= 1 + TOL and den.averagedness() < 1
     emp_d, _ = empirical_lipschitz(den, torch.rand(8, 1, 8, 8, dtype=torch.float64), steps=60, lr=0.05)
     assert emp_d <= 1 + TOL
+    _assert_averaged(den, den.averagedness(), (1, 8, 8))
+
+
+def _assert_averaged(f, alpha, shape):
+    """|Tx - Ty|^2 <= |x - y|^2 - (1 - alpha)/alpha |(I - T)x - (I - T)y|^2 on random pairs at many scales."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, *shape, generator=g, dtype=torch.float64)
+    y = x + torch.randn(64, *shape, generator=g, dtype=torch.float64) * torch.logspace(-2, 1, 64, dtype=torch.float64).view(-1, *[1] * len(shape))
+    with torch.no_grad():
+        tx, ty = f(x), f(y)
+    d2 = (x - y).flatten(1).norm(dim=1) ** 2
+    lhs = (tx - ty).flatten(1).norm(dim=1) ** 2
+    rhs = d2 - (1 - alpha) / alpha * ((x - tx) - (y - ty)).flatten(1).norm(dim=1) ** 2
+    assert bool((lhs <= rhs + 1e-9 * d2).all())
 
 
 @pytest.mark.filterwarnings("ignore::proxnets.stable.NormConstraintWarning")  # weights overwritten by hand

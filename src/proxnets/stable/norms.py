@@ -146,11 +146,12 @@ class OperatorNormConstraint(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         sigma = self.norm(weight)
         if not self.training and self.norm.cheap_was_low():
-            cheap_norm = float(constrained_scale(self.norm.cheap_sigma, self.bound, self.rescale) * sigma)
+            # the norm the training forward had, measured without the safety factor
+            cheap_norm = float(constrained_scale(self.norm.cheap_sigma, self.bound, self.rescale) * sigma / self.norm.safety)
             if cheap_norm > self.bound * (1 + 1e-3):
                 warnings.warn(
                     f"operator norm: the cheap training estimate {float(self.norm.cheap_sigma):.4g} is below the exact "
-                    f"norm {float(sigma):.4g}; with it the layer's norm was {cheap_norm:.4g} > bound {self.bound:.4g}. "
+                    f"norm {float(sigma) / self.norm.safety:.4g}; with it the layer's norm was {cheap_norm:.4g} > bound {self.bound:.4g}. "
                     "Evaluation uses the exact norm.",
                     NormConstraintWarning,
                     stacklevel=2,
