@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from proxnets.data import ImageDataset, load_dataset
-from proxnets.data.images import natural_images, random_patches, write_image
+from proxnets.data.images import load_image_folder, natural_images, random_patches, write_image
 from proxnets.engine import TrainConfig, fit
 from proxnets.engine.plotting import Panel, line_plot, multi_plot
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
@@ -169,6 +170,10 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
     photos = natural_images(gray=True)
     test_name = "camera"
     train_imgs = {k: v for k, v in photos.items() if k != test_name and min(v.shape[-2:]) >= 64}
+    bsds = Path(ctx.data_dir) / "BSDS500" / "train" if ctx.data_dir is not None else None
+    if ctx.size == "full" and bsds is not None and bsds.is_dir():
+        train_imgs = load_image_folder(bsds, gray=True)  # the seed's training set
+        result.notes.append(f"denoisers trained on BSDS500/train ({len(train_imgs)} images)")
     patch = ctx.pick(smoke=24, quick=32, full=40)
     n_patches = ctx.pick(smoke=256, quick=1024, full=20000)
     patches = random_patches(train_imgs, patch, n_patches, seed=ctx.seed)  # (N, 1, p, p)
