@@ -25,7 +25,7 @@ from proxnets.stable.models import (
 )
 from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, OperatorNormConstraint, constrain_operator_norm
 from proxnets.stable.physics import Blur, Denoising, gaussian_kernel, motion_kernel
-from proxnets.stable.pnp import PnPInfo, firmly_nonexpansive, pnp_admm, pnp_drs, pnp_fbs, psnr, ssim
+from proxnets.stable.pnp import PnPInfo, firmly_nonexpansive, pnp_admm, pnp_drs, pnp_fbs, psnr, relax_denoiser, ssim
 from proxnets.stable.restore import deblur_image, denoise_image, load_denoiser, save_denoiser
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "ClassifierConfig", "NonExpansiveClassifier", "ResNetClassifier", "DenoiserConfig", "AveragedDenoiser", "DnCNN",
     "num_parameters", "margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy",
     "Denoising", "Blur", "gaussian_kernel", "motion_kernel",
-    "PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "psnr", "ssim",
+    "PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "relax_denoiser", "psnr", "ssim",
     "denoise_image", "deblur_image", "save_denoiser", "load_denoiser",
     "MODELS", "DENOISERS", "denoising_loss",
 ]
