@@ -5,7 +5,7 @@ import torch
 
 from proxnets.operators import LinearOperator, adjoint_test, operator_matrix, power_iteration
 from proxnets.stable import Blur, ChannelSelect, NonExpansiveBlock, ScaledAvgPool2d, ZeroChannelPad, gaussian_kernel, motion_kernel
-from proxnets.stable.norms import OperatorNorm, layer_operator
+from proxnets.stable.norms import OperatorNorm, fourier_upper_bound, layer_operator
 
 
 def _dense_norm(op: LinearOperator) -> float:
@@ -68,3 +68,13 @@ def test_stable_glue_adjoints_and_norms():
     pool = ScaledAvgPool2d(2)
     op = LinearOperator(lambda v: pool(v.reshape(1, 2, 4, 4)), None, (1, 2, 4, 4), torch.float64)
     assert _dense_norm(op) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("size,padding", [(5, 1), (6, 0), (8, 2)])
+def test_stable_fourier_bound_is_an_upper_bound(size, padding):
+    g = torch.Generator().manual_seed(size)
+    w = torch.randn(3, 2, 3, 3, generator=g)
+    exact = _dense_norm(layer_operator("conv2d", w, (2, size, size), 1, padding))
+    upper = float(fourier_upper_bound(w, (2, size, size), padding))
+    assert exact <= upper * (1 + 1e-6)
+    assert upper <= 1.5 * exact  # and not vacuous

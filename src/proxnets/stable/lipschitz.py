@@ -38,8 +38,13 @@ ELEMENTWISE_LIPSCHITZ: dict[type, Callable[[nn.Module], float]] = {
 
 
 def lipschitz_bound(model: nn.Module, mode: str = "exact") -> float:
-    """Certified Lipschitz bound (l2 -> l2) of ``model`` (``mode="exact"``: exact operator norms)."""
-    check_choice("mode", mode, ("cheap", "exact"))
+    """Certified Lipschitz bound (l2 -> l2) of ``model`` for what evaluation computes.
+
+    ``mode``: ``"exact"`` (converged power iterations, the default), ``"cheap"`` (the last training
+    estimates), ``"upper"`` (rigorous: Fourier upper bounds of stride-1 convolutions, exact SVDs of
+    matrices -- a check that the power iteration's safety factor sufficed).
+    """
+    check_choice("mode", mode, ("cheap", "exact", "upper"))
     if hasattr(model, "lipschitz_constant"):
         return float(model.lipschitz_constant(mode))
     constraint = find_constraint(model)
