@@ -172,11 +172,12 @@ class NonExpansiveBlock(nn.Module):
         sigma = self.norm(self.weight)
         n, h, nu = self.schedule_steps(sigma)
         if not self.training and self.norm.cheap_was_low():
-            n_c, h_c, _ = self.schedule_steps(self.norm.cheap_sigma)
+            _, h_c, _ = self.schedule_steps(self.norm.cheap_sigma)
             if float(h_c * nu) / self.norm.safety**2 > self.step_bound * (1 + 1e-3):  # without the safety factor
                 warnings.warn(
                     f"NonExpansiveBlock: the cheap training estimate |A| = {float(self.norm.cheap_sigma):.4g} is below the "
-                    f"exact {float(sigma):.4g}; the training steps had h*nu = {float(h_c * nu):.4g} > {self.step_bound:.4g}. "
+                    f"exact {float(sigma) / self.norm.safety:.4g}; the training steps had h*nu = {float(h_c * nu) / self.norm.safety**2:.4g} "
+                    f"> {self.step_bound:.4g}. "
                     "Evaluation uses the exact norm.",
                     NormConstraintWarning,
                     stacklevel=2,
