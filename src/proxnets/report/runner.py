@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -67,7 +67,7 @@ class ReproduceConfig:
     def identity(self) -> dict:
         """What must match for a run directory to be resumed."""
         return {"methods": self.methods, "size": self.size, "seed": self.seed, "device": self.device,
-                "data_dir": self.data_dir}
+                "data_dir": self.data_dir, "proxnets": __version__}
 
 
 def load_config(path: str | os.PathLike) -> ReproduceConfig:
@@ -164,7 +164,7 @@ def reproduce(cfg: ReproduceConfig, *, command: str = "", fresh: bool = False,
     results = {
         "schema_version": SCHEMA_VERSION,
         "command": command or " ".join(sys.argv),
-        "config": {**cfg.identity(), "device": str(device)},
+        "config": {**{k: v for k, v in cfg.identity().items() if k != "proxnets"}, "device": str(device)},
         "environment": _environment(device),
         "started": started,
         "total_seconds": sum(s["seconds"] for s in suites) if suites else time.perf_counter() - t0,
