@@ -15,7 +15,6 @@ Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N]``.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 
@@ -31,7 +30,7 @@ from proxnets.stable import (
     lipschitz_bound, lipschitz_conv2d, lipschitz_linear, num_parameters,
 )
 from proxnets.stable.norms import layer_operator
-from proxnets.utils.benchmark import time_fn
+from proxnets.utils.benchmark import time_interleaved
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -58,7 +57,7 @@ def bench_classifier_step(quick: bool) -> None:
     x, y = data.x_train[:128], data.y_train[:128]
     base = dict(in_channels=1, image_size=28, num_classes=10, width=8 if quick else 16, stages=2 if quick else 3,
                 blocks_per_stage=2 if quick else 5, head="flatten" if quick else "global")
-    rounds = 3 if quick else 7
+    rounds = 9 if quick else 21
     torch.manual_seed(0)
     resnet = ResNetClassifier(ClassifierConfig(**base))
     variants = {"ResNet": (resnet, "")}
@@ -74,20 +73,15 @@ def bench_classifier_step(quick: bool) -> None:
                     if isinstance(b, NonExpansiveBlock):
                         b.weight.mul_(grow)
         variants[label] = (model, f"steps/block {sorted(set(_steps_per_block(model)))}")
-    # interleaved rounds: on a shared machine the load drifts; every variant sees the same drift
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    steps = {k: _train_step(m, x, y) for k, (m, _) in variants.items()}
-    for _ in range(rounds):
-        for k, f in steps.items():
-            samples[k].append(time_fn(f, warmup=1, repeats=3).median)
-    t_res = statistics.median(samples["ResNet"])
-    print(f"ResNet ({num_parameters(resnet)} params): median {t_res * 1e3:.1f} ms over {rounds} interleaved rounds")
+    # interleaved (A B A B ...): on a shared machine the load drifts; every variant sees the same drift
+    timings = time_interleaved({k: _train_step(m, x, y) for k, (m, _) in variants.items()}, warmup=1, repeats=rounds)
+    t_res = timings["ResNet"]
+    print(f"ResNet ({num_parameters(resnet)} params): {t_res}")
     for k, (m, note) in variants.items():
         if k == "ResNet":
             continue
-        t = statistics.median(samples[k])
-        ratio = t / t_res
-        print(f"non-expansive [{k}] ({num_parameters(m)} params, {note}): median {t * 1e3:.1f} ms -> {ratio:.2f}x the ResNet "
+        ratio = timings[k].median / t_res.median
+        print(f"non-expansive [{k}] ({num_parameters(m)} params, {note}): {timings[k]} -> {ratio:.2f}x the ResNet "
               f"(target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
 
 
@@ -150,9 +144,9 @@ def bench_torchlip(quick: bool) -> None:
 
         return f
 
-    repeats = 5 if quick else 15
-    t_ours, t_tl = time_fn(step(ours), warmup=2, repeats=repeats), time_fn(step(theirs), warmup=2, repeats=repeats)
-    print(f"layer 16->16 3x3 on (128, 16, 28, 28): ours {t_ours}, torchlip {t_tl}, ratio ours/torchlip {t_ours.median / t_tl.median:.2f}")
+    t = time_interleaved({"ours": step(ours), "torchlip": step(theirs)}, warmup=2, repeats=9 if quick else 25)
+    print(f"layer 16->16 3x3 on (128, 16, 28, 28): ours {t['ours']}, torchlip {t['torchlip']}, "
+          f"ratio ours/torchlip {t['ours'].median / t['torchlip'].median:.2f}")
 
     data = load_dataset("mnist5k", seed=0)
     epochs = 2 if quick else 10
