@@ -1,0 +1,270 @@
+"""The non-expansive residual block and the ordinary ResNet block it is contrasted with.
+
+Non-expansive block. With ``sigma`` nondecreasing and ``L``-Lipschitz, ``A`` a convolution (or a
+linear map) and ``A^T`` its adjoint,
+
+    F(x) = -A^T sigma(A x + b) = -grad V(x),   V(x) = sum_i Phi((A x + b)_i),  Phi' = sigma,
+
+is the negative gradient of a convex potential whose gradient is ``nu``-Lipschitz and
+``1/nu``-cocoercive, ``nu = L |A|_2^2``. The block integrates ``x' = F(x)`` over a time span ``T``
+by ``n`` steps of an explicit Runge-Kutta method of circle-contractivity radius ``r``:
+
+    n = ceil(T nu / (2 r c)),    h = T / n         ("adaptive": more, smaller steps when |A| grows)
+    n = steps,                   h = 2 r c / nu     ("fixed": CPL-style rescaling; CPL is n = 1, Euler)
+
+with ``c = 1`` (non-expansive, ``h nu <= 2 r``) or ``c = 1 - margin`` (averaged: each Euler step is
+``alpha = h nu / 2 <= 1 - margin`` averaged). ``|A|_2`` comes from :class:`OperatorNorm`: one
+power iteration per training step, the exact norm in evaluation.
+
+ResNet block: ``x -> x + B sigma(A x + b)``, Lipschitz bound ``1 + L |B| |A|``: with
+``|A| = |B| = 1`` that is 2 per block, ``2^depth`` for a stack.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proxnets.stable.integrators import RK_METHODS, compose_averaged, step_averagedness
+from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, constrain_operator_norm
+from proxnets.utils.validation import check_choice, check_int, check_number
+
+__all__ = ["ACTIVATIONS", "SCHEDULES", "NonExpansiveBlock", "ResNetBlock"]
+
+
+def _leaky(x: torch.Tensor) -> torch.Tensor:
+    return F.leaky_relu(x, 0.01)
+
+
+# name -> (sigma, Lipschitz constant L); all nondecreasing, so sigma = Phi' with Phi convex
+ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
+    "relu": (F.relu, 1.0),
+    "leaky_relu": (_leaky, 1.0),
+    "tanh": (torch.tanh, 1.0),
+    "sigmoid": (torch.sigmoid, 0.25),
+    "softplus": (F.softplus, 1.0),
+}
+SCHEDULES = ("adaptive", "fixed")
+
+
+def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in in_shape)
+    if len(shape) not in (1, 3) or min(shape) < 1:
+        raise ValueError(f"in_shape: expected (C, H, W) or (d,) with positive sizes, got {tuple(in_shape)}")
+    return shape
+
+
+class NonExpansiveBlock(nn.Module):
+    """``x -> Phi_T(x)``: ``n`` RK steps of ``x' = -A^T sigma(A x + b)`` (see module docstring).
+
+    Args:
+        in_shape: ``(C, H, W)`` (``A`` a ``k x k`` convolution, zero padding ``k // 2``) or ``(d,)``
+            (``A`` a matrix).
+        features: output channels (or rows) of ``A``; default: ``C`` (or ``d``).
+        activation: a name in :data:`ACTIVATIONS`.
+        method: ``"euler"``, ``"heun"`` or ``"rk4"``.
+        time: the time span ``T`` of the adaptive schedule.
+        schedule: ``"adaptive"`` or ``"fixed"``; ``steps`` is the fixed number of steps.
+        averaged_margin: ``None`` (non-expansive) or ``delta`` in (0, 1): enforce ``h nu <= 2 r (1 - delta)``
+            (Euler or Heun only: their averagedness constants are certified).
+        max_steps: the adaptive schedule never takes more; it shortens ``h`` instead.
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        features: int | None = None,
+        *,
+        kernel_size: int = 3,
+        activation: str = "leaky_relu",
+        method: str = "euler",
+        time: float = 1.0,
+        schedule: str = "adaptive",
+        steps: int = 1,
+        averaged_margin: float | None = None,
+        max_steps: int = 64,
+        norm_options: dict | None = None,
+    ):
+        super().__init__()
+        self.in_shape = _check_shape(in_shape)
+        self.kind = "conv2d" if len(self.in_shape) == 3 else "linear"
+        self.features = check_int("features", features if features is not None else self.in_shape[0], low=1)
+        self.kernel_size = check_int("kernel_size", kernel_size, low=1)
+        if self.kind == "conv2d" and kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size: expected an odd integer (same-size convolution), got {kernel_size}")
+        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.method = check_choice("method", method, list(RK_METHODS))
+        self.time = check_number("time", time, low=0.0, low_inclusive=False)
+        self.schedule = check_choice("schedule", schedule, SCHEDULES)
+        self.steps = check_int("steps", steps, low=1)
+        self.max_steps = check_int("max_steps", max_steps, low=1)
+        if averaged_margin is not None:
+            check_number("averaged_margin", averaged_margin, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+            if method == "rk4":
+                raise ValueError("method: expected 'euler' or 'heun' with averaged_margin (RK4 averagedness is not certified), got 'rk4'")
+        self.averaged_margin = averaged_margin
+        c = self.in_shape[0]
+        if self.kind == "conv2d":
+            w = torch.empty(self.features, c, kernel_size, kernel_size)  # (F, C, k, k)
+        else:
+            w = torch.empty(self.features, c)  # (F, d)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(self.features))  # (F,)
+        padding = kernel_size // 2 if self.kind == "conv2d" else 0
+        self.padding = padding
+        self.norm = OperatorNorm(self.kind, self.in_shape, padding=padding, **(norm_options or {}))
+        with torch.no_grad():  # start at |A| = 1: one step per block while training keeps it near 1
+            self.weight.div_(self.norm.warm(self.weight))
+
+    # -- the vector field ------------------------------------------------------------------
+    @property
+    def lipschitz_activation(self) -> float:
+        return ACTIVATIONS[self.activation][1]
+
+    def apply_a(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x + b``: ``(B, C, H, W) -> (B, F, H, W)`` or ``(B, d) -> (B, F)``."""
+        if self.kind == "conv2d":
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+        return F.linear(x, self.weight, self.bias)
+
+    def apply_at(self, z: torch.Tensor) -> torch.Tensor:
+        """``A^T z`` (bias-free adjoint): ``(B, F, H, W) -> (B, C, H, W)`` or ``(B, F) -> (B, d)``."""
+        if self.kind == "conv2d":
+            return F.conv_transpose2d(z, self.weight, padding=self.padding)
+        return z @ self.weight
+
+    def field(self, x: torch.Tensor) -> torch.Tensor:
+        """``F(x) = -A^T sigma(A x + b)``, same shape as ``x``."""
+        sigma = ACTIVATIONS[self.activation][0]
+        return -self.apply_at(sigma(self.apply_a(x)))
+
+    def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` steps of size ``h`` of the chosen RK method (no constraint checked: see ``forward``)."""
+        step = RK_METHODS[self.method].step
+        for _ in range(n):
+            x = step(self.field, x, h)
+        return x
+
+    # -- the step-size rule ----------------------------------------------------------------
+    @property
+    def step_bound(self) -> float:
+        """``2 r c``: the largest admissible ``h * nu``."""
+        c = 1.0 if self.averaged_margin is None else 1.0 - self.averaged_margin
+        return 2.0 * RK_METHODS[self.method].radius * c
+
+    def schedule_steps(self, sigma: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """``(n, h, nu)`` for an operator norm ``sigma`` (``nu = L sigma^2``)."""
+        nu = self.lipschitz_activation * sigma**2
+        if self.schedule == "fixed":
+            return self.steps, self.step_bound / nu, nu
+        n = max(1, math.ceil(float(self.time * nu.detach() / self.step_bound) - 1e-9))
+        if n > self.max_steps:  # cap the cost; keep the guarantee by shortening h
+            return self.max_steps, self.step_bound / nu, nu
+        return n, torch.as_tensor(self.time / n, dtype=nu.dtype), nu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = self.norm(self.weight)
+        n, h, nu = self.schedule_steps(sigma)
+        if not self.training and self.norm.cheap_was_low():
+            _, h_c, _ = self.schedule_steps(self.norm.cheap_sigma)
+            if float(h_c * nu) / self.norm.safety**2 > self.step_bound * (1 + 1e-3):  # without the safety factor
+                warnings.warn(
+                    f"NonExpansiveBlock: the cheap training estimate |A| = {float(self.norm.cheap_sigma):.4g} is below the "
+                    f"exact {float(sigma) / self.norm.safety:.4g}; the training steps had h*nu = {float(h_c * nu) / self.norm.safety**2:.4g} "
+                    f"> {self.step_bound:.4g}. "
+                    "Evaluation uses the exact norm.",
+                    NormConstraintWarning,
+                    stacklevel=2,
+                )
+        return self.flow(x, h, n)
+
+    # -- certificates -------------------------------------------------------------------------
+    def _exact_steps(self, mode: str) -> tuple[int, float]:
+        """``(n, h * nu)``: the steps evaluation takes, ``nu`` from ``mode`` (``"upper"``: the rigorous bound)."""
+        check_choice("mode", mode, ("cheap", "exact", "upper"))
+        if mode == "cheap":
+            sigma = self.norm.cheap_sigma if torch.isfinite(self.norm.cheap_sigma) else self.norm.cheap(self.weight).detach()
+            n, h, nu = self.schedule_steps(sigma)
+            return n, float(h * nu)
+        n, h, nu = self.schedule_steps(self.norm.exact(self.weight))
+        if mode == "upper":
+            nu = self.lipschitz_activation * self.norm.upper_bound(self.weight) ** 2
+        return n, float(h * nu)
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        """1 when ``h nu <= 2 r`` (by the step rule with the exact norm); otherwise (e.g. ``mode="upper"``
+        with a looser ``nu``) Euler: ``max(1, h nu - 1)^n`` (the step's Jacobian ``I - h A^T D A``,
+        ``0 <= D <= L``, has its spectrum in ``[1 - h nu, 1]``), other methods: ``(sum_j (h nu)^j / j!)^n``."""
+        n, h_nu = self._exact_steps(mode)
+        if h_nu <= 2.0 * RK_METHODS[self.method].radius * (1 + 1e-9):
+            return 1.0
+        if self.method == "euler":
+            return max(1.0, h_nu - 1.0) ** n
+        stages = RK_METHODS[self.method].stages
+        return sum(h_nu**j / math.factorial(j) for j in range(stages + 1)) ** n
+
+    def averagedness(self, mode: str = "exact") -> float:
+        """``alpha`` with the block ``alpha``-averaged (1.0: non-expansive only; nan for RK4)."""
+        n, h_nu = self._exact_steps(mode)
+        return compose_averaged([step_averagedness(self.method, h_nu)] * n)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_shape={self.in_shape}, features={self.features}, method={self.method!r}, schedule={self.schedule!r}, "
+            f"time={self.time}, averaged_margin={self.averaged_margin}"
+        )
+
+
+class ResNetBlock(nn.Module):
+    """``x -> x + B sigma(A x + b_A) + b_B`` with unconstrained ``A``, ``B`` (or ``|A|, |B| <= 1`` if
+    ``normalized``). Same shapes and activations as :class:`NonExpansiveBlock`."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        features: int | None = None,
+        *,
+        kernel_size: int = 3,
+        activation: str = "leaky_relu",
+        normalized: bool = False,
+    ):
+        super().__init__()
+        self.in_shape = _check_shape(in_shape)
+        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        c = self.in_shape[0]
+        features = check_int("features", features if features is not None else c, low=1)
+        if len(self.in_shape) == 3:
+            self.a = nn.Conv2d(c, features, kernel_size, padding=kernel_size // 2)
+            self.b = nn.Conv2d(features, c, kernel_size, padding=kernel_size // 2)
+            mid_shape = (features, *self.in_shape[1:])
+        else:
+            self.a = nn.Linear(c, features)
+            self.b = nn.Linear(features, c)
+            mid_shape = (features,)
+        kind = "conv2d" if len(self.in_shape) == 3 else "linear"
+        pad = kernel_size // 2 if kind == "conv2d" else 0
+        if normalized:
+            constrain_operator_norm(self.a, self.in_shape)
+            constrain_operator_norm(self.b, mid_shape)
+        self.normalized = normalized
+        self._norm_a = OperatorNorm(kind, self.in_shape, padding=pad)
+        self._norm_b = OperatorNorm(kind, mid_shape, padding=pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = ACTIVATIONS[self.activation][0]
+        return x + self.b(sigma(self.a(x)))  # (B, C, H, W) or (B, d)
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        """``1 + L |B| |A|`` with exact operator norms of the weights in use."""
+        check_choice("mode", mode, ("cheap", "exact", "upper"))
+        norm = (lambda op, w: op.upper_bound(w)) if mode == "upper" else (lambda op, w: op.exact(w))
+        with torch.no_grad():
+            na = float(norm(self._norm_a, self.a.weight.detach()))
+            nb = float(norm(self._norm_b, self.b.weight.detach()))
+        return 1.0 + ACTIVATIONS[self.activation][1] * na * nb

@@ -1,0 +1,240 @@
+"""Reference models of seed 004, readable top to bottom, with an unconstrained baseline each.
+
+Classifier (the seed's CIFAR-10 shape; ``ClassifierConfig`` defaults): a norm-1 1x1 lift
+``C_in -> width``, ``stages`` stages of ``blocks_per_stage`` blocks at constant shape, each stage
+followed by a norm-1 1x1 conv doubling the channels and a 1-Lipschitz 2x2 average pooling, then a
+1-Lipschitz global mean (or, ``head="flatten"``, the isometric flattening: small nets keep the
+positions) and a norm-1 linear layer to the logits. Every piece is 1-Lipschitz, so
+``lipschitz_bound(model) <= 1``. :class:`ResNetClassifier` has the same layout with plain layers
+and ResNet blocks ``x + B sigma(A x)``.
+
+Denoiser: lift ``C -> width`` by zero channels, ``depth`` averaged blocks, keep the first ``C``
+channels. With ``P`` the lift (an isometry) and ``P^T`` the selection, ``P^T N P`` is
+``alpha``-averaged when ``N`` is (``P^T P = I``). Baseline :class:`DnCNN`: ``x - R(x)`` with ``R``
+a plain conv stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
+from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
+from proxnets.stable.integrators import compose_averaged
+from proxnets.stable.lipschitz import lipschitz_bound
+from proxnets.stable.norms import OperatorNorm
+from proxnets.utils.validation import check_choice, check_int
+
+__all__ = [
+    "ClassifierConfig",
+    "NonExpansiveClassifier",
+    "ResNetClassifier",
+    "DenoiserConfig",
+    "AveragedDenoiser",
+    "DnCNN",
+    "num_parameters",
+]
+
+
+@dataclasses.dataclass
+class ClassifierConfig:
+    in_channels: int = 3
+    image_size: int = 32
+    num_classes: int = 10
+    width: int = 16  # lift 3 -> 16, doubled after every stage: 16, 32, 64 -> 128 (seed)
+    stages: int = 3
+    blocks_per_stage: int = 5
+    kernel_size: int = 3
+    activation: str = "leaky_relu"  # LeakyReLU(0.01), L = 1 (seed)
+    method: str = "euler"
+    time: float = 1.0  # T per block; the adaptive schedule takes ceil(T nu / 2) steps
+    schedule: str = "adaptive"
+    steps: int = 1  # fixed schedule only
+    head: str = "global"  # "global": sqrt(HW)-scaled mean (seed); "flatten": keep the positions (small nets)
+    max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
+
+    def validate(self) -> "ClassifierConfig":
+        for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("blocks_per_stage", self.blocks_per_stage, low=0)
+        if self.image_size // 2**self.stages < 1:
+            raise ValueError(f"image_size: expected >= 2**stages = {2**self.stages}, got {self.image_size}")
+        check_choice("activation", self.activation, list(ACTIVATIONS))
+        check_choice("head", self.head, ["global", "flatten"])
+        return self
+
+    @property
+    def head_features(self) -> int:
+        c, s = self.width * 2**self.stages, self.image_size // 2**self.stages
+        return c if self.head == "global" else c * s * s
+
+
+class _Stack(nn.Module):
+    """A sequence of layers with a composed Lipschitz bound."""
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        return math.prod(lipschitz_bound(m, mode) for m in self.layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.layers:
+            x = m(x)
+        return x
+
+
+class NonExpansiveClassifier(_Stack):
+    """1-Lipschitz classifier: ``(B, C, S, S) -> (B, K)`` logits."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = cfg = config.validate()
+        s, c = cfg.image_size, cfg.width
+        layers: list[nn.Module] = [lipschitz_conv2d(cfg.in_channels, c, 1, (s, s))]  # (B, w, S, S)
+        for _ in range(cfg.stages):
+            for _ in range(cfg.blocks_per_stage):
+                layers.append(
+                    NonExpansiveBlock(
+                        (c, s, s), kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
+                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps,
+                    )
+                )  # (B, c, s, s)
+            layers.append(lipschitz_conv2d(c, 2 * c, 1, (s, s)))  # (B, 2c, s, s)
+            layers.append(ScaledAvgPool2d(2))  # (B, 2c, s/2, s/2)
+            c, s = 2 * c, s // 2
+        layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())  # (B, c) or (B, c s s)
+        layers.append(lipschitz_linear(cfg.head_features, cfg.num_classes))  # (B, K)
+        self.layers = nn.ModuleList(layers)
+
+
+class ResNetClassifier(_Stack):
+    """The same layout with plain layers and ResNet blocks (no constraint): ``(B, C, S, S) -> (B, K)``."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = cfg = config.validate()
+        s, c = cfg.image_size, cfg.width
+        layers: list[nn.Module] = [_PlainConv(cfg.in_channels, c, 1, (s, s))]
+        for _ in range(cfg.stages):
+            for _ in range(cfg.blocks_per_stage):
+                layers.append(ResNetBlock((c, s, s), kernel_size=cfg.kernel_size, activation=cfg.activation))
+            layers.append(_PlainConv(c, 2 * c, 1, (s, s)))
+            layers.append(ScaledAvgPool2d(2))
+            c, s = 2 * c, s // 2
+        layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())
+        layers.append(_PlainLinear(cfg.head_features, cfg.num_classes))
+        self.layers = nn.ModuleList(layers)
+
+
+class _PlainConv(nn.Conv2d):
+    """An unconstrained conv that still reports its exact operator norm at its input size."""
+
+    def __init__(self, cin: int, cout: int, k: int, in_hw: tuple[int, int]):
+        super().__init__(cin, cout, k, padding=k // 2)
+        self._norm = OperatorNorm("conv2d", (cin, *in_hw), padding=k // 2)
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        return float(self._norm.upper_bound(self.weight) if mode == "upper" else self._norm.exact(self.weight))
+
+
+class _PlainLinear(nn.Linear):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout)
+        self._norm = OperatorNorm("linear", (cin,))
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        return float(self._norm.upper_bound(self.weight) if mode == "upper" else self._norm.exact(self.weight))
+
+
+@dataclasses.dataclass
+class DenoiserConfig:
+    channels: int = 3
+    image_size: int = 40  # the size the operator norms are computed at (training patches)
+    width: int = 64  # lift 3 -> 64 by zero channels (seed)
+    depth: int = 10
+    kernel_size: int = 3
+    activation: str = "leaky_relu"
+    method: str = "euler"
+    time: float = 1.0
+    averaged_margin: float = 0.1  # each step alpha <= 0.9
+    schedule: str = "adaptive"
+    max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
+
+    def validate(self) -> "DenoiserConfig":
+        for name in ("channels", "image_size", "width", "depth", "kernel_size"):
+            check_int(name, getattr(self, name), low=1)
+        if self.width < self.channels:
+            raise ValueError(f"width: expected >= channels = {self.channels}, got {self.width}")
+        return self
+
+
+class AveragedDenoiser(nn.Module):
+    """``x -> P^T N(P x)``: ``(B, C, H, W) -> (B, C, H, W)``, ``alpha``-averaged (alpha < 1).
+
+    The operator norms are those at ``config.image_size``; for another size the certificate is
+    that of the convolution at the training size (zero-padded convolutions' norms grow slightly
+    with the image, toward the norm of the circular convolution).
+    """
+
+    def __init__(self, config: DenoiserConfig):
+        super().__init__()
+        self.config = cfg = config.validate()
+        shape = (cfg.width, cfg.image_size, cfg.image_size)
+        self.lift = ZeroChannelPad(cfg.width)  # (B, w, H, W)
+        self.blocks = nn.ModuleList(
+            NonExpansiveBlock(
+                shape, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
+                time=cfg.time, averaged_margin=cfg.averaged_margin, schedule=cfg.schedule, max_steps=cfg.max_steps,
+            )
+            for _ in range(cfg.depth)
+        )
+        self.project = ChannelSelect(cfg.channels)  # (B, C, H, W)
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.lift(x)  # (B, w, H, W)
+        for block in self.blocks:
+            z = block(z)  # (B, w, H, W)
+        return self.project(z)  # (B, C, H, W)
+
+    def lipschitz_constant(self, mode: str = "exact") -> float:
+        return math.prod(b.lipschitz_constant(mode) for b in self.blocks)
+
+    def averagedness(self, mode: str = "exact") -> float:
+        """``alpha`` of the whole denoiser: the blocks' constants composed (the lift/select pair keeps it)."""
+        return compose_averaged(b.averagedness(mode) for b in self.blocks)
+
+
+class DnCNN(nn.Module):
+    """DnCNN-style baseline (Zhang et al. 2017): ``x - R(x)``, ``R`` = conv-ReLU, ``depth - 2`` x
+    (conv-BN-ReLU), conv. ``(B, C, H, W) -> (B, C, H, W)``; no Lipschitz control."""
+
+    def __init__(self, channels: int = 3, width: int = 64, depth: int = 20, batch_norm: bool = True):
+        super().__init__()
+        check_int("depth", depth, low=2)
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 2):
+            layers.append(nn.Conv2d(width, width, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.ReLU())
+        layers.append(nn.Conv2d(width, channels, 3, padding=1))
+        self.residual = nn.Sequential(*layers)
+        self.channels = channels
+        self.hyper = {"channels": channels, "width": width, "depth": depth, "batch_norm": batch_norm}
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.residual(x)  # (B, C, H, W)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
