@@ -4,6 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# idle OpenMP threads sleep instead of spinning (shared machines)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test test-slow bench install clean
 

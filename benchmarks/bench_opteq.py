@@ -10,7 +10,7 @@ iterations, the residual reached (recomputed on the returned point), peak memory
 of our fastest to TorchDEQ's fastest (target: <= 0.5).
 
 Usage: ``python benchmarks/bench_opteq.py [--quick]``. Runs on one CPU thread (see
-:mod:`proxnets.equilibrium.runtime`).
+:mod:`proxnets.utils.threads`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from proxnets.data import load_dataset
 from proxnets.engine import TrainConfig, fit
 from proxnets.equilibrium.layers import OptEqConv2d
 from proxnets.equilibrium.models import OptEqClassifier, OptEqConfig
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import relative_residual
 from proxnets.utils.benchmark import peak_memory_mb, ratio_line, time_interleaved
 

@@ -21,7 +21,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(models, "model_registry", lambda: {"tiny-mlp": _tiny})
 
 
-@pytest.mark.parametrize("cmd", [[], ["info"], ["train"], ["eval"], ["reproduce"], ["bench"], ["download"]])
+@pytest.mark.parametrize("cmd", [[], ["info"], ["train"], ["eval"], ["reproduce"], ["bench"], ["download"], ["denoise"], ["deblur"]])
 def test_every_command_has_useful_help(cmd):
     res = CliRunner().invoke(cli.main, cmd + ["--help"])
     assert res.exit_code == 0, res.output
@@ -59,3 +59,25 @@ def test_cli_errors_are_clear(registry, tmp_path):
     assert res.exit_code != 0 and "method: expected one of" in res.output
     res = CliRunner().invoke(cli.main, ["eval", str(tmp_path)])
     assert res.exit_code != 0 and "model.json" in res.output
+
+
+def test_denoise_and_deblur_commands(tmp_path):
+    from proxnets.data.images import natural_images, write_image
+    from proxnets.stable import AveragedDenoiser, DenoiserConfig
+    from proxnets.stable.restore import save_denoiser
+
+    torch.manual_seed(0)
+    model = AveragedDenoiser(DenoiserConfig(channels=1, image_size=32, width=4, depth=2, averaged_margin=0.1))
+    save_denoiser(tmp_path / "den.pt", model)
+    write_image(tmp_path / "in.png", natural_images(gray=True, names=("camera",))["camera"][:, :48, :48])
+    res = CliRunner().invoke(cli.main, ["denoise", str(tmp_path / "in.png"), str(tmp_path / "out.png"),
+                                        "--model", str(tmp_path / "den.pt"), "--add-noise", "0.1"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out.png").is_file() and "psnr_denoised" in res.output
+    res = CliRunner().invoke(cli.main, ["deblur", str(tmp_path / "in.png"), str(tmp_path / "deb.png"),
+                                        "--model", str(tmp_path / "den.pt"), "--simulate", "--max-iter", "30"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "deb.png").is_file() and "iterations" in res.output
+    res = CliRunner().invoke(cli.main, ["denoise", str(tmp_path / "in.png"), str(tmp_path / "x.png"),
+                                        "--model", str(tmp_path / "in.png")])
+    assert res.exit_code != 0 and "checkpoint: expected a tensors-only file" in res.output

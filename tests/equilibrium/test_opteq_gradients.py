@@ -5,7 +5,7 @@ import torch
 
 from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.layers import OptEq, OptEqConv2d
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from proxnets.equilibrium.layers import OptEqConv2d
 from proxnets.equilibrium.parametrize import operator_norm_bound, refresh_operator_norm, weight_operator
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 from proxnets.operators import operator_matrix
 
 pytestmark = pytest.mark.usefixtures("single_thread")

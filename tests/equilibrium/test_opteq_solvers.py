@@ -7,7 +7,7 @@ import torch
 
 from proxnets.equilibrium.layers import OptEq, OptEqConv2d
 from proxnets.equilibrium.prox import ACTIVATIONS, UserProx, get_activation
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumInfo, halpern, solve
 from proxnets.utils.convergence import NonConvergenceError, NonConvergenceWarning
 

@@ -5,7 +5,7 @@ import torch
 
 from proxnets.engine import Trainable
 from proxnets.equilibrium import MODELS, MONClassifier, OptEqClassifier, certify_opteq, count_parameters
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 from proxnets.report.suite import SuiteContext
 
 

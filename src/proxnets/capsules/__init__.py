@@ -70,9 +70,8 @@ def make_capsnet(input_shape, num_classes, *, size: str = "reference", epochs: i
     build = reference_config if size == "reference" else small_config
     model = CapsNet(build(input_shape, num_classes, **overrides))
     cfg = _train_config(**({} if epochs is None else {"epochs": epochs}))
-    trainable = Trainable(model=model, loss_fn=capsnet_loss, predict_fn=capsnet_scores, config=cfg, augment=random_shift)
-    trainable.certificate = routing_certificate  # read by `proxnets eval` when present
-    return trainable
+    return Trainable(model=model, loss_fn=capsnet_loss, predict_fn=capsnet_scores, config=cfg, augment=random_shift,
+                     certificate=routing_certificate)
 
 
 MODELS = {

@@ -39,7 +39,7 @@ from proxnets.equilibrium.prox import (
     UserProx,
     get_activation,
 )
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumInfo, get_solver, solve
 
 __all__ = [

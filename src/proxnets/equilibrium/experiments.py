@@ -9,7 +9,7 @@
 4. The L1 prior: feature sparsity of z* vs accuracy.
 5. The anchored (Halpern) iteration selects the equilibrium nearest its anchor when |W|_2 = 1.
 
-Runs on one intra-op thread (see :mod:`proxnets.equilibrium.runtime`).
+Runs on one intra-op thread (see :mod:`proxnets.utils.threads`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from proxnets.equilibrium.models import (
     convergence_logger,
     count_parameters,
 )
-from proxnets.equilibrium.runtime import intra_op_threads
+from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import halpern, solve
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json

@@ -361,9 +361,8 @@ def _train_config(**overrides) -> TrainConfig:
 
 
 def _opteq(input_shape, num_classes, **opts) -> Trainable:
-    trainable = Trainable(OptEqClassifier(input_shape, num_classes, _config_from(OptEqConfig, opts)), config=_train_config())
-    trainable.certificate = _opteq_certificate  # read by `proxnets eval`
-    return trainable
+    return Trainable(OptEqClassifier(input_shape, num_classes, _config_from(OptEqConfig, opts)), config=_train_config(),
+                     certificate=_opteq_certificate)
 
 
 def _mon(input_shape, num_classes, **opts) -> Trainable:

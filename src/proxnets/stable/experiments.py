@@ -32,6 +32,8 @@ from proxnets.stable.models import AveragedDenoiser, ClassifierConfig, DenoiserC
 from proxnets.stable.norms import NormConstraintWarning
 from proxnets.stable.physics import Blur, gaussian_kernel
 from proxnets.stable.pnp import pnp_fbs, psnr, relax_denoiser, ssim
+from proxnets.stable.restore import save_denoiser
+from proxnets.utils.threads import intra_op_threads
 
 __all__ = ["run"]
 
@@ -195,6 +197,8 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
         fit(model, data, train, loss_fn=_denoising_loss((0.05, 0.2)), log=ctx.log)
         ctx.log(f"trained {name} denoiser ({num_parameters(model)} params) in {time.perf_counter() - t0:.1f} s")
         model.eval()
+    # the trained averaged denoiser is kept for `proxnets denoise` / `proxnets deblur`
+    save_denoiser(ctx.path("averaged_denoiser.pt"), averaged)
     (alpha, _) = _quiet(averaged.averagedness)
     (L_den, _) = _quiet(lipschitz_bound, averaged)
 
@@ -284,12 +288,8 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
 def run(ctx: SuiteContext) -> SuiteResult:
     # these workloads are many small tensors: one intra-op thread avoids the spin-wait contention
     # that makes them many times slower on a shared machine; the caller's setting comes back after
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(ctx: SuiteContext) -> SuiteResult:

@@ -84,4 +84,11 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: expected an existing file, got {str(path)!r}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt file, not a torch file, or a pickle carrying arbitrary objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint: expected a tensors-only file written by proxnets, got {str(path)!r} "
+            f"({type(e).__name__}: {first[:200]})"
+        ) from None

@@ -1,6 +1,6 @@
 """Run-time settings for small CPU workloads.
 
-Equilibrium solvers call many small convolutions in sequence; on a shared CPU, intra-op
+Solvers, routing and small models call many small operations in sequence; on a shared CPU, intra-op
 parallelism then costs more in thread synchronization than it gains (measured: a (1, 4, 6, 6)
 convolution at 2 threads on a loaded 2-core machine took ~35 ms, at 1 thread ~0.01 ms).
 :func:`intra_op_threads` sets the thread count for a block and restores it afterwards.
