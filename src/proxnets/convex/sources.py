@@ -80,7 +80,7 @@ class StreamedFeatures:
         return StreamedFeatures(self.featurizer, self.images[idx], self.chunk)
 
 
-def score_operator(source, n_classes: int, dtype: torch.dtype = torch.float32) -> LinearOperator:
+def score_operator(source, n_classes: int) -> LinearOperator:
     """``Theta (D, K P) -> A Theta / sqrt(n)`` (n, K) and its adjoint, one pass over ``source`` each."""
     scale = source.n ** -0.5
 
@@ -95,8 +95,8 @@ def score_operator(source, n_classes: int, dtype: torch.dtype = torch.float32) -
         return out * scale
 
     shape = (source.dim, n_classes * source.n_positions)
-    device = next(iter(source.chunks()))[1].device if source.n else "cpu"
-    return LinearOperator(forward, adjoint, shape, dtype, device)
+    sample = next(iter(source.chunks()))[1]
+    return LinearOperator(forward, adjoint, shape, sample.dtype, sample.device)
 
 
 def gram_norm(source, n_classes: int, *, max_samples: int = 512, iterations: int = 50, seed: int = 0) -> float:
