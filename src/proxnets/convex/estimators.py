@@ -29,7 +29,7 @@ from proxnets.convex.duality import scores
 from proxnets.convex.features import PatchFeaturizer
 from proxnets.convex.primal import solve_primal
 from proxnets.convex.recovery import recover
-from proxnets.convex.sources import CachedFeatures, StreamedFeatures
+from proxnets.convex.sources import CachedFeatures, StreamedFeatures, cache_features
 from proxnets.utils.validation import check_int, check_number, fail
 
 __all__ = ["CCNN", "DCCNN"]
@@ -173,7 +173,7 @@ class CCNN(_ConvexCNN):
         self.featurizers_, self.traces_ = [], []
         for layer in range(self.n_layers):
             feat = self._featurizer(g).to(x.device).fit(x, g)
-            z = torch.cat([zc for _, zc in feat.chunks(x, self.chunk)])  # cached Q: (n, P, D)
+            z = cache_features(feat, x, self.chunk)  # cached Q: (n, P, D)
             lam, radius = (None, self.radius) if self.radius is not None else (self.lam, None)
             theta, trace = solve_primal(CachedFeatures(z, self.chunk), yt, k, lam=lam, radius=radius,
                                         max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence)

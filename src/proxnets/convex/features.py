@@ -85,8 +85,8 @@ class PatchFeaturizer(nn.Module):
         self.pooled_grid = tuple((g - self.pool_size) // self.pool_stride + 1 for g in self.grid)
         n_img = min(images.shape[0], self.max_fit_images)
         img_idx = torch.randperm(images.shape[0], generator=generator)[:n_img]
-        sample = images[img_idx]
-        patches = self._normalized_patches(sample).reshape(-1, self._patch_dim())
+        # ZCA and landmarks from a random subset of patches of (at most) 200 images
+        patches = self._normalized_patches(images[img_idx[:200]]).reshape(-1, self._patch_dim())
         pidx = torch.randperm(patches.shape[0], generator=generator)[: self.max_fit_patches]
         patches = patches[pidx]
         self.zca = fit_zca(patches, self.zca_eps) if self.zca_eps is not None else None
@@ -97,11 +97,19 @@ class PatchFeaturizer(nn.Module):
         self.phi = make_feature_map(
             self.feature_map_name, self.kernel, white.shape[1], self.n_features, self.gamma, sample=white, generator=generator
         ).to(images.device)
+        del patches, white
         self.center = torch.zeros(0, device=images.device)
-        raw = torch.cat([self._raw(sample[i : i + 256]) for i in range(0, n_img, 256)])  # (n_img, P, D)
-        self.center = raw.mean(0)  # (P, D)
-        sq = ((raw - self.center) ** 2).sum((1, 2)).mean()
-        self.scale = float((sq / raw.shape[1]).sqrt().clamp_min(1e-12))
+        # centering and scale from running sums over chunks (no (n_img, P, D) tensor)
+        total = sq_total = None
+        for i in range(0, n_img, 64):
+            raw = self._raw(images[img_idx[i : i + 64]]).double()  # (b, P, D)
+            total = raw.sum(0) if total is None else total + raw.sum(0)
+            sq = (raw * raw).sum()
+            sq_total = sq if sq_total is None else sq_total + sq
+        mean = total / n_img  # (P, D)
+        var = sq_total / n_img - (mean * mean).sum()  # mean |Z_i - center|_F^2
+        self.center = mean.to(images.dtype)
+        self.scale = float((var.clamp_min(0) / mean.shape[0]).sqrt().clamp_min(1e-12))
         return self
 
     # ---------------------------------------------------------------- transform

@@ -21,7 +21,7 @@ from proxnets.convex.features import PatchFeaturizer
 from proxnets.operators import LinearOperator, power_iteration
 from proxnets.utils.validation import check_int, check_tensor
 
-__all__ = ["CachedFeatures", "StreamedFeatures", "score_operator", "gram_norm"]
+__all__ = ["CachedFeatures", "StreamedFeatures", "cache_features", "score_operator", "gram_norm"]
 
 
 class CachedFeatures:
@@ -78,6 +78,17 @@ class StreamedFeatures:
 
     def subset(self, idx: torch.Tensor) -> "StreamedFeatures":
         return StreamedFeatures(self.featurizer, self.images[idx], self.chunk)
+
+
+def cache_features(featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The feature tensor ``Q (n, P, D)`` filled chunk by chunk into one preallocated tensor."""
+    out = None
+    with torch.no_grad():
+        for rows, z in featurizer.chunks(images, chunk):
+            if out is None:
+                out = torch.empty(images.shape[0], *z.shape[1:], dtype=z.dtype, device=z.device)
+            out[rows] = z
+    return out
 
 
 def score_operator(source, n_classes: int) -> LinearOperator:
