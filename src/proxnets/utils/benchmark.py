@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Timing", "time_fn", "peak_memory_mb", "ratio_line"]
+__all__ = ["Timing", "time_fn", "time_interleaved", "peak_memory_mb", "ratio_line"]
 
 
 @dataclasses.dataclass
@@ -51,8 +51,29 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7, min_
         fn()
         _sync()
         times.append(time.perf_counter() - t0)
+    return _timing(times)
+
+
+def _timing(times: list[float]) -> Timing:
     qs = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Timing(statistics.median(times), qs[0], qs[2], len(times))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 7) -> dict[str, Timing]:
+    """Time several functions in alternation (A B A B ...), so that load from other processes on a
+    shared machine hits all of them alike; returns ``{name: Timing}``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: _timing(v) for k, v in times.items()}
 
 
 def _child(fn, conn) -> None:

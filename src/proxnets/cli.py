@@ -1,0 +1,230 @@
+"""The ``proxnets`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from proxnets import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when possible (numbers, booleans, lists)."""
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"expected key=value, got {p!r}", param_hint="--option")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="proxnets")
+def main() -> None:
+    """proxnets: deep learning read as optimization.
+
+    Five methods -- capsule routing (000), convexified CNNs and their dual (001), PMP/bSQH training
+    (002), optimization-induced equilibrium nets (003), stable non-expansive nets (004) -- each
+    reporting an optimization certificate that the library checks.
+
+    Start with `proxnets reproduce --quick` (the README's run command) or `proxnets info`.
+    """
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory searched for full datasets (default $PROXNETS_DATA or ~/.cache/proxnets/data).")
+def info(data_dir: Path | None) -> None:
+    """Version, device, threads, datasets found, experiment suites and models available."""
+    import torch
+
+    from proxnets.data.registry import BASES, default_data_dir
+    from proxnets.engine.device import select_device
+    from proxnets.report.registry import available_suites
+
+    data_dir = data_dir or default_data_dir()
+    click.echo(f"proxnets {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
+    click.echo(f"device: {select_device('auto')}  (cuda available: {torch.cuda.is_available()})  "
+               f"threads: {torch.get_num_threads()}")
+    click.echo(f"data dir: {data_dir}")
+    for name, kind in BASES.items():
+        if kind == "embedded":
+            status = "embedded (always available)"
+        else:
+            folder = data_dir / name
+            present = folder.is_dir() and any(folder.iterdir())
+            status = f"files {'found' if present else 'missing'} in {folder}"
+        click.echo(f"  {name:<14} {status}")
+    click.echo("  variants: <base>-rot, -rand, -img, -img-rot of mnist5k / mnist / fashion-mnist")
+    click.echo(f"suites: {', '.join(available_suites()) or '(none)'}")
+    try:
+        from proxnets.models import model_registry
+
+        click.echo(f"models: {', '.join(sorted(model_registry())) or '(none)'}")
+    except Exception as e:  # a broken method package must not hide the rest of info
+        click.echo(f"models: unavailable ({e})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("methods", nargs=-1)
+@click.option("--smoke", "size", flag_value="smoke", help="Seconds per suite (CI).")
+@click.option("--quick", "size", flag_value="quick", default=True, help="Embedded data, <= 15 min on 2 CPU cores (default).")
+@click.option("--full", "size", flag_value="full", help="Full datasets and the papers' sizes (GPU).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Directory of full datasets.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/reproduce", show_default=True,
+              help="Run directory; an interrupted run resumes here.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:i] or mps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Replay a run from its config.toml (other options are then ignored).")
+@click.option("--fresh", is_flag=True, help="Re-run every suite even if the run directory has results.")
+def reproduce(methods, size, data_dir, out, device, seed, config_path, fresh) -> None:
+    """Check every seed's claims and write report.html + results.json.
+
+    METHODS: any of capsules, convex, pmp, opteq, stable (default: all).
+    """
+    from proxnets.report.runner import ReproduceConfig, load_config, reproduce as run, summary_lines
+
+    try:
+        if config_path:
+            cfg = load_config(config_path)
+        else:
+            kwargs = {"methods": list(methods)} if methods else {}
+            cfg = ReproduceConfig(size=size, seed=seed, device=device, data_dir=data_dir, out=out, **kwargs)
+        results, report = run(cfg, command="proxnets " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                              fresh=fresh, log=lambda m: click.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    for line in summary_lines(results, report):
+        click.echo(line)
+    if results["summary"]["suites_failed"]:
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", "model_name", required=True, help="Model name (see `proxnets info`).")
+@click.option("--dataset", default="mnist5k", show_default=True, help="Dataset name (see `proxnets info`).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--epochs", type=int, default=None, help="Override the model's default.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--device", default=None, help="auto, cpu, cuda[:i], mps.")
+@click.option("--seed", type=int, default=None)
+@click.option("--checkpoint-every", type=int, default=None, help="Steps between checkpoints (epoch ends always).")
+@click.option("--option", "-o", "options", multiple=True, help="Model option key=value (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def train(model_name, dataset, data_dir, epochs, batch_size, lr, device, seed, checkpoint_every, options, out, resume) -> None:
+    """Train a named model; checkpoints, metrics.jsonl and the final model go to --out.
+
+    Works under `torchrun --nproc_per_node=N` for multi-process data parallel training.
+    """
+    import dataclasses
+
+    from proxnets.data import load_dataset
+    from proxnets.engine import fit
+    from proxnets.models import build_model
+    from proxnets.utils.io import save_state, write_json
+
+    opts = _parse_options(options)
+    try:
+        ds = load_dataset(dataset, data_dir=data_dir)
+        trainable = build_model(model_name, ds.input_shape, ds.num_classes, **opts)
+        overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
+                                            checkpoint_every=checkpoint_every).items() if v is not None}
+        cfg = dataclasses.replace(trainable.config, **overrides)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    out = Path(out)
+    result = fit(trainable.model, ds, cfg, loss_fn=trainable.loss_fn, predict_fn=trainable.predict_fn,
+                 optimizer=trainable.optimizer, augment=trainable.augment, run_dir=out, resume=resume,
+                 log=click.echo)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_state(out / "model.pt", result.model.state_dict())
+        write_json(out / "model.json", {"model": model_name, "options": opts, "dataset": dataset,
+                                        "input_shape": list(ds.input_shape), "num_classes": ds.num_classes,
+                                        "final": result.final})
+        click.echo(f"model saved to {out / 'model.pt'}")
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dataset", default=None, help="Dataset (default: the one it was trained on).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+def evaluate_cmd(run_dir: Path, dataset, data_dir) -> None:
+    """Evaluate a model trained by `proxnets train` (accuracy and its certificate, if any)."""
+    from proxnets.data import load_dataset
+    from proxnets.engine import evaluate
+    from proxnets.models import build_model
+    from proxnets.utils.io import load_state, read_json
+
+    meta_path = run_dir / "model.json"
+    if not meta_path.is_file():
+        raise click.ClickException(f"run_dir: expected a directory written by `proxnets train` (with model.json), got {run_dir}")
+    meta = read_json(meta_path)
+    ds = load_dataset(dataset or meta["dataset"], data_dir=data_dir)
+    trainable = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], **meta["options"])
+    trainable.model.load_state_dict(load_state(run_dir / "model.pt"))
+    acc = evaluate(trainable.model, ds.x_test, ds.y_test, trainable.predict_fn)
+    click.echo(f"{meta['model']} on {ds.name} test ({len(ds.x_test)} images): accuracy {acc:.4f}")
+    certificate = getattr(trainable, "certificate", None)
+    if certificate is not None:
+        for k, v in certificate(trainable.model, ds.x_test[:256]).items():
+            click.echo(f"  certificate {k}: {v}")
+
+
+def _bench_dir() -> Path:
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
+        if (base / "benchmarks").is_dir() and any((base / "benchmarks").glob("bench_*.py")):
+            return base / "benchmarks"
+    raise click.ClickException("benchmarks/ not found: run `proxnets bench` from a proxnets source checkout")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("names", nargs=-1)
+@click.option("--quick", is_flag=True, help="Fewer repeats and sizes.")
+def bench(names, quick) -> None:
+    """Run benchmarks/bench_<NAME>.py (all by default): ours vs the usual baseline, in one run, with ratios."""
+    folder = _bench_dir()
+    scripts = {p.stem.removeprefix("bench_"): p for p in sorted(folder.glob("bench_*.py"))}
+    chosen = list(names) or list(scripts)
+    unknown = [n for n in chosen if n not in scripts]
+    if unknown:
+        raise click.ClickException(f"names: expected benchmarks among {sorted(scripts)}, got {unknown}")
+    failed = 0
+    for n in chosen:
+        click.echo(f"== bench {n} ==")
+        failed += subprocess.call([sys.executable, str(scripts[n])] + (["--quick"] if quick else [])) != 0
+    if failed:
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+def download(name, data_dir) -> None:
+    """Download a full dataset (mnist, fashion-mnist, cifar10) and verify its checksums."""
+    from proxnets.data.files import download_dataset
+    from proxnets.data.registry import default_data_dir
+
+    try:
+        folder = download_dataset(name, Path(data_dir) if data_dir else default_data_dir())
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{name}: files verified in {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+import base64
+import io
+import json
+from html.parser import HTMLParser
+
+import pytest
+from PIL import Image
+
+from proxnets.report import registry
+from proxnets.report.runner import ReproduceConfig, load_config, reproduce, validate_results
+
+import fake_suite  # noqa: E402  (tests/report is on sys.path via rootdir conftest-less import)
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    monkeypatch.setitem(registry.SUITES, "fake", "fake_suite")
+    monkeypatch.setitem(registry.SUITES, "broken", "no_such_module_for_proxnets")
+    fake_suite.CALLS.clear()
+    return fake_suite
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.imgs, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+
+
+def test_report_html_json_and_failures(fake, tmp_path):
+    cfg = ReproduceConfig(methods=["fake", "broken"], size="smoke", out=str(tmp_path / "run"))
+    results, report = reproduce(cfg, command="proxnets reproduce fake broken --smoke", log=lambda m: None)
+    validate_results(json.loads((tmp_path / "run" / "results.json").read_text()))
+    assert results["summary"] == {"claims": 2, "holding": 1, "failing": 1, "suites_failed": 1}
+    broken = results["suites"][1]
+    assert broken["status"] == "failed" and "ModuleNotFoundError" in broken["error"]
+    parser = _Collect()
+    parser.feed(report.read_text())
+    assert "table" in parser.tags and len(parser.imgs) == 1
+    assert parser.imgs[0].startswith("data:image/png;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(parser.imgs[0].split(",", 1)[1])))
+    img.verify()
+    html = report.read_text()
+    assert "does not hold" in html and "a claim that fails" in html and "proxnets reproduce fake broken" in html
+    assert (tmp_path / "run" / "fake" / "curve.png").is_file()
+    assert results["suites"][0]["figures"][0]["path"] == "fake/curve.png"
+
+
+def test_resume_skips_done_suites_and_reruns_failed(fake, tmp_path):
+    cfg = ReproduceConfig(methods=["fake", "broken"], size="smoke", out=str(tmp_path))
+    reproduce(cfg, log=lambda m: None)
+    first = json.loads((tmp_path / "results.json").read_text())
+    logs = []
+    reproduce(cfg, log=logs.append)
+    assert fake.CALLS == ["smoke"], "a finished suite is not run again"
+    assert any("already done" in m for m in logs) and any("[broken] running" in m for m in logs)
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert first["suites"][0]["metrics"] == second["suites"][0]["metrics"]
+    reproduce(cfg, fresh=True, log=lambda m: None)
+    assert fake.CALLS == ["smoke", "smoke"]
+
+
+def test_same_seed_same_numbers_and_config_replay(fake, tmp_path):
+    a, _ = reproduce(ReproduceConfig(methods=["fake"], size="smoke", seed=3, out=str(tmp_path / "a")), log=lambda m: None)
+    cfg = load_config(tmp_path / "a" / "config.toml")
+    assert cfg.seed == 3 and cfg.methods == ["fake"] and cfg.size == "smoke"
+    cfg.out = str(tmp_path / "b")
+    b, _ = reproduce(cfg, log=lambda m: None)
+    assert a["suites"][0]["metrics"] == b["suites"][0]["metrics"]
+
+
+def test_config_mismatch_and_bad_values(fake, tmp_path):
+    reproduce(ReproduceConfig(methods=["fake"], size="smoke", out=str(tmp_path)), log=lambda m: None)
+    with pytest.raises(ValueError, match="pass --fresh"):
+        reproduce(ReproduceConfig(methods=["fake"], size="quick", out=str(tmp_path)), log=lambda m: None)
+    with pytest.raises(ValueError, match="size: expected one of"):
+        ReproduceConfig(size="huge")
+    with pytest.raises(ValueError, match="method: expected one of"):
+        ReproduceConfig(methods=["capsnet"])
