@@ -85,8 +85,9 @@ class PatchFeaturizer(nn.Module):
         self.pooled_grid = tuple((g - self.pool_size) // self.pool_stride + 1 for g in self.grid)
         n_img = min(images.shape[0], self.max_fit_images)
         img_idx = torch.randperm(images.shape[0], generator=generator)[:n_img]
-        # ZCA and landmarks from a random subset of patches of (at most) 200 images
-        patches = self._normalized_patches(images[img_idx[:200]]).reshape(-1, self._patch_dim())
+        # ZCA and landmarks from random patches of a few images (about twice the patches needed)
+        n_zca = max(1, min(n_img, -(-2 * self.max_fit_patches // (self.grid[0] * self.grid[1]))))
+        patches = self._normalized_patches(images[img_idx[:n_zca]]).reshape(-1, self._patch_dim())
         pidx = torch.randperm(patches.shape[0], generator=generator)[: self.max_fit_patches]
         patches = patches[pidx]
         self.zca = fit_zca(patches, self.zca_eps) if self.zca_eps is not None else None
@@ -101,8 +102,8 @@ class PatchFeaturizer(nn.Module):
         self.center = torch.zeros(0, device=images.device)
         # centering and scale from running sums over chunks (no (n_img, P, D) tensor)
         total = sq_total = None
-        for i in range(0, n_img, 64):
-            raw = self._raw(images[img_idx[i : i + 64]]).double()  # (b, P, D)
+        for i in range(0, n_img, 16):
+            raw = self._raw(images[img_idx[i : i + 16]]).double()  # (b, P, D)
             total = raw.sum(0) if total is None else total + raw.sum(0)
             sq = (raw * raw).sum()
             sq_total = sq if sq_total is None else sq_total + sq

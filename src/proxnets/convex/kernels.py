@@ -98,7 +98,10 @@ class RandomFourierFeatures(nn.Module):
         self.scale = math.sqrt(2.0 / dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., D)
-        return self.scale * torch.cos(x @ self.weight + self.bias)
+        out = x @ self.weight
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.scale * torch.cos(out + self.bias)
+        return out.add_(self.bias).cos_().mul_(self.scale)  # in place: one (..., D) buffer
 
 
 class NystromFeatures(nn.Module):

@@ -94,6 +94,7 @@ def pool_features(features: torch.Tensor, grid: tuple[int, int], size: int, stri
         fail("features", f"{grid[0] * grid[1]} positions for grid {grid}", f"shape {tuple(features.shape)}")
     if size == 1 and stride == 1:
         return features
-    maps = features.transpose(1, 2).reshape(n, dim, grid[0], grid[1])  # (N, D, H', W')
+    # (N, H', W', D) viewed as channels-last (N, D, H', W'): pooled without copying the input
+    maps = features.reshape(n, grid[0], grid[1], dim).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(maps, size, stride=stride)  # (N, D, Hp, Wp)
     return pooled.flatten(2).transpose(1, 2)  # (N, P, D)

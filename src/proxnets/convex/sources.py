@@ -12,6 +12,8 @@ on which the project's power iteration estimates ``lambda_max(A^* A / n)``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Iterator
 
 import torch
@@ -21,7 +23,7 @@ from proxnets.convex.features import PatchFeaturizer
 from proxnets.operators import LinearOperator, power_iteration
 from proxnets.utils.validation import check_int, check_tensor
 
-__all__ = ["CachedFeatures", "StreamedFeatures", "cache_features", "score_operator", "gram_norm"]
+__all__ = ["CachedFeatures", "StreamedFeatures", "cache_features", "score_operator", "gram_norm", "fixed_mmap_threshold"]
 
 
 class CachedFeatures:
@@ -122,3 +124,19 @@ def gram_norm(source, n_classes: int, *, max_samples: int = 512, iterations: int
     op = score_operator(sub, 1)
     sigma, _, _ = power_iteration(op, iterations=iterations, tol=1e-4, generator=g)
     return float(sigma) ** 2
+
+
+def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold so that freed large buffers go back to the system.
+
+    glibc raises the threshold after each freed mmap'd block (up to 32 MiB), after which freed
+    feature chunks stay in the heap and count in the resident set: peak-RSS measurements then
+    reflect allocator history rather than live memory. Returns False where unavailable.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
