@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from proxnets.convex.duality import entropy, logistic_loss, regularized_dual_value, scores, scores_adjoint, spectral_norm
+from proxnets.convex.duality import logistic_loss, regularized_dual_value, scores, scores_adjoint, spectral_norm
 from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
 from proxnets.convex.sources import gram_norm
 from proxnets.utils.convergence import handle_nonconvergence
@@ -78,7 +78,7 @@ def solve_dual(
     nuc, rank = 0.0, 0
     m_bar = None  # M(Pbar_t); None before the first pass
     m_new = None
-    for t in range(max_iter):
+    for _ in range(max_iter):
         if m_bar is not None:
             theta, nuc, rank = nuclear_step(theta + tau * m_bar, lam, None, tau)
         th = 1.0 / math.sqrt(1.0 + 2.0 * beta) if accelerate else 1.0
@@ -103,13 +103,7 @@ def solve_dual(
         m_norm = spectral_norm(m_new)
         primal = loss / n + lam * nuc
         dual, _ = regularized_dual_value(p, y, m_norm, lam)
-        info.primal.append(primal)
-        info.dual.append(dual)
-        info.residuals.append(primal - dual)
-        info.rank.append(rank)
-        info.iterations = t + 1
-        if primal - dual <= tol:
-            info.converged = True
+        if info.record(primal, dual, rank, tol):
             break
     handle_nonconvergence(info, on_nonconvergence, f"DCCNN dual solver (duality gap; lam={lam:g})")
     return DualResult(p, m_new, theta, m_norm), info

@@ -57,6 +57,16 @@ class GapTrace(IterInfo):
     passes: int = 0
     gram_norm: float = 0.0
 
+    def record(self, primal: float, dual: float, rank: int, tol: float) -> bool:
+        """Append one iterate's bounds; returns (and sets ``converged``) whether the gap is ``<= tol``."""
+        self.primal.append(primal)
+        self.dual.append(dual)
+        self.residuals.append(primal - dual)
+        self.rank.append(rank)
+        self.iterations += 1
+        self.converged = primal - dual <= tol
+        return self.converged
+
     @property
     def gap(self) -> float:
         return self.residuals[-1] if self.residuals else math.inf
@@ -119,7 +129,7 @@ def solve_primal(
     theta_prev, u_prev = theta, None
     momentum_k, prev_obj = 1.0, math.inf
     beta = 0.0
-    for t in range(max_iter):
+    for _ in range(max_iter):
         u_all = torch.empty(n, k, dtype=theta.dtype, device=theta.device)
         m = torch.zeros_like(theta)  # A^*(E - P_t) / n
         grad_y = torch.zeros_like(theta)  # grad L(Y_t)
@@ -141,13 +151,7 @@ def solve_primal(
         p_t = torch.softmax(u_all, -1)
         mnorm = spectral_norm(m)
         dual = regularized_dual_value(p_t, y, mnorm, lam)[0] if lam is not None else constrained_dual_value(p_t, mnorm, radius)
-        info.primal.append(obj)
-        info.dual.append(dual)
-        info.residuals.append(obj - dual)
-        info.rank.append(rank)
-        info.iterations = t + 1
-        if obj - dual <= tol:
-            info.converged = True
+        if info.record(obj, dual, rank, tol):
             break
         if obj > prev_obj:  # adaptive restart: drop the momentum
             momentum_k = 1.0
