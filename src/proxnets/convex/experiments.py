@@ -36,23 +36,23 @@ VARIANTS = ("mnist5k", "mnist5k-rand", "mnist5k-img", "mnist5k-rot", "mnist5k-im
 def _settings(ctx: SuiteContext) -> dict:
     return dict(
         datasets=ctx.pick(smoke=("digits",), quick=VARIANTS, full=VARIANTS),
-        n_train=ctx.pick(smoke=200, quick=300, full=4000),
+        n_train=ctx.pick(smoke=200, quick=250, full=4000),
         n_test=ctx.pick(smoke=150, quick=300, full=1000),
         est=ctx.pick(
             smoke=dict(patch_size=3, n_features=32, pool_size=2, lam=1e-2, max_iter=40, tol=1e-3),
-            quick=dict(patch_size=5, n_features=48, pool_size=3, lam=1e-2, max_iter=40, tol=1e-3),
+            quick=dict(patch_size=5, n_features=48, pool_size=3, lam=1e-2, max_iter=30, tol=1e-3),
             full=dict(patch_size=5, n_features=500, pool_size=2, lam=1e-3, max_iter=1000, tol=1e-4),
         ),
         filters=ctx.pick(smoke=8, quick=8, full=25),
-        gap_iters=ctx.pick(smoke=80, quick=100, full=2000),
+        gap_iters=ctx.pick(smoke=80, quick=80, full=2000),
         r_grid=ctx.pick(smoke=(1, 2, 4, 8), quick=(1, 2, 4, 8, 16), full=(1, 2, 4, 8, 16, 25, 32)),
-        mem_sizes=ctx.pick(smoke=(300, 600), quick=(500, 1000, 2000), full=(1000, 2000, 4000)),
+        mem_sizes=ctx.pick(smoke=(300, 600), quick=(300, 600, 1200), full=(1000, 2000, 4000)),
         # memory runs: a large feature dimension makes the cached tensor n P D visible above the
         # process's fixed overhead; 3 iterations suffice (memory does not grow with iterations)
         mem_est=ctx.pick(smoke=dict(patch_size=5, n_features=256, pool_size=3, lam=1e-2),
                          quick=dict(patch_size=5, n_features=256, pool_size=3, lam=1e-2),
                          full=dict(patch_size=5, n_features=500, pool_size=2, lam=1e-3)),
-        cnn_epochs=ctx.pick(smoke=15, quick=15, full=30),
+        cnn_epochs=ctx.pick(smoke=15, quick=10, full=30),
     )
 
 
