@@ -1,6 +1,5 @@
 """The scikit-learn contract, input errors, recovery and the exported torch CNN."""
 
-import warnings
 
 import numpy as np
 import pytest

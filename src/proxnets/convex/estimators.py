@@ -38,7 +38,7 @@ __all__ = ["CCNN", "DCCNN"]
 class _ConvexCNN(ClassifierMixin, BaseEstimator):
     """Shared hyper-parameters, input handling and prediction."""
 
-    def _featurizer(self, generator: torch.Generator) -> PatchFeaturizer:
+    def _featurizer(self) -> PatchFeaturizer:
         return PatchFeaturizer(
             patch_size=self.patch_size, stride=self.stride, padding=self.padding, contrast_eps=self.contrast_eps,
             zca_eps=self.zca_eps, kernel=self.kernel, feature_map=self.feature_map, n_features=self.n_features,
@@ -172,7 +172,7 @@ class CCNN(_ConvexCNN):
         g = torch.Generator().manual_seed(int(self.random_state or 0))
         self.featurizers_, self.traces_ = [], []
         for layer in range(self.n_layers):
-            feat = self._featurizer(g).to(x.device).fit(x, g)
+            feat = self._featurizer().to(x.device).fit(x, g)
             z = cache_features(feat, x, self.chunk)  # cached Q: (n, P, D)
             lam, radius = (None, self.radius) if self.radius is not None else (self.lam, None)
             theta, trace = solve_primal(CachedFeatures(z, self.chunk), yt, k, lam=lam, radius=radius,
@@ -221,7 +221,7 @@ class DCCNN(_ConvexCNN):
         self.input_shape_ = tuple(x.shape[1:])
         k = len(self.classes_)
         g = torch.Generator().manual_seed(int(self.random_state or 0))
-        feat = self._featurizer(g).to(x.device).fit(x, g)
+        feat = self._featurizer().to(x.device).fit(x, g)
         source = StreamedFeatures(feat, x, self.chunk)
         self.dual_, self.trace_ = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
                                              beta0=self.beta0, on_nonconvergence=self.on_nonconvergence)

@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from proxnets.convex.dual import solve_dual
 from proxnets.convex.duality import scores
 from proxnets.convex.estimators import CCNN, DCCNN
 from proxnets.convex.models import SmallCNN
