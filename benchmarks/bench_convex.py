@@ -1,0 +1,90 @@
+"""Peak memory and wall time: DCCNN (dual, streamed features) vs CCNN (primal, cached features).
+
+Both solve the same regularized program (same features, same lam, same iteration budget and gap
+tolerance) on mnist5k for n = 1000, 2000, 4000 training images; each fit runs once in a forked
+child, which reports the peak memory it adds (peak resident set), its wall time, the duality gap
+reached and the test error. Runs are single: a full fit takes minutes on 2 shared cores.
+
+    python benchmarks/bench_convex.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from proxnets.convex import CCNN, DCCNN
+from proxnets.convex.sources import fixed_mmap_threshold
+from proxnets.data import load_dataset
+from proxnets.utils.benchmark import peak_memory_mb
+from proxnets.utils.io import read_json, write_json
+
+COMMON = dict(patch_size=5, n_features=256, gamma=0.2, pool_size=3, lam=1e-2, tol=5e-3, chunk=16,
+              on_nonconvergence="ignore", random_state=0)
+
+
+def run(n: int, max_iter: int, data, tmp: Path) -> dict:
+    """One fit per method in a forked child: peak memory it adds, its wall time, its test error."""
+    sub = data.subset(n_train=n, n_test=None, seed=0) if n < len(data.y_train) else data
+    row = {"n": n}
+    for name, cls in (("dccnn", DCCNN), ("ccnn_cached", CCNN)):
+        out = tmp / f"{name}_{n}.json"
+
+        def fit(cls=cls, out=out) -> None:
+            t0 = time.perf_counter()
+            extra = {"n_filters": 25} if cls is DCCNN else {}  # recovery keeps 25 filters (the paper's MNIST setting)
+            est = cls(**COMMON, **extra, max_iter=max_iter).fit(sub.x_train, sub.y_train)
+            seconds = time.perf_counter() - t0
+            err = 100 * (1 - est.score(sub.x_test, sub.y_test))
+            write_json(out, {"time_s": seconds, "test_err": err, "gap": est.trace_.gap, "iters": est.trace_.iterations})
+
+        row[f"{name}_mem_mb"] = peak_memory_mb(fit)
+        for key, v in read_json(out).items():
+            row[f"{name}_{key}"] = v
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="n = 500, 1000 and 30 iterations")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # shared 2-core machine: one thread per process, both methods alike
+    fixed_mmap_threshold()  # peak RSS = live memory, not allocator history (both methods alike)
+    data = load_dataset("mnist5k")
+    sizes, max_iter = ((500, 1000), 30) if args.quick else ((1000, 2000, 4000), 150)
+    # warm-up in the parent: libraries and solver code paths loaded before any child is measured
+    small = data.subset(n_train=100, n_test=None, seed=0)
+    for cls in (DCCNN, CCNN):
+        cls(**COMMON, max_iter=2).fit(small.x_train, small.y_train)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_convex_"))
+    for n in sizes:
+        t0 = time.perf_counter()
+        row = run(n, max_iter, data, tmp)
+        rows.append(row)
+        print(f"n={n}: DCCNN {row['dccnn_mem_mb']:.1f} MiB {row['dccnn_time_s']:.1f} s err {row['dccnn_test_err']:.2f}% "
+              f"gap {row['dccnn_gap']:.2e} | CCNN cached {row['ccnn_cached_mem_mb']:.1f} MiB {row['ccnn_cached_time_s']:.1f} s "
+              f"err {row['ccnn_cached_test_err']:.2f}% gap {row['ccnn_cached_gap']:.2e} "
+              f"| memory ratio {row['ccnn_cached_mem_mb'] / max(row['dccnn_mem_mb'], 1e-9):.2f}x, "
+              f"time ratio (dual/primal) {row['dccnn_time_s'] / row['ccnn_cached_time_s']:.2f}x  [{time.perf_counter() - t0:.0f} s]",
+              flush=True)
+    last = rows[-1]
+    ratio = last["ccnn_cached_mem_mb"] / max(last["dccnn_mem_mb"], 1e-9)
+    dmem = [r["dccnn_mem_mb"] for r in rows]
+    growth = (dmem[-1] - dmem[0]) / max(dmem[0], 1e-9) / ((rows[-1]["n"] - rows[0]["n"]) / rows[0]["n"])
+    err_diff = abs(last["dccnn_test_err"] - last["ccnn_cached_test_err"])
+    print(f"memory at n={last['n']}: DCCNN {last['dccnn_mem_mb']:.1f} MiB vs cached primal {last['ccnn_cached_mem_mb']:.1f} MiB: "
+          f"{ratio:.2f}x lower (target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
+    print(f"DCCNN memory growth relative to linear in n: {growth:.2f} (<= 1 means at most linear)")
+    print(f"test error difference at n={last['n']}: {err_diff:.2f} points (target <= 0.5: {'met' if err_diff <= 0.5 else 'NOT met'})")
+    if args.json:
+        write_json(args.json, {"rows": rows, "memory_ratio": ratio, "memory_growth": growth, "err_diff": err_diff})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""DCCNN's solver: the dual of the regularized CCNN program by a primal-dual first-order method.
+
+The dual (:mod:`proxnets.convex.duality`) is ``max_P (1/n) sum_i H(p_i)`` over rows ``p_i`` on the
+simplex with ``|M(P)|_2 <= lam``, ``M(P) = A^*(E - P) / n``. Its spectral-norm constraint is the
+conjugate of ``lam |.|_*``; we handle it through its Lagrange multiplier, which is the primal
+``Theta`` itself, i.e. we solve the saddle problem
+
+    min_Theta max_P  (1/n) sum_i [ <p_i - e_i, (A Theta)_i> + H(p_i) ] + lam |Theta|_*
+
+by Chambolle-Pock with an entropic (KL) proximal step on the dual variable, accelerated by the
+strong concavity of the entropy (the dual side is 1-strongly convex relative to KL):
+
+    Theta_{t+1} = SVT_{tau lam}( Theta_t + tau M(Pbar_t) )
+    p_i^{t+1}   = softmax( (beta u_i + log p_i^t) / (1 + beta) ),    u = A Theta_{t+1}
+    th = 1 / sqrt(1 + 2 beta);  beta <- th beta;  tau <- tau / th
+    Pbar_{t+1}  = P_{t+1} + th (P_{t+1} - P_t)
+
+with ``tau beta lambda_max(A^* A / n) <= 1``. ``Theta`` is only the multiplier of the dual
+constraint: a ``(D, K P)`` matrix, small. The state that grows with ``n`` is ``P`` (n x K). One pass
+over the (streamed) features per iteration computes ``u``, the new dual rows and ``M`` -- never the
+feature tensor ``Q`` nor any ``n x n`` matrix.
+
+Certificate at every iteration: the lower bound ``D(P_s)`` of the dual iterate shrunk to
+feasibility (``|M(P_s)|_2 <= lam`` by construction, ``|M|_2`` computed exactly), and the upper bound
+``F(Theta_{t+1})`` of the primal recovered from the dual iterate. Weak duality makes their
+difference a valid gap at every iterate, whatever the step sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from proxnets.convex.duality import logistic_loss, regularized_dual_value, scores, scores_adjoint, spectral_norm
+from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
+from proxnets.convex.sources import gram_norm
+from proxnets.utils.convergence import handle_nonconvergence
+from proxnets.utils.validation import check_int, check_number
+
+__all__ = ["DualResult", "solve_dual"]
+
+
+class DualResult:
+    """The dual solution: ``p (n, K)`` dual rows, ``m (D, K P)`` = ``M(P)``, ``theta`` the multiplier."""
+
+    def __init__(self, p: torch.Tensor, m: torch.Tensor, theta: torch.Tensor, m_norm: float):
+        self.p, self.m, self.theta, self.m_norm = p, m, theta, m_norm
+
+
+def solve_dual(
+    source,
+    y: torch.Tensor,
+    n_classes: int,
+    lam: float,
+    *,
+    max_iter: int = 300,
+    tol: float = 1e-3,
+    beta0: float = 1.0,
+    accelerate: bool = True,
+    gram: float | None = None,
+    on_nonconvergence: str = "warn",
+) -> tuple[DualResult, GapTrace]:
+    """Solve the DCCNN dual; returns ``(DualResult, GapTrace)`` with the gap of every iterate."""
+    check_number("lam", lam, low=0.0, low_inclusive=False)
+    check_int("max_iter", max_iter, low=1)
+    check_number("tol", tol, low=0.0)
+    check_number("beta0", beta0, low=0.0, low_inclusive=False)
+    n, k, npos, d = source.n, n_classes, source.n_positions, source.dim
+    info = GapTrace()
+    info.gram_norm = gram_norm(source, k) if gram is None else float(gram)
+    beta = beta0
+    tau = 1.0 / (beta * 1.1 * info.gram_norm)
+    sample = next(iter(source.chunks()))[1]
+    dtype, device = sample.dtype, sample.device
+    p = torch.full((n, k), 1.0 / k, dtype=dtype, device=device)
+    theta = torch.zeros(d, k * npos, dtype=dtype, device=device)
+    nuc, rank = 0.0, 0
+    m_bar = None  # M(Pbar_t); None before the first pass
+    m_new = None
+    for _ in range(max_iter):
+        if m_bar is not None:
+            theta, nuc, rank = nuclear_step(theta + tau * m_bar, lam, None, tau)
+        th = 1.0 / math.sqrt(1.0 + 2.0 * beta) if accelerate else 1.0
+        m_new = torch.zeros_like(theta)  # M(P_{t+1})
+        m_bar = torch.zeros_like(theta)  # M(Pbar_{t+1})
+        loss = 0.0
+        for rows, z in source.chunks():
+            u = scores(z, theta)  # (b, K)
+            yb = y[rows]
+            loss += float(logistic_loss(u, yb))
+            p_old = p[rows]
+            p_next = torch.softmax((beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
+            e = one_hot(yb, k, dtype)
+            m_new += scores_adjoint(z, e - p_next)
+            m_bar += scores_adjoint(z, e - (p_next + th * (p_next - p_old)))
+            p[rows] = p_next
+        info.passes += 1
+        m_new /= n
+        m_bar /= n
+        if accelerate:
+            beta, tau = th * beta, tau / th
+        m_norm = spectral_norm(m_new)
+        primal = loss / n + lam * nuc
+        dual, _ = regularized_dual_value(p, y, m_norm, lam)
+        if info.record(primal, dual, rank, tol):
+            break
+    handle_nonconvergence(info, on_nonconvergence, f"DCCNN dual solver (duality gap; lam={lam:g})")
+    return DualResult(p, m_new, theta, m_norm), info

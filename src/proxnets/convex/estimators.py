@@ -1,0 +1,235 @@
+"""scikit-learn estimators: :class:`CCNN` (primal, cached features) and :class:`DCCNN` (dual).
+
+Both take images as numpy arrays or torch tensors of shape ``(N, C, H, W)``, ``(N, H, W)`` (one
+channel) or ``(N, F)`` (rows reshaped to ``image_shape``, default ``(1, 1, F)``: a 1-D signal), and
+labels of any type (``classes_`` keeps them). After ``fit``:
+
+- ``featurizers_``: the fitted :class:`~proxnets.convex.features.PatchFeaturizer` of each layer;
+- ``filters_`` ``(D, r)`` and ``head_`` ``(r, K P)`` of the last layer; ``theta_ = filters_ @ head_``
+  is the model that ``predict`` uses;
+- ``trace_``: the :class:`~proxnets.convex.primal.GapTrace` (duality gap per iteration).
+
+``CCNN`` solves the primal over cached features (the reference way; ``radius`` for the
+constrained problem, else ``lam``) and takes ``n_filters`` (default: the rank) top left singular
+vectors of its solution as filters; deeper layers are trained one by one on the previous layer's
+filter responses. ``DCCNN`` solves the dual with streamed features and recovers ``n_filters``
+filters and the head (:mod:`proxnets.convex.recovery`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+from proxnets.convex.dual import solve_dual
+from proxnets.convex.duality import scores
+from proxnets.convex.features import PatchFeaturizer
+from proxnets.convex.primal import solve_primal
+from proxnets.convex.recovery import recover
+from proxnets.convex.sources import CachedFeatures, StreamedFeatures, cache_features
+from proxnets.utils.validation import check_int, check_number, fail
+
+__all__ = ["CCNN", "DCCNN"]
+
+
+class _ConvexCNN(ClassifierMixin, BaseEstimator):
+    """Shared hyper-parameters, input handling and prediction."""
+
+    def _featurizer(self) -> PatchFeaturizer:
+        return PatchFeaturizer(
+            patch_size=self.patch_size, stride=self.stride, padding=self.padding, contrast_eps=self.contrast_eps,
+            zca_eps=self.zca_eps, kernel=self.kernel, feature_map=self.feature_map, n_features=self.n_features,
+            gamma=self.gamma, pool_size=self.pool_size, pool_stride=self.pool_stride,
+        )
+
+    # ------------------------------------------------------------ input handling
+    def _images(self, X, *, reset: bool) -> torch.Tensor:
+        device = torch.device(self.device if self.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        if getattr(X, "ndim", 2) <= 2:
+            X = validate_data(self, X, reset=reset, dtype=np.float32)
+            shape = self.image_shape if self.image_shape is not None else (1, 1, X.shape[1])
+            if int(np.prod(shape)) != X.shape[1]:
+                fail("image_shape", f"a shape with {X.shape[1]} entries (the number of features)", shape)
+            X = X.reshape(X.shape[0], *shape)
+        else:
+            X = np.asarray(X, dtype=np.float32)
+            if X.ndim == 3:
+                X = X[:, None]
+            if X.ndim != 4:
+                fail("X", "images (N, C, H, W), (N, H, W) or rows (N, F)", f"an array of shape {X.shape}")
+            if not np.isfinite(X).all():
+                raise ValueError("X: expected finite values, got an array containing NaN or inf")
+            if reset:
+                self.n_features_in_ = int(np.prod(X.shape[1:]))
+        x = torch.from_numpy(np.ascontiguousarray(X)).to(device)
+        if not reset and tuple(x.shape[1:]) != self.input_shape_:
+            fail("X", f"images of shape (N, {', '.join(map(str, self.input_shape_))}) as in fit", f"shape {tuple(x.shape)}")
+        return x
+
+    def _labels(self, y, n: int) -> torch.Tensor:
+        if y is None:
+            raise ValueError(f"y: {type(self).__name__} requires y to be passed, but the target y is None")
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        y = column_or_1d(np.asarray(y), warn=True)
+        if n < 2:
+            fail("X", "at least 2 samples", "n_samples = 1")
+        if y.shape[0] != n:
+            fail("y", f"{n} labels (one per sample of X)", f"{y.shape[0]} labels")
+        check_classification_targets(y)
+        self.classes_, idx = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            fail("y", "at least 2 classes", f"only class {self.classes_[0]!r}")
+        return torch.from_numpy(idx.astype(np.int64))
+
+    def _check_common(self) -> None:
+        check_number("lam", self.lam, low=0.0, low_inclusive=False)
+        check_int("max_iter", self.max_iter, low=1)
+        check_number("tol", self.tol, low=0.0)
+        check_int("chunk", self.chunk, low=1)
+        if self.n_filters is not None:
+            check_int("n_filters", self.n_filters, low=1)
+
+    # -------------------------------------------------------------- prediction
+    def _last_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of the last layer, ``(N, P, D)``, layer by layer."""
+        for layer in self.featurizers_[:-1]:
+            x = layer.next_input(x)
+        return self.featurizers_[-1](x)
+
+    def class_scores(self, X) -> np.ndarray:
+        """Class scores ``u_i = A theta_`` ``(N, K)`` of the recovered CNN (the exported net's output)."""
+        check_is_fitted(self, "theta_")
+        x = self._images(X, reset=False)
+        with torch.no_grad():
+            out = torch.cat([scores(self._last_features(x[i : i + self.chunk]), self.theta_)
+                             for i in range(0, x.shape[0], self.chunk)])
+        return out.double().cpu().numpy()
+
+    def decision_function(self, X) -> np.ndarray:
+        """:meth:`class_scores`; for two classes scikit-learn's ``(N,)`` score ``u_1 - u_0``."""
+        u = self.class_scores(X)
+        return u[:, 1] - u[:, 0] if u.shape[1] == 2 else u
+
+    def predict_proba(self, X) -> np.ndarray:
+        u = self.class_scores(X)
+        e = np.exp(u - u.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        idx = self.class_scores(X).argmax(1)
+        return self.classes_[idx]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = self.device != "cpu"
+        return tags
+
+
+_DOC_PARAMS = """
+    Parameters (pipeline): ``patch_size``, ``stride``, ``padding``, ``contrast_eps`` (``None``: off),
+    ``zca_eps`` (``None``: off), ``kernel`` in {"rbf", "inverse_poly", "linear"}, ``feature_map`` in
+    {"rff", "nystrom", "linear"}, ``n_features`` (D), ``gamma``, ``pool_size``, ``pool_stride``.
+    Solver: ``lam`` (> 0), ``max_iter``, ``tol`` (duality gap), ``chunk`` (samples per pass block),
+    ``on_nonconvergence`` in {"ignore", "warn", "raise"}. ``n_filters``: filters kept.
+    ``image_shape``: for 2-D ``X``. ``device``: "cpu", "cuda" or "auto". ``random_state``: seed.
+"""
+
+
+class CCNN(_ConvexCNN):
+    __doc__ = "Convexified CNN solved in the primal over cached features." + _DOC_PARAMS + """
+    ``radius``: solve the constrained problem ``|Theta|_* <= radius`` instead of the regularized
+    one. ``n_layers``: layers trained one by one; lower layers pass ``n_filters`` (default 16)
+    filter maps to the next.
+    """
+
+    def __init__(self, *, patch_size=5, stride=1, padding=0, contrast_eps=0.1, zca_eps=0.1, kernel="rbf",
+                 feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2, radius=None,
+                 n_layers=1, n_filters=None, max_iter=300, tol=1e-3, chunk=256, image_shape=None, device="cpu",
+                 random_state=0, on_nonconvergence="warn"):
+        self.patch_size, self.stride, self.padding = patch_size, stride, padding
+        self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
+        self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
+        self.lam, self.radius, self.n_layers, self.n_filters = lam, radius, n_layers, n_filters
+        self.max_iter, self.tol, self.chunk, self.image_shape = max_iter, tol, chunk, image_shape
+        self.device, self.random_state, self.on_nonconvergence = device, random_state, on_nonconvergence
+
+    def fit(self, X, y):
+        self._check_common()
+        check_int("n_layers", self.n_layers, low=1)
+        if self.radius is not None:
+            check_number("radius", self.radius, low=0.0, low_inclusive=False)
+        x = self._images(X, reset=True)
+        yt = self._labels(y, x.shape[0]).to(x.device)
+        self.input_shape_ = tuple(x.shape[1:])
+        k = len(self.classes_)
+        g = torch.Generator().manual_seed(int(self.random_state or 0))
+        self.featurizers_, self.traces_ = [], []
+        for layer in range(self.n_layers):
+            feat = self._featurizer().to(x.device).fit(x, g)
+            z = cache_features(feat, x, self.chunk)  # cached Q: (n, P, D)
+            lam, radius = (None, self.radius) if self.radius is not None else (self.lam, None)
+            theta, trace = solve_primal(CachedFeatures(z, self.chunk), yt, k, lam=lam, radius=radius,
+                                        max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence)
+            last = layer == self.n_layers - 1
+            r = self.n_filters if (self.n_filters is not None or last) else 16
+            u, s, vh = torch.linalg.svd(theta, full_matrices=False)
+            r = min(r if r is not None else max(1, int((s > 1e-8 * s[0].clamp_min(1e-30)).sum())), s.numel())
+            feat.filters = u[:, :r].contiguous()  # (D, r)
+            self.featurizers_.append(feat)
+            self.traces_.append(trace)
+            if not last:
+                x = feat.next_input(x)
+        self.filters_ = u[:, :r].contiguous()
+        self.head_ = s[:r, None] * vh[:r]  # (r, K P)
+        self.theta_ = self.filters_ @ self.head_
+        self.full_theta_ = theta
+        self.trace_ = trace
+        self.n_iter_ = trace.iterations
+        return self
+
+
+class DCCNN(_ConvexCNN):
+    __doc__ = "Convexified CNN solved through its dual, with filter recovery." + _DOC_PARAMS + """
+    ``n_filters``: filters recovered (``None``: the active part of the dual spectrum, see
+    :func:`~proxnets.convex.recovery.active_rank`). ``beta0``: initial dual step.
+    After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
+    """
+
+    def __init__(self, *, patch_size=5, stride=1, padding=0, contrast_eps=0.1, zca_eps=0.1, kernel="rbf",
+                 feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2,
+                 n_filters=None, max_iter=300, tol=1e-3, beta0=1.0, chunk=256, image_shape=None, device="cpu",
+                 random_state=0, on_nonconvergence="warn"):
+        self.patch_size, self.stride, self.padding = patch_size, stride, padding
+        self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
+        self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
+        self.lam, self.n_filters, self.max_iter, self.tol, self.beta0 = lam, n_filters, max_iter, tol, beta0
+        self.chunk, self.image_shape, self.device = chunk, image_shape, device
+        self.random_state, self.on_nonconvergence = random_state, on_nonconvergence
+
+    def fit(self, X, y):
+        self._check_common()
+        check_number("beta0", self.beta0, low=0.0, low_inclusive=False)
+        x = self._images(X, reset=True)
+        yt = self._labels(y, x.shape[0]).to(x.device)
+        self.input_shape_ = tuple(x.shape[1:])
+        k = len(self.classes_)
+        g = torch.Generator().manual_seed(int(self.random_state or 0))
+        feat = self._featurizer().to(x.device).fit(x, g)
+        source = StreamedFeatures(feat, x, self.chunk)
+        self.dual_, self.trace_ = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
+                                             beta0=self.beta0, on_nonconvergence=self.on_nonconvergence)
+        self.recovery_ = recover(source, yt, k, self.dual_, self.lam, n_filters=self.n_filters,
+                                 max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence)
+        feat.filters = self.recovery_.filters
+        self.featurizers_ = [feat]
+        self.filters_, self.head_ = self.recovery_.filters, self.recovery_.head
+        self.theta_ = self.recovery_.theta
+        self.n_iter_ = self.trace_.iterations
+        return self

@@ -1,0 +1,100 @@
+"""The patch pipeline of a convexified CNN, as batched torch operations.
+
+An image ``x`` of shape ``(C, H, W)`` is read through its patches: with a patch size ``(kh, kw)``,
+a stride ``s`` and a zero padding ``q``, patch ``j`` is the vector ``x_j`` in ``R^d``,
+``d = C kh kw`` (``F.unfold`` order), at output position ``j`` of an ``(H', W')`` grid,
+``H' = (H + 2q - kh) // s + 1``.
+
+- :func:`extract_patches` -- ``(N, C, H, W) -> (N, H' W', d)``.
+- :func:`contrast_normalize` -- per patch ``(x - mean(x) 1) / (|x - mean(x) 1|_2 + eps)``.
+- :class:`ZCA` / :func:`fit_zca` -- whitening ``x -> W (x - mu)``, ``W = U (S + eps I)^{-1/2} U^T``
+  from the patch covariance ``U S U^T``.
+- :func:`pool_features` -- average pooling of per-position features ``(N, H' W', D)`` on the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from proxnets.utils.validation import check_int, check_number, check_tensor, fail
+
+__all__ = ["pair", "grid_shape", "extract_patches", "contrast_normalize", "ZCA", "fit_zca", "pool_features"]
+
+
+def pair(name: str, v: int | tuple[int, int]) -> tuple[int, int]:
+    """``v`` or ``(v, v)`` as a pair of positive integers."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = (v, v)
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        fail(name, "a positive integer or a pair of them", v)
+    return check_int(f"{name}[0]", v[0], low=1), check_int(f"{name}[1]", v[1], low=1)
+
+
+def grid_shape(image_hw: tuple[int, int], size: tuple[int, int], stride: int, padding: int) -> tuple[int, int]:
+    """Output grid ``(H', W')`` of a sliding window; raises when the window does not fit."""
+    h, w = image_hw[0] + 2 * padding, image_hw[1] + 2 * padding
+    if size[0] > h or size[1] > w:
+        fail("patch_size", f"a window no larger than the (padded) image {h}x{w}", size)
+    return (h - size[0]) // stride + 1, (w - size[1]) // stride + 1
+
+
+def extract_patches(images: torch.Tensor, size: int | tuple[int, int], stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """Patches ``(N, H' W', C kh kw)`` of images ``(N, C, H, W)``."""
+    check_tensor("images", images, ndim=4)
+    size = pair("patch_size", size)
+    check_int("stride", stride, low=1)
+    check_int("padding", padding, low=0)
+    grid_shape(tuple(images.shape[-2:]), size, stride, padding)
+    cols = F.unfold(images, size, padding=padding, stride=stride)  # (N, d, H'W')
+    return cols.transpose(1, 2)  # (N, H'W', d)
+
+
+def contrast_normalize(patches: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+    """``(x - mean(x)) / (|x - mean(x)|_2 + eps)`` over the last axis (eps keeps flat patches flat)."""
+    check_number("eps", eps, low=0.0, low_inclusive=False)
+    centered = patches - patches.mean(dim=-1, keepdim=True)
+    return centered / (centered.norm(dim=-1, keepdim=True) + eps)
+
+
+@dataclasses.dataclass
+class ZCA:
+    """Whitening ``x -> (x - mean) @ matrix`` (``matrix`` symmetric ``(d, d)``)."""
+
+    mean: torch.Tensor  # (d,)
+    matrix: torch.Tensor  # (d, d)
+
+    def __call__(self, patches: torch.Tensor) -> torch.Tensor:
+        return (patches - self.mean) @ self.matrix
+
+    def to(self, device: torch.device | str) -> "ZCA":
+        return ZCA(self.mean.to(device), self.matrix.to(device))
+
+
+def fit_zca(patches: torch.Tensor, eps: float = 0.1) -> ZCA:
+    """ZCA from patches ``(M, d)``: ``W = U diag(1 / sqrt(s + eps)) U^T`` of the covariance."""
+    check_tensor("patches", patches, ndim=2)
+    check_number("eps", eps, low=0.0, low_inclusive=False)
+    if patches.shape[0] < 2:
+        fail("patches", "at least 2 patches to estimate a covariance", f"shape {tuple(patches.shape)}")
+    x = patches.double()
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)  # (d, d)
+    s, u = torch.linalg.eigh(cov)
+    w = (u * (s.clamp_min(0) + eps).rsqrt()) @ u.T
+    return ZCA(mean.to(patches.dtype), w.to(patches.dtype))
+
+
+def pool_features(features: torch.Tensor, grid: tuple[int, int], size: int, stride: int) -> torch.Tensor:
+    """Average pooling of ``(N, H' W', D)`` on the ``grid`` -> ``(N, P, D)``, ``P`` pooled positions."""
+    n, m, dim = features.shape
+    if m != grid[0] * grid[1]:
+        fail("features", f"{grid[0] * grid[1]} positions for grid {grid}", f"shape {tuple(features.shape)}")
+    if size == 1 and stride == 1:
+        return features
+    # (N, H', W', D) viewed as channels-last (N, D, H', W'): pooled without copying the input
+    maps = features.reshape(n, grid[0], grid[1], dim).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(maps, size, stride=stride)  # (N, D, Hp, Wp)
+    return pooled.flatten(2).transpose(1, 2)  # (N, P, D)

@@ -1,0 +1,142 @@
+"""Where the solvers read the features ``Z_i`` from, a chunk of samples at a time.
+
+- :class:`CachedFeatures` -- a tensor ``Q`` of shape ``(n, P, D)`` held in memory (CCNN's reference
+  way: fast per pass, memory ``n P D``).
+- :class:`StreamedFeatures` -- images plus a fitted :class:`~proxnets.convex.features.PatchFeaturizer`;
+  every pass recomputes ``Z`` chunk by chunk: memory ``chunk P D`` besides the images.
+
+Both expose ``n``, ``n_positions`` (P), ``dim`` (D) and ``chunks()`` yielding ``(rows, Z[rows])``.
+:func:`score_operator` turns a source into the ``LinearOperator`` ``Theta -> A Theta / sqrt(n)``
+on which the project's power iteration estimates ``lambda_max(A^* A / n)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Iterator
+
+import torch
+
+from proxnets.convex.duality import scores, scores_adjoint
+from proxnets.convex.features import PatchFeaturizer
+from proxnets.operators import LinearOperator, power_iteration
+from proxnets.utils.validation import check_int, check_tensor
+
+__all__ = ["CachedFeatures", "StreamedFeatures", "cache_features", "score_operator", "gram_norm", "fixed_mmap_threshold"]
+
+
+class CachedFeatures:
+    """Features held in memory: ``z (n, P, D)``."""
+
+    def __init__(self, z: torch.Tensor, chunk: int = 512):
+        self.z = check_tensor("z", z, ndim=3)
+        self.chunk = check_int("chunk", chunk, low=1)
+
+    @property
+    def n(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.z.shape[2]
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        for i in range(0, self.n, self.chunk):
+            sl = slice(i, min(i + self.chunk, self.n))
+            yield sl, self.z[sl]
+
+    def subset(self, idx: torch.Tensor) -> "CachedFeatures":
+        return CachedFeatures(self.z[idx], self.chunk)
+
+
+class StreamedFeatures:
+    """Features recomputed on every pass from ``images (n, C, H, W)``."""
+
+    def __init__(self, featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256):
+        self.featurizer = featurizer
+        self.images = images
+        self.chunk = check_int("chunk", chunk, low=1)
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.featurizer.n_positions
+
+    @property
+    def dim(self) -> int:
+        return self.featurizer.dim
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        with torch.no_grad():
+            yield from self.featurizer.chunks(self.images, self.chunk)
+
+    def subset(self, idx: torch.Tensor) -> "StreamedFeatures":
+        return StreamedFeatures(self.featurizer, self.images[idx], self.chunk)
+
+
+def cache_features(featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """The feature tensor ``Q (n, P, D)`` filled chunk by chunk into one preallocated tensor."""
+    out = None
+    with torch.no_grad():
+        for rows, z in featurizer.chunks(images, chunk):
+            if out is None:
+                out = torch.empty(images.shape[0], *z.shape[1:], dtype=z.dtype, device=z.device)
+            out[rows] = z
+    return out
+
+
+def score_operator(source, n_classes: int) -> LinearOperator:
+    """``Theta (D, K P) -> A Theta / sqrt(n)`` (n, K) and its adjoint, one pass over ``source`` each."""
+    scale = source.n ** -0.5
+
+    def forward(theta: torch.Tensor) -> torch.Tensor:
+        return torch.cat([scores(z, theta) for _, z in source.chunks()]) * scale
+
+    def adjoint(c: torch.Tensor) -> torch.Tensor:
+        out = None
+        for rows, z in source.chunks():
+            g = scores_adjoint(z, c[rows].to(z.dtype))
+            out = g if out is None else out + g
+        return out * scale
+
+    shape = (source.dim, n_classes * source.n_positions)
+    sample = next(iter(source.chunks()))[1]
+    return LinearOperator(forward, adjoint, shape, sample.dtype, sample.device)
+
+
+def gram_norm(source, n_classes: int, *, max_samples: int = 512, iterations: int = 50, seed: int = 0) -> float:
+    """``lambda_max(A^* A / n)`` estimated by power iteration on at most ``max_samples`` samples.
+
+    ``A^* A`` acts on each class block alike, so one class suffices; a subsample estimates the
+    mean ``(1/n) sum_i Z_i^* Z_i``. The solvers only take step sizes from it (x 1.1 margin): the
+    duality gap they report is valid whatever its error.
+    """
+    g = torch.Generator().manual_seed(seed)
+    sub = source if source.n <= max_samples else source.subset(torch.randperm(source.n, generator=g)[:max_samples])
+    op = score_operator(sub, 1)
+    sigma, _, _ = power_iteration(op, iterations=iterations, tol=1e-4, generator=g)
+    return float(sigma) ** 2
+
+
+def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold so that freed large buffers go back to the system.
+
+    glibc raises the threshold after each freed mmap'd block (up to 32 MiB), after which freed
+    feature chunks stay in the heap and count in the resident set: peak-RSS measurements then
+    reflect allocator history rather than live memory. Returns False where unavailable.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
