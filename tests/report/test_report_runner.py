@@ -70,7 +70,9 @@ def test_same_seed_same_numbers_and_config_replay(fake, tmp_path):
     assert cfg.seed == 3 and cfg.methods == ["fake"] and cfg.size == "smoke"
     cfg.out = str(tmp_path / "b")
     b, _ = reproduce(cfg, log=lambda m: None)
-    assert a["suites"][0]["metrics"] == b["suites"][0]["metrics"]
+    ma, mb = a["suites"][0]["metrics"], b["suites"][0]["metrics"]
+    assert ma["first"] == mb["first"]  # the seeded draw repeats exactly
+    assert ma["residual"] == pytest.approx(mb["residual"], abs=1e-12)  # LAPACK round-off may differ
 
 
 def test_config_mismatch_and_bad_values(fake, tmp_path):
