@@ -53,6 +53,11 @@ def engine_loop(ds, epochs: int, batch_size: int) -> None:
         fit(small_cnn(), ds, cfg, run_dir=d, log=lambda m: None)
 
 
+def engine_loop_bare(ds, epochs: int, batch_size: int) -> None:
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=1e-3, progress=False, eval_every_epoch=False)
+    fit(small_cnn(), ds, cfg, log=lambda m: None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -60,13 +65,15 @@ def main() -> None:
     ds = load_dataset("mnist5k", n_train=1000 if args.quick else 4000, n_test=200 if args.quick else 1000)
     epochs, bs = 1, 128
     repeats = 3 if args.quick else 5
-    t = time_interleaved({"plain": lambda: plain_loop(ds, epochs, bs), "fit": lambda: engine_loop(ds, epochs, bs)},
-                         warmup=1, repeats=repeats)
-    plain, ours = t["plain"], t["fit"]
+    t = time_interleaved({"plain": lambda: plain_loop(ds, epochs, bs), "fit": lambda: engine_loop(ds, epochs, bs),
+                          "bare": lambda: engine_loop_bare(ds, epochs, bs)}, warmup=1, repeats=repeats)
+    plain, ours, bare = t["plain"], t["fit"], t["bare"]
     print(f"torch threads: {torch.get_num_threads()}, train images: {len(ds.x_train)}, epochs: {epochs}, batch: {bs}")
     print(f"plain PyTorch loop: {plain}")
     print(f"proxnets fit (+ eval, metrics, checkpoint): {ours}")
-    print(f"ratio fit / plain (medians, interleaved runs): {ours.median / plain.median:.3f}x")
+    print(f"proxnets fit, loop only (no eval, no run dir): {bare}")
+    print(f"ratio fit (loop only) / plain: {bare.median / plain.median:.3f}x")
+    print(f"ratio fit (+ eval, metrics, checkpoint) / plain (medians, interleaved runs): {ours.median / plain.median:.3f}x")
 
 
 if __name__ == "__main__":
