@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(VENV)/bin/proxnets bench $(ARGS)
 
 clean:
