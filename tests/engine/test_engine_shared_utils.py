@@ -77,3 +77,6 @@ def test_plots_and_json_are_written_atomically(tmp_path):
     write_json(tmp_path / "r.json", {"t": torch.tensor([1.0, 2.0]), "n": float("nan")})
     assert read_json(tmp_path / "r.json")["t"] == [1.0, 2.0]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.png", "b.png", "r.json"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
