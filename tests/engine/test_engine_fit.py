@@ -130,11 +130,12 @@ def test_ddp_two_processes_match_one(tmp_path):
     script = Path(__file__).with_name("ddp_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
-    subprocess.run(
+    two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
          str(tmp_path / "two")],
-        check=True, env=env, timeout=300, capture_output=True,
+        env=env, timeout=300, capture_output=True, text=True,
     )
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-4000:]
 
     def losses(d):
         recs = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]

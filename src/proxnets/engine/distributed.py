@@ -9,6 +9,7 @@ share so that DDP's gradient average equals the single-process gradient of the g
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap", "local_slice", "all_reduce_mean"]
+__all__ = ["DistInfo", "init_distributed", "wrap_model", "unwrap", "local_slice", "all_reduce_mean", "barrier"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +44,17 @@ def init_distributed(device: torch.device) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        # a group left alive at interpreter exit can abort the process (gloo: "terminate called
+        # without an active exception") after training has finished; we opened it, we close it
+        atexit.register(_destroy)
     if device.type == "cuda":
         torch.cuda.set_device(local)
     return DistInfo(rank, world, local)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
@@ -66,6 +75,11 @@ def local_slice(indices: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, fl
         return indices, 1.0
     part = torch.tensor_split(indices, info.world_size)[info.rank]
     return part, info.world_size * len(part) / max(len(indices), 1)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:

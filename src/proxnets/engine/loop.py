@@ -29,7 +29,7 @@ from proxnets.data.dataset import ImageDataset
 from proxnets.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from proxnets.engine.config import TrainConfig
 from proxnets.engine.device import seed_everything, select_device, set_deterministic
-from proxnets.engine.distributed import all_reduce_mean, init_distributed, local_slice, unwrap, wrap_model
+from proxnets.engine.distributed import all_reduce_mean, barrier, init_distributed, local_slice, unwrap, wrap_model
 from proxnets.engine.progress import epoch_line, progress_iter
 from proxnets.engine.schedules import lr_factor
 from proxnets.utils.io import append_jsonl, write_json, write_text
@@ -277,6 +277,8 @@ def fit(
         interrupted = True
         log(f"interrupted at step {global_step}; resume with resume=True from {run_path}")
         raise
+    # ranks leave fit together: rank 0 still evaluates and writes files after its last step
+    barrier(dist_info)
     return FitResult(unwrap(net), history, run_path, global_step, interrupted)
 
 
