@@ -26,7 +26,6 @@ from proxnets.capsules.routing import dynamic_routing
 from proxnets.engine.plotting import multi_plot
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
-from proxnets.utils.threads import intra_op_threads
 
 __all__ = ["run", "accuracy_trained_per_updates"]
 
@@ -137,11 +136,8 @@ def _study(ctx: SuiteContext, name: str, ds) -> dict:
 def _long_run(ctx: SuiteContext, model: CapsNet, u: torch.Tensor, pred3: torch.Tensor) -> dict:
     """Routing until the couplings stop moving (``tol``) on a few test samples: where it converges."""
     max_passes = ctx.pick(smoke=1000, quick=2000, full=10000)
-    # Thousands of passes on a few samples are thousands of tiny operations: threads would only add
-    # synchronization (and stall badly on a loaded machine), so this part runs on one.
-    with intra_op_threads(1):
-        v, info = dynamic_routing(model.classes.votes(u), max_passes, tol=LONG_RUN_TOL, trace=True,
-                                  policy="ignore", leaky=model.classes.leaky)
+    v, info = dynamic_routing(model.classes.votes(u), max_passes, tol=LONG_RUN_TOL, trace=True,
+                              policy="ignore", leaky=model.classes.leaky)
     summary = info.summary()
     e = info.energy.double()
     return {

@@ -128,15 +128,6 @@ def _memory(ctx: SuiteContext, s: dict) -> dict:
 
 
 def run(ctx: SuiteContext) -> SuiteResult:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small ops: one thread is faster on a shared 2-core machine
-    try:
-        return _run(ctx)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(ctx: SuiteContext) -> SuiteResult:
     s = _settings(ctx)
     notes: list[str] = []
     t0 = time.perf_counter()

@@ -39,7 +39,6 @@ from proxnets.equilibrium.prox import (
     UserProx,
     get_activation,
 )
-from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumInfo, get_solver, solve
 
 __all__ = [
@@ -51,5 +50,5 @@ __all__ = [
     "OptEqBase", "OptEq", "OptEqConv2d",
     "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
     "certify_opteq", "convergence_logger",
-    "MODELS", "intra_op_threads",
+    "MODELS",
 ]

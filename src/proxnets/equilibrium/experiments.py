@@ -31,7 +31,6 @@ from proxnets.equilibrium.models import (
     convergence_logger,
     count_parameters,
 )
-from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import halpern, solve
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
@@ -158,11 +157,6 @@ def _sparsity(model: OptEqClassifier, x: torch.Tensor) -> float:
 
 
 def run(ctx: SuiteContext) -> SuiteResult:
-    with intra_op_threads(1):
-        return _run(ctx)
-
-
-def _run(ctx: SuiteContext) -> SuiteResult:
     t_start = time.perf_counter()
     seed_everything(ctx.seed)
     notes = []

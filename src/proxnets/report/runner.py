@@ -33,6 +33,7 @@ from proxnets.report.html import render_report
 from proxnets.report.registry import SUITES, get_suite
 from proxnets.report.suite import SIZES, SuiteContext, SuiteResult
 from proxnets.utils.io import read_json, write_json, write_text
+from proxnets.utils.threads import intra_op_threads
 from proxnets.utils.validation import check_choice, check_int
 
 try:  # Python >= 3.11
@@ -123,7 +124,11 @@ def _run_suite(method: str, cfg: ReproduceConfig, out: Path, device: torch.devic
     t0 = time.perf_counter()
     log(f"[{method}] running ({cfg.size})")
     try:
-        result = get_suite(method)(ctx)
+        # The suites on CPU are many small tensor operations: one intra-op thread beats two on a
+        # shared 2-core machine (measured up to 30x, see proxnets.utils.threads); on a GPU the
+        # thread count hardly matters.
+        with intra_op_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+            result = get_suite(method)(ctx)
         if not isinstance(result, SuiteResult):
             raise TypeError(f"suite {method!r} returned {type(result).__name__}, expected SuiteResult")
         _relative_figures(result, suite_dir, out)

@@ -33,7 +33,6 @@ from proxnets.stable.norms import NormConstraintWarning
 from proxnets.stable.physics import Blur, gaussian_kernel
 from proxnets.stable.pnp import pnp_fbs, psnr, relax_denoiser, ssim
 from proxnets.stable.restore import save_denoiser
-from proxnets.utils.threads import intra_op_threads
 
 __all__ = ["run"]
 
@@ -286,13 +285,6 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
 
 
 def run(ctx: SuiteContext) -> SuiteResult:
-    # these workloads are many small tensors: one intra-op thread avoids the spin-wait contention
-    # that makes them many times slower on a shared machine; the caller's setting comes back after
-    with intra_op_threads(1):
-        return _run(ctx)
-
-
-def _run(ctx: SuiteContext) -> SuiteResult:
     result = SuiteResult(method="stable")
     for name, part in (("Lipschitz growth", lipschitz_growth), ("robust classification", robust_classification),
                        ("denoising and PnP", denoising_and_pnp)):
