@@ -184,9 +184,10 @@ def evaluate_cmd(run_dir: Path, dataset, data_dir) -> None:
     trainable.model.load_state_dict(load_state(run_dir / "model.pt"))
     acc = evaluate(trainable.model, ds.x_test, ds.y_test, trainable.predict_fn)
     click.echo(f"{meta['model']} on {ds.name} test ({len(ds.x_test)} images): accuracy {acc:.4f}")
-    if trainable.certificate is not None:
-        for k, v in trainable.certificate(trainable.model, ds.x_test[:256]).items():
-            click.echo(f"  certificate {k}: {v}")
+    if trainable.certificate is None:
+        raise click.ClickException(f"model {meta['model']!r} has no certificate (every named model must have one)")
+    for cert in trainable.certificate(trainable.model, ds.x_test[:256]):
+        click.echo(f"  certificate {cert.line()}")
 
 
 def _bench_dir() -> Path:

@@ -58,3 +58,27 @@ def test_report_html_parses_and_images_decode(smoke_run):
     for src in parser.srcs:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+
+
+def test_every_claim_is_attributed_and_falsifiable(smoke_run):
+    from proxnets.report.falsify import mutations
+
+    out, _ = smoke_run
+    for s in json.loads((out / "results.json").read_text())["suites"]:
+        known = mutations(s["method"])
+        for c in s["claims"]:
+            assert c["falsified_by"] in known, f"{s['method']}: {c['claim']!r} names unknown variant {c['falsified_by']!r}"
+            assert c["source"] == "project" or c["source"] == "seed" and c["section"] or c["source"].startswith("cited: ")
+
+
+def test_same_seed_repeats_every_machine_independent_claim(smoke_run, tmp_path):
+    out, _ = smoke_run
+    res = CliRunner().invoke(cli.main, ["reproduce", "--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    first = json.loads((out / "results.json").read_text())["suites"]
+    second = json.loads((tmp_path / "results.json").read_text())["suites"]
+    for a, b in zip(first, second):
+        for ca, cb in zip(a["claims"], b["claims"]):
+            assert ca["claim"] == cb["claim"]
+            if not ca["machine_dependent"]:
+                assert ca["value"] == cb["value"], f"{a['method']}: {ca['claim']!r} gave {ca['value']} then {cb['value']}"

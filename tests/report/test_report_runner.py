@@ -35,7 +35,9 @@ def test_report_html_json_and_failures(fake, tmp_path):
     cfg = ReproduceConfig(methods=["fake", "broken"], size="smoke", out=str(tmp_path / "run"))
     results, report = reproduce(cfg, command="proxnets reproduce fake broken --smoke", log=lambda m: None)
     validate_results(json.loads((tmp_path / "run" / "results.json").read_text()))
-    assert results["summary"] == {"claims": 2, "holding": 1, "failing": 1, "suites_failed": 1}
+    assert results["summary"] == {"claims": 2, "holding": 1, "failing": 1, "suites_failed": 1,
+                                  "by_source": {"seed": {"claims": 0, "holding": 0}, "cited": {"claims": 0, "holding": 0},
+                                                "project": {"claims": 2, "holding": 1}}}
     broken = results["suites"][1]
     assert broken["status"] == "failed" and "ModuleNotFoundError" in broken["error"]
     parser = _Collect()
@@ -83,3 +85,43 @@ def test_config_mismatch_and_bad_values(fake, tmp_path):
         ReproduceConfig(size="huge")
     with pytest.raises(ValueError, match="method: expected one of"):
         ReproduceConfig(methods=["capsnet"])
+
+
+def test_forged_verdict_is_recomputed_on_resume(fake, tmp_path):
+    cfg = ReproduceConfig(methods=["fake"], size="smoke", out=str(tmp_path))
+    reproduce(cfg, log=lambda m: None)
+    done = tmp_path / "fake" / "suite.json"
+    record = json.loads(done.read_text())
+    record["claims"][1]["holds"] = True  # forged: the value says it fails
+    done.write_text(json.dumps(record))
+    results, _ = reproduce(cfg, log=lambda m: None)
+    assert results["suites"][0]["claims"][1]["holds"] is False
+    assert results["summary"]["holding"] == 1
+
+
+def test_claim_verdict_threshold_and_source_rules():
+    from proxnets.report.suite import Claim
+
+    c = Claim("x", "m", 0.5, "<=", 1.0, source="seed", section="Theorem 1", falsified_by="v")
+    assert c.holds and not Claim("x", "m", float("nan"), "<=", 1.0, source="project", falsified_by="v").holds
+    assert not Claim("x", "m", 2.0, "<=", 1.0, source="cited: Paik et al. 2019", falsified_by="v").holds
+    with pytest.raises(ValueError, match="section"):
+        Claim("x", "m", 0.5, "<=", 1.0, source="seed", falsified_by="v")
+    with pytest.raises(ValueError, match="source"):
+        Claim("x", "m", 0.5, "<=", 1.0, source="the paper", falsified_by="v")
+    with pytest.raises(ValueError, match="falsified_by"):
+        Claim("x", "m", 0.5, "<=", 1.0, source="project", falsified_by="")
+    with pytest.raises(TypeError):
+        Claim("x", "m", 0.5, "<=", 1.0, source="project", falsified_by="v", holds=True)
+
+
+def test_mutation_flips_its_claim(fake, tmp_path):
+    from proxnets.report.falsify import flipped_claims, run_mutation
+
+    intact = run_mutation("fake", None, tmp_path / "a")
+    assert intact.claims[0].holds
+    broken = run_mutation("fake", "perturbed_solution", tmp_path / "b")
+    flipped, kept = flipped_claims(broken, "perturbed_solution")
+    assert flipped == ["normal equations hold at the least-squares solution"] and not kept
+    with pytest.raises(ValueError, match="mutation: expected one of"):
+        run_mutation("fake", "no_such_variant", tmp_path / "c")

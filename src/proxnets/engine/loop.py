@@ -59,9 +59,9 @@ class Trainable:
     config: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
-    # certificate(model, x) -> {name: value}: the method's optimization certificate on inputs x,
-    # printed by `proxnets eval`
-    certificate: Callable[[nn.Module, torch.Tensor], dict] | None = None
+    # certificate(model, x) -> list[proxnets.certificates.Certificate]: the method's optimization
+    # certificate on inputs x, printed by `proxnets eval`; every named model has one
+    certificate: Callable[[nn.Module, torch.Tensor], list] | None = None
 
 
 @dataclasses.dataclass

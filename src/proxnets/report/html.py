@@ -64,16 +64,35 @@ def render_report(results: dict, out_dir: Path) -> str:
     meta += [[_e(k), _e(v)] for k, v in env.items() if k != "device_name"]
     parts.append("<table class='meta'><tbody>" + "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in meta)
                  + "</tbody></table>")
+    by_source = summ["by_source"]
     parts.append(f"<h2>Claims</h2><p>{summ['holding']} of {summ['claims']} claims hold; "
-                 f"{summ['failing']} do not; {summ['suites_failed']} suite(s) failed to run.</p>")
-    rows = []
-    for s in results["suites"]:
-        for c in s["claims"]:
-            rows.append([_e(s["method"]), _e(c["claim"]), _e(c["measurement"]), _e(_fmt(c["value"])), _verdict(c["holds"])])
-        if s["status"] != "ok":
-            rows.append([_e(s["method"]), "the suite runs to completion", "exception", _e(s.get("error", "")[-300:]),
-                         _verdict(False)])
-    parts.append(_table(["method", "claim", "measurement", "value", "verdict"], rows, raw_cols=(0, 1, 2, 3, 4)))
+                 f"{summ['failing']} do not; {summ['suites_failed']} suite(s) failed to run. "
+                 "Each claim names its source: <b>seed</b> (stated by the seed paper, where), <b>cited</b> "
+                 "(prior work the seed discusses) or <b>project</b> (our own check); each states its "
+                 "threshold, and each has a deliberately broken variant (<i>falsified by</i>) that the test "
+                 "suite runs to show the verdict can fail.</p>")
+    parts.append(_table(["source", "claims", "hold"],
+                        [[k, v["claims"], v["holding"]] for k, v in by_source.items()]))
+    for kind in by_source:
+        rows = []
+        for s in results["suites"]:
+            for c in s["claims"]:
+                if c["source"].split(":", 1)[0] != kind:
+                    continue
+                where = c["section"] if kind == "seed" else c["source"].split(":", 1)[-1].strip() if kind == "cited" else ""
+                value = f"{_fmt(c['value'])} {c['op']} {_fmt(c['threshold'])}"
+                interval = c.get("details", {}).get("interval")
+                if interval:
+                    value += f" (95% interval [{_fmt(interval[0])}, {_fmt(interval[1])}])"
+                rows.append([_e(s["method"]), _e(c["claim"]), _e(where), _e(c["measurement"]), _e(value),
+                             _verdict(c["holds"]), _e(c["falsified_by"])])
+        if rows:
+            parts.append(f"<h3>{_e(kind)} claims</h3>")
+            parts.append(_table(["method", "claim", "where", "measurement", "value vs threshold", "verdict", "falsified by"],
+                                rows, raw_cols=(0, 1, 2, 3, 4, 5, 6)))
+    failed = [[_e(s["method"]), _e(s.get("error", "")[-300:])] for s in results["suites"] if s["status"] != "ok"]
+    if failed:
+        parts.append("<h3>suites that failed to run</h3>" + _table(["method", "error"], failed, raw_cols=(0, 1)))
     for s in results["suites"]:
         parts.append(f"<h2 id='{_e(s['method'])}'>{_e(s['method'])} <small>({s['seconds']:.1f} s, {_e(s['status'])})</small></h2>")
         if s["status"] != "ok":

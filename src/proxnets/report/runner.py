@@ -31,7 +31,7 @@ from proxnets import __version__
 from proxnets.engine.device import seed_everything, select_device
 from proxnets.report.html import render_report
 from proxnets.report.registry import SUITES, get_suite
-from proxnets.report.suite import SIZES, SuiteContext, SuiteResult
+from proxnets.report.suite import SIZES, SOURCES, Claim, SuiteContext, SuiteResult
 from proxnets.utils.io import read_json, write_json, write_text
 from proxnets.utils.threads import intra_op_threads
 from proxnets.utils.validation import check_choice, check_int
@@ -44,7 +44,7 @@ import tomli_w
 
 __all__ = ["ReproduceConfig", "reproduce", "load_config", "validate_results", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -114,6 +114,8 @@ def _run_suite(method: str, cfg: ReproduceConfig, out: Path, device: torch.devic
     if done.is_file():
         record = read_json(done)
         if record.get("status") == "ok":
+            # the verdicts are recomputed from the stored numbers: a stored "holds" is never trusted
+            record["claims"] = [Claim.from_dict(c).to_dict() for c in record.get("claims", [])]
             log(f"[{method}] already done ({record['seconds']:.1f} s): kept")
             return record
     seed_everything(cfg.seed)
@@ -175,13 +177,32 @@ def reproduce(cfg: ReproduceConfig, *, command: str = "", fresh: bool = False,
         "total_seconds": sum(s["seconds"] for s in suites) if suites else time.perf_counter() - t0,
         "summary": {"claims": len(claims), "holding": sum(bool(c["holds"]) for c in claims),
                     "failing": sum(not c["holds"] for c in claims),
-                    "suites_failed": sum(s["status"] != "ok" for s in suites)},
+                    "suites_failed": sum(s["status"] != "ok" for s in suites),
+                    "by_source": source_summary(claims)},
         "suites": suites,
     }
     validate_results(results)
     write_json(out / "results.json", results)
     report = write_text(out / "report.html", render_report(results, out))
     return results, report
+
+
+def source_kind(source: str) -> str:
+    """``"seed"``, ``"cited"`` or ``"project"`` of a claim's ``source``."""
+    return source.split(":", 1)[0]
+
+
+def source_summary(claims: list[dict]) -> dict[str, dict[str, int]]:
+    """``{kind: {"claims": n, "holding": k}}`` for each source kind (seed, cited, project)."""
+    out = {}
+    for kind in SOURCES:
+        mine = [c for c in claims if source_kind(c["source"]) == kind]
+        out[kind] = {"claims": len(mine), "holding": sum(bool(c["holds"]) for c in mine)}
+    return out
+
+
+def format_value(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def summary_lines(results: dict, report: Path) -> list[str]:
@@ -192,9 +213,10 @@ def summary_lines(results: dict, report: Path) -> list[str]:
         lines.append(f"{s['method']:<9} {s['seconds']:7.1f} s{status}")
         for c in s["claims"]:
             mark = "holds        " if c["holds"] else "DOES NOT HOLD"
-            value = f"{c['value']:.4g}" if isinstance(c["value"], float) else str(c["value"])
-            lines.append(f"   [{mark}] {c['claim']} ({value})")
+            lines.append(f"   [{mark}] [{source_kind(c['source'])}] {c['claim']} "
+                         f"({format_value(c['value'])} {c['op']} {format_value(c['threshold'])})")
     sm = results["summary"]
+    lines.append("by source: " + ", ".join(f"{k} {v['holding']}/{v['claims']}" for k, v in sm["by_source"].items()))
     lines.append(f"{sm['holding']}/{sm['claims']} claims hold, {sm['suites_failed']} suite(s) failed, "
                  f"{results['total_seconds']:.1f} s")
     lines.append(f"report: {report}")
