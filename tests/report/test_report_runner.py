@@ -125,3 +125,33 @@ def test_mutation_flips_its_claim(fake, tmp_path):
     assert flipped == ["normal equations hold at the least-squares solution"] and not kept
     with pytest.raises(ValueError, match="mutation: expected one of"):
         run_mutation("fake", "no_such_variant", tmp_path / "c")
+
+
+def test_relative_out_embeds_every_figure(fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results, report = reproduce(ReproduceConfig(methods=["fake"], size="smoke", out="runs/rel"), log=lambda m: None)
+    assert results["suites"][0]["figures"][0]["path"] == "fake/curve.png"
+    html = report.read_text()
+    assert "missing figure" not in html and html.count("data:image/png;base64,") == 1
+
+
+def test_resumed_paths_never_escape_the_run_directory(fake, tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the report")
+    out = tmp_path / "run"
+    cfg = ReproduceConfig(methods=["fake"], size="smoke", out=str(out))
+    reproduce(cfg, log=lambda m: None)
+    done = out / "fake" / "suite.json"
+    for forged in (str(secret), "../secret.png"):
+        record = json.loads(done.read_text())
+        record["figures"][0]["path"] = forged
+        done.write_text(json.dumps(record))
+        fake.CALLS.clear()
+        results, report = reproduce(cfg, log=lambda m: None)
+        assert fake.CALLS == ["smoke"], "a forged suite.json is not kept: the suite runs again"
+        assert results["suites"][0]["figures"][0]["path"] == "fake/curve.png"
+        assert "not for the report" not in report.read_text()
+    from proxnets.report.html import render_report
+
+    results["suites"][0]["figures"][0]["path"] = str(secret)
+    assert "outside the run directory" in render_report(results, out)

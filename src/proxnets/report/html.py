@@ -39,7 +39,11 @@ def _table(columns: list[str], rows: list[list[Any]], raw_cols: tuple[int, ...] 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _img(path: Path, caption: str) -> str:
+def _img(path: Path, caption: str, root: Path) -> str:
+    try:  # only files inside the run directory are embedded, whatever a results file says
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return f"<p class='no'>figure outside the run directory, not embedded: {_e(path)}</p>"
     if not path.is_file():
         return f"<p class='no'>missing figure {_e(path.name)}</p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -101,7 +105,7 @@ def render_report(results: dict, out_dir: Path) -> str:
             parts.append(f"<h3>{_e(t['title'])}</h3>" + _table(t["columns"], t["rows"]))
         for f in s["figures"]:
             p = Path(f["path"])
-            parts.append(_img(p if p.is_absolute() else out_dir / p, f["caption"]))
+            parts.append(_img(p if p.is_absolute() else out_dir / p, f["caption"], out_dir))
         if s["notes"]:
             parts.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in s["notes"]) + "</ul>")
     parts.append("</body></html>")

@@ -98,28 +98,58 @@ def validate_results(results: dict) -> None:
     jsonschema.validate(results, schema)
 
 
+def _inside(path: Path, root: Path) -> Path | None:
+    """``path`` resolved, if it lies inside ``root`` (symlinks followed); else ``None``."""
+    resolved = path.resolve()
+    try:
+        resolved.relative_to(root.resolve())
+    except ValueError:
+        return None
+    return resolved
+
+
 def _relative_figures(result: SuiteResult, suite_dir: Path, out: Path) -> None:
+    """Figure paths relative to ``out``; a figure outside the run directory is refused."""
     for f in result.figures:
         p = Path(f.path)
-        p = p if p.is_absolute() else suite_dir / p
-        try:
-            f.path = p.resolve().relative_to(out.resolve())
-        except ValueError:
-            f.path = p
+        inside = _inside(p if p.is_absolute() else suite_dir / p, out)
+        if inside is None:
+            raise ValueError(f"figure: expected a file inside the run directory {str(out)!r}, got {str(f.path)!r}")
+        f.path = inside.relative_to(out.resolve())
+
+
+def _load_done(done: Path, method: str) -> dict | None:
+    """A finished suite's record, re-validated; ``None`` (run it again) if it does not validate."""
+    import jsonschema
+
+    try:
+        record = read_json(done)
+        schema = json.loads(resources.files("proxnets.report").joinpath("results.schema.json").read_text())
+        jsonschema.validate(record, schema["properties"]["suites"]["items"])
+        if record.get("status") != "ok" or record.get("method") != method:
+            return None
+        # verdicts are recomputed from the stored numbers: a stored "holds" is never trusted
+        record["claims"] = [Claim.from_dict(c).to_dict() for c in record["claims"]]
+        for f in record["figures"]:
+            p = Path(f["path"])
+            if p.is_absolute() or ".." in p.parts:
+                return None
+    except (ValueError, TypeError, KeyError, jsonschema.ValidationError):
+        return None
+    return record
 
 
 def _run_suite(method: str, cfg: ReproduceConfig, out: Path, device: torch.device, log: Callable[[str], None]) -> dict:
     suite_dir = out / method
     done = suite_dir / "suite.json"
     if done.is_file():
-        record = read_json(done)
-        if record.get("status") == "ok":
-            # the verdicts are recomputed from the stored numbers: a stored "holds" is never trusted
-            record["claims"] = [Claim.from_dict(c).to_dict() for c in record.get("claims", [])]
+        record = _load_done(done, method)
+        if record is not None:
             log(f"[{method}] already done ({record['seconds']:.1f} s): kept")
             return record
     seed_everything(cfg.seed)
-    ctx = SuiteContext(out_dir=suite_dir, size=cfg.size, device=device, seed=cfg.seed,
+    # absolute, so that the figure paths a suite returns do not depend on the working directory
+    ctx = SuiteContext(out_dir=suite_dir.resolve(), size=cfg.size, device=device, seed=cfg.seed,
                        data_dir=Path(cfg.data_dir) if cfg.data_dir else None,
                        log=lambda msg: log(f"[{method}] {msg}"))
     suite_dir.mkdir(parents=True, exist_ok=True)
