@@ -6,14 +6,20 @@ from click.testing import CliRunner
 from torch import nn
 
 from proxnets import cli, models
+from proxnets.certificates import Certificate
 from proxnets.engine import TrainConfig, Trainable
 
 
+def _finite_outputs(model, x):
+    out = model(x)
+    return [Certificate("finite_outputs", float(torch.isfinite(out).all()), 1.0, op="==", method="forward pass")]
+
+
 def _tiny(input_shape, num_classes, hidden=16):
-    torch.manual_seed(0)
-    c, h, w = input_shape
+    c, h, w = input_shape  # not seeded here: the CLI seeds before building
     net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
-    return Trainable(net, config=TrainConfig(epochs=2, batch_size=128, lr=3e-3, progress=False))
+    return Trainable(net, config=TrainConfig(epochs=2, batch_size=128, lr=3e-3, progress=False),
+                     certificate=_finite_outputs)
 
 
 @pytest.fixture()
@@ -47,6 +53,21 @@ def test_train_resume_and_eval(registry, tmp_path):
     assert res.exit_code == 0, res.output
     acc = float(res.output.split("accuracy")[1].split()[0])
     assert acc > 0.5
+    assert "certificate finite_outputs: 1 == 1 -> holds (rigorous, forward pass)" in res.output
+
+
+def test_same_seed_same_weights(registry, tmp_path):
+    from proxnets.utils.io import load_state
+
+    states = []
+    for name in ("a", "b", "c"):
+        seed = "3" if name != "c" else "4"
+        res = CliRunner().invoke(cli.main, ["train", "--model", "tiny-mlp", "--dataset", "digits", "--epochs", "1",
+                                            "--seed", seed, "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        states.append(load_state(tmp_path / name / "model.pt"))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
 
 
 def test_cli_errors_are_clear(registry, tmp_path):

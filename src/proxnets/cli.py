@@ -139,13 +139,15 @@ def train(model_name, dataset, data_dir, epochs, batch_size, lr, device, seed, c
     import dataclasses
 
     from proxnets.data import load_dataset
-    from proxnets.engine import fit
+    from proxnets.engine import TrainConfig, fit, seed_everything
     from proxnets.models import build_model
     from proxnets.utils.io import save_state, write_json
 
     opts = _parse_options(options)
     try:
         ds = load_dataset(dataset, data_dir=data_dir)
+        # seeded before the model is built: its initial weights are part of the run
+        seed_everything(seed if seed is not None else TrainConfig.seed)
         trainable = build_model(model_name, ds.input_shape, ds.num_classes, **opts)
         overrides = {k: v for k, v in dict(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed,
                                             checkpoint_every=checkpoint_every).items() if v is not None}
