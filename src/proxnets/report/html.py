@@ -61,13 +61,6 @@ def render_report(results: dict, out_dir: Path) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>proxnets reproduce</title>"
              f"<style>{CSS}</style></head><body>"]
     parts.append("<h1>proxnets reproduce: every seed's claims, measured</h1>")
-    meta = [["command", f"<code>{_e(results['command'])}</code>"], ["size", _e(cfg["size"])],
-            ["methods", _e(", ".join(cfg["methods"]))], ["seed", _e(cfg["seed"])],
-            ["device", _e(f"{cfg['device']} ({env['device_name']})")], ["started", _e(results["started"])],
-            ["total time", _e(f"{results['total_seconds']:.1f} s")]]
-    meta += [[_e(k), _e(v)] for k, v in env.items() if k != "device_name"]
-    parts.append("<table class='meta'><tbody>" + "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in meta)
-                 + "</tbody></table>")
     by_source = summ["by_source"]
     parts.append(f"<h2>Claims</h2><p>{summ['holding']} of {summ['claims']} claims hold; "
                  f"{summ['failing']} do not; {summ['suites_failed']} suite(s) failed to run. "
@@ -77,6 +70,13 @@ def render_report(results: dict, out_dir: Path) -> str:
                  "suite runs to show the verdict can fail.</p>")
     parts.append(_table(["source", "claims", "hold"],
                         [[k, v["claims"], v["holding"]] for k, v in by_source.items()]))
+    per_method = []
+    for s in results["suites"]:
+        n = len(s["claims"])
+        held = sum(bool(c["holds"]) for c in s["claims"])
+        per_method.append([f"<a href='#{_e(s['method'])}'>{_e(s['method'])}</a>", f"{held} / {n}", _e(s["status"]),
+                           _e(f"{s['seconds']:.1f} s")])
+    parts.append(_table(["suite", "claims holding", "status", "time"], per_method, raw_cols=(0, 1, 2, 3)))
     for kind in by_source:
         rows = []
         for s in results["suites"]:
@@ -108,5 +108,13 @@ def render_report(results: dict, out_dir: Path) -> str:
             parts.append(_img(p if p.is_absolute() else out_dir / p, f["caption"], out_dir))
         if s["notes"]:
             parts.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in s["notes"]) + "</ul>")
+    meta = [["command", f"<code>{_e(results['command'])}</code>"], ["size", _e(cfg["size"])],
+            ["methods", _e(", ".join(cfg["methods"]))], ["seed", _e(cfg["seed"])],
+            ["device", _e(f"{cfg['device']} ({env['device_name']})")], ["started", _e(results["started"])],
+            ["total time", _e(f"{results['total_seconds']:.1f} s")]]
+    meta += [[_e(k), _e(v)] for k, v in env.items() if k != "device_name"]
+    parts.append("<h2 id='environment'>Run and environment</h2>")
+    parts.append("<table class='meta'><tbody>" + "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in meta)
+                 + "</tbody></table>")
     parts.append("</body></html>")
     return "\n".join(parts)
