@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxnets.engine import TrainConfig, Trainable, fit
+from proxnets.pmp.certificate import DecreaseAudit, certificate
 from proxnets.pmp.models import LeNet5, SmallCNN
 from proxnets.pmp.optimizer import BSQH
 from proxnets.pmp.sparsity import freeze_sparsity, sparsity_param_groups, weight_density
@@ -63,9 +64,14 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
 
 
 def full_batch_bsqh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float, *, iterations: int,
-                    **options: Any) -> dict[str, Any]:
-    """bSQH in full-batch mode on ``(x, y)``: returns the optimizer and the wall time of each iteration."""
-    opt = bsqh_optimizer(model, rho, **options)
+                    audit: bool = True, **options: Any) -> dict[str, Any]:
+    """bSQH in full-batch mode on ``(x, y)``: returns the optimizer and the wall time of each iteration.
+
+    With ``audit`` the optimizer carries a full-batch :class:`DecreaseAudit` (one extra no-grad
+    forward per iteration): ``certificate(model, optimizer=result["optimizer"])`` then checks the
+    decrease with recomputed ``J``.
+    """
+    opt = bsqh_optimizer(model, rho, audit=DecreaseAudit(full_batch=True) if audit else None, **options)
 
     def closure(backward: bool = True) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -84,12 +90,30 @@ def full_batch_bsqh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: flo
 
 
 def make_bsqh_trainable(arch: type[nn.Module]):
-    """A ``MODELS`` factory: ``(input_shape, num_classes, rho=1e-3, **bsqh_options) -> Trainable``."""
+    """A ``MODELS`` factory: ``(input_shape, num_classes, rho=1e-3, audit=True, **bsqh_options) -> Trainable``.
 
-    def factory(input_shape, num_classes, rho: float = 1e-3, epochs: int = 5, batch_size: int = 64, **options):
+    With ``audit`` (default) the optimizer carries a :class:`DecreaseAudit` (two extra no-grad
+    forwards per step) and the Trainable's certificate reports the recomputed decrease of the last
+    run; without a run (or after ``proxnets eval`` loads weights only) it reports the exact zeros.
+    """
+
+    def factory(input_shape, num_classes, rho: float = 1e-3, epochs: int = 5, batch_size: int = 64,
+                audit: bool = True, **options):
         model = arch(tuple(input_shape), num_classes)
+        built: dict[str, BSQH] = {}
+
+        def make_optimizer(params) -> BSQH:
+            built["optimizer"] = bsqh_optimizer(model, rho, audit=DecreaseAudit() if audit else None, **options)
+            return built["optimizer"]
+
+        def cert(m: nn.Module, x: torch.Tensor) -> list:
+            opt = built.get("optimizer")
+            # the record belongs to this model's run only
+            owned = opt is not None and m is model
+            return certificate(m, x, optimizer=opt if owned else None)
+
         return Trainable(model=model, config=TrainConfig(epochs=epochs, batch_size=batch_size),
-                         optimizer=lambda params: bsqh_optimizer(model, rho, **options))
+                         optimizer=make_optimizer, certificate=cert)
 
     factory.__doc__ = f"{arch.__name__} trained by bSQH with an L0 cost rho (weights only)."
     return factory
