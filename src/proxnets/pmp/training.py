@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxnets.engine import TrainConfig, Trainable, fit
+from proxnets.engine import TrainConfig, Trainable, evaluate, fit
 from proxnets.pmp.certificate import DecreaseAudit, certificate
 from proxnets.pmp.models import LeNet5, SmallCNN
 from proxnets.pmp.optimizer import BSQH
@@ -30,15 +30,18 @@ __all__ = ["BSQH_DEFAULTS", "bsqh_optimizer", "train_bsqh", "full_batch_bsqh", "
 BSQH_DEFAULTS: dict[str, Any] = dict(eps=5.0, eps_min=1.0, eta=1e-5, eps_rule="curvature")
 
 
-def bsqh_optimizer(model: nn.Module, rho: float, **options: Any) -> BSQH:
-    """BSQH with conv/linear weights at ``rho`` and other parameters at 0 (options override defaults)."""
+def bsqh_optimizer(model: nn.Module, rho: float, optimizer_class: type[BSQH] = BSQH, **options: Any) -> BSQH:
+    """BSQH with conv/linear weights at ``rho`` and other parameters at 0 (options override defaults).
+
+    ``optimizer_class``: a subclass of :class:`BSQH` (the suite's broken variants use it).
+    """
     opts = {**BSQH_DEFAULTS, **options}
-    return BSQH(sparsity_param_groups(model, rho), **opts)
+    return optimizer_class(sparsity_param_groups(model, rho), **opts)
 
 
 def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size: int = 64, seed: int = 0,
                finetune_epochs: int = 0, schedule: str = "constant", callbacks=(), log=lambda s: None,
-               **options: Any) -> dict[str, Any]:
+               eval_every_epoch: bool = True, **options: Any) -> dict[str, Any]:
     """Mini-batch bSQH through the engine, then (optionally) fine-tuning with frozen zeros, rho = 0.
 
     Returns ``dict(model, optimizer, history, test_acc, density, time, iterations)`` with the
@@ -46,7 +49,7 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
     """
     opt = bsqh_optimizer(model, rho, **options)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device="cpu", progress=False,
-                      schedule=schedule)
+                      schedule=schedule, eval_every_epoch=eval_every_epoch)
     t0 = time.perf_counter()
     res = fit(model, dataset, cfg, optimizer=opt, callbacks=callbacks, log=log)
     history = list(res.history)
@@ -54,12 +57,16 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
         freeze_sparsity(model)
         tune = bsqh_optimizer(model, 0.0, **options)
         res = fit(model, dataset, TrainConfig(epochs=finetune_epochs, batch_size=batch_size, seed=seed + 1,
-                                              device="cpu", progress=False, schedule=schedule),
+                                              device="cpu", progress=False, schedule=schedule,
+                                              eval_every_epoch=eval_every_epoch),
                   optimizer=tune, log=log)
         history += res.history
     elapsed = time.perf_counter() - t0
     density = weight_density(model)
-    return dict(model=model, optimizer=opt, history=history, test_acc=history[-1]["test_acc"],
+    test_acc = history[-1].get("test_acc")
+    if test_acc is None and len(dataset.x_test):
+        test_acc = evaluate(model, dataset.x_test, dataset.y_test)
+    return dict(model=model, optimizer=opt, history=history, test_acc=test_acc,
                 density=density, time=elapsed, iterations=opt.run_state["iteration"])
 
 
