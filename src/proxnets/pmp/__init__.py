@@ -12,7 +12,7 @@ Parts (swappable): the Hamiltonian rule (:mod:`.hamiltonian`), the regularizer
 """
 
 from proxnets.pmp.adjoints import AdjointRecorder, control_layers
-from proxnets.pmp.certificate import DecreaseAudit, certificate, penalty
+from proxnets.pmp.certify import DecreaseAudit, certificate, penalty
 from proxnets.pmp.eps import EPS_RULES, CurvatureEps, SigmaZetaEps, TrialStep, make_eps_rule
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule, augmented_hamiltonian_1d
 from proxnets.pmp.models import LeNet5, SmallCNN

@@ -3,7 +3,7 @@
 1. The mechanism, full-batch (the theorem's setting): bSQH on one training subset in a regime
    where the acceptance test bites (eps0 = 1 as in the authors' SQH codes, no eps floor to speak of,
    eta = 0.1, a small rho so that the cross-entropy, not the L0 price, is most of J). Every step is
-   audited by :class:`~proxnets.pmp.certificate.DecreaseAudit` (J recomputed by its own forward
+   audited by :class:`~proxnets.pmp.certify.DecreaseAudit` (J recomputed by its own forward
    pass); J, cross-entropy, L0 term and test accuracy are reported side by side, for both eps rules
    and several seeds. Then mini-batch bSQH on the same subset with a quarter of the example
    gradients.
@@ -32,7 +32,7 @@ from proxnets.data import load_dataset, stratified_split
 from proxnets.engine import TrainConfig, evaluate, fit
 from proxnets.engine.plotting import Panel, multi_plot
 from proxnets.pmp.baselines import ProxSGD, magnitude_prune
-from proxnets.pmp.certificate import certificate, penalty
+from proxnets.pmp.certify import certificate, penalty
 from proxnets.pmp.eps import CurvatureEps, TrialStep
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 from proxnets.pmp.models import LeNet5

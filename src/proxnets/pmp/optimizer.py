@@ -96,9 +96,9 @@ class BSQH(torch.optim.Optimizer):
         recorder: an :class:`AdjointRecorder` on the model: adds the Hamiltonian value to the
             diagnostics (costs hooks on every forward pass).
         record_history: keep one diagnostics dict per iteration in ``self.history``.
-        audit: a :class:`~proxnets.pmp.certificate.DecreaseAudit`: recomputes ``J_B`` before and
+        audit: a :class:`~proxnets.pmp.certify.DecreaseAudit`: recomputes ``J_B`` before and
             after every step with its own forward passes and its own regularizer count, for the
-            certificate (:func:`proxnets.pmp.certificate.certificate`); costs two no-grad forwards
+            certificate (:func:`proxnets.pmp.certify.certificate`); costs two no-grad forwards
             per step (one in full-batch mode).
     """
 

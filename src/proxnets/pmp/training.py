@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxnets.engine import TrainConfig, Trainable, evaluate, fit
-from proxnets.pmp.certificate import DecreaseAudit, certificate
+from proxnets.pmp.certify import DecreaseAudit, certificate
 from proxnets.pmp.models import LeNet5, SmallCNN
 from proxnets.pmp.optimizer import BSQH
 from proxnets.pmp.sparsity import freeze_sparsity, sparsity_param_groups, weight_density
