@@ -12,6 +12,7 @@ Parts (swappable): the Hamiltonian rule (:mod:`.hamiltonian`), the regularizer
 """
 
 from proxnets.pmp.adjoints import AdjointRecorder, control_layers
+from proxnets.pmp.certify import DecreaseAudit, certificate, penalty
 from proxnets.pmp.eps import EPS_RULES, CurvatureEps, SigmaZetaEps, TrialStep, make_eps_rule
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule, augmented_hamiltonian_1d
 from proxnets.pmp.models import LeNet5, SmallCNN
@@ -30,6 +31,7 @@ __all__ = [
     "BSQH",
     "BSQHInfo",
     "CurvatureEps",
+    "DecreaseAudit",
     "EPS_RULES",
     "EpsExplodedWarning",
     "LeNet5",
@@ -41,10 +43,12 @@ __all__ = [
     "SparseRegularizer",
     "TrialStep",
     "augmented_hamiltonian_1d",
+    "certificate",
     "control_layers",
     "export_sparse",
     "freeze_sparsity",
     "make_eps_rule",
+    "penalty",
     "soft_threshold",
     "sparsity_param_groups",
     "sparsity_report",

@@ -96,6 +96,10 @@ class BSQH(torch.optim.Optimizer):
         recorder: an :class:`AdjointRecorder` on the model: adds the Hamiltonian value to the
             diagnostics (costs hooks on every forward pass).
         record_history: keep one diagnostics dict per iteration in ``self.history``.
+        audit: a :class:`~proxnets.pmp.certify.DecreaseAudit`: recomputes ``J_B`` before and
+            after every step with its own forward passes and its own regularizer count, for the
+            certificate (:func:`proxnets.pmp.certify.certificate`); costs two no-grad forwards
+            per step (one in full-batch mode).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class BSQH(torch.optim.Optimizer):
         kappa: float = 0.0,
         recorder: AdjointRecorder | None = None,
         record_history: bool = True,
+        audit: Any = None,
     ):
         check_number("rho", rho, low=0.0)
         check_number("eps", eps, low=0.0, low_inclusive=False)
@@ -137,6 +142,10 @@ class BSQH(torch.optim.Optimizer):
             fail("regularizer", "an object with value(w) and prox(z, t)", type(regularizer).__name__, TypeError)
         self.recorder = recorder
         self.record_history = record_history
+        if audit is not None and not (hasattr(audit, "before") and hasattr(audit, "after")):
+            fail("audit", "a DecreaseAudit (an object with before(optimizer, closure) and after(optimizer, closure))",
+                 type(audit).__name__, TypeError)
+        self.audit = audit
         # lr only multiplies the step length 1/(2 eps) (so that the engine's schedules apply);
         # the default 1 is the plain method
         defaults = dict(rho=rho, eps=eps, regularizer=regularizer, lr=1.0)
@@ -221,12 +230,25 @@ class BSQH(torch.optim.Optimizer):
             stopped=bool(rs["stopped"]), message=rs["message"],
         )
 
+    def sufficient_decrease(self, j_new: float, j_k: float, tau: float) -> bool:
+        """The acceptance test ``J_B(u_new) - J_B(u_k) <= -eta * tau`` (a non-finite ``J`` fails)."""
+        return math.isfinite(j_new) and j_new - j_k <= -self.eta * tau
+
     # ----------------------------------------------------------------------------- the iteration
     @torch.no_grad()
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         if closure is None or not _accepts_backward(closure):
             fail("closure", "a callable closure(backward: bool = True) -> loss (bSQH evaluates trial points)",
                  closure, TypeError)
+        if self.audit is None:
+            return self._step(closure)
+        # the audit's own forward passes bracket the whole iteration (it never reads our numbers)
+        self.audit.before(self, closure)
+        loss = self._step(closure)
+        self.audit.after(self, closure)
+        return loss
+
+    def _step(self, closure: Callable):
         rs = self.run_state
         if self.recorder is not None:
             self.recorder.enabled = True
@@ -272,7 +294,7 @@ class BSQH(torch.optim.Optimizer):
             reg_new = self.regularization()
             j_new = loss_new + reg_new
             trial = TrialStep(tau=tau.clone(), lin=lin, d_loss=loss_new - loss_k, d_reg=reg_new - reg_k, eta=self.eta)
-            if math.isfinite(j_new) and j_new - j_k <= -self.eta * total_tau:
+            if self.sufficient_decrease(j_new, j_k, total_tau):
                 accepted = True
                 rs["accepted"] += 1
                 # linearized Hamiltonian gain -<dL/du, D> - rho dR, and minus the augmentation

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxnets.engine import TrainConfig, Trainable, fit
+from proxnets.engine import TrainConfig, Trainable, evaluate, fit
+from proxnets.pmp.certify import DecreaseAudit, certificate
 from proxnets.pmp.models import LeNet5, SmallCNN
 from proxnets.pmp.optimizer import BSQH
 from proxnets.pmp.sparsity import freeze_sparsity, sparsity_param_groups, weight_density
@@ -29,15 +30,18 @@ __all__ = ["BSQH_DEFAULTS", "bsqh_optimizer", "train_bsqh", "full_batch_bsqh", "
 BSQH_DEFAULTS: dict[str, Any] = dict(eps=5.0, eps_min=1.0, eta=1e-5, eps_rule="curvature")
 
 
-def bsqh_optimizer(model: nn.Module, rho: float, **options: Any) -> BSQH:
-    """BSQH with conv/linear weights at ``rho`` and other parameters at 0 (options override defaults)."""
+def bsqh_optimizer(model: nn.Module, rho: float, optimizer_class: type[BSQH] = BSQH, **options: Any) -> BSQH:
+    """BSQH with conv/linear weights at ``rho`` and other parameters at 0 (options override defaults).
+
+    ``optimizer_class``: a subclass of :class:`BSQH` (the suite's broken variants use it).
+    """
     opts = {**BSQH_DEFAULTS, **options}
-    return BSQH(sparsity_param_groups(model, rho), **opts)
+    return optimizer_class(sparsity_param_groups(model, rho), **opts)
 
 
 def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size: int = 64, seed: int = 0,
                finetune_epochs: int = 0, schedule: str = "constant", callbacks=(), log=lambda s: None,
-               **options: Any) -> dict[str, Any]:
+               eval_every_epoch: bool = True, **options: Any) -> dict[str, Any]:
     """Mini-batch bSQH through the engine, then (optionally) fine-tuning with frozen zeros, rho = 0.
 
     Returns ``dict(model, optimizer, history, test_acc, density, time, iterations)`` with the
@@ -45,7 +49,7 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
     """
     opt = bsqh_optimizer(model, rho, **options)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device="cpu", progress=False,
-                      schedule=schedule)
+                      schedule=schedule, eval_every_epoch=eval_every_epoch)
     t0 = time.perf_counter()
     res = fit(model, dataset, cfg, optimizer=opt, callbacks=callbacks, log=log)
     history = list(res.history)
@@ -53,19 +57,28 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
         freeze_sparsity(model)
         tune = bsqh_optimizer(model, 0.0, **options)
         res = fit(model, dataset, TrainConfig(epochs=finetune_epochs, batch_size=batch_size, seed=seed + 1,
-                                              device="cpu", progress=False, schedule=schedule),
+                                              device="cpu", progress=False, schedule=schedule,
+                                              eval_every_epoch=eval_every_epoch),
                   optimizer=tune, log=log)
         history += res.history
     elapsed = time.perf_counter() - t0
     density = weight_density(model)
-    return dict(model=model, optimizer=opt, history=history, test_acc=history[-1]["test_acc"],
+    test_acc = history[-1].get("test_acc")
+    if test_acc is None and len(dataset.x_test):
+        test_acc = evaluate(model, dataset.x_test, dataset.y_test)
+    return dict(model=model, optimizer=opt, history=history, test_acc=test_acc,
                 density=density, time=elapsed, iterations=opt.run_state["iteration"])
 
 
 def full_batch_bsqh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float, *, iterations: int,
-                    **options: Any) -> dict[str, Any]:
-    """bSQH in full-batch mode on ``(x, y)``: returns the optimizer and the wall time of each iteration."""
-    opt = bsqh_optimizer(model, rho, **options)
+                    audit: bool = True, **options: Any) -> dict[str, Any]:
+    """bSQH in full-batch mode on ``(x, y)``: returns the optimizer and the wall time of each iteration.
+
+    With ``audit`` the optimizer carries a full-batch :class:`DecreaseAudit` (one extra no-grad
+    forward per iteration): ``certificate(model, optimizer=result["optimizer"])`` then checks the
+    decrease with recomputed ``J``.
+    """
+    opt = bsqh_optimizer(model, rho, audit=DecreaseAudit(full_batch=True) if audit else None, **options)
 
     def closure(backward: bool = True) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -84,12 +97,30 @@ def full_batch_bsqh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: flo
 
 
 def make_bsqh_trainable(arch: type[nn.Module]):
-    """A ``MODELS`` factory: ``(input_shape, num_classes, rho=1e-3, **bsqh_options) -> Trainable``."""
+    """A ``MODELS`` factory: ``(input_shape, num_classes, rho=1e-3, audit=True, **bsqh_options) -> Trainable``.
 
-    def factory(input_shape, num_classes, rho: float = 1e-3, epochs: int = 5, batch_size: int = 64, **options):
+    With ``audit`` (default) the optimizer carries a :class:`DecreaseAudit` (two extra no-grad
+    forwards per step) and the Trainable's certificate reports the recomputed decrease of the last
+    run; without a run (or after ``proxnets eval`` loads weights only) it reports the exact zeros.
+    """
+
+    def factory(input_shape, num_classes, rho: float = 1e-3, epochs: int = 5, batch_size: int = 64,
+                audit: bool = True, **options):
         model = arch(tuple(input_shape), num_classes)
+        built: dict[str, BSQH] = {}
+
+        def make_optimizer(params) -> BSQH:
+            built["optimizer"] = bsqh_optimizer(model, rho, audit=DecreaseAudit() if audit else None, **options)
+            return built["optimizer"]
+
+        def cert(m: nn.Module, x: torch.Tensor) -> list:
+            opt = built.get("optimizer")
+            # the record belongs to this model's run only
+            owned = opt is not None and m is model
+            return certificate(m, x, optimizer=opt if owned else None)
+
         return Trainable(model=model, config=TrainConfig(epochs=epochs, batch_size=batch_size),
-                         optimizer=lambda params: bsqh_optimizer(model, rho, **options))
+                         optimizer=make_optimizer, certificate=cert)
 
     factory.__doc__ = f"{arch.__name__} trained by bSQH with an L0 cost rho (weights only)."
     return factory
