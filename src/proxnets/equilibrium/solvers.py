@@ -10,45 +10,10 @@ so a zero relative residual is first-order optimality.
 
 from __future__ import annotations
 
-from proxnets.solvers import (
-    ADJOINT_SOLVERS,
-    DIVERGENCE,
-    FLOOR,
-    SOLVERS,
-    STOP_REASONS,
-    SolverInfo,
-    accelerated,
-    anderson,
-    check_solver_options,
-    conjugate_gradient,
-    fixed_point,
-    get_solver,
-    halpern,
-    register_solver,
-    relative_residual,
-    solve,
-    solve_linear,
-)
+from proxnets import solvers as _core
+from proxnets.solvers import *  # noqa: F401,F403  (the names this module has always exported)
+from proxnets.solvers import SolverInfo
 
 EquilibriumInfo = SolverInfo  # the name this package has always used
 
-__all__ = [
-    "EquilibriumInfo",
-    "SolverInfo",
-    "relative_residual",
-    "fixed_point",
-    "accelerated",
-    "anderson",
-    "halpern",
-    "conjugate_gradient",
-    "solve_linear",
-    "SOLVERS",
-    "ADJOINT_SOLVERS",
-    "STOP_REASONS",
-    "FLOOR",
-    "DIVERGENCE",
-    "register_solver",
-    "check_solver_options",
-    "get_solver",
-    "solve",
-]
+__all__ = ["EquilibriumInfo", *_core.__all__]
