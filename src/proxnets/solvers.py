@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 
 import torch
@@ -175,14 +176,17 @@ class _Monitor:
                     broke: torch.Tensor | None = None) -> bool:
         info = self.info
         self.tz_norm = tz_norm
-        scale = torch.maximum(tz_norm, z_norm).clamp_min(FLOOR)
+        scale = torch.maximum(tz_norm, z_norm).clamp_min_(FLOOR)
         r = d / scale
-        finite = torch.isfinite(d).all() & torch.isfinite(scale).all()
         best = d if self.best is None else torch.minimum(self.best, d)
-        grew = (d > self.divergence * torch.maximum(best, self.eps * scale)).any()
+        growth = d / torch.maximum(best, scale * self.eps)  # d_k / max(min_j d_j, eps s_k)
+        parts = [r.max(), scale.max(), d.max(), growth.max()]
         if broke is not None:
-            grew = grew | broke
-        rmax, dmax, is_finite, has_grown = torch.stack([r.max(), d.max(), finite.to(r.dtype), grew.to(r.dtype)]).tolist()
+            parts.append(broke.to(r.dtype))
+        # one host sync; torch.max propagates NaN, so a NaN/inf in d shows in max r, an inf scale in max s
+        rmax, smax, dmax, gmax, *rest = torch.stack(parts).tolist()
+        is_finite = math.isfinite(rmax) and math.isfinite(smax)
+        has_grown = gmax > self.divergence or bool(rest and rest[0])
         self.best, self.r = best, r
         info.iterations += 1
         info.residuals.append(rmax)
