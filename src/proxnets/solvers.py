@@ -180,13 +180,10 @@ class _Monitor:
         r = d / scale
         best = d if self.best is None else torch.minimum(self.best, d)
         growth = d / torch.maximum(best, scale * self.eps)  # d_k / max(min_j d_j, eps s_k)
-        parts = [r.max(), scale.max(), d.max(), growth.max()]
-        if broke is not None:
-            parts.append(broke.to(r.dtype))
-        # one host sync; torch.max propagates NaN, so a NaN/inf in d shows in max r, an inf scale in max s
-        rmax, smax, dmax, gmax, *rest = torch.stack(parts).tolist()
+        # one host sync; amax propagates NaN, so a NaN/inf in d shows in max r, an inf scale in max s
+        rmax, smax, dmax, gmax = torch.stack([r, scale, d, growth]).amax(dim=1).tolist()
         is_finite = math.isfinite(rmax) and math.isfinite(smax)
-        has_grown = gmax > self.divergence or bool(rest and rest[0])
+        has_grown = gmax > self.divergence or (broke is not None and bool(broke))
         self.best, self.r = best, r
         info.iterations += 1
         info.residuals.append(rmax)
