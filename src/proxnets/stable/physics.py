@@ -103,7 +103,7 @@ class Blur:
         self.kernel = kernel
         self.boundary = check_choice("boundary", boundary, BOUNDARIES)
         self.cg_iterations = check_int("cg_iterations", cg_iterations, low=1)
-        self.cg_tol = check_number("cg_tol", cg_tol, low=0.0, low_inclusive=False)
+        self.cg_tol = check_number("cg_tol", cg_tol, low=0.0)
         self.cg_policy = check_choice("cg_policy", cg_policy, POLICIES)
         self.last_cg_info: SolverInfo | None = None
         self.cg_unconverged = 0

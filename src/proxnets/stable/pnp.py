@@ -63,7 +63,8 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
 class PnPInfo(SolverInfo):
     """What a PnP run reports: every field of :class:`proxnets.solvers.SolverInfo` (``iterations``,
     ``converged``, ``residuals``, ``abs_residuals``, ``diverged``, ``stop_reason``, ...; module docstring),
-    plus ``psnr[k]``, ``ssim[k]``: of the k-th estimate against ``x_true`` (empty without it; SSIM only
+    plus ``psnr[k]``, ``ssim[k]``: of the k-th estimate against ``x_true`` (one per checked iteration with a
+    finite estimate; empty without ``x_true``; SSIM only
     with ``with_ssim``); ``gamma``: the step used; ``step_bound``: the admissible bound on ``gamma``
     (FBS: ``2 / |A|^2``; inf otherwise); ``inner_unconverged``: data-prox solves (the conjugate
     gradients of :class:`proxnets.stable.physics.Blur` with ``boundary="valid"``) that missed their
