@@ -24,9 +24,14 @@ from proxnets.equilibrium.models import (
     MONConv2d,
     OptEqClassifier,
     OptEqConfig,
+    certificate,
+    certify_cnn,
+    certify_mon,
     certify_opteq,
     convergence_logger,
     count_parameters,
+    dense_matrix,
+    exact_operator_norm,
 )
 from proxnets.equilibrium.parametrize import OperatorNormBound, operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import (
@@ -49,6 +54,7 @@ __all__ = [
     "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",
     "OptEqBase", "OptEq", "OptEqConv2d",
     "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
-    "certify_opteq", "convergence_logger",
+    "certificate", "certify_opteq", "certify_mon", "certify_cnn", "exact_operator_norm", "dense_matrix",
+    "convergence_logger",
     "MODELS",
 ]
