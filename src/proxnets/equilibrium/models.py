@@ -11,8 +11,11 @@ All three share the shape ``conv stem -> body -> average pooling -> linear head`
 
   so that ``I - W = m I + A^T A - (B - B^T)`` is ``m``-strongly monotone; solved by forward-backward
   splitting ``z <- relu(z - alpha ((I - W) z - (U x + b)))``, which converges for
-  ``alpha < 2 m / L^2`` with ``L = |I - W|_2``; we take ``alpha = m / L^2`` with ``L`` from the
-  project's power iteration on ``I - W`` (persistent vector, one step per training forward).
+  ``alpha < 2 m / L^2`` with ``L = |I - W|_2``; we take ``alpha = step_scale * m / L^2``
+  (``step_scale`` in (0, 2); 1 minimizes the contraction bound, values near 2 are the largest safe
+  steps and converge faster in practice) with ``L`` from the project's power iteration on ``I - W``
+  (persistent vector, one step per training forward; a lower estimate, so keep a margin below 2:
+  :func:`certify_mon` checks the step with a rigorous ``L``).
 - :class:`ExplicitCNN`: body = two explicit conv + ReLU layers.
 
 ``MODELS`` maps CLI names to factories returning :class:`proxnets.engine.Trainable`.
@@ -158,7 +161,8 @@ class MONConfig:
     channels: int = 16
     kernel_size: int = 3
     m: float = 1.0  # strong monotonicity of I - W
-    alpha: float | None = None  # forward-backward step; None -> m / L^2 (estimated)
+    alpha: float | None = None  # forward-backward step; None -> step_scale * m / L^2 (estimated)
+    step_scale: float = 1.0  # in (0, 2): 2 is the limit of the safe forward-backward steps
     solver: str = "fixed_point"  # plain iteration of the splitting map = forward-backward splitting
     tol: float = 1e-3
     max_iter: int = 60
@@ -176,6 +180,7 @@ class MONConv2d(nn.Module):
         self.m = check_number("m", cfg.m, low=0.0, low_inclusive=False)
         if cfg.alpha is not None:
             check_number("alpha", cfg.alpha, low=0.0, low_inclusive=False)
+        check_number("step_scale", cfg.step_scale, low=0.0, high=2.0, low_inclusive=False, high_inclusive=False)
         check_solver_options(cfg.solver, {})
         check_choice("policy", cfg.policy, POLICIES)
         pad = cfg.kernel_size // 2
@@ -199,7 +204,7 @@ class MONConv2d(nn.Module):
         return self.m * z + self._conv_t(self._conv(z, a), a) - self._conv(z, b) + self._conv_t(z, b)
 
     def step_size(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """``alpha = m / L^2`` with ``L = |I - W|_2`` by power iteration (or the configured alpha)."""
+        """``alpha = step_scale * m / L^2`` with ``L = |I - W|_2`` by power iteration (or the configured alpha)."""
         if self.config.alpha is not None:
             return self.config.alpha
         shape = (1, self.channels, *self.spatial)
@@ -219,7 +224,7 @@ class MONConv2d(nn.Module):
                 lip = float(self.norm_estimator(op, mode="cheap"))
             else:
                 lip = float(op.forward(self.norm_estimator.v).norm())
-        return self.m / max(lip, self.m) ** 2
+        return self.config.step_scale * self.m / max(lip, self.m) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inj = self.U(x)  # (B, C, H, W)
