@@ -58,7 +58,8 @@ def test_stable_pnp_fbs_averaged_denoiser_converges(boundary):
     y = physics.A(x_true) + 0.01 * torch.randn_like(physics.A(x_true))
     x, info = pnp_fbs(y, physics, den, max_iter=400, tol=1e-6, x_true=x_true, with_ssim=False)
     assert info.converged and info.residuals[-1] <= 1e-6
-    r = torch.tensor(info.residuals)
+    assert not info.diverged and info.stop_reason == "tol"
+    r = torch.tensor(info.abs_residuals)  # |x_{k+1} - x_k|
     assert bool((r[1:] <= r[:-1] * (1 + 1e-6) + 1e-12).all())  # averaged iteration: nonincreasing steps
     norm2 = physics.norm(tuple(x.shape[1:])) ** 2
     fixed = den(x - info.gamma * physics.A_adjoint(physics.A(x) - y))

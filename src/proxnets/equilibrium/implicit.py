@@ -7,13 +7,17 @@
 
                   g = J^T g + v,
 
-              solved with the same solver registry (``backward_solver``), then pushed through one
-              application of ``T`` to the parameters and inputs: ``dL/dtheta = (dT/dtheta)^T g``.
-              Memory does not grow with the forward iterations.
+              solved with the same solver registry (``backward_solver``, :mod:`proxnets.solvers`),
+              then pushed through one application of ``T`` to the parameters and inputs:
+              ``dL/dtheta = (dT/dtheta)^T g``. Memory does not grow with the forward iterations.
+              The adjoint solve's info (converged, diverged, stop_reason) is stored in the forward
+              info as ``info.backward`` when the gradient is computed, and its non-convergence goes
+              through the same ``policy``.
 ``phantom``   the phantom gradient (Geng et al. 2021): ``k`` damped steps
               ``z <- (1 - lam) z + lam T(z)`` from ``z*`` recorded by autograd; cheap and inexact.
 ``unrolled``  plain iterations ``z <- T(z)`` from ``z0`` all recorded by autograd (exact gradient
-              of the truncated iteration; memory grows with the iterations; a reference for tests).
+              of the truncated iteration; memory grows with the iterations; a reference for tests):
+              the shared :func:`proxnets.solvers.fixed_point` run with autograd on.
 
 By default the recorded step is ``T(z*)`` and ``J^T g`` comes from autograd through it. A layer may
 instead supply ``attach(z*) -> (z, adjoint)``: ``z`` one recorded application of ``T`` at ``z*`` and
@@ -27,13 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from proxnets.equilibrium.solvers import (
-    ADJOINT_SOLVERS,
-    EquilibriumInfo,
-    check_solver_options,
-    relative_residual,
-    solve,
-)
+from proxnets.solvers import ADJOINT_SOLVERS, SolverInfo, check_solver_options, fixed_point, solve
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_choice, check_int, check_number
 
@@ -110,7 +108,7 @@ def equilibrium(
     attach: Callable[[torch.Tensor], tuple[torch.Tensor, Callable]] | None = None,
     policy: str = "warn",
     what: str = "equilibrium solve",
-) -> tuple[torch.Tensor, EquilibriumInfo]:
+) -> tuple[torch.Tensor, SolverInfo]:
     """Solve ``z = T(z)`` from ``z0`` and attach the chosen backward pass (module docstring).
 
     ``attach(z_star)`` (optional) returns the recorded step and the adjoint solver. Non-convergence of the
@@ -121,18 +119,8 @@ def equilibrium(
     z0 = z0.detach()
     grad_on = torch.is_grad_enabled()
     if backward.mode == "unrolled" and grad_on:
-        info = EquilibriumInfo(solver="unrolled", tol=tol)
-        z = z0
-        for _ in range(max_iter):
-            tz = T(z)
-            r = relative_residual(z.detach(), tz.detach())
-            info.iterations += 1
-            info.residuals.append(float(r.max()))
-            info.final_residual = r.tolist()
-            z = tz
-            if info.residuals[-1] <= tol:
-                info.converged = True
-                break
+        z, info = fixed_point(T, z0, tol=tol, max_iter=max_iter)  # recorded by autograd
+        info.solver = "unrolled"
         handle_nonconvergence(info, policy, what)
         return z, info
 

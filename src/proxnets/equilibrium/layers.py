@@ -13,7 +13,7 @@ The smooth part ``h(z) = 1/2 z^T (I - W^T W) z - <U x + b, z>`` has Hessian ``I 
 eigenvalues lie in ``[1 - |W|_2^2, 1]``: ``G`` is convex for ``|W|_2 <= 1`` and ``(1 - |W|_2^2)``-strongly
 convex for ``|W|_2 < 1`` (unique equilibrium). The map ``T(z) = prox_f(z - grad h(z))`` is a
 proximal-gradient step of size ``1 = 1/L`` on ``G`` and a ``|W|_2^2``-contraction, so every solver of
-:mod:`proxnets.equilibrium.solvers` applies and the relative residual ``|T(z) - z| / |T(z)|`` is
+:mod:`proxnets.solvers` applies and the relative residual ``|T(z) - z| / max(|T(z)|, |z|)`` is
 the optimality certificate.
 
 A prior ``l1 |z|_1`` adds a term to ``G`` and changes the activation to
@@ -34,7 +34,7 @@ from torch import nn
 from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.parametrize import operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import ProxActivation, get_activation
-from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, EquilibriumInfo, check_solver_options, relative_residual, solve
+from proxnets.solvers import ADJOINT_SOLVERS, SolverInfo as EquilibriumInfo, check_solver_options, relative_residual, solve
 from proxnets.utils.convergence import POLICIES
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
@@ -154,7 +154,7 @@ class OptEqBase(nn.Module):
         return self.activation.value(z) + quad - (inj * z).reshape(bsz, -1).sum(1)
 
     def optimality_residual(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample ``|T(z) - z| / |T(z)|``: zero iff ``0`` is in the subdifferential of ``G`` at z."""
+        """Per-sample ``|T(z) - z| / max(|T(z)|, |z|)``: zero iff ``0`` is in the subdifferential of ``G`` at z."""
         with torch.no_grad():
             w = self.W.weight
             return relative_residual(z, self.fixed_point_map(self.injection(x), w)(z))

@@ -11,7 +11,10 @@ iteration) and the prox of the data term ``f(x) = |A x - y|^2 / 2``:
   diagonal in Fourier: ``A = F^{-1} diag(k^) F``; ``|A| = max |k^|``; the prox is exact in Fourier.
 - :class:`Blur` with ``boundary="valid"``: ``(B, C, H, W) -> (B, C, H - kh + 1, W - kw + 1)``, only
   the pixels whose window lies inside the image (no boundary assumption); adjoint = transposed
-  convolution; ``|A|`` by power iteration; the prox by conjugate gradients.
+  convolution; ``|A|`` by power iteration; the prox by conjugate gradients
+  (:func:`proxnets.solvers.solve_linear`, the project's one CG). Each CG solve's info is kept as
+  ``last_cg_info``, those that missed ``cg_tol`` are counted in ``cg_unconverged`` (PnP reports the
+  count of its run as ``PnPInfo.inner_unconverged``) and go through ``cg_policy`` (warn by default).
 
 Kernels: :func:`gaussian_kernel`, :func:`motion_kernel` (nonnegative, sum 1).
 """
@@ -19,13 +22,13 @@ Kernels: :func:`gaussian_kernel`, :func:`motion_kernel` (nonnegative, sum 1).
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from proxnets.operators import LinearOperator, power_iteration
-from proxnets.utils.convergence import NonConvergenceWarning
+from proxnets.solvers import SolverInfo, solve_linear
+from proxnets.utils.convergence import POLICIES, handle_nonconvergence
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor
 
 __all__ = ["gaussian_kernel", "motion_kernel", "Denoising", "Blur", "BOUNDARIES"]
@@ -92,14 +95,18 @@ class Denoising:
 class Blur:
     """Per-channel blur by ``kernel`` (``(kh, kw)``, odd sizes) with a ``"circular"`` or ``"valid"`` boundary."""
 
-    def __init__(self, kernel: torch.Tensor, boundary: str = "circular", *, cg_iterations: int = 200, cg_tol: float = 1e-7):
+    def __init__(self, kernel: torch.Tensor, boundary: str = "circular", *, cg_iterations: int = 200, cg_tol: float = 1e-7,
+                 cg_policy: str = "warn"):
         check_tensor("kernel", kernel, ndim=2)
         if kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
             raise ValueError(f"kernel: expected odd sizes (a centred kernel), got shape {tuple(kernel.shape)}")
         self.kernel = kernel
         self.boundary = check_choice("boundary", boundary, BOUNDARIES)
         self.cg_iterations = check_int("cg_iterations", cg_iterations, low=1)
-        self.cg_tol = check_number("cg_tol", cg_tol, low=0.0)
+        self.cg_tol = check_number("cg_tol", cg_tol, low=0.0, low_inclusive=False)
+        self.cg_policy = check_choice("cg_policy", cg_policy, POLICIES)
+        self.last_cg_info: SolverInfo | None = None
+        self.cg_unconverged = 0
         self._norms: dict[tuple, float] = {}
 
     # -- shapes and checks --------------------------------------------------------------------
@@ -160,26 +167,10 @@ class Blur:
             h, w = z.shape[-2:]
             otf = self._otf(h, w, z)
             return torch.fft.irfft2(torch.fft.rfft2(rhs) / (1.0 + gamma * otf.abs() ** 2), s=(h, w))
-        return _conjugate_gradient(lambda v: v + gamma * self.A_adjoint(self.A(v)), rhs, z, self.cg_iterations, self.cg_tol)
-
-
-def _conjugate_gradient(apply, b: torch.Tensor, x0: torch.Tensor, iterations: int, tol: float) -> torch.Tensor:
-    """Solve ``apply(x) = b`` (symmetric positive definite) from ``x0``; stops at ``|r| <= tol |b|``."""
-    x = x0.clone()
-    r = b - apply(x)
-    p = r.clone()
-    rs = (r * r).sum()
-    stop = tol * b.norm()
-    for _ in range(iterations):
-        if rs.sqrt() <= stop:
-            break
-        ap = apply(p)
-        step = rs / (p * ap).sum()
-        x = x + step * p
-        r = r - step * ap
-        rs_new = (r * r).sum()
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-    if rs.sqrt() > stop:
-        warnings.warn(f"data prox: conjugate gradients did not reach tolerance {tol:g} in {iterations} iterations", NonConvergenceWarning, stacklevel=3)
-    return x
+        x, info = solve_linear(lambda v: v + gamma * self.A_adjoint(self.A(v)), rhs, z, tol=self.cg_tol,
+                               max_iter=self.cg_iterations)
+        self.last_cg_info = info
+        if not info.converged:
+            self.cg_unconverged += 1
+            handle_nonconvergence(info, self.cg_policy, "data prox: conjugate gradients")
+        return x

@@ -15,12 +15,17 @@ the denoiser's internals nor the physics' (DeepInverse's split).
 - ADMM (:func:`pnp_admm`): ``x = prox_{gamma f}(v - w)``, ``v = D(x + w)``, ``w = w + x - v``
   (DRS applied to the splitting in the other order).
 
-Every solver returns ``(x, info)``; :class:`PnPInfo` traces the fixed-point residual
+Each algorithm is a fixed-point map ``s -> S(s)`` of its state (``x`` for FBS, ``z`` for DRS, ``(v, w)``
+stacked for ADMM) handed to the shared :func:`proxnets.solvers.fixed_point`, so the residual and the
+stopping rules are those of every solver of the project: per sample
 
-    r_k = |s_{k+1} - s_k| / |s_0|        (s: x for FBS, z for DRS, (v, w) for ADMM)
+    r_k = |S(s_k) - s_k| / max(|S(s_k)|, |s_k|, 1e-9)
 
-which is nonincreasing for averaged iterations, plus PSNR/SSIM against ``x_true`` when given.
-Iterations stop when ``r_k <= tol``; otherwise ``policy`` decides (warn by default).
+(``info.residuals``; the absolute steps ``|s_{k+1} - s_k|``, non-increasing for averaged iterations, are
+``info.abs_residuals``), a run stops as converged when ``r_k <= tol``, and as diverged (not converged)
+when an iterate is not finite or the step grows 10^4-fold past its smallest (``info.diverged``,
+``info.stop_reason``). The solver's callback records PSNR/SSIM of the current estimate against
+``x_true`` when given. Non-convergence goes through ``policy`` (warn by default).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from proxnets.utils.convergence import IterInfo, handle_nonconvergence
-from proxnets.utils.validation import check_int, check_number, check_tensor, fail
+from proxnets.solvers import SolverInfo, fixed_point
+from proxnets.utils.convergence import POLICIES, handle_nonconvergence
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
 __all__ = ["PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "relax_denoiser", "psnr", "ssim", "SOLVERS"]
 
@@ -54,18 +60,21 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
 
 
 @dataclasses.dataclass
-class PnPInfo(IterInfo):
-    """Per-iteration traces of a PnP solver.
-
-    ``residuals[k]``: ``|s_{k+1} - s_k| / |s_0|`` (module docstring); ``psnr[k]``, ``ssim[k]``: of the
-    current estimate against ``x_true`` (empty without it); ``gamma``: the step used;
-    ``step_bound``: the admissible bound on ``gamma`` (FBS: ``2 / |A|^2``; inf otherwise).
+class PnPInfo(SolverInfo):
+    """What a PnP run reports: every field of :class:`proxnets.solvers.SolverInfo` (``iterations``,
+    ``converged``, ``residuals``, ``abs_residuals``, ``diverged``, ``stop_reason``, ...; module docstring),
+    plus ``psnr[k]``, ``ssim[k]``: of the k-th estimate against ``x_true`` (empty without it; SSIM only
+    with ``with_ssim``); ``gamma``: the step used; ``step_bound``: the admissible bound on ``gamma``
+    (FBS: ``2 / |A|^2``; inf otherwise); ``inner_unconverged``: data-prox solves (the conjugate
+    gradients of :class:`proxnets.stable.physics.Blur` with ``boundary="valid"``) that missed their
+    tolerance during the run (0 for exact proxes): a result resting on them is not exact.
     """
 
     psnr: list[float] = dataclasses.field(default_factory=list)
     ssim: list[float] = dataclasses.field(default_factory=list)
     gamma: float = 0.0
     step_bound: float = float("inf")
+    inner_unconverged: int = 0
 
 
 def relax_denoiser(denoiser: Denoiser, theta: float) -> Denoiser:
@@ -88,37 +97,35 @@ def _apply(denoiser: Denoiser, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _record(info: PnPInfo, x: torch.Tensor, x_true: torch.Tensor | None, with_ssim: bool) -> None:
-    if x_true is not None:
-        info.psnr.append(psnr(x, x_true))
-        if with_ssim:
-            info.ssim.append(ssim(x, x_true))
-
-
 def _check_common(y, x_true, max_iter, tol, policy):
     check_tensor("y", y, ndim=4)
     if x_true is not None:
         check_tensor("x_true", x_true, ndim=4)
     check_int("max_iter", max_iter, low=1)
     check_number("tol", tol, low=0.0)
-    if policy not in ("ignore", "warn", "raise"):
-        fail("policy", "one of ['ignore', 'warn', 'raise']", policy)
+    check_choice("policy", policy, POLICIES)
 
 
-def _fixed_point_loop(step, state, scale: float, info: PnPInfo, x_true, with_ssim: bool, max_iter: int, tol: float,
-                      policy: str, what: str) -> tuple[torch.Tensor, PnPInfo]:
-    """Iterate ``state, estimate, |s_{k+1} - s_k| = step(state)`` until the scaled residual is ``<= tol``."""
-    estimate = None
-    for k in range(max_iter):
-        state, estimate, diff = step(state)
-        info.residuals.append(diff / scale)
-        info.iterations = k + 1
-        _record(info, estimate, x_true, with_ssim)
-        if info.residuals[-1] <= tol:
-            info.converged = True
-            break
+def _run(S, s0: torch.Tensor, physics, estimate, x_true, with_ssim: bool, max_iter: int, tol: float, policy: str, what: str,
+         **fields) -> tuple[torch.Tensor, PnPInfo]:
+    """Iterate the map ``S`` from ``s0`` with the shared solver; ``estimate(s_new)`` is the image the
+    algorithm reports for the state ``s_new = S(s)`` (read right after that evaluation)."""
+    traces: dict[str, list[float]] = {"psnr": [], "ssim": []}
+
+    def record(k: int, s_new: torch.Tensor, info) -> None:
+        if x_true is not None:
+            x = estimate(s_new)
+            traces["psnr"].append(psnr(x, x_true))
+            if with_ssim:
+                traces["ssim"].append(ssim(x, x_true))
+
+    failed_before = getattr(physics, "cg_unconverged", 0)
+    with torch.no_grad():
+        s, base = fixed_point(S, s0, tol=tol, max_iter=max_iter, callback=record)
+    info = PnPInfo(**{f.name: getattr(base, f.name) for f in dataclasses.fields(SolverInfo)}, **traces, **fields,
+                   inner_unconverged=getattr(physics, "cg_unconverged", 0) - failed_before)
     handle_nonconvergence(info, policy, what)
-    return estimate, info
+    return estimate(s), info
 
 
 def _start(y: torch.Tensor, physics, x0: torch.Tensor | None) -> torch.Tensor:
@@ -147,12 +154,11 @@ def pnp_fbs(
     if not 0.0 < gamma < bound:
         fail("gamma", f"a step in (0, 2/|A|^2 = {bound:.6g})", gamma)
 
-    def step(x):
-        x_new = _apply(denoiser, x - gamma * physics.A_adjoint(physics.A(x) - y))
-        return x_new, x_new, float((x_new - x).norm())
+    def S(x: torch.Tensor) -> torch.Tensor:  # x_{k+1} = D(x_k - gamma A^T (A x_k - y))
+        return _apply(denoiser, x - gamma * physics.A_adjoint(physics.A(x) - y))
 
-    info = PnPInfo(gamma=gamma, step_bound=bound)
-    return _fixed_point_loop(step, x, float(x.norm()) or 1.0, info, x_true, with_ssim, max_iter, tol, policy, "PnP forward-backward")
+    return _run(S, x, physics, lambda x: x, x_true, with_ssim, max_iter, tol, policy, "PnP forward-backward", gamma=gamma,
+                step_bound=bound)
 
 
 def pnp_drs(
@@ -173,13 +179,20 @@ def pnp_drs(
     gamma = check_number("gamma", gamma, low=0.0, low_inclusive=False)
     z = _start(y, physics, x0)
 
-    def step(z):
-        x = physics.prox_data(z, y, gamma)
-        u = _apply(denoiser, 2 * x - z)
-        return z + u - x, u, float((u - x).norm())  # z_{k+1} - z_k = u - x
+    last: dict[str, torch.Tensor] = {}  # the latest evaluation of S: its output and its estimate u
 
-    return _fixed_point_loop(step, z, float(z.norm()) or 1.0, PnPInfo(gamma=gamma), x_true, with_ssim, max_iter, tol, policy,
-                             "PnP Douglas-Rachford")
+    def S(z: torch.Tensor) -> torch.Tensor:  # z_{k+1} = z_k + u_k - x_k
+        x = physics.prox_data(z, y, gamma)
+        u = last["u"] = _apply(denoiser, 2 * x - z)
+        out = last["z"] = z + u - x
+        return out
+
+    def estimate(s: torch.Tensor) -> torch.Tensor:
+        # u of the evaluation that produced s; x = prox(s) when the solver handed back an earlier
+        # (finite) state after a non-finite evaluation
+        return last["u"] if s is last.get("z") else physics.prox_data(s, y, gamma)
+
+    return _run(S, z, physics, estimate, x_true, with_ssim, max_iter, tol, policy, "PnP Douglas-Rachford", gamma=gamma)
 
 
 def pnp_admm(
@@ -200,15 +213,14 @@ def pnp_admm(
     gamma = check_number("gamma", gamma, low=0.0, low_inclusive=False)
     v = _start(y, physics, x0)
 
-    def step(state):
-        v, w = state
+    def S(state: torch.Tensor) -> torch.Tensor:  # state (B, 2, C, H, W) = (v, w) stacked
+        v, w = state[:, 0], state[:, 1]
         x = physics.prox_data(v - w, y, gamma)
         v_new = _apply(denoiser, x + w)
-        w_new = w + x - v_new
-        return (v_new, w_new), v_new, float(torch.sqrt((v_new - v).norm() ** 2 + (w_new - w).norm() ** 2))
+        return torch.stack([v_new, w + x - v_new], dim=1)
 
-    return _fixed_point_loop(step, (v, torch.zeros_like(v)), float(v.norm()) or 1.0, PnPInfo(gamma=gamma), x_true, with_ssim,
-                             max_iter, tol, policy, "PnP ADMM")
+    state = torch.stack([v, torch.zeros_like(v)], dim=1)
+    return _run(S, state, physics, lambda s: s[:, 0], x_true, with_ssim, max_iter, tol, policy, "PnP ADMM", gamma=gamma)
 
 
 SOLVERS = {"fbs": pnp_fbs, "drs": pnp_drs, "admm": pnp_admm}

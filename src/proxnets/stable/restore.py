@@ -120,7 +120,7 @@ def deblur_image(
     ``"fbs"`` (``gamma < 2/|A|^2``, default ``1/|A|^2``), ``"drs"`` or ``"admm"`` (default ``gamma = 1``).
     ``simulate=True`` treats the input as the clean image: it is blurred, ``noise`` added, restored,
     and PSNR/SSIM are reported against it. Returns the solver's summary (iterations, converged,
-    residuals, psnr).
+    diverged, stop_reason, inner_unconverged, final residual, psnr).
     """
     check_choice("kernel", kernel, KERNELS)
     check_choice("algorithm", algorithm, list(SOLVERS))
@@ -144,8 +144,9 @@ def deblur_image(
         options["gamma"] = 1.0 if gamma is None else gamma
     x, info = SOLVERS[algorithm](y, physics, model, **options)
     write_image(path_out, x[0].clamp(0, 1))
-    summary: dict[str, Any] = {"iterations": info.iterations, "converged": info.converged, "gamma": info.gamma,
-                               "final_residual": info.residuals[-1] if info.residuals else None}
+    summary: dict[str, Any] = {"iterations": info.iterations, "converged": info.converged, "diverged": info.diverged,
+                               "stop_reason": info.stop_reason, "inner_unconverged": info.inner_unconverged,
+                               "gamma": info.gamma, "final_residual": info.residuals[-1] if info.residuals else None}
     if simulate:
         summary.update(psnr_blurred=psnr(y.clamp(0, 1), img) if boundary == "circular" else None,
                        psnr_restored=info.psnr[-1], ssim_restored=info.ssim[-1])

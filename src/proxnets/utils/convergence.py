@@ -8,6 +8,9 @@ where ``info`` is a dataclass deriving from :class:`IterInfo`. The base fields:
 - ``residuals`` (list[float]): the method's residual after each iteration (its definition is
   written in the subclass docstring).
 
+Subclasses that detect divergence (:class:`proxnets.solvers.SolverInfo`) add ``diverged`` and
+``stop_reason``; :func:`handle_nonconvergence` names them in its message.
+
 Non-convergence is never silent: :func:`handle_nonconvergence` applies a policy.
 """
 
@@ -49,6 +52,9 @@ def handle_nonconvergence(info: IterInfo, policy: str, what: str) -> None:
         return
     last = info.residuals[-1] if info.residuals else float("nan")
     msg = f"{what} did not converge in {info.iterations} iterations (last residual {last:.3e})"
+    reason = getattr(info, "stop_reason", "")
+    if getattr(info, "diverged", False):
+        msg += f": diverged ({reason})" if reason else ": diverged"
     if policy == "raise":
         raise NonConvergenceError(msg)
     warnings.warn(msg, NonConvergenceWarning, stacklevel=3)
