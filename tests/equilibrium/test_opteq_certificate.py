@@ -22,7 +22,6 @@ from proxnets.equilibrium import (
     certificate,
     certify_opteq,
     dense_matrix,
-    exact_operator_norm,
 )
 
 SHAPE = (1, 12, 12)
@@ -50,23 +49,23 @@ def _by_name(certs):
 
 
 def _applied_norm(block) -> float:
+    """Exact |W|_2 of the applied weight: float64 SVD of the dense matrix (independent of the certificate's method)."""
     w = block.W.weight.detach().double()
-    return exact_operator_norm(dense_matrix(lambda z: block.apply_w(z, w), (block.channels, *block.spatial)))
+    return float(torch.linalg.matrix_norm(dense_matrix(lambda z: block.apply_w(z, w), (block.channels, *block.spatial)), ord=2))
 
 
 def _scale_applied_to(block, norm: float) -> None:
     parametrize.register_parametrization(block.W, "weight", _Scale(norm / _applied_norm(block)))
 
 
-def test_exact_operator_norm_is_an_upper_bound_and_tight():
+def test_dense_matrix_of_a_convolution():
     torch.manual_seed(1)
-    a = torch.randn(30, 20, dtype=torch.float64)
-    sigma = float(torch.linalg.matrix_norm(a, ord=2))
-    bound = exact_operator_norm(a)
-    assert sigma <= bound <= sigma * (1 + 1e-8)
-    assert exact_operator_norm(a.T) == pytest.approx(bound, rel=1e-12)
-    with pytest.raises(ValueError, match="matrix: expected a 2-D float64"):
-        exact_operator_norm(a.float())
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    mat = dense_matrix(lambda z: torch.nn.functional.conv2d(z, w, padding=1), (2, 5, 5))
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    assert torch.allclose(mat @ x.reshape(-1), torch.nn.functional.conv2d(x, w, padding=1).reshape(-1))
+    with pytest.raises(ValueError, match="apply: expected a map computing in float64"):
+        dense_matrix(lambda z: z.float(), (2, 2))
 
 
 def test_intact_opteq_holds_rigorously():
@@ -75,7 +74,8 @@ def test_intact_opteq_holds_rigorously():
     assert set(certs) == {"operator_norm", "equilibrium_residual", "distance_to_minimizer"}
     assert all_hold(certs.values()), [c.line() for c in certs.values()]
     # the norm is the applied operator's, not the parametrization's target
-    assert certs["operator_norm"].value == pytest.approx(_applied_norm(model.blocks[0]), rel=1e-8)
+    exact = _applied_norm(model.blocks[0])
+    assert exact <= certs["operator_norm"].value <= exact * (1 + 1e-3)
     q = certs["operator_norm"].value ** 2
     assert certs["distance_to_minimizer"].value == pytest.approx(certs["equilibrium_residual"].value / (1 - q))
 
@@ -104,7 +104,7 @@ def test_norm_1_2_past_the_parametrization_fails():
     model = _opteq()
     _scale_applied_to(model.blocks[0], 1.2)
     certs = _by_name(certify_opteq(model, torch.rand(6, *SHAPE)))
-    assert certs["operator_norm"].value == pytest.approx(1.2, rel=1e-6)
+    assert 1.2 * (1 - 1e-6) <= certs["operator_norm"].value <= 1.2 * (1 + 1e-3)
     assert not certs["operator_norm"].holds and certs["operator_norm"].rigorous
     dist = certs["distance_to_minimizer"]
     assert not dist.holds and not dist.rigorous and "contraction" in dist.why
@@ -126,8 +126,8 @@ def test_original_weight_scaled_50x_is_still_clipped_and_reported_as_applied():
         model.blocks[0].W.parametrizations.weight.original.mul_(50.0)
     model.train().eval()  # eval refreshes the norm estimate of the new weight
     cert = _by_name(certify_opteq(model, torch.rand(6, *SHAPE)))["operator_norm"]
-    assert cert.value == pytest.approx(_applied_norm(model.blocks[0]), rel=1e-8)
-    assert cert.value <= 0.97 * (1 + 1e-3) and cert.holds
+    exact = _applied_norm(model.blocks[0])
+    assert exact <= cert.value <= exact * (1 + 1e-3) and cert.holds
     assert cert.details["parametrization_estimate_of_unconstrained_norm"] > 40
 
 

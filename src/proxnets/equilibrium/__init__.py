@@ -31,7 +31,6 @@ from proxnets.equilibrium.models import (
     convergence_logger,
     count_parameters,
     dense_matrix,
-    exact_operator_norm,
 )
 from proxnets.equilibrium.parametrize import OperatorNormBound, operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import (
@@ -54,7 +53,7 @@ __all__ = [
     "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",
     "OptEqBase", "OptEq", "OptEqConv2d",
     "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
-    "certificate", "certify_opteq", "certify_mon", "certify_cnn", "exact_operator_norm", "dense_matrix",
+    "certificate", "certify_opteq", "certify_mon", "certify_cnn", "dense_matrix",
     "convergence_logger",
     "MODELS",
 ]

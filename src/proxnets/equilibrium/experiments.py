@@ -41,7 +41,8 @@ from proxnets.equilibrium.models import (
     convergence_logger,
     count_parameters,
 )
-from proxnets.equilibrium.solvers import halpern, solve
+from proxnets.norm_bounds import norm_bound
+from proxnets.solvers import halpern, solve
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
 from proxnets.utils.stats import difference_interval, mean_interval
@@ -113,11 +114,8 @@ class _Rescale(nn.Module):
 
 
 def _break_norm(model: OptEqClassifier, target: float) -> None:
-    from proxnets.equilibrium.models import dense_matrix, exact_operator_norm
-
     block = model.blocks[0]
-    w = block.W.weight.detach().double()
-    norm = exact_operator_norm(dense_matrix(lambda z: block.apply_w(z, w), (block.channels, *block.spatial)))
+    norm = norm_bound(block.W, (block.channels, *block.spatial), method="cholesky").value
     parametrize.register_parametrization(block.W, "weight", _Rescale(target / norm))
 
 

@@ -35,13 +35,11 @@ from proxnets.certificates import Certificate
 from proxnets.engine import Trainable, TrainConfig
 from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.layers import OptEqBase, OptEqConv2d
-from proxnets.equilibrium.parametrize import weight_operator
+from proxnets.norm_bounds import norm_bound
 from proxnets.equilibrium.solvers import EquilibriumInfo, check_solver_options
 from proxnets.operators import (
     LinearOperator,
     OperatorNormEstimator,
-    conv2d_operator,
-    power_iteration,
 )
 from proxnets.utils.convergence import POLICIES
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
@@ -58,7 +56,6 @@ __all__ = [
     "certify_mon",
     "certify_cnn",
     "certificate",
-    "exact_operator_norm",
     "dense_matrix",
     "convergence_logger",
     "MODELS",
@@ -293,7 +290,6 @@ class ExplicitCNN(nn.Module):
 # from the parametrization's own (clipped, power-iteration) reading.
 
 _EPS64 = torch.finfo(torch.float64).eps
-EXACT_NORM_MAX_COLUMNS = 6000  # a dense float64 eigenproblem of this size takes seconds on one core
 
 
 def dense_matrix(apply, in_shape: Sequence[int], *, chunk: int = 512) -> torch.Tensor:
@@ -313,44 +309,19 @@ def dense_matrix(apply, in_shape: Sequence[int], *, chunk: int = 512) -> torch.T
     return torch.cat(cols).T  # (n_out, n)
 
 
-def exact_operator_norm(matrix: torch.Tensor) -> float:
-    """A rigorous upper bound of ``|A|_2`` from the dense float64 matrix ``A`` of a small operator.
-
-    ``|A|_2^2 = lambda_max(G)`` with ``G`` the smaller Gram matrix (``A^T A`` or ``A A^T``, size n).
-    The computed ``G`` and its computed largest eigenvalue differ from the exact ones by at most
-    ``c n eps |A|_F^2`` (backward stability of the product and of the symmetric eigensolver), so
-
-        |A|_2 <= sqrt(lambda_hat_max + 10 n eps |A|_F^2)
-
-    (``eps`` the float64 unit round-off; the margin is ~1e-9 at the sizes used here).
-    """
-    if matrix.dtype != torch.float64 or matrix.ndim != 2:
-        fail("matrix", "a 2-D float64 tensor", f"{matrix.dtype}, shape {tuple(matrix.shape)}")
-    a = matrix
-    g = a.T @ a if a.shape[1] <= a.shape[0] else a @ a.T
-    n = g.shape[0]
-    lam = float(torch.linalg.eigvalsh(g)[-1])
-    margin = 10 * n * _EPS64 * float(a.pow(2).sum())
-    return math.sqrt(max(lam, 0.0) + margin)
+def _norm(target, in_shape=None) -> tuple[float, bool, str, str]:
+    """``(value, rigorous, method, why)``: the shared rigorous upper bound of ``|A|_2``
+    (:func:`proxnets.norm_bounds.norm_bound`, ``"auto"``: Fourier symbol or Gram iteration when tight,
+    else the exact dense SVD or the certified Cholesky correction)."""
+    nb = norm_bound(target, in_shape)
+    return float(nb.value), nb.rigorous, nb.method, nb.why
 
 
-def _norm_upper_bound(apply, in_shape: Sequence[int], op: LinearOperator | None = None) -> tuple[float, bool, str, str]:
-    """``(value, rigorous, method, why)`` for ``|A|_2`` of the batched float64 map ``apply``: exact
-    when it has at most :data:`EXACT_NORM_MAX_COLUMNS` columns, else a labelled power-iteration estimate."""
-    n = math.prod(in_shape)
-    if n <= EXACT_NORM_MAX_COLUMNS or op is None:
-        return (exact_operator_norm(dense_matrix(apply, in_shape)), True,
-                "exact: float64 dense matrix, symmetric eigensolver + round-off margin", "")
-    sigma, _, _ = power_iteration(op, None, iterations=2000, tol=1e-10, generator=torch.Generator().manual_seed(0))
-    return (float(sigma), False, "power iteration (a lower estimate)",
-            f"operator with {n} columns > {EXACT_NORM_MAX_COLUMNS}: power iteration is a lower estimate of |A|_2")
-
-
-def _block_norm(block: OptEqBase, w: torch.Tensor) -> tuple[float, bool, str, str]:
-    """Bound of ``|W|_2`` for the operator ``z -> W z`` that ``block`` applies with the float64 weight ``w``."""
-    in_shape = (block.channels, *block.spatial) if isinstance(block, OptEqConv2d) else (block.features,)
-    op = weight_operator(block.W, w, in_shape if isinstance(block, OptEqConv2d) else None)
-    return _norm_upper_bound(lambda z: block.apply_w(z, w), in_shape, op)
+def _block_norm(block: OptEqBase) -> tuple[float, bool, str, str]:
+    """Bound of ``|W|_2`` of the operator ``z -> W z`` that ``block`` applies (its parametrized weight)."""
+    if isinstance(block, OptEqConv2d):
+        return _norm(block.W, (block.channels, *block.spatial))
+    return _norm(block.W)
 
 
 def _float64_residual(T64, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,7 +390,7 @@ def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4,
     Per block (names prefixed ``block<i>.`` when there are several):
 
     - ``operator_norm``: a rigorous upper bound of ``|W|_2`` of the weight the layer *applies* (its
-      operator at the layer's input size, :func:`exact_operator_norm`), ``< 1`` (strong convexity
+      operator at the layer's input size, :func:`proxnets.norm_bounds.norm_bound`), ``< 1`` (strong convexity
       of ``G``). Measured independently of the parametrization: a weight scaled past it fails.
     - ``equilibrium_residual``: ``max_i |T(z) - z| / |T(z)|`` in float64 after an Anderson solve to
       ``tol / 2`` (float32 round-off of the solver's own residual then cannot decide the verdict),
@@ -453,7 +424,7 @@ def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4,
                 z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
                 w64 = w.double()
                 T64 = block.fixed_point_map(inj.double(), w64)
-                norm, rig, method, why = _block_norm(block, w64)
+                norm, rig, method, why = _block_norm(block)
                 estimate = float(block.W.parametrizations.weight[0].sigma(block.W.parametrizations.weight.original))
                 certs.append(Certificate(f"{prefix}operator_norm", norm, 1.0, "<", rigorous=rig, why=why, method=method,
                                          details={"target_norm": block.target_norm,
@@ -509,7 +480,7 @@ def certify_mon(model: MONClassifier, x: torch.Tensor, *, tol: float = 1e-4, max
             n = mat.shape[0]
             # eigvalsh is backward stable: its eigenvalues are those of S + E, |E|_2 <= c n eps |S|_2
             mu = float(torch.linalg.eigvalsh((mat + mat.T) / 2)[0]) - 10 * n * _EPS64 * float(mat.norm())
-            lip = exact_operator_norm(mat)
+            lip, lip_rigorous, _, lip_why = _norm(mat)
             inj = layer.U(model.stem(x))
             a, b = layer.A.weight, layer.B.weight
             alpha = layer.step_size(a, b)
@@ -523,10 +494,11 @@ def certify_mon(model: MONClassifier, x: torch.Tensor, *, tol: float = 1e-4, max
             certs = [
                 Certificate("monotonicity", mu, layer.m * (1 - 1e-8), ">=", method=method,
                             details={"m": layer.m, "lipschitz_upper_bound": lip}),
-                Certificate("step_contraction", q, 1.0, "<", method="q^2 = 1 - 2 alpha mu + alpha^2 L^2",
+                Certificate("step_contraction", q, 1.0, "<", rigorous=lip_rigorous, why=lip_why,
+                            method="q^2 = 1 - 2 alpha mu + alpha^2 L^2",
                             details={"alpha": alpha, "safe_step_limit": 2 * mu / lip**2}),
             ]
-            certs += _residual_certificates("", T64, z, info, tol, q, True, distance_tol,
+            certs += _residual_certificates("", T64, z, info, tol, q, lip_rigorous, distance_tol,
                                             f"the certificate's {layer.config.solver} solve")
             certs += _backward_certificate("", layer.last_info)
     finally:
@@ -538,8 +510,8 @@ def certify_cnn(model: "ExplicitCNN", x: torch.Tensor) -> list[Certificate]:
     """The explicit CNN baseline: a rigorous upper bound of its Lipschitz constant, ``<= 1``.
 
     ``Lip(head o pool o relu o conv_L ... relu o stem) <= |head|_2 * (1 / p) * prod_l |conv_l|_2``
-    (ReLU is 1-Lipschitz, non-overlapping ``p x p`` average pooling has norm ``1 / p``), each norm
-    exact at the layer's input size (:func:`exact_operator_norm`). Nothing constrains these norms:
+    (ReLU is 1-Lipschitz, non-overlapping ``p x p`` average pooling has norm ``1 / p``), each norm a
+    rigorous upper bound at the layer's input size (:func:`proxnets.norm_bounds.norm_bound`). Nothing constrains these norms:
     this is the *uncertified* baseline: its bound is expected not to hold once trained (it may hold
     at initialization, where the weights are small).
     """
@@ -550,18 +522,17 @@ def certify_cnn(model: "ExplicitCNN", x: torch.Tensor) -> list[Certificate]:
     with torch.no_grad():
         for layer in model.body.modules():  # in order: the stem's convolution, then the body's
             if isinstance(layer, nn.Conv2d):
-                w64 = layer.weight.detach().double()
-                op = conv2d_operator(w64, shape, stride=layer.stride[0], padding=layer.padding[0])
-                value, rig, _, reason = _norm_upper_bound(
-                    lambda v, layer=layer, w64=w64: F.conv2d(v, w64, stride=layer.stride, padding=layer.padding), shape, op)
+                value, rig, _, reason = _norm(layer, shape)
                 factors.append(value)
                 rigorous, why = rigorous and rig, why + ([reason] if reason else [])
-                shape = tuple(op.forward(torch.zeros(op.in_shape, dtype=torch.float64)).shape[1:])
+                shape = tuple(layer(torch.zeros(1, *shape)).shape[1:])
         factors.append(1.0 / model.pool)
-        factors.append(exact_operator_norm(model.head.weight.detach().double()))
+        value, rig, _, reason = _norm(model.head)
+        factors.append(value)
+        rigorous, why = rigorous and rig, why + ([reason] if reason else [])
     value = math.prod(factors)
     return [Certificate("lipschitz", value, 1.0, "<=", rigorous=rigorous, why="; ".join(why),
-                        method="product of exact layer norms (uncertified baseline: expected not to hold)",
+                        method="product of rigorous layer norm bounds (uncertified baseline: expected not to hold)",
                         details={"factors": factors})]
 
 
