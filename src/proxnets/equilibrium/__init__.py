@@ -10,7 +10,9 @@ when ``|W|_2 < 1``. The package provides
 - the ``|W|_2 <= target`` parametrization for dense and convolutional weights
   (:mod:`~proxnets.equilibrium.parametrize`);
 - dense and convolutional OptEq layers with their objective and priors (:mod:`~proxnets.equilibrium.layers`);
-- an OptEq image classifier, the MON baseline and an explicit CNN (:mod:`~proxnets.equilibrium.models`);
+- an OptEq image classifier, the MON baseline and an explicit CNN (:mod:`~proxnets.equilibrium.models`),
+  and their certificates: :func:`certificate` (``certify_opteq``, ``certify_mon``, ``certify_cnn``),
+  each a list of :class:`proxnets.certificates.Certificate`;
 - the ``reproduce opteq`` suite (:mod:`~proxnets.equilibrium.experiments`).
 """
 
