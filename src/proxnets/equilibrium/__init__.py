@@ -10,7 +10,9 @@ when ``|W|_2 < 1``. The package provides
 - the ``|W|_2 <= target`` parametrization for dense and convolutional weights
   (:mod:`~proxnets.equilibrium.parametrize`);
 - dense and convolutional OptEq layers with their objective and priors (:mod:`~proxnets.equilibrium.layers`);
-- an OptEq image classifier, the MON baseline and an explicit CNN (:mod:`~proxnets.equilibrium.models`);
+- an OptEq image classifier, the MON baseline and an explicit CNN (:mod:`~proxnets.equilibrium.models`),
+  and their certificates: :func:`certificate` (``certify_opteq``, ``certify_mon``, ``certify_cnn``),
+  each a list of :class:`proxnets.certificates.Certificate`;
 - the ``reproduce opteq`` suite (:mod:`~proxnets.equilibrium.experiments`).
 """
 
@@ -24,9 +26,13 @@ from proxnets.equilibrium.models import (
     MONConv2d,
     OptEqClassifier,
     OptEqConfig,
+    certificate,
+    certify_cnn,
+    certify_mon,
     certify_opteq,
     convergence_logger,
     count_parameters,
+    dense_matrix,
 )
 from proxnets.equilibrium.parametrize import OperatorNormBound, operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import (
@@ -49,6 +55,7 @@ __all__ = [
     "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",
     "OptEqBase", "OptEq", "OptEqConv2d",
     "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
-    "certify_opteq", "convergence_logger",
+    "certificate", "certify_opteq", "certify_mon", "certify_cnn", "dense_matrix",
+    "convergence_logger",
     "MODELS",
 ]

@@ -160,13 +160,13 @@ class OptEqBase(nn.Module):
             return relative_residual(z, self.fixed_point_map(self.injection(x), w)(z))
 
     def operator_norm(self, exact: bool = True) -> float:
-        """``|W|_2`` of the constrained weight (power iteration to convergence when ``exact``)."""
-        with torch.no_grad():
-            if exact:
-                sigma_v = float(refresh_operator_norm(self.W))
-                return min(sigma_v, self.target_norm)
-            bound = self.W.parametrizations.weight[0]
-            return float(bound.sigma(self.W.weight.detach()))
+        """``|W|_2`` of the weight the layer applies (after its parametrization), measured on that
+        operator, never read from the parametrization's target: with ``exact`` a rigorous upper
+        bound (:func:`proxnets.norm_bounds.norm_bound`), else a power-iteration (lower) estimate."""
+        from proxnets.norm_bounds import norm_bound
+
+        in_shape = (self.channels, *self.spatial) if hasattr(self, "spatial") else None
+        return float(norm_bound(self.W, in_shape, method="auto" if exact else "power").value)
 
     def train(self, mode: bool = True) -> "OptEqBase":
         """Switching to eval mode runs the norm's power iteration to convergence (then frozen),

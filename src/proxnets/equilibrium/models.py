@@ -11,8 +11,11 @@ All three share the shape ``conv stem -> body -> average pooling -> linear head`
 
   so that ``I - W = m I + A^T A - (B - B^T)`` is ``m``-strongly monotone; solved by forward-backward
   splitting ``z <- relu(z - alpha ((I - W) z - (U x + b)))``, which converges for
-  ``alpha < 2 m / L^2`` with ``L = |I - W|_2``; we take ``alpha = m / L^2`` with ``L`` from the
-  project's power iteration on ``I - W`` (persistent vector, one step per training forward).
+  ``alpha < 2 m / L^2`` with ``L = |I - W|_2``; we take ``alpha = step_scale * m / L^2``
+  (``step_scale`` in (0, 2); 1 minimizes the contraction bound, values near 2 are the largest safe
+  steps and converge faster in practice) with ``L`` from the project's power iteration on ``I - W``
+  (persistent vector, one step per training forward; a lower estimate, so keep a margin below 2:
+  :func:`certify_mon` checks the step with a rigorous ``L``).
 - :class:`ExplicitCNN`: body = two explicit conv + ReLU layers.
 
 ``MODELS`` maps CLI names to factories returning :class:`proxnets.engine.Trainable`.
@@ -21,19 +24,25 @@ All three share the shape ``conv stem -> body -> average pooling -> linear head`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from proxnets.certificates import Certificate
 from proxnets.engine import Trainable, TrainConfig
 from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
-from proxnets.equilibrium.layers import OptEqConv2d
+from proxnets.equilibrium.layers import OptEqBase, OptEqConv2d
+from proxnets.norm_bounds import norm_bound
 from proxnets.equilibrium.solvers import EquilibriumInfo, check_solver_options
-from proxnets.operators import LinearOperator, OperatorNormEstimator
+from proxnets.operators import (
+    LinearOperator,
+    OperatorNormEstimator,
+)
 from proxnets.utils.convergence import POLICIES
-from proxnets.utils.validation import check_choice, check_int, check_number, fail
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
 __all__ = [
     "OptEqConfig",
@@ -44,6 +53,10 @@ __all__ = [
     "ExplicitCNN",
     "count_parameters",
     "certify_opteq",
+    "certify_mon",
+    "certify_cnn",
+    "certificate",
+    "dense_matrix",
     "convergence_logger",
     "MODELS",
 ]
@@ -145,7 +158,8 @@ class MONConfig:
     channels: int = 16
     kernel_size: int = 3
     m: float = 1.0  # strong monotonicity of I - W
-    alpha: float | None = None  # forward-backward step; None -> m / L^2 (estimated)
+    alpha: float | None = None  # forward-backward step; None -> step_scale * m / L^2 (estimated)
+    step_scale: float = 1.0  # in (0, 2): 2 is the limit of the safe forward-backward steps
     solver: str = "fixed_point"  # plain iteration of the splitting map = forward-backward splitting
     tol: float = 1e-3
     max_iter: int = 60
@@ -163,6 +177,7 @@ class MONConv2d(nn.Module):
         self.m = check_number("m", cfg.m, low=0.0, low_inclusive=False)
         if cfg.alpha is not None:
             check_number("alpha", cfg.alpha, low=0.0, low_inclusive=False)
+        check_number("step_scale", cfg.step_scale, low=0.0, high=2.0, low_inclusive=False, high_inclusive=False)
         check_solver_options(cfg.solver, {})
         check_choice("policy", cfg.policy, POLICIES)
         pad = cfg.kernel_size // 2
@@ -186,7 +201,7 @@ class MONConv2d(nn.Module):
         return self.m * z + self._conv_t(self._conv(z, a), a) - self._conv(z, b) + self._conv_t(z, b)
 
     def step_size(self, a: torch.Tensor, b: torch.Tensor) -> float:
-        """``alpha = m / L^2`` with ``L = |I - W|_2`` by power iteration (or the configured alpha)."""
+        """``alpha = step_scale * m / L^2`` with ``L = |I - W|_2`` by power iteration (or the configured alpha)."""
         if self.config.alpha is not None:
             return self.config.alpha
         shape = (1, self.channels, *self.spatial)
@@ -206,7 +221,7 @@ class MONConv2d(nn.Module):
                 lip = float(self.norm_estimator(op, mode="cheap"))
             else:
                 lip = float(op.forward(self.norm_estimator.v).norm())
-        return self.m / max(lip, self.m) ** 2
+        return self.config.step_scale * self.m / max(lip, self.m) ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inj = self.U(x)  # (B, C, H, W)
@@ -252,6 +267,7 @@ class ExplicitCNN(nn.Module):
                  depth: int = 2, pool: int = 4):
         super().__init__()
         c, h, w = _check_input_shape(input_shape)
+        self.input_shape = (c, h, w)
         check_int("depth", depth, low=1)
         spatial = ((h + 1) // 2, (w + 1) // 2)
         layers: list[nn.Module] = [_stem(c, stem_channels)]
@@ -268,61 +284,268 @@ class ExplicitCNN(nn.Module):
         return self.head(F.avg_pool2d(z, self.pool).flatten(1))  # (B, K)
 
 
-def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4, perturbations: int = 30,
-                  seed: int = 0) -> list[dict]:
-    """The optimization certificate of each OptEq block of ``model`` on inputs ``x``, one dict per block.
+# --- certificates -------------------------------------------------------------------------
+# Every number below that is called a bound is proved to be one: operator norms come from the dense
+# float64 matrix of the operator the layer applies (exact up to a stated round-off margin), never
+# from the parametrization's own (clipped, power-iteration) reading.
 
-    Fields: ``residual`` (max relative residual ``|T(z) - z| / |T(z)|`` of the equilibrium solved
-    to ``tol`` with Anderson), ``converged``; ``perturbations_not_better`` (fraction of random
-    in-domain perturbations ``prox_f(z* + d)``, scales 1e-3..1e-1, with ``G >= G(z*)`` up to 1e-4
-    relative); ``fixed_point_max_relative_increase_of_G`` (largest increase of the mean objective
-    along the plain iteration, relative to ``|G|``: 0 in exact arithmetic); ``operator_norm`` (by
-    power iteration to convergence) and ``target_norm``.
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def dense_matrix(apply, in_shape: Sequence[int], *, chunk: int = 512) -> torch.Tensor:
+    """The float64 matrix of a linear map ``apply: (B, *in_shape) -> (B, ...)`` that acts on batches,
+    built by pushing the identity through it ``chunk`` columns at a time (one batched call per chunk)."""
+    n = math.prod(in_shape)
+    cols = []
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            basis = torch.zeros(k, n, dtype=torch.float64)
+            basis[torch.arange(k), torch.arange(start, start + k)] = 1.0
+            out = apply(basis.reshape(k, *in_shape))
+            if out.dtype != torch.float64:
+                fail("apply", "a map computing in float64", out.dtype)
+            cols.append(out.reshape(k, -1))
+    return torch.cat(cols).T  # (n_out, n)
+
+
+def _norm(target, in_shape=None) -> tuple[float, bool, str, str]:
+    """``(value, rigorous, method, why)``: the shared rigorous upper bound of ``|A|_2``
+    (:func:`proxnets.norm_bounds.norm_bound`, ``"auto"``: Fourier symbol or Gram iteration when tight,
+    else the exact dense SVD or the certified Cholesky correction)."""
+    nb = norm_bound(target, in_shape)
+    return float(nb.value), nb.rigorous, nb.method, nb.why
+
+
+def _block_norm(block: OptEqBase) -> tuple[float, bool, str, str]:
+    """Bound of ``|W|_2`` of the operator ``z -> W z`` that ``block`` applies (its parametrized weight)."""
+    if isinstance(block, OptEqConv2d):
+        return _norm(block.W, (block.channels, *block.spatial))
+    return _norm(block.W)
+
+
+def _float64_residual(T64, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``|T(z) - z|`` and ``|T(z) - z| / |T(z)|`` in float64 (non-finite stays non-finite)."""
+    z64 = z.detach().double()
+    tz = T64(z64.clone())
+    bsz = z64.shape[0]
+    absolute = torch.linalg.vector_norm((tz - z64).reshape(bsz, -1), dim=1)
+    return absolute, absolute / (torch.linalg.vector_norm(tz.reshape(bsz, -1), dim=1) + 1e-9)
+
+
+def _solve_flag(info, what: str) -> str:
+    """The reason a solve's result is not rigorous ('' when it converged)."""
+    if info is None or info.converged:
+        return ""
+    last = info.residuals[-1] if info.residuals else float("nan")
+    return f"{what} did not converge ({info.iterations} iterations, last residual {last:.2e} > tol {info.tol:.1e})"
+
+
+def _residual_certificates(prefix: str, T64, z: torch.Tensor, info, tol: float, q: float, q_rigorous: bool,
+                           distance_tol: float, what: str) -> list[Certificate]:
+    """Residual (with the solver's flag) and the a-posteriori distance bound of a ``q``-contraction.
+
+    For a map T with Lipschitz constant ``q < 1`` and fixed point ``z*``,
+    ``|z - z*| <= |z - T(z)| + |T(z) - T(z*)| <= r + q |z - z*|``, hence
+
+        |z - z*| <= |T(z) - z| / (1 - q),
+
+    reported relative to ``|T(z)|`` (max over the batch).
     """
-    from proxnets.equilibrium.solvers import relative_residual, solve
+    absolute, relative = _float64_residual(T64, z)
+    finite = bool(torch.isfinite(relative).all())
+    r_max = float(relative.max()) if finite else math.inf
+    why = "; ".join(s for s in (_solve_flag(info, what), "" if finite else "non-finite iterate") if s)
+    certs = [Certificate(f"{prefix}equilibrium_residual", r_max, tol, "<=", rigorous=not why, why=why,
+                         method=f"|T(z)-z|/|T(z)| in float64 after {info.solver} ({info.iterations} iterations)",
+                         details={"solver_converged": info.converged, "iterations": info.iterations})]
+    if q < 1 and finite:
+        dist = r_max / (1 - q)
+        why_d = "; ".join(s for s in (why, "" if q_rigorous else "the contraction factor is an estimate") if s)
+        certs.append(Certificate(f"{prefix}distance_to_minimizer", dist, distance_tol, "<=", rigorous=not why_d,
+                                 why=why_d, method="a posteriori |T(z)-z| / ((1 - q) |T(z)|)",
+                                 details={"q": q, "max_absolute_distance_bound": float(absolute.max()) / (1 - q)}))
+    else:
+        certs.append(Certificate(f"{prefix}distance_to_minimizer", math.inf, distance_tol, "<=", rigorous=False,
+                                 why=f"contraction factor q = {q:.4g} >= 1 (or non-finite residual): no a-posteriori bound",
+                                 method="a posteriori |T(z)-z| / ((1 - q) |T(z)|)", details={"q": q}))
+    return certs
+
+
+def _backward_certificate(prefix: str, layer_info) -> list[Certificate]:
+    """The implicit backward solve of the layer's last training step, when there was one."""
+    binfo = getattr(layer_info, "backward", None) if layer_info is not None else None
+    if binfo is None:
+        return []
+    last = binfo.residuals[-1] if binfo.residuals else math.inf
+    why = _solve_flag(binfo, "the implicit backward (adjoint) solve of the last training step")
+    return [Certificate(f"{prefix}implicit_backward_residual", float(last), binfo.tol, "<=", rigorous=not why, why=why,
+                        method=f"adjoint residual reported by {binfo.solver}", details={"iterations": binfo.iterations})]
+
+
+def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 1000,
+                  distance_tol: float = 1e-2, perturbations: int = 0, seed: int = 0) -> list[Certificate]:
+    """The optimization certificate of each OptEq block of ``model`` on inputs ``x``.
+
+    Per block (names prefixed ``block<i>.`` when there are several):
+
+    - ``operator_norm``: a rigorous upper bound of ``|W|_2`` of the weight the layer *applies* (its
+      operator at the layer's input size, :func:`proxnets.norm_bounds.norm_bound`), ``< 1`` (strong convexity
+      of ``G``). Measured independently of the parametrization: a weight scaled past it fails.
+    - ``equilibrium_residual``: ``max_i |T(z) - z| / |T(z)|`` in float64 after an Anderson solve to
+      ``tol / 2`` (float32 round-off of the solver's own residual then cannot decide the verdict),
+      ``<= tol``; not rigorous, with the reason, when that solve did not converge.
+    - ``distance_to_minimizer``: ``T`` is a ``|W|_2^2``-contraction (``prox_f`` of a convex f is
+      nonexpansive and ``|W^T W|_2 = |W|_2^2``), so ``|z - z*| / |T(z)| <= r / (1 - |W|_2^2)``,
+      ``<= distance_tol``; infinite (does not hold) when the bound on ``|W|_2`` is ``>= 1``.
+    - ``implicit_backward_residual`` (only when the block's last forward ran an implicit backward):
+      the adjoint solve's residual and convergence flag.
+    - ``perturbations_not_better`` (only when ``perturbations > 0``; a random sample, never rigorous):
+      the fraction of in-domain perturbations ``prox_f(z + d)`` with ``G >= G(z) - 1e-4 |G(z)|``.
+    """
+    from proxnets.equilibrium.solvers import solve
 
     if not isinstance(model, OptEqClassifier):
         fail("model", "an OptEqClassifier", type(model).__name__, TypeError)
+    check_number("tol", tol, low=0.0, low_inclusive=False)
+    check_number("distance_tol", distance_tol, low=0.0, low_inclusive=False)
+    check_int("perturbations", perturbations, low=0)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = []
+    certs: list[Certificate] = []
+    try:
+        with torch.no_grad():
+            h = model.stem(x)  # (B, S, H/2, W/2)
+            for i, block in enumerate(model.blocks):
+                prefix = f"block{i}." if len(model.blocks) > 1 else ""
+                inj, w = block.injection(h), block.W.weight.detach()  # the weight the layer applies
+                T = block.fixed_point_map(inj, w)
+                z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+                w64 = w.double()
+                T64 = block.fixed_point_map(inj.double(), w64)
+                norm, rig, method, why = _block_norm(block)
+                estimate = float(block.W.parametrizations.weight[0].sigma(block.W.parametrizations.weight.original))
+                certs.append(Certificate(f"{prefix}operator_norm", norm, 1.0, "<", rigorous=rig, why=why, method=method,
+                                         details={"target_norm": block.target_norm,
+                                                  "parametrization_estimate_of_unconstrained_norm": estimate}))
+                certs += _residual_certificates(prefix, T64, z, info, tol, norm**2, rig, distance_tol,
+                                                "the certificate's Anderson solve")
+                certs += _backward_certificate(prefix, block.last_info)
+                if perturbations:
+                    G = lambda v: block.objective(v, inj=inj, w=w)  # noqa: E731
+                    g_star = G(z)
+                    not_better = 0
+                    scales = (1e-3, 1e-2, 1e-1)
+                    for k in range(perturbations):
+                        d = scales[k % len(scales)] * torch.randn(z.shape, generator=generator)
+                        zd = block.activation.prox(z + d)  # inside the domain of f, else G = +inf trivially
+                        not_better += int(bool((G(zd) >= g_star - 1e-4 * g_star.abs()).all()))
+                    certs.append(Certificate(f"{prefix}perturbations_not_better", not_better / perturbations, 1.0, ">=",
+                                             rigorous=False, why=f"{perturbations} random perturbations: a sample, not a proof",
+                                             method="G(prox_f(z + d)) >= G(z), |d| at scales 1e-3..1e-1"))
+                h = z
+    finally:
+        model.train(was_training)
+    return certs
+
+
+def certify_mon(model: MONClassifier, x: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 2000,
+                distance_tol: float = 1e-2) -> list[Certificate]:
+    """The certificate of the MON baseline (Winston & Kolter 2020) on inputs ``x``.
+
+    - ``monotonicity``: a rigorous lower bound ``mu`` of ``lambda_min((M + M^T) / 2)``, ``M = I - W``
+      (dense float64 matrix, eigensolver minus the round-off margin), ``>= m (1 - 1e-8)``: the strong
+      monotonicity ``m + lambda_min(A^T A) >= m`` the parametrization promises (``A^T A`` may be
+      singular, so the relative 1e-8 allows for the round-off margin of a bound that is exactly ``m``).
+    - ``step_contraction``: the forward-backward map ``z -> relu(z - alpha (M z - U x - b))`` with the
+      layer's step ``alpha`` is a ``q``-contraction, ``q^2 = 1 - 2 alpha mu + alpha^2 L^2``
+      (``L`` a rigorous upper bound of ``|M|_2``), ``< 1``: the step is safe (``alpha < 2 mu / L^2``).
+    - ``equilibrium_residual`` and ``distance_to_minimizer`` (``r / (1 - q)``) as for OptEq, after the
+      layer's own solver (forward-backward iteration) to ``tol / 2``, with its convergence flag;
+      ``implicit_backward_residual`` when the last forward had a backward solve.
+    """
+    from proxnets.equilibrium.solvers import solve
+
+    if not isinstance(model, MONClassifier):
+        fail("model", "a MONClassifier", type(model).__name__, TypeError)
+    check_number("tol", tol, low=0.0, low_inclusive=False)
+    layer = model.mon
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a64, b64 = layer.A.weight.detach().double(), layer.B.weight.detach().double()
+            mat = dense_matrix(lambda v: layer.monotone_part(v, a64, b64), (layer.channels, *layer.spatial))
+            n = mat.shape[0]
+            # eigvalsh is backward stable: its eigenvalues are those of S + E, |E|_2 <= c n eps |S|_2
+            mu = float(torch.linalg.eigvalsh((mat + mat.T) / 2)[0]) - 10 * n * _EPS64 * float(mat.norm())
+            lip, lip_rigorous, _, lip_why = _norm(mat)
+            inj = layer.U(model.stem(x))
+            a, b = layer.A.weight, layer.B.weight
+            alpha = layer.step_size(a, b)
+            T = lambda z: torch.relu(z - alpha * (layer.monotone_part(z, a, b) - inj))  # noqa: E731
+            inj64 = inj.double()
+            T64 = lambda z: torch.relu(z - alpha * (layer.monotone_part(z, a64, b64) - inj64))  # noqa: E731
+            z, info = solve(layer.config.solver, T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+            q2 = 1 - 2 * alpha * mu + alpha**2 * lip**2
+            q = math.sqrt(max(q2, 0.0))
+            method = "exact: float64 dense matrix, symmetric eigensolver + round-off margin"
+            certs = [
+                Certificate("monotonicity", mu, layer.m * (1 - 1e-8), ">=", method=method,
+                            details={"m": layer.m, "lipschitz_upper_bound": lip}),
+                Certificate("step_contraction", q, 1.0, "<", rigorous=lip_rigorous, why=lip_why,
+                            method="q^2 = 1 - 2 alpha mu + alpha^2 L^2",
+                            details={"alpha": alpha, "safe_step_limit": 2 * mu / lip**2}),
+            ]
+            certs += _residual_certificates("", T64, z, info, tol, q, lip_rigorous, distance_tol,
+                                            f"the certificate's {layer.config.solver} solve")
+            certs += _backward_certificate("", layer.last_info)
+    finally:
+        model.train(was_training)
+    return certs
+
+
+def certify_cnn(model: "ExplicitCNN", x: torch.Tensor) -> list[Certificate]:
+    """The explicit CNN baseline: a rigorous upper bound of its Lipschitz constant, ``<= 1``.
+
+    ``Lip(head o pool o relu o conv_L ... relu o stem) <= |head|_2 * (1 / p) * prod_l |conv_l|_2``
+    (ReLU is 1-Lipschitz, non-overlapping ``p x p`` average pooling has norm ``1 / p``), each norm a
+    rigorous upper bound at the layer's input size (:func:`proxnets.norm_bounds.norm_bound`). Nothing constrains these norms:
+    this is the *uncertified* baseline: its bound is expected not to hold once trained (it may hold
+    at initialization, where the weights are small).
+    """
+    if not isinstance(model, ExplicitCNN):
+        fail("model", "an ExplicitCNN", type(model).__name__, TypeError)
+    check_tensor("x", x, shape=(None, *model.input_shape))
+    factors, rigorous, why, shape = [], True, [], tuple(model.input_shape)
     with torch.no_grad():
-        h = model.stem(x)  # (B, S, H/2, W/2)
-        for block in model.blocks:
-            inj, w = block.injection(h), block.W.weight
-            T = block.fixed_point_map(inj, w)
-            G = lambda v: block.objective(v, inj=inj, w=w)  # noqa: E731
-            z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol, max_iter=1000)
-            g_star = G(z)
-            not_better = 0
-            scales = (1e-3, 1e-2, 1e-1)
-            for i in range(perturbations):
-                d = scales[i % len(scales)] * torch.randn(z.shape, generator=generator)
-                zd = block.activation.prox(z + d)  # inside the domain of f, else G = +inf trivially
-                not_better += int(bool((G(zd) >= g_star - 1e-4 * g_star.abs()).all()))
-            _, fp = solve("fixed_point", T, torch.zeros_like(inj), tol=tol, max_iter=1000, objective=G)
-            obj = torch.tensor(fp.objectives, dtype=torch.float64)
-            out.append({
-                "residual": float(relative_residual(z, T(z)).max()),
-                "converged": info.converged,
-                "perturbations_not_better": not_better / max(perturbations, 1),
-                "fixed_point_max_relative_increase_of_G": float((obj[1:] - obj[:-1]).clamp_min(0).max()
-                                                                / obj.abs().max().clamp_min(1e-30)),
-                "operator_norm": block.operator_norm(),
-                "target_norm": block.target_norm,
-            })
-            h = z
-    model.train(was_training)
-    return out
+        for layer in model.body.modules():  # in order: the stem's convolution, then the body's
+            if isinstance(layer, nn.Conv2d):
+                value, rig, _, reason = _norm(layer, shape)
+                factors.append(value)
+                rigorous, why = rigorous and rig, why + ([reason] if reason else [])
+                shape = tuple(layer(torch.zeros(1, *shape)).shape[1:])
+        factors.append(1.0 / model.pool)
+        value, rig, _, reason = _norm(model.head)
+        factors.append(value)
+        rigorous, why = rigorous and rig, why + ([reason] if reason else [])
+    value = math.prod(factors)
+    return [Certificate("lipschitz", value, 1.0, "<=", rigorous=rigorous, why="; ".join(why),
+                        method="product of rigorous layer norm bounds (uncertified baseline: expected not to hold)",
+                        details={"factors": factors})]
 
 
-def _opteq_certificate(model: OptEqClassifier, x: torch.Tensor) -> dict:
-    """Flat form of :func:`certify_opteq` for ``proxnets eval``."""
-    blocks = certify_opteq(model, x)
-    if len(blocks) == 1:
-        return blocks[0]
-    return {f"block{i}.{k}": v for i, b in enumerate(blocks) for k, v in b.items()}
+def certificate(model: nn.Module, x: torch.Tensor, **options) -> list[Certificate]:
+    """The certificate of any model of this package: :func:`certify_opteq`, :func:`certify_mon` or
+    :func:`certify_cnn` by the model's type (``options`` are passed on)."""
+    if isinstance(model, OptEqClassifier):
+        return certify_opteq(model, x, **options)
+    if isinstance(model, MONClassifier):
+        return certify_mon(model, x, **options)
+    if isinstance(model, ExplicitCNN):
+        return certify_cnn(model, x, **options)
+    fail("model", "an OptEqClassifier, MONClassifier or ExplicitCNN", type(model).__name__, TypeError)
 
 
 def convergence_logger(model: nn.Module, log=print, counts: dict | None = None, name: str | None = None):
@@ -362,15 +585,16 @@ def _train_config(**overrides) -> TrainConfig:
 
 def _opteq(input_shape, num_classes, **opts) -> Trainable:
     return Trainable(OptEqClassifier(input_shape, num_classes, _config_from(OptEqConfig, opts)), config=_train_config(),
-                     certificate=_opteq_certificate)
+                     certificate=certify_opteq)
 
 
 def _mon(input_shape, num_classes, **opts) -> Trainable:
-    return Trainable(MONClassifier(input_shape, num_classes, _config_from(MONConfig, opts)), config=_train_config())
+    return Trainable(MONClassifier(input_shape, num_classes, _config_from(MONConfig, opts)), config=_train_config(),
+                     certificate=certify_mon)
 
 
 def _cnn(input_shape, num_classes, **opts) -> Trainable:
-    return Trainable(ExplicitCNN(input_shape, num_classes, **opts), config=_train_config())
+    return Trainable(ExplicitCNN(input_shape, num_classes, **opts), config=_train_config(), certificate=certify_cnn)
 
 
 MODELS = {"opteq": _opteq, "opteq-mon": _mon, "opteq-cnn": _cnn}
