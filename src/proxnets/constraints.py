@@ -165,8 +165,10 @@ class OperatorNorm(nn.Module):
 
     @staticmethod
     def _key(weight: torch.Tensor) -> tuple:
-        # the parameter's version counter moves on every in-place optimizer update
-        return (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype)
+        # by content: a parametrized weight is a fresh tensor at every access, and a freed address can
+        # be reused by another weight with the same version counter
+        w = weight.detach()
+        return (tuple(w.shape), w.dtype, hash(w.cpu().contiguous().numpy().tobytes()))
 
     def cheap(self, weight: torch.Tensor) -> torch.Tensor:
         """Training estimate (lower estimate, differentiable in ``weight``); updates the vector."""
