@@ -50,7 +50,8 @@ from proxnets.capsules.votes import DenseVotes, FactoredVotes, Votes
 __all__ = [
     "squash", "capsule_length",
     "Votes", "DenseVotes", "FactoredVotes",
-    "GRADIENT_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo", "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
+    "GRADIENT_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo",
+    "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
     "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
     "certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
