@@ -147,10 +147,12 @@ def capsnet_loss(model: CapsNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 @torch.no_grad()
 def routing_certificate(model: CapsNet, x: torch.Tensor, passes: int | None = None) -> dict[str, float | bool]:
-    """The routing certificate on images ``x``: energy, entropy and monotonicity over the passes.
+    """A summary dict of the model's own (float32) routing on ``x``: energy, entropy, monotonicity.
 
-    ``energy_non_increasing`` is the seed's theorem checked on these votes (relative float tolerance
-    1e-5); ``passes`` defaults to the model's routing passes.
+    Kept for callers of the former API; the certificate of the protocol (``list[Certificate]``, float64
+    re-routing with a derived round-off tolerance, used by the ``capsnet*`` Trainables and ``proxnets
+    eval``) is :func:`proxnets.capsules.certify.certificate`. ``energy_non_increasing`` here uses a
+    relative float32 tolerance of 1e-5; ``passes`` defaults to the model's routing passes.
     """
     was_training = model.training
     model.eval()
