@@ -12,6 +12,9 @@ routing polarizes the couplings. Every routing call can report that certificate
 - :mod:`~proxnets.capsules.routing`: :func:`dynamic_routing`, :func:`routing_energy`,
   :func:`energy_gradient`, :func:`coupling_entropy`.
 - :mod:`~proxnets.capsules.layers`, :mod:`~proxnets.capsules.losses`, :mod:`~proxnets.capsules.capsnet`.
+- :mod:`~proxnets.capsules.certify`: :func:`certificate` (the protocol's ``list[Certificate]``: feasible
+  couplings, energy never increasing, decrease at least the symmetric KL, optionally the KKT gap of
+  a long run), re-routing the model's votes in float64.
 
 ``MODELS``: ``"capsnet"`` (the paper's model) and ``"capsnet-small"`` (CPU-sized), each
 ``(input_shape, num_classes, **config_overrides) -> Trainable``.
@@ -29,10 +32,12 @@ from proxnets.capsules.capsnet import (
     routing_certificate,
     small_config,
 )
+from proxnets.capsules.certify import certificate, energy_tolerance, routing_certificates
 from proxnets.capsules.functional import capsule_length, squash
-from proxnets.capsules.layers import CapsuleLinear, PrimaryCapsules, ReconstructionDecoder
+from proxnets.capsules.layers import COUPLING_MODES, CapsuleLinear, PrimaryCapsules, ReconstructionDecoder
 from proxnets.capsules.losses import margin_loss, reconstruction_loss
 from proxnets.capsules.routing import (
+    BROKEN_VARIANTS,
     GRADIENT_MODES,
     RoutingInfo,
     coupling_entropy,
@@ -45,10 +50,11 @@ from proxnets.capsules.votes import DenseVotes, FactoredVotes, Votes
 __all__ = [
     "squash", "capsule_length",
     "Votes", "DenseVotes", "FactoredVotes",
-    "GRADIENT_MODES", "RoutingInfo", "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
+    "GRADIENT_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo",
+    "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
     "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
-    "routing_certificate", "MODELS", "make_capsnet",
+    "certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
 ]
 
 
@@ -71,7 +77,7 @@ def make_capsnet(input_shape, num_classes, *, size: str = "reference", epochs: i
     model = CapsNet(build(input_shape, num_classes, **overrides))
     cfg = _train_config(**({} if epochs is None else {"epochs": epochs}))
     return Trainable(model=model, loss_fn=capsnet_loss, predict_fn=capsnet_scores, config=cfg, augment=random_shift,
-                     certificate=routing_certificate)
+                     certificate=certificate)
 
 
 MODELS = {

@@ -48,6 +48,7 @@ class CapsNetConfig:
     iterations: int = 3  # routing passes (Sabour et al.: 3)
     gradient: str = "last"  # see dynamic_routing: inner passes carry no gradient
     leaky: bool = False
+    couplings: str = "routing"  # or "random": the random-coupling baseline of Paik et al. (no routing)
     decoder_hidden: tuple[int, ...] = (512, 1024)
     reconstruction: bool = True  # decoder and its loss (0.25% vs 0.35% MNIST test error in the paper)
     reconstruction_scale: float = 5e-4  # times the *sum* of squared errors
@@ -97,7 +98,8 @@ class CapsNet(nn.Module):
         self.primary = PrimaryCapsules(cfg.conv_channels, cfg.primary_channels, cfg.primary_dim,
                                        cfg.primary_kernel, cfg.primary_stride)
         self.classes = CapsuleLinear(cfg.primary_capsules, cfg.primary_dim, cfg.num_classes, cfg.class_dim,
-                                     iterations=cfg.iterations, gradient=cfg.gradient, leaky=cfg.leaky)
+                                     iterations=cfg.iterations, gradient=cfg.gradient, leaky=cfg.leaky,
+                                     couplings=cfg.couplings)
         self.decoder = (ReconstructionDecoder(cfg.num_classes, cfg.class_dim, cfg.input_shape, cfg.decoder_hidden)
                         if cfg.reconstruction else None)
 
@@ -145,10 +147,12 @@ def capsnet_loss(model: CapsNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 @torch.no_grad()
 def routing_certificate(model: CapsNet, x: torch.Tensor, passes: int | None = None) -> dict[str, float | bool]:
-    """The routing certificate on images ``x``: energy, entropy and monotonicity over the passes.
+    """A summary dict of the model's own (float32) routing on ``x``: energy, entropy, monotonicity.
 
-    ``energy_non_increasing`` is the seed's theorem checked on these votes (relative float tolerance
-    1e-5); ``passes`` defaults to the model's routing passes.
+    Kept for callers of the former API; the certificate of the protocol (``list[Certificate]``, float64
+    re-routing with a derived round-off tolerance, used by the ``capsnet*`` Trainables and ``proxnets
+    eval``) is :func:`proxnets.capsules.certify.certificate`. ``energy_non_increasing`` here uses a
+    relative float32 tolerance of 1e-5; ``passes`` defaults to the model's routing passes.
     """
     was_training = model.training
     model.eval()

@@ -13,7 +13,9 @@ from proxnets.capsules.routing import GRADIENT_MODES, RoutingInfo, dynamic_routi
 from proxnets.capsules.votes import FactoredVotes
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
-__all__ = ["PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "conv_output_size"]
+__all__ = ["COUPLING_MODES", "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "conv_output_size"]
+
+COUPLING_MODES = ("routing", "random")
 
 
 def conv_output_size(size: int, kernel_size: int, stride: int) -> int:
@@ -49,6 +51,12 @@ class CapsuleLinear(nn.Module):
     Votes ``u_hat[b, i, j] = u[b, i] @ weight[j, i]`` with one ``in_dim x out_dim`` matrix per pair
     (``weight``: ``(N, M, in_dim, out_dim)``, no bias: Sabour et al.'s count), then
     :func:`~proxnets.capsules.routing.dynamic_routing` on the factored votes (never materialized).
+
+    ``couplings="random"`` is the random-coupling baseline of Paik, Kwak & Kim (2019): no routing,
+    each child's couplings ``softmax(z_i)`` with ``z_ij ~ N(0, 1)`` drawn afresh at every forward
+    pass (from torch's global generator), ``v_j = squash(sum_i c_ij u_hat_ij)``. (Uniform couplings,
+    the other baseline, are ``iterations=1``.) ``broken`` (``None``) selects a deliberately wrong
+    routing procedure of :data:`~proxnets.capsules.routing.BROKEN_VARIANTS` (falsification tests).
     """
 
     def __init__(
@@ -62,6 +70,7 @@ class CapsuleLinear(nn.Module):
         gradient: str = "last",
         leaky: bool = False,
         init_std: float = 0.01,
+        couplings: str = "routing",
     ):
         super().__init__()
         for name, value in (("in_capsules", in_capsules), ("in_dim", in_dim), ("out_capsules", out_capsules),
@@ -70,6 +79,8 @@ class CapsuleLinear(nn.Module):
         self.iterations = check_int("iterations", iterations, low=0)
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         self.leaky = bool(leaky)
+        self.couplings = check_choice("couplings", couplings, COUPLING_MODES)
+        self.broken: str | None = None
         self.weight = nn.Parameter(torch.randn(out_capsules, in_capsules, in_dim, out_dim)
                                    * check_number("init_std", init_std, low=0.0))
 
@@ -82,12 +93,19 @@ class CapsuleLinear(nn.Module):
     def forward(self, u: torch.Tensor, *, iterations: int | None = None, trace: bool = False,
                 tol: float | None = None) -> tuple[torch.Tensor, RoutingInfo]:
         """Parent capsules ``(B, N, out_dim)`` and the routing info; ``iterations`` overrides the layer's."""
+        votes = self.votes(u)
+        if self.couplings == "random":
+            c = torch.softmax(torch.randn(votes.batch, votes.children, votes.parents, dtype=u.dtype,
+                                          device=u.device), -1)  # (B, M, N), rows on the simplex
+            return squash(votes.combine(c)), RoutingInfo(iterations=0, couplings=c)
         r = self.iterations if iterations is None else iterations
-        return dynamic_routing(self.votes(u), r, gradient=self.gradient, leaky=self.leaky, trace=trace, tol=tol)
+        return dynamic_routing(votes, r, gradient=self.gradient, leaky=self.leaky, trace=trace, tol=tol,
+                               _broken=self.broken)
 
     def extra_repr(self) -> str:
         N, M, K, D = self.weight.shape
-        return f"{M}x{K} -> {N}x{D}, iterations={self.iterations}, gradient={self.gradient!r}, leaky={self.leaky}"
+        return (f"{M}x{K} -> {N}x{D}, iterations={self.iterations}, gradient={self.gradient!r}, leaky={self.leaky}, "
+                f"couplings={self.couplings!r}")
 
 
 class ReconstructionDecoder(nn.Module):

@@ -52,6 +52,7 @@ from proxnets.utils.validation import check_choice, check_int, check_number, che
 
 __all__ = [
     "GRADIENT_MODES",
+    "BROKEN_VARIANTS",
     "RoutingInfo",
     "routing_energy",
     "energy_gradient",
@@ -60,6 +61,14 @@ __all__ = [
 ]
 
 GRADIENT_MODES = ("last", "all")
+
+BROKEN_VARIANTS = {
+    "softmax-over-children": "couplings normalized over the children (the wrong axis): columns, not rows, sum to 1",
+    "negative-update": "logit update of the wrong sign, b <- b - <u_hat, v> (mirror ascent on the concave energy)",
+}
+"""Deliberately wrong routing procedures (the two bugs public reimplementations make), selected by
+``dynamic_routing(..., _broken=name)``: only for the falsification tests of the certificate and the
+claims, which must catch them. Never a modelling choice."""
 
 
 @dataclasses.dataclass
@@ -82,8 +91,19 @@ class RoutingInfo(IterInfo):
     - ``max_coupling``: mean over children of ``max_j c_ij`` (1 for one-hot rows).
     - ``change``: ``max_{i,j} |C_{t+1} - C_t|``, the step taken after pass ``t``.
     - ``muted``: fraction of parents with ``|v_j| < mute_threshold``.
+    - ``kkt_gap``: ``sum_i [max_j a_ij - sum_j c_ij a_ij]`` at ``C_t`` with the agreements
+      ``a_ij = <u_hat_ij, v_j> = -dE/dc_ij`` (the leak, if any, has ``a = 0``). It is the
+      Frank-Wolfe gap ``max_{C' feasible} <grad E(C_t), C_t - C'>``: ``>= 0`` for feasible ``C_t`` and
+      zero exactly at the KKT points of ``min E`` over the product of simplices (every child's
+      coupling mass sits on parents of maximal agreement).
+    - ``sym_kl``: ``KL(C_{t+1}||C_t) + KL(C_t||C_{t+1})`` summed over the children, computed from the
+      log-couplings (``log_softmax`` of the logits; couplings underflow in linear space). The
+      mirror-descent bound says ``E(C_t) - E(C_{t+1}) >= sym_kl[t]``.
+    - ``row_sum_error``: ``max_i |sum_j c_ij - 1|`` over every child (leak included): the distance of
+      ``C_t`` from the constraints (round-off for correct routing; NaN when a coupling is not finite).
 
-    :meth:`summary` gives the batch means as lists.
+    ``change`` and ``sym_kl`` at the last pass describe the step to ``C_T`` (computed, not used for
+    the output); NaN when ``tol`` stopped the run there. :meth:`summary` gives the batch means as lists.
     """
 
     couplings: torch.Tensor | None = None
@@ -92,8 +112,11 @@ class RoutingInfo(IterInfo):
     max_coupling: torch.Tensor | None = None
     change: torch.Tensor | None = None
     muted: torch.Tensor | None = None
+    kkt_gap: torch.Tensor | None = None
+    sym_kl: torch.Tensor | None = None
+    row_sum_error: torch.Tensor | None = None
 
-    TRACE_FIELDS = ("energy", "entropy", "max_coupling", "change", "muted")
+    TRACE_FIELDS = ("energy", "entropy", "max_coupling", "change", "muted", "kkt_gap", "sym_kl", "row_sum_error")
 
     def summary(self) -> dict[str, list[float]]:
         """Batch-averaged traces: ``{field: [mean over the batch at pass t for t in 0..T-1]}``."""
@@ -183,14 +206,14 @@ def _logit_floor(dtype: torch.dtype) -> float:
     return 0.6 * -math.log(torch.finfo(dtype).tiny)
 
 
-def _softmax_couplings(logits: torch.Tensor, leaky: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_couplings(logits: torch.Tensor, leaky: bool, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Couplings from parent-major logits ``(N [+ 1], B, M)``: softmax over the parents (dim 0).
 
     Returns ``(c, c_full)``; with ``leaky`` the last row of the logits is the leak (its logit never
     changes from 0) and ``c`` drops it. (Parent-major because a softmax over a short last axis is
-    slow on CPU.)
+    slow on CPU.) ``dim = 2`` (the children) is only the broken variant ``"softmax-over-children"``.
     """
-    full = torch.softmax(logits, dim=0)
+    full = torch.softmax(logits, dim=dim)
     return (full[:-1] if leaky else full), full
 
 
@@ -208,6 +231,7 @@ def dynamic_routing(
     trace: bool = False,
     mute_threshold: float = 1e-2,
     policy: str = "warn",
+    _broken: str | None = None,
 ) -> tuple[torch.Tensor, RoutingInfo]:
     """Routing by agreement (Sabour et al. 2017, Procedure 1), vectorized over batch, children, parents.
 
@@ -223,10 +247,12 @@ def dynamic_routing(
             et al.'s code, which stops gradients in the inner passes; cheaper). ``"all"``:
             back-propagate through every pass, couplings included.
         leaky: add a none-of-the-above parent (zero vote, logit fixed at 0).
-        trace: record energy, entropy, max coupling, change and muted fraction per pass (costs one
-            extra agreement pass).
+        trace: record energy, entropy, max coupling, change, muted fraction, KKT gap, symmetric KL
+            and row-sum error per pass (costs one extra agreement pass).
         mute_threshold: ``|v_j|`` below which a parent counts as muted in the trace.
         policy: ``"ignore" | "warn" | "raise"`` when ``tol`` is not reached.
+        _broken: a key of :data:`BROKEN_VARIANTS` runs that deliberately wrong procedure (tests of
+            the certificate and the claims only).
 
     Returns:
         ``(v, info)``: parent capsules ``v (B, N, D)`` and a :class:`RoutingInfo`.
@@ -240,6 +266,10 @@ def dynamic_routing(
     check_choice("policy", policy, POLICIES)
     if not isinstance(leaky, bool):
         raise TypeError(f"leaky: expected a bool, got {leaky!r}")
+    if _broken is not None:
+        check_choice("_broken", _broken, tuple(BROKEN_VARIANTS))
+    axis = 2 if _broken == "softmax-over-children" else 0  # parent-major logits: dim 0 = parents
+    sign = -1.0 if _broken == "negative-update" else 1.0
 
     B, M, N = votes.batch, votes.children, votes.parents
     passes = max(iterations, 1)
@@ -252,7 +282,8 @@ def dynamic_routing(
     # b, parent-major (N, B, M) plus the leak's row; reset for every call
     logits = torch.zeros(N + int(leaky), B, M, dtype=votes.dtype, device=votes.device)
     floor = _logit_floor(votes.dtype)
-    c, c_full = _softmax_couplings(logits, leaky)
+    c, c_full = _softmax_couplings(logits, leaky, axis)
+    log_c = torch.log_softmax(logits, dim=axis) if trace else None
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in RoutingInfo.TRACE_FIELDS}
     residuals: list[float] = []
     converged = False
@@ -276,20 +307,28 @@ def dynamic_routing(
                 stats["entropy"].append(-torch.special.xlogy(c_full, c_full).detach().sum(0).mean(-1))
                 stats["max_coupling"].append(c_full.detach().amax(0).mean(-1))
                 stats["muted"].append((capsule_length(v.detach()) < mute_threshold).to(s.dtype).mean(-1))
+                stats["row_sum_error"].append((c_full.detach().sum(0) - 1).abs().amax(-1))
         if final or iterations == 0:
             break
         with inner_mode:
             step_b = inner.agree(v).permute(2, 0, 1)  # -grad E(C), (N, B, M)
             if leaky:
                 step_b = torch.cat([step_b, step_b.new_zeros(1, B, M)])  # the leak's gradient is 0
-            logits = logits + step_b  # b <- b - grad E(C)
-            logits = (logits - logits.amax(0, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
-            c_next, c_next_full = _softmax_couplings(logits, leaky)
+            if trace:
+                a, cf = step_b.detach(), c_full.detach()  # agreements a = -grad E, (N [+ 1], B, M)
+                stats["kkt_gap"].append((a.amax(0) - (cf * a).sum(0)).sum(-1))  # (B,)
+            logits = logits + sign * step_b  # b <- b - grad E(C)
+            logits = (logits - logits.amax(axis, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
+            c_next, c_next_full = _softmax_couplings(logits, leaky, axis)
         if measure:
             step = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
             residuals.append(float(step.max()))
             if trace:
                 stats["change"].append(step)
+                log_next = torch.log_softmax(logits.detach(), dim=axis)
+                # KL(C'||C) + KL(C||C') = sum (c' - c)(log c' - log c), from logs (no underflow)
+                stats["sym_kl"].append(((c_next_full.detach() - cf) * (log_next - log_c)).sum((0, 2)))
+                log_c = log_next
             if tol is not None and residuals[-1] < tol:
                 converged = True
                 break
@@ -300,8 +339,9 @@ def dynamic_routing(
     if detached and not s_has_grad and outer_grad:
         s = votes.combine(_bmn(c))  # re-run the final pass with gradients to the votes
         v = squash(s)
-    if trace and len(stats["change"]) < len(stats["energy"]):
-        stats["change"].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
+    for name in ("change", "sym_kl", "kkt_gap"):
+        if trace and len(stats[name]) < len(stats["energy"]):
+            stats[name].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
     info = RoutingInfo(
         iterations=len(stats["energy"]) if trace else min(passes, t + 1),
         converged=converged,

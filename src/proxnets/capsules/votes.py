@@ -57,6 +57,14 @@ class Votes:
         """The explicit ``(B, M, N, D)`` votes (tests, small problems)."""
         raise NotImplementedError
 
+    def vote_scale(self) -> torch.Tensor:
+        """An upper bound of ``S_b = sum_i max_j |u_hat[b, i, j]|`` per sample, shape ``(B,)``.
+
+        It bounds every ``|s_j|`` sum and every agreement sum of routing (``|v_j| < 1``), hence the
+        size of their rounding errors (:mod:`proxnets.capsules.certificate`).
+        """
+        raise NotImplementedError
+
     @property
     def dtype(self) -> torch.dtype:
         raise NotImplementedError
@@ -86,6 +94,9 @@ class DenseVotes(Votes):
 
     def dense(self) -> torch.Tensor:
         return self.u_hat
+
+    def vote_scale(self) -> torch.Tensor:
+        return self.u_hat.norm(dim=-1).amax(-1).sum(-1)  # exact
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,6 +222,11 @@ class FactoredVotes(Votes):
 
     def dense(self) -> torch.Tensor:
         return torch.einsum("bmk,nmkd->bmnd", self.u, self.weight)  # (B, M, N, D)
+
+    def vote_scale(self) -> torch.Tensor:
+        # |u_i W_ji| <= |u_i| |W_ji|_F: an upper bound without forming the votes
+        w_norm = self.weight.flatten(2).norm(dim=-1).amax(0)  # (M,) max over parents of |W_ji|_F
+        return (self.u.norm(dim=-1) * w_norm).sum(-1)  # (B,)
 
     @property
     def dtype(self) -> torch.dtype:
