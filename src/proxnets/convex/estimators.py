@@ -87,6 +87,17 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
             fail("y", "at least 2 classes", f"only class {self.classes_[0]!r}")
         return torch.from_numpy(idx.astype(np.int64))
 
+    def _label_index(self, y) -> np.ndarray:
+        """Indices into ``classes_`` of labels ``y`` (an error for a label not seen in fit)."""
+        check_is_fitted(self, "classes_")
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        y = column_or_1d(np.asarray(y))
+        idx = np.clip(np.searchsorted(self.classes_, y), 0, len(self.classes_) - 1)
+        if not np.all(self.classes_[idx] == y):
+            fail("y", f"labels among the fitted classes {list(self.classes_)}", "unseen labels")
+        return idx.astype(np.int64)
+
     def _check_common(self) -> None:
         check_number("lam", self.lam, low=0.0, low_inclusive=False)
         check_int("max_iter", self.max_iter, low=1)
