@@ -62,8 +62,11 @@ def solve_dual(
     on_nonconvergence: str = "warn",
     step_sign: float = 1.0,
     feasible_dual: bool = True,
+    rtol: float = 0.0,
 ) -> tuple[DualResult, GapTrace]:
     """Solve the DCCNN dual; returns ``(DualResult, GapTrace)`` with the gap of every iterate.
+
+    Stops when the gap is ``<= max(tol, rtol |F|)`` (absolute or relative tolerance).
 
     ``step_sign`` and ``feasible_dual`` exist for the deliberately broken variants of
     ``proxnets reproduce convex`` and its tests (never change them otherwise):
@@ -75,6 +78,7 @@ def solve_dual(
     check_int("max_iter", max_iter, low=1)
     check_number("tol", tol, low=0.0)
     check_number("beta0", beta0, low=0.0, low_inclusive=False)
+    check_number("rtol", rtol, low=0.0)
     if step_sign not in (1.0, -1.0):
         raise ValueError(f"step_sign: expected 1 or -1, got {step_sign!r}")
     n, k, npos, d = source.n, n_classes, source.n_positions, source.dim
@@ -115,7 +119,7 @@ def solve_dual(
         primal = loss / n + lam * nuc
         # the shrunk dual point is feasible: |M(P_s)|_2 = s |M(P)|_2 <= lam (see duality.py)
         dual, _ = regularized_dual_value(p, y, m_norm, lam if feasible_dual else math.inf)
-        if info.record(primal, dual, rank, tol) and feasible_dual:  # the broken variant runs its budget
+        if info.record(primal, dual, rank, max(tol, rtol * abs(primal))) and feasible_dual:  # the broken variant runs its budget
             break
     handle_nonconvergence(info, on_nonconvergence, f"DCCNN dual solver (duality gap; lam={lam:g})")
     return DualResult(p, m_new, theta, m_norm), info
