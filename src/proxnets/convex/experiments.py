@@ -83,9 +83,9 @@ def _settings(ctx: SuiteContext) -> dict:
         cnn_width=ctx.pick(smoke=8, quick=16, full=16),
         cnn_epochs=ctx.pick(smoke=10, quick=10, full=30),
         lr_grid=ctx.pick(smoke=(1e-3, 1e-2), quick=(1e-3, 3e-3, 1e-2), full=(3e-4, 1e-3, 3e-3, 1e-2)),
-        mem_sizes=ctx.pick(smoke=(300, 900), quick=(1000, 3000), full=(1000, 4000)),
+        mem_sizes=ctx.pick(smoke=(500, 2000), quick=(1000, 3000), full=(1000, 4000)),
         mem_feat=dict(patch_size=5, n_features=ctx.pick(smoke=64, quick=128, full=256), pool_size=3),
-        mem_iters=ctx.pick(smoke=2, quick=3, full=3),
+        mem_iters=ctx.pick(smoke=1, quick=3, full=3),
     )
 
 
