@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import platform
 import time
 
-import numpy as np
 import torch
 
 from proxnets.convex.dual import solve_dual
