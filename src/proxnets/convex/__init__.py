@@ -10,11 +10,14 @@ Modules: ``patches`` (patch extraction, contrast normalization, ZCA, pooling), `
 inverse polynomial, linear; chunked exact evaluation; random Fourier and Nystrom features),
 ``features`` (one layer's ``Z(x)``), ``sources`` (cached or streamed features), ``nuclear``
 (nuclear-norm prox and projection), ``duality`` (objectives, dual, gap), ``primal`` / ``dual``
-(solvers), ``recovery``, ``estimators``, ``export``, ``models`` (back-propagation baseline).
+(solvers), ``recovery``, ``estimators``, ``export``, ``models`` (back-propagation baseline),
+``certificate`` (:func:`certificate`: duality gap and weak duality of a fitted estimator, a
+Lipschitz bound of the CNN baseline).
 """
 
 from proxnets.convex.dual import DualResult, solve_dual
 from proxnets.convex.estimators import CCNN, DCCNN
+from proxnets.convex.certificate import certificate
 from proxnets.convex.export import ConvexCNN, to_torch
 from proxnets.convex.features import PatchFeaturizer
 from proxnets.convex.kernels import NystromFeatures, RandomFourierFeatures, kernel_matrix, kernel_matvec
@@ -27,7 +30,7 @@ from proxnets.convex.sources import CachedFeatures, StreamedFeatures
 MODELS = {"convex-small-cnn": small_cnn}
 
 __all__ = [
-    "CCNN", "DCCNN", "to_torch", "ConvexCNN", "PatchFeaturizer", "RandomFourierFeatures", "NystromFeatures",
+    "CCNN", "DCCNN", "certificate", "to_torch", "ConvexCNN", "PatchFeaturizer", "RandomFourierFeatures", "NystromFeatures",
     "kernel_matrix", "kernel_matvec", "nuclear_norm", "project_l1_ball", "project_nuclear_ball",
     "singular_value_threshold", "solve_primal", "solve_dual", "GapTrace", "DualResult", "recover", "Recovery",
     "CachedFeatures", "StreamedFeatures", "SmallCNN", "small_cnn", "MODELS",

@@ -60,12 +60,27 @@ def solve_dual(
     accelerate: bool = True,
     gram: float | None = None,
     on_nonconvergence: str = "warn",
+    step_sign: float = 1.0,
+    feasible_dual: bool = True,
+    rtol: float = 0.0,
 ) -> tuple[DualResult, GapTrace]:
-    """Solve the DCCNN dual; returns ``(DualResult, GapTrace)`` with the gap of every iterate."""
+    """Solve the DCCNN dual; returns ``(DualResult, GapTrace)`` with the gap of every iterate.
+
+    Stops when the gap is ``<= max(tol, rtol |F|)`` (absolute or relative tolerance).
+
+    ``step_sign`` and ``feasible_dual`` exist for the deliberately broken variants of
+    ``proxnets reproduce convex`` and its tests (never change them otherwise):
+    ``step_sign=-1`` moves the dual rows against the scores (a dual step of the wrong sign: the
+    gap stays valid but does not close); ``feasible_dual=False`` records the value of the
+    *unshrunk* dual iterate, which is not a lower bound (weak duality then fails).
+    """
     check_number("lam", lam, low=0.0, low_inclusive=False)
     check_int("max_iter", max_iter, low=1)
     check_number("tol", tol, low=0.0)
     check_number("beta0", beta0, low=0.0, low_inclusive=False)
+    check_number("rtol", rtol, low=0.0)
+    if step_sign not in (1.0, -1.0):
+        raise ValueError(f"step_sign: expected 1 or -1, got {step_sign!r}")
     n, k, npos, d = source.n, n_classes, source.n_positions, source.dim
     info = GapTrace()
     info.gram_norm = gram_norm(source, k) if gram is None else float(gram)
@@ -90,7 +105,7 @@ def solve_dual(
             yb = y[rows]
             loss += float(logistic_loss(u, yb))
             p_old = p[rows]
-            p_next = torch.softmax((beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
+            p_next = torch.softmax((step_sign * beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
             e = one_hot(yb, k, dtype)
             m_new += scores_adjoint(z, e - p_next)
             m_bar += scores_adjoint(z, e - (p_next + th * (p_next - p_old)))
@@ -102,8 +117,9 @@ def solve_dual(
             beta, tau = th * beta, tau / th
         m_norm = spectral_norm(m_new)
         primal = loss / n + lam * nuc
-        dual, _ = regularized_dual_value(p, y, m_norm, lam)
-        if info.record(primal, dual, rank, tol):
+        # the shrunk dual point is feasible: |M(P_s)|_2 = s |M(P)|_2 <= lam (see duality.py)
+        dual, _ = regularized_dual_value(p, y, m_norm, lam if feasible_dual else math.inf)
+        if info.record(primal, dual, rank, max(tol, rtol * abs(primal))) and feasible_dual:  # the broken variant runs its budget
             break
     handle_nonconvergence(info, on_nonconvergence, f"DCCNN dual solver (duality gap; lam={lam:g})")
     return DualResult(p, m_new, theta, m_norm), info

@@ -30,7 +30,7 @@ from proxnets.convex.features import PatchFeaturizer
 from proxnets.convex.primal import solve_primal
 from proxnets.convex.recovery import recover
 from proxnets.convex.sources import CachedFeatures, StreamedFeatures, cache_features
-from proxnets.utils.validation import check_int, check_number, fail
+from proxnets.utils.validation import check_choice, check_int, check_number, fail
 
 __all__ = ["CCNN", "DCCNN"]
 
@@ -86,6 +86,17 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             fail("y", "at least 2 classes", f"only class {self.classes_[0]!r}")
         return torch.from_numpy(idx.astype(np.int64))
+
+    def _label_index(self, y) -> np.ndarray:
+        """Indices into ``classes_`` of labels ``y`` (an error for a label not seen in fit)."""
+        check_is_fitted(self, "classes_")
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        y = column_or_1d(np.asarray(y))
+        idx = np.clip(np.searchsorted(self.classes_, y), 0, len(self.classes_) - 1)
+        if not np.all(self.classes_[idx] == y):
+            fail("y", f"labels among the fitted classes {list(self.classes_)}", "unseen labels")
+        return idx.astype(np.int64)
 
     def _check_common(self) -> None:
         check_number("lam", self.lam, low=0.0, low_inclusive=False)
@@ -199,22 +210,26 @@ class DCCNN(_ConvexCNN):
     __doc__ = "Convexified CNN solved through its dual, with filter recovery." + _DOC_PARAMS + """
     ``n_filters``: filters recovered (``None``: the active part of the dual spectrum, see
     :func:`~proxnets.convex.recovery.active_rank`). ``beta0``: initial dual step.
+    ``features``: "streamed" (default: recomputed every pass, memory independent of ``n P D``) or
+    "cached" (the feature tensor held in memory: same solution, faster, memory ``n P D``).
     After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
     """
 
     def __init__(self, *, patch_size=5, stride=1, padding=0, contrast_eps=0.1, zca_eps=0.1, kernel="rbf",
                  feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2,
                  n_filters=None, max_iter=300, tol=1e-3, beta0=1.0, chunk=256, image_shape=None, device="cpu",
-                 random_state=0, on_nonconvergence="warn"):
+                 random_state=0, on_nonconvergence="warn", features="streamed"):
         self.patch_size, self.stride, self.padding = patch_size, stride, padding
         self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
         self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
         self.lam, self.n_filters, self.max_iter, self.tol, self.beta0 = lam, n_filters, max_iter, tol, beta0
         self.chunk, self.image_shape, self.device = chunk, image_shape, device
         self.random_state, self.on_nonconvergence = random_state, on_nonconvergence
+        self.features = features
 
     def fit(self, X, y):
         self._check_common()
+        check_choice("features", self.features, ("streamed", "cached"))
         check_number("beta0", self.beta0, low=0.0, low_inclusive=False)
         x = self._images(X, reset=True)
         yt = self._labels(y, x.shape[0]).to(x.device)
@@ -222,7 +237,8 @@ class DCCNN(_ConvexCNN):
         k = len(self.classes_)
         g = torch.Generator().manual_seed(int(self.random_state or 0))
         feat = self._featurizer().to(x.device).fit(x, g)
-        source = StreamedFeatures(feat, x, self.chunk)
+        source = (StreamedFeatures(feat, x, self.chunk) if self.features == "streamed"
+                  else CachedFeatures(cache_features(feat, x, self.chunk), self.chunk))
         self.dual_, self.trace_ = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
                                              beta0=self.beta0, on_nonconvergence=self.on_nonconvergence)
         self.recovery_ = recover(source, yt, k, self.dual_, self.lam, n_filters=self.n_filters,

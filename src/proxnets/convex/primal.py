@@ -58,13 +58,14 @@ class GapTrace(IterInfo):
     gram_norm: float = 0.0
 
     def record(self, primal: float, dual: float, rank: int, tol: float) -> bool:
-        """Append one iterate's bounds; returns (and sets ``converged``) whether the gap is ``<= tol``."""
+        """Append one iterate's bounds; returns (and sets ``converged``) whether ``0 <= gap <= tol``
+        (a negative gap breaks weak duality: never called converged)."""
         self.primal.append(primal)
         self.dual.append(dual)
         self.residuals.append(primal - dual)
         self.rank.append(rank)
         self.iterations += 1
-        self.converged = primal - dual <= tol
+        self.converged = 0.0 <= primal - dual <= tol
         return self.converged
 
     @property

@@ -25,7 +25,7 @@ from proxnets.convex.dual import DualResult
 from proxnets.convex.duality import scores
 from proxnets.convex.primal import GapTrace, solve_primal
 from proxnets.convex.sources import CachedFeatures
-from proxnets.utils.validation import check_int, check_number, fail
+from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
 __all__ = ["Recovery", "active_rank", "reduced_features", "recover"]
 
@@ -71,18 +71,29 @@ def recover(
     max_iter: int = 300,
     tol: float = 1e-3,
     on_nonconvergence: str = "warn",
+    filters: torch.Tensor | None = None,
 ) -> Recovery:
-    """Filters and head from ``dual`` (see the module docstring)."""
+    """Filters and head from ``dual`` (see the module docstring).
+
+    ``filters`` ``(D, r)`` with orthonormal columns replaces the dual's singular vectors (only the
+    head is fitted): the deliberately broken variant of ``proxnets reproduce convex`` passes a
+    random subspace to show that the recovery's choice of subspace matters.
+    """
     check_number("lam", lam, low=0.0, low_inclusive=False)
     check_number("rtol", rtol, low=0.0, high=1.0)
     u, s, _ = torch.linalg.svd(dual.m, full_matrices=False)
-    if n_filters is None:
+    if filters is not None:
+        check_tensor("filters", filters, ndim=2)
+        if filters.shape[0] != u.shape[0]:
+            fail("filters", f"a ({u.shape[0]}, r) matrix", f"shape {tuple(filters.shape)}")
+        r = filters.shape[1]
+    elif n_filters is None:
         r = max(active_rank(s, lam, rtol), int(torch.linalg.matrix_rank(dual.theta)))
     else:
         r = check_int("n_filters", n_filters, low=1)
         if r > s.numel():
             fail("n_filters", f"at most {s.numel()} (the feature dimension)", n_filters)
-    filters = u[:, :r].contiguous()  # (D, r)
+    filters = u[:, :r].contiguous() if filters is None else filters.to(u)  # (D, r)
     h = reduced_features(source, filters)  # (n, P, r)
     head0 = filters.T @ dual.theta  # (r, K P)
     head, trace = solve_primal(

@@ -6,21 +6,31 @@ runs, and compare implementations *in the same run*, printing their ratio.
 - :func:`time_fn` -- median wall time of ``fn()`` after warm-up (synchronizes CUDA when used).
 - :func:`peak_memory_mb` -- peak memory of one call of ``fn()``: on CUDA the allocator's peak, on
   CPU the peak resident set of a forked child running ``fn`` minus its resident set at the fork.
+- :func:`fresh_peak_memory_mb` -- peak resident memory that a call adds, measured in a fresh
+  interpreter (no allocator history): the child imports ``module:function``, calls it to prepare
+  (load data...), resets its peak (``/proc/self/clear_refs`` = 5), runs the returned callable
+  and reports ``VmHWM - VmRSS`` (peak minus the resident set before the call), Linux only.
 - :func:`ratio_line` -- the one-line "A vs B" summary every benchmark prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["Timing", "time_fn", "time_interleaved", "peak_memory_mb", "ratio_line"]
+__all__ = ["Timing", "time_fn", "time_interleaved", "peak_memory_mb", "fresh_peak_memory_mb", "ratio_line"]
 
 
 @dataclasses.dataclass
@@ -105,6 +115,51 @@ def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
     value = parent.recv()
     proc.join()
     return float(value)
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _fresh_child() -> None:
+    """Entry point of :func:`fresh_peak_memory_mb`'s child: one JSON request on stdin, one reply line."""
+    import gc
+    import importlib
+
+    req = json.loads(sys.stdin.read())
+    torch.set_num_threads(int(req.get("threads", 1)))
+    module, name = req["target"].split(":")
+    work = getattr(importlib.import_module(module), name)(**req["kwargs"])
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM to the current resident set
+        fh.write("5")
+    base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - t0
+    peak = _status_mb("VmHWM")
+    print("FRESH_PEAK " + json.dumps({"peak_mb": peak - base, "base_mb": base, "seconds": seconds, "result": result}))
+
+
+def fresh_peak_memory_mb(target: str, kwargs: dict[str, Any] | None = None, *, threads: int = 1,
+                         timeout: float = 600.0) -> dict[str, Any]:
+    """Peak memory (MiB) that ``work()`` adds, where ``work = module.function(**kwargs)``, in a fresh
+    interpreter; returns ``{"peak_mb", "base_mb", "seconds", "result"}`` (``result``: what
+    ``work()`` returned, JSON-able)."""
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the proxnets package
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    req = json.dumps({"target": target, "kwargs": kwargs or {}, "threads": threads})
+    proc = subprocess.run([sys.executable, "-c", "from proxnets.utils.benchmark import _fresh_child; _fresh_child()"],
+                          input=req, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FRESH_PEAK ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"fresh_peak_memory_mb({target}) failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("FRESH_PEAK "):])
 
 
 def ratio_line(name: str, ours: Timing, baseline: Timing, baseline_name: str) -> str:
