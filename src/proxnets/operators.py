@@ -2,16 +2,19 @@
 
 The norm that matters for a constrained layer is that of the *operator* the layer applies -- a
 convolution with its padding and stride at a given input size -- not that of its reshaped kernel.
-We estimate it by power iteration on ``A^T A``:
+Power iteration on ``A^T A``:
 
-    v <- A^T A v / |A^T A v|,     |A|_2 ~= |A v|         (v of unit norm)
+    v <- A^T A v / |A^T A v|,     |A|_2 >= |A v|         (v of unit norm)
 
-which needs only the forward map and its adjoint. For a convolution the adjoint is the
+needs only the forward map and its adjoint. Every iterate ``|A v|`` is a LOWER estimate of
+``|A|_2`` (it can stall far below it when the start is nearly orthogonal to the top singular
+vector); it is never a certificate. Rigorous upper bounds live in :mod:`proxnets.norm_bounds`. For a convolution the adjoint is the
 transposed convolution with the same stride/padding (``output_padding`` fixing the size).
 
 Public pieces:
 
-- :func:`power_iteration` -- generic, on any ``(forward, adjoint)`` pair, optional warm start.
+- :func:`power_iteration` -- generic, on any ``(forward, adjoint)`` pair, optional warm start; a
+  zero or null-space start is replaced by a random one (a zero start would return 0, "converged").
 - :func:`conv2d_operator` -- the forward/adjoint pair of ``F.conv2d`` at an input shape.
 - :func:`adjoint_test` -- ``<A x, y> - <x, A^T y>`` relative error, for any pair.
 - :func:`operator_matrix` -- the dense matrix of a small operator (tests, exact norms).
@@ -54,13 +57,24 @@ class LinearOperator:
     in_shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     device: torch.device | str = "cpu"
+    # what the operator is, when known (``{"kind": "conv2d", "weight": W, "stride": ..., "padding": ...,
+    # "dilation": ..., "groups": ...}`` or ``{"kind": "matrix", "weight": M}``): lets the rigorous
+    # bounds of :mod:`proxnets.norm_bounds` use the structure (Fourier symbol, exact dense matrix)
+    spec: dict | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
 class PowerIterationInfo(IterInfo):
-    """``residuals[k]``: relative change of the norm estimate at iteration k."""
+    """``residuals[k]``: relative change of the norm estimate at iteration k.
+
+    ``converged`` means the estimate stopped changing (relative change <= tol), NOT that it equals
+    ``|A|_2``: the estimate is a lower bound (``lower_estimate``). ``restarts``: random restarts taken
+    because the start (or an iterate) lay in the null space.
+    """
 
     estimates: list[float] = dataclasses.field(default_factory=list)
+    restarts: int = 0
+    lower_estimate: bool = True
 
 
 def power_iteration(
@@ -80,20 +94,38 @@ def power_iteration(
     """
     check_int("iterations", iterations, low=1)
     check_number("tol", tol, low=0.0)
+
+    def fresh() -> torch.Tensor:
+        r = torch.randn(op.in_shape, generator=generator, dtype=op.dtype).to(op.device)
+        return r / r.norm()
+
     with torch.no_grad():
+        info = PowerIterationInfo()
         if v0 is None:
-            v = torch.randn(op.in_shape, generator=generator, dtype=op.dtype).to(op.device)
+            v = fresh()
         else:
             v = v0.detach().to(dtype=op.dtype, device=op.device).reshape(op.in_shape).clone()
-        v = v / v.norm().clamp_min(1e-30)
-        info = PowerIterationInfo()
-        sigma = torch.zeros(())
+            nv = v.norm()
+            if not bool(torch.isfinite(nv)) or float(nv) == 0.0:  # a zero start would "converge" to 0
+                v, info.restarts = fresh(), 1
+            else:
+                v = v / nv
+        sigma = torch.zeros((), dtype=op.dtype, device=op.device)
         for k in range(iterations):
             w = op.forward(v)
             sigma_new = w.norm()
             u = op.adjoint(w)
             n = u.norm()
-            if n == 0:  # v in the null space: the operator is zero on it
+            if not bool(torch.isfinite(n)):
+                info.iterations, info.converged = k + 1, False
+                sigma = torch.as_tensor(float("nan"), dtype=op.dtype)
+                return sigma, v, info
+            if n == 0:
+                # v in the null space of A: restart from a random vector (at most 3 times; a random
+                # vector lies in a proper null space with probability 0, so A = 0 after that)
+                if info.restarts < 3:
+                    v, info.restarts = fresh(), info.restarts + 1
+                    continue
                 sigma = sigma_new
                 info.iterations, info.converged = k + 1, True
                 break
@@ -107,6 +139,8 @@ def power_iteration(
                 info.converged = True
                 break
         sigma = op.forward(v).norm()
+        if not bool(torch.isfinite(sigma)):
+            info.converged = False
     return sigma, v, info
 
 
@@ -139,13 +173,15 @@ def conv2d_operator(
             y, weight, stride=stride, padding=padding, output_padding=(op_h, op_w), dilation=dilation, groups=groups
         )
 
-    return LinearOperator(forward, adjoint, shape, weight.dtype, weight.device)
+    spec = {"kind": "conv2d", "weight": weight, "stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
+    return LinearOperator(forward, adjoint, shape, weight.dtype, weight.device, spec)
 
 
 def linear_operator(matrix: torch.Tensor) -> LinearOperator:
     """``x -> matrix @ x`` on vectors of length ``matrix.shape[1]``."""
     return LinearOperator(
-        lambda x: matrix @ x.reshape(-1), lambda y: matrix.T @ y.reshape(-1), (matrix.shape[1],), matrix.dtype, matrix.device
+        lambda x: matrix @ x.reshape(-1), lambda y: matrix.T @ y.reshape(-1), (matrix.shape[1],), matrix.dtype, matrix.device,
+        {"kind": "matrix", "weight": matrix},
     )
 
 
@@ -162,17 +198,36 @@ def adjoint_test(op: LinearOperator, *, generator: torch.Generator | None = None
         return float((lhs - rhs).abs() / scale.clamp_min(1e-300))
 
 
-def operator_matrix(op: LinearOperator) -> torch.Tensor:
-    """Dense matrix of a small operator, column by column (for tests and exact norms)."""
+def operator_matrix(op: LinearOperator, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense matrix of a small operator (for tests and exact norms), in ``dtype`` (default ``op.dtype``).
+
+    A convolution or matrix with a known ``spec`` is built in ``dtype`` from its weight, in batches of
+    unit vectors: each entry is then one weight value exactly (a convolution of a unit vector sums one
+    product with zeros). Other operators are applied column by column in their own dtype.
+    """
+    dtype = op.dtype if dtype is None else dtype
     n = 1
     for s in op.in_shape:
         n *= s
-    cols = []
-    eye = torch.eye(n, dtype=op.dtype, device=op.device)
+    spec = op.spec or {}
     with torch.no_grad():
+        if spec.get("kind") == "matrix":
+            return spec["weight"].detach().to(dtype).clone()
+        if spec.get("kind") == "conv2d":
+            w = spec["weight"].detach().to(dtype)
+            opts = {k: spec[k] for k in ("stride", "padding", "dilation", "groups")}
+            cols = []
+            for start in range(0, n, 1024):
+                m = min(1024, n - start)
+                eye = torch.zeros(m, n, dtype=dtype, device=w.device)
+                eye[torch.arange(m), torch.arange(start, start + m)] = 1.0
+                cols.append(F.conv2d(eye.reshape(m, *op.in_shape[1:]), w, **opts).reshape(m, -1))
+            return torch.cat(cols).T.contiguous()
+        cols = []
+        eye = torch.eye(n, dtype=op.dtype, device=op.device)
         for j in range(n):
             cols.append(op.forward(eye[j].reshape(op.in_shape)).reshape(-1))
-    return torch.stack(cols, dim=1)
+    return torch.stack(cols, dim=1).to(dtype)
 
 
 class OperatorNormEstimator(nn.Module):
@@ -181,7 +236,8 @@ class OperatorNormEstimator(nn.Module):
     ``v`` (a buffer, saved with the model) carries the right singular vector estimate across
     training steps, so one iteration per step suffices while weights move slowly
     (``mode="cheap"``). ``mode="exact"`` runs up to ``exact_iterations`` iterations to ``tol``;
-    use it before certifying anything. ``forward(make_op)`` returns a sigma that is
+    use it before estimating, never as a certificate (an estimate is a lower bound: certify with
+    :func:`proxnets.norm_bounds.norm_bound`). ``forward(make_op)`` returns a sigma that is
     differentiable with respect to the weights inside ``make_op()``.
     """
 
@@ -192,13 +248,17 @@ class OperatorNormEstimator(nn.Module):
         self.exact_iterations = check_int("exact_iterations", exact_iterations, low=1)
         self.tol = check_number("tol", tol, low=0.0)
         self.register_buffer("v", torch.randn(self.in_shape) / float(torch.tensor(self.in_shape).prod()) ** 0.5)
+        self.last_info: PowerIterationInfo | None = None
 
     def forward(self, op: LinearOperator, mode: str = "cheap") -> torch.Tensor:
+        """A LOWER estimate of ``|A|_2`` (differentiable in the weights); ``self.last_info`` keeps the
+        power iteration's record (its ``converged`` flag is what callers must pass on)."""
         if mode not in ("cheap", "exact"):
             raise ValueError(f"mode: expected one of ['cheap', 'exact'], got {mode!r}")
         iters = self.cheap_iterations if mode == "cheap" else self.exact_iterations
         tol = 0.0 if mode == "cheap" else self.tol
-        _, v, _ = power_iteration(op, self.v, iterations=iters, tol=tol)
+        _, v, info = power_iteration(op, self.v, iterations=iters, tol=tol)
+        self.last_info = info
         self.v.copy_(v.reshape(self.in_shape))
         return op.forward(v.detach()).norm()
 

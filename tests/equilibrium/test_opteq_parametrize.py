@@ -90,7 +90,7 @@ def test_register_remove_round_trip_is_invisible():
 def test_state_dict_carries_the_power_iteration_vector():
     conv = nn.Conv2d(2, 3, 3, padding=1)
     operator_norm_bound(conv, target=0.8, in_shape=(2, 5, 5))
-    assert "parametrizations.weight.0.estimator.v" in conv.state_dict()
+    assert "parametrizations.weight.0.norm.estimator.v" in conv.state_dict()  # the shared constraint keeps its norm in .norm
 
 
 def test_errors():

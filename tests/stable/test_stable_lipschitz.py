@@ -161,3 +161,104 @@ def test_stable_block_errors():
         NonExpansiveBlock((2, 4, 4), method="midpoint")
     with pytest.raises(ValueError, match="in_shape"):
         NonExpansiveBlock((2, 4))
+
+
+# -- soundness traps (issue 11) ------------------------------------------------------------------
+def _pairs_ratio_and_averaged(step, alpha, shape, n=256):
+    """Brute force in float64: max |Tx - Ty| / |x - y| and whether the alpha-averaged inequality holds."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    y = x + torch.randn(n, *shape, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, n, dtype=torch.float64).view(-1, *[1] * len(shape))
+    with torch.no_grad():
+        tx, ty = step(x), step(y)
+    d2 = (x - y).flatten(1).norm(dim=1) ** 2
+    ratio = float(((tx - ty).flatten(1).norm(dim=1) ** 2 / d2).max().sqrt())
+    if not math.isfinite(alpha) or not 0 < alpha < 1:
+        return ratio, None
+    lhs = (tx - ty).flatten(1).norm(dim=1) ** 2
+    rhs = d2 - (1 - alpha) / alpha * ((x - tx) - (y - ty)).flatten(1).norm(dim=1) ** 2
+    return ratio, bool((lhs <= rhs + 1e-10 * d2).all())
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "rk4"])
+@pytest.mark.parametrize("h_nu", [0.5, 1.5, 2.0, 2.6])
+def test_stable_step_averagedness_against_brute_force(method, h_nu):
+    # a linear gradient field -A^T A x, nu = |A|^2: h nu is exactly the step's h nu
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    nu = float(torch.linalg.matrix_norm(A, ord=2)) ** 2
+    field = lambda x: -(x @ A.T) @ A  # noqa: E731
+    from proxnets.stable.integrators import RK_METHODS
+
+    step = lambda x: RK_METHODS[method].step(field, x, h_nu / nu)  # noqa: E731
+    alpha = step_averagedness(method, h_nu)
+    ratio, averaged = _pairs_ratio_and_averaged(step, alpha, (5,))
+    if h_nu > 2:
+        assert alpha == math.inf  # not averaged, not even proved non-expansive
+        if method != "rk4":  # Euler |1 - 2.6| = 1.6, Heun 1 - z + z^2/2 = 1.78: expansive. RK4 (0.755 here) is
+            assert ratio > 1.0  # merely not certified outside its circle-contractivity region
+    else:
+        assert ratio <= 1 + 1e-9
+        if method == "rk4":
+            assert math.isnan(alpha)
+        else:
+            assert alpha <= (0.5 if method == "heun" else 1.0)
+            assert averaged in (True, None)
+
+
+def test_stable_heun_block_at_h_nu_2_6_is_not_certified():
+    block = NonExpansiveBlock((6,), features=6, method="heun", activation="relu", schedule="fixed").double().eval()
+    sigma = block.norm.exact(block.weight)
+    # break the rule: the schedule believes |A| is 0.79x what it is, so h nu = 2 / 0.79^2 ~ 3.2 > 2
+    with torch.no_grad():
+        block.norm.exact_sigma.fill_(float(sigma) * 0.79)
+    block.norm._exact_key = block.norm._key(block.weight)
+    cond = block.norm_condition()
+    assert cond["h_nu"] > 2.6 and cond["rigorous"]
+    assert block.averagedness() == math.inf
+    L = lipschitz_bound(block)
+    assert L.rigorous and float(L) > 1
+    from proxnets.stable import certificate
+
+    certs = {c.name: c for c in certificate(torch.nn.Sequential(block))}
+    assert not certs["lipschitz"].holds and not certs["norm_condition[0]"].holds
+
+
+def test_stable_certified_radii_accept_only_rigorous_constants():
+    from proxnets.stable import LipschitzBound, certified_radii
+
+    cfg = ClassifierConfig(in_channels=1, image_size=8, width=3, stages=2, blocks_per_stage=1, num_classes=4)
+    model = NonExpansiveClassifier(cfg).eval()
+    x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 4, (5,))
+    r = certified_radii(model, x, y)  # computes the rigorous bound
+    assert r.shape == (5,)
+    with pytest.raises(TypeError, match="lipschitz: expected a rigorous LipschitzBound"):
+        certified_radii(model, x, y, lipschitz=1.0)
+    with pytest.raises(ValueError, match="lipschitz: expected a rigorous Lipschitz bound"):
+        certified_radii(model, x, y, lipschitz=lipschitz_bound(model, "estimate"))
+    L = lipschitz_bound(model)
+    assert isinstance(L, LipschitzBound) and L.rigorous
+    with pytest.raises(TypeError):
+        certified_radii(model, x, y, lipschitz=L * 1.0)  # arithmetic drops the proof
+
+
+def test_stable_broken_models_report_holds_false():
+    from proxnets.stable import certificate
+
+    cfg = ClassifierConfig(in_channels=1, image_size=8, width=3, stages=1, blocks_per_stage=1, num_classes=4)
+    model = NonExpansiveClassifier(cfg).eval()
+    assert all(c.holds and c.rigorous for c in certificate(model, torch.rand(2, 1, 8, 8)))
+    # a layer of norm 1.05: the constraint's bound scaled by hand
+    head = model.layers[-1]
+    from proxnets.constraints import find_constraint
+
+    find_constraint(head).bound = 1.05
+    head.parametrizations.weight.original.data.mul_(1.0)  # same weight: the cached estimate stays
+    certs = {c.name: c for c in certificate(model)}
+    assert not certs["lipschitz"].holds and certs["lipschitz"].rigorous
+    assert certs[f"operator_norm[layers.{len(model.layers) - 1}]"].value > 1.04  # the 1.05 layer, measured
+
+
+def test_stable_empirical_lipschitz_is_a_search_not_a_convergence():
+    emp, info = empirical_lipschitz(lambda x: 2 * x, torch.randn(4, 3), steps=5)
+    assert emp == pytest.approx(2.0, rel=1e-4) and not info.converged and info.lower_estimate

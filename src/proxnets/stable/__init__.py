@@ -6,8 +6,9 @@ potential; it is non-expansive when ``h L |A|^2 <= 2 r`` and averaged under a st
 (:mod:`proxnets.stable.blocks`). ``|A|`` is the operator norm of the convolution at its input size
 (:mod:`proxnets.stable.norms`, built on :mod:`proxnets.operators`).
 
-Certificates: ``lipschitz_bound(model) <= 1`` (exact mode), certified l2 radii ``m / (sqrt(2) L)``,
-averagedness constants of denoisers, fixed-point residuals of PnP iterations.
+Certificates: :func:`certificate` (``lipschitz_bound(model) <= 1`` with rigorous operator-norm bounds,
+the block norm conditions, the constrained layers' norms, averagedness), certified l2 radii
+``m / (sqrt(2) L)`` with a rigorous ``L`` only, fixed-point residuals of PnP iterations.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
-from proxnets.stable.certify import certified_accuracy, certified_radii, margins, pgd_l2, robust_accuracy
+from proxnets.stable.certify import certificate, certified_accuracy, certified_radii, margins, pgd_l2, rigorous_lipschitz, robust_accuracy
 from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
 from proxnets.stable.integrators import RK_METHODS, compose_averaged
-from proxnets.stable.lipschitz import empirical_lipschitz, lipschitz_bound
+from proxnets.stable.lipschitz import LipschitzBound, empirical_lipschitz, lipschitz_bound
 from proxnets.stable.models import (
     AveragedDenoiser, ClassifierConfig, DenoiserConfig, DnCNN, NonExpansiveClassifier, ResNetClassifier, num_parameters,
 )
@@ -32,7 +33,7 @@ __all__ = [
     "ACTIVATIONS", "RK_METHODS", "NonExpansiveBlock", "ResNetBlock", "compose_averaged",
     "OperatorNorm", "OperatorNormConstraint", "constrain_operator_norm", "NormConstraintWarning",
     "lipschitz_conv2d", "lipschitz_linear", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "ZeroChannelPad", "ChannelSelect",
-    "lipschitz_bound", "empirical_lipschitz",
+    "lipschitz_bound", "empirical_lipschitz", "LipschitzBound", "certificate", "rigorous_lipschitz",
     "ClassifierConfig", "NonExpansiveClassifier", "ResNetClassifier", "DenoiserConfig", "AveragedDenoiser", "DnCNN",
     "num_parameters", "margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy",
     "Denoising", "Blur", "gaussian_kernel", "motion_kernel",
@@ -53,7 +54,7 @@ def _classifier(cls, input_shape, num_classes, **opts):
     model = cls(ClassifierConfig(in_channels=c, image_size=h, num_classes=num_classes, **opts))
     # seed: SGD momentum 0.9, wd 1e-4, one-cycle; Adam is the faster choice on CPU budgets
     cfg = TrainConfig(**{"epochs": 5, "batch_size": 128, "lr": 1e-3, "optimizer": "adam", **train})
-    return Trainable(model=model, config=cfg)
+    return Trainable(model=model, config=cfg, certificate=certificate)
 
 
 def denoising_loss(sigma: float):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxnets.stable.integrators import RK_METHODS, compose_averaged, step_averagedness
+from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, constrain_operator_norm
 from proxnets.utils.validation import check_choice, check_int, check_number
 
@@ -185,34 +186,56 @@ class NonExpansiveBlock(nn.Module):
         return self.flow(x, h, n)
 
     # -- certificates -------------------------------------------------------------------------
-    def _exact_steps(self, mode: str) -> tuple[int, float]:
-        """``(n, h * nu)``: the steps evaluation takes, ``nu`` from ``mode`` (``"upper"``: the rigorous bound)."""
-        check_choice("mode", mode, ("cheap", "exact", "upper"))
+    def norm_condition(self, mode: str = "rigorous") -> dict:
+        """The steps evaluation takes and ``h * nu`` against ``2 r c``.
+
+        ``n, h`` are those of the evaluation forward (from the estimate it uses, or the last training
+        estimate for ``mode="cheap"``); ``nu = L |A|^2`` with ``|A|`` the rigorous bound of
+        :func:`proxnets.norm_bounds.norm_bound` (``"rigorous"``/``"upper"``) or the estimate
+        (``"estimate"``/``"exact"``, ``"cheap"``). Keys: ``n, h, h_nu, limit`` (``2 r``), ``step_bound``
+        (``2 r c``), ``rigorous``, ``method``, ``why``, ``sigma`` (the |A| used for nu), ``sigma_used``.
+        """
+        check_choice("mode", mode, ("cheap", "exact", "estimate", "upper", "rigorous"))
         if mode == "cheap":
             sigma = self.norm.cheap_sigma if torch.isfinite(self.norm.cheap_sigma) else self.norm.cheap(self.weight).detach()
+        else:
+            sigma = self.norm.exact(self.weight)
+        with torch.no_grad():
             n, h, nu = self.schedule_steps(sigma)
-            return n, float(h * nu)
-        n, h, nu = self.schedule_steps(self.norm.exact(self.weight))
-        if mode == "upper":
-            nu = self.lipschitz_activation * self.norm.upper_bound(self.weight) ** 2
-        return n, float(h * nu)
+        out = {"n": int(n), "h": float(h), "sigma_used": float(sigma), "limit": 2.0 * RK_METHODS[self.method].radius,
+               "step_bound": self.step_bound}
+        if mode in ("upper", "rigorous"):
+            nb = self.norm.upper_bound(self.weight)
+            nu = self.lipschitz_activation * nb.value**2
+            out.update(sigma=nb.value, rigorous=nb.rigorous, method=nb.method, why=nb.why)
+        else:
+            out.update(sigma=float(sigma), rigorous=False, method="power iteration",
+                       why=f"mode {mode!r}: |A| from a power-iteration (lower) estimate")
+        out["h_nu"] = float(h) * float(nu)
+        return out
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        """1 when ``h nu <= 2 r`` (by the step rule with the exact norm); otherwise (e.g. ``mode="upper"``
-        with a looser ``nu``) Euler: ``max(1, h nu - 1)^n`` (the step's Jacobian ``I - h A^T D A``,
-        ``0 <= D <= L``, has its spectrum in ``[1 - h nu, 1]``), other methods: ``(sum_j (h nu)^j / j!)^n``."""
-        n, h_nu = self._exact_steps(mode)
-        if h_nu <= 2.0 * RK_METHODS[self.method].radius * (1 + 1e-9):
+    def _steps_lipschitz(self, n: int, h_nu: float) -> float:
+        if h_nu <= 2.0 * RK_METHODS[self.method].radius * (1 + 1e-12):
             return 1.0
         if self.method == "euler":
             return max(1.0, h_nu - 1.0) ** n
         stages = RK_METHODS[self.method].stages
         return sum(h_nu**j / math.factorial(j) for j in range(stages + 1)) ** n
 
-    def averagedness(self, mode: str = "exact") -> float:
-        """``alpha`` with the block ``alpha``-averaged (1.0: non-expansive only; nan for RK4)."""
-        n, h_nu = self._exact_steps(mode)
-        return compose_averaged([step_averagedness(self.method, h_nu)] * n)
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        """1 when ``h nu <= 2 r`` (``h`` the evaluation step, ``nu`` from the rigorous ``|A|``); otherwise
+        Euler: ``max(1, h nu - 1)^n`` (the step's Jacobian ``I - h A^T D A``, ``0 <= D <= L``, has its
+        spectrum in ``[1 - h nu, 1]``), other methods: ``(sum_{j <= s} (h nu)^j / j!)^n``."""
+        c = self.norm_condition(mode)
+        value = self._steps_lipschitz(c["n"], c["h_nu"])
+        return LipschitzBound(value, c["rigorous"], f"step rule (|A|: {c['method']})", c["why"],
+                              {"h_nu": c["h_nu"], "limit": c["limit"], "n": c["n"]})
+
+    def averagedness(self, mode: str = "rigorous") -> float:
+        """``alpha`` with the block ``alpha``-averaged: < 1 averaged, 1.0 non-expansive only, ``inf`` not
+        proved non-expansive (``h nu > 2 r``), ``nan`` unknown (RK4). ``nu`` from the rigorous ``|A|``."""
+        c = self.norm_condition(mode)
+        return compose_averaged([step_averagedness(self.method, c["h_nu"])] * c["n"])
 
     def extra_repr(self) -> str:
         return (
@@ -260,11 +283,22 @@ class ResNetBlock(nn.Module):
         sigma = ACTIVATIONS[self.activation][0]
         return x + self.b(sigma(self.a(x)))  # (B, C, H, W) or (B, d)
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        """``1 + L |B| |A|`` with exact operator norms of the weights in use."""
-        check_choice("mode", mode, ("cheap", "exact", "upper"))
-        norm = (lambda op, w: op.upper_bound(w)) if mode == "upper" else (lambda op, w: op.exact(w))
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        """``1 + L |B| |A|`` with rigorous bounds of the norms of the weights in use (``"estimate"``: power iteration)."""
+        check_choice("mode", mode, ("cheap", "exact", "estimate", "upper", "rigorous"))
         with torch.no_grad():
-            na = float(norm(self._norm_a, self.a.weight.detach()))
-            nb = float(norm(self._norm_b, self.b.weight.detach()))
-        return 1.0 + ACTIVATIONS[self.activation][1] * na * nb
+            if mode in ("upper", "rigorous"):
+                # the weights evaluation applies (the constrained ones when normalized)
+                ba, bb = _plain_bound(self._norm_a, self.a.weight), _plain_bound(self._norm_b, self.b.weight)
+                value = 1.0 + ACTIVATIONS[self.activation][1] * float(ba) * float(bb)
+                why = "; ".join(b.why for b in (ba, bb) if not b.rigorous)
+                return LipschitzBound(value, ba.rigorous and bb.rigorous, "1 + L |B| |A|", why)
+            na = float(self._norm_a.exact(self.a.weight.detach()))
+            nb = float(self._norm_b.exact(self.b.weight.detach()))
+        return LipschitzBound(1.0 + ACTIVATIONS[self.activation][1] * na * nb, False, "power iteration",
+                              why=f"mode {mode!r}: power-iteration (lower) estimates of |A|, |B|")
+
+
+def _plain_bound(norm: OperatorNorm, weight: torch.Tensor) -> LipschitzBound:
+    nb = norm.upper_bound(weight.detach())
+    return LipschitzBound(nb.value, nb.rigorous, nb.method, nb.why)

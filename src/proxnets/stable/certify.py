@@ -7,7 +7,14 @@ radius
 
     r(x) = m(x) / (sqrt(2) L)            (0 when misclassified),
 
-and the certified accuracy at ``eps`` is the fraction with ``r(x) > eps``.
+and the certified accuracy at ``eps`` is the fraction with ``r(x) > eps``. Only a *rigorous*
+Lipschitz bound may enter ``r``: :func:`certified_radii` takes a :class:`LipschitzBound` with
+``rigorous=True`` (or computes ``lipschitz_bound(model)``) and refuses bare floats and estimates.
+
+The package certificate :func:`certificate` lists, for a stable model: its rigorous Lipschitz bound
+vs 1, the norm condition ``h nu <= 2 r c`` of every non-expansive block (``nu`` from the rigorous
+``|A|``, ``h`` the evaluation step), the certified norm of every constrained layer vs its bound, and the
+averagedness ``alpha < 1`` of averaged models.
 
 Empirical robustness. :func:`pgd_l2` is projected gradient ascent of the cross-entropy on the
 l2 ball ``|d| <= eps`` intersected with the image box ``[0, 1]``: normalized-gradient steps,
@@ -25,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxnets.stable.lipschitz import lipschitz_bound
+from proxnets.certificates import Certificate
+from proxnets.constraints import find_constraint
+from proxnets.stable.lipschitz import LipschitzBound, lipschitz_bound
 from proxnets.utils.validation import check_int, check_number, check_tensor
 
-__all__ = ["margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy"]
+__all__ = ["margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "certificate", "rigorous_lipschitz"]
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -44,20 +53,91 @@ def _batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def certified_radii(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lipschitz: float | None = None, batch_size: int = 256) -> torch.Tensor:
-    """``r(x) = max(m, 0) / (sqrt(2) L)`` per sample, ``L = lipschitz_bound(model)`` unless given."""
+def rigorous_lipschitz(model: nn.Module, lipschitz: LipschitzBound | None = None) -> LipschitzBound:
+    """The Lipschitz constant a certificate may use: ``lipschitz`` if it is a rigorous
+    :class:`LipschitzBound`, else ``lipschitz_bound(model)`` when ``None``; anything else raises."""
+    L = lipschitz_bound(model) if lipschitz is None else lipschitz
+    if not isinstance(L, LipschitzBound):
+        raise TypeError(
+            f"lipschitz: expected a rigorous LipschitzBound (e.g. lipschitz_bound(model)), got a bare {type(L).__name__} {L!r}: "
+            "a number without a proof cannot certify a radius"
+        )
+    if not L.rigorous:
+        raise ValueError(f"lipschitz: expected a rigorous Lipschitz bound, got one that is not ({L.why})")
+    check_number("lipschitz", float(L), low=0.0, low_inclusive=False)
+    return L
+
+
+def certified_radii(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lipschitz: LipschitzBound | None = None, batch_size: int = 256
+) -> torch.Tensor:
+    """``r(x) = max(m, 0) / (sqrt(2) L)`` per sample; ``L`` a rigorous bound (``lipschitz_bound(model)`` unless given)."""
     check_tensor("x", x, ndim=4)
-    L = lipschitz_bound(model, "exact") if lipschitz is None else check_number("lipschitz", lipschitz, low=0.0, low_inclusive=False)
+    L = float(rigorous_lipschitz(model, lipschitz))
     m = margins(_batched_logits(model, x, batch_size), y)
     return m.clamp_min(0.0) / (math.sqrt(2.0) * L)
 
 
 def certified_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: Sequence[float], *, lipschitz: float | None = None, batch_size: int = 256
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, radii: Sequence[float], *, lipschitz: LipschitzBound | None = None,
+    batch_size: int = 256,
 ) -> dict[float, float]:
-    """``{eps: fraction with r(x) > eps}`` (``eps = 0``: clean accuracy)."""
+    """``{eps: fraction with r(x) > eps}`` (``eps = 0``: clean accuracy), with a rigorous ``L``."""
     r = certified_radii(model, x, y, lipschitz=lipschitz, batch_size=batch_size)
     return {float(eps): float((r > eps).float().mean()) for eps in radii}
+
+
+def _input_shape_note(model: nn.Module, x: torch.Tensor | None) -> str:
+    """Why the norms (computed at the model's configured size) do not cover inputs of ``x``'s size, or ''."""
+    if x is None:
+        return ""
+    shapes = {tuple(m.in_shape) for m in model.modules() if type(m).__name__ == "NonExpansiveBlock" and len(m.in_shape) == 3}
+    size = tuple(x.shape[-2:])
+    bad = sorted(s for s in shapes if s[1:] != size) if type(model).__name__ == "AveragedDenoiser" else []
+    if bad:
+        return f"the block norms are certified at {bad[0][1:]}, the input is {size}"
+    return ""
+
+
+def certificate(model: nn.Module, x: torch.Tensor | None = None, *, bound: float = 1.0) -> list[Certificate]:
+    """The stable package's certificates for ``model`` (in evaluation mode), see the module docstring.
+
+    ``x`` (optional): inputs the certificate is about; for a denoiser applied at another size than its
+    norms were computed at, the Lipschitz and averagedness entries are marked not rigorous.
+    """
+    from proxnets.stable.blocks import NonExpansiveBlock
+
+    was_training = model.training
+    model.eval()
+    certs: list[Certificate] = []
+    try:
+        size_note = _input_shape_note(model, x)
+        try:
+            L = lipschitz_bound(model)
+        except TypeError as exc:  # an unconstrained baseline (e.g. DnCNN): no bound at all
+            L = LipschitzBound(math.inf, False, "none", why=f"no Lipschitz bound: {exc}")
+        rig, why = L.rigorous and not size_note, "; ".join(w for w in (L.why, size_note) if w)
+        certs.append(Certificate("lipschitz", float(L), bound, "<=", rigorous=rig, method=L.method or "product of layer bounds",
+                                 why=why, details={"model": type(model).__name__}))
+        for name, m in model.named_modules():
+            if isinstance(m, NonExpansiveBlock):
+                c = m.norm_condition("rigorous")
+                certs.append(Certificate(f"norm_condition[{name}]", c["h_nu"], c["step_bound"], "<=", rigorous=c["rigorous"],
+                                         method=f"h L |A|^2 <= 2 r c, |A| by {c['method']}", why=c["why"],
+                                         details={"n": c["n"], "h": c["h"], "sigma": c["sigma"], "sigma_used": c["sigma_used"]}))
+            else:
+                con = find_constraint(m) if hasattr(m, "parametrizations") else None
+                if con is not None:
+                    nb = con.certified_norm(m.parametrizations.weight.original)
+                    certs.append(Certificate(f"operator_norm[{name}]", nb.value, con.bound, "<=", rigorous=nb.rigorous,
+                                             method=nb.method, why=nb.why, details={"scale": nb.details.get("scale")}))
+        if hasattr(model, "averagedness"):
+            alpha = float(model.averagedness())
+            certs.append(Certificate("averagedness", alpha, 1.0, "<", rigorous=rig, method="composed block constants (rigorous |A|)",
+                                     why=why, details={}))
+    finally:
+        model.train(was_training)
+    return certs
 
 
 def _project(x0: torch.Tensor, x: torch.Tensor, eps: float, box: tuple[float, float] | None) -> torch.Tensor:

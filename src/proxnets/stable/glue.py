@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.stable.norms import constrain_operator_norm
 from proxnets.utils.validation import check_int
 
@@ -49,8 +50,8 @@ def lipschitz_linear(in_features: int, out_features: int, *, bias: bool = True, 
 class _OneLipschitz(nn.Module):
     """A layer whose Lipschitz constant is 1 by construction (stated in its docstring)."""
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return 1.0
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        return LipschitzBound(1.0, True, "1-Lipschitz by construction")
 
 
 class ScaledAvgPool2d(_OneLipschitz):

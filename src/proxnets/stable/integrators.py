@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-__all__ = ["RK_METHODS", "RKMethod", "compose_averaged", "step_averagedness"]
+__all__ = ["RK_METHODS", "RKMethod", "NOT_AVERAGED", "compose_averaged", "step_averagedness"]
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 
@@ -67,25 +67,53 @@ RK_METHODS = {
 }
 
 
+NOT_AVERAGED = math.inf  # the constant of a map that is not proved non-expansive
+
+
 def compose_averaged(alphas: Iterable[float]) -> float:
-    """Averagedness constant of a composition: ``K / (1 + K)``, ``K = sum alpha_i / (1 - alpha_i)``."""
-    k = 0.0
+    """Averagedness constant of a composition: ``K / (1 + K)``, ``K = sum alpha_i / (1 - alpha_i)``.
+
+    A factor with ``alpha = 1`` (non-expansive only) makes the composition non-expansive only (1.0);
+    ``nan`` (unknown) gives ``nan``; ``inf`` (not non-expansive) gives ``inf``.
+    """
+    k, nonexp, unknown = 0.0, False, False
     for a in alphas:
-        if a >= 1.0:
-            return 1.0
-        k += a / (1.0 - a)
-    return k / (1.0 + k)
+        a = float(a)
+        if math.isnan(a):
+            unknown = True
+        elif a > 1.0:
+            return NOT_AVERAGED
+        elif a == 1.0:
+            nonexp = True
+        else:
+            k += a / (1.0 - a)
+    if unknown:
+        return math.nan
+    return 1.0 if nonexp else k / (1.0 + k)
 
 
 def step_averagedness(method: str, h_nu: float) -> float:
-    """``alpha`` of one step of ``method`` on ``-grad V`` (``grad V`` ``nu``-cocoercive) at ``h * nu``.
+    """``alpha`` of one step of ``method`` on ``-grad V`` (``grad V`` ``nu``-Lipschitz, ``1/nu``-cocoercive).
 
-    Euler: ``h nu / 2``. Heun ``= (I + E o E) / 2`` with ``E`` an Euler step: half the constant of
-    ``E o E``. RK4 has no such decomposition: ``math.nan`` (only non-expansiveness is certified).
+    - Euler ``E = I - h grad V``: ``alpha = h nu / 2`` for ``h nu <= 2``: ``E = (1 - a) I + a N`` with
+      ``N = I - (2 / nu) grad V`` non-expansive (Baillon-Haddad: ``(2/nu) grad V`` is 1/2-cocoercive,
+      so ``I - (2/nu) grad V`` is non-expansive), ``a = h nu / 2``. At ``h nu = 2``: 1.0 (non-expansive only).
+    - Heun: ``x + h/2 (F(x) + F(x + h F(x)))`` equals ``(I + E o E) / 2`` (``E o E (x) = x + h F(x) + h F(E x)``).
+      For ``h nu <= 2`` ``E o E`` is ``beta = compose(a, a)``-averaged (1.0 at ``h nu = 2``), and
+      ``(I + N) / 2`` is ``beta / 2``-averaged: Heun is firmly non-expansive (``alpha <= 1/2``) on the
+      whole region, with no margin.
+    - RK4: non-expansive for ``h nu <= 2`` (circle contractivity ``r = 1``), no averagedness constant
+      derived: ``math.nan`` (unknown).
+    Outside ``h nu <= 2`` (``E`` not non-expansive): :data:`NOT_AVERAGED` (``inf``) for every method.
     """
-    a = h_nu / 2.0
+    h_nu = float(h_nu)
+    if not math.isfinite(h_nu) or h_nu < 0:
+        return NOT_AVERAGED
+    if h_nu > 2.0 * RK_METHODS[method].radius * (1 + 1e-12):
+        return NOT_AVERAGED
+    a = min(h_nu / 2.0, 1.0)
     if method == "euler":
-        return min(a, 1.0)
+        return a
     if method == "heun":
         return 0.5 * compose_averaged([a, a])
     return math.nan

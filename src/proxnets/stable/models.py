@@ -17,7 +17,6 @@ a plain conv stack.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from torch import nn
 from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
 from proxnets.stable.integrators import compose_averaged
-from proxnets.stable.lipschitz import lipschitz_bound
+from proxnets.stable.lipschitz import LipschitzBound, compose_bounds, lipschitz_bound
 from proxnets.stable.norms import OperatorNorm
 from proxnets.utils.validation import check_choice, check_int
 
@@ -76,8 +75,8 @@ class ClassifierConfig:
 class _Stack(nn.Module):
     """A sequence of layers with a composed Lipschitz bound."""
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return math.prod(lipschitz_bound(m, mode) for m in self.layers)
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        return compose_bounds(lipschitz_bound(m, mode) for m in self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for m in self.layers:
@@ -128,6 +127,15 @@ class ResNetClassifier(_Stack):
         self.layers = nn.ModuleList(layers)
 
 
+def _plain_constant(norm: OperatorNorm, weight: torch.Tensor, mode: str) -> LipschitzBound:
+    with torch.no_grad():
+        if mode in ("upper", "rigorous"):
+            nb = norm.upper_bound(weight)
+            return LipschitzBound(nb.value, nb.rigorous, nb.method, nb.why)
+        return LipschitzBound(float(norm.exact(weight.detach())), False, "power iteration",
+                              why=f"mode {mode!r}: a power-iteration (lower) estimate of the norm")
+
+
 class _PlainConv(nn.Conv2d):
     """An unconstrained conv that still reports its exact operator norm at its input size."""
 
@@ -135,8 +143,8 @@ class _PlainConv(nn.Conv2d):
         super().__init__(cin, cout, k, padding=k // 2)
         self._norm = OperatorNorm("conv2d", (cin, *in_hw), padding=k // 2)
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return float(self._norm.upper_bound(self.weight) if mode == "upper" else self._norm.exact(self.weight))
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        return _plain_constant(self._norm, self.weight, mode)
 
 
 class _PlainLinear(nn.Linear):
@@ -144,8 +152,8 @@ class _PlainLinear(nn.Linear):
         super().__init__(cin, cout)
         self._norm = OperatorNorm("linear", (cin,))
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return float(self._norm.upper_bound(self.weight) if mode == "upper" else self._norm.exact(self.weight))
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        return _plain_constant(self._norm, self.weight, mode)
 
 
 @dataclasses.dataclass
@@ -202,10 +210,10 @@ class AveragedDenoiser(nn.Module):
             z = block(z)  # (B, w, H, W)
         return self.project(z)  # (B, C, H, W)
 
-    def lipschitz_constant(self, mode: str = "exact") -> float:
-        return math.prod(b.lipschitz_constant(mode) for b in self.blocks)
+    def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
+        return compose_bounds(lipschitz_bound(b, mode) for b in self.blocks)
 
-    def averagedness(self, mode: str = "exact") -> float:
+    def averagedness(self, mode: str = "rigorous") -> float:
         """``alpha`` of the whole denoiser: the blocks' constants composed (the lift/select pair keeps it)."""
         return compose_averaged(b.averagedness(mode) for b in self.blocks)
 
