@@ -656,10 +656,13 @@ def run(ctx: SuiteContext) -> SuiteResult:
         ctx.log(f"[stable] {name}: {time.perf_counter() - t0:.1f} s")
     if ctx.size != "full":
         result.notes.append("Small CPU configurations: classifier of width 8 with one (smoke) or two (quick) blocks per stage, a flatten "
-                            "head and the fixed (CPL-style) step rule, trained with Adam for a few epochs on 2 (smoke) or 3 (quick) "
-                            "seeds; denoisers trained for a few epochs on photo patches, one seed. Full sizes at size 'full'.")
+                            "head and the fixed (CPL-style) step rule, trained with Adam for a few epochs on 3 seeds (mean and 95% "
+                            "Student-t interval; 300 (smoke) or 1,000 (quick) mnist5k test images; PGD on the first seed's model only); "
+                            "denoisers trained for a few epochs on photo patches, one seed, 6 held-out test photographs. Full sizes "
+                            "at size 'full'.")
     result.notes.append(f"Bounds and certificates: the rigorous mode {RIGOROUS!r} of lipschitz_bound (proved operator-norm bounds) "
                         "for the claims and the certified accuracies. The denoiser's norms are those at the "
                         "training patch size (zero-padded convolutions' norms grow slightly with the image size), so its averagedness "
-                        "certificate is for that size; the empirical check runs at the photographs' size.")
+                        "certificate is for that size (the empirical check searches pairs of patches of that size); the denoisers are "
+                        "applied to larger photographs.")
     return result
