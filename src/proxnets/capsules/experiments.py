@@ -32,7 +32,7 @@ from proxnets.capsules.certify import routing_certificates
 from proxnets.capsules.functional import capsule_length
 from proxnets.capsules.routing import BROKEN_VARIANTS, dynamic_routing
 from proxnets.capsules.votes import DenseVotes, FactoredVotes
-from proxnets.engine.plotting import multi_plot
+from proxnets.engine.plotting import interval_plot, multi_plot
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
 from proxnets.utils.stats import difference_interval, mean_interval
@@ -324,13 +324,9 @@ def _accuracy_claims(ctx: SuiteContext, result: SuiteResult, acc: dict, n_test: 
             details={"by_dataset": diffs, "seeds": len(seeds), "n_test": n_test,
                      "interval": max(diffs.values(), key=lambda d: d["worst_end"])["interval"]}))
     names = list(acc)
-    path = multi_plot(ctx.path("capsules_accuracy_by_setting.png"), [dict(
-        series={f"{n} {part}": (list(range(len(SETTINGS))),
-                                [summary[n][s]["interval"][0] if part == "low" else summary[n][s]["mean"]
-                                 if part == "mean" else summary[n][s]["interval"][1] for s in SETTINGS])
-                for n in names for part in ("low", "mean", "high")},
-        xlabel="setting: " + ", ".join(f"{i} = {s}" for i, s in enumerate(SETTINGS)), ylabel="test accuracy",
-        title="one model per routing setting: mean and 95% interval")])
+    path = interval_plot(ctx.path("capsules_accuracy_by_setting.png"),
+                         {n: {s: (summary[n][s]["mean"], *summary[n][s]["interval"]) for s in SETTINGS} for n in names},
+                         ylabel="test accuracy", title="one model per routing setting: mean and 95% interval")
     result.figures.append(Figure(path.relative_to(ctx.out_dir), "Test accuracy of models trained and tested with each "
                                  f"routing setting: mean and 95% interval over {len(seeds)} seeds."))
     result.tables.append(Table(

@@ -1,7 +1,8 @@
 """Headless plots for every experiment: one helper, one look.
 
 ``line_plot`` draws named series (x, y) on one axis and writes a PNG atomically. ``multi_plot``
-draws several panels side by side. Both use the Agg backend, so they work without a display.
+draws several panels side by side. ``interval_plot`` draws means with their intervals over named
+categories (no numeric axis, no line joining categories). Both use the Agg backend, so they work without a display.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from proxnets.utils.io import atomic_path  # noqa: E402
 
-__all__ = ["line_plot", "multi_plot", "Panel"]
+__all__ = ["line_plot", "multi_plot", "interval_plot", "Panel"]
 
 Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
@@ -61,6 +62,42 @@ def multi_plot(path: str | os.PathLike, panels: Sequence[Mapping], *, suptitle: 
         _draw(ax, panel.pop("series"), **panel)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def interval_plot(
+    path: str | os.PathLike,
+    groups: Mapping[str, Mapping[str, tuple[float, float, float]]],
+    *,
+    ylabel: str = "",
+    title: str = "",
+) -> Path:
+    """``{series: {category: (mean, low, high)}}`` as points with error bars, one slot per category.
+
+    Series are offset side by side within a slot so that their intervals do not hide each other.
+    """
+    categories = list(dict.fromkeys(c for g in groups.values() for c in g))
+    fig, ax = plt.subplots(figsize=(max(4.6, 1.2 * len(categories) + 2), 3.6))
+    width = 0.6 / max(len(groups), 1)
+    for k, (name, values) in enumerate(groups.items()):
+        xs, means, lows, highs = [], [], [], []
+        for i, c in enumerate(categories):
+            if c in values:
+                m, lo, hi = values[c]
+                xs.append(i - 0.3 + width * (k + 0.5))
+                means.append(m)
+                lows.append(m - lo)
+                highs.append(hi - m)
+        ax.errorbar(xs, means, yerr=[lows, highs], fmt="o", capsize=4, markersize=4, label=name)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
