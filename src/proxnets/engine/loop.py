@@ -14,7 +14,6 @@ and checkpoints hold the RNG states. A run interrupted after any checkpoint and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,13 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxnets.data.dataset import ImageDataset
-from proxnets.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from proxnets.engine.checkpoint import restore
 from proxnets.engine.config import TrainConfig
 from proxnets.engine.device import seed_everything, select_device, set_deterministic
 from proxnets.engine.distributed import all_reduce_mean, barrier, init_distributed, local_slice, unwrap, wrap_model
 from proxnets.engine.progress import epoch_line, progress_iter
+from proxnets.engine.rundir import RunDir, TrainingFailed, optimizer_failure
 from proxnets.engine.schedules import lr_factor
-from proxnets.utils.io import append_jsonl, write_json, write_text
 
 __all__ = ["Trainable", "FitResult", "fit", "evaluate", "build_optimizer", "default_loss", "default_predict"]
 
@@ -129,15 +128,19 @@ def fit(
     optimizer: Callable[[Any], torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
-    run_dir: str | Path | None = None,
+    run_dir: str | Path | RunDir | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train ``model`` on ``dataset.train`` and evaluate on ``dataset.test`` after every epoch.
 
-    ``run_dir`` (optional) receives ``config.json``, ``metrics.jsonl`` (one record per logged step
-    and per epoch) and ``checkpoint.pt``. With ``resume=True`` and a checkpoint there, training
-    continues from it. Returns a :class:`FitResult`; the history holds one record per epoch.
+    ``run_dir`` (optional; a path or a :class:`~proxnets.engine.rundir.RunDir`) receives
+    ``config.json`` (with the optimizer that really ran), ``metrics.jsonl`` (one record per logged
+    step and per epoch) and ``checkpoint.pt``. A directory holding a run is refused unless
+    ``resume=True`` (then training continues from its checkpoint, refusing changed settings) or
+    ``RunDir(path, force=True)``. An optimizer that reports failure (``run_state["stopped"]``, e.g.
+    bSQH's eps explosion) raises :class:`~proxnets.engine.rundir.TrainingFailed` before anything
+    is checkpointed after it. Returns a :class:`FitResult`; the history holds one record per epoch.
     """
     cfg = cfg or TrainConfig()
     if not isinstance(dataset, ImageDataset):
@@ -147,7 +150,7 @@ def fit(
     loss_fn = loss_fn or default_loss
     predict_fn = predict_fn or default_predict
     device = select_device(cfg.device)
-    dist_info = init_distributed(device)
+    dist_info = init_distributed(device, timeout=cfg.ddp_timeout)
     seed_everything(cfg.seed)
     if cfg.deterministic:
         set_deterministic(True)
@@ -161,12 +164,9 @@ def fit(
     for group in opt.param_groups:
         group.setdefault("initial_lr", group["lr"])
 
-    run_path = Path(run_dir) if run_dir is not None else None
-    writer = dist_info.is_main and run_path is not None
-    if writer:
-        run_path.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_path / CHECKPOINT_NAME if run_path is not None else None
-    metrics_path = run_path / "metrics.jsonl" if run_path is not None else None
+    run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(Path(run_dir))
+    run_path = run.path if run is not None else None
+    writer = dist_info.is_main and run is not None
 
     n = len(dataset.x_train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -177,27 +177,24 @@ def fit(
     start_epoch, start_step, global_step = 0, 0, 0
     resumed_sums: dict[str, float] = {}
 
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
+    state = run.open(cfg, opt, resume=resume, map_location=device) if run is not None else None
+    barrier(dist_info)  # every rank has checked the directory before rank 0 writes into it
+    if writer:
+        run.begin(state, log=log)
+    if state is not None:
         restore(state, unwrap(model), opt)
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         history = list(state["history"])
         resumed_sums = dict(state.get("epoch_sums", {}))
-        if writer and metrics_path.exists():
-            _truncate_metrics(metrics_path, global_step)
-        log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {global_step}")
-    elif writer:
-        write_json(run_path / "config.json", cfg.to_dict())
-        if metrics_path.exists():
-            metrics_path.unlink()
+        log(f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {global_step}")
 
     net = wrap_model(model, dist_info, device)
     x_all, y_all = dataset.x_train, dataset.y_train
 
     def checkpoint(epoch: int, step_in_epoch: int, sums: dict[str, float] | None = None) -> None:
         if writer:
-            save_checkpoint(
-                ckpt_path, unwrap(net), opt, epoch=epoch, step_in_epoch=step_in_epoch,
+            run.save_checkpoint(
+                unwrap(net), opt, epoch=epoch, step_in_epoch=step_in_epoch,
                 global_step=global_step, history=history, config=cfg.to_dict(), epoch_sums=sums,
             )
 
@@ -239,6 +236,10 @@ def fit(
                     return loss.detach()
 
                 loss = opt.step(closure)
+                failure = optimizer_failure(opt)
+                if failure is not None:  # its step changed nothing and later ones will not either
+                    raise TrainingFailed(f"optimizer {type(opt).__name__} failed at step {global_step + 1} "
+                                         f"(epoch {epoch + 1}): {failure}")
                 if loss is None:  # optimizers may return nothing: report the loss at the step's start
                     loss = evaluated[0] if evaluated else torch.tensor(float("nan"))
                 loss_value = all_reduce_mean(float(loss), dist_info)
@@ -250,7 +251,7 @@ def fit(
                 record = {"event": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_value,
                           "lr": opt.param_groups[0]["lr"], **{k: float(v) for k, v in extras.items()}}
                 if writer and global_step % cfg.log_every == 0:
-                    append_jsonl(metrics_path, record)
+                    run.append_metrics(record)
                 for cb in callbacks:
                     cb("step_end", {"model": unwrap(net), "optimizer": opt, "record": record})
                 done_epoch = step + 1 == steps_per_epoch
@@ -266,7 +267,7 @@ def fit(
             rec["epoch_time"] = time.perf_counter() - t0
             history.append(rec)
             if writer:
-                append_jsonl(metrics_path, {"event": "epoch", **rec})
+                run.append_metrics({"event": "epoch", **rec})
             if dist_info.is_main:
                 log(epoch_line(rec))
             for cb in callbacks:
@@ -281,15 +282,3 @@ def fit(
     barrier(dist_info)
     return FitResult(unwrap(net), history, run_path, global_step, interrupted)
 
-
-def _truncate_metrics(path: Path, global_step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the interruption
-        if rec.get("step", 0) <= global_step and not (rec.get("event") == "epoch" and rec.get("step", 0) > global_step):
-            keep.append(line)
-    write_text(path, "".join(k + "\n" for k in keep))
