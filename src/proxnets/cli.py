@@ -57,6 +57,11 @@ class _Main(click.Group):
         except Exception as e:
             if ctx.params.get("debug") or os.environ.get("PROXNETS_DEBUG"):
                 raise
+            from proxnets.engine.distributed import collective_failure
+
+            ddp = collective_failure(e) if isinstance(e, RuntimeError) else None
+            if ddp is not None:
+                raise click.ClickException(ddp) from None
             if isinstance(e, (ValueError, TypeError, OSError, FloatingPointError, RuntimeError)):
                 raise click.ClickException(_one_line(e)) from None
             raise click.ClickException(f"internal error {type(e).__name__}: {_one_line(e)} "
@@ -179,7 +184,7 @@ def train(model_name, dataset, data_dir, epochs, batch_size, lr, device, seed, c
     opts = _parse_options(options)
     if device is not None:
         select_device(device)  # an unknown or absent device fails before any data is loaded
-    run = RunDir(Path(out), force=force)
+    run = RunDir(Path(out), model={"name": model_name, "options": opts}, dataset=dataset, force=force)
     run.preflight(resume)
     ds = load_dataset(dataset, data_dir=data_dir)
     # seeded before the model is built: its initial weights are part of the run

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "die_with_parent", "wrap_model", "unwrap", "local_slice", "all_reduce_mean", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "die_with_parent", "collective_failure", "wrap_model", "unwrap", "local_slice", "all_reduce_mean", "barrier"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +134,21 @@ def _collective_failed(what: str, info: DistInfo, e: Exception) -> RuntimeError:
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     return RuntimeError(f"ddp: rank {info.rank} of {info.world_size} failed in {what}: another rank stopped, died or "
                         f"hung past the timeout of {_TIMEOUT:g} s (--ddp-timeout) ({first})")
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """A one-line reading of ``e`` if it is a failed collective (a timeout or a lost peer), else None.
+
+    DDP's gradient all-reduce runs inside ``backward``: its timeout surfaces there as gloo's or
+    NCCL's own RuntimeError, which the CLI turns into this line.
+    """
+    text = str(e)
+    backend_error = getattr(dist, "DistBackendError", ())
+    if not (isinstance(e, backend_error) if backend_error else False) and not any(
+            k in text for k in ("Timed out waiting", "gloo", "NCCL", "Connection closed by peer", "Connection reset")):
+        return None
+    info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    return str(_collective_failed("a collective", info, e))
 
 
 def barrier(info: DistInfo) -> None:

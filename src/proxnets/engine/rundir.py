@@ -197,6 +197,9 @@ class RunDir:
         if not resume:
             raise RunDirError(f"out: expected an empty run directory, got {str(self.path)!r} holding "
                               f"{', '.join(present)} (use --resume to continue that run or --force to overwrite it)")
+        if self.config_path.is_file() and (self.model is not None or self.dataset is not None):
+            # the identity is known before any data is loaded: refuse a different model or dataset now
+            self._refuse_changes(_plain({"model": self.model, "dataset": self.dataset}))
 
     def open(self, cfg: TrainConfig, optimizer: torch.optim.Optimizer, *, resume: bool,
              map_location: str | torch.device = "cpu") -> dict | None:
@@ -206,23 +209,29 @@ class RunDir:
         if not resume:
             return None
         if self.config_path.is_file() and not self.is_old_layout():
-            diffs = self.differences(self.read_config(), self._config)
-            if diffs and not self.force:
-                raise RunDirError(f"resume: expected the settings the run in {str(self.path)!r} started with, got "
-                                  f"{'; '.join(diffs)} (use --force to continue anyway)")
-            self._forced = diffs
+            self._forced = self._refuse_changes(self._config)
         if not self.checkpoint_path.exists():
             return None
         return load_checkpoint(self.checkpoint_path, map_location=map_location)
 
+    def _refuse_changes(self, current: dict[str, Any]) -> list[str]:
+        diffs = self.differences(self.read_config(), current)
+        if diffs and not self.force:
+            raise RunDirError(f"resume: expected the settings the run in {str(self.path)!r} started with, got "
+                              f"{'; '.join(diffs)} (use --force to continue anyway)")
+        return diffs
+
     @staticmethod
     def differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-        """``"<key> <stored> -> <current>"`` for each of :data:`RESUME_KEYS` that changed (None: unknown, skipped)."""
+        """``"<key> <stored> -> <current>"`` for each of :data:`RESUME_KEYS` that changed (keys ``current``
+        does not know, e.g. the model of a library ``fit``, are skipped)."""
         out = []
         for section, key in RESUME_KEYS:
+            part = current.get(section)
+            known = part is not None if key is None else isinstance(part, dict) and key in part
+            if not known:
+                continue  # not known to the caller (a library fit names no model and no dataset)
             new = _get(current, section, key)
-            if new is None and key != "max_steps":
-                continue
             old = _get(stored, section, key)
             if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
                 out.append(f"{_name(section, key)} {json.dumps(old)} -> {json.dumps(new)}")
