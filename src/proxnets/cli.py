@@ -231,7 +231,7 @@ def _option_keys(factory, input_shape, num_classes) -> list[str]:
                 keys |= set(list(inspect.signature(type(opt).__init__).parameters)[2:])
         except Exception:  # listing the keys must not hide the user's mistake behind another error
             pass
-    return sorted(keys)
+    return sorted(keys - {"input_shape", "num_classes"})
 
 
 def _build_trainable(name: str, input_shape, num_classes: int, opts: dict):

@@ -281,4 +281,3 @@ def fit(
     # ranks leave fit together: rank 0 still evaluates and writes files after its last step
     barrier(dist_info)
     return FitResult(unwrap(net), history, run_path, global_step, interrupted)
-

@@ -250,8 +250,10 @@ class RunDir:
         if self._forced:
             log(f"resuming with changed settings (--force): {'; '.join(self._forced)}")
             self.write_config({**self._config, "forced_changes": self._forced})
-        elif not self.config_path.is_file():
+        elif not self.config_path.is_file() or self.is_old_layout():  # --force on an old layout: now the new one
             self.write_config(self._config)
+            for name in OLD_LAYOUT:
+                self._unlink(self.path / name)
         if self.metrics_path.exists():
             self._truncate_metrics(int(state["global_step"]))
 
