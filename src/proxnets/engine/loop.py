@@ -186,7 +186,8 @@ def fit(
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         history = list(state["history"])
         resumed_sums = dict(state.get("epoch_sums", {}))
-        log(f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {global_step}")
+        if dist_info.is_main:
+            log(f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {global_step}")
 
     net = wrap_model(model, dist_info, device)
     x_all, y_all = dataset.x_train, dataset.y_train
