@@ -58,8 +58,8 @@ def _check_member(m: tarfile.TarInfo, root: Path) -> str:
     """The member's normalized relative name, or an UnsafeArchiveError naming it."""
     name = m.name
     if not (m.isfile() or m.isdir()):  # isfile: REGTYPE/AREGTYPE/CONTTYPE; links, devices, FIFOs refused
-        kind = ("symbolic link" if m.issym() else "hard link" if m.islnk() else "device" if m.isdev()
-                else "FIFO" if m.isfifo() else f"type {m.type!r}")
+        kind = ("symbolic link" if m.issym() else "hard link" if m.islnk() else "FIFO" if m.isfifo()
+                else "device" if m.isdev() else f"type {m.type!r}")
         raise UnsafeArchiveError(f"archive member {name!r}: expected a regular file or directory, got a {kind}")
     if not name or "\x00" in name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafeArchiveError(f"archive member {name!r}: expected a relative path, got an absolute one")

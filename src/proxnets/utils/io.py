@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -155,6 +156,8 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: expected an existing file, got {str(path)!r}")
+    if _TORCH_VERSION < (2, 6):  # CVE-2025-32434: weights_only=True could still execute code
+        raise RuntimeError(f"torch: expected >= 2.6 to load files safely (CVE-2025-32434), got {torch.__version__}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, not a torch file, or a pickle carrying arbitrary objects
