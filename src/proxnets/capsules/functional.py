@@ -51,7 +51,7 @@ def _squash(s: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:
 def _check(s, dim, eps) -> None:
     check_tensor("s", s, ndim=tuple(range(1, 9)))
     check_int("dim", dim, low=-s.ndim, high=s.ndim - 1)
-    check_number("eps", eps, low=0.0, low_inclusive=False)
+    check_number("eps", eps, low=0.0)
 
 
 def capsule_length(s: torch.Tensor, dim: int = -1, eps: float = EPS) -> torch.Tensor:

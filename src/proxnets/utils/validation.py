@@ -144,12 +144,13 @@ def check_labels(name: str, y: Any, n: int | None = None, num_classes: int | Non
     """Class indices: an integer tensor of shape ``(n,)`` with values in ``[0, num_classes)``.
 
     A length-1 vector is *not* broadcast over a batch of ``n > 1``: it is an error."""
+    want = f"integer class indices of shape ({'B' if n is None else n},)"
     if not isinstance(y, torch.Tensor):
-        fail(name, "a torch.Tensor of class indices", type(y).__name__, TypeError)
+        fail(name, want, type(y).__name__, TypeError)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        fail(name, "an integer tensor of class indices", f"dtype {y.dtype}", TypeError)
+        fail(name, want, f"dtype {y.dtype}")
     if y.ndim != 1 or (n is not None and y.shape[0] != n):
-        fail(name, f"class indices of shape ({'B' if n is None else n},)", f"shape {tuple(y.shape)}")
+        fail(name, want, f"shape {tuple(y.shape)}")
     if y.device.type == "meta":
         fail(name, "a tensor with data", "a tensor on the meta device")
     if y.numel() and num_classes is not None:
