@@ -41,6 +41,7 @@ class Entry:
     rank_free: bool = False  # any rank is valid for the data args
     empty_ok: bool = True  # an empty batch may return an (empty, finite) result
     scale_safe: tuple[str, ...] = ()  # data args for which huge finite values must give finite results
+    elementwise: bool = False  # documented: NaN/inf propagate elementwise (a hot-path map, no check)
 
 
 @dataclasses.dataclass
@@ -155,6 +156,8 @@ def run(entry: Entry, mutation: Mutation, seed: int = 0, batch: int = 3) -> tupl
         return ("clear", msg[:120]) if named else ("unclear", f"{type(e).__name__}: {msg[:120]}")
     except Exception as e:  # noqa: BLE001 - classifying every failure is the point
         return "unclear", f"{type(e).__name__}: {str(e)[:120]}"
+    if mutation.nonfinite and entry.elementwise:
+        return "ok", "documented elementwise propagation"
     if not _finite(out):
         if mutation.nonfinite:
             return ("ok", "warned") if caught else ("nan_passed", "non-finite output")
@@ -264,7 +267,7 @@ def entries() -> list[Entry]:
 
     # -- pmp
     add(Entry("pmp", "soft_threshold", P.soft_threshold, lambda g, b: {"z": _randn(g, b, 4), "a": 0.3}, data=("z",),
-              nonneg=("a",), rank_free=True))
+              nonneg=("a",), rank_free=True, elementwise=True))
     add(Entry("pmp", "augmented_hamiltonian_1d",
               lambda w, w_k, g, eps=1.0, rho=0.1: P.augmented_hamiltonian_1d(w, w_k, g, eps, rho, P.SparseRegularizer()),
               lambda g, b: {"w": _randn(g, b), "w_k": _randn(g, b), "g": _randn(g, b), "eps": 1.0, "rho": 0.1},
@@ -277,7 +280,7 @@ def entries() -> list[Entry]:
     add(Entry("pmp", "SigmaZetaEps", lambda sigma=1.1, zeta=0.9: P.SigmaZetaEps(sigma, zeta), lambda g, b: {"sigma": 1.1, "zeta": 0.9},
               positive=("sigma", "zeta")))
     add(Entry("pmp", "SparseRegularizer", lambda beta=1.0, lam1=0.0: P.SparseRegularizer(beta, lam1),
-              lambda g, b: {"beta": 1.0, "lam1": 0.1}, positive=("beta",), nonneg=("lam1",)))
+              lambda g, b: {"beta": 1.0, "lam1": 0.1}, nonneg=("beta", "lam1")))
 
     def bsqh_step(x, y, rho=0.01, eps=1.0):
         torch.manual_seed(0)
@@ -295,13 +298,13 @@ def entries() -> list[Entry]:
 
     add(Entry("pmp", "BSQH.step", bsqh_step, lambda g, b: {"x": _rand(g, b, 1, 12, 12), "y": _labels(g, b, 3), "rho": 0.01,
                                                             "eps": 1.0},
-              data=("x",), labels=("y",), nonneg=("rho",), positive=("eps",), empty_ok=False))
+              tensors=("x",), nonneg=("rho",), positive=("eps",)))  # y, empty batches: only in the user's closure
 
     # -- equilibrium
-    add(Entry("equilibrium", "SoftThreshold.forward", lambda z, lam=0.1: E.SoftThreshold(lam)(z),
-              lambda g, b: {"z": _randn(g, b, 4), "lam": 0.1}, data=("z",), nonneg=("lam",), rank_free=True))
-    add(Entry("equilibrium", "BoxClamp.forward", lambda z: E.BoxClamp()(z), lambda g, b: {"z": _randn(g, b, 4)}, data=("z",),
-              rank_free=True))
+    add(Entry("equilibrium", "SoftThreshold.forward", lambda v, lam=0.1: E.SoftThreshold(lam)(v),
+              lambda g, b: {"v": _randn(g, b, 4), "lam": 0.1}, data=("v",), nonneg=("lam",), rank_free=True, elementwise=True))
+    add(Entry("equilibrium", "BoxClamp.forward", lambda v: E.BoxClamp()(v), lambda g, b: {"v": _randn(g, b, 4)}, data=("v",),
+              rank_free=True, elementwise=True))
     opteq = lambda: E.OptEq(4, 6, max_iter=30)  # noqa: E731
     add(Entry("equilibrium", "OptEq.forward", lambda x: _cached("opteq", opteq)(x), lambda g, b: {"x": _randn(g, b, 4)},
               data=("x",)))
@@ -352,10 +355,10 @@ def entries() -> list[Entry]:
                   lambda g, b: {"z0": _randn(g, b, 4), "tol": 1e-4, "max_iter": 50}, data=("z0",), nonneg=("tol",),
                   positive=("max_iter",),
                   rank_free=True))
-    add(Entry("solvers", "solve_linear", lambda b_, tol=1e-6: S.solve_linear(lambda v: 2 * v, b_, tol=tol)[0],
-              lambda g, b: {"b_": _randn(g, b, 4), "tol": 1e-6}, data=("b_",), nonneg=("tol",), rank_free=True))
+    add(Entry("solvers", "solve_linear", lambda b, tol=1e-6: S.solve_linear(lambda v: 2 * v, b, tol=tol)[0],
+              lambda g, n: {"b": _randn(g, n, 4), "tol": 1e-6}, data=("b",), nonneg=("tol",), rank_free=True))
     add(Entry("solvers", "relative_residual", S.relative_residual, lambda g, b: {"z": _randn(g, b, 4), "tz": _randn(g, b, 4)},
-              data=("z", "tz"), rank_free=True))
+              data=("z", "tz"), rank_free=True, elementwise=True))  # documented: NaN where a norm is not finite
 
     # -- norm_bounds
     add(Entry("norm_bounds", "norm_bound(matrix)", lambda target: NB.norm_bound(target).value,
