@@ -259,7 +259,7 @@ def entries() -> list[Entry]:
               data=("a",), nonneg=("t",)))
     add(Entry("convex", "RandomFourierFeatures.forward",
               lambda x: _cached("rff", lambda: X.RandomFourierFeatures(4, 8, 0.5, generator=torch.Generator().manual_seed(0)))(x),
-              lambda g, b: {"x": _randn(g, b, 4)}, data=("x",)))
+              lambda g, b: {"x": _randn(g, b, 4)}, data=("x",), rank_free=True))
     add(Entry("convex", "solve_primal", lambda z, y, lam=0.01: X.solve_primal(X.CachedFeatures(z), y, 3, lam=lam, max_iter=20,
                                                                            on_nonconvergence="ignore")[0],
               lambda g, b: {"z": _randn(g, b + 3, 2, 4), "y": _labels(g, b + 3, 3), "lam": 0.01},
