@@ -338,7 +338,7 @@ def entries() -> list[Entry]:
               positive=("size", "sigma")))
     add(Entry("stable", "motion_kernel", ST.motion_kernel, lambda g, b: {"size": 5, "angle": 0.3}, positive=("size",)))
     add(Entry("stable", "compose_averaged", lambda alphas: ST.compose_averaged(alphas), lambda g, b: {"alphas": [0.5, 0.6]}))
-    add(Entry("stable", "Blur.forward", lambda x: ST.Blur(ST.gaussian_kernel(5, 1.0))(x),
+    add(Entry("stable", "Blur.A", lambda x: ST.Blur(ST.gaussian_kernel(5, 1.0)).A(x),
               lambda g, b: {"x": _rand(g, b, 1, 8, 8)}, data=("x",)))
     add(Entry("stable", "lipschitz_linear", lambda in_features, out_features, bound=1.0: ST.lipschitz_linear(
         in_features, out_features, bound=bound), lambda g, b: {"in_features": 3, "out_features": 2, "bound": 1.0},
