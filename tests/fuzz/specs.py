@@ -368,13 +368,14 @@ def entries() -> list[Entry]:
     add(Entry("norm_bounds", "fourier_norm_bound", lambda weight, padding=1: NB.fourier_norm_bound(weight, (2, 6, 6), padding).value,
               lambda g, b: {"weight": _randn(g, 3, 2, 3, 3), "padding": 1}, tensors=("weight",), nonneg=("padding",)))
     add(Entry("norm_bounds", "gram_iteration", lambda mats, iterations=4: NB.gram_iteration(mats, iterations),
-              lambda g, b: {"mats": _randn(g, b, 3, 3), "iterations": 4}, data=("mats",), nonneg=("iterations",)))
+              lambda g, b: {"mats": _randn(g, b, 3, 3), "iterations": 4}, data=("mats",), nonneg=("iterations",),
+              rank_free=True))  # (..., m, n): batched; 1-D still refused
     add(Entry("norm_bounds", "norm_bound(conv)", lambda in_shape: NB.norm_bound(nn.Conv2d(2, 3, 3, padding=1), in_shape).value,
               lambda g, b: {"in_shape": (2, 6, 6)}))
 
     # -- data
-    add(Entry("data", "stratified_split", lambda y, n=4: stratified_split(y, n, seed=0),
-              lambda g, b: {"y": _labels(g, b + 9, 3), "n": 4}, positive=("n",)))
+    add(Entry("data", "stratified_split", lambda y, n_first=4: stratified_split(y, n_first, seed=0),
+              lambda g, b: {"y": _labels(g, b + 9, 3), "n_first": 4}, positive=("n_first",)))
     add(Entry("data", "random_patches", lambda images, size=4, n=3: random_patches(images, size, n),
               lambda g, b: {"images": [_rand(g, 1, 8, 8)], "size": 4, "n": 3}, positive=("size", "n")))
     add(Entry("data", "rotate", lambda x, angles: rotate(x, angles), lambda g, b: {"x": _rand(g, b, 1, 8, 8),
