@@ -6,7 +6,7 @@ batch, Python lists, label vectors of the wrong length / range / dtype, bad numb
 returns finite results or raises ValueError/TypeError whose message names the argument.
 Hypothesis draws the entry, the mutation, the seed and the batch size.
 
-Default run: a small profile (~25 examples per package); ``@pytest.mark.slow`` runs 400.
+Default run: a small profile (50 examples per package, ~5 s in all); ``@pytest.mark.slow`` runs 400.
 ``tests/fuzz/count_outcomes.py`` enumerates every (entry, mutation) instead and prints the counts.
 """
 
@@ -48,7 +48,7 @@ def _check(data, package):
     assert outcome in ("ok", "clear"), f"{entry.name}({mut.arg}: {mut.what}, batch {batch}): {outcome}: {detail}"
 
 
-_FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+_FAST = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 _SLOW = settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

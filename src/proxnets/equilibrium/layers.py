@@ -248,7 +248,7 @@ class OptEqBase(nn.Module):
             what=f"{type(self).__name__} forward ({self.solver})",
         )
         self.last_info = info
-        if self.warm_start:
+        if self.warm_start and bool(torch.isfinite(z).all()):  # never warm-start from a non-finite iterate
             self._z_prev = z.detach()
         return z
 
