@@ -248,7 +248,7 @@ class OptEqBase(nn.Module):
             what=f"{type(self).__name__} forward ({self.solver})",
         )
         self.last_info = info
-        if self.warm_start:
+        if self.warm_start and bool(torch.isfinite(z).all()):  # never warm-start from a non-finite iterate
             self._z_prev = z.detach()
         return z
 
@@ -267,7 +267,7 @@ class OptEq(OptEqBase):
         )
 
     def _check_input(self, x):
-        return check_tensor("x", x, shape=(None, self.in_features), finite=False)
+        return check_tensor("x", x, shape=(None, self.in_features), finite=False, nonempty=True, like=self)
 
     def apply_w(self, z, w):
         return F.linear(z, w)
@@ -315,7 +315,7 @@ class OptEqConv2d(OptEqBase):
         self._pad = pad
 
     def _check_input(self, x):
-        return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False)
+        return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False, nonempty=True, like=self)
 
     def apply_w(self, z, w):
         return F.conv2d(z, w, padding=self._pad)

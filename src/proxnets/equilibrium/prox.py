@@ -86,6 +86,10 @@ class ProxActivation:
         return None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``prox_f(v)``, elementwise: NaN/inf propagate as in torch (no finiteness check: solver hot path,
+        where the solver's monitor catches them)."""
+        if not isinstance(v, torch.Tensor):
+            fail("v", "a torch.Tensor", type(v).__name__, TypeError)
         return self.prox(v)
 
     def with_l1(self, lam: float) -> "ProxActivation":
