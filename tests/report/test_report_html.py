@@ -108,3 +108,13 @@ def test_commit_is_the_source_checkout_or_unknown(monkeypatch):
     monkeypatch.setattr(runner.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "fatal: not a git repository"))
     assert source_commit() == "unknown"
+
+
+def test_a_missing_headline_figure_is_said_on_the_first_screen(suites, tmp_path):
+    from proxnets.report.html import render_report
+
+    results, _ = reproduce(ReproduceConfig(methods=["capsules"], size="smoke", out=str(tmp_path)), log=lambda m: None)
+    (tmp_path / results["suites"][0]["figures"][0]["path"]).unlink()
+    text = render_report(results, tmp_path)
+    first_screen = text[: text.index("<h2")]
+    assert "missing figure a.png" in first_screen and "missing figure a.png" in text[text.index("<h2"):]

@@ -143,6 +143,8 @@ def _summary_card(s: dict, out_dir: Path) -> str:
              f" <small>{_e(ref.get('short', ''))}</small></h3>"]
     if thumb:
         parts.append(f"<a href='#{method}'><img class='thumb' alt='{_e(s['figures'][0]['caption'])}' src='{thumb}'></a>")
+    elif s["figures"]:  # said here too: a missing headline is never silent
+        parts.append(f"<p class='no'>missing figure {_e(Path(s['figures'][0]['path']).name)}</p>")
     elif s["status"] != "ok":
         parts.append("<p class='no'>suite failed to run: no figure</p>")
     cls = "ok" if held == n and s["status"] == "ok" else "no"
