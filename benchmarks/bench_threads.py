@@ -1,10 +1,11 @@
 """Thread settings for small models: OMP_WAIT_POLICY and torch's thread count (README "Performance").
 
-One training step of a small CNN (batch 64 of 1x28x28, SGD), median of 50 steps after 10 warm-up
+One training step of a small CNN (batch 64 of 1x28x28, SGD), median of 30 steps after 10 warm-up
 steps, in a fresh interpreter per setting (OMP_WAIT_POLICY is read when torch loads OpenMP), the
 four settings interleaved over ``--rounds`` rounds so that a change of machine load hits them all.
+``--busy N`` runs N CPU-bound processes meanwhile: a shared machine, reproducibly.
 
-    python benchmarks/bench_threads.py [--rounds 3]
+    python benchmarks/bench_threads.py [--rounds 3] [--busy 2]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def child(threads: int) -> None:
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
     times = []
-    for _ in range(60):
+    for _ in range(40):
         t0 = time.perf_counter()
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
@@ -43,10 +44,20 @@ def child(threads: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes running meanwhile")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         return child(args.child)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        measure(args)
+    finally:
+        for b in busy:
+            b.kill()
+
+
+def measure(args: argparse.Namespace) -> None:
     results: dict[tuple[str, int], list[float]] = {s: [] for s in SETTINGS}
     threads_of: dict[tuple[str, int], int] = {}
     for _ in range(args.rounds):
@@ -60,7 +71,7 @@ def main() -> None:
             results[(policy, threads)].append(float(out[1]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     best = min(statistics.median(v) for v in results.values())
-    print(f"{os.cpu_count()} cores, 1-min load {load:.1f}, {args.rounds} rounds")
+    print(f"{os.cpu_count()} cores, 1-min load {load:.1f}, {args.busy} busy processes, {args.rounds} rounds")
     for (policy, threads), v in results.items():
         m = statistics.median(v)
         print(f"OMP_WAIT_POLICY={policy:<8} threads={threads_of[(policy, threads)]}: {m:8.2f} ms/step "

@@ -66,13 +66,14 @@ def test_py_typed_ships_with_the_package():
 
 
 @pytest.mark.parametrize("env, threads, cores, load, expect", [
-    ({}, 2, 2, 0.0, ["OMP_WAIT_POLICY is unset"]),
-    ({"OMP_WAIT_POLICY": "passive"}, 2, 2, 0.0, []),
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, 2, 2, 0.0, ["OMP_WAIT_POLICY is ACTIVE"]),
+    ({}, 2, 2, 0.0, []),  # an idle machine: spinning threads cost nothing (they are faster)
+    ({}, 2, 2, 1.5, ["loaded (1-min load 1.5 on 2 cores) and OMP_WAIT_POLICY is unset", "set_num_threads(1)"]),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, 2, 2, 1.0, ["OMP_WAIT_POLICY is ACTIVE", "set_num_threads(1)"]),
+    ({"OMP_WAIT_POLICY": "passive"}, 2, 2, 1.0, ["set_num_threads(1)"]),
     ({}, 1, 2, 7.0, []),  # one thread: nothing spins, nothing waits
     ({"OMP_WAIT_POLICY": "PASSIVE"}, 8, 2, 0.0, ["8 threads on 2 core(s)"]),
-    ({"OMP_WAIT_POLICY": "PASSIVE"}, 2, 2, 6.5, ["loaded (1-min load 6.5 on 2 cores)"]),
     ({"OMP_WAIT_POLICY": "PASSIVE"}, 4, 16, 3.0, []),
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, 4, 16, 15.0, ["torch.set_num_threads(1)"]),
 ])
 def test_thread_warnings(env, threads, cores, load, expect):
     got = thread_warnings(env, threads=threads, cores=cores, load=load)
@@ -82,6 +83,9 @@ def test_thread_warnings(env, threads, cores, load, expect):
 def test_info_warns_about_the_users_own_setting(monkeypatch):
     monkeypatch.setattr(cli, "_USER_OMP_WAIT_POLICY", "")
     monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    monkeypatch.setattr("os.getloadavg", lambda: (1.5, 1.5, 1.5))
+    monkeypatch.setattr("proxnets.utils.threads.available_cores", lambda: 2)
     res = CliRunner().invoke(cli.main, ["info"])
     assert res.exit_code == 0, res.output
-    assert "warning: OMP_WAIT_POLICY is unset" in res.output and "export OMP_WAIT_POLICY=PASSIVE" in res.output
+    assert "warning: this machine is loaded" in res.output and "OMP_WAIT_POLICY is unset" in res.output
+    assert "export OMP_WAIT_POLICY=PASSIVE" in res.output

@@ -53,14 +53,16 @@ def thread_warnings(
 ) -> list[str]:
     """Why the thread settings of a process will make small CPU workloads slow here (empty: none).
 
-    - ``OMP_WAIT_POLICY`` not ``PASSIVE`` with more than one thread: idle OpenMP threads spin for a
-      while after each operation and take the cores the working threads need (measured on a loaded
-      2-core machine: a small conv-net step 550 ms with torch's defaults, 36 ms with PASSIVE, README).
-    - more intra-op threads than cores, or than the cores left idle by the machine's load (1-minute
-      load average): threads wait for each other at every operation.
+    - more intra-op threads than cores: threads wait for each other at every operation.
+    - other work competing for the cores (1-minute load average + threads > cores) and
+      ``OMP_WAIT_POLICY`` not ``PASSIVE``: idle OpenMP threads spin after each operation and take
+      the cores the working threads need. Measured on a 2-core machine with one other busy process
+      (``benchmarks/bench_threads.py --busy 1``): a small CNN step 189 ms with torch's defaults,
+      12 ms with PASSIVE. On an idle machine spinning is faster (3.0 vs 8.0 ms), hence no warning then.
+    - under that competition, more threads than idle cores.
 
     ``env`` defaults to ``os.environ``, ``threads`` to ``torch.get_num_threads()``, ``cores`` to
-    :func:`available_cores`, ``load`` to ``os.getloadavg()[0]`` (skipped where unavailable).
+    :func:`available_cores`, ``load`` to ``os.getloadavg()[0]``; an unknown load counts as competing.
     """
     env = os.environ if env is None else env
     threads = torch.get_num_threads() if threads is None else threads
@@ -71,16 +73,22 @@ def thread_warnings(
         except (AttributeError, OSError):
             load = None
     out = []
-    policy = env.get("OMP_WAIT_POLICY", "")
-    if threads > 1 and policy.upper() != "PASSIVE":
-        out.append(f"OMP_WAIT_POLICY is {policy or 'unset'!s} with {threads} torch threads: idle OpenMP threads spin "
-                   "and take the working threads' cores; in your own scripts export OMP_WAIT_POLICY=PASSIVE before "
-                   "Python starts (the proxnets CLI sets it for itself; README 'Performance')")
     if threads > cores:
         out.append(f"torch uses {threads} threads on {cores} core(s): call torch.set_num_threads({cores}) "
                    f"or set OMP_NUM_THREADS={cores}")
-    elif load is not None and threads > 1 and load + threads > cores + 0.5:
+    competing = load is None or load + threads > cores + 0.5
+    if threads == 1 or not competing:
+        return out
+    where = "the load is unknown" if load is None else f"this machine is loaded (1-min load {load:.1f} on {cores} cores)"
+    policy = env.get("OMP_WAIT_POLICY", "")
+    if policy.upper() != "PASSIVE":
+        out.append(f"{where} and OMP_WAIT_POLICY is {policy or 'unset'}: idle OpenMP threads spin and take the "
+                   "working threads' cores (measured 15x slower small steps); in your own scripts export "
+                   "OMP_WAIT_POLICY=PASSIVE before Python starts (the proxnets CLI sets it for itself; README "
+                   "'Performance')")
+    if load is not None and threads <= cores:
         idle = max(int(cores - load), 1)
-        out.append(f"this machine is loaded (1-min load {load:.1f} on {cores} cores): {threads} torch threads will "
-                   f"wait for each other; small models run faster with torch.set_num_threads({idle})")
+        if threads > idle:
+            out.append(f"{where}: {threads} torch threads will wait for each other; small models may run faster "
+                       f"with torch.set_num_threads({idle})")
     return out
