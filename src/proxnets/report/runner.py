@@ -43,7 +43,7 @@ except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib
 import tomli_w
 
-__all__ = ["ReproduceConfig", "reproduce", "load_config", "validate_results", "SCHEMA_VERSION"]
+__all__ = ["ReproduceConfig", "reproduce", "load_config", "validate_results", "source_commit", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2
 
