@@ -7,7 +7,8 @@ import os
 
 # Before torch loads its OpenMP runtime: idle OpenMP threads must sleep rather than spin, or on a
 # shared machine they steal the cores the working threads need (measured: a small CapsNet step
-# 30x slower with spinning threads under load).
+# 30x slower with spinning threads under load). The user's own value is kept for `proxnets info`.
+_USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import shlex
 import subprocess
@@ -92,11 +93,15 @@ def info(data_dir: Path | None) -> None:
     from proxnets.data.registry import BASES, default_data_dir
     from proxnets.engine.device import select_device
     from proxnets.report.registry import available_suites
+    from proxnets.utils.threads import available_cores, thread_warnings
 
     data_dir = data_dir or default_data_dir()
     click.echo(f"proxnets {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
     click.echo(f"device: {select_device('auto')}  (cuda available: {torch.cuda.is_available()})  "
-               f"threads: {torch.get_num_threads()}")
+               f"threads: {torch.get_num_threads()} on {available_cores()} core(s)")
+    # what a script of the user's would get: their environment, not the one this CLI set for itself
+    for w in thread_warnings({**os.environ, "OMP_WAIT_POLICY": _USER_OMP_WAIT_POLICY}):
+        click.echo(f"warning: {w}")
     click.echo(f"data dir: {data_dir}")
     for name, kind in BASES.items():
         if kind == "embedded":
