@@ -374,10 +374,45 @@ class _ImplicitStep(torch.autograd.Function):
 
 
 class OptEq(OptEqBase):
-    """Dense OptEq: ``x (B, in_features) -> z* (B, features)``; ``W`` is ``width x features``."""
+    """Dense OptEq: ``x (B, in_features) -> z* (B, features)``; ``W`` is ``width x features``.
 
-    def __init__(self, in_features: int, features: int, *, width: int | None = None, **options):
-        super().__init__(**options)
+    Keywords (all of :class:`OptEqBase`): ``activation`` (a name of :data:`~proxnets.equilibrium.prox.ACTIVATIONS`
+    or a :class:`~proxnets.equilibrium.prox.ProxActivation`) with ``activation_options``, ``l1`` (L1 prior),
+    ``target_norm`` (``|W|_2`` bound in (0, 1)), ``solver``/``solver_options``/``tol``/``max_iter`` (forward),
+    ``backward`` (``"implicit" | "phantom" | "unrolled"``) with ``backward_solver``/``backward_tol``/
+    ``backward_max_iter``, ``warm_start``, ``policy`` (``"warn" | "raise" | "ignore"``), ``track_objective``,
+    ``power_iterations``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        *,
+        width: int | None = None,
+        activation: str | ProxActivation = "relu",
+        activation_options: dict | None = None,
+        l1: float = 0.0,
+        target_norm: float = 0.97,
+        solver: str = "accelerated",
+        solver_options: dict | None = None,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        backward: str = "implicit",
+        backward_solver: str | None = None,
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        warm_start: bool = False,
+        policy: str = "warn",
+        track_objective: bool = False,
+        power_iterations: int = 16,
+    ):
+        super().__init__(
+            activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
+            solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
+            backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
+        )
         self.in_features = check_int("in_features", in_features, low=1)
         self.features = check_int("features", features, low=1)
         self.width = check_int("width", features if width is None else width, low=1)
@@ -416,9 +451,29 @@ class OptEqConv2d(OptEqBase):
         *,
         kernel_size: int = 3,
         width: int | None = None,
-        **options,
+        activation: str | ProxActivation = "relu",
+        activation_options: dict | None = None,
+        l1: float = 0.0,
+        target_norm: float = 0.97,
+        solver: str = "accelerated",
+        solver_options: dict | None = None,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        backward: str = "implicit",
+        backward_solver: str | None = None,
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        warm_start: bool = False,
+        policy: str = "warn",
+        track_objective: bool = False,
+        power_iterations: int = 16,
     ):
-        super().__init__(**options)
+        super().__init__(
+            activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
+            solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
+            backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
+        )
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.channels = check_int("channels", channels, low=1)
         self.width = check_int("width", channels if width is None else width, low=1)
