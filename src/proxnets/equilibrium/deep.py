@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from proxnets.certificates import Certificate
+from proxnets.solvers import SolverInfo
 from proxnets.equilibrium.layers import OptEq, OptEqBase, OptEqConv2d
 from proxnets.equilibrium.prox import ProxActivation
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
@@ -131,10 +132,13 @@ class SequentialOptEq(nn.Sequential):
                                  max_iter=max_iter, policy=policy) for a, b in zip(dims[:-1], dims[1:])])
 
 
-def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 2000,
-                        distance_tol: float = 1e-2, gap_tol: float = 1e-5) -> list[Certificate]:
+def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, z: torch.Tensor | None = None, tol: float = 1e-4,
+                        max_iter: int = 2000, distance_tol: float = 1e-2, gap_tol: float = 1e-5) -> list[Certificate]:
     """The certificate of one (joint) equilibrium layer on inputs ``x`` (module docstring): ``operator_norm``,
-    ``equilibrium_residual``, ``distance_to_minimizer`` and ``objective_gap`` (with ``G`` in its details)."""
+    ``equilibrium_residual``, ``distance_to_minimizer`` and ``objective_gap`` (with ``G`` in its details).
+
+    ``z`` (optional, the layer's full state, e.g. ``DeepOptEq.joint(x)``): certify that point; by default an
+    Anderson solve to ``tol / 2`` provides it."""
     from proxnets.equilibrium.models import _block_norm, _residual_certificates
     from proxnets.solvers import solve
 
@@ -150,7 +154,12 @@ def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, tol: float = 1e-4,
             inj = layer.injection(x)
             w = layer.W.weight.detach()
             T = layer.fixed_point_map(inj, w)
-            z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+            if z is None:
+                z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+            else:
+                check_tensor("z", z, shape=tuple(inj.shape), finite=False)
+                z = z.detach()
+                info = SolverInfo(solver="given point", converged=True, iterations=0, tol=tol, stop_reason="tol")
             inj64, w64 = inj.double(), w.double()
             T64 = layer.fixed_point_map(inj64, w64)
             q = norm**2

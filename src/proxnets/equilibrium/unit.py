@@ -164,17 +164,21 @@ def prox_of_module(module: nn.Module) -> ProxActivation:
 
 def decompose(seq: nn.Sequential, in_shape: Sequence[int]) -> UnitChain:
     """``seq`` (``nn.Linear``/``nn.Conv2d`` each followed by a prox activation or by nothing, ``nn.Flatten``
-    between) as a :class:`UnitChain` with the same output (module docstring).
+    between, nested ``nn.Sequential`` read in order) as a :class:`UnitChain` with the same output (module docstring).
 
     Each scale is ``c = 1.0001 * sqrt(B^2 + 1)`` with ``B`` a rigorous bound of ``|A|_2``
-    (:func:`proxnets.norm_bounds.norm_bound` at the layer's input size), so every unit weight has
+    (:func:`proxnets.norm_bounds.norm_bound` at the layer's input size: the Fourier-symbol bound for
+    stride-1 convolutions, else the tightest affordable; kept as ``unit.norm_bound_A``), so every unit weight has
     ``|W|_2 < 1`` and every unit layer is the prox of a convex function.
     """
     from proxnets.norm_bounds import norm_bound
 
     if not isinstance(seq, nn.Sequential):
         fail("seq", "an nn.Sequential", type(seq).__name__, TypeError)
-    mods = list(seq)
+    def leaves(s: nn.Sequential) -> list[nn.Module]:  # nested Sequentials are read in order
+        return [m for child in s for m in (leaves(child) if isinstance(child, nn.Sequential) else [child])]
+
+    mods = leaves(seq)
     units, shape, i = [], tuple(in_shape), 0
     while i < len(mods):
         mod = mods[i]
@@ -187,10 +191,13 @@ def decompose(seq: nn.Sequential, in_shape: Sequence[int]) -> UnitChain:
         act: ProxActivation = IdentityProx()
         if i + 1 < len(mods) and not isinstance(mods[i + 1], (nn.Linear, nn.Conv2d, nn.Flatten)):
             act, i = prox_of_module(mods[i + 1]), i + 1
-        nb = norm_bound(mod, shape if isinstance(mod, nn.Conv2d) else None)
+        # c needs an upper bound only: the cheap Fourier-symbol bound where it applies (stride-1 convolutions)
+        cheap = isinstance(mod, nn.Conv2d) and mod.stride == (1, 1) and mod.dilation == (1, 1) and mod.groups == 1
+        nb = norm_bound(mod, shape if isinstance(mod, nn.Conv2d) else None, method="fourier" if cheap else "auto")
         if not nb.rigorous:
             fail(f"seq[{i}]", "a layer whose norm has a rigorous bound", nb.why)
         unit = UnitLayer(mod, act, shape, 1.0001 * math.sqrt(float(nb.value) ** 2 + 1.0))
+        unit.norm_bound_A = float(nb.value)  # the rigorous bound B >= |A|_2 the scale was built from
         units.append(unit)
         shape, i = unit.out_shape, i + 1
     if not units:
