@@ -255,8 +255,10 @@ class OptEqBase(nn.Module):
         cfg = self.backward_config
         sv = s * v
         if cfg.solver == "conjugate_gradient":
-            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s W^T W s) h
-                return torch.sub(h, self.gram(s * h, w).mul_(s))
+            sh = torch.empty_like(sv)  # reused: batch-sized allocations cost more than the arithmetic
+
+            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s W^T W s) h, in place on the fresh gram output
+                return self.gram(torch.mul(s, h, out=sh), w).mul_(s).neg_().add_(h)
 
             h, binfo = solve_linear(A, sv, tol=cfg.tol, max_iter=cfg.max_iter)
         else:
@@ -302,8 +304,12 @@ class OptEqBase(nn.Module):
         if z0 is None:
             if self.warm_start and self._z_prev is not None and tuple(self._z_prev.shape) == shape:
                 z0 = self._z_prev
+            elif self.backward_config.mode == "unrolled":
+                z0 = torch.zeros_like(inj)  # the recorded iteration starts at 0 (its documented gradient)
             else:
-                z0 = torch.zeros_like(inj)
+                # start at T(0) = prox_f(U x + b): the first iterate from 0, which needs no W^T W
+                with torch.no_grad():
+                    z0 = self.activation.prox(inj.detach())
         else:
             check_tensor("z0", z0, shape=shape)
         what = f"{type(self).__name__} forward ({self.solver})"
