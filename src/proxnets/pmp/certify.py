@@ -3,7 +3,8 @@
 bSQH accepts a trial ``u`` only if (the acceptance test of :mod:`proxnets.pmp.optimizer`)
 
     J_B(u) - J_B(u_k) <= -eta * tau,      tau = |u - u_k|^2,
-    J_B(u) = L_B(u) + sum_groups rho R(u),  R(u) = sum_w beta 1[w != 0] + lam1 |w| + (lam2/2) w^2.
+    J_B(u) = L_B(u) + sum_groups rho R(u),  R(u) = sum_w (beta/n) 1[w != 0] + lam1 |w| + (lam2/2) w^2
+                                            (+inf outside the box U_ad = {|w| <= bound}).
 
 The optimizer's own record of that test re-reads the numbers the test used, so it can never
 disagree with it. :class:`DecreaseAudit` recomputes them instead, around every step:
@@ -25,7 +26,9 @@ certificate says so).
 In full-batch mode (every closure evaluates the same training set: ``full_batch=True``) ``J``
 after one step is ``J`` before the next when the weights did not change in between, so one
 forward per step suffices and the certificate says ``J`` decreased monotonically on the training
-set. In mini-batch mode each step is checked on its own batch (what the acceptance test promises).
+set (for a fixed rho; in ``target_density`` mode rho changes between steps, ``J`` is then recomputed
+and each step is checked under its own rho). In mini-batch mode each step is checked on its own
+batch (what the acceptance test promises).
 
 :func:`certificate` returns, for a model trained by bSQH, the recomputed decrease certificate of
 the run (when the optimizer had an audit), the agreement of the optimizer's records with the
@@ -68,10 +71,14 @@ def penalty(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
         for p in group["params"]:
             w = p.detach()
             if isinstance(reg, SparseRegularizer):
-                v = reg.beta * int(torch.count_nonzero(w))
+                # beta / n per nonzero weight (n: 1, the tensor's size or the group's count)
+                n = {"none": 1, "layer": w.numel(), "group": reg.count}[reg.normalize]
+                v = reg.beta * int(torch.count_nonzero(w)) / n
                 if reg.lam1 or reg.lam2:
                     wd = w.double()
                     v += reg.lam1 * float(wd.abs().sum()) + 0.5 * reg.lam2 * float((wd * wd).sum())
+                if math.isfinite(reg.bound) and float(w.abs().max()) > reg.bound:
+                    v = math.inf  # outside the admissible box U_ad: J is +inf there
             else:
                 v, independent = float(reg.value(w)), False
             total += rho * v
@@ -97,7 +104,7 @@ class DecreaseAudit:
         self.independent = True
         self._before: list[torch.Tensor] | None = None
         self._j_before: tuple[float, float] | None = None
-        self._last: tuple[list[torch.Tensor], float, float] | None = None  # weights, J, loss after the last step
+        self._last: tuple | None = None  # weights, J, loss, rhos after the last step
         self._n_history = 0
 
     def _objective(self, optimizer, closure: Callable) -> tuple[float, float]:
@@ -110,7 +117,8 @@ class DecreaseAudit:
     def before(self, optimizer, closure: Callable) -> None:
         params = _params(optimizer)
         snapshot = [p.detach().clone() for p in params]
-        if (self.full_batch and self._last is not None
+        rhos = [float(g.get("rho", 0.0)) for g in optimizer.param_groups]
+        if (self.full_batch and self._last is not None and self._last[3] == rhos
                 and all(torch.equal(a, b) for a, b in zip(self._last[0], snapshot))):
             self._j_before = (self._last[1], self._last[2])  # same data, same weights: same J
         else:
@@ -136,7 +144,9 @@ class DecreaseAudit:
                                    accepted=h["accepted"])
         self.records.append(rec)
         if self.full_batch:
-            self._last = ([p.detach().clone() for p in params], j_after, loss_after)
+            # J is reused only while the weights and every rho (target_density adapts it) are unchanged
+            self._last = ([p.detach().clone() for p in params], j_after, loss_after,
+                          [float(g.get("rho", 0.0)) for g in optimizer.param_groups])
         self._before, self._j_before = None, None
 
     def worst_violation(self) -> float:
