@@ -124,15 +124,24 @@ def test_augmented_gain_uses_the_eps_the_rule_used():
     assert rec["augmented_gain"] == pytest.approx(gain - eps_used * float((d * d).sum()), rel=1e-9)
 
 
-def test_target_density_adapts_rho_and_reaches_the_density(mnist300):
+def test_target_density_sets_rho_so_that_exactly_that_density_is_kept(mnist300):
     x, y = mnist300
     torch.manual_seed(0)
     model = LeNet5()
     opt = BSQH(sparsity_param_groups(model, 1.0), eps=2.0, eps_min=1.0, eta=1e-4, eps_rule="curvature",
-               target_density=0.2, rho_rate=0.2, audit=DecreaseAudit(full_batch=True))
-    _full_batch(model, opt, x, y, 40)
-    density = 1.0 - opt.sparsity()["fraction"]
-    assert abs(density - 0.2) < 0.1, density
-    assert opt.param_groups[0]["rho"] > 1.0 and opt.param_groups[1]["rho"] == 0.0  # the price went up
+               target_density=0.2, density_ramp=6, audit=DecreaseAudit(full_batch=True))
+    n = opt.sparsity()["regularized"]
+    _full_batch(model, opt, x, y, 12)
+    targets = []
+    for k, rec in enumerate(opt.history):
+        if rec["accepted"]:  # every accepted step keeps round(d_k N) weights (ties aside)
+            d_k = 0.2 + 0.8 * (1 - k / 6) ** 3 if k < 6 else 0.2
+            targets.append(d_k)
+            assert abs((n - rec["zeros"]) - round(d_k * n)) <= 2, (k, n - rec["zeros"], d_k * n)
+    assert targets and targets[-1] == 0.2
+    assert opt.param_groups[0]["rho"] > 0.0 and opt.param_groups[1]["rho"] == 0.0  # biases stay unregularized
     certs = {c.name: c for c in certificate(model, optimizer=opt)}
-    assert certs["sufficient_decrease"].holds and certs["records_agree"].holds  # rho changes between steps
+    # each step is checked under its own rho, recomputed by the audit
+    assert certs["sufficient_decrease"].holds and certs["records_agree"].holds
+    with pytest.raises(ValueError, match="regularizer: expected a SparseRegularizer with lam1 = 0"):
+        BSQH(sparsity_param_groups(model, 1.0), target_density=0.2, regularizer=SparseRegularizer(lam1=0.1))

@@ -165,7 +165,7 @@ def maximize_layer(call: LayerCall, params: list[LayerParam], steps: int = 2, ba
             h = _smooth(call, dict(zip(names, leaves)), fixed)
             grads = torch.autograd.grad(h, leaves, allow_unused=True)
         grads = [torch.zeros_like(v) if g is None else g for v, g in zip(values, grads)]
-        return float(h) - _penalty(params, values), grads
+        return float(h.detach()) - _penalty(params, values), grads
 
     v = [lp.w_k for lp in params]
     if not call.post:

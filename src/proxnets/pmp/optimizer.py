@@ -17,10 +17,16 @@ iterative hard-thresholding step of length ``1/(2 eps)``). ``layer="map+activati
 seed's layer, map then activation/pooling (:mod:`.layer_hamiltonian`): a few layer-local steps on
 the true, nonlinear augmented Hamiltonian with the convex-combination safeguard.
 
-Sparsity at a chosen density (``target_density``): after every step each ``rho > 0`` group's rho
-is multiplied by ``exp(rho_rate * clip((d - target) / target, -1, 1))``, ``d`` the measured
-density of the regularized weights (a multiplicative price adaptation; between steps, so every
-step's acceptance test and audit use one rho).
+Sparsity at a chosen density (``target_density``): in every trial rho (of the groups that start
+with ``rho > 0``) is set to the price at which the layerwise maximizer keeps exactly the target
+fraction ``d_k`` of the weights. For ``r = (beta/n) 1[w != 0] + (lam2/2) w^2`` a weight with
+``z = w_k - g / (2 eps)`` is kept iff ``rho < rho_i``, the root of
+``(rho beta / (n eps)) (1 + rho lam2 / (2 eps)) = z^2``; rho is the geometric mean of the ``k``-th
+and ``(k+1)``-th largest ``rho_i`` (``k = round(d_k N)``), so exactly ``k`` survive (ties aside). Step 3/4 then use that rho for
+``J_B(u_k)`` and ``J_B(u)`` alike (one objective per step: the audit recomputes both with it).
+``d_k`` falls from 1 to the target along a cubic over ``density_ramp`` steps (gradual pruning;
+0: the target from the first step). Exact for ``layer="map"``; with ``"map+activation"`` the inner
+steps may move a few weights across the threshold.
 
 Full-batch mode (the theorem's setting): the closure evaluates the whole training set; then every
 accepted iteration decreases ``J`` by at least ``eta * tau``. Mini-batch mode: the closure
@@ -81,12 +87,22 @@ class BSQHInfo(IterInfo):
     message: str = ""
 
 
+_ACCEPTS: dict[Any, bool] = {}
+
+
 def _accepts_backward(closure: Callable) -> bool:
+    # cached per code object: the engine builds a new closure every step (inspect costs ~1 ms)
+    key = getattr(closure, "__code__", None)
+    if key is not None and key in _ACCEPTS:
+        return _ACCEPTS[key]
     try:
         params = inspect.signature(closure).parameters
     except (TypeError, ValueError):
         return False
-    return "backward" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ok = "backward" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if key is not None and len(_ACCEPTS) < 1024:
+        _ACCEPTS[key] = ok
+    return ok
 
 
 class BSQH(torch.optim.Optimizer):
@@ -109,8 +125,9 @@ class BSQH(torch.optim.Optimizer):
         layer: ``"map"`` (linearized Hamiltonian) or ``"map+activation"`` (the seed's layer; needs
             ``model``); ``inner_steps``, ``backtracks``, ``safeguard``: its layer-local maximization.
         model: the network (only for ``layer="map+activation"``: its layers are taped).
-        target_density: adapt rho so that the density of the regularized weights approaches it.
-        rho_rate: the largest log-change of rho per step in ``target_density`` mode.
+        target_density: set rho in every trial so that exactly this fraction of the regularized
+            weights is nonzero (see above; needs ``SparseRegularizer`` with ``lam1 = 0``).
+        density_ramp: steps over which the density target falls from 1 to ``target_density``.
         reuse_trial: full-batch mode only (the closure always evaluates the same data): the
             accepted trial forward is run with autograd and its graph is back-propagated as the next
             iteration's sweep (one forward per iteration saved; the closure must return the
@@ -153,7 +170,7 @@ class BSQH(torch.optim.Optimizer):
         backtracks: int = 2,
         safeguard: bool = True,
         target_density: float | None = None,
-        rho_rate: float = 0.05,
+        density_ramp: int = 0,
         reuse_trial: bool = False,
     ):
         check_number("rho", rho, low=0.0)
@@ -184,7 +201,7 @@ class BSQH(torch.optim.Optimizer):
             self.tape = LayerTape(model)
         self.target_density = None if target_density is None else check_number(
             "target_density", target_density, low=0.0, high=1.0, low_inclusive=False)
-        self.rho_rate = check_number("rho_rate", rho_rate, low=0.0, low_inclusive=False)
+        self.density_ramp = check_int("density_ramp", density_ramp, low=0)
         self.reuse_trial = bool(reuse_trial)
         self._reuse: tuple[torch.Tensor, list[int]] | None = None
         regularizer = DEFAULT_REGULARIZER if regularizer is None else regularizer
@@ -204,6 +221,11 @@ class BSQH(torch.optim.Optimizer):
             check_number("rho", group["rho"], low=0.0)
             check_number("eps", group["eps"], low=0.0, low_inclusive=False)
             check_number("lr", group["lr"], low=0.0, low_inclusive=False)
+            group.setdefault("adapt_rho", target_density is not None and group["rho"] > 0)
+            if group["adapt_rho"] and not (isinstance(group["regularizer"], SparseRegularizer)
+                                           and group["regularizer"].lam1 == 0):
+                fail("regularizer", "a SparseRegularizer with lam1 = 0 in target_density mode",
+                     group["regularizer"], ValueError)
             reg = group["regularizer"]
             if isinstance(reg, SparseRegularizer) and reg.normalize == "group" and reg.count is None:
                 # the L0 term is divided by this group's weight count
@@ -256,19 +278,29 @@ class BSQH(torch.optim.Optimizer):
                 name = names[pi] if names else f"group{gi}.param{pi}"
                 yield name, p, group
 
+    def _raw_regularization(self) -> list[float]:
+        """``R_g(u)`` of every group (without rho; 0 for groups with rho = 0 that do not adapt it)."""
+        out = []
+        for group in self.param_groups:
+            if group["rho"] or group.get("adapt_rho"):
+                out.append(float(torch.stack([group["regularizer"].value(p.detach()) for p in group["params"]]).sum()))
+            else:
+                out.append(0.0)
+        return out
+
     def regularization(self) -> float:
         """``sum_groups rho R(u)`` at the current weights."""
-        total = 0.0
-        for group in self.param_groups:
-            if group["rho"]:
-                total += group["rho"] * sum(float(group["regularizer"].value(p.detach())) for p in group["params"])
-        return total
+        terms = [group["rho"] * group["regularizer"].value(p.detach())
+                 for group in self.param_groups if group["rho"] for p in group["params"]]
+        return float(torch.stack(terms).sum()) if terms else 0.0  # one synchronization
 
     def sparsity(self) -> dict[str, Any]:
         """Exact zeros per layer and in total over the parameters with ``rho > 0``."""
+        layers = list(self._layers())
+        counts = torch.stack([torch.count_nonzero(p.detach()) for _, p, _ in layers]).tolist() if layers else []
         per_layer, zeros, total = {}, 0, 0
-        for name, p, group in self._layers():
-            z, n = int((p.detach() == 0).sum()), p.numel()
+        for (name, p, group), nnz in zip(layers, counts):
+            z, n = p.numel() - int(nnz), p.numel()
             per_layer[name] = z / n
             if group["rho"] > 0:
                 zeros, total = zeros + z, total + n
@@ -301,27 +333,42 @@ class BSQH(torch.optim.Optimizer):
             self.audit.before(self, closure)
             loss = self._step(closure)
             self.audit.after(self, closure)
-        if self.target_density is not None and not self.run_state["stopped"]:
-            self._adapt_rho()  # between steps: each step's test and audit see one rho
         return loss
 
-    def _adapt_rho(self) -> None:
-        """``rho <- rho exp(rho_rate clip((d - target) / target, -1, 1))`` for every ``rho > 0`` group."""
-        zeros = total = 0
-        for group in self.param_groups:
-            if group["rho"] > 0:
-                for p in group["params"]:
-                    zeros += int((p.detach() == 0).sum())
-                    total += p.numel()
-        if not total:
-            return
-        density = 1.0 - zeros / total
-        rel = max(-1.0, min(1.0, (density - self.target_density) / self.target_density))
-        factor = math.exp(self.rho_rate * rel)
-        for group in self.param_groups:
-            if group["rho"] > 0:
-                group["rho"] = group["rho"] * factor
-        self.run_state["rho"] = [g["rho"] for g in self.param_groups]
+    def density_target(self) -> float:
+        """This step's density target ``d_k = d + (1 - d) (1 - k / ramp)^3`` (``d`` after the ramp)."""
+        d = float(self.target_density)
+        k = self.run_state["iteration"]
+        if self.density_ramp and k < self.density_ramp:
+            return d + (1.0 - d) * (1.0 - k / self.density_ramp) ** 3
+        return d
+
+    def _price_for_density(self, layers, eps_l: list[float]) -> float | None:
+        """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights."""
+        scores = []
+        for i, (_, p, group, w_k, g) in enumerate(layers):
+            if not group.get("adapt_rho"):
+                continue
+            reg, e = group["regularizer"], eps_l[i] / group["lr"]
+            z2 = (w_k - g / (2.0 * e)).double() ** 2
+            beta = reg.l0_weight(w_k)
+            if reg.lam2:  # positive root of (beta lam2 / (2 e^2)) rho^2 + (beta / e) rho - z^2 = 0
+                a, b = beta * reg.lam2 / (2.0 * e * e), beta / e
+                scores.append((2.0 * z2 / (b + torch.sqrt(b * b + 4.0 * a * z2))).reshape(-1))
+            else:
+                scores.append((z2 * e / beta).reshape(-1))
+        if not scores:
+            return None
+        s = torch.cat(scores)
+        k = int(round(self.density_target() * s.numel()))
+        if k >= s.numel():
+            return 0.5 * float(s.min())  # everything is kept at any price below the smallest
+        # any rho in [s_(k+1), s_(k)) (k-th largest) keeps exactly the top k; take their geometric mean
+        top = torch.topk(s, k + 1).values
+        lo, hi = float(top[k]), float(top[k - 1]) if k > 0 else math.inf
+        if not math.isfinite(hi):
+            return 2.0 * lo if lo > 0 else 1.0
+        return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
 
     def _sweep(self, closure: Callable) -> torch.Tensor:
         """Forward + backward sweep at u_k; the accepted full-batch trial's graph when it can be reused."""
@@ -409,7 +456,8 @@ class BSQH(torch.optim.Optimizer):
         hamiltonian = self.recorder.hamiltonian() if self.recorder is not None else None
         if self.recorder is not None:
             self.recorder.enabled = False
-        reg_k = self.regularization()
+        raw_k = self._raw_regularization()  # R_g(u_k) per group; rho may change per trial
+        reg_k = sum(g["rho"] * r for g, r in zip(self.param_groups, raw_k))
         j_k = loss_k + reg_k
         eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
         lrs = torch.tensor([group["lr"] for _, _, group, _, _ in layers], dtype=torch.float64)
@@ -423,14 +471,28 @@ class BSQH(torch.optim.Optimizer):
                 nonlinear, layer_stats = self._nonlinear_updates(layers, eps)
             else:
                 nonlinear = {}
+            eps_l = eps.tolist()
+            if self.target_density is not None:
+                rho = self._price_for_density(layers, eps_l)
+                if rho is not None:
+                    for group in self.param_groups:
+                        if group.get("adapt_rho"):
+                            group["rho"] = rho
+                    reg_k = sum(g["rho"] * r for g, r in zip(self.param_groups, raw_k))
+                    j_k = loss_k + reg_k
+                    record.update(J_before=j_k)
+            sq, dots = [], []
             for i, (name, p, group, w_k, g) in enumerate(layers):
                 w = nonlinear.get(i)
                 if w is None:
-                    w = self.rule(w_k, g, float(eps[i]) / group["lr"], group["rho"], group["regularizer"])
+                    w = self.rule(w_k, g, eps_l[i] / group["lr"], group["rho"], group["regularizer"])
                 p.copy_(w)
                 d = w - w_k
-                tau[i] = float((d * d).sum())
-                lin += float((g * d).sum())
+                sq.append((d * d).sum())
+                dots.append((g * d).sum())
+            both = torch.stack([torch.stack(sq), torch.stack(dots)]).double().cpu()  # one synchronization
+            tau = both[0].clone()
+            lin = float(both[1].sum())
             total_tau = float(tau.sum())
             if total_tau <= self.kappa:  # the maximizer is (within kappa) u_k itself: a stationary point
                 for _, p, _, w_k, _ in layers:

@@ -117,11 +117,20 @@ class SparseRegularizer:
 
     def prox(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         beta = self.l0_weight(z)
-        shrunk = torch.clamp(z.abs() - t * self.lam1, min=0.0)  # max(|z| - t lam1, 0)
         scale = 1.0 + t * self.lam2
-        if not math.isfinite(self.bound):
-            keep = shrunk * shrunk > 2.0 * t * beta * scale  # strict: a tie goes to zero
-            return torch.where(keep, torch.sign(z) * shrunk / scale, torch.zeros_like(z))
+        b = self.bound
+        # the box only clips: when b^2 (1 + t lam2) / 2 > t beta every clipped entry is kept by both
+        # the plain and the boxed comparison with zero (see the docs), so clip the plain result
+        clip_only = not math.isfinite(b) or (isinstance(t, float) and b * b * scale > 2.0 * t * beta)
+        if self.lam1 == 0.0 and clip_only:  # the common case, fewest passes over the weights
+            keep = z * z > 2.0 * t * beta * scale  # strict: a tie goes to zero
+            w = torch.where(keep, z / scale if self.lam2 else z, torch.zeros_like(z))
+            return w.clamp_(-b, b) if math.isfinite(b) else w
+        shrunk = torch.clamp(z.abs() - t * self.lam1, min=0.0)  # max(|z| - t lam1, 0)
+        if clip_only:
+            keep = shrunk * shrunk > 2.0 * t * beta * scale
+            w = torch.where(keep, torch.sign(z) * shrunk / scale, torch.zeros_like(z))
+            return w.clamp_(-b, b) if math.isfinite(b) else w
         # on the box the nonzero branch's minimizer is the clipped one (a convex 1-d problem);
         # keep it iff its value (1/2)(w - z)^2 + t (beta + lam1 |w| + lam2 w^2 / 2) < z^2 / 2
         m = torch.clamp(shrunk / scale, max=self.bound)
