@@ -316,7 +316,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
     epochs = ctx.pick(smoke=2, quick=8, full=30)
     ft_epochs = ctx.pick(smoke=1, quick=2, full=5)
     # the grid: target densities (rho adapts to each; the key stays "rho" in the records)
-    rhos = ctx.pick(smoke=[0.5, 0.25], quick=[0.4, 0.2, 0.1], full=[0.4, 0.2, 0.1, 0.05])
+    rhos = ctx.pick(smoke=[0.4, 0.2], quick=[0.4, 0.2, 0.1], full=[0.4, 0.2, 0.1, 0.05])
     target_acc = ctx.pick(smoke=0.3, quick=0.8, full=0.97)
     target_density = ctx.pick(smoke=0.5, quick=TARGET_DENSITY, full=TARGET_DENSITY)
     fr = frontier(ctx, ds, val, seeds, rhos, epochs, ft_epochs, batch, run_baselines) if run_frontier else None

@@ -467,10 +467,6 @@ class BSQH(torch.optim.Optimizer):
         while trials < self.max_trials and layers:
             trials += 1
             lin = 0.0
-            if self.layer == "map+activation":
-                nonlinear, layer_stats = self._nonlinear_updates(layers, eps)
-            else:
-                nonlinear = {}
             eps_l = eps.tolist()
             if self.target_density is not None:
                 rho = self._price_for_density(layers, eps_l)
@@ -481,6 +477,10 @@ class BSQH(torch.optim.Optimizer):
                     reg_k = sum(g["rho"] * r for g, r in zip(self.param_groups, raw_k))
                     j_k = loss_k + reg_k
                     record.update(J_before=j_k)
+            if self.layer == "map+activation":
+                nonlinear, layer_stats = self._nonlinear_updates(layers, eps)
+            else:
+                nonlinear = {}
             sq, dots = [], []
             for i, (name, p, group, w_k, g) in enumerate(layers):
                 w = nonlinear.get(i)
