@@ -66,7 +66,7 @@ MUTATIONS = {
 FULL_RHO, FULL_ETA, FULL_EPS0, FULL_EPS_MIN = 1.0, 0.1, 1.0, 1e-6
 ADAM_LRS = (1e-3, 3e-3)  # Adam's learning rate is picked among these on the validation split
 TARGET_DENSITY = 0.3  # the operating point: the most accurate on validation among those at most this dense
-L1_STRENGTHS = (1e-4, 1e-3)  # L1-prox SGD (figure only, first seed)
+L1_STRENGTHS = (1e-3, 1e-2, 3e-2)  # L1-prox SGD (figure only, first seed)
 
 
 class _AlwaysAccept(BSQH):

@@ -19,13 +19,14 @@ the true, nonlinear augmented Hamiltonian with the convex-combination safeguard.
 
 Sparsity at a chosen density (``target_density``): in every trial rho (of the groups that start
 with ``rho > 0``) is set to the price at which the layerwise maximizer keeps exactly the target
-fraction ``d_k`` of the weights. For ``r = (beta/n) 1[w != 0] + (lam2/2) w^2`` a weight with
-``z = w_k - g / (2 eps)`` is kept iff ``rho < rho_i``, the root of
-``(rho beta / (n eps)) (1 + rho lam2 / (2 eps)) = z^2``; rho is the geometric mean of the ``k``-th
+fraction ``d_k`` of the weights. rho prices the L0 term only: the L2 weight ``c = rho lam2`` stays
+that of the initial rho (``lam2`` is set to ``c / rho``). For ``r = (beta/n) 1[w != 0] + (lam2/2) w^2``
+a weight with ``z = w_k - g / (2 eps)`` is then kept iff ``rho < rho_i``,
+``rho_i = z^2 n eps / (beta (1 + c / (2 eps)))``; rho is the geometric mean of the ``k``-th
 and ``(k+1)``-th largest ``rho_i`` (``k = round(d_k N)``), so exactly ``k`` survive (ties aside). Step 3/4 then use that rho for
 ``J_B(u_k)`` and ``J_B(u)`` alike (one objective per step: the audit recomputes both with it).
-``d_k`` falls from 1 to the target along a cubic over ``density_ramp`` steps (gradual pruning;
-0: the target from the first step). Exact for ``layer="map"``; with ``"map+activation"`` the inner
+``d_k`` is 1 for ``density_start`` steps, then falls to the target along a cubic over
+``density_ramp`` steps (gradual pruning; both 0: the target from the first step). Exact for ``layer="map"``; with ``"map+activation"`` the inner
 steps may move a few weights across the threshold.
 
 Full-batch mode (the theorem's setting): the closure evaluates the whole training set; then every
@@ -128,6 +129,7 @@ class BSQH(torch.optim.Optimizer):
         target_density: set rho in every trial so that exactly this fraction of the regularized
             weights is nonzero (see above; needs ``SparseRegularizer`` with ``lam1 = 0``).
         density_ramp: steps over which the density target falls from 1 to ``target_density``.
+        density_start: steps at density target 1 before the ramp (dense training first).
         reuse_trial: full-batch mode only (the closure always evaluates the same data): the
             accepted trial forward is run with autograd and its graph is back-propagated as the next
             iteration's sweep (one forward per iteration saved; the closure must return the
@@ -171,6 +173,7 @@ class BSQH(torch.optim.Optimizer):
         safeguard: bool = True,
         target_density: float | None = None,
         density_ramp: int = 0,
+        density_start: int = 0,
         reuse_trial: bool = False,
     ):
         check_number("rho", rho, low=0.0)
@@ -202,6 +205,7 @@ class BSQH(torch.optim.Optimizer):
         self.target_density = None if target_density is None else check_number(
             "target_density", target_density, low=0.0, high=1.0, low_inclusive=False)
         self.density_ramp = check_int("density_ramp", density_ramp, low=0)
+        self.density_start = check_int("density_start", density_start, low=0)
         self.reuse_trial = bool(reuse_trial)
         self._reuse: tuple[torch.Tensor, list[int]] | None = None
         regularizer = DEFAULT_REGULARIZER if regularizer is None else regularizer
@@ -222,10 +226,12 @@ class BSQH(torch.optim.Optimizer):
             check_number("eps", group["eps"], low=0.0, low_inclusive=False)
             check_number("lr", group["lr"], low=0.0, low_inclusive=False)
             group.setdefault("adapt_rho", target_density is not None and group["rho"] > 0)
-            if group["adapt_rho"] and not (isinstance(group["regularizer"], SparseRegularizer)
-                                           and group["regularizer"].lam1 == 0):
-                fail("regularizer", "a SparseRegularizer with lam1 = 0 in target_density mode",
-                     group["regularizer"], ValueError)
+            if group["adapt_rho"]:
+                if not (isinstance(group["regularizer"], SparseRegularizer) and group["regularizer"].lam1 == 0):
+                    fail("regularizer", "a SparseRegularizer with lam1 = 0 in target_density mode",
+                         group["regularizer"], ValueError)
+                # the L2 weight rho lam2 stays that of the initial rho: rho prices the L0 term only
+                group.setdefault("l2_weight", group["rho"] * group["regularizer"].lam2)
             reg = group["regularizer"]
             if isinstance(reg, SparseRegularizer) and reg.normalize == "group" and reg.count is None:
                 # the L0 term is divided by this group's weight count
@@ -278,16 +284,6 @@ class BSQH(torch.optim.Optimizer):
                 name = names[pi] if names else f"group{gi}.param{pi}"
                 yield name, p, group
 
-    def _raw_regularization(self) -> list[float]:
-        """``R_g(u)`` of every group (without rho; 0 for groups with rho = 0 that do not adapt it)."""
-        out = []
-        for group in self.param_groups:
-            if group["rho"] or group.get("adapt_rho"):
-                out.append(float(torch.stack([group["regularizer"].value(p.detach()) for p in group["params"]]).sum()))
-            else:
-                out.append(0.0)
-        return out
-
     def regularization(self) -> float:
         """``sum_groups rho R(u)`` at the current weights."""
         terms = [group["rho"] * group["regularizer"].value(p.detach())
@@ -336,9 +332,12 @@ class BSQH(torch.optim.Optimizer):
         return loss
 
     def density_target(self) -> float:
-        """This step's density target ``d_k = d + (1 - d) (1 - k / ramp)^3`` (``d`` after the ramp)."""
+        """This step's density target: 1 for ``density_start`` steps, then ``d + (1 - d) (1 - k / ramp)^3``
+        (``k`` counted from the ramp's start), ``d`` after the ramp."""
         d = float(self.target_density)
-        k = self.run_state["iteration"]
+        k = self.run_state["iteration"] - self.density_start
+        if k < 0:
+            return 1.0
         if self.density_ramp and k < self.density_ramp:
             return d + (1.0 - d) * (1.0 - k / self.density_ramp) ** 3
         return d
@@ -352,11 +351,8 @@ class BSQH(torch.optim.Optimizer):
             reg, e = group["regularizer"], eps_l[i] / group["lr"]
             z2 = (w_k - g / (2.0 * e)).double() ** 2
             beta = reg.l0_weight(w_k)
-            if reg.lam2:  # positive root of (beta lam2 / (2 e^2)) rho^2 + (beta / e) rho - z^2 = 0
-                a, b = beta * reg.lam2 / (2.0 * e * e), beta / e
-                scores.append((2.0 * z2 / (b + torch.sqrt(b * b + 4.0 * a * z2))).reshape(-1))
-            else:
-                scores.append((z2 * e / beta).reshape(-1))
+            # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
+            scores.append((z2 * e / (beta * (1.0 + group["l2_weight"] / (2.0 * e)))).reshape(-1))
         if not scores:
             return None
         s = torch.cat(scores)
@@ -456,8 +452,7 @@ class BSQH(torch.optim.Optimizer):
         hamiltonian = self.recorder.hamiltonian() if self.recorder is not None else None
         if self.recorder is not None:
             self.recorder.enabled = False
-        raw_k = self._raw_regularization()  # R_g(u_k) per group; rho may change per trial
-        reg_k = sum(g["rho"] * r for g, r in zip(self.param_groups, raw_k))
+        reg_k = self.regularization()  # target_density mode recomputes it per trial (rho changes)
         j_k = loss_k + reg_k
         eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
         lrs = torch.tensor([group["lr"] for _, _, group, _, _ in layers], dtype=torch.float64)
@@ -474,7 +469,10 @@ class BSQH(torch.optim.Optimizer):
                     for group in self.param_groups:
                         if group.get("adapt_rho"):
                             group["rho"] = rho
-                    reg_k = sum(g["rho"] * r for g, r in zip(self.param_groups, raw_k))
+                            if group["l2_weight"] and rho > 0:
+                                group["regularizer"] = dataclasses.replace(
+                                    group["regularizer"], lam2=group["l2_weight"] / rho)
+                    reg_k = self.regularization()  # the weights are at u_k here (restored after a rejection)
                     j_k = loss_k + reg_k
                     record.update(J_before=j_k)
             if self.layer == "map+activation":

@@ -49,15 +49,17 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
                eval_every_epoch: bool = True, device: str = "cpu", **options: Any) -> dict[str, Any]:
     """Mini-batch bSQH through the engine, then (optionally) fine-tuning with frozen zeros, rho = 0.
 
-    With ``target_density`` (a BSQH option) the density target ramps down over half of the steps
-    unless ``density_ramp`` is given.
+    With ``target_density`` (a BSQH option) the density target is 1 for the first quarter of the
+    steps and ramps down over the next half, unless ``density_ramp`` is given.
 
     Returns ``dict(model, optimizer, history, test_acc, density, time, iterations)`` with the
     per-iteration bSQH diagnostics in ``optimizer.history``.
     """
     if options.get("target_density") is not None and "density_ramp" not in options:
-        # gradual pruning: the density target reaches its value after half of the steps
-        options["density_ramp"] = (-(-len(dataset.x_train) // batch_size) * epochs) // 2
+        # gradual pruning: dense for the first quarter of the steps, the cubic ramp over the next half
+        steps = -(-len(dataset.x_train) // batch_size) * epochs
+        options["density_ramp"] = steps // 2
+        options.setdefault("density_start", steps // 4)
     opt = bsqh_optimizer(model, rho, **options)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, device=str(device), progress=False,
                       schedule=schedule, eval_every_epoch=eval_every_epoch)
@@ -67,7 +69,7 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
     if finetune_epochs:
         freeze_sparsity(model)
         tune = bsqh_optimizer(model, 0.0, **{k: v for k, v in options.items()
-                                             if k not in ("target_density", "density_ramp")})
+                                             if k not in ("target_density", "density_ramp", "density_start")})
         res = fit(model, dataset, TrainConfig(epochs=finetune_epochs, batch_size=batch_size, seed=seed + 1,
                                               device=str(device), progress=False, schedule=schedule,
                                               eval_every_epoch=eval_every_epoch),
