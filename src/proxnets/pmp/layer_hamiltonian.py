@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 
@@ -117,6 +116,8 @@ class LayerParam:
 
 def _smooth(call: LayerCall, values: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor]) -> torch.Tensor:
     """``h(v) = <p, post(map(x, v))>`` (sum over the batch; ``p`` carries the 1/|B| of the loss)."""
+    from torch.func import functional_call  # imported here: torch.func pulls in functorch (seconds)
+
     out = functional_call(call.module, {**fixed, **values}, (call.x,))
     for m in call.post:
         out = m(out)

@@ -349,10 +349,10 @@ class BSQH(torch.optim.Optimizer):
             if not group.get("adapt_rho"):
                 continue
             reg, e = group["regularizer"], eps_l[i] / group["lr"]
-            z2 = (w_k - g / (2.0 * e)).double() ** 2
+            z2 = (w_k - g / (2.0 * e)) ** 2
             beta = reg.l0_weight(w_k)
             # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
-            scores.append((z2 * e / (beta * (1.0 + group["l2_weight"] / (2.0 * e)))).reshape(-1))
+            scores.append((z2 * (e / (beta * (1.0 + group["l2_weight"] / (2.0 * e))))).reshape(-1))
         if not scores:
             return None
         s = torch.cat(scores)
@@ -360,8 +360,10 @@ class BSQH(torch.optim.Optimizer):
         if k >= s.numel():
             return 0.5 * float(s.min())  # everything is kept at any price below the smallest
         # any rho in [s_(k+1), s_(k)) (k-th largest) keeps exactly the top k; take their geometric mean
-        top = torch.topk(s, k + 1).values
-        lo, hi = float(top[k]), float(top[k - 1]) if k > 0 else math.inf
+        n = s.numel()  # kthvalue is linear-time (topk of k ~ 0.1 n is ~10x slower here)
+        lo_t = torch.kthvalue(s, n - k).values
+        above = s[s > lo_t]
+        lo, hi = float(lo_t), float(above.min()) if k > 0 and above.numel() else math.inf
         if not math.isfinite(hi):
             return 2.0 * lo if lo > 0 else 1.0
         return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
