@@ -284,11 +284,23 @@ class BSQH(torch.optim.Optimizer):
                 name = names[pi] if names else f"group{gi}.param{pi}"
                 yield name, p, group
 
+    def _reg_key(self) -> tuple:
+        return tuple((g["rho"], id(g["regularizer"]), tuple(p._version for p in g["params"]))
+                     for g in self.param_groups)
+
     def regularization(self) -> float:
         """``sum_groups rho R(u)`` at the current weights."""
+        key = self._reg_key()
+        cached = getattr(self, "_reg_cache", None)
+        if cached is not None and cached[0] == key:
+            # same rho, regularizer and weights (version counters) as last time; a stale value (weights
+            # changed through .data) would show in the audit's records_agree
+            return cached[1]
         terms = [group["rho"] * group["regularizer"].value(p.detach())
                  for group in self.param_groups if group["rho"] for p in group["params"]]
-        return float(torch.stack(terms).sum()) if terms else 0.0  # one synchronization
+        value = float(torch.stack(terms).sum()) if terms else 0.0  # one synchronization
+        self._reg_cache = (key, value)
+        return value
 
     def sparsity(self) -> dict[str, Any]:
         """Exact zeros per layer and in total over the parameters with ``rho > 0``."""
