@@ -224,7 +224,7 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
                                        test_acc=evaluate(model, ds.x_test, ds.y_test)))
             ctx.log(f"seed {seed} density {point['density']:.3f}: prune+ft {out['prune'][-1]['test_acc']:.4f}")
     out["l1"] = []
-    for strength in L1_STRENGTHS:  # L1-prox SGD (proximal gradient on strength |w|_1), first seed, figure only
+    for strength in (L1_STRENGTHS if ctx.size != "smoke" else ()):  # L1-prox SGD (proximal gradient on strength |w|_1), first seed, figure only
         model = _model(ds, seeds[0])
         groups = sparsity_param_groups(model, 0.0)
         groups[0].update(prox="l1", strength=strength)
@@ -297,13 +297,13 @@ def run(ctx: SuiteContext) -> SuiteResult:
 
     # 1. mechanism on a small subset
     n_mech = ctx.pick(smoke=128, quick=600, full=2000)
-    iterations = ctx.pick(smoke=30, quick=30, full=200)
+    iterations = ctx.pick(smoke=25, quick=30, full=200)
     batch = ctx.pick(smoke=16, quick=64, full=64)  # smoke: more steps from few images
     sub = ds.subset(n_mech, ctx.pick(smoke=300, quick=1000, full=None), seed=ctx.seed)
     md = mechanism(ctx, sub, seeds, iterations, batch, full=run_full, mini=run_mini)
     # 1b. the two layer Hamiltonians, full batch, on fewer images (the seed's layer costs more per sweep)
-    lsub = sub.subset(ctx.pick(smoke=96, quick=256, full=1000), ctx.pick(smoke=10, quick=10, full=100), seed=ctx.seed)
-    layer_its = ctx.pick(smoke=8, quick=15, full=50)
+    lsub = sub.subset(ctx.pick(smoke=64, quick=256, full=1000), ctx.pick(smoke=10, quick=10, full=100), seed=ctx.seed)
+    layer_its = ctx.pick(smoke=6, quick=15, full=50)
     lr_runs = layer_rules(ctx, lsub, seeds, layer_its) if ctx.runs("linearized-layer") else {}
 
     # 2. frontier: a validation split carved from the training images

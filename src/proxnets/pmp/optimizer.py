@@ -133,7 +133,8 @@ class BSQH(torch.optim.Optimizer):
         reuse_trial: full-batch mode only (the closure always evaluates the same data): the
             accepted trial forward is run with autograd and its graph is back-propagated as the next
             iteration's sweep (one forward per iteration saved; the closure must return the
-            un-detached loss when ``backward=False``).
+            un-detached loss when ``backward=False``); only while >= 70% of the trials so far were
+            accepted (a rejected trial's graph is wasted work).
         eps_min: floor of eps for the rules given by name (a ceiling ``1/(2 eps_min)`` on the step; in
             mini-batch mode it guards against a huge step that happens to pass the test on one batch).
         eps_max: eps above this stops the run (the "eps explodes" stop).
@@ -399,7 +400,12 @@ class BSQH(torch.optim.Optimizer):
 
     def _trial_loss(self, closure: Callable) -> float:
         """``L_B`` at the trial point: no autograd, unless the graph is kept for reuse (full batch)."""
-        if not self.reuse_trial or self.recorder is not None:
+        rs = self.run_state
+        trials = rs["accepted"] + rs["rejected"]
+        # a graph is built only while trials are mostly accepted (a rejected trial's graph is wasted
+        # work: a forward with autograd costs more than one without)
+        likely = trials == 0 or rs["accepted"] >= 0.7 * trials
+        if not self.reuse_trial or self.recorder is not None or not likely:
             return float(closure(backward=False))
         if self.tape is not None:
             self.tape.clear()
