@@ -31,14 +31,17 @@ class LeNet5(nn.Module):
         self.fc3 = nn.Linear(f2, num_classes)
         self.pool = nn.MaxPool2d(2)
         self.input_shape = (c, h, w)
+        # activations as modules (not torch.relu): the seed's layer is map -> activation -> pool,
+        # and LayerTape sees a module applied to a layer's output as part of that layer
+        self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, shape=(None, *self.input_shape), like=self)
-        x = self.pool(torch.relu(self.conv1(x)))  # (B, c1, H/2, W/2)
-        x = self.pool(torch.relu(self.conv2(x)))  # (B, c2, h2, w2)
+        x = self.pool(self.act(self.conv1(x)))  # (B, c1, H/2, W/2)
+        x = self.pool(self.act(self.conv2(x)))  # (B, c2, h2, w2)
         x = x.flatten(1)  # (B, c2 h2 w2)
-        x = torch.relu(self.fc1(x))  # (B, f1)
-        x = torch.relu(self.fc2(x))  # (B, f2)
+        x = self.act(self.fc1(x))  # (B, f1)
+        x = self.act(self.fc2(x))  # (B, f2)
         return self.fc3(x)  # (B, K) class scores
 
 
