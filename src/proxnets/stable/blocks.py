@@ -203,10 +203,12 @@ class NonExpansiveBlock(nn.Module):
             self._any_size = (key, symbol_sup_bound(self.weight.detach(), grid=grid))
         return self._any_size[1]
 
-    def _eval_sigma(self) -> torch.Tensor:
+    def _eval_sigma(self, exact: bool = False) -> torch.Tensor:
+        """The ``|A|`` evaluation steps from: the size-independent bound (``norm_size="any"``), else the norm
+        module's evaluation value (``exact``: the converged estimate whatever the module's mode)."""
         if self.norm_size == "any":
             return torch.tensor(self.any_size_bound().value, dtype=self.weight.dtype)
-        return self.norm(self.weight)
+        return self.norm.exact(self.weight) if exact else self.norm(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sigma = self.norm(self.weight) if self.training else self._eval_sigma()
@@ -238,7 +240,7 @@ class NonExpansiveBlock(nn.Module):
         if mode == "cheap":
             sigma = self.norm.cheap_sigma if torch.isfinite(self.norm.cheap_sigma) else self.norm.cheap(self.weight).detach()
         else:
-            sigma = self._eval_sigma().detach()
+            sigma = self._eval_sigma(exact=True).detach()
         with torch.no_grad():
             n, h, nu = self.schedule_steps(sigma)
         out = {"n": int(n), "h": float(h), "sigma_used": float(sigma), "limit": 2.0 * RK_METHODS[self.method].radius,
