@@ -17,6 +17,12 @@ def small_denoiser():
     return train_denoiser(width=8, depth=2, n_patches=256, epochs=1, progress=False, log=lambda s: None)
 
 
+@pytest.fixture(scope="module")
+def cli_denoiser():
+    # exactly what `proxnets denoise/deblur --train` trains
+    return train_denoiser(progress=False, log=lambda s: None)
+
+
 def _photo(name: str, gray: bool, side: int = 64) -> torch.Tensor:
     img = natural_images(gray=gray, names=(name,))[name]
     h, w = img.shape[-2:]
@@ -25,15 +31,16 @@ def _photo(name: str, gray: bool, side: int = 64) -> torch.Tensor:
                          mode="area")[0]
 
 
+@pytest.mark.slow  # ~60-120 s on 2 shared cores: the --train denoiser, 8 photographs at 128 x 128
 @pytest.mark.filterwarnings("ignore::proxnets.utils.convergence.NonConvergenceWarning")
-def test_default_strengths_improve_every_test_photo(small_denoiser, tmp_path):
+def test_default_strengths_improve_every_test_photo(cli_denoiser, tmp_path):
     cases = [(n, True) for n in TEST_PHOTOS] + [("astronaut", False), ("chelsea", False)]  # grey, then RGB
     for name, gray in cases:
         path = tmp_path / f"{name}_{gray}.png"
-        write_image(path, _photo(name, gray))
-        d = deblur_image(path, small_denoiser, tmp_path / "deb.png", simulate=True)  # default strength
+        write_image(path, _photo(name, gray, 128))
+        d = deblur_image(path, cli_denoiser, tmp_path / "deb.png", simulate=True)  # default strength
         assert d["psnr_restored"] > d["psnr_blurred"], (name, gray, d)
-        n = denoise_image(path, small_denoiser, tmp_path / "den.png", add_noise=0.1)  # default strength
+        n = denoise_image(path, cli_denoiser, tmp_path / "den.png", add_noise=0.1)  # default strength
         assert n["psnr_denoised"] > n["psnr_noisy"], (name, gray, n)
         assert n["channels"] == (1 if gray else 3)
 

@@ -55,6 +55,7 @@ class ClassifierConfig:
     steps: int = 1  # fixed schedule only
     head: str = "global"  # "global": sqrt(HW)-scaled mean (seed); "flatten": keep the positions (small nets)
     max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
+    train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
@@ -97,7 +98,7 @@ class NonExpansiveClassifier(_Stack):
                 layers.append(
                     NonExpansiveBlock(
                         (c, s, s), kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
-                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps,
+                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
                     )
                 )  # (B, c, s, s)
             layers.append(lipschitz_conv2d(c, 2 * c, 1, (s, s)))  # (B, 2c, s, s)
@@ -172,6 +173,7 @@ class DenoiserConfig:
     # total sum_i n_i h_i nu_i over the blocks, split evenly; with Heun, 2 makes the denoiser firmly non-expansive
     stiffness_budget: float | None = None
     norm_size: str = "input"  # "any": step rule and certificate from the size-independent bound (any image size)
+    train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
 
     @classmethod
     def firm(cls, **overrides) -> "DenoiserConfig":
@@ -207,6 +209,7 @@ class AveragedDenoiser(nn.Module):
                 shape, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
                 time=cfg.time, averaged_margin=cfg.averaged_margin, schedule=cfg.schedule, max_steps=cfg.max_steps,
                 stiffness_budget=None if cfg.stiffness_budget is None else cfg.stiffness_budget / cfg.depth, norm_size=cfg.norm_size,
+                train_norm=cfg.train_norm,
             )
             for _ in range(cfg.depth)
         )
