@@ -36,6 +36,6 @@ physics = Blur(gaussian_kernel(9, 1.6), "circular")
 y = physics.A(clean) + 0.01 * torch.randn(clean.shape)
 for cert in certificate(den, y):
     print(cert.line())
-restored, info = pnp_drs(y, physics, den, gamma=0.5, max_iter=150, tol=1e-4, x_true=clean, with_ssim=False)
+restored, info = pnp_drs(y, physics, den, gamma=5.0, max_iter=150, tol=1e-4, x_true=clean, with_ssim=False)
 print(f"PnP-DRS: converged {info.converged} after {info.iterations} iterations (residual {info.residuals[-1]:.1e}); "
       f"PSNR blurred {psnr(y.clamp(0, 1), clean):.2f} dB -> restored {info.psnr[-1]:.2f} dB")
