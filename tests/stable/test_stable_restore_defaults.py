@@ -31,7 +31,8 @@ def _photo(name: str, gray: bool, side: int = 64) -> torch.Tensor:
                          mode="area")[0]
 
 
-@pytest.mark.slow  # ~60-120 s on 2 shared cores: the --train denoiser, 8 photographs at 128 x 128
+@pytest.mark.slow  # 2-10 min on 2 shared cores (load-dependent): the --train denoiser, 8 photographs at 128 x 128
+@pytest.mark.timeout(1800)
 @pytest.mark.filterwarnings("ignore::proxnets.utils.convergence.NonConvergenceWarning")
 def test_default_strengths_improve_every_test_photo(cli_denoiser, tmp_path):
     cases = [(n, True) for n in TEST_PHOTOS] + [("astronaut", False), ("chelsea", False)]  # grey, then RGB
