@@ -310,33 +310,65 @@ def bench(names, quick) -> None:
         sys.exit(1)
 
 
-_DENOISER_HELP = ("Denoiser checkpoint written by proxnets.stable.save_denoiser; `proxnets reproduce stable` "
-                  "leaves one at runs/reproduce/stable/averaged_denoiser.pt.")
+_DENOISER_HELP = ("Denoiser checkpoint written by proxnets.stable.save_denoiser. Default: the one `proxnets reproduce "
+                  "stable` leaves at runs/reproduce/stable/averaged_denoiser.pt; without it, pass --train.")
+_TRAIN_HELP = ("Train a small averaged denoiser now on the embedded photographs (about 30 s on CPU, with progress) "
+               "instead of loading one; --save-model keeps it.")
+
+
+def _denoiser_for(model_path, train, save_model, firm: bool = False):
+    """The denoiser a restoration command uses: trained now (``--train``), loaded, or the default checkpoint."""
+    from proxnets.stable.restore import resolve_denoiser, save_denoiser, train_denoiser
+
+    if train and model_path:
+        raise click.UsageError("--train and --model: expected one of them, got both")
+    if not train:
+        return resolve_denoiser(model_path)
+    click.echo(f"training a small {'firmly non-expansive (Heun)' if firm else 'averaged'} denoiser on the embedded photographs ...", err=True)
+    model = train_denoiser(firm=firm, log=lambda m: click.echo(m, err=True))
+    click.echo(f"certified averagedness alpha = {model.averagedness():.4g}", err=True)
+    if save_model:
+        click.echo(f"saved {save_denoiser(save_model, model)}", err=True)
+    return model
+
+
+def _summary_line(out: dict) -> str:
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items() if not isinstance(v, (list, dict)))
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("image_in", type=click.Path(dir_okay=False))
 @click.argument("image_out", type=click.Path(dir_okay=False))
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help=_DENOISER_HELP)
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False), help=_DENOISER_HELP)
+@click.option("--train", is_flag=True, help=_TRAIN_HELP)
+@click.option("--save-model", type=click.Path(dir_okay=False), default=None, help="With --train: write the trained denoiser here.")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help="theta in (0, 1]: output (1 - theta) y + theta D(y). Grey models denoise colour images channel by channel.")
 @click.option("--add-noise", type=float, default=None,
               help="Corrupt the (clean) input with Gaussian noise of this sigma first and report PSNR/SSIM.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def denoise(image_in, image_out, model_path, add_noise, seed) -> None:
-    """Denoise a PNG with a trained (averaged, non-expansive) denoiser."""
+def denoise(image_in, image_out, model_path, train, save_model, strength, add_noise, seed) -> None:
+    """Denoise a PNG (grey or RGB) with a trained averaged, non-expansive denoiser."""
     from proxnets.stable.restore import denoise_image
 
     try:
-        out = denoise_image(image_in, model_path, image_out, add_noise=add_noise, seed=seed)
+        model = _denoiser_for(model_path, train, save_model)
+        out = denoise_image(image_in, model, image_out, add_noise=add_noise, strength=strength, seed=seed)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    click.echo(_summary_line(out))
     click.echo(f"written {image_out}")
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("image_in", type=click.Path(dir_okay=False))
 @click.argument("image_out", type=click.Path(dir_okay=False))
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help=_DENOISER_HELP)
+@click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False), help=_DENOISER_HELP)
+@click.option("--train", is_flag=True, help=_TRAIN_HELP + " With --algorithm drs/admm it trains the firmly non-expansive one.")
+@click.option("--save-model", type=click.Path(dir_okay=False), default=None, help="With --train: write the trained denoiser here.")
+@click.option("--strength", type=float, default=0.05, show_default=True,
+              help="theta in (0, 1]: PnP uses (1 - theta) I + theta D (small: it is applied at every iteration; the default "
+                   "improves PSNR on the embedded test photographs, docs/stable.md).")
 @click.option("--kernel", type=click.Choice(["gaussian", "motion"]), default="gaussian", show_default=True)
 @click.option("--kernel-size", type=int, default=9, show_default=True)
 @click.option("--kernel-sigma", type=float, default=1.6, show_default=True, help="Gaussian kernel width.")
@@ -348,19 +380,19 @@ def denoise(image_in, image_out, model_path, add_noise, seed) -> None:
 @click.option("--simulate", is_flag=True, help="Treat the input as clean: blur it, add --noise, then restore and report PSNR.")
 @click.option("--noise", type=float, default=0.01, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def deblur(image_in, image_out, model_path, kernel, kernel_size, kernel_sigma, angle, boundary, algorithm, max_iter,
-           tol, simulate, noise, seed) -> None:
-    """Deblur a PNG by Plug-and-Play with a trained denoiser (reports the fixed-point residual)."""
+def deblur(image_in, image_out, model_path, train, save_model, strength, kernel, kernel_size, kernel_sigma, angle, boundary,
+           algorithm, max_iter, tol, simulate, noise, seed) -> None:
+    """Deblur a PNG (grey or RGB) by Plug-and-Play with a trained denoiser (reports the fixed-point residual)."""
     from proxnets.stable.restore import deblur_image
 
     try:
-        out = deblur_image(image_in, model_path, image_out, kernel=kernel, kernel_size=kernel_size,
+        model = _denoiser_for(model_path, train, save_model, firm=algorithm != "fbs")
+        out = deblur_image(image_in, model, image_out, kernel=kernel, kernel_size=kernel_size, strength=strength,
                            kernel_sigma=kernel_sigma, angle=angle, boundary=boundary, algorithm=algorithm,
                            max_iter=max_iter, tol=tol, simulate=simulate, noise=noise, seed=seed)
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()
-                        if not isinstance(v, (list, dict))))
+    click.echo(_summary_line(out))
     click.echo(f"written {image_out}")
 
 

@@ -99,7 +99,9 @@ def _input_shape_note(model: nn.Module, x: torch.Tensor | None) -> str:
     """Why the norms (computed at the model's configured size) do not cover inputs of ``x``'s size, or ''."""
     if x is None:
         return ""
-    shapes = {tuple(m.in_shape) for m in model.modules() if type(m).__name__ == "NonExpansiveBlock" and len(m.in_shape) == 3}
+    # blocks with norm_size="any" are certified with a bound valid at every image size
+    shapes = {tuple(m.in_shape) for m in model.modules() if type(m).__name__ == "NonExpansiveBlock" and len(m.in_shape) == 3
+              and getattr(m, "norm_size", "input") == "input"}
     size = tuple(x.shape[-2:])
     bad = sorted(s for s in shapes if s[1:] != size) if type(model).__name__ == "AveragedDenoiser" else []
     if bad:
@@ -143,6 +145,10 @@ def certificate(model: nn.Module, x: torch.Tensor | None = None, *, bound: float
             alpha = float(model.averagedness())
             certs.append(Certificate("averagedness", alpha, 1.0, "<", rigorous=rig, method="composed block constants (rigorous |A|)",
                                      why=why, details={}))
+            if getattr(getattr(model, "config", None), "stiffness_budget", None) is not None:  # built to be firm: say if it is
+                certs.append(Certificate("firmly_nonexpansive", alpha, 0.5, "<=", rigorous=rig,
+                                         method="composed block constants (rigorous |A|), stiffness budget", why=why,
+                                         details={"budget": model.config.stiffness_budget, "method": model.config.method}))
     finally:
         model.train(was_training)
     return certs
