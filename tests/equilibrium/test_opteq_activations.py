@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from proxnets.equilibrium.prox import (
-    ACTIVATIONS,
+    PROX_ACTIVATIONS,
     IncreasingProx,
     LeakyReLUProx,
     SigmoidProx,
@@ -46,7 +46,7 @@ def test_closed_forms_at_known_points():
 @pytest.mark.parametrize("name", ["leaky_relu", "tanh", "sigmoid", "softsign"])
 def test_registered_and_prox_of_zero_is_zero(name):
     act = get_activation(name)
-    assert name in ACTIVATIONS
+    assert name in PROX_ACTIVATIONS
     assert float(act.prox(torch.zeros(1, 1))) == 0.0
     act.with_l1(0.1)  # an L1 prior composes (prox_f(0) = 0)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from proxnets.equilibrium.prox import (
-    ACTIVATIONS,
+    PROX_ACTIVATIONS,
     BoxClamp,
     IncreasingProx,
     ReLUProx,
@@ -25,7 +25,7 @@ def _user_quadratic(c=0.5):
 
 
 def all_activations():
-    acts = [get_activation(name) for name in sorted(ACTIVATIONS)]
+    acts = [get_activation(name) for name in sorted(PROX_ACTIVATIONS)]
     acts += [_user_quadratic(), BoxClamp(-0.5, 2.0), get_activation("relu").with_l1(0.3),
              get_activation("box").with_l1(0.2), get_activation("soft_threshold", lam=0.1).with_l1(0.2),
              get_activation("tanh").with_l1(0.1), get_activation("leaky_relu", slope=0.3),

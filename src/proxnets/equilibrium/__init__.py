@@ -4,7 +4,7 @@ An OptEq layer outputs the equilibrium ``z* = prox_f(W^T W z* + U x + b)``, whic
 of the explicit convex objective ``G(z; x) = sum f(z) + 1/2 |z|^2 - 1/2 |W z|^2 - <U x + b, z>``
 when ``|W|_2 < 1``. The package provides
 
-- proximal activations that know their convex ``f`` (:mod:`~proxnets.equilibrium.prox`; ``ACTIVATIONS``
+- proximal activations that know their convex ``f`` (:mod:`~proxnets.equilibrium.prox`; ``PROX_ACTIVATIONS``
   maps a name to a :class:`ProxActivation` class, the one meaning of that name in this package);
 - the unit layer ``u -> W^T sigma(W u + b)``, its u- and h-form equilibria and the decomposition of a
   feed-forward ``nn.Sequential`` into unit layers (:mod:`~proxnets.equilibrium.unit`);
@@ -41,7 +41,7 @@ from proxnets.equilibrium.models import (
 )
 from proxnets.equilibrium.parametrize import OperatorNormBound, operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import (
-    ACTIVATIONS,
+    PROX_ACTIVATIONS,
     BoxClamp,
     IdentityProx,
     IncreasingProx,
@@ -59,7 +59,7 @@ from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumIn
 from proxnets.equilibrium.unit import UnitChain, UnitLayer, UnitOptEq, decompose, prox_of_module
 
 __all__ = [
-    "ACTIVATIONS", "ProxActivation", "ReLUProx", "SoftThreshold", "BoxClamp", "IdentityProx", "UserProx",
+    "PROX_ACTIVATIONS", "ProxActivation", "ReLUProx", "SoftThreshold", "BoxClamp", "IdentityProx", "UserProx",
     "get_activation", "LeakyReLUProx", "TanhProx", "SigmoidProx", "SoftsignProx", "IncreasingProx",
     "UnitLayer", "UnitChain", "UnitOptEq", "decompose", "prox_of_module",
     "DeepOptEq", "SequentialOptEq", "certify_equilibrium",

@@ -382,7 +382,7 @@ class _ImplicitStep(torch.autograd.Function):
 class OptEq(OptEqBase):
     """Dense OptEq: ``x (B, in_features) -> z* (B, features)``; ``W`` is ``width x features``.
 
-    Keywords (all of :class:`OptEqBase`): ``activation`` (a name of :data:`~proxnets.equilibrium.prox.ACTIVATIONS`
+    Keywords (all of :class:`OptEqBase`): ``activation`` (a name of :data:`~proxnets.equilibrium.prox.PROX_ACTIVATIONS`
     or a :class:`~proxnets.equilibrium.prox.ProxActivation`) with ``activation_options``, ``l1`` (L1 prior),
     ``target_norm`` (``|W|_2`` bound in (0, 1)), ``solver``/``solver_options``/``tol``/``max_iter`` (forward),
     ``backward`` (``"implicit" | "phantom" | "unrolled"``) with ``backward_solver``/``backward_tol``/

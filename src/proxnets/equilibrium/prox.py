@@ -53,7 +53,7 @@ __all__ = [
     "SoftsignProx",
     "IncreasingProx",
     "L1Composed",
-    "ACTIVATIONS",
+    "PROX_ACTIVATIONS",
     "get_activation",
     "soft_threshold",
 ]
@@ -468,7 +468,7 @@ class IncreasingProx(ProxActivation):
         return f"IncreasingProx(name={self.name!r})"
 
 
-ACTIVATIONS: dict[str, Callable[..., ProxActivation]] = {
+PROX_ACTIVATIONS: dict[str, Callable[..., ProxActivation]] = {
     "relu": ReLUProx,
     "soft_threshold": SoftThreshold,
     "box": BoxClamp,
@@ -486,6 +486,6 @@ def get_activation(spec: str | ProxActivation, **options) -> ProxActivation:
         if options:
             fail("options", "no options when an activation instance is given", sorted(options))
         return spec
-    if spec not in ACTIVATIONS:
-        fail("activation", f"one of {sorted(ACTIVATIONS)} or a ProxActivation", spec)
-    return ACTIVATIONS[spec](**options)
+    if spec not in PROX_ACTIVATIONS:
+        fail("activation", f"one of {sorted(PROX_ACTIVATIONS)} or a ProxActivation", spec)
+    return PROX_ACTIVATIONS[spec](**options)

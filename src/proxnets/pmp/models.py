@@ -2,7 +2,7 @@
 
 ``LeNet5``: the classic layout for 28x28 inputs (LeCun et al. 1998, with ReLU and max-pooling):
 conv 5x5 (6, pad 2) -> pool -> conv 5x5 (16) -> pool -> fc 120 -> fc 84 -> fc classes; 61.7k
-parameters for MNIST. ``SmallCNN``: a narrower version for fast tests.
+parameters for MNIST. ``SmallLeNet5``: a narrower version for fast tests.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 
 from proxnets.utils.validation import check_tensor
 
-__all__ = ["LeNet5", "SmallCNN"]
+__all__ = ["LeNet5", "SmallLeNet5"]
 
 
 class LeNet5(nn.Module):
@@ -45,7 +45,7 @@ class LeNet5(nn.Module):
         return self.fc3(x)  # (B, K) class scores
 
 
-class SmallCNN(LeNet5):
+class SmallLeNet5(LeNet5):
     """LeNet5 with widths (4, 8, 32, 32): about 7k parameters for MNIST."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10):

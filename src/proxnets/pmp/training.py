@@ -18,7 +18,7 @@ from torch import nn
 
 from proxnets.engine import TrainConfig, Trainable, evaluate, fit
 from proxnets.pmp.certify import DecreaseAudit, certificate
-from proxnets.pmp.models import LeNet5, SmallCNN
+from proxnets.pmp.models import LeNet5, SmallLeNet5
 from proxnets.pmp.optimizer import BSQH
 from proxnets.pmp.sparsity import freeze_sparsity, sparsity_param_groups, weight_density
 
@@ -145,4 +145,4 @@ def make_bsqh_trainable(arch: type[nn.Module]):
     return factory
 
 
-MODELS = {"lenet5-bsqh": make_bsqh_trainable(LeNet5), "smallcnn-bsqh": make_bsqh_trainable(SmallCNN)}
+MODELS = {"lenet5-bsqh": make_bsqh_trainable(LeNet5), "smallcnn-bsqh": make_bsqh_trainable(SmallLeNet5)}

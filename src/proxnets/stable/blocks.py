@@ -44,7 +44,7 @@ from proxnets.norm_bounds import fourier_norm_bound
 from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, constrain_operator_norm, symbol_sup_bound
 from proxnets.utils.validation import check_choice, check_int, check_number
 
-__all__ = ["ACTIVATIONS", "SCHEDULES", "NonExpansiveBlock", "ResNetBlock"]
+__all__ = ["MONOTONE_ACTIVATIONS", "SCHEDULES", "NonExpansiveBlock", "ResNetBlock"]
 
 
 def _leaky(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _leaky(x: torch.Tensor) -> torch.Tensor:
 
 
 # name -> (sigma, Lipschitz constant L); all nondecreasing, so sigma = Phi' with Phi convex
-ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
+MONOTONE_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
     "relu": (F.relu, 1.0),
     "leaky_relu": (_leaky, 1.0),
     "tanh": (torch.tanh, 1.0),
@@ -78,7 +78,7 @@ class NonExpansiveBlock(nn.Module):
         in_shape: ``(C, H, W)`` (``A`` a ``k x k`` convolution, zero padding ``k // 2``) or ``(d,)``
             (``A`` a matrix).
         features: output channels (or rows) of ``A``; default: ``C`` (or ``d``).
-        activation: a name in :data:`ACTIVATIONS`.
+        activation: a name in :data:`MONOTONE_ACTIVATIONS`.
         method: ``"euler"``, ``"heun"`` or ``"rk4"``.
         time: the time span ``T`` of the adaptive schedule.
         schedule: ``"adaptive"`` or ``"fixed"``; ``steps`` is the fixed number of steps.
@@ -119,7 +119,7 @@ class NonExpansiveBlock(nn.Module):
         self.kernel_size = check_int("kernel_size", kernel_size, low=1)
         if self.kind == "conv2d" and kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd integer (same-size convolution), got {kernel_size}")
-        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, list(MONOTONE_ACTIVATIONS))
         self.method = check_choice("method", method, list(RK_METHODS))
         self.time = check_number("time", time, low=0.0, low_inclusive=False)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
@@ -158,7 +158,7 @@ class NonExpansiveBlock(nn.Module):
     # -- the vector field ------------------------------------------------------------------
     @property
     def lipschitz_activation(self) -> float:
-        return ACTIVATIONS[self.activation][1]
+        return MONOTONE_ACTIVATIONS[self.activation][1]
 
     def apply_a(self, x: torch.Tensor) -> torch.Tensor:
         """``A x + b``: ``(B, C, H, W) -> (B, F, H, W)`` or ``(B, d) -> (B, F)``."""
@@ -174,7 +174,7 @@ class NonExpansiveBlock(nn.Module):
 
     def field(self, x: torch.Tensor) -> torch.Tensor:
         """``F(x) = -A^T sigma(A x + b)``, same shape as ``x``."""
-        sigma = ACTIVATIONS[self.activation][0]
+        sigma = MONOTONE_ACTIVATIONS[self.activation][0]
         return -self.apply_at(sigma(self.apply_a(x)))
 
     def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int) -> torch.Tensor:
@@ -321,7 +321,7 @@ class ResNetBlock(nn.Module):
     ):
         super().__init__()
         self.in_shape = _check_shape(in_shape)
-        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, list(MONOTONE_ACTIVATIONS))
         c = self.in_shape[0]
         features = check_int("features", features if features is not None else c, low=1)
         if len(self.in_shape) == 3:
@@ -342,7 +342,7 @@ class ResNetBlock(nn.Module):
         self._norm_b = OperatorNorm(kind, mid_shape, padding=pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = ACTIVATIONS[self.activation][0]
+        sigma = MONOTONE_ACTIVATIONS[self.activation][0]
         return x + self.b(sigma(self.a(x)))  # (B, C, H, W) or (B, d)
 
     def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
@@ -352,12 +352,12 @@ class ResNetBlock(nn.Module):
             if mode in ("upper", "rigorous"):
                 # the weights evaluation applies (the constrained ones when normalized)
                 ba, bb = _plain_bound(self._norm_a, self.a.weight), _plain_bound(self._norm_b, self.b.weight)
-                value = 1.0 + ACTIVATIONS[self.activation][1] * float(ba) * float(bb)
+                value = 1.0 + MONOTONE_ACTIVATIONS[self.activation][1] * float(ba) * float(bb)
                 why = "; ".join(b.why for b in (ba, bb) if not b.rigorous)
                 return LipschitzBound(value, ba.rigorous and bb.rigorous, "1 + L |B| |A|", why)
             na = float(self._norm_a.exact(self.a.weight.detach()))
             nb = float(self._norm_b.exact(self.b.weight.detach()))
-        return LipschitzBound(1.0 + ACTIVATIONS[self.activation][1] * na * nb, False, "power iteration",
+        return LipschitzBound(1.0 + MONOTONE_ACTIVATIONS[self.activation][1] * na * nb, False, "power iteration",
                               why=f"mode {mode!r}: power-iteration (lower) estimates of |A|, |B|")
 
 

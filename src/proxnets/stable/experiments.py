@@ -33,7 +33,7 @@ from proxnets.data.images import load_image_folder, natural_images, random_patch
 from proxnets.engine import TrainConfig, fit
 from proxnets.engine.plotting import Panel, line_plot, multi_plot
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
-from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
+from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.certify import certified_accuracy, certified_radii, pgd_l2
 from proxnets.stable.lipschitz import LipschitzBound, empirical_lipschitz, lipschitz_bound
 from proxnets.stable.models import AveragedDenoiser, ClassifierConfig, DenoiserConfig, DnCNN, NonExpansiveClassifier, ResNetClassifier, num_parameters
@@ -121,7 +121,7 @@ def _break_step(block: NonExpansiveBlock, factor: float = PAST_BOUND) -> None:
 
 def _gradient_branch(block: ResNetBlock) -> None:
     """resnet-gradient-branch: ``x + B sigma(A x)`` becomes ``x - A^T sigma(A x)``."""
-    sigma = ACTIVATIONS[block.activation][0]
+    sigma = MONOTONE_ACTIVATIONS[block.activation][0]
     a = block.a
 
     def forward(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
+from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
 from proxnets.stable.integrators import compose_averaged
 from proxnets.stable.lipschitz import LipschitzBound, compose_bounds, lipschitz_bound
@@ -63,7 +63,7 @@ class ClassifierConfig:
         check_int("blocks_per_stage", self.blocks_per_stage, low=0)
         if self.image_size // 2**self.stages < 1:
             raise ValueError(f"image_size: expected >= 2**stages = {2**self.stages}, got {self.image_size}")
-        check_choice("activation", self.activation, list(ACTIVATIONS))
+        check_choice("activation", self.activation, list(MONOTONE_ACTIVATIONS))
         check_choice("head", self.head, ["global", "flatten"])
         return self
 
