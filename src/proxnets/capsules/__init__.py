@@ -34,11 +34,21 @@ from proxnets.capsules.capsnet import (
 )
 from proxnets.capsules.certify import certificate, energy_tolerance, routing_certificates
 from proxnets.capsules.functional import capsule_length, squash
-from proxnets.capsules.layers import COUPLING_MODES, CapsuleLinear, PrimaryCapsules, ReconstructionDecoder
+from proxnets.capsules.layers import (
+    COUPLING_MODES,
+    CapsuleLength,
+    CapsuleLinear,
+    PrimaryCapsules,
+    ReconstructionDecoder,
+)
 from proxnets.capsules.losses import margin_loss, reconstruction_loss
 from proxnets.capsules.routing import (
+    AUTO_TAU_FACTOR,
     BROKEN_VARIANTS,
+    CURVATURE_BOUND,
     GRADIENT_MODES,
+    ROUTING_MODES,
+    convexity_threshold,
     RoutingInfo,
     coupling_entropy,
     dynamic_routing,
@@ -50,9 +60,9 @@ from proxnets.capsules.votes import DenseVotes, FactoredVotes, Votes
 __all__ = [
     "squash", "capsule_length",
     "Votes", "DenseVotes", "FactoredVotes",
-    "GRADIENT_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo",
-    "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
-    "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
+    "GRADIENT_MODES", "ROUTING_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo",
+    "CURVATURE_BOUND", "AUTO_TAU_FACTOR", "convexity_threshold", "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
+    "PrimaryCapsules", "CapsuleLinear", "CapsuleLength", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
     "certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
 ]
