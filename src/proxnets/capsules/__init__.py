@@ -32,7 +32,7 @@ from proxnets.capsules.capsnet import (
     routing_certificate,
     small_config,
 )
-from proxnets.capsules.certify import certificate, energy_tolerance, routing_certificates
+from proxnets.capsules.certify import certificate, energy_tolerance, layer_certificate, routing_certificates
 from proxnets.capsules.functional import capsule_length, squash
 from proxnets.capsules.layers import (
     COUPLING_MODES,
@@ -64,7 +64,7 @@ __all__ = [
     "CURVATURE_BOUND", "AUTO_TAU_FACTOR", "convexity_threshold", "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
     "PrimaryCapsules", "CapsuleLinear", "CapsuleLength", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
-    "certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
+    "certificate", "layer_certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
 ]
 
 

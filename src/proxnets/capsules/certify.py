@@ -46,7 +46,7 @@ from proxnets.capsules.votes import FactoredVotes, Votes
 from proxnets.certificates import Certificate
 from proxnets.utils.validation import check_int, check_number
 
-__all__ = ["certificate", "routing_certificates", "energy_tolerance"]
+__all__ = ["certificate", "layer_certificate", "routing_certificates", "energy_tolerance"]
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -164,6 +164,36 @@ def _routing_kwargs(layer: torch.nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def layer_certificate(
+    layer: torch.nn.Module,
+    u: torch.Tensor,
+    passes: int | None = None,
+    *,
+    kkt_passes: int | None = None,
+    kkt_ratio: float = 1e-2,
+) -> list[Certificate]:
+    """The routing certificates of a :class:`~proxnets.capsules.CapsuleLinear` on its child capsules ``u``.
+
+    The layer's votes are routed again in float64 with its own options (bias, leaky and regularized
+    routing, and the deliberately broken variant of the falsification tests, ``layer.broken``).
+    ``passes`` defaults to the layer's routing passes (at least 2, so that a step is checked);
+    ``kkt_passes`` adds a long run of that many passes and its KKT-gap certificate (``kkt_ratio``).
+    """
+    r = max(layer.iterations if passes is None else check_int("passes", passes, low=1), 2)
+    if kkt_passes is not None:
+        kkt_passes = check_int("kkt_passes", kkt_passes, low=2)
+        check_number("kkt_ratio", kkt_ratio, low=0.0, low_inclusive=False)
+    votes = FactoredVotes(u.detach().double(), layer.weight.detach().double())
+    opts = _routing_kwargs(layer)
+    _, info = dynamic_routing(votes, r, trace=True, **opts)
+    certs = routing_certificates(votes, info, bias=opts["bias"])
+    if kkt_passes is not None:
+        _, long_info = dynamic_routing(votes, kkt_passes, trace=True, **opts)
+        certs.append(routing_certificates(votes, long_info, kkt_ratio=kkt_ratio, bias=opts["bias"])[-1])
+    return certs
+
+
+@torch.no_grad()
 def certificate(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -172,30 +202,13 @@ def certificate(
     kkt_passes: int | None = None,
     kkt_ratio: float = 1e-2,
 ) -> list[Certificate]:
-    """The routing certificates of a :class:`~proxnets.capsules.CapsNet` on images ``x``.
-
-    ``passes`` defaults to the model's routing passes (at least 2, so that a step is checked);
-    ``kkt_passes`` adds a long run of that many passes and its KKT-gap certificate (``kkt_ratio``).
-    The model's routing options (bias, leaky and regularized routing, and the deliberately broken variant
-    of the falsification tests, ``model.classes.broken``) are those of the re-routing.
-    """
-    layer = model.classes
-    r = max(layer.iterations if passes is None else check_int("passes", passes, low=1), 2)
-    if kkt_passes is not None:
-        kkt_passes = check_int("kkt_passes", kkt_passes, low=2)
-        check_number("kkt_ratio", kkt_ratio, low=0.0, low_inclusive=False)
+    """The routing certificates of a :class:`~proxnets.capsules.CapsNet` on images ``x``
+    (:func:`layer_certificate` of its class-capsule layer on its primary capsules)."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        u = model.primary_capsules(x.to(device)).double()  # (B, M, d_in)
-        votes = FactoredVotes(u, layer.weight.double())
-        opts = _routing_kwargs(layer)
-        _, info = dynamic_routing(votes, r, trace=True, **opts)
-        certs = routing_certificates(votes, info, bias=opts["bias"])
-        if kkt_passes is not None:
-            _, long_info = dynamic_routing(votes, kkt_passes, trace=True, **opts)
-            certs.append(routing_certificates(votes, long_info, kkt_ratio=kkt_ratio, bias=opts["bias"])[-1])
+        u = model.primary_capsules(x.to(device))  # (B, M, d_in)
+        return layer_certificate(model.classes, u, passes, kkt_passes=kkt_passes, kkt_ratio=kkt_ratio)
     finally:
         model.train(was_training)
-    return certs
