@@ -64,19 +64,34 @@ MUTE_MASS = 0.1  # ... and its coupling mass sum_i c_ij / M below 10% of the uni
 SCALES = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
 
 
+FULL: dict = {
+    # The budget of size "full" (a GPU): the paper's model and training (Adam 1e-3, decay 0.96 per 2000 steps,
+    # batch 128, 2-pixel shifts), 30 epochs. A module-level dict so that a test can run the whole path on
+    # tiny files with a tiny budget (tests/capsules/test_capsules_full.py).
+    "epochs": 30, "batch_size": 128, "lr": 1e-3, "max_steps": None, "seeds": 3,
+    "n_train": None, "n_test": None, "long_passes": 2000, "long_samples": 100,
+    "datasets": ("mnist5k", "mnist5k-rot", "mnist", "fashion-mnist"),
+    "table_dataset": "mnist", "model_overrides": {},
+}
+# Sabour et al. 2017, Table 1: MNIST test error (%) of CapsNet by routing passes and reconstruction
+PAPER_TABLE1 = {("uniform", True): 0.29, ("uniform", False): 0.34, ("r=3", True): 0.25, ("r=3", False): 0.35}
+TABLE_SETTINGS = ("uniform", "r=3", "regularized")
+
+
 def _model_config(ctx: SuiteContext, input_shape, num_classes, **overrides):
     if ctx.size == "full":
         from proxnets.capsules.capsnet import reference_config
 
-        return reference_config(input_shape, num_classes, **overrides)
+        return reference_config(input_shape, num_classes, **{**FULL["model_overrides"], **overrides})
     channels = ctx.pick(smoke=(8, 4), quick=(32, 8), full=None)
     decoder = ctx.pick(smoke=(64, 128), quick=(256, 512), full=None)
     return small_config(input_shape, num_classes, conv_channels=channels[0], primary_channels=channels[1],
                         decoder_hidden=decoder, **overrides)
 
 
-def train_setting(ctx: SuiteContext, ds, setting: str, seed: int, *, shuffle_labels: bool = False):
-    """Train one CapsNet with routing ``setting`` (a key of :data:`SETTINGS`) from seed ``seed``.
+def train_setting(ctx: SuiteContext, ds, setting: str, seed: int, *, shuffle_labels: bool = False, **overrides):
+    """Train one CapsNet with routing ``setting`` (a key of :data:`SETTINGS`) from seed ``seed``
+    (``overrides``: further :class:`CapsNetConfig` fields, e.g. ``reconstruction=False``).
 
     Returns ``(model, seconds)``. The hyper-parameters are fixed per size (none is tuned on test data).
     """
@@ -88,13 +103,15 @@ def train_setting(ctx: SuiteContext, ds, setting: str, seed: int, *, shuffle_lab
         g = torch.Generator().manual_seed(10_000 + seed)
         ds = dataclasses.replace(ds, y_train=ds.y_train[torch.randperm(len(ds.y_train), generator=g)])
     torch.manual_seed(seed)
-    model = CapsNet(_model_config(ctx, ds.input_shape, ds.num_classes, **SETTINGS[setting]))
+    model = CapsNet(_model_config(ctx, ds.input_shape, ds.num_classes, **{**SETTINGS[setting], **overrides}))
     full = ctx.size == "full"
     cfg = TrainConfig(
-        epochs=ctx.pick(smoke=1, quick=1, full=30),
-        batch_size=ctx.pick(smoke=25, quick=25, full=128),
-        lr=ctx.pick(smoke=5e-3, quick=3e-3, full=1e-3),
+        epochs=ctx.pick(smoke=1, quick=1, full=FULL["epochs"]),
+        batch_size=ctx.pick(smoke=25, quick=25, full=FULL["batch_size"]),
+        lr=ctx.pick(smoke=5e-3, quick=3e-3, full=FULL["lr"]),
+        max_steps=FULL["max_steps"] if full else None,
         schedule="exp" if full else "constant",
+        step_size=2000, gamma=0.96,
         seed=seed,
         device=str(ctx.device),
         progress=False,
@@ -119,8 +136,8 @@ def _accuracy(model: CapsNet, ds, device, seed: int, batch: int = 500) -> float:
 def _load(ctx: SuiteContext, name: str):
     from proxnets.data import load_dataset
 
-    n_train = ctx.pick(smoke=500, quick=None, full=None)
-    n_test = ctx.pick(smoke=300, quick=None, full=None)
+    n_train = ctx.pick(smoke=500, quick=None, full=FULL["n_train"])
+    n_test = ctx.pick(smoke=300, quick=None, full=FULL["n_test"])
     return load_dataset(name, seed=ctx.seed, data_dir=ctx.data_dir, n_train=n_train, n_test=n_test)
 
 
@@ -215,12 +232,12 @@ def _difference(a: list[float], b: list[float]) -> dict:
 
 def run(ctx: SuiteContext) -> SuiteResult:
     result = SuiteResult(method="capsules")
-    seeds = [ctx.seed + k for k in range(ctx.pick(smoke=2, quick=3, full=3))]
+    seeds = [ctx.seed + k for k in range(ctx.pick(smoke=2, quick=3, full=FULL["seeds"]))]
     names = ["mnist5k"] if ctx.size == "smoke" else ["mnist5k", "mnist5k-rot"]
     if ctx.size == "full":
-        names += ["mnist", "fashion-mnist"]
-    long_passes = ctx.pick(smoke=600, quick=500, full=2000)
-    long_samples = ctx.pick(smoke=12, quick=24, full=100)
+        names = list(FULL["datasets"])
+    long_passes = ctx.pick(smoke=600, quick=500, full=FULL["long_passes"])
+    long_samples = ctx.pick(smoke=12, quick=24, full=FULL["long_samples"])
     # mutations of the re-routing only need one model to route; shuffled labels only the training study
     routing_only = ctx.mutation in BROKEN_VARIANTS
     run_seeds = seeds[:1] if routing_only else seeds
@@ -264,6 +281,8 @@ def run(ctx: SuiteContext) -> SuiteResult:
         _regularized_claims(ctx, result, reg_studies, studies, metrics)
     if not routing_only:
         _accuracy_claims(ctx, result, acc, n_test, run_seeds, metrics)
+    if ctx.size == "full" and ctx.mutation is None:
+        _paper_table(ctx, result, metrics)
     result.notes.append(
         f"{len(run_seeds)} seeds ({', '.join(map(str, run_seeds))}); one model trained from scratch per routing "
         f"setting and seed, tested with the setting it was trained with, on "
@@ -381,6 +400,34 @@ def _regularized_claims(ctx: SuiteContext, result: SuiteResult, reg: dict[int, d
         name: {k: _interval([s[k] for s in group.values()]) if len(group) >= 2 else {"mean": list(group.values())[0][k]}
                for k in ("entropy_ratio", "passes_to_tol", "start_spread", "muted_fraction", "max_coupling_last")}
         for name, group in (("r=3", std), ("regularized", reg)) if group}
+
+
+def _paper_table(ctx: SuiteContext, result: SuiteResult, metrics: dict) -> None:
+    """Size full: one reference CapsNet per routing setting, reconstruction on and off, on the full MNIST,
+    beside Sabour et al.'s Table 1 (one model per row, seed ``ctx.seed``)."""
+    name = FULL["table_dataset"]
+    try:
+        ds = _load(ctx, name)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        result.notes.append(f"Table 1 ({name}): not available ({err}); skipped")
+        return
+    rows, table = [], {}
+    for setting in TABLE_SETTINGS:
+        for recon in (True, False):
+            model, dt = train_setting(ctx, ds, setting, ctx.seed, reconstruction=recon)
+            error = 100 * (1 - _accuracy(model, ds, next(model.parameters()).device, ctx.seed))
+            paper = PAPER_TABLE1.get((setting, recon))
+            table[f"{setting}, reconstruction {'on' if recon else 'off'}"] = {"error_percent": error,
+                                                                              "paper_percent": paper, "seconds": dt}
+            rows.append([setting, "yes" if recon else "no", f"{error:.2f}",
+                         "-" if paper is None else f"{paper:.2f}", f"{dt:.0f}"])
+            ctx.log(f"capsules: Table 1 {setting} recon={recon}: test error {error:.2f}% (paper {paper})")
+    metrics["paper_table1"] = {"dataset": name, "n_train": len(ds.x_train), "n_test": len(ds.x_test),
+                               "epochs": FULL["epochs"], "rows": table}
+    result.tables.append(Table(
+        f"Sabour et al. Table 1 beside ours: {name} test error (%), reference CapsNet ({FULL['epochs']} epochs, "
+        f"the official code's defaults), one model per row, seed {ctx.seed}; 'paper' is their Table 1 "
+        "(uniform = 1 routing pass)", ["routing", "reconstruction", "ours", "paper", "train s"], rows))
 
 
 def _accuracy_claims(ctx: SuiteContext, result: SuiteResult, acc: dict, n_test: dict, seeds: list[int],

@@ -421,7 +421,10 @@ def dynamic_routing(
                 logits = decay * logits + (sign * lam) * agreement  # b <- (1 - lambda tau) b + lambda a
             else:
                 logits = logits + sign * agreement  # b <- b - grad E(C)
-            logits = (logits - logits.amax(axis, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
+            if torch.is_grad_enabled():
+                logits = (logits - logits.amax(axis, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
+            else:  # nothing is saved for backward: in place, no new (N, B, M) buffers
+                logits.sub_(logits.amax(axis, keepdim=True)).clamp_min_(-floor)
             c_next, c_next_full = _softmax_couplings(logits, leaky, axis)
         if measure:
             moved = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
