@@ -16,6 +16,13 @@ routing polarizes the couplings. Every routing call can report that certificate
   couplings, energy never increasing, decrease at least the symmetric KL, optionally the KKT gap of
   a long run), re-routing the model's votes in float64.
 
+Beyond the seed, ``routing="regularized"`` (``b <- (1 - lambda tau) b + lambda a``: mirror descent on
+``E + tau sum c log c``, strictly convex above :func:`convexity_threshold`: one fixed point, linear
+convergence, no polarization). The reference CapsNet defaults to Sabour et al.'s official code
+(gradient through every pass, per-parent bias, margin loss halved), each a switch of
+:class:`CapsNetConfig`. ``CapsuleLinear(return_info=False)`` sits in ``nn.Sequential`` (info in
+``last_info``); :func:`layer_certificate` certifies it.
+
 ``MODELS``: ``"capsnet"`` (the paper's model) and ``"capsnet-small"`` (CPU-sized), each
 ``(input_shape, num_classes, **config_overrides) -> Trainable``.
 """

@@ -19,6 +19,14 @@ couplings whose rows lie on the simplex):
   to ``kkt_ratio`` of its value at uniform couplings. Not rigorous: the theorem gives the limit, not
   a rate (a model with tiny votes moves slowly; an untrained CapsNet barely moves in 1000 passes).
 
+**Bias and regularized routing.** A per-parent bias ``beta`` keeps ``E`` concave (``s_j`` stays affine in
+``C``) and adds ``sum_j |beta_j|`` to ``S_b`` below. A regularized run (``b <- (1 - lambda tau) b + lambda a``)
+is certified on ``F = E + tau sum c log c`` with its decrease bound ``(1/lambda - tau) KL(C_t+1||C_t) +
+(1/lambda) KL(C_t||C_t+1)``, plus ``routing_strictly_convex`` (``max_b tau*_b / tau_b < 1``, the threshold of
+:func:`~proxnets.capsules.routing.convexity_threshold`) and ``routing_min_coupling`` (every coupling of every
+pass above ``exp(-2 max |u_hat| / tau) / (N + 1)``). :func:`layer_certificate` certifies any
+:class:`~proxnets.capsules.CapsuleLinear` on its inputs; :func:`certificate` a CapsNet on images.
+
 **The round-off tolerance.** With ``S_b = sum_i max_j |u_hat_bij|`` (:meth:`Votes.vote_scale`, an
 upper bound for factored votes), every ``|s_j| <= sum_i c_ij |u_hat_ij|`` sums to at most ``S_b``, so
 ``|E_b| <= S_b`` (``g(r) <= r``) and, since ``|v_j| < 1``, ``sum_ij |a_ij| <= S_b``. A float64 sum of
