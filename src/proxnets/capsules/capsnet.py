@@ -27,7 +27,7 @@ from proxnets.capsules.functional import capsule_length
 from proxnets.capsules.layers import CapsuleLinear, PrimaryCapsules, ReconstructionDecoder, conv_output_size
 from proxnets.capsules.losses import margin_loss, reconstruction_loss
 from proxnets.capsules.routing import RoutingInfo
-from proxnets.utils.validation import check_int, check_number, check_tensor, fail
+from proxnets.utils.validation import check_int, check_labels, check_number, check_tensor, fail
 
 __all__ = [
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
@@ -121,6 +121,7 @@ class CapsNet(nn.Module):
 
     def forward(self, x: torch.Tensor, *, iterations: int | None = None, trace: bool = False) -> tuple[torch.Tensor, RoutingInfo]:
         """Class capsules ``(B, K, class_dim)`` and the routing info (``iterations`` overrides the config)."""
+        check_tensor("x", x, shape=(None, *self.config.input_shape), like=self)
         u = self.primary_capsules(x)  # (B, M, 8)
         return self.classes(u, iterations=iterations, trace=trace)  # (B, K, 16)
 
@@ -144,6 +145,8 @@ def capsnet_scores(model: CapsNet, x: torch.Tensor) -> torch.Tensor:
 
 def capsnet_loss(model: CapsNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
     """``margin_scale`` x margin loss + scaled reconstruction loss (decoder fed the true class), with both parts."""
+    check_tensor("x", x, ndim=4, nonempty=True)
+    check_labels("y", y, x.shape[0], model.config.num_classes)
     v, _ = model(x)  # (B, K, D)
     lengths = capsule_length(v)  # (B, K)
     margin = model.config.margin_scale * margin_loss(lengths, y)
@@ -187,6 +190,8 @@ def routing_certificate(model: CapsNet, x: torch.Tensor, passes: int | None = No
 
 def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """The paper's augmentation: shift each image by up to ``max_shift`` pixels, zero padding."""
+    check_tensor("x", x, ndim=4)
+    check_int("max_shift", max_shift, low=0)
     B, _, H, W = x.shape
     p = max_shift
     padded = nn.functional.pad(x, (p, p, p, p))  # (B, C, H + 2p, W + 2p)

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from proxnets.capsules.functional import capsule_length, squash
+from proxnets.capsules.functional import _capsule_length
+from proxnets.capsules.functional import _squash as squash  # unchecked: hot path
 from proxnets.capsules.routing import GRADIENT_MODES, ROUTING_MODES, RoutingInfo, dynamic_routing
 from proxnets.capsules.votes import FactoredVotes
-from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
+from proxnets.utils.validation import check_choice, check_int, check_labels, check_number, check_tensor, fail
 
 __all__ = ["COUPLING_MODES", "PrimaryCapsules", "CapsuleLinear", "CapsuleLength", "ReconstructionDecoder",
            "conv_output_size"]
@@ -146,7 +147,7 @@ class CapsuleLength(nn.Module):
     """Capsule lengths ``|v_j|`` ``(B, N)`` from capsules ``(B, N, D)``: class scores in ``nn.Sequential``."""
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return capsule_length(v)
+        return _capsule_length(v)
 
 
 class ReconstructionDecoder(nn.Module):
@@ -168,6 +169,8 @@ class ReconstructionDecoder(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_tensor("v", v, shape=(None, self.num_classes, None), like=self)
+        check_labels("labels", labels, v.shape[0], self.num_classes)  # a length-1 vector is not broadcast
         mask = nn.functional.one_hot(labels, self.num_classes).to(v.dtype)  # (B, N)
         flat = (v * mask.unsqueeze(-1)).flatten(1)  # (B, N * D)
         return self.net(flat).view(-1, *self.out_shape)  # (B, C, H, W)

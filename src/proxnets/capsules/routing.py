@@ -73,7 +73,7 @@ from typing import Any
 
 import torch
 
-from proxnets.capsules.functional import EPS, capsule_length, squash
+from proxnets.capsules.functional import EPS, _capsule_length as capsule_length, _squash as squash  # unchecked: hot path
 from proxnets.capsules.votes import Votes, as_votes
 from proxnets.utils.convergence import POLICIES, IterInfo, handle_nonconvergence
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
@@ -221,7 +221,11 @@ def _energy_of(s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def _check_couplings(votes: Votes, couplings: Any) -> torch.Tensor:
-    return check_tensor("couplings", couplings, shape=(votes.batch, votes.children, votes.parents))
+    check_tensor("couplings", couplings, shape=(votes.batch, votes.children, votes.parents))
+    if couplings.dtype != votes.dtype or couplings.device != votes.device:
+        fail("couplings", f"dtype {votes.dtype} on {votes.device} (the votes')", f"{couplings.dtype} on {couplings.device}",
+             TypeError)
+    return couplings
 
 
 def routing_energy(votes: torch.Tensor | Votes, couplings: torch.Tensor) -> torch.Tensor:
@@ -244,6 +248,9 @@ def energy_gradient(votes: torch.Tensor | Votes, couplings: torch.Tensor) -> tor
 
 def coupling_entropy(couplings: torch.Tensor) -> torch.Tensor:
     """Mean over children of the row entropy ``- sum_j c_ij log c_ij`` (``0 log 0 = 0``): ``(B,)``."""
+    check_tensor("couplings", couplings, ndim=3)
+    if bool((couplings < 0).any()):
+        fail("couplings", "non-negative couplings", "negative entries")
     return -torch.special.xlogy(couplings, couplings).sum(-1).mean(-1)
 
 

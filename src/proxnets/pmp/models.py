@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from proxnets.utils.validation import check_tensor
+
 __all__ = ["LeNet5", "SmallCNN"]
 
 
@@ -28,8 +30,10 @@ class LeNet5(nn.Module):
         self.fc2 = nn.Linear(f1, f2)
         self.fc3 = nn.Linear(f2, num_classes)
         self.pool = nn.MaxPool2d(2)
+        self.input_shape = (c, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, shape=(None, *self.input_shape), like=self)
         x = self.pool(torch.relu(self.conv1(x)))  # (B, c1, H/2, W/2)
         x = self.pool(torch.relu(self.conv2(x)))  # (B, c2, h2, w2)
         x = x.flatten(1)  # (B, c2 h2 w2)

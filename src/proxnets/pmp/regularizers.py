@@ -33,7 +33,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from proxnets.utils.validation import check_number
+from proxnets.utils.validation import check_number, check_tensor, fail
 
 __all__ = ["Regularizer", "SparseRegularizer", "soft_threshold"]
 
@@ -50,7 +50,12 @@ class Regularizer(Protocol):
 
 
 def soft_threshold(z: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
-    """``sign(z) * max(|z| - a, 0)`` (the proximal map of ``a |.|``)."""
+    """``sign(z) * max(|z| - a, 0)`` (the proximal map of ``a |.|``); elementwise, NaN/inf in ``z``
+    propagate (no finiteness check: optimizer hot path)."""
+    if not isinstance(z, torch.Tensor):
+        fail("z", "a torch.Tensor", type(z).__name__, TypeError)
+    if not isinstance(a, torch.Tensor):
+        check_number("a", a, low=0.0)
     return torch.sign(z) * torch.clamp(z.abs() - a, min=0.0)
 
 

@@ -26,7 +26,7 @@ from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvg
 from proxnets.stable.integrators import compose_averaged
 from proxnets.stable.lipschitz import LipschitzBound, compose_bounds, lipschitz_bound
 from proxnets.stable.norms import OperatorNorm
-from proxnets.utils.validation import check_choice, check_int
+from proxnets.utils.validation import check_choice, check_int, check_tensor
 
 __all__ = [
     "ClassifierConfig",
@@ -79,6 +79,7 @@ class _Stack(nn.Module):
         return compose_bounds(lipschitz_bound(m, mode) for m in self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, shape=(None, self.config.in_channels, None, None), like=self)
         for m in self.layers:
             x = m(x)
         return x

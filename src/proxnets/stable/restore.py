@@ -39,11 +39,31 @@ def save_denoiser(path: str | os.PathLike, model: nn.Module) -> Path:
     return save_state(path, {**meta, "state": model.state_dict()})
 
 
+# What a denoiser file may declare (proxnets.utils.io.validate_metadata); caps far above any real model.
+_AVERAGED_META = {
+    "channels": (int, 1, 4), "image_size": (int, 1, 4096), "width": (int, 1, 1024), "depth": (int, 1, 1000),
+    "kernel_size": (int, 1, 15), "activation": (str, None), "method": (str, None), "time": (float, 1e-6, 1e3),
+    "averaged_margin": (float, 0.0, 1.0), "schedule": (str, None), "max_steps": (int, 1, 10_000),
+}
+_DNCNN_META = {"channels": (int, 1, 4), "width": (int, 1, 1024), "depth": (int, 2, 1000), "batch_norm": (bool,)}
+MAX_DENOISER_PARAMETERS = 100_000_000
+
+
+def _check_denoiser_meta(blob: dict) -> None:
+    from proxnets.utils.io import validate_metadata
+
+    cfg = validate_metadata("config", blob.get("config"), _AVERAGED_META if blob["kind"] == "averaged" else _DNCNN_META)
+    width, depth, k = cfg.get("width", 64), cfg.get("depth", 10), cfg.get("kernel_size", 3)
+    if width * width * k * k * depth > MAX_DENOISER_PARAMETERS:
+        fail("config", f"a denoiser of at most {MAX_DENOISER_PARAMETERS} weights", f"width {width}, depth {depth}")
+
+
 def load_denoiser(path: str | os.PathLike) -> nn.Module:
     """The denoiser saved by :func:`save_denoiser`, in evaluation mode."""
     blob = load_state(path)
     if not isinstance(blob, dict) or blob.get("kind") not in ("averaged", "dncnn"):
         fail("path", "a denoiser checkpoint written by save_denoiser", str(path))
+    _check_denoiser_meta(blob)  # caps before any layer is built (a file could declare depth 3,000,000)
     model = AveragedDenoiser(DenoiserConfig(**blob["config"])) if blob["kind"] == "averaged" else DnCNN(**blob["config"])
     model.load_state_dict(blob["state"])
     return model.eval()
