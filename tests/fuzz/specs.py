@@ -279,7 +279,7 @@ def entries() -> list[Entry]:
               lambda g, b: {"rho": 0.1}, nonneg=("rho",)))
     add(Entry("pmp", "SigmaZetaEps", lambda sigma=1.1, zeta=0.9: P.SigmaZetaEps(sigma, zeta), lambda g, b: {"sigma": 1.1, "zeta": 0.9},
               positive=("sigma", "zeta")))
-    add(Entry("pmp", "SparseRegularizer", lambda beta=1.0, lam1=0.0: P.SparseRegularizer(beta, lam1),
+    add(Entry("pmp", "SparseRegularizer", lambda beta=1.0, lam1=0.0: P.SparseRegularizer(beta, lam1).value(torch.linspace(-1, 1, 7)),
               lambda g, b: {"beta": 1.0, "lam1": 0.1}, nonneg=("beta", "lam1")))
 
     def bsqh_step(x, y, rho=0.01, eps=1.0):

@@ -310,6 +310,10 @@ class OptEqBase(nn.Module):
                 # start at T(0) = prox_f(U x + b): the first iterate from 0, which needs no W^T W
                 with torch.no_grad():
                     z0 = self.activation.prox(inj.detach())
+                if not bool(torch.isfinite(z0).all()):
+                    # a non-finite input x: start at 0 so that the solver reports it under the layer's
+                    # policy (stop_reason "nonfinite"), as for any other non-finite iterate
+                    z0 = torch.zeros_like(inj)
         else:
             check_tensor("z0", z0, shape=shape)
         what = f"{type(self).__name__} forward ({self.solver})"
