@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from proxnets.stable.blocks import TRAIN_NORMS
 from proxnets.stable.models import AveragedDenoiser, DenoiserConfig, DnCNN
 from proxnets.stable.physics import Blur, gaussian_kernel, motion_kernel
 from proxnets.stable.pnp import SOLVERS, psnr, relax_denoiser, ssim
@@ -134,7 +135,9 @@ def save_denoiser(path: str | os.PathLike, model: nn.Module) -> Path:
 _AVERAGED_META = {
     "channels": (int, 1, 4), "image_size": (int, 1, 4096), "width": (int, 1, 1024), "depth": (int, 1, 1000),
     "kernel_size": (int, 1, 15), "activation": (str, None), "method": (str, None), "time": (float, 1e-6, 1e3),
-    "averaged_margin": (float, 0.0, 1.0), "schedule": (str, None), "max_steps": (int, 1, 10_000),
+    "averaged_margin": (float, 0.0, 1.0, "or None"), "schedule": (str, None), "max_steps": (int, 1, 10_000),
+    "stiffness_budget": (float, 0.0, 1e6, "or None"), "norm_size": (str, ("input", "any")),
+    "train_norm": (str, TRAIN_NORMS),
 }
 _DNCNN_META = {"channels": (int, 1, 4), "width": (int, 1, 1024), "depth": (int, 2, 1000), "batch_norm": (bool,)}
 MAX_DENOISER_PARAMETERS = 100_000_000

@@ -120,7 +120,8 @@ def validate_metadata(name: str, meta: Any, spec: dict[str, tuple]) -> dict:
     """Check a metadata dict read from a file (a model config, checkpoint counters) against ``spec``.
 
     ``spec`` maps each admitted key to ``(int, low, high)``, ``(float, low, high)``, ``(bool,)`` or
-    ``(str, choices)`` (``choices`` None: any string up to 200 characters). Unknown keys, wrong
+    ``(str, choices)`` (``choices`` None: any string up to 200 characters); a trailing ``"or None"``
+    also admits None. Unknown keys, wrong
     types and values outside the caps raise ``ValueError("<name>.<key>: expected ..., got ...")``;
     missing keys are left to the caller's defaults. Returns ``meta``.
     """
@@ -131,6 +132,10 @@ def validate_metadata(name: str, meta: Any, spec: dict[str, tuple]) -> dict:
             raise ValueError(f"{name}: expected keys among {sorted(spec)}, got {key!r}")
         kind, *limits = spec[key]
         where = f"{name}.{key}"
+        if limits and limits[-1] == "or None":  # an optional setting (e.g. no budget)
+            limits = limits[:-1]
+            if value is None:
+                continue
         if kind is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: expected a bool, got {value!r}")
