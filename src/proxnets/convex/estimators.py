@@ -19,6 +19,7 @@ filters and the head (:mod:`proxnets.convex.recovery`).
 from __future__ import annotations
 
 import copy
+import sys
 
 import numpy as np
 import torch
@@ -418,7 +419,8 @@ class _Progress:
         self.bar.update(1)
         self.bar.set_postfix(gap=f"{gap:.2e}")
         if self.verbose >= 2:
-            self.bar.write(f"{self.what} iter {it + 1}: primal {primal:.6g}  dual {dual:.6g}  relative gap {gap:.3e}")
+            self.bar.write(f"{self.what} iter {it + 1}: primal {primal:.6g}  dual {dual:.6g}  relative gap {gap:.3e}",
+                           file=sys.stderr)
 
     def gap_trace(self, it: int, trace) -> None:
         self._show(it, trace.primal[-1], trace.dual[-1])

@@ -76,24 +76,25 @@ class PatchKernel:
         patches = feat.whitened_patches(images).to(self.dtype)  # (n, J, d)
         if self.kernel_name == "inverse_poly":  # 1 / (2 - <x, y>) lives on the unit ball
             self.input_scale = 1.0 / (1.05 * float(patches.norm(dim=-1).max().clamp_min(1e-12)))
-        if callable(self.kernel_name):
-            self._k = self.kernel_name
-        elif self.kernel_name in KERNELS:
-            self._k = named_kernel(self.kernel_name, self.gamma)
-        else:
+        if not callable(self.kernel_name) and self.kernel_name not in KERNELS:
             fail("kernel", f"one of {list(KERNELS)} or a callable (a, b) -> k(a, b)", self.kernel_name)
         flat = patches.reshape(-1, patches.shape[-1]) * self.input_scale
         idx = torch.randperm(flat.shape[0], generator=generator)[:300]
         check_psd_kernel(self._k, flat[idx])
         self.train_patches = patches * self.input_scale
         # scale: mean tr K(x_i, x_i) / P = 1 over (a sample of) training images
-        sub = self.train_patches[torch.randperm(patches.shape[0], generator=generator)[:200]]
+        sub = self.train_patches[torch.randperm(patches.shape[0], generator=generator)[:200].sort().values]
         self.scale = 1.0
         tr = torch.stack([torch.diagonal(self._block(sub[i : i + 1], sub[i : i + 1])[0, :, 0, :]).sum() for i in range(sub.shape[0])])
         self.scale = float(tr.mean() / self.n_positions)
         if not self.scale > 0:
             fail("kernel", "a kernel with positive values k(x, x) on the training patches", f"mean trace {self.scale}")
         return self
+
+    def _k(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The patch kernel (looked up per call: no closure is stored, the object pickles)."""
+        k = self.kernel_name if callable(self.kernel_name) else named_kernel(self.kernel_name, self.gamma)
+        return k(a, b)
 
     @property
     def n(self) -> int:

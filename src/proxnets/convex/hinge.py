@@ -216,11 +216,12 @@ def solve_hinge_dual(
         for a, k in enumerate(active):
             tr = traces[k]
             qs = range(n_query * a, n_query * (a + 1))
+            q_in = n_query * a + 2  # the row of the previous inside point
             for q in qs:  # every query point gives a feasible dual point by scaling
                 suma = float(bw[q].abs().sum())
                 val = suma / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0)))
                 if val > best[k]:
-                    best[k], a_in[k] = val, bw[q].abs() / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0)))
+                    best[k], a_in[k], q_in = val, bw[q].abs() / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0))), q
             dual = best[k] if scale_dual else float(a_out[k].sum())
             # master primal point A_t = sum_t w_t g_t v_t^T (its values at x_i are stored with the cuts)
             if ws[k].size:
@@ -228,8 +229,8 @@ def solve_hinge_dual(
                 master, master_scores = float(ws[k].sum()) + c * _hinge_sum(marg), marg * y[k]
             else:
                 master, master_scores = c * n, torch.zeros(n, dtype=dtype, device=dev)  # A = 0
-            # recovery from the inside point's candidate eigenspace (the query row of a_in)
-            q_in = n_query * a + 2
+            # recovery from the inside point's candidate eigenspace (its query row; the recovery is
+            # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
             r0 = r_sel[q_in]
             v, pos = vsel[q_in, :, :r0], mu_sel[q_in, :r0].clamp_min(1e-300)
             rmat = vcv[q_in, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
@@ -239,7 +240,9 @@ def solve_hinge_dual(
                 smat, rec_primal, rec_scores = torch.zeros(r0, r0, dtype=dtype, device=dev), c * n, torch.zeros(n, dtype=dtype, device=dev)
             u_s, sig, wh = torch.linalg.svd(smat)
             rank = max(1, int((sig > FILTER_RTOL * sig[0].clamp_min(1e-300)).sum()))
-            phi = (v / pos.sqrt()) @ u_s[:, :rank]  # (P, rank): position weights of the kernel expansion
+            # position weights of the kernel expansion for the stored (scaled) alpha_in = |b_q| / sqrt(max(1, mu_1)):
+            # C(x) of alpha_in is C_q(x) / sqrt(max(1, mu_1)), so phi carries that factor back
+            phi = (v / pos.sqrt() * math.sqrt(max(1.0, float(mu[q_in, 0])))) @ u_s[:, :rank]  # (P, rank)
             head = sig[:rank, None] * (v @ wh[:rank].T).T  # (rank, P)
             tr.master.append(master)
             tr.cuts.append(len(cuts[k]))
