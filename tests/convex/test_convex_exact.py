@@ -40,7 +40,8 @@ def _dense_lambda_max(est, alpha, y_pm) -> float:
     """lambda_max(sum_ij b_i b_j K_ij) from the full dense kernel (n P x n P): an independent check."""
     kern = est.kernel_
     n, p = kern.n, kern.n_positions
-    big = kern._block(kern.train_patches, kern.train_patches).reshape(n * p, n * p)
+    patches = kern._patches_of(kern.train_images)
+    big = kern._block(patches, patches).reshape(n * p, n * p)
     b = torch.as_tensor(alpha, dtype=torch.float64) * y_pm
     sel = torch.kron(b[:, None], torch.eye(p, dtype=torch.float64))  # (n P, P)
     return float(torch.linalg.eigvalsh(sel.T @ big @ sel)[-1])

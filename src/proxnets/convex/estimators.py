@@ -341,7 +341,8 @@ class DCCNN(_ConvexCNN):
             self.featurizers_, self.export_agreement_ = None, None
             return
         feat = copy.deepcopy(kern.featurizer)
-        flat = kern.train_patches.reshape(-1, kern.train_patches.shape[-1]).float()
+        some = kern._patches_of(x[torch.randperm(x.shape[0], generator=g)[:200].sort().values]).float()
+        flat = some.reshape(-1, some.shape[-1])
         fmap = "linear" if self.kernel == "linear" else ("rff" if self.kernel == "rbf" else "nystrom")
         sample = flat[torch.randperm(flat.shape[0], generator=g)[:4096]]
         feat.kernel, feat.feature_map_name, feat.input_scale = self.kernel, fmap, kern.input_scale

@@ -13,9 +13,11 @@ patches of its window ``W_p``. With the pooling matrix ``S (J, P)`` (``S[a, p] =
 ``b_1 x b_2`` images is one GEMM on the stacked patches, the kernel applied elementwise, then the
 pooling as two small GEMMs: no patch pair is formed twice and nothing of size ``n^2 P^2`` is held.
 
-:class:`PatchKernel` holds the fitted patch pipeline and the training patches ``(n, J, d)``;
+:class:`PatchKernel` holds the fitted patch pipeline and the training images (patches are
+recomputed per block);
 :meth:`PatchKernel.contract` computes ``C_i = sum_j b_j K(x_i, x_j)`` for several weight vectors
-``b`` at once, streaming ``(rows, support)`` blocks: memory ``n P^2`` per weight vector plus one block.
+``b`` at once, streaming ``(rows, support)`` blocks, reduced on the fly when asked
+(``sum_i a_i C_i`` or ``V^T C_i V``): memory ``n r^2`` per weight vector plus one block.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from proxnets.utils.validation import check_int, fail
 
 __all__ = ["PatchKernel", "check_psd_kernel"]
 
-BLOCK_PATCHES = 2048  # patches per side of one Gram block: 2048^2 float64 = 32 MiB
+BLOCK_PATCHES = 1024  # patches per side of one Gram block: 1024^2 float64 = 8 MiB
 
 
 def check_psd_kernel(k: Callable, sample: torch.Tensor, name: str = "kernel") -> float:
@@ -73,17 +75,17 @@ class PatchKernel:
         eye = torch.eye(j, dtype=self.dtype, device=images.device).reshape(j, 1, *grid)
         pool = F.avg_pool2d(eye, feat.pool_size, stride=feat.pool_stride) if (feat.pool_size, feat.pool_stride) != (1, 1) else eye
         self.pool = pool.reshape(j, pooled[0] * pooled[1]).contiguous()  # S (J, P)
-        patches = feat.whitened_patches(images).to(self.dtype)  # (n, J, d)
+        self.train_images = images  # patches are recomputed per block: n C H W numbers, not n J d
+        self.n_patches = j
+        patches = torch.cat([feat.whitened_patches(images[i : i + 256]).norm(dim=-1).amax(1) for i in range(0, images.shape[0], 256)])
         if self.kernel_name == "inverse_poly":  # 1 / (2 - <x, y>) lives on the unit ball
-            self.input_scale = 1.0 / (1.05 * float(patches.norm(dim=-1).max().clamp_min(1e-12)))
+            self.input_scale = 1.0 / (1.05 * float(patches.max().clamp_min(1e-12)))
         if not callable(self.kernel_name) and self.kernel_name not in KERNELS:
             fail("kernel", f"one of {list(KERNELS)} or a callable (a, b) -> k(a, b)", self.kernel_name)
-        flat = patches.reshape(-1, patches.shape[-1]) * self.input_scale
-        idx = torch.randperm(flat.shape[0], generator=generator)[:300]
-        check_psd_kernel(self._k, flat[idx])
-        self.train_patches = patches * self.input_scale
+        sub = self._patches_of(images[torch.randperm(images.shape[0], generator=generator)[:200].sort().values])
+        flat = sub.reshape(-1, sub.shape[-1])
+        check_psd_kernel(self._k, flat[torch.randperm(flat.shape[0], generator=generator)[:300]])
         # scale: mean tr K(x_i, x_i) / P = 1 over (a sample of) training images
-        sub = self.train_patches[torch.randperm(patches.shape[0], generator=generator)[:200].sort().values]
         self.scale = 1.0
         tr = torch.stack([torch.diagonal(self._block(sub[i : i + 1], sub[i : i + 1])[0, :, 0, :]).sum() for i in range(sub.shape[0])])
         self.scale = float(tr.mean() / self.n_positions)
@@ -98,16 +100,19 @@ class PatchKernel:
 
     @property
     def n(self) -> int:
-        return self.train_patches.shape[0]
+        return self.train_images.shape[0]
+
+    def _patches_of(self, images: torch.Tensor) -> torch.Tensor:
+        return self.featurizer.whitened_patches(images).to(self.dtype) * self.input_scale
 
     @property
     def n_positions(self) -> int:
         return self.pool.shape[1]
 
     def patches(self, images: torch.Tensor) -> torch.Tensor:
-        """Whitened (and for ``inverse_poly`` scaled) patches ``(N, J, d)`` of new images."""
+        """New images checked against the fitted shape (``rows`` of :meth:`contract`)."""
         self.featurizer.check_images(images)
-        return self.featurizer.whitened_patches(images).to(self.dtype) * self.input_scale
+        return images
 
     # ----------------------------------------------------------------- blocks
     def _block(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
@@ -119,27 +124,41 @@ class PatchKernel:
         g = (g @ self.pool).reshape(b1, self.n_positions, b2, self.n_positions)  # pool columns
         return g / self.scale
 
-    def contract(self, weights: torch.Tensor, rows: torch.Tensor | None = None, support: torch.Tensor | None = None) -> torch.Tensor:
+    def contract(self, weights: torch.Tensor, rows: torch.Tensor | None = None, support: torch.Tensor | None = None,
+                 *, left: torch.Tensor | None = None, project: torch.Tensor | None = None) -> torch.Tensor:
         """``C[k, i] = sum_j weights[k, j] K(x_i, x_j)`` over training ``j`` (only ``weights != 0``).
 
-        ``weights (m, n)``; ``rows``: patches ``(N, J, d)`` of the images ``i`` (default: the
-        training images). Returns ``(m, N, P, P)``. Streams blocks of at most
-        :data:`BLOCK_PATCHES` patches per side.
+        ``weights (m, n)``; ``rows``: images ``(N, C, H, W)`` ``i`` (default: the training images).
+        Returns ``(m, N, P, P)``, or reduced while streaming: with ``left (m, N)`` the matrix
+        ``sum_i left[k, i] C[k, i]`` ``(m, P, P)``; with ``project (m, P, r)`` the blocks
+        ``V_k^T C[k, i] V_k`` ``(m, N, r, r)``. Patches are recomputed per block from the images
+        (memory: the images, one block of at most :data:`BLOCK_PATCHES` patches per side, the output).
         """
-        rows = self.train_patches if rows is None else rows
+        train = rows is None
+        rows = self.train_images if train else rows
         if support is None:
             support = torch.nonzero((weights != 0).any(0)).flatten()
-        m, n_rows, p, j = weights.shape[0], rows.shape[0], self.n_positions, rows.shape[1]
-        out = torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=rows.device)
+        m, n_rows, p = weights.shape[0], rows.shape[0], self.n_positions
+        if left is not None:
+            out = torch.zeros(m, p, p, dtype=self.dtype, device=rows.device)
+        elif project is not None:
+            out = torch.zeros(m, n_rows, project.shape[2], project.shape[2], dtype=self.dtype, device=rows.device)
+        else:
+            out = torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=rows.device)
         if support.numel() == 0:
             return out
-        step = max(1, BLOCK_PATCHES // j)
-        xs = self.train_patches[support]
+        step = max(1, BLOCK_PATCHES // self.n_patches)
         ws = weights[:, support].to(self.dtype)  # (m, s)
         for a in range(0, n_rows, step):
-            xa = rows[a : a + step]
-            acc = out[:, a : a + step]
-            for b in range(0, xs.shape[0], step):
-                blk = self._block(xa, xs[b : b + step])  # (b1, P, b2, P)
-                acc += torch.einsum("ipjq,mj->mipq", blk, ws[:, b : b + step])
+            xa = self._patches_of(rows[a : a + step])
+            acc = torch.zeros(m, xa.shape[0], p, p, dtype=self.dtype, device=rows.device)
+            for b in range(0, support.numel(), step):
+                xb = self._patches_of(self.train_images[support[b : b + step]])
+                acc += torch.einsum("ipjq,mj->mipq", self._block(xa, xb), ws[:, b : b + step])  # (m, b1, P, P)
+            if left is not None:
+                out += torch.einsum("mipq,mi->mpq", acc, left[:, a : a + step].to(self.dtype))
+            elif project is not None:
+                out[:, a : a + step] = torch.einsum("mpl,mipq,mqr->milr", project, acc, project)
+            else:
+                out[:, a : a + step] = acc
         return out

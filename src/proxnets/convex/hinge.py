@@ -61,7 +61,6 @@ from proxnets.utils.validation import check_int, check_number, fail
 __all__ = ["HingeTrace", "BinaryDual", "solve_hinge_dual", "fit_scales", "ACTIVE_RTOL"]
 
 ACTIVE_RTOL = 0.05  # eigenvalues within 5% of the top one are candidates for the active eigenspace
-MERGE_BYTES = 32 * 2**20  # largest (queries, n, P, P) float64 tensor kept for one pass per iteration
 FILTER_RTOL = 1e-6  # singular values of the scales S below this fraction of the largest are not filters
 
 
@@ -138,12 +137,6 @@ def fit_scales(r: torch.Tensor, y: torch.Tensor, c: float) -> tuple[torch.Tensor
     return smat, primal, scores
 
 
-def _stream_m(kern: PatchKernel, bw: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """``M_k = sum_{i,j in support} b_ki b_kj K_ij`` for weights ``bw (m, n)``: ``(m, P, P)``."""
-    c = kern.contract(bw, rows=kern.train_patches[support], support=support)  # (m, s, P, P)
-    return torch.einsum("mipq,mi->mpq", c, bw[:, support])
-
-
 def solve_hinge_dual(
     kern: PatchKernel,
     y: torch.Tensor,
@@ -156,6 +149,7 @@ def solve_hinge_dual(
     callback: Callable[[int, list[HingeTrace]], None] | None = None,
     scale_dual: bool = True,
     subspace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_eigenvectors: bool = False,
 ) -> tuple[list[BinaryDual], list[HingeTrace]]:
     """Solve ``m`` binary DCCNN duals in lockstep (one kernel pass per iteration serves them all).
 
@@ -163,7 +157,9 @@ def solve_hinge_dual(
     stops each problem when its relative gap ``(primal - dual) / primal <= tol``.
     ``scale_dual`` and ``subspace`` exist for the deliberately broken variants of the convex
     suite only: ``scale_dual=False`` records ``sum(alpha)`` of the (infeasible) master point, not a
-    lower bound; ``subspace(V)`` replaces the recovery's eigenvectors ``(P, r0)``.
+    lower bound; ``subspace(V)`` replaces the recovery's eigenvectors ``(P, r0)``;
+    ``all_eigenvectors=True`` keeps every eigenvector as a filter with unit scales (no active
+    eigenspace, no scale fit).
     """
     c = check_number("C", c, low=0.0, low_inclusive=False)
     check_int("max_iter", max_iter, low=1)
@@ -176,7 +172,7 @@ def solve_hinge_dual(
     m, n = y.shape
     if n != kern.n:
         fail("y", f"{kern.n} labels per problem (one per training image)", f"{n}")
-    dtype, dev = kern.dtype, kern.train_patches.device
+    dtype, dev = kern.dtype, kern.train_images.device
     y = y.to(dtype=dtype, device=dev)
     traces = [HingeTrace() for _ in range(m)]
     cuts: list[list[np.ndarray]] = [[] for _ in range(m)]
@@ -193,9 +189,8 @@ def solve_hinge_dual(
             queries += [a_out[k], 0.5 * (a_out[k] + a_in[k]), a_in[k]]
         bw = torch.stack(queries) * y[active].repeat_interleave(n_query, 0)  # (q, n) weights b = alpha y
         support = torch.nonzero((bw != 0).any(0)).flatten()
-        # one pass when C_i of every query fits in MERGE_BYTES, else M on the support first (two passes)
-        full = kern.contract(bw, support=support) if bw.shape[0] * n * kern.n_positions ** 2 * 8 <= MERGE_BYTES else None
-        mmat = torch.einsum("qipr,qi->qpr", full, bw) if full is not None else _stream_m(kern, bw, support)  # (q, P, P)
+        # pass 1: M(alpha) on the support; pass 2: V^T C_i V for all i (C_i never held: memory q n r^2)
+        mmat = kern.contract(bw, rows=kern.train_images[support], support=support, left=bw[:, support])  # (q, P, P)
         mmat = (mmat + mmat.transpose(1, 2)) / 2
         mu, vecs = torch.linalg.eigh(mmat)
         mu, vecs = mu.flip(-1), vecs.flip(-1)  # descending
@@ -204,14 +199,15 @@ def solve_hinge_dual(
         # candidate directions: the active cluster and every violated eigenvector (at most max_cuts_per_iter)
         cand = (mu >= (1 - ACTIVE_RTOL) * mu[:, :1]) | (mu > mu[:, :1].clamp_max(1.0))
         r_sel = [max(1, min(max_cuts_per_iter, int(cand[q].sum()))) for q in range(len(queries))]
+        if all_eigenvectors:
+            r_sel = [kern.n_positions] * len(queries)
         r_max = max(r_sel)
         vsel = vecs[:, :, :r_max]  # (q, P, r_max)
         mu_sel = mu[:, :r_max]
         if subspace is not None:  # broken variant: a random orthonormal subspace instead of the eigenvectors
             vsel = subspace(vsel)
             mu_sel = torch.einsum("apl,apq,aql->al", vsel, mmat, vsel)  # v^T M v = |G v|^2
-        cv = torch.einsum("aipq,aqr->aipr", full if full is not None else kern.contract(bw, support=support), vsel)  # C_i V: (q, n, P, r_max)
-        vcv = torch.einsum("apl,aipr->ailr", vsel, cv)  # V^T C_i V: (q, n, r_max, r_max)
+        vcv = kern.contract(bw, support=support, project=vsel)  # V^T C_i V: (q, n, r_max, r_max)
         still = []
         for a, k in enumerate(active):
             tr = traces[k]
@@ -234,7 +230,11 @@ def solve_hinge_dual(
             r0 = r_sel[q_in]
             v, pos = vsel[q_in, :, :r0], mu_sel[q_in, :r0].clamp_min(1e-300)
             rmat = vcv[q_in, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
-            if float(mu[q_in, 0]) > 0:
+            if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
+                smat = torch.eye(r0, dtype=dtype, device=dev)
+                rec_scores = torch.einsum("ill->i", rmat)
+                rec_primal = float(r0) + c * _hinge_sum(y[k] * rec_scores)
+            elif float(mu[q_in, 0]) > 0:
                 smat, rec_primal, rec_scores = fit_scales(rmat, y[k], c)
             else:  # alpha_in = 0 (first pass): the recovered model is A = 0
                 smat, rec_primal, rec_scores = torch.zeros(r0, r0, dtype=dtype, device=dev), c * n, torch.zeros(n, dtype=dtype, device=dev)
