@@ -252,7 +252,7 @@ def solve_hinge_dual(
             tr.record(primal, dual, rank, tol * abs(primal))
             tr.relative.append((primal - dual) / max(abs(primal), 1e-300))
             results[k] = BinaryDual(a_in[k].clone(), y[k].clone(), phi, head, mu[q_in].clone(), rec_scores, master_scores)
-            if tr.converged and scale_dual:
+            if tr.converged or (not scale_dual and abs(primal - dual) <= tol * abs(primal)):  # (the broken variant stops too)
                 continue
             for q in qs:  # cuts: every violated direction, value v^T C_i v / sqrt(v^T M v) times y_i
                 for l in range(r_sel[q]):
