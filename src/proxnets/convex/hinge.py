@@ -148,16 +148,17 @@ def solve_hinge_dual(
     on_nonconvergence: str = "warn",
     callback: Callable[[int, list[HingeTrace]], None] | None = None,
     scale_dual: bool = True,
-    subspace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bottom_eigenvectors: bool = False,
     all_eigenvectors: bool = False,
 ) -> tuple[list[BinaryDual], list[HingeTrace]]:
     """Solve ``m`` binary DCCNN duals in lockstep (one kernel pass per iteration serves them all).
 
     ``y (m, n)`` in {-1, +1} (row ``k``: one-vs-rest labels of class ``k``); ``c`` the box (> 0);
     stops each problem when its relative gap ``(primal - dual) / primal <= tol``.
-    ``scale_dual`` and ``subspace`` exist for the deliberately broken variants of the convex
-    suite only: ``scale_dual=False`` records ``sum(alpha)`` of the (infeasible) master point, not a
-    lower bound; ``subspace(V)`` replaces the recovery's eigenvectors ``(P, r0)``;
+    ``scale_dual``, ``bottom_eigenvectors`` and ``all_eigenvectors`` exist for the deliberately broken
+    variants of the convex suite only: ``scale_dual=False`` records ``sum(alpha)`` of the (infeasible)
+    master point, not a lower bound; ``bottom_eigenvectors=True`` recovers from the eigenvectors of the
+    smallest eigenvalues;
     ``all_eigenvectors=True`` keeps every eigenvector as a filter with unit scales (no active
     eigenspace, no scale fit).
     """
@@ -199,15 +200,14 @@ def solve_hinge_dual(
         # candidate directions: the active cluster and every violated eigenvector (at most max_cuts_per_iter)
         cand = (mu >= (1 - ACTIVE_RTOL) * mu[:, :1]) | (mu > mu[:, :1].clamp_max(1.0))
         r_sel = [max(1, min(max_cuts_per_iter, int(cand[q].sum()))) for q in range(len(queries))]
-        if all_eigenvectors:
-            r_sel = [kern.n_positions] * len(queries)
-        r_max = max(r_sel)
+        r_max = kern.n_positions if all_eigenvectors else max(r_sel)  # (broken variant: every eigenvector)
         vsel = vecs[:, :, :r_max]  # (q, P, r_max)
         mu_sel = mu[:, :r_max]
-        if subspace is not None:  # broken variant: a random orthonormal subspace instead of the eigenvectors
-            vsel = subspace(vsel)
-            mu_sel = torch.einsum("apl,apq,aql->al", vsel, mmat, vsel)  # v^T M v = |G v|^2
         vcv = kern.contract(bw, support=support, project=vsel)  # V^T C_i V: (q, n, r_max, r_max)
+        v_rec, mu_rec, vcv_rec = vsel, mu_sel, vcv
+        if bottom_eigenvectors:  # broken variant: the recovery reads the bottom of the spectrum (order mistaken)
+            v_rec, mu_rec = vecs.flip(-1)[:, :, :r_max], mu.flip(-1)[:, :r_max]
+            vcv_rec = kern.contract(bw, support=support, project=v_rec)
         still = []
         for a, k in enumerate(active):
             tr = traces[k]
@@ -227,9 +227,9 @@ def solve_hinge_dual(
                 master, master_scores = c * n, torch.zeros(n, dtype=dtype, device=dev)  # A = 0
             # recovery from the inside point's candidate eigenspace (its query row; the recovery is
             # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
-            r0 = r_sel[q_in]
-            v, pos = vsel[q_in, :, :r0], mu_sel[q_in, :r0].clamp_min(1e-300)
-            rmat = vcv[q_in, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
+            r0 = r_max if all_eigenvectors else r_sel[q_in]
+            v, pos = v_rec[q_in, :, :r0], mu_rec[q_in, :r0].clamp_min(1e-300)
+            rmat = vcv_rec[q_in, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
             if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
                 smat = torch.eye(r0, dtype=dtype, device=dev)
                 rec_scores = torch.einsum("ill->i", rmat)
