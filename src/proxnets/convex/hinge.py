@@ -33,8 +33,9 @@ that the eigenvalues of a cluster split by an unfinished solve stay together, an
 too wide: the scale fit gives an unneeded direction zero weight) and the orthonormal RKHS
 directions ``Gh = G V diag(mu)^{-1/2}``; then ``A = Gh S V^T`` has ``|A|_* = |S|_*`` and
 ``<Z_i, A> = tr(S R_i)``, ``R_i = V^T C_i V diag(mu)^{-1/2}`` (``r0 x r0``). The scales ``S`` solve
-the small convex problem ``min_S |S|_* + C sum_i hinge(y_i tr(S R_i))`` by the same column generation
-in ``r0`` dimensions (atoms ``e f^T`` from the top singular pair of ``sum_i alpha_i y_i R_i``).
+the small convex problem ``min tr S + C sum_i hinge(y_i tr(S R_i))`` over positive semi-definite
+``S = sum_t w_t u_t u_t^T`` (``u`` the axes and their 45-degree pairwise rotations; one LP, see
+:func:`fit_scales`).
 ``S = U diag(sigma) W^T``: filter ``k`` has position weights ``phi_k = V diag(mu)^{-1/2} U[:, k]``,
 response ``h_k(x)[p] = (C(x) phi_k)[p] = sum_j b_j sum_q K(x, x_j)[p, q] phi_k[q]`` (the conv layer's
 output as a kernel expansion over the support vectors) and head ``sigma_k V W[:, k]``; the number of
