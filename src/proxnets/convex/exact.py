@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from proxnets.convex.features import PatchFeaturizer
 from proxnets.convex.kernels import KERNELS, kernel as named_kernel
-from proxnets.utils.validation import check_int, fail
+from proxnets.utils.validation import fail
 
 __all__ = ["PatchKernel", "check_psd_kernel"]
 
