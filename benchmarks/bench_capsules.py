@@ -7,9 +7,13 @@ forward + backward. Compared:
   ``W (1, N, M, 16, 8)`` with ``u (B, 1, M, 8, 1)`` into ``(B, N, M, 16)``, softmax over the parent
   axis, inner passes on detached votes. Written here as the baseline.
 - ``einsum``: votes materialized by one einsum, routing by einsums (``DenseVotes``).
-- ``ours``: ``CapsuleLinear`` -- factored votes, never materialized, chunked kernels.
+- ``ours``: ``CapsuleLinear(gradient="last")`` -- factored votes, never materialized, chunked kernels;
+  the textbook's semantics (inner passes detached).
+- ``ours-all``: ``CapsuleLinear(gradient="all")``, the official code's choice and the library default
+  (back-propagation through every pass; more work, reported beside, not compared with the textbook).
 
-Prints medians, speed-up ratios, the largest output/gradient differences, peak memory, the time of
+Prints medians, the three ratios (ours vs textbook, ours vs an equal-FLOP matmul, peak memory textbook /
+ours), the largest output/gradient differences, peak memory, the time of
 one matrix product with the same FLOPs as ours (the machine's limit), and the epoch time of the
 small CapsNet on mnist5k. ``--quick`` uses fewer repeats and extrapolates the epoch from 8 steps.
 """
@@ -47,7 +51,9 @@ def textbook_routing(u: torch.Tensor, W: torch.Tensor, iterations: int = ITERATI
 def build(seed: int = 0):
     """The three implementations on the same weights and inputs: ``{name: fn}`` plus the tensors."""
     torch.manual_seed(seed)
-    layer = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS)
+    layer = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS, gradient="last")
+    layer_all = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS, gradient="all")
+    layer_all.weight.data.copy_(layer.weight.data)
     W_text = layer.weight.detach().permute(0, 1, 3, 2).unsqueeze(0).clone().requires_grad_()  # (1, N, M, 16, 8)
     W_dense = layer.weight.detach().clone().requires_grad_()  # (N, M, 8, 16)
     u = squash(torch.randn(B, M, D_IN) * 0.5)
@@ -56,6 +62,12 @@ def build(seed: int = 0):
     def run_ours():
         layer.weight.grad = None
         v, _ = layer(u)
+        (v * probe).sum().backward()
+        return v
+
+    def run_ours_all():
+        layer_all.weight.grad = None
+        v, _ = layer_all(u)
         (v * probe).sum().backward()
         return v
 
@@ -72,7 +84,7 @@ def build(seed: int = 0):
         (v * probe).sum().backward()
         return v
 
-    fns = {"ours": run_ours, "einsum": run_einsum, "textbook": run_textbook}
+    fns = {"ours": run_ours, "ours-all": run_ours_all, "einsum": run_einsum, "textbook": run_textbook}
     return fns, layer, W_text
 
 
@@ -137,7 +149,8 @@ def main(quick: bool, threads: int | None) -> None:
     t_text = time_fn(run_textbook, warmup=1, repeats=repeats)
     t_einsum = time_fn(run_einsum, warmup=1, repeats=repeats)
     t_ours = time_fn(run_ours, warmup=1, repeats=repeats)
-    print(f"textbook {t_text}\neinsum   {t_einsum}\nours     {t_ours}")
+    t_all = time_fn(fns["ours-all"], warmup=1, repeats=repeats)
+    print(f"textbook {t_text}\neinsum   {t_einsum}\nours     {t_ours}\nours, gradient='all' (official) {t_all}")
     print(ratio_line("routing layer fwd+bwd", t_ours, t_text, "textbook"))
     print(ratio_line("routing layer fwd+bwd", t_ours, t_einsum, "einsum"))
     print(f"throughput: ours {B / t_ours.median:.0f} samples/s, textbook {B / t_text.median:.0f} samples/s")
@@ -155,6 +168,9 @@ def main(quick: bool, threads: int | None) -> None:
     mem_text, mem_einsum, mem_ours = (peak_memory(name, threads) for name in ("textbook", "einsum", "ours"))
     print(f"peak memory: ours {mem_ours:.0f} MiB, einsum {mem_einsum:.0f} MiB, textbook {mem_text:.0f} MiB "
           f"({mem_text / max(mem_ours, 1e-9):.1f}x less)")
+    print(f"RATIOS: ours vs textbook {t_text.median / t_ours.median:.1f}x faster (target >= 20x); ours / equal-FLOP "
+          f"matmul {t_ours.median / t_mm.median:.1f}x (target <= 2x); peak memory textbook / ours "
+          f"{mem_text / max(mem_ours, 1e-9):.1f}x")
 
     from proxnets.data import load_dataset
     from proxnets.engine import TrainConfig, fit

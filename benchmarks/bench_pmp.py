@@ -1,11 +1,15 @@
-"""Benchmark: bSQH (L0) vs Adam (dense) vs Adam + global magnitude pruning + fine-tuning.
+"""Benchmark: bSQH (L0) vs Adam, same run, ratios (``proxnets bench pmp``).
 
-Same LeNet-5-style model, same data (mnist5k), batch 64, one run. Prints
+Same LeNet-5, same data (mnist5k), batch 64. Prints
 
-- the time of one optimizer step on a fixed batch (median of repeats) and the epoch time (median
-  over epochs), bSQH / Adam (target: <= 1.5);
-- the wall time to reach a target test accuracy (training time only, evaluation excluded);
-- the test accuracy at equal sparsity: bSQH's density, Adam pruned to it and fine-tuned.
+- step time on a fixed batch, bSQH / Adam, measured *interleaved* (one bSQH step, one Adam step,
+  repeated; the median of the paired ratios), so that a load change on a shared machine hits both;
+  target <= 1.3. Also a no-grad forward alone (the trial forward's cost) and where a bSQH step's time
+  goes (sweep, closed-form update, trial forward, bookkeeping);
+- epoch time, bSQH / Adam, also interleaved (median of the paired per-epoch ratios), target <= 1.35;
+- full batch: an iteration with the accepted trial's graph reused as the next sweep vs without;
+- the test accuracy at equal density: bSQH with ``target_density``, Adam pruned to bSQH's density
+  and fine-tuned as many epochs.
 
     python benchmarks/bench_pmp.py [--quick]
 """
@@ -14,25 +18,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 from proxnets.data import load_dataset
-from proxnets.engine import TrainConfig, fit
+from proxnets.engine import TrainConfig, evaluate, fit
 from proxnets.pmp import LeNet5
 from proxnets.pmp.baselines import magnitude_prune
 from proxnets.pmp.sparsity import weight_density
-from proxnets.pmp.training import bsqh_optimizer, train_bsqh
-from proxnets.utils.benchmark import Timing, time_fn
+from proxnets.pmp.training import bsqh_optimizer, full_batch_bsqh, train_bsqh
 
 
-def step_time(make_opt, x, y, repeats: int) -> Timing:
-    torch.manual_seed(0)
-    model = LeNet5()
-    opt = make_opt(model)
-
+def _closure(model, opt, x, y):
     def closure(backward: bool = True):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
@@ -40,23 +40,74 @@ def step_time(make_opt, x, y, repeats: int) -> Timing:
             loss.backward()
         return loss.detach()
 
-    return time_fn(lambda: opt.step(closure), warmup=3, repeats=repeats)
+    return closure
 
 
-def time_to(history: list[dict], target: float) -> float:
-    """Training seconds until the first epoch whose test accuracy reaches ``target`` (inf if never)."""
-    total = 0.0
-    for rec in history:
-        total += rec["epoch_time"]
-        if rec["test_acc"] >= target:
-            return total
-    return float("inf")
+def interleaved_step_ratio(x, y, repeats: int) -> dict[str, float]:
+    """Median over repeats of (bSQH step time / Adam step time), measured back to back."""
+    torch.manual_seed(0)
+    mb, ma = LeNet5(), LeNet5()
+    ob = bsqh_optimizer(mb, 1.0, record_history=False)
+    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+    cb, ca = _closure(mb, ob, x, y), _closure(ma, oa, x, y)
+    tb, ta, tf = [], [], []
+    for i in range(repeats + 5):
+        t0 = time.perf_counter()
+        ob.step(cb)
+        t1 = time.perf_counter()
+        oa.step(ca)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            ca(backward=False)
+        t3 = time.perf_counter()
+        if i >= 5:  # warm-up
+            tb.append(t1 - t0)
+            ta.append(t2 - t1)
+            tf.append(t3 - t2)
+    ratios = [b / a for b, a in zip(tb, ta)]
+    trials = (ob.run_state["accepted"] + ob.run_state["rejected"]) / max(ob.run_state["iteration"], 1)
+    return dict(ratio=statistics.median(ratios), bsqh=statistics.median(tb), adam=statistics.median(ta),
+                forward=statistics.median(tf), trials=trials)
+
+
+def step_breakdown(x, y, repeats: int) -> dict[str, float]:
+    """Where a bSQH step's time goes (torch profiler, CPU time per step, ms)."""
+    torch.manual_seed(0)
+    model = LeNet5()
+    opt = bsqh_optimizer(model, 1.0, record_history=False)
+    closure = _closure(model, opt, x, y)
+    for _ in range(3):
+        opt.step(closure)
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sections = {"sweep (forward+backward)": 0.0, "trial forward": 0.0, "step total": 0.0}
+    orig_sweep, orig_trial = opt._sweep, opt._trial_loss
+
+    def sweep(c):
+        with record_function("sweep (forward+backward)"):
+            return orig_sweep(c)
+
+    def trial(c):
+        with record_function("trial forward"):
+            return orig_trial(c)
+
+    opt._sweep, opt._trial_loss = sweep, trial
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            with record_function("step total"):
+                opt.step(closure)
+    for ev in prof.key_averages():
+        if ev.key in sections:
+            sections[ev.key] = ev.cpu_time_total / 1e3 / repeats
+    sections["update + bookkeeping"] = (sections["step total"] - sections["sweep (forward+backward)"]
+                                        - sections["trial forward"])
+    return sections
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="subset of 2000 images, 4 epochs")
-    ap.add_argument("--rho", type=float, default=1e-3)
+    ap.add_argument("--target-density", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: steadier timings on a shared machine)")
     args = ap.parse_args()
@@ -64,44 +115,69 @@ def main() -> None:
     ds = load_dataset("mnist5k", seed=0)
     if args.quick:
         ds = ds.subset(2000, 1000, seed=0)
-    epochs, target = (4, 0.8) if args.quick else (10, 0.9)
+    epochs = 4 if args.quick else 10
     quiet = lambda s: None  # noqa: E731
-    print(f"data: {ds}; LeNet-5; batch 64; {epochs} epochs; rho={args.rho}; target accuracy {target}; "
+    print(f"data: {ds}; LeNet-5; batch 64; {epochs} epochs; target density {args.target_density}; "
           f"{args.threads} thread(s)")
 
     xb, yb = ds.x_train[:64], ds.y_train[:64]
-    t_b = step_time(lambda m: bsqh_optimizer(m, args.rho), xb, yb, repeats=30)
-    t_a = step_time(lambda m: torch.optim.Adam(m.parameters(), lr=1e-3), xb, yb, repeats=30)
-    print(f"step time (batch 64): bSQH {t_b}, Adam {t_a}, ratio bSQH/Adam {t_b.median / t_a.median:.2f} "
-          "(target <= 1.5)")
+    s = interleaved_step_ratio(xb, yb, repeats=60 if args.quick else 200)
+    print(f"step time (batch 64, interleaved, medians): bSQH {s['bsqh'] * 1e3:.2f} ms, Adam {s['adam'] * 1e3:.2f} ms, "
+          f"ratio bSQH/Adam {s['ratio']:.2f} (target <= 1.3); a no-grad forward alone {s['forward'] * 1e3:.2f} ms "
+          f"= {s['forward'] / s['adam']:.2f} of Adam's step; {s['trials']:.2f} trial forwards per bSQH step")
+    br = step_breakdown(xb, yb, repeats=30)
+    print("bSQH step breakdown (CPU ms per step, torch profiler): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in br.items()))
 
     cfg = TrainConfig(epochs=epochs, batch_size=64, seed=0, device="cpu", progress=False, schedule="cosine")
     torch.manual_seed(0)
-    r = train_bsqh(LeNet5(), ds, args.rho, epochs=epochs, schedule="cosine", log=quiet)
+    r = train_bsqh(LeNet5(), ds, 1.0, epochs=epochs, schedule="cosine", log=quiet, target_density=args.target_density)
     hist_b = r["history"]
     info = r["optimizer"].info()
     torch.manual_seed(0)
     dense = LeNet5()
     hist_a = fit(dense, ds, TrainConfig(**{**cfg.to_dict(), "optimizer": "adam", "lr": 1e-3}), log=quiet).history
-    med = lambda h: sorted(e["epoch_time"] for e in h)[len(h) // 2]  # noqa: E731
-    print(f"epoch time (median of {epochs}): bSQH {med(hist_b):.3f} s, Adam {med(hist_a):.3f} s, "
-          f"ratio {med(hist_b) / med(hist_a):.2f}; bSQH acceptance ratio {info.acceptance_ratio:.3f}, "
+    # epoch time interleaved (one bSQH epoch, one Adam epoch, repeated; no evaluation), so that a
+    # change of load on a shared machine hits both; the median of the paired ratios
+    torch.manual_seed(0)
+    mb, ma = LeNet5(), LeNet5()
+    ob = bsqh_optimizer(mb, 1.0, target_density=args.target_density)
+    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+    ratios, tb, ta = [], [], []
+    for e in range(epochs):
+        one = TrainConfig(epochs=1, batch_size=64, seed=e, device="cpu", progress=False, eval_every_epoch=False)
+        t0 = time.perf_counter()
+        fit(mb, ds, one, optimizer=ob, log=quiet)
+        t1 = time.perf_counter()
+        fit(ma, ds, one, optimizer=oa, log=quiet)
+        t2 = time.perf_counter()
+        tb.append(t1 - t0)
+        ta.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    print(f"epoch time (interleaved, medians of {epochs}, no evaluation): bSQH {statistics.median(tb):.3f} s, Adam "
+          f"{statistics.median(ta):.3f} s, ratio {statistics.median(ratios):.2f} (target <= 1.35); in the training "
+          f"run: bSQH acceptance ratio {info.acceptance_ratio:.3f}, "
           f"{(info.accepted + info.rejected) / max(info.iterations, 1):.2f} trial forwards per step")
 
+    x, y = ds.x_train[:1000], ds.y_train[:1000]
+    times = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        fb = full_batch_bsqh(LeNet5(), x, y, 1.0, iterations=12, audit=False, reuse_trial=reuse, eps=1.0,
+                             eps_min=1e-6, eta=0.1)
+        t = fb["times"]
+        times[reuse] = (t[-1] - t[1]) / (len(t) - 2)  # per iteration, the first excluded
+    print(f"full batch (1000 images): {times[False] * 1e3:.1f} ms per iteration without reuse, "
+          f"{times[True] * 1e3:.1f} ms with the accepted trial's graph reused (ratio {times[True] / times[False]:.2f})")
+
     density = r["density"]
-    t0 = time.perf_counter()
     pruned = magnitude_prune(copy.deepcopy(dense), density)
-    hist_p = fit(pruned, ds, TrainConfig(**{**cfg.to_dict(), "optimizer": "adam", "lr": 3e-4, "epochs": 1}),
-                 log=quiet).history
-    t_prune = time.perf_counter() - t0
-    acc_b, acc_a, acc_p = hist_b[-1]["test_acc"], hist_a[-1]["test_acc"], hist_p[-1]["test_acc"]
-    print(f"time to {target:.0%} test accuracy: bSQH {time_to(hist_b, target):.2f} s, "
-          f"Adam dense {time_to(hist_a, target):.2f} s")
-    print(f"final test accuracy: bSQH {acc_b:.4f} at density {density:.3f} "
-          f"({r['iterations']} steps), Adam dense {acc_a:.4f}")
-    print(f"equal sparsity (density {weight_density(pruned):.3f}): bSQH {acc_b:.4f} vs Adam + magnitude pruning "
-          f"+ 1 epoch fine-tuning {acc_p:.4f} (difference {acc_b - acc_p:+.4f}; Adam + pruning total time "
-          f"{sum(e['epoch_time'] for e in hist_a) + t_prune:.2f} s vs bSQH {sum(e['epoch_time'] for e in hist_b):.2f} s)")
+    fit(pruned, ds, TrainConfig(**{**cfg.to_dict(), "optimizer": "adam", "lr": 3e-4, "epochs": 1}), log=quiet)
+    acc_b, acc_a = hist_b[-1]["test_acc"], hist_a[-1]["test_acc"]
+    acc_p = evaluate(pruned, ds.x_test, ds.y_test)
+    print(f"final test accuracy: bSQH {acc_b:.4f} at density {density:.3f} ({r['iterations']} steps), Adam dense "
+          f"{acc_a:.4f}; Adam + magnitude pruning to density {weight_density(pruned):.3f} + 1 epoch fine-tuning "
+          f"{acc_p:.4f} (difference bSQH - pruning {acc_b - acc_p:+.4f}; one seed, no fine-tuning for bSQH)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 1. Training-step time (forward + backward + Adam step, batch 128) of the non-expansive classifier
    vs the unconstrained ResNet of the same layout, for the three step rules: adaptive (at
-   initialization and after |A| has grown by training), adaptive capped at 2 steps, fixed (CPL).
+   initialization and after |A| has grown by training x2 and x4: the cost-vs-|A| curve), adaptive capped
+   at 2 and at 1 step, fixed (CPL).
    Target: at most 1.5x.
 2. Our operator-norm constraint on a conv layer vs deel-torchlip's ``SpectralConv2d`` for the same
    layer: time of a training step of the layer, and the certified accuracy at 36/255 that a small
@@ -64,6 +65,9 @@ def bench_classifier_step(quick: bool) -> None:
     for label, opts, grow in (("adaptive, at init", {"schedule": "adaptive"}, 0),
                               ("adaptive, |A| grown x2", {"schedule": "adaptive"}, 2.0),
                               ("adaptive capped at 2 steps, |A| grown x2", {"schedule": "adaptive", "max_steps": 2}, 2.0),
+                              # the cap that keeps the cost: past it h = 2 r / nu shrinks (condition kept, time span cut)
+                              ("adaptive capped at 1 step, |A| grown x2", {"schedule": "adaptive", "max_steps": 1}, 2.0),
+                              ("adaptive, |A| grown x4", {"schedule": "adaptive"}, 4.0),
                               ("fixed (CPL), |A| grown x2", {"schedule": "fixed"}, 2.0)):
         torch.manual_seed(0)
         model = NonExpansiveClassifier(ClassifierConfig(**base, **opts))

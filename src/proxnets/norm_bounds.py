@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from proxnets.operators import LinearOperator, conv2d_operator, linear_operator, operator_matrix, power_iteration
-from proxnets.utils.validation import check_choice, check_int, check_number, fail
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
 __all__ = [
     "NormBound",
@@ -104,6 +104,7 @@ def as_operator(target: LinearOperator | torch.Tensor | nn.Module, in_shape: Seq
     if isinstance(target, torch.Tensor):
         if target.ndim != 2:
             fail("target", "a 2-D matrix, an nn.Linear / nn.Conv2d or a LinearOperator", f"a {target.ndim}-D tensor")
+        check_tensor("target", target)
         return linear_operator(target.detach())
     if isinstance(target, nn.Linear):
         return linear_operator(target.weight.detach())
@@ -147,6 +148,10 @@ def dense_norm_bound(op: LinearOperator) -> NormBound:
 
 def fourier_norm_bound(weight: torch.Tensor, in_shape: Sequence[int], padding: int = 0) -> NormBound:
     """``max_omega sigma_max(K(omega))`` for a stride-1 zero-padded convolution on ``(C, H, W)``, plus round-off."""
+    check_tensor("weight", weight, ndim=4)
+    if len(in_shape) != 3 or not all(isinstance(v, int) and v >= 1 for v in in_shape) or in_shape[0] != weight.shape[1]:
+        fail("in_shape", f"(C, H, W) of positive integers with C = {weight.shape[1]}", in_shape)
+    check_int("padding", padding, low=0)
     c, h, w = (int(v) for v in in_shape)
     kh, kw = weight.shape[-2:]
     n1, n2 = max(h + 2 * padding, kh), max(w + 2 * padding, kw)
@@ -165,6 +170,12 @@ def gram_iteration(mats: torch.Tensor, iterations: int = 8) -> torch.Tensor:
     """Gram-iteration upper bound of the spectral norm of each matrix in ``mats`` (``(..., m, n)``, real
     or complex), float64: ``exp(sum_j 2^-j log c_j)`` (see the module docstring), without margin."""
     check_int("iterations", iterations, low=0)
+    check_tensor("mats", mats, ndim=tuple(range(2, 9)))
+    return _gram_iteration(mats, iterations)
+
+
+def _gram_iteration(mats: torch.Tensor, iterations: int) -> torch.Tensor:
+    # unchecked (internal): non-finite weights give a non-finite bound, reported as not rigorous
     G = mats.detach().to(torch.complex128 if mats.is_complex() else torch.float64)
     if G.shape[-2] < G.shape[-1]:  # |W| = |W^H|: iterate on the side with the smaller Gram matrix
         G = G.mH
@@ -187,7 +198,7 @@ def gram_norm_bound(op: LinearOperator, iterations: int = 8) -> NormBound:
     spec = op.spec or {}
     if spec.get("kind") == "matrix":
         W = spec["weight"]
-        s = float(gram_iteration(W, iterations))
+        s = float(_gram_iteration(W, iterations))
         margin = 16 * max(W.shape) * EPS
         return NormBound(s * (1 + margin), math.isfinite(s), "Gram iteration", {"iterations": iterations},
                          why="" if math.isfinite(s) else "non-finite Gram iteration")
@@ -197,7 +208,7 @@ def gram_norm_bound(op: LinearOperator, iterations: int = 8) -> NormBound:
         kh, kw = weight.shape[-2:]
         n1, n2 = max(h + 2 * p, kh), max(w + 2 * p, kw)
         spectrum = torch.fft.fft2(weight.detach().double(), s=(n1, n2)).permute(2, 3, 0, 1)  # (n1, n2, Co, Ci)
-        s = float(gram_iteration(spectrum, iterations).max())
+        s = float(_gram_iteration(spectrum, iterations).max())
         N = n1 * n2
         value = s * (1 + 16 * max(weight.shape[:2]) * EPS) + 8 * math.log2(max(N, 2)) * EPS * math.sqrt(N) * float(weight.detach().double().norm())
         return NormBound(value, math.isfinite(value), "Gram iteration (Fourier symbol)", {"iterations": iterations, "grid": [n1, n2]},

@@ -147,6 +147,8 @@ def relative_residual(z: torch.Tensor, tz: torch.Tensor, out: torch.Tensor | Non
     ``out`` (optional, shape of ``z``) receives ``z - T(z)``: the solvers reuse one buffer, since
     allocating a batch-sized tensor per iteration costs more than the arithmetic on a CPU.
     """
+    check_tensor("z", z, ndim=tuple(range(1, 9)), finite=False)
+    check_tensor("tz", tz, shape=tuple(z.shape), finite=False, like=z)
     diff = torch.sub(z, tz, out=out) if out is not None else z - tz
     return _norms(diff) / torch.maximum(_norms(tz), _norms(z)).clamp_min(FLOOR)
 
@@ -154,7 +156,14 @@ def relative_residual(z: torch.Tensor, tz: torch.Tensor, out: torch.Tensor | Non
 class _Monitor:
     """The stopping rules of the module docstring, shared by every solver (one host sync per check)."""
 
-    def __init__(self, solver: str, z0: torch.Tensor, tol: float, callback, divergence: float):
+    def __init__(self, solver: str, z0: torch.Tensor, tol: float, callback, divergence: float, max_iter: int = 1):
+        # every solver's arguments are checked here, once (z0 is ``b`` for solve_linear)
+        check_tensor("z0", z0, ndim=tuple(range(1, 9)), nonempty=True)
+        tol = check_number("tol", tol, low=0.0)
+        check_int("max_iter", max_iter, low=1)
+        check_number("divergence", divergence, low=1.0)
+        if callback is not None and not callable(callback):
+            fail("callback", "a callable or None", type(callback).__name__, TypeError)
         self.info = SolverInfo(solver=solver, tol=tol)
         self.callback = callback
         self.divergence = divergence
@@ -246,7 +255,7 @@ def fixed_point(
 ) -> tuple[torch.Tensor, SolverInfo]:
     """Plain iteration ``z_{k+1} = T(z_k)`` (module docstring). Runs under autograd when it is enabled
     (the unrolled backward of :mod:`proxnets.equilibrium.implicit` records it)."""
-    mon = _Monitor("fixed_point", z0, tol, callback, divergence)
+    mon = _Monitor("fixed_point", z0, tol, callback, divergence, max_iter)
     z = z0
     diff = torch.empty_like(z0)
     _track(mon.info, objective, z)
@@ -278,7 +287,7 @@ def accelerated(
     check_choice("restart", restart, ("objective", "gradient", "none"))
     if restart == "objective" and objective is None:
         fail("objective", 'a callable z -> (B,) when restart="objective"', None)
-    mon = _Monitor("accelerated", z0, tol, callback, divergence)
+    mon = _Monitor("accelerated", z0, tol, callback, divergence, max_iter)
     info = mon.info
     z = y = z0
     y_buf, diff, d = torch.empty_like(z0), torch.empty_like(z0), torch.empty_like(z0)
@@ -337,7 +346,7 @@ def anderson(
     m = check_int("m", m, low=1)
     lam = check_number("lam", lam, low=0.0)
     beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=False)
-    mon = _Monitor("anderson", z0, tol, callback, divergence)
+    mon = _Monitor("anderson", z0, tol, callback, divergence, max_iter)
     info = mon.info
     bsz = z0.shape[0]
     shape = z0.shape
@@ -406,7 +415,7 @@ def halpern(
 ) -> tuple[torch.Tensor, SolverInfo]:
     """Anchored iteration ``z_{k+1} = a / (k + 2) + (1 - 1 / (k + 2)) T(z_k)`` (module docstring)."""
     a = z0 if anchor is None else check_tensor("anchor", anchor, shape=tuple(z0.shape))
-    mon = _Monitor("halpern", z0, tol, callback, divergence)
+    mon = _Monitor("halpern", z0, tol, callback, divergence, max_iter)
     z = z0
     tz = z
     diff = torch.empty_like(z0)
@@ -473,7 +482,7 @@ def conjugate_gradient(
     optimal Krylov method for this system, and the symmetrized adjoint of OptEq
     (:meth:`proxnets.equilibrium.layers.OptEqBase.attach_implicit`) has exactly this form.
     """
-    mon = _Monitor("conjugate_gradient", z0, tol, callback, divergence)
+    mon = _Monitor("conjugate_gradient", z0, tol, callback, divergence, max_iter)
     c = T(torch.zeros_like(z0))
     x = z0.clone()
     if bool((z0 == 0).all()):  # r = T(0) - 0 = c: no second evaluation
@@ -504,7 +513,10 @@ def solve_linear(
     """Solve ``A x = b`` per sample for a symmetric positive definite ``A`` (a map ``(B, ...) -> (B, ...)``)
     by conjugate gradient from ``x0`` (default 0): the fixed point of ``T(x) = x + b - A x``, with the
     stopping rules of every solver. Returns ``(x, info)``; ``info.solver == "conjugate_gradient"``."""
-    mon = _Monitor("conjugate_gradient", b, tol, callback, divergence)
+    check_tensor("b", b, ndim=tuple(range(1, 9)), nonempty=True)
+    if x0 is not None:
+        check_tensor("x0", x0, shape=tuple(b.shape), like=b)
+    mon = _Monitor("conjugate_gradient", b, tol, callback, divergence, max_iter)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b.clone() if x0 is None else b - A(x)
     x = _cg_loop(A, x, r, mon, max_iter, callback is not None)

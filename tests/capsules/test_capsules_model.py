@@ -20,14 +20,43 @@ from proxnets.capsules import (
     reference_config,
     routing_certificate,
     small_config,
+    squash,
 )
 
 
 def test_reference_capsnet_has_the_papers_parameter_counts():
-    model = CapsNet(reference_config())
+    model = CapsNet(reference_config(bias=False))
     assert model.config.primary_capsules == 1152
     assert model.num_parameters() == 8_215_568
     assert model.num_parameters(decoder=False) == 6_804_224
+    # the official code's per-parent bias (the default) adds 10 x 16 parameters the paper does not count
+    assert CapsNet(reference_config()).num_parameters() == 8_215_568 + 160
+
+
+def test_reference_defaults_are_the_official_codes_choices():
+    cfg = reference_config()
+    assert (cfg.gradient, cfg.bias, cfg.margin_scale, cfg.reconstruction_scale) == ("all", True, 0.5, 5e-4)
+    torch.manual_seed(0)
+    model = CapsNet(small_config(conv_channels=8, primary_channels=2, decoder_hidden=(16,)))
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 2])
+    # the margin part of the loss is half the paper's formula
+    _, parts = capsnet_loss(model, x, y)
+    v, _ = model(x)
+    assert parts["margin"] == pytest.approx(0.5 * float(margin_loss(capsule_length(v), y).detach()), rel=1e-6)
+    # the bias enters s_j: with zero votes, v = squash(beta)
+    with torch.no_grad():
+        model.classes.weight.zero_()
+        v, _ = model(x)
+    assert torch.allclose(v, squash(model.classes.bias).expand_as(v), atol=1e-6)
+    # gradient "all": the couplings carry gradient to the conv weights (differs from "last")
+    model.classes.weight.data.normal_(0, 0.05)
+    grads = {}
+    for mode in ("all", "last"):
+        model.classes.gradient = mode
+        model.zero_grad()
+        capsnet_loss(model, x, y)[0].backward()
+        grads[mode] = model.classes.weight.grad.clone()
+    assert not torch.allclose(grads["all"], grads["last"], rtol=1e-4, atol=1e-9)
 
 
 def test_any_image_size_and_channels():
@@ -93,7 +122,7 @@ def test_models_registry_builds_trainables():
     t = MODELS["capsnet-small"]((1, 28, 28), 10)
     assert t.loss_fn is capsnet_loss and t.predict_fn is capsnet_scores and t.augment is random_shift
     assert t.config.optimizer == "adam" and t.config.schedule == "exp"
-    assert MODELS["capsnet"]((1, 28, 28), 10).model.num_parameters() == 8_215_568
+    assert MODELS["capsnet"]((1, 28, 28), 10).model.num_parameters() == 8_215_568 + 160  # with the official per-parent bias
 
 
 def test_small_capsnet_learns_mnist5k():

@@ -7,7 +7,9 @@ import pytest
 from proxnets.report.suite import SuiteContext
 
 # At smoke size (2 seeds, 300 test images) the equivalence intervals are far wider than the +-1 point
-# margin: those claims are measured but cannot hold; every other claim must.
+# margin, and the intervals over 2 seeds (t = 12.7) of muting and of "learns the task" are too wide for
+# their thresholds: those claims are measured but need not hold (the mean accuracy is checked instead);
+# every other claim must.
 
 
 @pytest.mark.timeout(300)  # ~8 s on 2 idle cores; a loaded machine stalls OpenMP threads
@@ -16,9 +18,11 @@ def test_capsules_smoke_suite(tmp_path):
 
     result = run(SuiteContext(out_dir=tmp_path, size="smoke", log=lambda m: None))
     assert result.method == "capsules"
-    assert len(result.claims) == 8
-    assert sum("by_dataset" in c.details for c in result.claims) == 3  # the three equivalence claims
-    failing = [(c.claim, c.value) for c in result.claims if not c.holds and "by_dataset" not in c.details]
+    assert len(result.claims) == 12
+    assert sum("by_dataset" in c.details for c in result.claims) == 4  # the four equivalence claims
+    failing = [(c.claim, c.value) for c in result.claims
+               if not c.holds and "by_dataset" not in c.details and "mutes" not in c.claim
+               and "learns the task" not in c.claim]
     assert not failing, failing
     for c in result.claims:
         assert c.falsified_by in MUTATIONS
@@ -29,6 +33,12 @@ def test_capsules_smoke_suite(tmp_path):
     assert (tmp_path / "capsules_results.json").exists()
     acc = result.metrics["accuracy"]["mnist5k"]
     assert set(acc) == set(SETTINGS) and all(len(v) == 2 for v in acc.values())
+    assert result.metrics["accuracy_summary"]["mnist5k"]["r=3"]["mean"] > 0.5  # chance is 0.1
+    comp = result.metrics["routing_comparison"]
+    # the comparison the regularized routing is for: no polarization, fast convergence, one limit
+    assert comp["regularized"]["entropy_ratio"]["mean"] > 0.5 > comp["r=3"]["entropy_ratio"]["mean"]
+    assert comp["regularized"]["passes_to_tol"]["mean"] < comp["r=3"]["passes_to_tol"]["mean"]
+    assert comp["regularized"]["start_spread"]["mean"] < 1e-6 < comp["r=3"]["start_spread"]["mean"]
     for c in result.claims:
         if c.details.get("seeds"):
             assert "n_test" in c.details

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from proxnets.equilibrium.prox import (
-    ACTIVATIONS,
+    PROX_ACTIVATIONS,
     BoxClamp,
+    IncreasingProx,
     ReLUProx,
     UserProx,
     get_activation,
@@ -24,9 +25,11 @@ def _user_quadratic(c=0.5):
 
 
 def all_activations():
-    acts = [get_activation(name) for name in sorted(ACTIVATIONS)]
+    acts = [get_activation(name) for name in sorted(PROX_ACTIVATIONS)]
     acts += [_user_quadratic(), BoxClamp(-0.5, 2.0), get_activation("relu").with_l1(0.3),
-             get_activation("box").with_l1(0.2), get_activation("soft_threshold", lam=0.1).with_l1(0.2)]
+             get_activation("box").with_l1(0.2), get_activation("soft_threshold", lam=0.1).with_l1(0.2),
+             get_activation("tanh").with_l1(0.1), get_activation("leaky_relu", slope=0.3),
+             IncreasingProx(lambda v: 0.5 * torch.atan(v), name="atan/2")]
     return acts
 
 
@@ -81,7 +84,7 @@ def test_l1_shifted_relu():
 
 def test_errors():
     with pytest.raises(ValueError, match="activation: expected one of"):
-        get_activation("tanh")
+        get_activation("nope")
     with pytest.raises(ValueError, match="high: expected a number > low"):
         BoxClamp(1.0, 0.0)
     with pytest.raises(ValueError, match="lam: expected"):

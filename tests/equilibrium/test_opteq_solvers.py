@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from proxnets.equilibrium.layers import OptEq, OptEqConv2d
-from proxnets.equilibrium.prox import ACTIVATIONS, UserProx, get_activation
+from proxnets.equilibrium.prox import PROX_ACTIVATIONS, UserProx, get_activation
 from proxnets.utils.threads import intra_op_threads
 from proxnets.equilibrium.solvers import ADJOINT_SOLVERS, SOLVERS, EquilibriumInfo, halpern, solve
 from proxnets.utils.convergence import NonConvergenceError, NonConvergenceWarning
@@ -24,7 +24,7 @@ def _quadratic_user():
     return UserProx(lambda z: 0.25 * z.reshape(z.shape[0], -1).pow(2).sum(1), lambda v: v / 1.5, name="quad")
 
 
-ACTIVATION_SPECS = [(name, get_activation(name)) for name in sorted(ACTIVATIONS)] + [("user", _quadratic_user())]
+ACTIVATION_SPECS = [(name, get_activation(name)) for name in sorted(PROX_ACTIVATIONS)] + [("user", _quadratic_user())]
 SOLVER_ITERS = {"fixed_point": 2000, "accelerated": 2000, "anderson": 500, "halpern": 20000}
 
 

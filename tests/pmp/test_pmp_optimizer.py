@@ -124,7 +124,8 @@ def test_zeros_stay_zero_where_the_rule_says(digits):
         for p in model.parameters():
             p.mul_((torch.rand_like(p) > 0.5).double())
     rho, eps = 1e-3, 0.5
-    opt = BSQH(sparsity_param_groups(model, rho), eps=eps, eta=1e-8, eps_rule=SigmaZetaEps(sigma=2.0))
+    opt = BSQH(sparsity_param_groups(model, rho), eps=eps, eta=1e-8, eps_rule=SigmaZetaEps(sigma=2.0),
+               regularizer=SparseRegularizer())  # the plain L0 count: rho per nonzero weight
     w_k = {n: p.detach().clone() for n, p in model.named_parameters()}
     closure = full_batch_closure(model, opt, x, y)
     closure()

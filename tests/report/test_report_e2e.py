@@ -24,7 +24,7 @@ class _Images(HTMLParser):
         self.srcs = []
 
     def handle_starttag(self, tag, attrs):
-        if tag == "img":
+        if tag == "img" and dict(attrs).get("class") != "thumb":  # the first screen's thumbnails aside
             self.srcs.append(dict(attrs)["src"])
 
 

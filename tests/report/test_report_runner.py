@@ -27,7 +27,7 @@ class _Collect(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
-        if tag == "img":
+        if tag == "img" and dict(attrs).get("class") != "thumb":  # the first screen's thumbnails aside
             self.imgs.append(dict(attrs)["src"])
 
 
@@ -132,7 +132,7 @@ def test_relative_out_embeds_every_figure(fake, tmp_path, monkeypatch):
     results, report = reproduce(ReproduceConfig(methods=["fake"], size="smoke", out="runs/rel"), log=lambda m: None)
     assert results["suites"][0]["figures"][0]["path"] == "fake/curve.png"
     html = report.read_text()
-    assert "missing figure" not in html and html.count("data:image/png;base64,") == 1
+    assert "missing figure" not in html and html.count("data:image/png;base64,") == 2  # figure + thumbnail
 
 
 def test_resumed_paths_never_escape_the_run_directory(fake, tmp_path):

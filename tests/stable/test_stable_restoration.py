@@ -122,8 +122,16 @@ def test_stable_png_commands(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(ValueError, match="path: expected a readable image"):
         denoise_image(tmp_path / "notes.png", den, tmp_path / "x.png")
-    write_image(tmp_path / "rgb.png", img.expand(3, -1, -1))
-    with pytest.raises(ValueError, match="path_in: expected an image with 1 channel"):
-        denoise_image(tmp_path / "rgb.png", den, tmp_path / "x.png")
+    # a grey denoiser restores a colour image channel by channel; a colour denoiser refuses a grey image
+    write_image(tmp_path / "rgb.png", torch.stack([img[0], img[0].flip(0), img[0].flip(1)]))
+    denoise_image(tmp_path / "rgb.png", den, tmp_path / "rgb_den.png", add_noise=0.1)
+    assert read_image(tmp_path / "rgb_den.png").shape[0] == 3
+    rgb_den = AveragedDenoiser(DenoiserConfig(channels=3, image_size=32, width=4, depth=1)).eval()
+    with pytest.raises(ValueError, match="path_in: expected an image with 3 channel"):
+        denoise_image(tmp_path / "clean.png", rgb_den, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="strength"):
+        deblur_image(tmp_path / "clean.png", den, tmp_path / "x.png", strength=0.0)
+    with pytest.raises(ValueError, match="strength: expected a strength <= 1 / \\(2 alpha\\)"):
+        deblur_image(tmp_path / "clean.png", den, tmp_path / "x.png", algorithm="drs", strength=1.0, simulate=True)
     with pytest.raises(ValueError, match="kernel: expected a kernel no larger than the image"):
         deblur_image(tmp_path / "clean.png", den, tmp_path / "x.png", kernel_size=33, kernel_sigma=3.0)

@@ -16,6 +16,13 @@ routing polarizes the couplings. Every routing call can report that certificate
   couplings, energy never increasing, decrease at least the symmetric KL, optionally the KKT gap of
   a long run), re-routing the model's votes in float64.
 
+Beyond the seed, ``routing="regularized"`` (``b <- (1 - lambda tau) b + lambda a``: mirror descent on
+``E + tau sum c log c``, strictly convex above :func:`convexity_threshold`: one fixed point, linear
+convergence, no polarization). The reference CapsNet defaults to Sabour et al.'s official code
+(gradient through every pass, per-parent bias, margin loss halved), each a switch of
+:class:`CapsNetConfig`. ``CapsuleLinear(return_info=False)`` sits in ``nn.Sequential`` (info in
+``last_info``); :func:`layer_certificate` certifies it.
+
 ``MODELS``: ``"capsnet"`` (the paper's model) and ``"capsnet-small"`` (CPU-sized), each
 ``(input_shape, num_classes, **config_overrides) -> Trainable``.
 """
@@ -32,13 +39,23 @@ from proxnets.capsules.capsnet import (
     routing_certificate,
     small_config,
 )
-from proxnets.capsules.certify import certificate, energy_tolerance, routing_certificates
+from proxnets.capsules.certify import certificate, energy_tolerance, layer_certificate, routing_certificates
 from proxnets.capsules.functional import capsule_length, squash
-from proxnets.capsules.layers import COUPLING_MODES, CapsuleLinear, PrimaryCapsules, ReconstructionDecoder
+from proxnets.capsules.layers import (
+    COUPLING_MODES,
+    CapsuleLength,
+    CapsuleLinear,
+    PrimaryCapsules,
+    ReconstructionDecoder,
+)
 from proxnets.capsules.losses import margin_loss, reconstruction_loss
 from proxnets.capsules.routing import (
+    AUTO_TAU_FACTOR,
     BROKEN_VARIANTS,
+    CURVATURE_BOUND,
     GRADIENT_MODES,
+    ROUTING_MODES,
+    convexity_threshold,
     RoutingInfo,
     coupling_entropy,
     dynamic_routing,
@@ -50,11 +67,11 @@ from proxnets.capsules.votes import DenseVotes, FactoredVotes, Votes
 __all__ = [
     "squash", "capsule_length",
     "Votes", "DenseVotes", "FactoredVotes",
-    "GRADIENT_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo",
-    "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
-    "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
+    "GRADIENT_MODES", "ROUTING_MODES", "BROKEN_VARIANTS", "COUPLING_MODES", "RoutingInfo",
+    "CURVATURE_BOUND", "AUTO_TAU_FACTOR", "convexity_threshold", "dynamic_routing", "routing_energy", "energy_gradient", "coupling_entropy",
+    "PrimaryCapsules", "CapsuleLinear", "CapsuleLength", "ReconstructionDecoder", "margin_loss", "reconstruction_loss",
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
-    "certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
+    "certificate", "layer_certificate", "routing_certificates", "energy_tolerance", "routing_certificate", "MODELS", "make_capsnet",
 ]
 
 

@@ -9,7 +9,10 @@
 
 Loss = margin loss + 0.0005 * sum of squared reconstruction errors (:mod:`proxnets.capsules.losses`).
 With the reference configuration on MNIST the model has 8,215,568 parameters (6,804,224 without
-the decoder). Any image size and channel count work by ``input_shape``.
+the decoder) as the paper counts them, plus the 160 of the official code's per-parent bias
+(``bias=True``, the default; ``bias=False`` gives the paper's count). The defaults follow Sabour et al.'s
+official code where it differs from the paper's text: gradients through every routing pass
+(``gradient="all"``), the per-parent bias, the margin loss halved (``margin_scale=0.5``). Any image size and channel count work by ``input_shape``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from proxnets.capsules.functional import capsule_length
 from proxnets.capsules.layers import CapsuleLinear, PrimaryCapsules, ReconstructionDecoder, conv_output_size
 from proxnets.capsules.losses import margin_loss, reconstruction_loss
 from proxnets.capsules.routing import RoutingInfo
-from proxnets.utils.validation import check_int, check_number, check_tensor, fail
+from proxnets.utils.validation import check_int, check_labels, check_number, check_tensor, fail
 
 __all__ = [
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
@@ -46,9 +49,15 @@ class CapsNetConfig:
     primary_stride: int = 2
     class_dim: int = 16  # 16-D class capsules
     iterations: int = 3  # routing passes (Sabour et al.: 3)
-    gradient: str = "last"  # see dynamic_routing: inner passes carry no gradient
+    # Sabour et al.'s official code (each a switch; the paper's text is silent on the first two):
+    gradient: str = "all"  # back-propagate through every routing pass (no stop-gradient); "last": final pass only
+    bias: bool = True  # learned per-parent bias added to every s_j (the energy stays concave)
+    margin_scale: float = 0.5  # the official code halves the margin loss; 1.0 is the paper's formula
     leaky: bool = False
     couplings: str = "routing"  # or "random": the random-coupling baseline of Paik et al. (no routing)
+    routing: str = "standard"  # or "regularized": b <- (1 - lambda tau) b + lambda a (beyond the seed)
+    tau: float | str | None = None  # regularized routing: entropic weight, "auto" = twice the convexity threshold
+    step: float | None = None  # regularized routing: lambda (default 1 / tau)
     decoder_hidden: tuple[int, ...] = (512, 1024)
     reconstruction: bool = True  # decoder and its loss (0.25% vs 0.35% MNIST test error in the paper)
     reconstruction_scale: float = 5e-4  # times the *sum* of squared errors
@@ -61,6 +70,7 @@ class CapsNetConfig:
         self.decoder_hidden = tuple(self.decoder_hidden)
         check_int("num_classes", self.num_classes, low=2)
         check_number("reconstruction_scale", self.reconstruction_scale, low=0.0)
+        check_number("margin_scale", self.margin_scale, low=0.0, low_inclusive=False)
         if min(self.primary_grid) < 1:
             fail("input_shape", "an image large enough for the two 9x9 convolutions", self.input_shape)
 
@@ -78,7 +88,7 @@ class CapsNetConfig:
 
 
 def reference_config(input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10, **overrides) -> CapsNetConfig:
-    """The paper's model (8,215,568 parameters on MNIST)."""
+    """The paper's model (8,215,568 parameters on MNIST, + 160 for the official code's bias)."""
     return CapsNetConfig(input_shape=tuple(input_shape), num_classes=num_classes, **overrides)
 
 
@@ -99,7 +109,8 @@ class CapsNet(nn.Module):
                                        cfg.primary_kernel, cfg.primary_stride)
         self.classes = CapsuleLinear(cfg.primary_capsules, cfg.primary_dim, cfg.num_classes, cfg.class_dim,
                                      iterations=cfg.iterations, gradient=cfg.gradient, leaky=cfg.leaky,
-                                     couplings=cfg.couplings)
+                                     couplings=cfg.couplings, bias=cfg.bias, routing=cfg.routing, tau=cfg.tau,
+                                     step=cfg.step)
         self.decoder = (ReconstructionDecoder(cfg.num_classes, cfg.class_dim, cfg.input_shape, cfg.decoder_hidden)
                         if cfg.reconstruction else None)
 
@@ -110,6 +121,7 @@ class CapsNet(nn.Module):
 
     def forward(self, x: torch.Tensor, *, iterations: int | None = None, trace: bool = False) -> tuple[torch.Tensor, RoutingInfo]:
         """Class capsules ``(B, K, class_dim)`` and the routing info (``iterations`` overrides the config)."""
+        check_tensor("x", x, shape=(None, *self.config.input_shape), like=self)
         u = self.primary_capsules(x)  # (B, M, 8)
         return self.classes(u, iterations=iterations, trace=trace)  # (B, K, 16)
 
@@ -132,10 +144,12 @@ def capsnet_scores(model: CapsNet, x: torch.Tensor) -> torch.Tensor:
 
 
 def capsnet_loss(model: CapsNet, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Margin loss + scaled reconstruction loss (decoder fed the true class), with both parts."""
+    """``margin_scale`` x margin loss + scaled reconstruction loss (decoder fed the true class), with both parts."""
+    check_tensor("x", x, ndim=4, nonempty=True)
+    check_labels("y", y, x.shape[0], model.config.num_classes)
     v, _ = model(x)  # (B, K, D)
     lengths = capsule_length(v)  # (B, K)
-    margin = margin_loss(lengths, y)
+    margin = model.config.margin_scale * margin_loss(lengths, y)
     parts = {"margin": float(margin.detach())}
     loss = margin
     if model.decoder is not None and model.config.reconstruction_scale > 0:
@@ -176,6 +190,8 @@ def routing_certificate(model: CapsNet, x: torch.Tensor, passes: int | None = No
 
 def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """The paper's augmentation: shift each image by up to ``max_shift`` pixels, zero padding."""
+    check_tensor("x", x, ndim=4)
+    check_int("max_shift", max_shift, low=0)
     B, _, H, W = x.shape
     p = max_shift
     padded = nn.functional.pad(x, (p, p, p, p))  # (B, C, H + 2p, W + 2p)

@@ -8,12 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from proxnets.capsules.functional import squash
-from proxnets.capsules.routing import GRADIENT_MODES, RoutingInfo, dynamic_routing
+from proxnets.capsules.functional import _capsule_length
+from proxnets.capsules.functional import _squash as squash  # unchecked: hot path
+from proxnets.capsules.routing import GRADIENT_MODES, ROUTING_MODES, RoutingInfo, dynamic_routing
 from proxnets.capsules.votes import FactoredVotes
-from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
+from proxnets.utils.validation import check_choice, check_int, check_labels, check_number, check_tensor, fail
 
-__all__ = ["COUPLING_MODES", "PrimaryCapsules", "CapsuleLinear", "ReconstructionDecoder", "conv_output_size"]
+__all__ = ["COUPLING_MODES", "PrimaryCapsules", "CapsuleLinear", "CapsuleLength", "ReconstructionDecoder",
+           "conv_output_size"]
 
 COUPLING_MODES = ("routing", "random")
 
@@ -49,8 +51,15 @@ class CapsuleLinear(nn.Module):
     """Routed capsule layer: ``M`` child capsules of ``in_dim`` -> ``N`` parents of ``out_dim``.
 
     Votes ``u_hat[b, i, j] = u[b, i] @ weight[j, i]`` with one ``in_dim x out_dim`` matrix per pair
-    (``weight``: ``(N, M, in_dim, out_dim)``, no bias: Sabour et al.'s count), then
-    :func:`~proxnets.capsules.routing.dynamic_routing` on the factored votes (never materialized).
+    (``weight``: ``(N, M, in_dim, out_dim)``), then :func:`~proxnets.capsules.routing.dynamic_routing` on
+    the factored votes (never materialized). ``bias=True`` adds the official code's learned per-parent
+    bias ``beta (N, out_dim)`` to every ``s_j`` (initialized to ``bias_init``); the routing energy stays
+    concave (``s_j`` is still affine in the couplings). ``routing="regularized"`` (with ``tau``, ``step``)
+    routes by ``b <- (1 - lambda tau) b + lambda a`` (strictly convex for ``tau`` above the threshold;
+    ``tau="auto"``: twice it, per sample).
+
+    ``return_info=False`` makes ``forward`` return only ``v`` (so the layer sits in ``nn.Sequential``)
+    and keeps the routing info on the module as ``last_info``.
 
     ``couplings="random"`` is the random-coupling baseline of Paik, Kwak & Kim (2019): no routing,
     each child's couplings ``softmax(z_i)`` with ``z_ij ~ N(0, 1)`` drawn afresh at every forward
@@ -67,10 +76,16 @@ class CapsuleLinear(nn.Module):
         out_dim: int,
         *,
         iterations: int = 3,
-        gradient: str = "last",
+        gradient: str = "all",
         leaky: bool = False,
         init_std: float = 0.01,
         couplings: str = "routing",
+        bias: bool = False,
+        bias_init: float = 0.1,
+        routing: str = "standard",
+        tau: float | str | None = None,
+        step: float | None = None,
+        return_info: bool = True,
     ):
         super().__init__()
         for name, value in (("in_capsules", in_capsules), ("in_dim", in_dim), ("out_capsules", out_capsules),
@@ -80,9 +95,24 @@ class CapsuleLinear(nn.Module):
         self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         self.leaky = bool(leaky)
         self.couplings = check_choice("couplings", couplings, COUPLING_MODES)
+        self.routing = check_choice("routing", routing, ROUTING_MODES)
+        if routing == "regularized" and tau is None:
+            tau = "auto"
+        self.tau, self.step = tau, step
+        self.return_info = bool(return_info)
+        self.last_info: RoutingInfo | None = None
         self.broken: str | None = None
         self.weight = nn.Parameter(torch.randn(out_capsules, in_capsules, in_dim, out_dim)
                                    * check_number("init_std", init_std, low=0.0))
+        self.bias = (nn.Parameter(torch.full((out_capsules, out_dim), check_number("bias_init", bias_init)))
+                     if bias else None)
+        # validates routing/tau/step once, on a tiny problem, so that a bad value fails at construction
+        dynamic_routing(torch.zeros(1, 1, 1, 1), 1, routing=routing, tau=tau, step=step)
+
+    def routing_options(self) -> dict:
+        """Keyword arguments of :func:`dynamic_routing` that reproduce this layer's routing (bias included)."""
+        return dict(gradient=self.gradient, leaky=self.leaky, bias=self.bias, routing=self.routing,
+                    tau=self.tau, step=self.step, _broken=self.broken)
 
     def votes(self, u: torch.Tensor) -> FactoredVotes:
         """The layer's votes for child capsules ``u (B, M, in_dim)``."""
@@ -91,21 +121,33 @@ class CapsuleLinear(nn.Module):
         return FactoredVotes(u, self.weight, validate=False)
 
     def forward(self, u: torch.Tensor, *, iterations: int | None = None, trace: bool = False,
-                tol: float | None = None) -> tuple[torch.Tensor, RoutingInfo]:
-        """Parent capsules ``(B, N, out_dim)`` and the routing info; ``iterations`` overrides the layer's."""
+                tol: float | None = None) -> tuple[torch.Tensor, RoutingInfo] | torch.Tensor:
+        """Parent capsules ``(B, N, out_dim)`` and the routing info (only ``v`` with ``return_info=False``;
+        the info is then ``self.last_info``); ``iterations`` overrides the layer's."""
         votes = self.votes(u)
         if self.couplings == "random":
             c = torch.softmax(torch.randn(votes.batch, votes.children, votes.parents, dtype=u.dtype,
                                           device=u.device), -1)  # (B, M, N), rows on the simplex
-            return squash(votes.combine(c)), RoutingInfo(iterations=0, couplings=c)
-        r = self.iterations if iterations is None else iterations
-        return dynamic_routing(votes, r, gradient=self.gradient, leaky=self.leaky, trace=trace, tol=tol,
-                               _broken=self.broken)
+            s = votes.combine(c)
+            v, info = squash(s if self.bias is None else s + self.bias), RoutingInfo(iterations=0, couplings=c)
+        else:
+            r = self.iterations if iterations is None else iterations
+            v, info = dynamic_routing(votes, r, trace=trace, tol=tol, **self.routing_options())
+        self.last_info = info
+        return (v, info) if self.return_info else v
 
     def extra_repr(self) -> str:
         N, M, K, D = self.weight.shape
         return (f"{M}x{K} -> {N}x{D}, iterations={self.iterations}, gradient={self.gradient!r}, leaky={self.leaky}, "
-                f"couplings={self.couplings!r}")
+                f"couplings={self.couplings!r}, bias={self.bias is not None}, routing={self.routing!r}"
+                + (f", tau={self.tau!r}, step={self.step!r}" if self.routing == "regularized" else ""))
+
+
+class CapsuleLength(nn.Module):
+    """Capsule lengths ``|v_j|`` ``(B, N)`` from capsules ``(B, N, D)``: class scores in ``nn.Sequential``."""
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return _capsule_length(v)
 
 
 class ReconstructionDecoder(nn.Module):
@@ -127,6 +169,8 @@ class ReconstructionDecoder(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        check_tensor("v", v, shape=(None, self.num_classes, None), like=self)
+        check_labels("labels", labels, v.shape[0], self.num_classes)  # a length-1 vector is not broadcast
         mask = nn.functional.one_hot(labels, self.num_classes).to(v.dtype)  # (B, N)
         flat = (v * mask.unsqueeze(-1)).flatten(1)  # (B, N * D)
         return self.net(flat).view(-1, *self.out_shape)  # (B, C, H, W)

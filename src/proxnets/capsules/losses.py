@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from proxnets.utils.validation import check_number, check_tensor, fail
+from proxnets.utils.validation import check_labels, check_number, check_tensor
 
 __all__ = ["margin_loss", "reconstruction_loss"]
 
@@ -18,9 +18,8 @@ __all__ = ["margin_loss", "reconstruction_loss"]
 def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, *, m_plus: float = 0.9, m_minus: float = 0.1,
                 lam: float = 0.5) -> torch.Tensor:
     """Batch mean of the margin loss; ``lengths (B, K)`` capsule lengths, ``targets (B,)`` class indices."""
-    check_tensor("lengths", lengths, ndim=2)
-    if not isinstance(targets, torch.Tensor) or targets.shape != lengths.shape[:1] or targets.is_floating_point():
-        fail("targets", f"integer class indices of shape ({lengths.shape[0]},)", getattr(targets, "shape", targets))
+    check_tensor("lengths", lengths, ndim=2, nonempty=True)  # the mean of an empty batch is NaN
+    check_labels("targets", targets, lengths.shape[0], lengths.shape[1])
     m_plus = check_number("m_plus", m_plus, low=0.0, high=1.0)
     m_minus = check_number("m_minus", m_minus, low=0.0, high=1.0)
     lam = check_number("lam", lam, low=0.0)
@@ -32,7 +31,7 @@ def margin_loss(lengths: torch.Tensor, targets: torch.Tensor, *, m_plus: float =
 
 def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor, *, scale: float = 5e-4) -> torch.Tensor:
     """``scale * sum_pixels (reconstruction - images)^2`` averaged over the batch."""
-    check_tensor("images", images, ndim=4)
-    check_tensor("reconstruction", reconstruction, shape=tuple(images.shape), finite=False)
+    check_tensor("images", images, ndim=4, nonempty=True)  # the mean of an empty batch is NaN
+    check_tensor("reconstruction", reconstruction, shape=tuple(images.shape), like=images)
     scale = check_number("scale", scale, low=0.0)
     return scale * (reconstruction - images).pow(2).flatten(1).sum(1).mean()

@@ -30,6 +30,34 @@ vertices (one-hot rows): repeated routing *polarizes* the couplings and mutes so
 (after ``r - 1`` mirror steps); ``r = 1`` is uniform couplings. ``iterations = 0`` is accepted as
 "no routing" and gives the same output as ``r = 1``.
 
+**Per-parent bias** (Sabour et al.'s code): ``s_j(C) = sum_i c_ij u_hat_ij + beta_j``. ``s_j`` is still
+affine in ``C``, so ``|s_j(C)|`` is still convex, ``E`` still concave, and ``dE/dc_ij = -<u_hat_ij, v_j>``
+with ``v_j = squash(s_j)`` (bias included): the same update is mirror descent on the extended energy.
+
+**Regularized routing** (beyond the seed): ``b <- (1 - lambda tau) b + lambda a`` with step ``lambda`` and
+entropic weight ``tau`` (``0 < lambda tau <= 1``) is the entropic mirror-descent step of size ``lambda`` on
+
+    F(C) = E(C) + tau sum_ij c_ij log c_ij
+
+(``log C_t = b_t`` up to row constants). Since ``E`` is concave and ``h = sum c log c`` has Bregman divergence
+``D_h = sum_i KL``, ``F(Y) <= F(X) + <grad F(X), Y - X> + tau D_h(Y, X)`` exactly, and the mirror step gives
+
+    F(C_{t+1}) <= F(C_t) - (1/lambda - tau) KL(C_{t+1}||C_t) - (1/lambda) KL(C_t||C_{t+1})
+
+(``tau = 0, lambda = 1``: the bound above). **Strict convexity.** The Hessian of ``r(s) = g(n(s))`` has
+eigenvalues ``n/(1+n^2) <= 1/2`` and at most ``2n/(1+n^2)^2 <= 3 sqrt(3)/8 =: L_g`` (at ``n = 1/sqrt 3``), so
+``-E`` has curvature at most ``L_E = L_g max_j sigma_max(U_j)^2 <= L_g max_j sum_i |u_hat_ij|^2``
+(``U_j``: the ``M x D`` votes for parent ``j``), while ``diag(1/c) >= I`` on the simplex. Hence for
+
+    tau > tau* := L_g max_j sum_i |u_hat_ij|^2          (per sample; :func:`convexity_threshold`)
+
+``F`` is ``mu = tau - tau*`` strongly convex relative to ``h`` (and ``tau``-smooth relative to it): a unique
+minimizer, the unique fixed point of the iteration, reached linearly for ``lambda = 1/tau``:
+``F(C_k) - F* <= mu KL(C*||C_0) / ((tau / tau*)^k - 1)`` (Lu, Freund & Nesterov 2018, Thm 3.1). **No
+polarization.** ``b_t`` is a weighted sum of agreements with weights ``lambda (1 - lambda tau)^k`` summing to
+at most ``1/tau``, and ``|a_ij| <= |u_hat_ij|``: every coupling of every pass satisfies
+``c_ij >= exp(-2 max_j |u_hat_ij| / tau) / (N [+1])``, at any ``tau > 0``.
+
 **Leaky routing** (Sabour et al.'s code) adds a none-of-the-above parent with a zero vote and a logit
 fixed at 0: rows live on the simplex of ``N + 1`` entries and the couplings to real parents sum to
 less than one. The energy and the mirror-descent reading are unchanged (the extra parent's
@@ -45,13 +73,17 @@ from typing import Any
 
 import torch
 
-from proxnets.capsules.functional import EPS, capsule_length, squash
+from proxnets.capsules.functional import EPS, _capsule_length as capsule_length, _squash as squash  # unchecked: hot path
 from proxnets.capsules.votes import Votes, as_votes
 from proxnets.utils.convergence import POLICIES, IterInfo, handle_nonconvergence
-from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
 __all__ = [
     "GRADIENT_MODES",
+    "ROUTING_MODES",
+    "CURVATURE_BOUND",
+    "AUTO_TAU_FACTOR",
+    "convexity_threshold",
     "BROKEN_VARIANTS",
     "RoutingInfo",
     "routing_energy",
@@ -61,10 +93,14 @@ __all__ = [
 ]
 
 GRADIENT_MODES = ("last", "all")
+ROUTING_MODES = ("standard", "regularized")
+CURVATURE_BOUND = 3 * math.sqrt(3) / 8  # L_g = max_n 2n / (1 + n^2)^2: the curvature of g(n(s)) in s
 
 BROKEN_VARIANTS = {
     "softmax-over-children": "couplings normalized over the children (the wrong axis): columns, not rows, sum to 1",
     "negative-update": "logit update of the wrong sign, b <- b - <u_hat, v> (mirror ascent on the concave energy)",
+    "anti-regularized": "regularized routing with the entropic term of the wrong sign, b <- (1 + lambda tau) b + "
+                        "lambda a (an entropy bonus turned into a penalty: polarizes)",
 }
 """Deliberately wrong routing procedures (the two bugs public reimplementations make), selected by
 ``dynamic_routing(..., _broken=name)``: only for the falsification tests of the certificate and the
@@ -102,6 +138,15 @@ class RoutingInfo(IterInfo):
     - ``row_sum_error``: ``max_i |sum_j c_ij - 1|`` over every child (leak included): the distance of
       ``C_t`` from the constraints (round-off for correct routing; NaN when a coupling is not finite).
 
+    - ``objective``: ``F(C_t) = E(C_t) + tau sum_ij c_ij log c_ij`` (``= energy`` for standard routing).
+    - ``decrease_bound``: ``(1/lambda - tau) KL(C_{t+1}||C_t) + (1/lambda) KL(C_t||C_{t+1})``, the decrease
+      of ``F`` the mirror step guarantees (``= sym_kl`` for standard routing).
+    - ``min_log_coupling``: ``min_{i,j} log c_ij`` (from the logits), the polarization floor.
+
+    For regularized routing ``kkt_gap`` is the gap of ``F``: ``sum_i [max_j q_ij - sum_j c_ij q_ij]`` with
+    ``q_ij = a_ij - tau log c_ij``, zero exactly at the fixed point ``C = softmax(a / tau)``. ``tau`` and
+    ``step`` hold the per-sample ``tau`` and ``lambda`` ``(B,)`` used (``0`` and ``1`` for standard routing).
+
     ``change`` and ``sym_kl`` at the last pass describe the step to ``C_T`` (computed, not used for
     the output); NaN when ``tol`` stopped the run there. :meth:`summary` gives the batch means as lists.
     """
@@ -115,8 +160,14 @@ class RoutingInfo(IterInfo):
     kkt_gap: torch.Tensor | None = None
     sym_kl: torch.Tensor | None = None
     row_sum_error: torch.Tensor | None = None
+    objective: torch.Tensor | None = None
+    decrease_bound: torch.Tensor | None = None
+    min_log_coupling: torch.Tensor | None = None
+    tau: torch.Tensor | None = None
+    step: torch.Tensor | None = None
 
-    TRACE_FIELDS = ("energy", "entropy", "max_coupling", "change", "muted", "kkt_gap", "sym_kl", "row_sum_error")
+    TRACE_FIELDS = ("energy", "entropy", "max_coupling", "change", "muted", "kkt_gap", "sym_kl", "row_sum_error",
+                    "objective", "decrease_bound", "min_log_coupling")
 
     def summary(self) -> dict[str, list[float]]:
         """Batch-averaged traces: ``{field: [mean over the batch at pass t for t in 0..T-1]}``."""
@@ -170,7 +221,11 @@ def _energy_of(s: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def _check_couplings(votes: Votes, couplings: Any) -> torch.Tensor:
-    return check_tensor("couplings", couplings, shape=(votes.batch, votes.children, votes.parents))
+    check_tensor("couplings", couplings, shape=(votes.batch, votes.children, votes.parents))
+    if couplings.dtype != votes.dtype or couplings.device != votes.device:
+        fail("couplings", f"dtype {votes.dtype} on {votes.device} (the votes')", f"{couplings.dtype} on {couplings.device}",
+             TypeError)
+    return couplings
 
 
 def routing_energy(votes: torch.Tensor | Votes, couplings: torch.Tensor) -> torch.Tensor:
@@ -193,7 +248,24 @@ def energy_gradient(votes: torch.Tensor | Votes, couplings: torch.Tensor) -> tor
 
 def coupling_entropy(couplings: torch.Tensor) -> torch.Tensor:
     """Mean over children of the row entropy ``- sum_j c_ij log c_ij`` (``0 log 0 = 0``): ``(B,)``."""
+    check_tensor("couplings", couplings, ndim=3)
+    if bool((couplings < 0).any()):
+        fail("couplings", "non-negative couplings", "negative entries")
     return -torch.special.xlogy(couplings, couplings).sum(-1).mean(-1)
+
+
+def convexity_threshold(votes: torch.Tensor | Votes) -> torch.Tensor:
+    """``tau* = L_g max_j sum_i |u_hat_ij|^2`` per sample ``(B,)``, ``L_g = 3 sqrt(3) / 8``.
+
+    Above it the regularized objective ``F = E + tau sum c log c`` is strictly convex (module docstring):
+    ``sum_i |u_hat_ij|^2 = |U_j|_F^2 >= sigma_max(U_j)^2`` bounds the curvature of ``-E``. Detached. The
+    factor ``1 + 4 (M + D) eps`` covers the rounding of the sums of squares.
+    """
+    votes = as_votes(votes)
+    with torch.no_grad():
+        sq = votes.column_sq_norms()  # (B, N)
+    eps = torch.finfo(sq.dtype).eps
+    return CURVATURE_BOUND * sq.amax(-1) * (1 + 4 * (votes.children + votes.dim) * eps)
 
 
 def _logit_floor(dtype: torch.dtype) -> float:
@@ -226,8 +298,13 @@ def dynamic_routing(
     iterations: int = 3,
     *,
     tol: float | None = None,
-    gradient: str = "last",
+    gradient: str = "all",
     leaky: bool = False,
+    bias: torch.Tensor | None = None,
+    routing: str = "standard",
+    tau: float | str | None = None,
+    step: float | None = None,
+    initial_logits: torch.Tensor | None = None,
     trace: bool = False,
     mute_threshold: float = 1e-2,
     policy: str = "warn",
@@ -242,13 +319,20 @@ def dynamic_routing(
             maximum number of passes.
         tol: stop once ``max |C_{t+1} - C_t| < tol`` over the batch (the output then uses ``C_t``);
             not reaching it within ``iterations`` is handled by ``policy``.
-        gradient: ``"last"`` (default): the couplings are constants for back-propagation, gradients
-            reach the votes only through ``s = sum_i c_ij u_hat_ij`` of the final pass (as in Sabour
-            et al.'s code, which stops gradients in the inner passes; cheaper). ``"all"``:
-            back-propagate through every pass, couplings included.
+        gradient: ``"all"`` (default, as in Sabour et al.'s official code, which has no stop-gradient):
+            back-propagate through every pass, couplings included. ``"last"``: the couplings are
+            constants for back-propagation, gradients reach the votes only through
+            ``s = sum_i c_ij u_hat_ij`` of the final pass (what many reimplementations do; cheaper).
         leaky: add a none-of-the-above parent (zero vote, logit fixed at 0).
-        trace: record energy, entropy, max coupling, change, muted fraction, KKT gap, symmetric KL
-            and row-sum error per pass (costs one extra agreement pass).
+        bias: per-parent bias ``beta`` ``(N, D)`` (or ``(B, N, D)``): ``s_j = sum_i c_ij u_hat_ij + beta_j``
+            (the official code's learned bias; the energy stays concave, module docstring).
+        routing: ``"standard"`` (``b <- b + a``) or ``"regularized"`` (``b <- (1 - lambda tau) b + lambda a``,
+            mirror descent on ``F = E + tau sum c log c``).
+        tau: entropic weight of regularized routing: a positive number, or ``"auto"`` (default there):
+            ``AUTO_TAU_FACTOR`` times :func:`convexity_threshold` of each sample (strictly convex ``F``).
+        step: ``lambda`` of regularized routing, ``0 < lambda tau <= 1``; default ``1 / tau``.
+        initial_logits: ``(B, M, N)`` logits to start from instead of zeros (uniform couplings).
+        trace: record the per-pass fields of :class:`RoutingInfo` (costs one extra agreement pass).
         mute_threshold: ``|v_j|`` below which a parent counts as muted in the trace.
         policy: ``"ignore" | "warn" | "raise"`` when ``tol`` is not reached.
         _broken: a key of :data:`BROKEN_VARIANTS` runs that deliberately wrong procedure (tests of
@@ -262,25 +346,43 @@ def dynamic_routing(
     if tol is not None:
         tol = check_number("tol", tol, low=0.0, low_inclusive=False)
     check_choice("gradient", gradient, GRADIENT_MODES)
+    check_choice("routing", routing, ROUTING_MODES)
     mute_threshold = check_number("mute_threshold", mute_threshold, low=0.0)
     check_choice("policy", policy, POLICIES)
     if not isinstance(leaky, bool):
         raise TypeError(f"leaky: expected a bool, got {leaky!r}")
     if _broken is not None:
         check_choice("_broken", _broken, tuple(BROKEN_VARIANTS))
+    B, M, N = votes.batch, votes.children, votes.parents
+    if bias is not None:
+        bias = check_tensor("bias", bias, finite=False)
+        if bias.shape not in ((N, votes.dim), (B, N, votes.dim)):
+            fail("bias", f"shape ({N}, {votes.dim}) or ({B}, {N}, {votes.dim})", tuple(bias.shape))
     axis = 2 if _broken == "softmax-over-children" else 0  # parent-major logits: dim 0 = parents
     sign = -1.0 if _broken == "negative-update" else 1.0
+    tau_b, step_b_ = _regularization(votes, routing, tau, step)  # (B,) each
 
-    B, M, N = votes.batch, votes.children, votes.parents
     passes = max(iterations, 1)
     measure = trace or tol is not None
     outer_grad = torch.is_grad_enabled()
     detached = gradient == "last"
     inner = votes.detach() if detached else votes
+    inner_bias = None if bias is None else (bias.detach() if detached else bias)
     inner_mode = torch.no_grad() if detached else contextlib.nullcontext()
+    regularized = routing == "regularized"
+    decay = (1 - (-1 if _broken == "anti-regularized" else 1) * step_b_ * tau_b)[None, :, None]  # 1 - lambda tau
+    lam = step_b_[None, :, None]
+    tau_pm = tau_b[None, :, None]
+
+    def combine(vs: Votes, c: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+        s_ = vs.combine(_bmn(c))  # (B, N, D)
+        return s_ if beta is None else s_ + beta
 
     # b, parent-major (N, B, M) plus the leak's row; reset for every call
     logits = torch.zeros(N + int(leaky), B, M, dtype=votes.dtype, device=votes.device)
+    if initial_logits is not None:
+        init = check_tensor("initial_logits", initial_logits, shape=(B, M, N))
+        logits[:N] = init.detach().to(votes.dtype).permute(2, 0, 1)
     floor = _logit_floor(votes.dtype)
     c, c_full = _softmax_couplings(logits, leaky, axis)
     log_c = torch.log_softmax(logits, dim=axis) if trace else None
@@ -294,40 +396,55 @@ def dynamic_routing(
         if final and detached:
             # The last pass of the classic procedure: the only one gradients go through.
             with torch.set_grad_enabled(outer_grad):
-                s = votes.combine(_bmn(c))  # (B, N, D)
+                s = combine(votes, c, bias)
             s_has_grad = True
         else:
             with inner_mode:
-                s = inner.combine(_bmn(c))  # (B, N, D)
+                s = combine(inner, c, inner_bias)
             s_has_grad = not detached
         v = squash(s)  # (B, N, D)
         if trace:
             with torch.no_grad():
-                stats["energy"].append(_energy_of(s.detach()))
-                stats["entropy"].append(-torch.special.xlogy(c_full, c_full).detach().sum(0).mean(-1))
-                stats["max_coupling"].append(c_full.detach().amax(0).mean(-1))
+                cf_, lc_ = c_full.detach(), log_c.detach()
+                energy = _energy_of(s.detach())
+                stats["energy"].append(energy)
+                stats["objective"].append(energy + tau_b * (cf_ * lc_).sum((0, 2)))
+                stats["entropy"].append(-torch.special.xlogy(cf_, cf_).sum(0).mean(-1))
+                stats["max_coupling"].append(cf_.amax(0).mean(-1))
+                stats["min_log_coupling"].append(lc_.amin((0, 2)))
                 stats["muted"].append((capsule_length(v.detach()) < mute_threshold).to(s.dtype).mean(-1))
-                stats["row_sum_error"].append((c_full.detach().sum(0) - 1).abs().amax(-1))
+                stats["row_sum_error"].append((cf_.sum(0) - 1).abs().amax(-1))
         if final or iterations == 0:
             break
         with inner_mode:
-            step_b = inner.agree(v).permute(2, 0, 1)  # -grad E(C), (N, B, M)
+            agreement = inner.agree(v).permute(2, 0, 1)  # a = -grad E(C), (N, B, M)
             if leaky:
-                step_b = torch.cat([step_b, step_b.new_zeros(1, B, M)])  # the leak's gradient is 0
+                agreement = torch.cat([agreement, agreement.new_zeros(1, B, M)])  # the leak's gradient is 0
             if trace:
-                a, cf = step_b.detach(), c_full.detach()  # agreements a = -grad E, (N [+ 1], B, M)
-                stats["kkt_gap"].append((a.amax(0) - (cf * a).sum(0)).sum(-1))  # (B,)
-            logits = logits + sign * step_b  # b <- b - grad E(C)
-            logits = (logits - logits.amax(axis, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
+                a, cf = agreement.detach(), c_full.detach()  # (N [+ 1], B, M)
+                q = a - tau_pm * log_c.detach() if regularized else a  # -grad F up to a row constant
+                stats["kkt_gap"].append((q.amax(0) - (cf * q).sum(0)).sum(-1))  # (B,)
+            if regularized:
+                logits = decay * logits + (sign * lam) * agreement  # b <- (1 - lambda tau) b + lambda a
+            else:
+                logits = logits + sign * agreement  # b <- b - grad E(C)
+            if torch.is_grad_enabled():
+                logits = (logits - logits.amax(axis, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
+            else:  # nothing is saved for backward: in place, no new (N, B, M) buffers
+                logits.sub_(logits.amax(axis, keepdim=True)).clamp_min_(-floor)
             c_next, c_next_full = _softmax_couplings(logits, leaky, axis)
         if measure:
-            step = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
-            residuals.append(float(step.max()))
+            moved = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
+            residuals.append(float(moved.max()))
             if trace:
-                stats["change"].append(step)
+                stats["change"].append(moved)
                 log_next = torch.log_softmax(logits.detach(), dim=axis)
-                # KL(C'||C) + KL(C||C') = sum (c' - c)(log c' - log c), from logs (no underflow)
-                stats["sym_kl"].append(((c_next_full.detach() - cf) * (log_next - log_c)).sum((0, 2)))
+                diff = log_next - log_c
+                # KL(C'||C) and KL(C||C') from logs (couplings underflow in linear space)
+                kl_fwd = (c_next_full.detach() * diff).sum((0, 2))
+                kl_bwd = -(cf * diff).sum((0, 2))
+                stats["sym_kl"].append(kl_fwd + kl_bwd)
+                stats["decrease_bound"].append((1 / step_b_ - tau_b) * kl_fwd + kl_bwd / step_b_)
                 log_c = log_next
             if tol is not None and residuals[-1] < tol:
                 converged = True
@@ -337,9 +454,9 @@ def dynamic_routing(
         c, c_full = c_next, c_next_full
 
     if detached and not s_has_grad and outer_grad:
-        s = votes.combine(_bmn(c))  # re-run the final pass with gradients to the votes
+        s = combine(votes, c, bias)  # re-run the final pass with gradients to the votes
         v = squash(s)
-    for name in ("change", "sym_kl", "kkt_gap"):
+    for name in ("change", "sym_kl", "kkt_gap", "decrease_bound"):
         if trace and len(stats[name]) < len(stats["energy"]):
             stats[name].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
     info = RoutingInfo(
@@ -347,8 +464,33 @@ def dynamic_routing(
         converged=converged,
         residuals=residuals,
         couplings=_bmn(c).detach().contiguous(),
+        tau=tau_b, step=step_b_,
         **({k: torch.stack(val) for k, val in stats.items()} if trace else {}),
     )
     if tol is not None:
         handle_nonconvergence(info, policy, "dynamic routing")
     return v, info
+
+
+AUTO_TAU_FACTOR = 2.0
+"""``tau = "auto"``: twice the convexity threshold, so ``mu = tau / 2`` and, with ``lambda = 1 / tau``, the
+objective gap falls at least by half per pass (asymptotically)."""
+
+
+def _regularization(votes: Votes, routing: str, tau: Any, step: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(tau, lambda)`` of shape ``(B,)``: ``(0, 1)`` for standard routing."""
+    B, dtype, device = votes.batch, votes.dtype, votes.device
+    if routing == "standard":
+        if tau is not None or step is not None:
+            fail("tau", 'None with routing="standard" (tau and step belong to routing="regularized")', tau)
+        return torch.zeros(B, dtype=dtype, device=device), torch.ones(B, dtype=dtype, device=device)
+    if tau is None or (isinstance(tau, str) and tau == "auto"):
+        tau_b = (AUTO_TAU_FACTOR * convexity_threshold(votes)).clamp_min(1e-12).to(dtype)
+    else:
+        tau_b = torch.full((B,), check_number("tau", tau, low=0.0, low_inclusive=False), dtype=dtype, device=device)
+    if step is None:
+        return tau_b, 1 / tau_b
+    lam = torch.full((B,), check_number("step", step, low=0.0, low_inclusive=False), dtype=dtype, device=device)
+    if bool((lam * tau_b > 1 + 1e-12).any()):
+        fail("step", f"0 < step * tau <= 1 (tau = {float(tau_b.max()):.4g})", step)
+    return tau_b, lam

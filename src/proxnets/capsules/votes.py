@@ -65,6 +65,15 @@ class Votes:
         """
         raise NotImplementedError
 
+    def vote_max(self) -> torch.Tensor:
+        """An upper bound of ``max_{i,j} |u_hat[b, i, j]|`` per sample, shape ``(B,)``."""
+        raise NotImplementedError
+
+    def column_sq_norms(self) -> torch.Tensor:
+        """``sum_i |u_hat[b, i, j]|^2`` per sample and parent, shape ``(B, N)`` (the squared Frobenius norm
+        of the ``M x D`` votes for parent ``j``: it bounds the curvature of the routing energy)."""
+        raise NotImplementedError
+
     @property
     def dtype(self) -> torch.dtype:
         raise NotImplementedError
@@ -97,6 +106,12 @@ class DenseVotes(Votes):
 
     def vote_scale(self) -> torch.Tensor:
         return self.u_hat.norm(dim=-1).amax(-1).sum(-1)  # exact
+
+    def vote_max(self) -> torch.Tensor:
+        return self.u_hat.norm(dim=-1).flatten(1).amax(-1)  # exact
+
+    def column_sq_norms(self) -> torch.Tensor:
+        return self.u_hat.pow(2).sum((1, 3))  # (B, N)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -227,6 +242,18 @@ class FactoredVotes(Votes):
         # |u_i W_ji| <= |u_i| |W_ji|_F: an upper bound without forming the votes
         w_norm = self.weight.flatten(2).norm(dim=-1).amax(0)  # (M,) max over parents of |W_ji|_F
         return (self.u.norm(dim=-1) * w_norm).sum(-1)  # (B,)
+
+    def vote_max(self) -> torch.Tensor:
+        w_norm = self.weight.flatten(2).norm(dim=-1).amax(0)  # (M,)
+        return (self.u.norm(dim=-1) * w_norm).amax(-1)  # (B,)
+
+    def column_sq_norms(self) -> torch.Tensor:
+        # |u_i W_ji|^2 = u_i^T (W_ji W_ji^T) u_i: one small Gram matrix per pair, no votes formed
+        gram = self.weight @ self.weight.transpose(-1, -2)  # (N, M, K, K)
+        out = torch.empty(self.batch, self.parents, dtype=self.dtype, device=self.device)
+        for sl in _chunks(self.batch, self.parents * self.u.shape[1] * self.u.shape[2]):
+            out[sl] = torch.einsum("bmk,nmkl,bml->bn", self.u[sl], gram, self.u[sl])
+        return out
 
     @property
     def dtype(self) -> torch.dtype:

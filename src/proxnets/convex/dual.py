@@ -34,7 +34,7 @@ import torch
 
 from proxnets.convex.duality import logistic_loss, regularized_dual_value, scores, scores_adjoint, spectral_norm
 from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
-from proxnets.convex.sources import gram_norm
+from proxnets.convex.sources import check_problem_labels, gram_norm
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number
 
@@ -76,6 +76,7 @@ def solve_dual(
     gap stays valid but does not close); ``feasible_dual=False`` records the value of the
     *unshrunk* dual iterate, which is not a lower bound (weak duality then fails).
     """
+    check_problem_labels(source, y, n_classes)
     check_number("lam", lam, low=0.0, low_inclusive=False)
     check_int("max_iter", max_iter, low=1)
     check_number("tol", tol, low=0.0)

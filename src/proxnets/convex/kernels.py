@@ -64,8 +64,8 @@ def kernel(name: str, gamma: float = 1.0) -> Callable[[torch.Tensor, torch.Tenso
 
 def kernel_matrix(name: str, x: torch.Tensor, y: torch.Tensor, *, gamma: float = 1.0, chunk: int = 4096) -> torch.Tensor:
     """Dense ``K[i, j] = k(x_i, y_j)``, computed ``chunk`` rows at a time."""
-    check_tensor("x", x, ndim=2)
-    check_tensor("y", y, ndim=2, shape=(None, x.shape[1]))
+    check_tensor("x", x, ndim=2, nonempty=True)
+    check_tensor("y", y, ndim=2, shape=(None, x.shape[1]), like=x)
     check_int("chunk", chunk, low=1)
     k = kernel(name, gamma)
     return torch.cat([k(x[i : i + chunk], y) for i in range(0, x.shape[0], chunk)], dim=0)
@@ -75,9 +75,9 @@ def kernel_matvec(
     name: str, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, *, gamma: float = 1.0, chunk: int = 4096
 ) -> torch.Tensor:
     """``K(x, y) @ v`` without holding ``K``: memory ``chunk * len(y)``."""
-    check_tensor("x", x, ndim=2)
-    check_tensor("y", y, ndim=2, shape=(None, x.shape[1]))
-    check_tensor("v", v, ndim=(1, 2))
+    check_tensor("x", x, ndim=2, nonempty=True)
+    check_tensor("y", y, ndim=2, shape=(None, x.shape[1]), like=x)
+    check_tensor("v", v, ndim=(1, 2), like=x)
     if v.shape[0] != y.shape[0]:
         fail("v", f"{y.shape[0]} rows (one per y)", f"shape {tuple(v.shape)}")
     check_int("chunk", chunk, low=1)
@@ -98,6 +98,9 @@ class RandomFourierFeatures(nn.Module):
         self.scale = math.sqrt(2.0 / dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., D)
+        check_tensor("x", x, like=self.weight)
+        if x.shape[-1] != self.weight.shape[0]:
+            fail("x", f"a last dimension of {self.weight.shape[0]}", f"shape {tuple(x.shape)}")
         out = x @ self.weight
         if torch.is_grad_enabled() and x.requires_grad:
             return self.scale * torch.cos(out + self.bias)

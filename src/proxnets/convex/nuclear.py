@@ -24,6 +24,7 @@ __all__ = ["nuclear_norm", "project_l1_ball", "project_nuclear_ball", "singular_
 
 def nuclear_norm(a: torch.Tensor) -> torch.Tensor:
     """``sum_i s_i(A)`` of a matrix."""
+    check_tensor("a", a, ndim=2)
     return torch.linalg.svdvals(a).sum()
 
 

@@ -31,7 +31,7 @@ from proxnets.convex.duality import (
     spectral_norm,
 )
 from proxnets.convex.nuclear import project_l1_ball
-from proxnets.convex.sources import gram_norm
+from proxnets.convex.sources import check_problem_labels, gram_norm
 from proxnets.utils.convergence import IterInfo, handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number, fail
 
@@ -119,6 +119,7 @@ def solve_primal(
     ``callback(t, trace)`` after every iteration (progress display).
     """
     _check_problem(lam, radius)
+    check_problem_labels(source, y, n_classes)
     check_int("max_iter", max_iter, low=1)
     check_number("tol", tol, low=0.0)
     n, k, p, d = source.n, n_classes, source.n_positions, source.dim

@@ -21,7 +21,7 @@ import torch
 from proxnets.convex.duality import scores, scores_adjoint
 from proxnets.convex.features import PatchFeaturizer
 from proxnets.operators import LinearOperator, power_iteration
-from proxnets.utils.validation import check_int, check_tensor
+from proxnets.utils.validation import check_int, check_labels, check_tensor
 
 __all__ = ["CachedFeatures", "StreamedFeatures", "cache_features", "score_operator", "gram_norm", "fixed_mmap_threshold"]
 
@@ -30,7 +30,7 @@ class CachedFeatures:
     """Features held in memory: ``z (n, P, D)``."""
 
     def __init__(self, z: torch.Tensor, chunk: int = 512):
-        self.z = check_tensor("z", z, ndim=3)
+        self.z = check_tensor("z", z, ndim=3, nonempty=True)
         self.chunk = check_int("chunk", chunk, low=1)
 
     @property
@@ -140,3 +140,9 @@ def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> bool:
         return bool(ctypes.CDLL(name).mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
         return False
+
+
+def check_problem_labels(source, y, n_classes) -> None:
+    """``y``: ``(n,)`` class indices in ``[0, n_classes)`` for the ``n`` samples of ``source``."""
+    check_int("n_classes", n_classes, low=2)
+    check_labels("y", y, source.n, n_classes)

@@ -7,6 +7,8 @@ import dataclasses
 import torch
 from torch.utils.data import TensorDataset
 
+from proxnets.utils.validation import check_int, check_labels
+
 __all__ = ["ImageDataset", "stratified_split"]
 
 
@@ -75,6 +77,8 @@ def stratified_split(y: torch.Tensor, n_first: int, seed: int) -> tuple[torch.Te
     Each class contributes ``round(n_first * share)`` (largest remainders fix the total), picked
     by a seeded permutation; both parts come back shuffled by the same generator.
     """
+    check_labels("y", y, None)
+    check_int("n_first", n_first, low=1, high=len(y))
     g = torch.Generator().manual_seed(seed)
     classes, counts = torch.unique(y, return_counts=True)
     exact = counts.double() * n_first / len(y)

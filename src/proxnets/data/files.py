@@ -9,9 +9,12 @@ Layout of the data directory (``--data-dir`` or ``$PROXNETS_DATA``)::
                                or cifar-10-batches-py/{data_batch_1..5,test_batch}
                                or one of the archives cifar-10-binary.tar.gz / cifar-10-python.tar.gz
 
-IDX files may also be uncompressed (same names without ``.gz``). The CIFAR-10 python pickles are
-read through a restricted unpickler that admits dicts, lists, strings, bytes and numpy arrays
-only -- never arbitrary objects. With ``download=True`` the files are fetched from their
+IDX files may also be uncompressed (same names without ``.gz``); their header is checked against
+the file size and a cap before anything beyond it is decompressed. The CIFAR-10 python pickles are
+read through a restricted unpickler that admits dicts, lists, strings, bytes and plain numeric
+numpy arrays only -- never arbitrary objects -- and checks each array's size before building it.
+A CIFAR-10 archive is extracted only when its MD5 is the published one, member by member by our
+own code (:mod:`proxnets.data.archives`). With ``download=True`` the files are fetched from their
 publishers and their MD5 checksums verified; offline and missing, the error names the files and
 the directory expected.
 """
@@ -19,17 +22,17 @@ the directory expected.
 from __future__ import annotations
 
 import gzip
-import hashlib
-
+import io
+import math
 import pickle
 import struct
-import tarfile
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from proxnets.data.archives import file_md5, is_extracted, safe_extract
 from proxnets.data.dataset import ImageDataset
 from proxnets.utils.io import atomic_path
 
@@ -64,6 +67,9 @@ FILES = {
     "cifar10": {
         "url": "https://www.cs.toronto.edu/~kriz/",
         "md5": {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"},
+        # not downloaded (the binary one is), but verified like it when found in the data directory
+        "archives": {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530",
+                     "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
     },
 }
 CLASSES = {
@@ -81,59 +87,175 @@ class MissingDataError(FileNotFoundError):
     """A dataset's files are not in the data directory."""
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally gzip-compressed): magic ``0x0000 <dtype> <ndim>``, big-endian dims."""
+MAX_IDX_BYTES = 1 << 30  # 1 GiB of array data: MNIST's largest file holds 47 MB
+MAX_CIFAR_FILE_BYTES = 256 << 20  # one CIFAR-10 batch is ~31 MB
+GZIP_MAX_RATIO = 1032  # deflate cannot expand more than ~1032:1 (RFC 1951 block limits)
+
+
+def _idx_header(fh, path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    head = fh.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+        raise ValueError(f"{path}: expected an IDX file (magic 0x0000<type><ndim>), got header {head!r}")
+    ndim = head[3]
+    raw_dims = fh.read(4 * ndim)
+    if len(raw_dims) != 4 * ndim:
+        raise ValueError(f"{path}: expected {ndim} dimensions in the IDX header, got a truncated header")
+    dims = struct.unpack(">" + "I" * ndim, raw_dims)
+    dtype = np.dtype(_IDX_DTYPES[head[2]])
+    return dtype, dims, math.prod(dims) * dtype.itemsize  # Python ints: no overflow
+
+
+def read_idx(path: str | Path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed): magic ``0x0000 <dtype> <ndim>``, big-endian dims.
+
+    The header is read first and checked before anything else is decompressed or allocated: the
+    declared size must be at most ``max_bytes``, and (uncompressed) match the file size exactly or
+    (gzip) be reachable from the compressed size (deflate expands at most ~1032:1). The body is
+    then streamed with a hard limit, so a lying header never costs more than the declared size.
+    """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    gz = path.suffix == ".gz"
     try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as e:
+        size = path.stat().st_size
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            dtype, dims, expected = _idx_header(fh, path)
+            header = 4 + 4 * len(dims)
+            if expected > max_bytes:
+                raise ValueError(f"{path}: expected at most {max_bytes} data bytes (the size cap), "
+                                 f"got a header declaring {expected} for dims {dims}")
+            if not gz and size != header + expected:
+                raise ValueError(f"{path}: expected {expected} data bytes for dims {dims}, got {size - header}")
+            if gz and expected > GZIP_MAX_RATIO * size + (1 << 16):
+                raise ValueError(f"{path}: expected a header consistent with the compressed size {size} B, "
+                                 f"got one declaring {expected} data bytes for dims {dims}")
+            body = bytearray()
+            while len(body) <= expected:  # read one byte past: a longer file is an error too
+                chunk = fh.read(min(1 << 20, expected + 1 - len(body)))
+                if not chunk:
+                    break
+                body += chunk
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise ValueError(f"{path}: expected a readable IDX file, got an unreadable file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: expected an IDX file (magic 0x0000<type><ndim>), got header {raw[:4]!r}")
-    ndim = raw[3]
-    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    body = raw[4 + 4 * ndim :]
     if len(body) != expected:
-        raise ValueError(f"{path}: expected {expected} data bytes for dims {dims}, got {len(body)}")
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+        got = f"more than {expected}" if len(body) > expected else str(len(body))
+        raise ValueError(f"{path}: expected {expected} data bytes for dims {dims}, got {got}")
+    return np.frombuffer(bytes(body), dtype=dtype).reshape(dims)
 
 
 def read_cifar_bin(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32x32)."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % 3073:
-        raise ValueError(f"{path}: expected a multiple of 3073 bytes (CIFAR-10 binary records), got {raw.size}")
+    size = Path(path).stat().st_size
+    if size == 0 or size % 3073 or size > MAX_CIFAR_FILE_BYTES:
+        raise ValueError(f"{path}: expected a multiple of 3073 bytes (CIFAR-10 binary records) up to "
+                         f"{MAX_CIFAR_FILE_BYTES}, got {size}")
+    raw = np.fromfile(path, dtype=np.uint8, count=size)
+    if raw.size != size:
+        raise ValueError(f"{path}: expected {size} bytes, got {raw.size} (file changed while reading)")
     rec = raw.reshape(-1, 3073)
     return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
 
 
+# Restricted unpickling. numpy's own reconstructors would allocate whatever shape a pickle declares
+# (``_reconstruct(ndarray, (10**9,), ...)`` allocates before any check), and a dtype's state can
+# declare sub-arrays or fields. So the admitted globals are replaced by stand-ins that only record
+# their arguments; the real arrays are built afterwards, from bytes that are already in the file,
+# after checking shape x itemsize == len(bytes) <= the cap.
+_PICKLE_DTYPES = {"u1", "i1", "b1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8"}
+
+
+class _DtypeStub:
+    def __init__(self, code, align=False, copy=True):
+        if not isinstance(code, str) or code not in _PICKLE_DTYPES:
+            raise pickle.UnpicklingError(f"refused dtype {code!r}: only plain numeric dtypes are admitted")
+        self.code, self.order = code, "|"
+
+    def __setstate__(self, state):
+        # numpy's dtype state: (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if (not isinstance(state, tuple) or len(state) < 5 or state[1] not in ("|", "<", ">", "=")
+                or any(v is not None for v in state[2:5])):
+            raise pickle.UnpicklingError("refused a dtype state with sub-arrays or fields")
+        self.order = state[1]
+
+    def build(self) -> np.dtype:
+        return np.dtype(self.code).newbyteorder("=" if self.order == "|" else self.order)
+
+
+class _ArrayStub:
+    def __init__(self, subtype, shape, dtype):
+        if subtype is not np.ndarray:
+            raise pickle.UnpicklingError("refused an ndarray subclass: only numpy.ndarray is admitted")
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def build(self, max_bytes: int) -> np.ndarray:
+        st = self.state
+        if not isinstance(st, tuple) or len(st) != 5:
+            raise pickle.UnpicklingError("refused an ndarray without its (version, shape, dtype, order, data) state")
+        _, shape, dt, fortran, data = st
+        if (not isinstance(shape, tuple) or len(shape) > 8
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+            raise pickle.UnpicklingError(f"refused ndarray shape {shape!r}")
+        if not isinstance(dt, _DtypeStub) or not isinstance(data, (bytes, bytearray)):
+            raise pickle.UnpicklingError("refused an ndarray that is not plain numeric bytes")
+        dtype = dt.build()
+        n = math.prod(shape) * dtype.itemsize
+        if n != len(data) or n > max_bytes:
+            raise pickle.UnpicklingError(
+                f"refused ndarray shape {shape} x {dtype.itemsize} B: expected it to match its {len(data)} data "
+                f"bytes and the cap {max_bytes}")
+        return np.frombuffer(bytes(data), dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _latin1_encode(obj, encoding="latin1"):
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode other than str -> latin1 bytes")
+    return obj.encode("latin1")
+
+
 class _ArraysOnly(pickle.Unpickler):
-    """Admits only what CIFAR's pickles contain: builtin containers and numpy arrays."""
+    """Admits only what CIFAR's pickles contain: builtin containers and plain numpy arrays (as stubs)."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"): _ArrayStub, ("numpy._core.multiarray", "_reconstruct"): _ArrayStub,
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _DtypeStub, ("_codecs", "encode"): _latin1_encode,
     }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+            return self.ALLOWED[(module, name)]
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays are admitted")
 
 
-def read_cifar_py(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python batch (dict with b'data' (N, 3072) uint8 and b'labels'), safely."""
-    with open(path, "rb") as fh:
-        d = _ArraysOnly(fh, encoding="bytes").load()
+def read_cifar_py(path: str | Path, max_bytes: int = MAX_CIFAR_FILE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch (dict with b'data' (N, 3072) uint8 and b'labels'), safely: the file
+    is size-capped, read into memory and unpickled by :class:`_ArraysOnly` (no arbitrary objects, no
+    numpy constructor called with a declared shape); the arrays are built after their checks."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: expected a CIFAR-10 batch of at most {max_bytes} bytes, got {size}")
+    try:
+        d = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError) as e:
+        raise ValueError(f"{path}: expected a CIFAR-10 python batch, got an unreadable pickle ({e})") from None
     if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
         raise ValueError(f"{path}: expected a CIFAR-10 batch dict with b'data' and b'labels', got {type(d).__name__}")
-    data = np.asarray(d[b"data"], dtype=np.uint8)
-    return data.reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], dtype=np.int64)
+    data, labels = d[b"data"], d[b"labels"]
+    if isinstance(data, _ArrayStub):
+        try:
+            data = data.build(max_bytes)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"shape {data.shape}, dtype {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{path}: expected b'data' a (N, 3072) uint8 array, got {got}")
+    if (not isinstance(labels, list) or len(labels) != len(data)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10 for v in labels)):
+        raise ValueError(f"{path}: expected b'labels' a list of {len(data)} integers in [0, 10)")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 def _missing(name: str, folder: Path, wanted: list[str]) -> MissingDataError:
@@ -171,12 +293,14 @@ def _load_idx_set(name: str, folder: Path) -> ImageDataset:
 
 def _load_cifar(folder: Path) -> ImageDataset:
     bin_dir, py_dir = folder / "cifar-10-batches-bin", folder / "cifar-10-batches-py"
-    if not bin_dir.is_dir() and not py_dir.is_dir():
-        for archive in ("cifar-10-binary.tar.gz", "cifar-10-python.tar.gz"):
-            if (folder / archive).is_file():
-                with tarfile.open(folder / archive) as tar:
-                    tar.extractall(folder, filter="data")
-                break
+    # An archive is extracted (after its MD5 and every member are checked, see proxnets.data.archives)
+    # unless a complete extraction is marked; an interrupted one (no marker) is redone. Directories
+    # placed by hand without an archive are used as they are.
+    for archive, md5 in FILES["cifar10"]["archives"].items():
+        if (folder / archive).is_file():
+            if not is_extracted(folder / archive, folder, md5):
+                safe_extract(folder / archive, folder, md5)
+            break
     if bin_dir.is_dir():
         reader, files = read_cifar_bin, {s: [bin_dir / f"{b}.bin" for b in bs] for s, bs in
                                          (("train", CIFAR_TRAIN), ("test", CIFAR_TEST))}
@@ -195,14 +319,6 @@ def _load_cifar(folder: Path) -> ImageDataset:
     return ImageDataset("cifar10", *out["train"], *out["test"], 10, CLASSES["cifar10"])
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_dataset(name: str, data_dir: str | Path) -> Path:
     """Fetch ``name``'s files into ``<data_dir>/<name>/`` and verify their MD5 checksums."""
     if name not in FILES:
@@ -212,14 +328,14 @@ def download_dataset(name: str, data_dir: str | Path) -> Path:
     spec = FILES[name]
     for fname, md5 in spec["md5"].items():
         target = folder / fname
-        if target.is_file() and _md5(target) == md5:
+        if target.is_file() and file_md5(target) == md5:
             continue
         try:
             with urllib.request.urlopen(spec["url"] + fname, timeout=60) as resp, atomic_path(target) as tmp:
                 with open(tmp, "wb") as out:
                     while chunk := resp.read(1 << 20):
                         out.write(chunk)
-                got = _md5(tmp)
+                got = file_md5(tmp)
                 if got != md5:
                     raise ValueError(f"{fname}: expected MD5 {md5}, got {got} (download corrupted; nothing kept)")
         except OSError as e:

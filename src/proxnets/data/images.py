@@ -81,25 +81,42 @@ def random_patches(images: list[torch.Tensor] | dict[str, torch.Tensor], size: i
     return torch.stack(out)
 
 
-def read_image(path: str | os.PathLike, gray: bool | None = None) -> torch.Tensor:
-    """Read an image file as ``(C, H, W)`` float32 in [0, 1]; ``gray`` None keeps its channels."""
-    import matplotlib.image as mpimg
+MAX_IMAGE_PIXELS = 64_000_000  # per frame; a 8000 x 8000 photograph. Pillow only warns below 2x its own cap
+
+
+def read_image(path: str | os.PathLike, gray: bool | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Read an image file as ``(C, H, W)`` float32 in [0, 1]; ``gray`` None keeps its channels.
+
+    Decoded by Pillow only (no fallback decoder around its checks); the declared size is checked
+    against ``max_pixels`` from the header, before decoding, and Pillow's decompression-bomb
+    warning is an error: an image that would need more memory than that is refused.
+    """
+    import warnings
+
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: expected an existing image file, got {str(path)!r}")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"path: expected an image file with suffix in {list(IMAGE_SUFFIXES)}, got {path.name!r}")
+    check_int("max_pixels", max_pixels, low=1)
     try:
-        from PIL import Image
-
-        with Image.open(path) as im:
-            a = np.asarray(im)
-    except Exception as e:  # PIL raises many types for corrupt files
-        try:
-            a = mpimg.imread(path)
-        except Exception:
-            raise ValueError(f"path: expected a readable image, got {str(path)!r} ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # reads the header only
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ValueError(f"path: expected an image of at most {max_pixels} pixels, got "
+                                     f"{w} x {h} = {w * h} in {str(path)!r} (a decompression bomb?)")
+                im.load()
+                a = np.asarray(im)
+    except ValueError as e:
+        if str(e).startswith("path: "):
+            raise
+        raise ValueError(f"path: expected a readable image, got {str(path)!r} ({e})") from None
+    except Exception as e:  # PIL raises many types for corrupt files (incl. DecompressionBombError/Warning)
+        raise ValueError(f"path: expected a readable image, got {str(path)!r} ({type(e).__name__}: {e})") from None
     if gray is None:
         gray = a.ndim == 2
     return _to_tensor(a, gray=gray)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from proxnets.data.dataset import ImageDataset
 from proxnets.data.images import natural_images, random_patches
-from proxnets.utils.validation import check_choice
+from proxnets.utils.validation import check_choice, check_tensor
 
 __all__ = ["make_variant", "rotate", "VARIANT_NAMES"]
 
@@ -32,6 +32,8 @@ TEST_PHOTOS = ("brick", "coins", "clock")
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate each image of ``x`` (N, C, H, W) by ``angles`` (N,) radians about its centre."""
+    check_tensor("x", x, ndim=4, nonempty=True)
+    check_tensor("angles", angles, shape=(x.shape[0],), like=x)
     cos, sin = torch.cos(angles), torch.sin(angles)
     theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1),
                          torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)  # (N, 2, 3)

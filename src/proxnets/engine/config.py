@@ -34,6 +34,9 @@ class TrainConfig:
     eval_every_epoch: bool = True
     log_every: int = 10  # steps between JSONL step records
     progress: bool = True
+    # seconds a rank waits for the others in a collective (DDP) before it fails the run; torch's
+    # default is 30 minutes, long enough for a hung rank to hold a whole job
+    ddp_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, low=1)
@@ -54,6 +57,7 @@ class TrainConfig:
         if self.max_steps is not None:
             check_int("max_steps", self.max_steps, low=1)
         check_int("log_every", self.log_every, low=1)
+        check_number("ddp_timeout", self.ddp_timeout, low=0.0, low_inclusive=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,25 +14,32 @@ and checkpoints hold the RNG states. A run interrupted after any checkpoint and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
 from proxnets.data.dataset import ImageDataset
-from proxnets.engine.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from proxnets.engine.checkpoint import restore
 from proxnets.engine.config import TrainConfig
 from proxnets.engine.device import seed_everything, select_device, set_deterministic
-from proxnets.engine.distributed import all_reduce_mean, barrier, init_distributed, local_slice, unwrap, wrap_model
+from proxnets.engine.distributed import (
+    all_reduce_mean,
+    barrier,
+    init_distributed,
+    local_slice,
+    unwrap,
+    wrap_model,
+)
 from proxnets.engine.progress import epoch_line, progress_iter
+from proxnets.engine.rundir import RunDir, TrainingFailed, optimizer_failure
 from proxnets.engine.schedules import lr_factor
-from proxnets.utils.io import append_jsonl, write_json, write_text
 
 __all__ = ["Trainable", "FitResult", "fit", "evaluate", "build_optimizer", "default_loss", "default_predict"]
 
@@ -42,7 +49,12 @@ Callback = Callable[[str, dict], None]
 
 
 def default_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
+    """Cross-entropy for integer class labels ``y`` (classification); mean squared error
+    ``mean |model(x) - y|^2`` for floating targets (regression, e.g. clean images for a denoiser)."""
+    out = model(x)
+    if y.is_floating_point():
+        return F.mse_loss(out, y)
+    return F.cross_entropy(out, y)
 
 
 def default_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -119,35 +131,142 @@ def _batch_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
 
 
+class _Source:
+    """The training examples of ``fit``, read in batches.
+
+    Indexable data (``ImageDataset``, any map-style ``Dataset`` of ``(input, target)`` items) is
+    batched here from a permutation seeded by ``(seed, epoch)`` (exact resumption, DDP slices);
+    a ``DataLoader`` is iterated as the user built it (its sampler, its collate; a resumed epoch
+    skips the batches already done).
+    """
+
+    def __init__(self, data: Any, batch_size: int, name: str = "dataset") -> None:
+        self.loader: DataLoader | None = None
+        self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dataset: Dataset | None = None
+        if isinstance(data, ImageDataset):
+            self.tensors = (data.x_train, data.y_train)
+        elif isinstance(data, DataLoader):
+            self.loader = data
+        elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
+            self.tensors = (data.tensors[0], data.tensors[1])
+        elif isinstance(data, IterableDataset) or not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+            raise TypeError(f"{name}: expected a proxnets.data.ImageDataset, a torch Dataset with __len__ of "
+                            f"(input, target) items or a DataLoader, got {type(data).__name__} "
+                            "(wrap an IterableDataset in a DataLoader)")
+        else:
+            self.dataset = data
+        if self.loader is not None:
+            try:
+                self.steps = len(self.loader)
+            except TypeError:
+                raise TypeError(f"{name}: expected a DataLoader with a length (epochs need one), got a DataLoader "
+                                "over an IterableDataset without __len__") from None
+            self.n = None
+        else:
+            self.n = len(self.tensors[0]) if self.tensors is not None else len(self.dataset)
+            self.steps = math.ceil(self.n / batch_size)
+        if self.steps == 0:
+            raise ValueError(f"{name}: expected at least one example, got none")
+
+    def _take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tensors is not None:
+            return self.tensors[0][idx], self.tensors[1][idx]
+        return _pair(default_collate([self.dataset[int(i)] for i in idx]))
+
+    def epoch(self, epoch: int, first: int, cfg: TrainConfig, dist_info) -> Iterator[tuple[int, Any, Any, float]]:
+        """``(step, x, y, weight)`` for the steps ``first..steps-1`` of ``epoch``."""
+        if self.loader is not None:
+            for step, batch in enumerate(self.loader):
+                if step >= first:
+                    yield (step, *_pair(batch), 1.0)
+            return
+        perm = _epoch_permutation(self.n, cfg.seed, epoch)
+        for step in range(first, self.steps):
+            idx, weight = local_slice(perm[step * cfg.batch_size : (step + 1) * cfg.batch_size], dist_info)
+            yield (step, *self._take(idx), weight)
+
+    def in_order(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every example once, in order (evaluation)."""
+        if self.loader is not None:
+            for batch in self.loader:
+                yield _pair(batch)
+            return
+        for i in range(0, self.n, batch_size):
+            yield self._take(torch.arange(i, min(i + batch_size, self.n)))
+
+
+def _pair(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(f"dataset: expected items (input, target), got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                    + " (for a denoiser: TensorDataset(noisy, clean) or (x, x) with noise added in loss_fn)")
+
+
+@torch.no_grad()
+def _held_out(net: nn.Module, source: _Source, loss_fn: LossFn, predict_fn: PredictFn, cfg: TrainConfig,
+              device: torch.device) -> dict[str, float]:
+    """Mean loss on held-out data (weighted by batch size); accuracy too when the targets are class labels."""
+    was_training = net.training
+    net.eval()
+    total, loss_sum, correct, labels = 0, 0.0, 0, True
+    for xb, yb in source.in_order(cfg.batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        loss, _ = _split_loss(loss_fn(net, xb, yb))
+        loss_sum += float(loss) * len(xb)
+        total += len(xb)
+        labels = labels and not yb.is_floating_point() and yb.dim() == 1
+        if labels:
+            correct += int((predict_fn(net, xb).argmax(dim=1) == yb).sum())
+    net.train(was_training)
+    out = {"test_loss": loss_sum / max(total, 1)}
+    if labels:
+        out["test_acc"] = correct / max(total, 1)
+    return out
+
+
 def fit(
     model: nn.Module,
-    dataset: ImageDataset,
+    dataset: ImageDataset | Dataset | DataLoader,
     cfg: TrainConfig | None = None,
     *,
+    test_data: Dataset | DataLoader | None = None,
     loss_fn: LossFn | None = None,
     predict_fn: PredictFn | None = None,
     optimizer: Callable[[Any], torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     callbacks: Sequence[Callback] = (),
-    run_dir: str | Path | None = None,
+    run_dir: str | Path | RunDir | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> FitResult:
-    """Train ``model`` on ``dataset.train`` and evaluate on ``dataset.test`` after every epoch.
+    """Train ``model`` on ``dataset`` and evaluate after every epoch.
 
-    ``run_dir`` (optional) receives ``config.json``, ``metrics.jsonl`` (one record per logged step
-    and per epoch) and ``checkpoint.pt``. With ``resume=True`` and a checkpoint there, training
-    continues from it. Returns a :class:`FitResult`; the history holds one record per epoch.
+    ``dataset``: a :class:`~proxnets.data.ImageDataset` (trained on its train split; ``test_acc``
+    on its test split), any map-style ``torch.utils.data.Dataset`` of ``(input, target)`` items, or
+    a ``DataLoader`` (its own batches; ``cfg.batch_size`` is then unused). Targets may be class
+    labels or regression targets (floating tensors: the default loss is then the MSE, see
+    :func:`default_loss`). ``test_data`` (a Dataset or DataLoader) adds ``test_loss`` -- and
+    ``test_acc`` for class labels -- to every epoch's record.
+
+    ``run_dir`` (optional; a path or a :class:`~proxnets.engine.rundir.RunDir`) receives
+    ``config.json`` (with the optimizer that really ran), ``metrics.jsonl`` (one record per logged
+    step and per epoch) and ``checkpoint.pt``. A directory holding a run is refused unless
+    ``resume=True`` (then training continues from its checkpoint, refusing changed settings) or
+    ``RunDir(path, force=True)``. An optimizer that reports failure (``run_state["stopped"]``, e.g.
+    bSQH's eps explosion) raises :class:`~proxnets.engine.rundir.TrainingFailed` before anything
+    is checkpointed after it. Returns a :class:`FitResult`; the history holds one record per epoch.
     """
     cfg = cfg or TrainConfig()
-    if not isinstance(dataset, ImageDataset):
-        raise TypeError(f"dataset: expected a proxnets.data.ImageDataset, got {type(dataset).__name__}")
+    source = _Source(dataset, cfg.batch_size)
+    held_out = _Source(test_data, cfg.batch_size, "test_data") if test_data is not None else None
     if resume and run_dir is None:
         raise ValueError("resume: expected a run_dir to resume from, got resume=True with run_dir=None")
     loss_fn = loss_fn or default_loss
     predict_fn = predict_fn or default_predict
     device = select_device(cfg.device)
-    dist_info = init_distributed(device)
+    dist_info = init_distributed(device, timeout=cfg.ddp_timeout)
     seed_everything(cfg.seed)
     if cfg.deterministic:
         set_deterministic(True)
@@ -161,15 +280,11 @@ def fit(
     for group in opt.param_groups:
         group.setdefault("initial_lr", group["lr"])
 
-    run_path = Path(run_dir) if run_dir is not None else None
-    writer = dist_info.is_main and run_path is not None
-    if writer:
-        run_path.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run_path / CHECKPOINT_NAME if run_path is not None else None
-    metrics_path = run_path / "metrics.jsonl" if run_path is not None else None
+    run = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(Path(run_dir))
+    run_path = run.path if run is not None else None
+    writer = dist_info.is_main and run is not None
 
-    n = len(dataset.x_train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps_per_epoch = source.steps
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -177,27 +292,24 @@ def fit(
     start_epoch, start_step, global_step = 0, 0, 0
     resumed_sums: dict[str, float] = {}
 
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
+    state = run.open(cfg, opt, resume=resume, map_location=device) if run is not None else None
+    barrier(dist_info)  # every rank has checked the directory before rank 0 writes into it
+    if writer:
+        run.begin(state, log=log)
+    if state is not None:
         restore(state, unwrap(model), opt)
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         history = list(state["history"])
         resumed_sums = dict(state.get("epoch_sums", {}))
-        if writer and metrics_path.exists():
-            _truncate_metrics(metrics_path, global_step)
-        log(f"resumed from {ckpt_path} at epoch {start_epoch + 1}, step {global_step}")
-    elif writer:
-        write_json(run_path / "config.json", cfg.to_dict())
-        if metrics_path.exists():
-            metrics_path.unlink()
+        if dist_info.is_main:
+            log(f"resumed from {run.checkpoint_path} at epoch {start_epoch + 1}, step {global_step}")
 
     net = wrap_model(model, dist_info, device)
-    x_all, y_all = dataset.x_train, dataset.y_train
 
     def checkpoint(epoch: int, step_in_epoch: int, sums: dict[str, float] | None = None) -> None:
         if writer:
-            save_checkpoint(
-                ckpt_path, unwrap(net), opt, epoch=epoch, step_in_epoch=step_in_epoch,
+            run.save_checkpoint(
+                unwrap(net), opt, epoch=epoch, step_in_epoch=step_in_epoch,
                 global_step=global_step, history=history, config=cfg.to_dict(), epoch_sums=sums,
             )
 
@@ -208,17 +320,15 @@ def fit(
             if global_step >= total_steps:
                 break
             net.train()
-            perm = _epoch_permutation(n, cfg.seed, epoch)
             first = start_step if epoch == start_epoch else 0
             t0 = time.perf_counter()
             # running sums of the epoch's metrics; restored mid-epoch so that a resumed epoch
             # reports the same averages as an uninterrupted one
             sums: dict[str, float] = dict(resumed_sums) if epoch == start_epoch else {}
-            steps = progress_iter(range(first, steps_per_epoch), steps_per_epoch - first,
+            steps = progress_iter(source.epoch(epoch, first, cfg, dist_info), steps_per_epoch - first,
                                   f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and dist_info.is_main)
-            for step in steps:
-                idx, weight = local_slice(perm[step * cfg.batch_size : (step + 1) * cfg.batch_size], dist_info)
-                xb, yb = x_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
+            for step, xb, yb, weight in steps:
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 if augment is not None:
                     xb = augment(xb, _batch_generator(cfg.seed, epoch, step))
                 factor = lr_factor(cfg, global_step, total_steps)
@@ -239,6 +349,10 @@ def fit(
                     return loss.detach()
 
                 loss = opt.step(closure)
+                failure = optimizer_failure(opt)
+                if failure is not None:  # its step changed nothing and later ones will not either
+                    raise TrainingFailed(f"optimizer {type(opt).__name__} failed at step {global_step + 1} "
+                                         f"(epoch {epoch + 1}): {failure}")
                 if loss is None:  # optimizers may return nothing: report the loss at the step's start
                     loss = evaluated[0] if evaluated else torch.tensor(float("nan"))
                 loss_value = all_reduce_mean(float(loss), dist_info)
@@ -250,7 +364,7 @@ def fit(
                 record = {"event": "step", "step": global_step, "epoch": epoch + 1, "loss": loss_value,
                           "lr": opt.param_groups[0]["lr"], **{k: float(v) for k, v in extras.items()}}
                 if writer and global_step % cfg.log_every == 0:
-                    append_jsonl(metrics_path, record)
+                    run.append_metrics(record)
                 for cb in callbacks:
                     cb("step_end", {"model": unwrap(net), "optimizer": opt, "record": record})
                 done_epoch = step + 1 == steps_per_epoch
@@ -261,12 +375,14 @@ def fit(
             count = max(sums.pop("_count", 0.0), 1.0)
             rec: dict[str, Any] = {"epoch": epoch + 1, "step": global_step}
             rec.update({k: v / count for k, v in sums.items()})
-            if cfg.eval_every_epoch and len(dataset.x_test):
+            if cfg.eval_every_epoch and isinstance(dataset, ImageDataset) and len(dataset.x_test):
                 rec["test_acc"] = evaluate(unwrap(net), dataset.x_test, dataset.y_test, predict_fn)
+            if cfg.eval_every_epoch and held_out is not None:
+                rec.update(_held_out(unwrap(net), held_out, loss_fn, predict_fn, cfg, device))
             rec["epoch_time"] = time.perf_counter() - t0
             history.append(rec)
             if writer:
-                append_jsonl(metrics_path, {"event": "epoch", **rec})
+                run.append_metrics({"event": "epoch", **rec})
             if dist_info.is_main:
                 log(epoch_line(rec))
             for cb in callbacks:
@@ -280,16 +396,3 @@ def fit(
     # ranks leave fit together: rank 0 still evaluates and writes files after its last step
     barrier(dist_info)
     return FitResult(unwrap(net), history, run_path, global_step, interrupted)
-
-
-def _truncate_metrics(path: Path, global_step: int) -> None:
-    """Drop records written after the checkpoint we resume from (they will be written again)."""
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the interruption
-        if rec.get("step", 0) <= global_step and not (rec.get("event") == "epoch" and rec.get("step", 0) > global_step):
-            keep.append(line)
-    write_text(path, "".join(k + "\n" for k in keep))

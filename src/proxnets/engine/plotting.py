@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from proxnets.utils.io import atomic_path  # noqa: E402
 
@@ -39,6 +40,9 @@ def _draw(ax, series: Series, *, xlabel="", ylabel="", title="", logx=False, log
         ax.axhline(value, color="gray", linestyle="--", linewidth=0.8, label=label)
     if logx:
         ax.set_xscale("log")
+    elif series and all(float(v).is_integer() for x, _ in series.values() for v in x):
+        # counts (epochs, iterations, depth): no tick at a fractional epoch
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if logy:
         ax.set_yscale("symlog" if logy == "symlog" else "log")
     ax.set_xlabel(xlabel)

@@ -59,6 +59,9 @@ MUTATIONS = {
     "opteq-wider": "OptEq built with twice the equilibrium channels",
     "l1-ignored": "the L1 prior not passed to the layer (every 'l1' model is the plain OptEq)",
     "anchor-dropped": "the anchored iteration anchored at 0 instead of at the anchor (the information is not merged)",
+    "unit-bias-dropped": "the unit layers of the decomposition built without the layers' biases",
+    "unit-scale-too-small": "the unit layers scaled by c = |A|_2 instead of c > sqrt(|A|_2^2 + 1) (|W_unit|_2 > 1)",
+    "deep-sequential": "the joint certificate evaluated at the layer-by-layer (sequential) equilibria of the deep model",
 }
 
 # one tolerance and one iteration cap for the training solves of both implicit models
@@ -69,6 +72,8 @@ GAP_TOL = 1e-4  # relative objective gap of the layer's equilibrium to the float
 MONOTONE_TOL = 1e-10  # float64 round-off allowance for "G never increases"
 GRAD_TOL = 1e-6
 ANCHOR_TOL = 1e-3
+DECOMPOSE_TOL = 1e-10  # float64 relative output difference of the unit-layer chain
+DEEP_GAP_TOL = 1e-5  # relative objective gap of the joint certificate
 
 
 def _train(model, ds, val, cfg: TrainConfig, ctx: SuiteContext, name: str) -> dict:
@@ -235,6 +240,61 @@ def _anchored(ctx: SuiteContext) -> tuple[dict, Figure]:
         "distance_to_nearest_fixed_point": errors,
         "max_pairwise_distance_between_selected_equilibria": float(torch.cdist(z_sel, z_sel).max()),
     }, Figure(path, "|W|_2 = 1, non-unique equilibria (the segment): anchored iterations from four anchors.")
+
+
+def _decomposition(ds, x: torch.Tensor, ctx: SuiteContext, width: int) -> dict:
+    """An explicit CNN body (conv stride 2 + ReLU, two conv + ReLU) as a chain of unit layers: the float64
+    output difference, and a rigorous bound of every unit weight's norm, ``sqrt(B^2 + 1) / c``."""
+    from proxnets.equilibrium.unit import decompose
+
+    seed_everything(ctx.seed)
+    net = ExplicitCNN(ds.input_shape, ds.num_classes, stem_channels=width, channels=width).body.double()
+    source = copy.deepcopy(net)
+    if ctx.broken("unit-bias-dropped"):
+        for mod in source.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.bias = None
+    chain = decompose(source, ds.input_shape)
+    bounds = []
+    for unit in chain.units:
+        b = unit.norm_bound_A  # rigorous B >= |A|_2 (decompose)
+        if ctx.broken("unit-scale-too-small"):
+            unit.scale = b
+        bounds.append(((b * (1 + 1e-12)) ** 2 + 1.0) ** 0.5 / unit.scale)  # |[A, I]|_2 = sqrt(|A|^2 + 1)
+    with torch.no_grad():
+        xd = x.double()
+        ref, out = net(xd), chain(xd)
+    rel = float((out - ref).flatten(1).norm(dim=1).max() / ref.flatten(1).norm(dim=1).clamp_min(1e-300).min())
+    return {"relative_output_difference": rel, "unit_norm_bounds": bounds, "units": len(chain.units),
+            "scales": [u.scale for u in chain.units]}
+
+
+def _deep(x: torch.Tensor, ctx: SuiteContext) -> dict:
+    """The joint certificate of a deep OptEq (3 layers, the bound |W|_2 = 0.97 active) on test images at
+    the layer's own equilibrium; under ``deep-sequential`` at the layer-by-layer equilibria instead."""
+    from proxnets.equilibrium.deep import DeepOptEq, certify_equilibrium
+
+    seed_everything(ctx.seed)
+    xin = torch.nn.functional.avg_pool2d(x, 4).flatten(1).double()  # (B, 49)
+    deep = DeepOptEq(xin.shape[1], [24, 24, 12], tol=CERT_TOL / 2, max_iter=1000, policy="ignore").double()
+    with torch.no_grad():
+        deep.W.parametrizations.weight.original.mul_(10.0)
+    deep.eval()
+    with torch.no_grad():
+        z = deep.joint(xin)
+        if ctx.broken("deep-sequential"):  # layer l solved with layers < l fixed and layers > l absent
+            inj, w = deep.injection(xin), deep.W.weight
+            T = deep.fixed_point_map(inj, w)
+            z = torch.zeros_like(inj)
+            for l in range(len(deep.sizes)):
+                a, b = deep.starts[l], deep.starts[l + 1]
+                for _ in range(500):
+                    z_next = T(z.clone())
+                    z[:, a:b] = z_next[:, a:b]
+                    z[:, b:] = 0.0
+    certs = {c.name: c for c in certify_equilibrium(deep, xin, z=z, tol=CERT_TOL, gap_tol=DEEP_GAP_TOL)}
+    return {"certificate": {k: c.to_dict() for k, c in certs.items()},
+            "objective_gap": certs["objective_gap"].value, "all_hold": all(c.holds for c in certs.values())}
 
 
 def _sparsity(model: OptEqClassifier, x: torch.Tensor) -> float:
@@ -468,6 +528,34 @@ def run(ctx: SuiteContext) -> SuiteResult:
             falsified_by="anchor-dropped",
             details={"spread_of_selected_equilibria": anchored["max_pairwise_distance_between_selected_equilibria"],
                      "solver_converged": anchored["converged"]}))
+
+    # 6. the unit layer: decomposition of a feed-forward network; the joint deep equilibrium's certificate
+    if ctx.runs("unit-bias-dropped", "unit-scale-too-small"):
+        dec = _decomposition(ds, x_batch[: min(16, n_cert)], ctx, width)
+        metrics["decomposition"] = dec
+        claims.append(Claim(
+            "A feed-forward network decomposes into unit layers u -> W^T sigma(W u + b) with the output unchanged",
+            f"explicit CNN body ({dec['units']} conv + ReLU layers, untrained) on {min(16, n_cert)} test images, "
+            "float64: largest relative output difference of the unit-layer chain (decompose) to the network",
+            dec["relative_output_difference"], "<=", DECOMPOSE_TOL, source="seed", section="abstract",
+            falsified_by="unit-bias-dropped", details={"scales": dec["scales"]}))
+        claims.append(Claim(
+            "Every unit layer is the proximal operator of a convex function (gradient of a convex potential, "
+            "|W_unit|_2 <= 1)",
+            "largest rigorous bound sqrt(B^2 + 1) / c of the unit weights' norms (B a rigorous bound of the "
+            "convolution's norm at its input size)",
+            max(dec["unit_norm_bounds"]), "<=", 1.0, source="seed", section="abstract",
+            falsified_by="unit-scale-too-small", details={"bounds": dec["unit_norm_bounds"]}))
+    if ctx.runs("deep-sequential"):
+        deep = _deep(x_batch, ctx)
+        metrics["deep"] = deep
+        claims.append(Claim(
+            "Deep OptEq is one joint equilibrium: the minimizer of one joint objective, certified jointly",
+            f"3-layer deep OptEq (|W|_2 = 0.97), {n_cert} pooled test images: relative objective gap bound "
+            "|W^T W (z - T z)|^2 / (2 (1 - |W|^2) |G|) of the joint certificate at the layer's equilibrium",
+            deep["objective_gap"], "<=", DEEP_GAP_TOL, source="project", falsified_by="deep-sequential",
+            details={"all_joint_certificates_hold": deep["all_hold"],
+                     "certificate": {k: v["value"] for k, v in deep["certificate"].items()}}))
 
     metrics["seconds"] = time.perf_counter() - t_start
     write_json(ctx.path("metrics.json"), metrics)

@@ -33,7 +33,7 @@ import torch
 
 from proxnets.solvers import ADJOINT_SOLVERS, SolverInfo, check_solver_options, fixed_point, solve
 from proxnets.utils.convergence import handle_nonconvergence
-from proxnets.utils.validation import check_choice, check_int, check_number
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor
 
 __all__ = ["BACKWARDS", "BackwardConfig", "equilibrium"]
 
@@ -114,6 +114,7 @@ def equilibrium(
     ``attach(z_star)`` (optional) returns the recorded step and the adjoint solver. Non-convergence of the
     forward or adjoint solve goes through ``policy`` (``"ignore" | "warn" | "raise"``).
     """
+    check_tensor("z0", z0, ndim=tuple(range(1, 9)), nonempty=True)
     backward = backward or BackwardConfig()
     options = solver_options or {}
     z0 = z0.detach()

@@ -34,7 +34,8 @@ from torch import nn
 from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.parametrize import operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import ProxActivation, get_activation
-from proxnets.solvers import ADJOINT_SOLVERS, SolverInfo as EquilibriumInfo, check_solver_options, relative_residual, solve
+from proxnets.solvers import ADJOINT_SOLVERS, SolverInfo as EquilibriumInfo, check_solver_options, relative_residual, solve, solve_linear
+from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.convergence import POLICIES
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
@@ -128,17 +129,35 @@ class OptEqBase(nn.Module):
         w = self.W.weight if w is None else w
         return self.apply_wt(self.apply_w(z, w), w)
 
-    def fixed_point_map(self, inj: torch.Tensor, w: torch.Tensor):
-        """``T(z) = prox_f(W^T W z + inj)``: a proximal-gradient step of size 1 on ``G``."""
+    def fixed_point_map(self, inj: torch.Tensor, w: torch.Tensor, cache: dict | None = None):
+        """``T(z) = prox_f(W^T W z + inj)``: a proximal-gradient step of size 1 on ``G``.
+
+        ``cache`` (optional dict, filled outside autograd only) receives the last evaluation:
+        ``z`` (its input), ``wz = W z`` and ``out = T(z)``: the implicit step
+        (:meth:`implicit_step`) records its gradient at that point instead of applying ``T`` again.
+        """
 
         def T(z: torch.Tensor) -> torch.Tensor:
-            v = self.gram(z, w)  # a fresh tensor
             if torch.is_grad_enabled():
-                return self.activation.prox(v + inj)
+                return self.activation.prox(self.gram(z, w) + inj)
             # in place outside autograd: batch-sized allocations cost more than the arithmetic
-            return self.activation.prox_(v.add_(inj))
+            wz = self.apply_w(z, w)
+            out = self.activation.prox_(self.apply_wt(wz, w).add_(inj))
+            if cache is not None:
+                cache.update(z=z, wz=wz, out=out)
+            return out
 
         return T
+
+    def weight_grad(self, z: torch.Tensor, wz: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``d/dw <q, W^T W z> = d/dw <W q, W z>`` with ``wz = W z`` given: one ``W q`` and two weight
+        gradients of ``W`` (subclasses give closed forms; this default uses autograd)."""
+        w_ = w.detach().requires_grad_()
+        with torch.enable_grad():
+            both = self.apply_w(torch.cat([q, z]), w_)  # (2B, ...): W q and (recomputed) W z
+            wq = both[: q.shape[0]].detach()
+            val = (both[: q.shape[0]] * wz).sum() + (both[q.shape[0]:] * wq).sum()
+            return torch.autograd.grad(val, w_)[0]
 
     def objective(self, z: torch.Tensor, x: torch.Tensor | None = None, *, inj: torch.Tensor | None = None,
                   w: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,6 +237,66 @@ class OptEqBase(nn.Module):
 
         return attach
 
+    # solvers of the registry known to return T's output of their last (checked) evaluation
+    # unchanged, with that evaluation's input untouched: the cached step is then the returned point
+    _CACHE_SAFE = ("fixed_point", "accelerated", "anderson", "halpern")
+
+    def adjoint_pre(self, v: torch.Tensor, s: torch.Tensor, w: torch.Tensor):
+        """The gradient with respect to the pre-activation ``p`` of the implicit step, ``(q, info)``.
+
+        With ``d = prox_f'(p)`` and ``s = sqrt(d)`` the adjoint ``g = W^T W (d g) + v`` is, for ``h = s g``,
+
+            (I - s W^T W s) h = s v,        and the gradient at p is   q = d g = s h,
+
+        a symmetric positive definite system (``|s W^T W s|_2 <= |W|_2^2 < 1``): conjugate gradient by
+        default (:func:`proxnets.solvers.solve_linear`), or any solver of the registry on the fixed-point
+        form ``h = s W^T W (s h) + s v`` (a gradient step of size 1 on the same convex quadratic).
+        """
+        cfg = self.backward_config
+        sv = s * v
+        if cfg.solver == "conjugate_gradient":
+            sh = torch.empty_like(sv)  # reused: batch-sized allocations cost more than the arithmetic
+
+            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s W^T W s) h, in place on the fresh gram output
+                return self.gram(torch.mul(s, h, out=sh), w).mul_(s).neg_().add_(h)
+
+            h, binfo = solve_linear(A, sv, tol=cfg.tol, max_iter=cfg.max_iter)
+        else:
+            def H(h: torch.Tensor) -> torch.Tensor:  # s W^T W (s h) + s v
+                return self.gram(s * h, w).mul_(s).add_(sv)
+
+            h, binfo = solve(cfg.solver, H, sv, tol=cfg.tol, max_iter=cfg.max_iter, registry=ADJOINT_SOLVERS,
+                             **cfg.options)
+        return h.mul_(s), binfo
+
+    def _cached_step_applies(self, inj: torch.Tensor, w: torch.Tensor) -> bool:
+        """The implicit gradient comes from the cached last evaluation (:meth:`implicit_step`)."""
+        if not (torch.is_grad_enabled() and self.backward_config.mode == "implicit" and self.solver in self._CACHE_SAFE
+                and (inj.requires_grad or w.requires_grad)):
+            return False
+        probe = torch.zeros(1, 1, dtype=inj.dtype)
+        return self.activation.derivative(probe) is not None and self.activation.derivative_at_output(probe) is not None
+
+    def implicit_step(self, inj: torch.Tensor, w: torch.Tensor, cache: dict, info: EquilibriumInfo,
+                      policy: str) -> torch.Tensor | None:
+        """The returned equilibrium ``z = T(z_k)`` (the solver's last evaluation, from ``cache``) as a
+        differentiable function of ``inj`` and ``w`` with the implicit gradient, at no extra forward cost.
+
+        Backward, for the upstream gradient ``v``: ``q`` from :meth:`adjoint_pre` (the gradient at the
+        pre-activation ``p = W^T W z_k + inj``), then ``dL/dinj = q`` and ``dL/dw = d/dw <q, W^T W z_k>``
+        (:meth:`weight_grad`, with the cached ``W z_k``). ``prox_f'`` comes from the output
+        (:meth:`ProxActivation.derivative_at_output`). Returns ``None`` (use the recorded step) when the
+        activation cannot give its derivative from its output.
+        """
+        out = cache["out"]
+        d = self.activation.derivative_at_output(out)
+        if d is None:
+            return None
+        # prox' lies in [0, 1] (prox is monotone and nonexpansive); clamp a user's round-off
+        s = d.clamp_(0.0, 1.0).sqrt_()
+        state = dict(layer=self, z=cache["z"], wz=cache["wz"], out=out, s=s, w=w.detach(), info=info, policy=policy)
+        return _ImplicitStep.apply(inj, w, state)
+
     def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         inj = self.injection(x)  # (B, *z_shape)
         w = self.W.weight  # read once: the parametrization (power iteration) runs once per forward
@@ -225,39 +304,125 @@ class OptEqBase(nn.Module):
         if z0 is None:
             if self.warm_start and self._z_prev is not None and tuple(self._z_prev.shape) == shape:
                 z0 = self._z_prev
+            elif self.backward_config.mode == "unrolled":
+                z0 = torch.zeros_like(inj)  # the recorded iteration starts at 0 (its documented gradient)
             else:
-                z0 = torch.zeros_like(inj)
+                # start at T(0) = prox_f(U x + b): the first iterate from 0, which needs no W^T W
+                with torch.no_grad():
+                    z0 = self.activation.prox(inj.detach())
+                if not bool(torch.isfinite(z0).all()):
+                    # a non-finite input x: start at 0 so that the solver reports it under the layer's
+                    # policy (stop_reason "nonfinite"), as for any other non-finite iterate
+                    z0 = torch.zeros_like(inj)
         else:
             check_tensor("z0", z0, shape=shape)
-        T = self.fixed_point_map(inj, w)
+        what = f"{type(self).__name__} forward ({self.solver})"
+        cfg = self.backward_config
         objective = None
         if self.track_objective or self.solver_options.get("restart") == "objective":
             inj_d, w_d = inj.detach(), w.detach()
             objective = lambda z: self.objective(z, inj=inj_d, w=w_d)  # noqa: E731
-        z, info = equilibrium(
-            T,
-            z0,
-            solver=self.solver,
-            tol=self.tol,
-            max_iter=self.max_iter,
-            solver_options=self.solver_options,
-            objective=objective,
-            backward=self.backward_config,
-            attach=self.attach_implicit(inj, w),
-            policy=self.policy,
-            what=f"{type(self).__name__} forward ({self.solver})",
-        )
+        if self._cached_step_applies(inj, w):
+            cache: dict = {}
+            T = self.fixed_point_map(inj.detach(), w.detach(), cache)
+            with torch.no_grad():
+                z_star, info = solve(self.solver, T, z0.detach(), tol=self.tol, max_iter=self.max_iter,
+                                     objective=objective, **self.solver_options)
+            handle_nonconvergence(info, self.policy, what)
+            if cache.get("out") is z_star:  # the solver returned its last evaluation of T
+                z = self.implicit_step(inj, w, cache, info, self.policy)
+            else:  # it fell back to an earlier iterate (a non-finite run): one recorded step of T
+                z, adjoint = self.attach_implicit(inj, w)(z_star)
+                z = _attach_hook(z, adjoint, info, self.policy, what)
+        else:
+            z, info = equilibrium(
+                self.fixed_point_map(inj, w), z0, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
+                solver_options=self.solver_options, objective=objective, backward=cfg,
+                attach=self.attach_implicit(inj, w), policy=self.policy, what=what,
+            )
         self.last_info = info
-        if self.warm_start:
+        if self.warm_start and bool(torch.isfinite(z).all()):  # never warm-start from a non-finite iterate
             self._z_prev = z.detach()
         return z
 
 
-class OptEq(OptEqBase):
-    """Dense OptEq: ``x (B, in_features) -> z* (B, features)``; ``W`` is ``width x features``."""
+def _attach_hook(z: torch.Tensor, adjoint, info: EquilibriumInfo, policy: str, what: str) -> torch.Tensor:
+    """Register the adjoint solve as the gradient hook of the recorded step ``z``."""
+    if not z.requires_grad:
+        return z
 
-    def __init__(self, in_features: int, features: int, *, width: int | None = None, **options):
-        super().__init__(**options)
+    def hook(v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            g, binfo = adjoint(v)
+        info.backward = binfo
+        handle_nonconvergence(binfo, policy, f"{what} (adjoint)")
+        return g
+
+    z.register_hook(hook)
+    return z
+
+
+class _ImplicitStep(torch.autograd.Function):
+    """``z*`` as a function of ``(inj, w)`` with the implicit gradient (:meth:`OptEqBase.implicit_step`)."""
+
+    @staticmethod
+    def forward(ctx, inj, w, state):  # noqa: D401
+        ctx.state = state
+        return state["out"].view_as(state["out"])
+
+    @staticmethod
+    def backward(ctx, v):
+        st = ctx.state
+        layer, w = st["layer"], st["w"]
+        with torch.no_grad():
+            q, binfo = layer.adjoint_pre(v, st["s"], w)
+            st["info"].backward = binfo
+            handle_nonconvergence(binfo, st["policy"], f"{type(layer).__name__} implicit backward (adjoint)")
+            grad_inj = q if ctx.needs_input_grad[0] else None
+            grad_w = layer.weight_grad(st["z"], st["wz"], q, w) if ctx.needs_input_grad[1] else None
+        return grad_inj, grad_w, None
+
+
+class OptEq(OptEqBase):
+    """Dense OptEq: ``x (B, in_features) -> z* (B, features)``; ``W`` is ``width x features``.
+
+    Keywords (all of :class:`OptEqBase`): ``activation`` (a name of :data:`~proxnets.equilibrium.prox.PROX_ACTIVATIONS`
+    or a :class:`~proxnets.equilibrium.prox.ProxActivation`) with ``activation_options``, ``l1`` (L1 prior),
+    ``target_norm`` (``|W|_2`` bound in (0, 1)), ``solver``/``solver_options``/``tol``/``max_iter`` (forward),
+    ``backward`` (``"implicit" | "phantom" | "unrolled"``) with ``backward_solver``/``backward_tol``/
+    ``backward_max_iter``, ``warm_start``, ``policy`` (``"warn" | "raise" | "ignore"``), ``track_objective``,
+    ``power_iterations``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        *,
+        width: int | None = None,
+        activation: str | ProxActivation = "relu",
+        activation_options: dict | None = None,
+        l1: float = 0.0,
+        target_norm: float = 0.97,
+        solver: str = "accelerated",
+        solver_options: dict | None = None,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        backward: str = "implicit",
+        backward_solver: str | None = None,
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        warm_start: bool = False,
+        policy: str = "warn",
+        track_objective: bool = False,
+        power_iterations: int = 16,
+    ):
+        super().__init__(
+            activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
+            solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
+            backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
+        )
         self.in_features = check_int("in_features", in_features, low=1)
         self.features = check_int("features", features, low=1)
         self.width = check_int("width", features if width is None else width, low=1)
@@ -267,13 +432,17 @@ class OptEq(OptEqBase):
         )
 
     def _check_input(self, x):
-        return check_tensor("x", x, shape=(None, self.in_features), finite=False)
+        return check_tensor("x", x, shape=(None, self.in_features), finite=False, nonempty=True, like=self)
 
     def apply_w(self, z, w):
         return F.linear(z, w)
 
     def apply_wt(self, y, w):
         return y @ w
+
+    def weight_grad(self, z, wz, q, w):
+        # W z = z w^T: d/dw <W q, W z> = (W z)^T q + (W q)^T z
+        return wz.T @ q + F.linear(q, w).T @ z
 
 
 class OptEqConv2d(OptEqBase):
@@ -292,9 +461,29 @@ class OptEqConv2d(OptEqBase):
         *,
         kernel_size: int = 3,
         width: int | None = None,
-        **options,
+        activation: str | ProxActivation = "relu",
+        activation_options: dict | None = None,
+        l1: float = 0.0,
+        target_norm: float = 0.97,
+        solver: str = "accelerated",
+        solver_options: dict | None = None,
+        tol: float = 1e-4,
+        max_iter: int = 100,
+        backward: str = "implicit",
+        backward_solver: str | None = None,
+        backward_tol: float | None = None,
+        backward_max_iter: int | None = None,
+        warm_start: bool = False,
+        policy: str = "warn",
+        track_objective: bool = False,
+        power_iterations: int = 16,
     ):
-        super().__init__(**options)
+        super().__init__(
+            activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
+            solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
+            backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
+        )
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.channels = check_int("channels", channels, low=1)
         self.width = check_int("width", channels if width is None else width, low=1)
@@ -315,10 +504,16 @@ class OptEqConv2d(OptEqBase):
         self._pad = pad
 
     def _check_input(self, x):
-        return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False)
+        return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False, nonempty=True, like=self)
 
     def apply_w(self, z, w):
         return F.conv2d(z, w, padding=self._pad)
 
     def apply_wt(self, y, w):
         return F.conv_transpose2d(y, w, padding=self._pad)
+
+    def weight_grad(self, z, wz, q, w):
+        # d/dw <conv(a, w), c> = conv2d_weight(a, c): for <W q, W z> once with a = q, once with a = z
+        wq = F.conv2d(q, w, padding=self._pad)
+        return (torch.nn.grad.conv2d_weight(q, w.shape, wz, padding=self._pad)
+                + torch.nn.grad.conv2d_weight(z, w.shape, wq, padding=self._pad))

@@ -15,6 +15,11 @@ name              f(z)                             prox_f(v)
 ``soft_threshold``  ``lam |z|``                    ``sign(v) max(|v| - lam, 0)``
 ``box``           indicator of ``[low, high]``     ``clamp(v, low, high)``
 ``identity``      ``0``                            ``v``
+``leaky_relu``    ``(1/a - 1) z^2/2`` for ``z < 0``    ``max(v, a v)``, ``0 < a <= 1``
+``tanh``          ``((1+z)log(1+z) + (1-z)log(1-z))/2 - z^2/2`` on ``[-1, 1]``   ``tanh(v)``
+``sigmoid``       ``p log p + (1-p)log(1-p) + log 2 - z^2/2``, ``p = z + 1/2``   ``sigmoid(v) - 1/2``
+``softsign``      ``-log(1 - |z|) - |z| - z^2/2`` on ``(-1, 1)``    ``v / (1 + |v|)``
+``IncreasingProx``  ``z v - int_0^v sigma - z^2/2``, ``v = sigma^{-1}(z)`` (numerical)   any increasing sigma, slope <= 1
 ``user``          any (given value and prox)       any
 ================  ===============================  ==========================
 
@@ -42,8 +47,13 @@ __all__ = [
     "BoxClamp",
     "IdentityProx",
     "UserProx",
+    "LeakyReLUProx",
+    "TanhProx",
+    "SigmoidProx",
+    "SoftsignProx",
+    "IncreasingProx",
     "L1Composed",
-    "ACTIVATIONS",
+    "PROX_ACTIVATIONS",
     "get_activation",
     "soft_threshold",
 ]
@@ -85,7 +95,18 @@ class ProxActivation:
         """Elementwise ``d prox_f / dv`` at ``v``; ``None`` means "use autograd"."""
         return None
 
+    def derivative_at_output(self, z: torch.Tensor) -> torch.Tensor | None:
+        """``prox_f'(v)`` written through the output ``z = prox_f(v)`` (a.e.); ``None``: not available.
+
+        Lets the implicit backward use the solver's last output without keeping its pre-activation.
+        """
+        return None
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        """``prox_f(v)``, elementwise: NaN/inf propagate as in torch (no finiteness check: solver hot path,
+        where the solver's monitor catches them)."""
+        if not isinstance(v, torch.Tensor):
+            fail("v", "a torch.Tensor", type(v).__name__, TypeError)
         return self.prox(v)
 
     def with_l1(self, lam: float) -> "ProxActivation":
@@ -116,6 +137,9 @@ class ReLUProx(ProxActivation):
     def derivative(self, v):
         return (v > 0).to(v.dtype)
 
+    def derivative_at_output(self, z):
+        return (z > 0).to(z.dtype)
+
 
 class SoftThreshold(ProxActivation):
     """Soft-threshold = prox of ``lam |z|``."""
@@ -133,6 +157,9 @@ class SoftThreshold(ProxActivation):
 
     def derivative(self, v):
         return (v.abs() > self.lam).to(v.dtype)
+
+    def derivative_at_output(self, z):
+        return (z != 0).to(z.dtype)
 
     def __repr__(self):
         return f"SoftThreshold(lam={self.lam})"
@@ -161,6 +188,9 @@ class BoxClamp(ProxActivation):
     def derivative(self, v):
         return ((v > self.low) & (v < self.high)).to(v.dtype)
 
+    def derivative_at_output(self, z):
+        return ((z > self.low) & (z < self.high)).to(z.dtype)
+
     def __repr__(self):
         return f"BoxClamp(low={self.low}, high={self.high})"
 
@@ -178,6 +208,9 @@ class IdentityProx(ProxActivation):
 
     def derivative(self, v):
         return torch.ones_like(v)
+
+    def derivative_at_output(self, z):
+        return torch.ones_like(z)
 
 
 class UserProx(ProxActivation):
@@ -240,15 +273,210 @@ class L1Composed(ProxActivation):
             return None
         return inner * (v.abs() > self.lam).to(v.dtype)
 
+    def derivative_at_output(self, z):
+        # z = prox_f(soft(v)) with prox_f(0) = 0: |v| <= lam gives z = 0, where the derivative is 0
+        inner = self.base.derivative_at_output(z)
+        return None if inner is None else inner * (z != 0).to(z.dtype)
+
     def __repr__(self):
         return f"L1Composed({self.base!r}, lam={self.lam})"
 
 
-ACTIVATIONS: dict[str, Callable[..., ProxActivation]] = {
+class LeakyReLUProx(ProxActivation):
+    """Leaky ReLU ``max(v, a v)``, ``0 < a <= 1``: the prox of ``f(z) = (1/a - 1) z^2 / 2`` for ``z < 0``, ``0`` else.
+
+    (``z + f'(z) = z / a = v`` for ``z < 0``; ``f`` is convex since ``1/a >= 1``.)
+    """
+
+    name = "leaky_relu"
+
+    def __init__(self, slope: float = 0.1):
+        self.slope = check_number("slope", slope, low=0.0, high=1.0, low_inclusive=False)
+
+    def prox(self, v):
+        return torch.where(v >= 0, v, self.slope * v)
+
+    def value(self, z):
+        return _per_sample_sum(0.5 * (1.0 / self.slope - 1.0) * torch.clamp(z, max=0.0) ** 2)
+
+    def derivative(self, v):
+        return torch.where(v > 0, torch.ones_like(v), torch.full_like(v, self.slope))
+
+    def derivative_at_output(self, z):
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, self.slope))
+
+    def __repr__(self):
+        return f"LeakyReLUProx(slope={self.slope})"
+
+
+def _xlogx(t: torch.Tensor) -> torch.Tensor:
+    """``t log t`` with ``0 log 0 = 0`` (``t >= 0``)."""
+    return torch.where(t > 0, t * torch.log(t.clamp_min(1e-300)), torch.zeros_like(t))
+
+
+def _bounded_value(z: torch.Tensor, low: float, high: float, inside) -> torch.Tensor:
+    """Per-sample sum of ``inside(z)`` on ``[low, high]``, ``+inf`` for a sample with a feature outside."""
+    ok = (z >= low) & (z <= high)
+    vals = inside(z.clamp(low, high))
+    return _per_sample_sum(vals) + _indicator(ok).to(z.dtype)
+
+
+class TanhProx(ProxActivation):
+    """``tanh`` = prox of ``f(z) = ((1+z) log(1+z) + (1-z) log(1-z)) / 2 - z^2 / 2`` on ``[-1, 1]``.
+
+    (``f'(z) = artanh(z) - z``, so ``z + f'(z) = v`` gives ``z = tanh(v)``; ``f'' = 1/(1-z^2) - 1 >= 0``.)
+    """
+
+    name = "tanh"
+
+    def prox(self, v):
+        return torch.tanh(v)
+
+    def prox_(self, v):
+        return v.tanh_()
+
+    def value(self, z):
+        return _bounded_value(z, -1.0, 1.0, lambda t: 0.5 * (_xlogx(1 + t) + _xlogx(1 - t)) - 0.5 * t * t)
+
+    def derivative(self, v):
+        return 1 - torch.tanh(v) ** 2
+
+    def derivative_at_output(self, z):
+        return 1 - z * z
+
+
+class SigmoidProx(ProxActivation):
+    """The shifted sigmoid ``sigmoid(v) - 1/2`` (slope <= 1/4) = prox of
+    ``f(z) = p log p + (1-p) log(1-p) + log 2 - z^2 / 2`` with ``p = z + 1/2`` in ``[0, 1]``.
+
+    (``f'(z) = logit(z + 1/2) - z``; shifted so that ``prox_f(0) = 0``, which an L1 prior needs.)
+    """
+
+    name = "sigmoid"
+
+    def prox(self, v):
+        return torch.sigmoid(v) - 0.5
+
+    def prox_(self, v):
+        return v.sigmoid_().sub_(0.5)
+
+    def value(self, z):
+        import math
+
+        return _bounded_value(z, -0.5, 0.5, lambda t: _xlogx(t + 0.5) + _xlogx(0.5 - t) + math.log(2.0) - 0.5 * t * t)
+
+    def derivative(self, v):
+        s = torch.sigmoid(v)
+        return s * (1 - s)
+
+    def derivative_at_output(self, z):
+        return 0.25 - z * z
+
+
+class SoftsignProx(ProxActivation):
+    """Softsign ``v / (1 + |v|)`` = prox of ``f(z) = -log(1 - |z|) - |z| - z^2 / 2`` on ``(-1, 1)``.
+
+    (``f'(z) = z / (1 - |z|) - z`` is the inverse of softsign minus the identity.)
+    """
+
+    name = "softsign"
+
+    def prox(self, v):
+        return v / (1 + v.abs())
+
+    def value(self, z):
+        ok = z.abs() < 1
+        a = torch.where(ok, z.abs(), torch.zeros_like(z))  # f is finite exactly on (-1, 1)
+        return _per_sample_sum(-torch.log1p(-a) - a - 0.5 * a * a) + _indicator(ok).to(z.dtype)
+
+    def derivative(self, v):
+        return 1 / (1 + v.abs()) ** 2
+
+    def derivative_at_output(self, z):
+        return (1 - z.abs()) ** 2
+
+
+# Gauss-Legendre nodes/weights on [0, 1] for the integral phi(v) = int_0^v sigma
+_GL_NODES, _GL_WEIGHTS = (torch.as_tensor(a, dtype=torch.float64) for a in __import__("numpy").polynomial.legendre.leggauss(64))
+
+
+class IncreasingProx(ProxActivation):
+    """Any continuous non-decreasing ``sigma`` with slope ``<= 1`` as the prox of a convex ``f`` (numerically).
+
+    Why it exists: ``sigma = grad phi`` with ``phi(v) = int_0^v sigma`` convex, and slope ``<= 1`` makes
+    ``phi^* - |.|^2/2`` convex, so ``sigma = prox_f`` for
+
+        f(z) = phi^*(z) - z^2 / 2 = z v - phi(v) - z^2 / 2,    v = sigma^{-1}(z)
+
+    (Fenchel: ``sigma = grad (f + |.|^2/2)^*``). ``value`` computes ``v`` by bisection (float64, 200
+    steps) and ``phi(v)`` by 64-point Gauss-Legendre quadrature; ``z`` outside the range of sigma on
+    ``[-bracket, bracket]`` gets ``+inf`` (the range's boundary, where f may be finite, is treated as
+    outside). Construction checks monotonicity and slope ``<= 1 + 1e-6`` on a grid of ``[-bracket, bracket]``
+    (a grid check, not a proof). ``derivative`` uses autograd through ``sigma``.
+    """
+
+    def __init__(self, sigma: Callable[[torch.Tensor], torch.Tensor], *, name: str = "increasing", bracket: float = 50.0):
+        if not callable(sigma):
+            fail("sigma", "a callable tensor -> tensor", sigma, TypeError)
+        self.sigma, self.name = sigma, name
+        self.bracket = check_number("bracket", bracket, low=0.0, low_inclusive=False)
+        grid = torch.linspace(-self.bracket, self.bracket, 20001, dtype=torch.float64)
+        s = sigma(grid)
+        if not bool(torch.isfinite(s).all()):
+            fail("sigma", f"finite values on [-{bracket}, {bracket}]", "non-finite values")
+        slope = torch.diff(s) / torch.diff(grid)
+        if float(slope.min()) < -1e-12 or float(slope.max()) > 1 + 1e-6:
+            fail("sigma", "a non-decreasing function with slope <= 1",
+                 f"slopes in [{float(slope.min()):.4g}, {float(slope.max()):.4g}]")
+        self.low_value, self.high_value = float(s[0]), float(s[-1])
+
+    def prox(self, v):
+        return self.sigma(v)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """``sigma^{-1}(z)`` by bisection in float64 (the smallest preimage's bracket midpoint)."""
+        lo = torch.full_like(z, -self.bracket, dtype=torch.float64)
+        hi = torch.full_like(lo, self.bracket)
+        zz = z.double()
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            below = self.sigma(mid) < zz
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def primitive(self, v: torch.Tensor) -> torch.Tensor:
+        """``phi(v) = int_0^v sigma(s) ds`` (Gauss-Legendre, nodes mapped from [-1, 1] to [0, v])."""
+        v = v.double()
+        s = 0.5 * (_GL_NODES + 1)  # (64,) in [0, 1]
+        vals = self.sigma(v.unsqueeze(-1) * s)  # (..., 64)
+        return v * (vals * (0.5 * _GL_WEIGHTS)).sum(-1)
+
+    def value(self, z):
+        zz = z.double()
+        ok = (zz > self.low_value) & (zz < self.high_value)
+        v = self.inverse(zz.clamp(self.low_value, self.high_value))
+        inside = zz * v - self.primitive(v) - 0.5 * zz * zz
+        out = _per_sample_sum(torch.where(ok, inside, torch.zeros_like(zz))) + _indicator(ok).double()
+        return out.to(z.dtype)
+
+    def derivative(self, v):
+        with torch.enable_grad():
+            vv = v.detach().requires_grad_()
+            return torch.autograd.grad(self.sigma(vv).sum(), vv)[0]
+
+    def __repr__(self):
+        return f"IncreasingProx(name={self.name!r})"
+
+
+PROX_ACTIVATIONS: dict[str, Callable[..., ProxActivation]] = {
     "relu": ReLUProx,
     "soft_threshold": SoftThreshold,
     "box": BoxClamp,
     "identity": IdentityProx,
+    "leaky_relu": LeakyReLUProx,
+    "tanh": TanhProx,
+    "sigmoid": SigmoidProx,
+    "softsign": SoftsignProx,
 }
 
 
@@ -258,6 +486,6 @@ def get_activation(spec: str | ProxActivation, **options) -> ProxActivation:
         if options:
             fail("options", "no options when an activation instance is given", sorted(options))
         return spec
-    if spec not in ACTIVATIONS:
-        fail("activation", f"one of {sorted(ACTIVATIONS)} or a ProxActivation", spec)
-    return ACTIVATIONS[spec](**options)
+    if spec not in PROX_ACTIVATIONS:
+        fail("activation", f"one of {sorted(PROX_ACTIVATIONS)} or a ProxActivation", spec)
+    return PROX_ACTIVATIONS[spec](**options)

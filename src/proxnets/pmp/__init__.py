@@ -15,7 +15,7 @@ from proxnets.pmp.adjoints import AdjointRecorder, control_layers
 from proxnets.pmp.certify import DecreaseAudit, certificate, penalty
 from proxnets.pmp.eps import EPS_RULES, CurvatureEps, SigmaZetaEps, TrialStep, make_eps_rule
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule, augmented_hamiltonian_1d
-from proxnets.pmp.models import LeNet5, SmallCNN
+from proxnets.pmp.models import LeNet5, SmallLeNet5
 from proxnets.pmp.optimizer import BSQH, BSQHInfo, EpsExplodedWarning
 from proxnets.pmp.regularizers import Regularizer, SparseRegularizer, soft_threshold
 from proxnets.pmp.sparsity import (
@@ -39,7 +39,7 @@ __all__ = [
     "Regularizer",
     "SPARSIFIABLE",
     "SigmaZetaEps",
-    "SmallCNN",
+    "SmallLeNet5",
     "SparseRegularizer",
     "TrialStep",
     "augmented_hamiltonian_1d",

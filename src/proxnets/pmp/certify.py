@@ -3,7 +3,8 @@
 bSQH accepts a trial ``u`` only if (the acceptance test of :mod:`proxnets.pmp.optimizer`)
 
     J_B(u) - J_B(u_k) <= -eta * tau,      tau = |u - u_k|^2,
-    J_B(u) = L_B(u) + sum_groups rho R(u),  R(u) = sum_w beta 1[w != 0] + lam1 |w| + (lam2/2) w^2.
+    J_B(u) = L_B(u) + sum_groups rho R(u),  R(u) = sum_w (beta/n) 1[w != 0] + lam1 |w| + (lam2/2) w^2
+                                            (+inf outside the box U_ad = {|w| <= bound}).
 
 The optimizer's own record of that test re-reads the numbers the test used, so it can never
 disagree with it. :class:`DecreaseAudit` recomputes them instead, around every step:
@@ -25,7 +26,9 @@ certificate says so).
 In full-batch mode (every closure evaluates the same training set: ``full_batch=True``) ``J``
 after one step is ``J`` before the next when the weights did not change in between, so one
 forward per step suffices and the certificate says ``J`` decreased monotonically on the training
-set. In mini-batch mode each step is checked on its own batch (what the acceptance test promises).
+set (for a fixed rho; in ``target_density`` mode each step is checked under its own rho: the
+penalties of ``u_k`` and ``u_{k+1}`` are both counted after the step, ``u_k`` from the snapshot).
+In mini-batch mode each step is checked on its own batch (what the acceptance test promises).
 
 :func:`certificate` returns, for a model trained by bSQH, the recomputed decrease certificate of
 the run (when the optimizer had an audit), the agreement of the optimizer's records with the
@@ -53,25 +56,31 @@ __all__ = ["DecreaseAudit", "penalty", "certificate"]
 AGREEMENT_TOL = 1e-6
 
 
-def penalty(optimizer: torch.optim.Optimizer) -> tuple[float, bool]:
-    """``(sum_groups rho R(u), independent)`` at the current weights, computed here in float64.
+def penalty(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor] | None = None) -> tuple[float, bool]:
+    """``(sum_groups rho R(u), independent)`` at the current weights (or at ``weights``, one tensor per
+    parameter in group order), with the groups' current rho, computed here in float64.
 
     ``R`` is counted from the coefficients of a :class:`SparseRegularizer` (``independent=True``);
     for any other regularizer its own ``value`` is used (``independent=False``).
     """
     total, independent = 0.0, True
+    it = iter(weights) if weights is not None else None
     for group in optimizer.param_groups:
         rho = float(group.get("rho", 0.0))
-        if rho == 0.0:
-            continue
         reg = group.get("regularizer")
         for p in group["params"]:
-            w = p.detach()
+            w = p.detach() if it is None else next(it)
+            if rho == 0.0:
+                continue
             if isinstance(reg, SparseRegularizer):
-                v = reg.beta * int(torch.count_nonzero(w))
+                # beta / n per nonzero weight (n: 1, the tensor's size or the group's count)
+                n = {"none": 1, "layer": w.numel(), "group": reg.count}[reg.normalize]
+                v = reg.beta * int(torch.count_nonzero(w)) / n
                 if reg.lam1 or reg.lam2:
                     wd = w.double()
                     v += reg.lam1 * float(wd.abs().sum()) + 0.5 * reg.lam2 * float((wd * wd).sum())
+                if math.isfinite(reg.bound) and float(w.abs().max()) > reg.bound:
+                    v = math.inf  # outside the admissible box U_ad: J is +inf there
             else:
                 v, independent = float(reg.value(w)), False
             total += rho * v
@@ -97,24 +106,26 @@ class DecreaseAudit:
         self.independent = True
         self._before: list[torch.Tensor] | None = None
         self._j_before: tuple[float, float] | None = None
-        self._last: tuple[list[torch.Tensor], float, float] | None = None  # weights, J, loss after the last step
+        self._last: tuple | None = None  # weights and loss after the last step
         self._n_history = 0
 
-    def _objective(self, optimizer, closure: Callable) -> tuple[float, float]:
-        with torch.no_grad():
-            loss = float(closure(backward=False))
-        reg, independent = penalty(optimizer)
+    def _penalty(self, optimizer, weights=None) -> float:
+        reg, independent = penalty(optimizer, weights)
         self.independent = self.independent and independent
-        return loss + reg, loss
+        return reg
 
     def before(self, optimizer, closure: Callable) -> None:
         params = _params(optimizer)
         snapshot = [p.detach().clone() for p in params]
         if (self.full_batch and self._last is not None
                 and all(torch.equal(a, b) for a, b in zip(self._last[0], snapshot))):
-            self._j_before = (self._last[1], self._last[2])  # same data, same weights: same J
+            loss = self._last[1]  # same data, same weights: same loss
         else:
-            self._j_before = self._objective(optimizer, closure)
+            with torch.no_grad():
+                loss = float(closure(backward=False))
+        # only the loss here: the penalty of u_k is counted in after() with the step's rho (which
+        # target_density mode sets inside the step), from this snapshot
+        self._j_before = (math.nan, loss)
         self._before = snapshot
         self._n_history = len(getattr(optimizer, "history", []))
 
@@ -122,9 +133,12 @@ class DecreaseAudit:
         if self._before is None or self._j_before is None:
             fail("audit", "before() called before after()", "after() alone", RuntimeError)
         params = _params(optimizer)
-        j_after, loss_after = self._objective(optimizer, closure)
+        with torch.no_grad():
+            loss_after = float(closure(backward=False))
+        j_after = loss_after + self._penalty(optimizer)
         tau = sum(float(((p.detach() - b).double() ** 2).sum()) for p, b in zip(params, self._before))
-        j_before, loss_before = self._j_before
+        loss_before = self._j_before[1]
+        j_before = loss_before + self._penalty(optimizer, self._before)
         eta = float(optimizer.eta)
         rec: dict[str, Any] = dict(iteration=len(self.records), J_before=j_before, J_after=j_after,
                                    loss_before=loss_before, loss_after=loss_after, tau=tau, eta=eta,
@@ -136,7 +150,7 @@ class DecreaseAudit:
                                    accepted=h["accepted"])
         self.records.append(rec)
         if self.full_batch:
-            self._last = ([p.detach().clone() for p in params], j_after, loss_after)
+            self._last = ([p.detach().clone() for p in params], loss_after)
         self._before, self._j_before = None, None
 
     def worst_violation(self) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from proxnets.pmp.regularizers import Regularizer
+from proxnets.utils.validation import check_number, check_tensor, fail
 
 __all__ = ["LinearizedHamiltonianRule", "augmented_hamiltonian_1d"]
 
@@ -38,7 +39,14 @@ def augmented_hamiltonian_1d(
     Elementwise over broadcast ``w, w_k, g``; ``r`` is evaluated weight by weight. Used by the
     tests as the brute-force objective.
     """
-    w, w_k, g = torch.broadcast_tensors(w, w_k, g)
+    for name, t in (("w", w), ("w_k", w_k), ("g", g)):
+        check_tensor(name, t)
+    check_number("eps", eps, low=0.0, low_inclusive=False)
+    check_number("rho", rho, low=0.0)
+    try:
+        w, w_k, g = torch.broadcast_tensors(w, w_k, g)
+    except RuntimeError:
+        fail("w", f"a shape broadcasting with w_k {tuple(w_k.shape)} and g {tuple(g.shape)}", f"shape {tuple(w.shape)}")
     r = torch.stack([reg.value(v.reshape(1)) for v in w.reshape(-1)]).reshape(w.shape) if w.numel() else w
     return g * (w - w_k) - rho * r - eps * (w - w_k) ** 2
 

@@ -2,7 +2,7 @@
 
 ``LeNet5``: the classic layout for 28x28 inputs (LeCun et al. 1998, with ReLU and max-pooling):
 conv 5x5 (6, pad 2) -> pool -> conv 5x5 (16) -> pool -> fc 120 -> fc 84 -> fc classes; 61.7k
-parameters for MNIST. ``SmallCNN``: a narrower version for fast tests.
+parameters for MNIST. ``SmallLeNet5``: a narrower version for fast tests.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LeNet5", "SmallCNN"]
+from proxnets.utils.validation import check_tensor
+
+__all__ = ["LeNet5", "SmallLeNet5"]
 
 
 class LeNet5(nn.Module):
@@ -28,17 +30,22 @@ class LeNet5(nn.Module):
         self.fc2 = nn.Linear(f1, f2)
         self.fc3 = nn.Linear(f2, num_classes)
         self.pool = nn.MaxPool2d(2)
+        self.input_shape = (c, h, w)
+        # activations as modules (not torch.relu): the seed's layer is map -> activation -> pool,
+        # and LayerTape sees a module applied to a layer's output as part of that layer
+        self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(torch.relu(self.conv1(x)))  # (B, c1, H/2, W/2)
-        x = self.pool(torch.relu(self.conv2(x)))  # (B, c2, h2, w2)
+        check_tensor("x", x, shape=(None, *self.input_shape), like=self)
+        x = self.pool(self.act(self.conv1(x)))  # (B, c1, H/2, W/2)
+        x = self.pool(self.act(self.conv2(x)))  # (B, c2, h2, w2)
         x = x.flatten(1)  # (B, c2 h2 w2)
-        x = torch.relu(self.fc1(x))  # (B, f1)
-        x = torch.relu(self.fc2(x))  # (B, f2)
+        x = self.act(self.fc1(x))  # (B, f1)
+        x = self.act(self.fc2(x))  # (B, f2)
         return self.fc3(x)  # (B, K) class scores
 
 
-class SmallCNN(LeNet5):
+class SmallLeNet5(LeNet5):
     """LeNet5 with widths (4, 8, 32, 32): about 7k parameters for MNIST."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10):

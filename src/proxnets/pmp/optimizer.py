@@ -11,6 +11,24 @@ One call of :meth:`BSQH.step` is one bSQH iteration on the batch the closure eva
 5. stop (with a message, and a warning) when ``eps`` exceeds ``eps_max``; ``converged`` when
    ``tau <= kappa``.
 
+The layer (step 2): ``layer="map"`` (default) takes the affine map alone as the layer, so the
+Hamiltonian is linear in the weights and step 2 is the closed form of :mod:`.hamiltonian` (an
+iterative hard-thresholding step of length ``1/(2 eps)``). ``layer="map+activation"`` is the
+seed's layer, map then activation/pooling (:mod:`.layer_hamiltonian`): a few layer-local steps on
+the true, nonlinear augmented Hamiltonian with the convex-combination safeguard.
+
+Sparsity at a chosen density (``target_density``): in every trial rho (of the groups that start
+with ``rho > 0``) is set to the price at which the layerwise maximizer keeps exactly the target
+fraction ``d_k`` of the weights. rho prices the L0 term only: the L2 weight ``c = rho lam2`` stays
+that of the initial rho (``lam2`` is set to ``c / rho``). For ``r = (beta/n) 1[w != 0] + (lam2/2) w^2``
+a weight with ``z = w_k - g / (2 eps)`` is then kept iff ``rho < rho_i``,
+``rho_i = z^2 n eps / (beta (1 + c / (2 eps)))``; rho is the geometric mean of the ``k``-th
+and ``(k+1)``-th largest ``rho_i`` (``k = round(d_k N)``), so exactly ``k`` survive (ties aside). Step 3/4 then use that rho for
+``J_B(u_k)`` and ``J_B(u)`` alike (one objective per step: the audit recomputes both with it).
+``d_k`` is 1 for ``density_start`` steps, then falls to the target along a cubic over
+``density_ramp`` steps (gradual pruning; both 0: the target from the first step). Exact for ``layer="map"``; with ``"map+activation"`` the inner
+steps may move a few weights across the threshold.
+
 Full-batch mode (the theorem's setting): the closure evaluates the whole training set; then every
 accepted iteration decreases ``J`` by at least ``eta * tau``. Mini-batch mode: the closure
 evaluates the current batch, and the acceptance test uses that same batch.
@@ -35,11 +53,17 @@ import torch
 from proxnets.pmp.adjoints import AdjointRecorder
 from proxnets.pmp.eps import TrialStep, make_eps_rule
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
+from proxnets.pmp.layer_hamiltonian import LayerParam, LayerTape, maximize_layer
 from proxnets.pmp.regularizers import Regularizer, SparseRegularizer
 from proxnets.utils.convergence import IterInfo, NonConvergenceWarning
-from proxnets.utils.validation import check_int, check_number, fail
+from proxnets.utils.validation import check_choice, check_int, check_number, fail
 
-__all__ = ["BSQH", "BSQHInfo", "EpsExplodedWarning"]
+__all__ = ["BSQH", "BSQHInfo", "DEFAULT_REGULARIZER", "EpsExplodedWarning", "LAYERS"]
+
+# the default objective (well posed, see docs/pmp.md): the L0 term divided by the group's weight
+# count (rho R = rho x density + L2), weights in the box |w| <= 1
+DEFAULT_REGULARIZER = SparseRegularizer(beta=1.0, lam2=1e-3, normalize="group", bound=1.0)
+LAYERS = ("map", "map+activation")
 
 
 class EpsExplodedWarning(RuntimeWarning):
@@ -64,12 +88,22 @@ class BSQHInfo(IterInfo):
     message: str = ""
 
 
+_ACCEPTS: dict[Any, bool] = {}
+
+
 def _accepts_backward(closure: Callable) -> bool:
+    # cached per code object: the engine builds a new closure every step (inspect costs ~1 ms)
+    key = getattr(closure, "__code__", None)
+    if key is not None and key in _ACCEPTS:
+        return _ACCEPTS[key]
     try:
         params = inspect.signature(closure).parameters
     except (TypeError, ValueError):
         return False
-    return "backward" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    ok = "backward" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if key is not None and len(_ACCEPTS) < 1024:
+        _ACCEPTS[key] = ok
+    return ok
 
 
 class BSQH(torch.optim.Optimizer):
@@ -86,8 +120,21 @@ class BSQH(torch.optim.Optimizer):
         eps_rule: ``"sigma-zeta"`` (plain), ``"curvature"`` or a rule object (:mod:`proxnets.pmp.eps`).
         sigma, zeta: the plain rule's factors (``sigma > 1``, ``0 < zeta < 1``); ``sigma`` is also
             the curvature rule's minimum increase.
-        regularizer: a :class:`~proxnets.pmp.regularizers.Regularizer` (default L0).
-        rule: the Hamiltonian maximization rule (default :class:`LinearizedHamiltonianRule`).
+        regularizer: a :class:`~proxnets.pmp.regularizers.Regularizer` (default
+            :data:`DEFAULT_REGULARIZER`: L0 normalized by the group's weight count, L2 1e-3, box 1).
+        rule: the per-tensor closed-form rule (default :class:`LinearizedHamiltonianRule`).
+        layer: ``"map"`` (linearized Hamiltonian) or ``"map+activation"`` (the seed's layer; needs
+            ``model``); ``inner_steps``, ``backtracks``, ``safeguard``: its layer-local maximization.
+        model: the network (only for ``layer="map+activation"``: its layers are taped).
+        target_density: set rho in every trial so that exactly this fraction of the regularized
+            weights is nonzero (see above; needs ``SparseRegularizer`` with ``lam1 = 0``).
+        density_ramp: steps over which the density target falls from 1 to ``target_density``.
+        density_start: steps at density target 1 before the ramp (dense training first).
+        reuse_trial: full-batch mode only (the closure always evaluates the same data): the
+            accepted trial forward is run with autograd and its graph is back-propagated as the next
+            iteration's sweep (one forward per iteration saved; the closure must return the
+            un-detached loss when ``backward=False``); only while >= 70% of the trials so far were
+            accepted (a rejected trial's graph is wasted work).
         eps_min: floor of eps for the rules given by name (a ceiling ``1/(2 eps_min)`` on the step; in
             mini-batch mode it guards against a huge step that happens to pass the test on one batch).
         eps_max: eps above this stops the run (the "eps explodes" stop).
@@ -116,10 +163,19 @@ class BSQH(torch.optim.Optimizer):
         eps_min: float = 1e-8,
         eps_max: float = 1e8,
         max_trials: int = 50,
-        kappa: float = 0.0,
+        kappa: float = 1e-9,
         recorder: AdjointRecorder | None = None,
         record_history: bool = True,
         audit: Any = None,
+        layer: str = "map",
+        model: torch.nn.Module | None = None,
+        inner_steps: int = 2,
+        backtracks: int = 2,
+        safeguard: bool = True,
+        target_density: float | None = None,
+        density_ramp: int = 0,
+        density_start: int = 0,
+        reuse_trial: bool = False,
     ):
         check_number("rho", rho, low=0.0)
         check_number("eps", eps, low=0.0, low_inclusive=False)
@@ -137,7 +193,23 @@ class BSQH(torch.optim.Optimizer):
         else:
             self.eps_rule = make_eps_rule(eps_rule)
         self.rule = LinearizedHamiltonianRule() if rule is None else rule
-        regularizer = SparseRegularizer() if regularizer is None else regularizer
+        self.layer = check_choice("layer", layer, LAYERS)
+        self.inner_steps = check_int("inner_steps", inner_steps, low=1)
+        self.backtracks = check_int("backtracks", backtracks, low=0)
+        self.safeguard = bool(safeguard)
+        self.tape: LayerTape | None = None
+        if layer == "map+activation":
+            if not isinstance(model, torch.nn.Module):
+                fail("model", "the network (an nn.Module) with layer='map+activation'", type(model).__name__,
+                     TypeError)
+            self.tape = LayerTape(model)
+        self.target_density = None if target_density is None else check_number(
+            "target_density", target_density, low=0.0, high=1.0, low_inclusive=False)
+        self.density_ramp = check_int("density_ramp", density_ramp, low=0)
+        self.density_start = check_int("density_start", density_start, low=0)
+        self.reuse_trial = bool(reuse_trial)
+        self._reuse: tuple[torch.Tensor, list[int]] | None = None
+        regularizer = DEFAULT_REGULARIZER if regularizer is None else regularizer
         if not isinstance(regularizer, Regularizer):
             fail("regularizer", "an object with value(w) and prox(z, t)", type(regularizer).__name__, TypeError)
         self.recorder = recorder
@@ -154,6 +226,17 @@ class BSQH(torch.optim.Optimizer):
             check_number("rho", group["rho"], low=0.0)
             check_number("eps", group["eps"], low=0.0, low_inclusive=False)
             check_number("lr", group["lr"], low=0.0, low_inclusive=False)
+            group.setdefault("adapt_rho", target_density is not None and group["rho"] > 0)
+            if group["adapt_rho"]:
+                if not (isinstance(group["regularizer"], SparseRegularizer) and group["regularizer"].lam1 == 0):
+                    fail("regularizer", "a SparseRegularizer with lam1 = 0 in target_density mode",
+                         group["regularizer"], ValueError)
+                # the L2 weight rho lam2 stays that of the initial rho: rho prices the L0 term only
+                group.setdefault("l2_weight", group["rho"] * group["regularizer"].lam2)
+            reg = group["regularizer"]
+            if isinstance(reg, SparseRegularizer) and reg.normalize == "group" and reg.count is None:
+                # the L0 term is divided by this group's weight count
+                group["regularizer"] = dataclasses.replace(reg, count=max(sum(p.numel() for p in group["params"]), 1))
             for p in group["params"]:
                 if not p.is_floating_point():
                     fail("params", "real floating-point tensors (bSQH cannot handle complex or integer ones)",
@@ -202,19 +285,31 @@ class BSQH(torch.optim.Optimizer):
                 name = names[pi] if names else f"group{gi}.param{pi}"
                 yield name, p, group
 
+    def _reg_key(self) -> tuple:
+        return tuple((g["rho"], id(g["regularizer"]), tuple(p._version for p in g["params"]))
+                     for g in self.param_groups)
+
     def regularization(self) -> float:
         """``sum_groups rho R(u)`` at the current weights."""
-        total = 0.0
-        for group in self.param_groups:
-            if group["rho"]:
-                total += group["rho"] * sum(float(group["regularizer"].value(p.detach())) for p in group["params"])
-        return total
+        key = self._reg_key()
+        cached = getattr(self, "_reg_cache", None)
+        if cached is not None and cached[0] == key:
+            # same rho, regularizer and weights (version counters) as last time; a stale value (weights
+            # changed through .data) would show in the audit's records_agree
+            return cached[1]
+        terms = [group["rho"] * group["regularizer"].value(p.detach())
+                 for group in self.param_groups if group["rho"] for p in group["params"]]
+        value = float(torch.stack(terms).sum()) if terms else 0.0  # one synchronization
+        self._reg_cache = (key, value)
+        return value
 
     def sparsity(self) -> dict[str, Any]:
         """Exact zeros per layer and in total over the parameters with ``rho > 0``."""
+        layers = list(self._layers())
+        counts = torch.stack([torch.count_nonzero(p.detach()) for _, p, _ in layers]).tolist() if layers else []
         per_layer, zeros, total = {}, 0, 0
-        for name, p, group in self._layers():
-            z, n = int((p.detach() == 0).sum()), p.numel()
+        for (name, p, group), nnz in zip(layers, counts):
+            z, n = p.numel() - int(nnz), p.numel()
             per_layer[name] = z / n
             if group["rho"] > 0:
                 zeros, total = zeros + z, total + n
@@ -241,20 +336,129 @@ class BSQH(torch.optim.Optimizer):
             fail("closure", "a callable closure(backward: bool = True) -> loss (bSQH evaluates trial points)",
                  closure, TypeError)
         if self.audit is None:
-            return self._step(closure)
-        # the audit's own forward passes bracket the whole iteration (it never reads our numbers)
-        self.audit.before(self, closure)
-        loss = self._step(closure)
-        self.audit.after(self, closure)
+            loss = self._step(closure)
+        else:
+            # the audit's own forward passes bracket the whole iteration (it never reads our numbers)
+            self.audit.before(self, closure)
+            loss = self._step(closure)
+            self.audit.after(self, closure)
         return loss
+
+    def density_target(self) -> float:
+        """This step's density target: 1 for ``density_start`` steps, then ``d + (1 - d) (1 - k / ramp)^3``
+        (``k`` counted from the ramp's start), ``d`` after the ramp."""
+        d = float(self.target_density)
+        k = self.run_state["iteration"] - self.density_start
+        if k < 0:
+            return 1.0
+        if self.density_ramp and k < self.density_ramp:
+            return d + (1.0 - d) * (1.0 - k / self.density_ramp) ** 3
+        return d
+
+    def _price_for_density(self, layers, eps_l: list[float]) -> float | None:
+        """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights."""
+        scores = []
+        for i, (_, p, group, w_k, g) in enumerate(layers):
+            if not group.get("adapt_rho"):
+                continue
+            reg, e = group["regularizer"], eps_l[i] / group["lr"]
+            z2 = (w_k - g / (2.0 * e)) ** 2
+            beta = reg.l0_weight(w_k)
+            # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
+            scores.append((z2 * (e / (beta * (1.0 + group["l2_weight"] / (2.0 * e))))).reshape(-1))
+        if not scores:
+            return None
+        s = torch.cat(scores)
+        k = int(round(self.density_target() * s.numel()))
+        if k >= s.numel():
+            return 0.5 * float(s.min())  # everything is kept at any price below the smallest
+        # any rho in [s_(k+1), s_(k)) (k-th largest) keeps exactly the top k; take their geometric mean
+        n = s.numel()  # kthvalue is linear-time (topk of k ~ 0.1 n is ~10x slower here)
+        lo_t = torch.kthvalue(s, n - k).values
+        above = s[s > lo_t]
+        lo, hi = float(lo_t), float(above.min()) if k > 0 and above.numel() else math.inf
+        if not math.isfinite(hi):
+            return 2.0 * lo if lo > 0 else 1.0
+        return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+
+    def _sweep(self, closure: Callable) -> torch.Tensor:
+        """Forward + backward sweep at u_k; the accepted full-batch trial's graph when it can be reused."""
+        reuse, self._reuse = self._reuse, None
+        if reuse is not None:
+            loss, versions = reuse
+            params = [p for g in self.param_groups for p in g["params"]]
+            if versions == [p._version for p in params]:  # weights untouched since that forward
+                self.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss.backward()
+                return loss.detach()
+        if self.tape is not None:
+            self.tape.clear()
+            self.tape.enabled = True
+        with torch.enable_grad():
+            return closure(backward=True)
+
+    def _trial_loss(self, closure: Callable) -> float:
+        """``L_B`` at the trial point: no autograd, unless the graph is kept for reuse (full batch)."""
+        rs = self.run_state
+        trials = rs["accepted"] + rs["rejected"]
+        # a graph is built only while trials are mostly accepted (a rejected trial's graph is wasted
+        # work: a forward with autograd costs more than one without)
+        likely = trials == 0 or rs["accepted"] >= 0.7 * trials
+        if not self.reuse_trial or self.recorder is not None or not likely:
+            return float(closure(backward=False))
+        if self.tape is not None:
+            self.tape.clear()
+            self.tape.enabled = True
+        with torch.enable_grad():
+            out = closure(backward=False)
+        if self.tape is not None:
+            self.tape.enabled = False
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            self._pending = out
+        return float(out)
+
+    def _nonlinear_updates(self, layers, eps) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+        """layer="map+activation": new values of the taped layers' parameters (id -> tensor) and stats."""
+        index = {id(p): i for i, (_, p, _, _, _) in enumerate(layers)}
+        calls = self.tape.layers() if self.tape is not None else []
+        uses: dict[int, int] = {}
+        for c in calls:
+            for _, q in c.module.named_parameters(recurse=False):
+                uses[id(q)] = uses.get(id(q), 0) + 1
+        out: dict[int, torch.Tensor] = {}
+        stats = dict(layers=0, H_gain=0.0, inner_steps=0, backtracks=0)
+        for c in calls:
+            params = []
+            for attr, q in c.module.named_parameters(recurse=False):
+                i = index.get(id(q))
+                if i is None or uses[id(q)] != 1:  # shared or not optimized: the linearized rule / fixed
+                    continue
+                _, p, group, w_k, g = layers[i]
+                params.append((i, LayerParam(attr, w_k, g, float(eps[i]) / group["lr"], group["rho"],
+                                             group["regularizer"])))
+            if not params:
+                continue
+            values, info = maximize_layer(c, [lp for _, lp in params], steps=self.inner_steps,
+                                          backtracks=self.backtracks, safeguard=self.safeguard, rule=self.rule)
+            for (i, _), v in zip(params, values):
+                out[i] = v
+            stats["layers"] += 1
+            if not info["exact"]:
+                stats["H_gain"] += info["H_end"] - info["H_start"]
+            stats["inner_steps"] += info["steps"]
+            stats["backtracks"] += info["backtracks"]
+        return out, stats
 
     def _step(self, closure: Callable):
         rs = self.run_state
         if self.recorder is not None:
             self.recorder.enabled = True
             self.recorder.clear()
-        with torch.enable_grad():
-            loss = closure(backward=True)
+        self._pending = None
+        loss = self._sweep(closure)
+        if self.tape is not None:
+            self.tape.enabled = False
         if rs["stopped"]:
             return loss
         loss_k = float(loss)
@@ -268,41 +472,73 @@ class BSQH(torch.optim.Optimizer):
         hamiltonian = self.recorder.hamiltonian() if self.recorder is not None else None
         if self.recorder is not None:
             self.recorder.enabled = False
-        reg_k = self.regularization()
+        reg_k = self.regularization()  # target_density mode recomputes it per trial (rho changes)
         j_k = loss_k + reg_k
         eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
+        lrs = torch.tensor([group["lr"] for _, _, group, _, _ in layers], dtype=torch.float64)
         record: dict[str, Any] = dict(iteration=rs["iteration"], J_before=j_k, loss_before=loss_k)
         accepted, trials, trial, tau = False, 0, None, torch.zeros(len(layers), dtype=torch.float64)
-        gain = math.nan
+        gain, layer_stats = math.nan, None
         while trials < self.max_trials and layers:
             trials += 1
             lin = 0.0
+            eps_l = eps.tolist()
+            if self.target_density is not None:
+                rho = self._price_for_density(layers, eps_l)
+                if rho is not None:
+                    for group in self.param_groups:
+                        if group.get("adapt_rho"):
+                            group["rho"] = rho
+                            if group["l2_weight"] and rho > 0:
+                                group["regularizer"] = dataclasses.replace(
+                                    group["regularizer"], lam2=group["l2_weight"] / rho)
+                    reg_k = self.regularization()  # the weights are at u_k here (restored after a rejection)
+                    j_k = loss_k + reg_k
+                    record.update(J_before=j_k)
+            if self.layer == "map+activation":
+                nonlinear, layer_stats = self._nonlinear_updates(layers, eps)
+            else:
+                nonlinear = {}
+            sq, dots = [], []
             for i, (name, p, group, w_k, g) in enumerate(layers):
-                w = self.rule(w_k, g, float(eps[i]) / group["lr"], group["rho"], group["regularizer"])
+                w = nonlinear.get(i)
+                if w is None:
+                    w = self.rule(w_k, g, eps_l[i] / group["lr"], group["rho"], group["regularizer"])
                 p.copy_(w)
                 d = w - w_k
-                tau[i] = float((d * d).sum())
-                lin += float((g * d).sum())
+                sq.append((d * d).sum())
+                dots.append((g * d).sum())
+            both = torch.stack([torch.stack(sq), torch.stack(dots)]).double().cpu()  # one synchronization
+            tau = both[0].clone()
+            lin = float(both[1].sum())
             total_tau = float(tau.sum())
-            if total_tau <= self.kappa:  # the maximizer is u_k itself: a stationary point
+            if total_tau <= self.kappa:  # the maximizer is (within kappa) u_k itself: a stationary point
+                for _, p, _, w_k, _ in layers:
+                    p.copy_(w_k)
+                tau.zero_()
                 rs["converged"] = True
                 accepted = True
                 record.update(J_after=j_k, loss_after=loss_k)
                 break
             rs["converged"] = False
-            loss_new = float(closure(backward=False))
+            loss_new = self._trial_loss(closure)
             reg_new = self.regularization()
             j_new = loss_new + reg_new
             trial = TrialStep(tau=tau.clone(), lin=lin, d_loss=loss_new - loss_k, d_reg=reg_new - reg_k, eta=self.eta)
             if self.sufficient_decrease(j_new, j_k, total_tau):
                 accepted = True
                 rs["accepted"] += 1
-                # linearized Hamiltonian gain -<dL/du, D> - rho dR, and minus the augmentation
+                # linearized Hamiltonian gain -<dL/du, D> - rho dR, minus the augmentation the rule
+                # used: eps / lr per layer (the step the rule took)
                 gain = trial.gain
                 record.update(J_after=j_new, loss_after=loss_new,
-                              augmented_gain=gain - float((eps * tau).sum()))
+                              augmented_gain=gain - float((eps / lrs * tau).sum()))
                 eps = self.eps_rule.accept(eps, trial)
+                if self._pending is not None:
+                    params = [p for g in self.param_groups for p in g["params"]]
+                    self._reuse = (self._pending, [p._version for p in params])
                 break
+            self._pending = None
             rs["rejected"] += 1
             for _, p, _, w_k, _ in layers:
                 p.copy_(w_k)
@@ -311,15 +547,16 @@ class BSQH(torch.optim.Optimizer):
                 rs["stopped"] = True
                 rs["message"] = (f"bSQH stopped at iteration {rs['iteration']}: eps rose to {float(eps.max()):.3g} "
                                  f"> eps_max={self.eps_max:.3g} without a trial step decreasing J by eta*tau")
-                warnings.warn(rs["message"], EpsExplodedWarning, stacklevel=2)
+                warnings.warn(rs["message"], EpsExplodedWarning, stacklevel=3)
                 break
+        self._pending = None
         if not accepted:
             for _, p, _, w_k, _ in layers:
                 p.copy_(w_k)
             record.update(J_after=j_k, loss_after=loss_k)
             if not rs["stopped"] and layers:
                 warnings.warn(f"bSQH iteration {rs['iteration']}: no trial accepted in {self.max_trials} trials; "
-                              "weights kept", NonConvergenceWarning, stacklevel=2)
+                              "weights kept", NonConvergenceWarning, stacklevel=3)
         for i, (_, p, _, _, _) in enumerate(layers):
             self.state[p]["eps"] = eps[i].clone()
         tau_acc = float(tau.sum()) if accepted else 0.0
@@ -333,7 +570,10 @@ class BSQH(torch.optim.Optimizer):
                 eps={name: float(eps[i]) for i, (name, *_rest) in enumerate(layers)},
                 sparsity=sp["per_layer"], zeros=sp["zeros"], sparsity_total=sp["fraction"],
                 hamiltonian_gain=gain, curvature=trial.curvature if trial is not None else math.nan,
+                rho=[g["rho"] for g in self.param_groups],
             )
+            if layer_stats is not None:
+                record["layer_hamiltonian"] = layer_stats
             if hamiltonian is not None:
                 record["hamiltonian"] = hamiltonian - reg_k
             record.setdefault("augmented_gain", math.nan)

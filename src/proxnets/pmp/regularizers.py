@@ -6,9 +6,10 @@ The bSQH objective over a batch ``B`` is
 
 with the separable regularizer (per weight ``w``)
 
-    r(w) = beta * 1[w != 0] + lam1 * |w| + (lam2 / 2) * w**2,      R(u) = sum_w r(w).
+    r(w) = (beta / n) * 1[w != 0] + lam1 * |w| + (lam2 / 2) * w**2,      R(u) = sum_w r(w),
 
-``beta`` weighs the L0 term (the count of nonzero weights), ``lam1`` an optional L1 term and
+over the admissible box ``U_ad = {|w| <= bound}``. ``beta / n`` weighs the L0 term (``n`` = 1, the
+layer's size or the group's weight count: see :class:`SparseRegularizer`), ``lam1`` an optional L1 term and
 ``lam2`` an optional L2 term. ``rho`` is the optimizer's (per parameter group) weight.
 
 Why a proximal map: with the linearized Hamiltonian (see :mod:`proxnets.pmp.hamiltonian`) the
@@ -29,13 +30,14 @@ zeros are exact zeros.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from proxnets.utils.validation import check_number
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
-__all__ = ["Regularizer", "SparseRegularizer", "soft_threshold"]
+__all__ = ["NORMALIZATIONS", "Regularizer", "SparseRegularizer", "soft_threshold"]
 
 
 @runtime_checkable
@@ -50,29 +52,68 @@ class Regularizer(Protocol):
 
 
 def soft_threshold(z: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
-    """``sign(z) * max(|z| - a, 0)`` (the proximal map of ``a |.|``)."""
+    """``sign(z) * max(|z| - a, 0)`` (the proximal map of ``a |.|``); elementwise, NaN/inf in ``z``
+    propagate (no finiteness check: optimizer hot path)."""
+    if not isinstance(z, torch.Tensor):
+        fail("z", "a torch.Tensor", type(z).__name__, TypeError)
+    if not isinstance(a, torch.Tensor):
+        check_number("a", a, low=0.0)
     return torch.sign(z) * torch.clamp(z.abs() - a, min=0.0)
+
+
+NORMALIZATIONS = ("none", "layer", "group")
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseRegularizer:
-    """``r(w) = beta 1[w != 0] + lam1 |w| + (lam2/2) w^2`` (L0, plus optional L1 / L2).
+    """``r(w) = (beta / n) 1[w != 0] + lam1 |w| + (lam2/2) w^2`` on the box ``|w| <= bound``.
 
-    Defaults to the pure L0 cost (``beta = 1``): then ``rho`` is the price of one nonzero weight.
+    ``normalize`` chooses ``n``, the weight count the L0 term is divided by:
+
+    - ``"none"`` (``n = 1``): ``rho`` is the price of one nonzero weight (the plain L0 count);
+    - ``"layer"``: ``n`` = the size of the tensor (``R_l`` = beta x the layer's density);
+    - ``"group"``: ``n = count``, the number of weights of the parameter group (filled in by
+      :class:`~proxnets.pmp.optimizer.BSQH`): ``R`` = beta x the density of all regularized weights.
+
+    Why normalize: with ``n = 1`` and ~60k weights the L0 price of a useful network exceeds the
+    cross-entropy of the all-zero network (``log K``), which is then J's minimizer. Normalized,
+    ``rho R <= rho beta`` ("group"), so for ``rho beta < log K - CE`` a trained network beats zero.
+    ``bound`` is the admissible set ``U_ad = {|w| <= bound}`` (a box; ``inf``: none): the maximizer
+    of the Hamiltonian is taken over it (the prox below clips, then compares with zero).
     """
 
     beta: float = 1.0
     lam1: float = 0.0
     lam2: float = 0.0
+    normalize: str = "none"
+    count: int | None = None
+    bound: float = math.inf
 
     def __post_init__(self) -> None:
         for name in ("beta", "lam1", "lam2"):
             check_number(name, getattr(self, name), low=0.0)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        if self.count is not None:
+            check_int("count", self.count, low=1)
+        if not (isinstance(self.bound, (int, float)) and self.bound > 0 and not math.isnan(self.bound)):
+            fail("bound", "a number > 0 (math.inf: no box)", self.bound)
+
+    def l0_weight(self, w: torch.Tensor) -> float:
+        """The L0 price of one nonzero entry of ``w``: ``beta / n``."""
+        if self.normalize == "layer":
+            return self.beta / max(w.numel(), 1)
+        if self.normalize == "group":
+            if self.count is None:
+                fail("count", "the parameter group's weight count with normalize='group' (BSQH fills it in)",
+                     None, ValueError)
+            return self.beta / self.count
+        return self.beta
 
     def value(self, w: torch.Tensor) -> torch.Tensor:
+        """``R(w) = sum r(w_i)`` (the box is not checked here: the prox never leaves it)."""
         out = w.new_zeros(())
         if self.beta:
-            out = out + self.beta * (w != 0).sum().to(w.dtype)
+            out = out + self.l0_weight(w) * (w != 0).sum().to(w.dtype)
         if self.lam1:
             out = out + self.lam1 * w.abs().sum()
         if self.lam2:
@@ -80,7 +121,24 @@ class SparseRegularizer:
         return out
 
     def prox(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
-        shrunk = torch.clamp(z.abs() - t * self.lam1, min=0.0)  # max(|z| - t lam1, 0)
+        beta = self.l0_weight(z)
         scale = 1.0 + t * self.lam2
-        keep = shrunk * shrunk > 2.0 * t * self.beta * scale  # strict: a tie goes to zero
-        return torch.where(keep, torch.sign(z) * shrunk / scale, torch.zeros_like(z))
+        b = self.bound
+        # the box only clips: when b^2 (1 + t lam2) / 2 > t beta every clipped entry is kept by both
+        # the plain and the boxed comparison with zero (see the docs), so clip the plain result
+        clip_only = not math.isfinite(b) or (isinstance(t, float) and b * b * scale > 2.0 * t * beta)
+        if self.lam1 == 0.0 and clip_only:  # the common case, fewest passes over the weights
+            keep = z * z > 2.0 * t * beta * scale  # strict: a tie goes to zero
+            w = torch.where(keep, z / scale if self.lam2 else z, torch.zeros_like(z))
+            return w.clamp_(-b, b) if math.isfinite(b) else w
+        shrunk = torch.clamp(z.abs() - t * self.lam1, min=0.0)  # max(|z| - t lam1, 0)
+        if clip_only:
+            keep = shrunk * shrunk > 2.0 * t * beta * scale
+            w = torch.where(keep, torch.sign(z) * shrunk / scale, torch.zeros_like(z))
+            return w.clamp_(-b, b) if math.isfinite(b) else w
+        # on the box the nonzero branch's minimizer is the clipped one (a convex 1-d problem);
+        # keep it iff its value (1/2)(w - z)^2 + t (beta + lam1 |w| + lam2 w^2 / 2) < z^2 / 2
+        m = torch.clamp(shrunk / scale, max=self.bound)
+        gap = 0.5 * (m - z.abs()) ** 2 + t * (beta + self.lam1 * m + 0.5 * self.lam2 * m * m) - 0.5 * z * z
+        keep = (m > 0) & (gap < 0)
+        return torch.where(keep, torch.sign(z) * m, torch.zeros_like(z))

@@ -18,6 +18,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -42,7 +43,7 @@ except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib
 import tomli_w
 
-__all__ = ["ReproduceConfig", "reproduce", "load_config", "validate_results", "SCHEMA_VERSION"]
+__all__ = ["ReproduceConfig", "reproduce", "load_config", "validate_results", "source_commit", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2
 
@@ -83,11 +84,27 @@ def load_config(path: str | os.PathLike) -> ReproduceConfig:
     return ReproduceConfig(**d)
 
 
+def source_commit() -> str:
+    """The git commit of the proxnets source that runs (``+ local changes`` when the tree is dirty),
+    or ``"unknown"`` outside a git checkout (e.g. an installed wheel) or without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + (" + local changes" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
 def _environment(device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"proxnets": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device_name": name, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "commit": source_commit()}
 
 
 def validate_results(results: dict) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
+from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.certify import certificate, certified_accuracy, certified_radii, margins, pgd_l2, rigorous_lipschitz, robust_accuracy
 from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
 from proxnets.stable.integrators import RK_METHODS, compose_averaged
@@ -30,7 +30,7 @@ from proxnets.stable.pnp import PnPInfo, firmly_nonexpansive, pnp_admm, pnp_drs,
 from proxnets.stable.restore import deblur_image, denoise_image, load_denoiser, save_denoiser
 
 __all__ = [
-    "ACTIVATIONS", "RK_METHODS", "NonExpansiveBlock", "ResNetBlock", "compose_averaged",
+    "MONOTONE_ACTIVATIONS", "RK_METHODS", "NonExpansiveBlock", "ResNetBlock", "compose_averaged",
     "OperatorNorm", "OperatorNormConstraint", "constrain_operator_norm", "NormConstraintWarning",
     "lipschitz_conv2d", "lipschitz_linear", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "ZeroChannelPad", "ChannelSelect",
     "lipschitz_bound", "empirical_lipschitz", "LipschitzBound", "certificate", "rigorous_lipschitz",

@@ -14,7 +14,15 @@ by ``n`` steps of an explicit Runge-Kutta method of circle-contractivity radius 
 
 with ``c = 1`` (non-expansive, ``h nu <= 2 r``) or ``c = 1 - margin`` (averaged: each Euler step is
 ``alpha = h nu / 2 <= 1 - margin`` averaged). ``|A|_2`` comes from :class:`OperatorNorm`: one
-power iteration per training step, the exact norm in evaluation.
+power iteration per training step, the exact norm in evaluation; with ``norm_size="any"`` evaluation
+uses the rigorous bound valid at every image size (:func:`proxnets.stable.norms.symbol_sup_bound`), so
+the step rule and the certificates hold for whatever image the block is applied to.
+
+Stiffness budget. ``stiffness_budget = tau`` also keeps ``n h nu <= tau`` (``h`` shrinks). For Heun,
+``n`` steps of ``a = h nu / 2`` compose to ``K = sum alpha_i / (1 - alpha_i) = n a`` (each step is
+``a / (1 + a)``-averaged), so a stack of blocks with ``sum_i tau_i <= 2`` has ``K <= 1``: the whole
+stack is firmly non-expansive (1/2-averaged), what Douglas-Rachford and ADMM need without relaxation.
+Capped steps (``max_steps``) also shorten ``h``: the condition is kept, the time span ``T`` is cut.
 
 ResNet block: ``x -> x + B sigma(A x + b)``, Lipschitz bound ``1 + L |B| |A|``: with
 ``|A| = |B| = 1`` that is 2 per block, ``2^depth`` for a stack.
@@ -32,10 +40,11 @@ from torch import nn
 
 from proxnets.stable.integrators import RK_METHODS, compose_averaged, step_averagedness
 from proxnets.stable.lipschitz import LipschitzBound
-from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, constrain_operator_norm
+from proxnets.norm_bounds import fourier_norm_bound
+from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, constrain_operator_norm, symbol_sup_bound
 from proxnets.utils.validation import check_choice, check_int, check_number
 
-__all__ = ["ACTIVATIONS", "SCHEDULES", "NonExpansiveBlock", "ResNetBlock"]
+__all__ = ["MONOTONE_ACTIVATIONS", "SCHEDULES", "NonExpansiveBlock", "ResNetBlock"]
 
 
 def _leaky(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +52,7 @@ def _leaky(x: torch.Tensor) -> torch.Tensor:
 
 
 # name -> (sigma, Lipschitz constant L); all nondecreasing, so sigma = Phi' with Phi convex
-ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
+MONOTONE_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
     "relu": (F.relu, 1.0),
     "leaky_relu": (_leaky, 1.0),
     "tanh": (torch.tanh, 1.0),
@@ -51,6 +60,8 @@ ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
     "softplus": (F.softplus, 1.0),
 }
 SCHEDULES = ("adaptive", "fixed")
+NORM_SIZES = ("input", "any")
+TRAIN_NORMS = ("power", "bound")
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
@@ -67,13 +78,20 @@ class NonExpansiveBlock(nn.Module):
         in_shape: ``(C, H, W)`` (``A`` a ``k x k`` convolution, zero padding ``k // 2``) or ``(d,)``
             (``A`` a matrix).
         features: output channels (or rows) of ``A``; default: ``C`` (or ``d``).
-        activation: a name in :data:`ACTIVATIONS`.
+        activation: a name in :data:`MONOTONE_ACTIVATIONS`.
         method: ``"euler"``, ``"heun"`` or ``"rk4"``.
         time: the time span ``T`` of the adaptive schedule.
         schedule: ``"adaptive"`` or ``"fixed"``; ``steps`` is the fixed number of steps.
         averaged_margin: ``None`` (non-expansive) or ``delta`` in (0, 1): enforce ``h nu <= 2 r (1 - delta)``
             (Euler or Heun only: their averagedness constants are certified).
         max_steps: the adaptive schedule never takes more; it shortens ``h`` instead.
+        stiffness_budget: ``None`` or ``tau > 0``: keep ``n h nu <= tau`` (see the module docstring).
+        norm_size: ``"input"`` (norms at ``in_shape``) or ``"any"`` (evaluation and certificates use the
+            size-independent rigorous bound; convolutions only).
+        train_norm: ``"power"`` (the seed: one warm-started power iteration per training step, a lower
+            estimate that can lag behind a growing ``|A|``, so ``h L |A|^2 <= 2 r`` can fail during training) or
+            ``"bound"`` (the rigorous Fourier-symbol bound at ``in_shape`` every training step, no gradient through
+            it: the condition holds at every step; ~10-30 ms per block and step on a CPU core at 16 channels).
     """
 
     def __init__(
@@ -89,6 +107,9 @@ class NonExpansiveBlock(nn.Module):
         steps: int = 1,
         averaged_margin: float | None = None,
         max_steps: int = 64,
+        stiffness_budget: float | None = None,
+        norm_size: str = "input",
+        train_norm: str = "power",
         norm_options: dict | None = None,
     ):
         super().__init__()
@@ -98,7 +119,7 @@ class NonExpansiveBlock(nn.Module):
         self.kernel_size = check_int("kernel_size", kernel_size, low=1)
         if self.kind == "conv2d" and kernel_size % 2 == 0:
             raise ValueError(f"kernel_size: expected an odd integer (same-size convolution), got {kernel_size}")
-        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, list(MONOTONE_ACTIVATIONS))
         self.method = check_choice("method", method, list(RK_METHODS))
         self.time = check_number("time", time, low=0.0, low_inclusive=False)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
@@ -109,6 +130,17 @@ class NonExpansiveBlock(nn.Module):
             if method == "rk4":
                 raise ValueError("method: expected 'euler' or 'heun' with averaged_margin (RK4 averagedness is not certified), got 'rk4'")
         self.averaged_margin = averaged_margin
+        if stiffness_budget is not None:
+            check_number("stiffness_budget", stiffness_budget, low=0.0, low_inclusive=False)
+        self.stiffness_budget = stiffness_budget
+        self.norm_size = check_choice("norm_size", norm_size, NORM_SIZES)
+        if norm_size == "any" and len(self.in_shape) != 3:
+            raise ValueError("norm_size: expected 'input' for a linear block (a matrix has one size), got 'any'")
+        self._any_size: tuple | None = None
+        self.train_norm = check_choice("train_norm", train_norm, TRAIN_NORMS)
+        if train_norm == "bound" and len(self.in_shape) != 3:
+            raise ValueError("train_norm: expected 'power' for a linear block, got 'bound'")
+        self.last_train_bound: float = math.nan  # the bound the last "bound" training forward used
         c = self.in_shape[0]
         if self.kind == "conv2d":
             w = torch.empty(self.features, c, kernel_size, kernel_size)  # (F, C, k, k)
@@ -126,7 +158,7 @@ class NonExpansiveBlock(nn.Module):
     # -- the vector field ------------------------------------------------------------------
     @property
     def lipschitz_activation(self) -> float:
-        return ACTIVATIONS[self.activation][1]
+        return MONOTONE_ACTIVATIONS[self.activation][1]
 
     def apply_a(self, x: torch.Tensor) -> torch.Tensor:
         """``A x + b``: ``(B, C, H, W) -> (B, F, H, W)`` or ``(B, d) -> (B, F)``."""
@@ -142,7 +174,7 @@ class NonExpansiveBlock(nn.Module):
 
     def field(self, x: torch.Tensor) -> torch.Tensor:
         """``F(x) = -A^T sigma(A x + b)``, same shape as ``x``."""
-        sigma = ACTIVATIONS[self.activation][0]
+        sigma = MONOTONE_ACTIVATIONS[self.activation][0]
         return -self.apply_at(sigma(self.apply_a(x)))
 
     def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int) -> torch.Tensor:
@@ -163,16 +195,45 @@ class NonExpansiveBlock(nn.Module):
         """``(n, h, nu)`` for an operator norm ``sigma`` (``nu = L sigma^2``)."""
         nu = self.lipschitz_activation * sigma**2
         if self.schedule == "fixed":
-            return self.steps, self.step_bound / nu, nu
-        n = max(1, math.ceil(float(self.time * nu.detach() / self.step_bound) - 1e-9))
-        if n > self.max_steps:  # cap the cost; keep the guarantee by shortening h
-            return self.max_steps, self.step_bound / nu, nu
-        return n, torch.as_tensor(self.time / n, dtype=nu.dtype), nu
+            n, h = self.steps, self.step_bound / nu
+        else:
+            n = max(1, math.ceil(float(self.time * nu.detach() / self.step_bound) - 1e-9))
+            if n > self.max_steps:  # cap the cost; keep the guarantee by shortening h
+                n, h = self.max_steps, self.step_bound / nu
+            else:
+                h = torch.as_tensor(self.time / n, dtype=nu.dtype)
+        if self.stiffness_budget is not None:  # n h nu <= tau; 1e-6 below it: h is a float32 rounding of tau / (n nu)
+            h = torch.minimum(torch.as_tensor(h, dtype=nu.dtype), self.stiffness_budget * (1 - 1e-6) / (n * nu))
+        return n, h, nu
+
+    def any_size_bound(self):
+        """:func:`proxnets.stable.norms.symbol_sup_bound` of the current weight (a ``NormBound``), cached per weight."""
+        key = self.norm._key(self.weight)
+        if self._any_size is None or self._any_size[0] != key:
+            grid = 256 if max(self.weight.shape[:2]) <= 32 else 96  # cost: grid^2 SVDs of (F, C) matrices
+            self._any_size = (key, symbol_sup_bound(self.weight.detach(), grid=grid))
+        return self._any_size[1]
+
+    def _train_sigma(self) -> torch.Tensor:
+        if self.train_norm == "power":
+            return self.norm(self.weight)
+        bound = fourier_norm_bound(self.weight.detach(), self.in_shape, self.padding).value
+        self.last_train_bound = bound
+        with torch.no_grad():
+            self.norm.cheap_sigma.fill_(bound)  # what the rule saw, where the power estimate would be
+        return torch.tensor(bound * (1 + 1e-6), dtype=self.weight.dtype)  # float32 rounding must not go below it
+
+    def _eval_sigma(self, exact: bool = False) -> torch.Tensor:
+        """The ``|A|`` evaluation steps from: the size-independent bound (``norm_size="any"``), else the norm
+        module's evaluation value (``exact``: the converged estimate whatever the module's mode)."""
+        if self.norm_size == "any":
+            return torch.tensor(self.any_size_bound().value, dtype=self.weight.dtype)
+        return self.norm.exact(self.weight) if exact else self.norm(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = self.norm(self.weight)
+        sigma = (self._train_sigma() if self.training else self._eval_sigma())
         n, h, nu = self.schedule_steps(sigma)
-        if not self.training and self.norm.cheap_was_low():
+        if not self.training and self.norm_size == "input" and self.norm.cheap_was_low():
             _, h_c, _ = self.schedule_steps(self.norm.cheap_sigma)
             if float(h_c * nu) / self.norm.safety**2 > self.step_bound * (1 + 1e-3):  # without the safety factor
                 warnings.warn(
@@ -199,13 +260,13 @@ class NonExpansiveBlock(nn.Module):
         if mode == "cheap":
             sigma = self.norm.cheap_sigma if torch.isfinite(self.norm.cheap_sigma) else self.norm.cheap(self.weight).detach()
         else:
-            sigma = self.norm.exact(self.weight)
+            sigma = self._eval_sigma(exact=True).detach()
         with torch.no_grad():
             n, h, nu = self.schedule_steps(sigma)
         out = {"n": int(n), "h": float(h), "sigma_used": float(sigma), "limit": 2.0 * RK_METHODS[self.method].radius,
                "step_bound": self.step_bound}
         if mode in ("upper", "rigorous"):
-            nb = self.norm.upper_bound(self.weight)
+            nb = self.any_size_bound() if self.norm_size == "any" else self.norm.upper_bound(self.weight)
             nu = self.lipschitz_activation * nb.value**2
             out.update(sigma=nb.value, rigorous=nb.rigorous, method=nb.method, why=nb.why)
         else:
@@ -240,7 +301,8 @@ class NonExpansiveBlock(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_shape={self.in_shape}, features={self.features}, method={self.method!r}, schedule={self.schedule!r}, "
-            f"time={self.time}, averaged_margin={self.averaged_margin}"
+            f"time={self.time}, averaged_margin={self.averaged_margin}, stiffness_budget={self.stiffness_budget}, "
+            f"norm_size={self.norm_size!r}"
         )
 
 
@@ -259,7 +321,7 @@ class ResNetBlock(nn.Module):
     ):
         super().__init__()
         self.in_shape = _check_shape(in_shape)
-        self.activation = check_choice("activation", activation, list(ACTIVATIONS))
+        self.activation = check_choice("activation", activation, list(MONOTONE_ACTIVATIONS))
         c = self.in_shape[0]
         features = check_int("features", features if features is not None else c, low=1)
         if len(self.in_shape) == 3:
@@ -280,7 +342,7 @@ class ResNetBlock(nn.Module):
         self._norm_b = OperatorNorm(kind, mid_shape, padding=pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = ACTIVATIONS[self.activation][0]
+        sigma = MONOTONE_ACTIVATIONS[self.activation][0]
         return x + self.b(sigma(self.a(x)))  # (B, C, H, W) or (B, d)
 
     def lipschitz_constant(self, mode: str = "rigorous") -> LipschitzBound:
@@ -290,12 +352,12 @@ class ResNetBlock(nn.Module):
             if mode in ("upper", "rigorous"):
                 # the weights evaluation applies (the constrained ones when normalized)
                 ba, bb = _plain_bound(self._norm_a, self.a.weight), _plain_bound(self._norm_b, self.b.weight)
-                value = 1.0 + ACTIVATIONS[self.activation][1] * float(ba) * float(bb)
+                value = 1.0 + MONOTONE_ACTIVATIONS[self.activation][1] * float(ba) * float(bb)
                 why = "; ".join(b.why for b in (ba, bb) if not b.rigorous)
                 return LipschitzBound(value, ba.rigorous and bb.rigorous, "1 + L |B| |A|", why)
             na = float(self._norm_a.exact(self.a.weight.detach()))
             nb = float(self._norm_b.exact(self.b.weight.detach()))
-        return LipschitzBound(1.0 + ACTIVATIONS[self.activation][1] * na * nb, False, "power iteration",
+        return LipschitzBound(1.0 + MONOTONE_ACTIVATIONS[self.activation][1] * na * nb, False, "power iteration",
                               why=f"mode {mode!r}: power-iteration (lower) estimates of |A|, |B|")
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from proxnets.certificates import Certificate
 from proxnets.constraints import find_constraint
 from proxnets.stable.lipschitz import LipschitzBound, lipschitz_bound
-from proxnets.utils.validation import check_int, check_number, check_tensor
+from proxnets.utils.validation import check_int, check_labels, check_number, check_tensor, fail
 
 __all__ = ["margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "certificate", "rigorous_lipschitz"]
 
@@ -43,6 +43,9 @@ __all__ = ["margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``z_y - max_{j != y} z_j`` per sample: ``(B, K), (B,) -> (B,)``."""
     check_tensor("logits", logits, ndim=2)
+    check_labels("y", y, logits.shape[0], logits.shape[1])  # a length-1 vector is not broadcast over the batch
+    if y.device != logits.device:
+        fail("y", f"a tensor on {logits.device} (where the logits are)", f"a tensor on {y.device}")
     true = logits.gather(1, y[:, None]).squeeze(1)  # (B,)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)  # (B,)
     return true - other
@@ -72,7 +75,9 @@ def certified_radii(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lipschitz: LipschitzBound | None = None, batch_size: int = 256
 ) -> torch.Tensor:
     """``r(x) = max(m, 0) / (sqrt(2) L)`` per sample; ``L`` a rigorous bound (``lipschitz_bound(model)`` unless given)."""
-    check_tensor("x", x, ndim=4)
+    check_tensor("x", x, ndim=4, nonempty=True, like=model)
+    check_labels("y", y, x.shape[0])
+    check_int("batch_size", batch_size, low=1)
     L = float(rigorous_lipschitz(model, lipschitz))
     m = margins(_batched_logits(model, x, batch_size), y)
     return m.clamp_min(0.0) / (math.sqrt(2.0) * L)
@@ -83,6 +88,9 @@ def certified_accuracy(
     batch_size: int = 256,
 ) -> dict[float, float]:
     """``{eps: fraction with r(x) > eps}`` (``eps = 0``: clean accuracy), with a rigorous ``L``."""
+    check_tensor("x", x, ndim=4, nonempty=True)  # a fraction of no samples is NaN
+    for eps in radii:
+        check_number("radii", eps, low=0.0)
     r = certified_radii(model, x, y, lipschitz=lipschitz, batch_size=batch_size)
     return {float(eps): float((r > eps).float().mean()) for eps in radii}
 
@@ -91,7 +99,9 @@ def _input_shape_note(model: nn.Module, x: torch.Tensor | None) -> str:
     """Why the norms (computed at the model's configured size) do not cover inputs of ``x``'s size, or ''."""
     if x is None:
         return ""
-    shapes = {tuple(m.in_shape) for m in model.modules() if type(m).__name__ == "NonExpansiveBlock" and len(m.in_shape) == 3}
+    # blocks with norm_size="any" are certified with a bound valid at every image size
+    shapes = {tuple(m.in_shape) for m in model.modules() if type(m).__name__ == "NonExpansiveBlock" and len(m.in_shape) == 3
+              and getattr(m, "norm_size", "input") == "input"}
     size = tuple(x.shape[-2:])
     bad = sorted(s for s in shapes if s[1:] != size) if type(model).__name__ == "AveragedDenoiser" else []
     if bad:
@@ -135,6 +145,10 @@ def certificate(model: nn.Module, x: torch.Tensor | None = None, *, bound: float
             alpha = float(model.averagedness())
             certs.append(Certificate("averagedness", alpha, 1.0, "<", rigorous=rig, method="composed block constants (rigorous |A|)",
                                      why=why, details={}))
+            if getattr(getattr(model, "config", None), "stiffness_budget", None) is not None:  # built to be firm: say if it is
+                certs.append(Certificate("firmly_nonexpansive", alpha, 0.5, "<=", rigorous=rig,
+                                         method="composed block constants (rigorous |A|), stiffness budget", why=why,
+                                         details={"budget": model.config.stiffness_budget, "method": model.config.method}))
     finally:
         model.train(was_training)
     return certs
@@ -161,14 +175,17 @@ def pgd_l2(
 ) -> torch.Tensor:
     """Adversarial examples within ``|x' - x| <= eps`` (and the box): the clean input when it is
     already misclassified, else the first start that fools, else the last start's end point."""
-    check_tensor("x", x, ndim=4)
+    check_tensor("x", x, ndim=4, nonempty=True, like=model)
+    check_labels("y", y, x.shape[0])
     check_number("eps", eps, low=0.0)
     check_int("steps", steps, low=1)
     check_int("restarts", restarts, low=1)
     alpha = 2.5 * eps / steps if step_size is None else check_number("step_size", step_size, low=0.0, low_inclusive=False)
     best = x.detach().clone()
     with torch.no_grad():  # a misclassified clean input is already adversarial
-        fooled = model(best).argmax(1) != y  # (B,)
+        logits = model(best)
+    check_labels("y", y, x.shape[0], logits.shape[1])
+    fooled = logits.argmax(1) != y  # (B,)
     if eps == 0:
         return best
     for r in range(restarts):

@@ -38,12 +38,16 @@ def lipschitz_conv2d(
     rescale: str = "normalize",
 ) -> nn.Conv2d:
     """An ``nn.Conv2d`` whose operator norm at inputs ``(in_channels, *in_hw)`` is ``<= bound``."""
+    for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("kernel_size", kernel_size)):
+        check_int(name, v, low=1)
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
     return constrain_operator_norm(conv, (in_channels, *in_hw), bound=bound, rescale=rescale)
 
 
 def lipschitz_linear(in_features: int, out_features: int, *, bias: bool = True, bound: float = 1.0, rescale: str = "normalize") -> nn.Linear:
     """An ``nn.Linear`` with spectral norm ``<= bound``."""
+    check_int("in_features", in_features, low=1)
+    check_int("out_features", out_features, low=1)
     return constrain_operator_norm(nn.Linear(in_features, out_features, bias=bias), (in_features,), bound=bound, rescale=rescale)
 
 

@@ -154,7 +154,7 @@ def empirical_lipschitz(
 
     Returns ``(estimate, info)``; ``estimate <= Lip(f)`` always (a lower bound, a search result).
     """
-    check_tensor("x0", x0, ndim=(2, 3, 4))
+    check_tensor("x0", x0, ndim=(2, 3, 4), nonempty=True)
     check_int("steps", steps, low=1)
     check_number("lr", lr, low=0.0, low_inclusive=False)
     check_number("init_scale", init_scale, low=0.0, low_inclusive=False)

@@ -21,12 +21,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from proxnets.stable.blocks import ACTIVATIONS, NonExpansiveBlock, ResNetBlock
+from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
 from proxnets.stable.integrators import compose_averaged
 from proxnets.stable.lipschitz import LipschitzBound, compose_bounds, lipschitz_bound
 from proxnets.stable.norms import OperatorNorm
-from proxnets.utils.validation import check_choice, check_int
+from proxnets.utils.validation import check_choice, check_int, check_tensor
 
 __all__ = [
     "ClassifierConfig",
@@ -55,6 +55,7 @@ class ClassifierConfig:
     steps: int = 1  # fixed schedule only
     head: str = "global"  # "global": sqrt(HW)-scaled mean (seed); "flatten": keep the positions (small nets)
     max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
+    train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
@@ -62,7 +63,7 @@ class ClassifierConfig:
         check_int("blocks_per_stage", self.blocks_per_stage, low=0)
         if self.image_size // 2**self.stages < 1:
             raise ValueError(f"image_size: expected >= 2**stages = {2**self.stages}, got {self.image_size}")
-        check_choice("activation", self.activation, list(ACTIVATIONS))
+        check_choice("activation", self.activation, list(MONOTONE_ACTIVATIONS))
         check_choice("head", self.head, ["global", "flatten"])
         return self
 
@@ -79,6 +80,7 @@ class _Stack(nn.Module):
         return compose_bounds(lipschitz_bound(m, mode) for m in self.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, shape=(None, self.config.in_channels, None, None), like=self)
         for m in self.layers:
             x = m(x)
         return x
@@ -97,7 +99,7 @@ class NonExpansiveClassifier(_Stack):
                 layers.append(
                     NonExpansiveBlock(
                         (c, s, s), kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
-                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps,
+                        time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
                     )
                 )  # (B, c, s, s)
             layers.append(lipschitz_conv2d(c, 2 * c, 1, (s, s)))  # (B, 2c, s, s)
@@ -166,24 +168,36 @@ class DenoiserConfig:
     activation: str = "leaky_relu"
     method: str = "euler"
     time: float = 1.0
-    averaged_margin: float = 0.1  # each step alpha <= 0.9
+    averaged_margin: float | None = 0.1  # each step alpha <= 0.9
     schedule: str = "adaptive"
     max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
+    # total sum_i n_i h_i nu_i over the blocks, split evenly; with Heun, 2 makes the denoiser firmly non-expansive
+    stiffness_budget: float | None = None
+    norm_size: str = "input"  # "any": step rule and certificate from the size-independent bound (any image size)
+    train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
+
+    @classmethod
+    def firm(cls, **overrides) -> "DenoiserConfig":
+        """Heun blocks, no margin, stiffness budget 2, size-independent norms: a firmly non-expansive
+        (1/2-averaged) denoiser at every image size, for Douglas-Rachford / ADMM without relaxation."""
+        return cls(**{"method": "heun", "averaged_margin": None, "stiffness_budget": 2.0, "norm_size": "any", **overrides})
 
     def validate(self) -> "DenoiserConfig":
         for name in ("channels", "image_size", "width", "depth", "kernel_size"):
             check_int(name, getattr(self, name), low=1)
         if self.width < self.channels:
             raise ValueError(f"width: expected >= channels = {self.channels}, got {self.width}")
+        check_choice("norm_size", self.norm_size, ["input", "any"])
         return self
 
 
 class AveragedDenoiser(nn.Module):
     """``x -> P^T N(P x)``: ``(B, C, H, W) -> (B, C, H, W)``, ``alpha``-averaged (alpha < 1).
 
-    The operator norms are those at ``config.image_size``; for another size the certificate is
-    that of the convolution at the training size (zero-padded convolutions' norms grow slightly
-    with the image, toward the norm of the circular convolution).
+    With ``norm_size="input"`` the operator norms are those at ``config.image_size`` (zero-padded
+    convolutions' norms grow slightly with the image, toward the sup of the symbol): the certificate is
+    for that size. With ``norm_size="any"`` (:meth:`DenoiserConfig.firm`) evaluation steps and
+    certificates use the size-independent bound: they hold at every image size.
     """
 
     def __init__(self, config: DenoiserConfig):
@@ -195,6 +209,8 @@ class AveragedDenoiser(nn.Module):
             NonExpansiveBlock(
                 shape, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
                 time=cfg.time, averaged_margin=cfg.averaged_margin, schedule=cfg.schedule, max_steps=cfg.max_steps,
+                stiffness_budget=None if cfg.stiffness_budget is None else cfg.stiffness_budget / cfg.depth, norm_size=cfg.norm_size,
+                train_norm=cfg.train_norm,
             )
             for _ in range(cfg.depth)
         )

@@ -70,7 +70,7 @@ def motion_kernel(size: int = 9, angle: float = 0.0, length: float | None = None
 
 
 def _check_images(name: str, x: torch.Tensor) -> torch.Tensor:
-    return check_tensor(name, x, ndim=4)
+    return check_tensor(name, x, ndim=4, nonempty=True)
 
 
 class Denoising:

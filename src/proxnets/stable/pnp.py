@@ -46,14 +46,24 @@ __all__ = ["PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "
 Denoiser = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _check_pair(x: torch.Tensor, ref: torch.Tensor, data_range: float) -> None:
+    check_tensor("x", x, ndim=(2, 3, 4), nonempty=True)  # the mean over no pixels is NaN
+    check_tensor("ref", ref, shape=tuple(x.shape), like=x)
+    check_number("data_range", data_range, low=0.0, low_inclusive=False)
+
+
 def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
-    """``10 log10(data_range^2 / mean((x - ref)^2))`` over the whole batch (dB)."""
+    """``10 log10(data_range^2 / mean((x - ref)^2))`` over the whole batch (dB); ``inf`` when equal."""
+    _check_pair(x, ref, data_range)
     mse = float(((x - ref) ** 2).mean())
     return float("inf") if mse == 0 else 10.0 * float(np.log10(data_range**2 / mse))
 
 
 def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> float:
     """Mean structural similarity (Wang et al. 2004, scikit-image) over the batch of ``(B, C, H, W)``."""
+    _check_pair(x, ref, data_range)
+    if x.ndim != 4:
+        fail("x", "a batch (B, C, H, W)", f"shape {tuple(x.shape)}")
     a, b = x.detach().cpu().double().numpy(), ref.detach().cpu().double().numpy()
     vals = [structural_similarity(ai, bi, data_range=data_range, channel_axis=0) for ai, bi in zip(a, b)]
     return float(np.mean(vals))

@@ -20,6 +20,8 @@ __all__ = [
     "check_number",
     "check_probability",
     "check_tensor",
+    "check_labels",
+    "check_like",
 ]
 
 
@@ -89,10 +91,16 @@ def check_tensor(
     shape: Sequence[int | None] | None = None,
     floating: bool = True,
     finite: bool = True,
+    nonempty: bool = False,
+    like: Any = None,
 ) -> torch.Tensor:
-    """Check a tensor's rank, shape (``None`` entries are free), dtype kind and finiteness."""
+    """Check a tensor's rank, shape (``None`` entries are free), dtype kind and finiteness;
+    ``nonempty``: at least one entry along dimension 0 (a batch); ``like``: same dtype and device
+    as that tensor or module's first parameter (:func:`check_like`)."""
     if not isinstance(x, torch.Tensor):
         fail(name, "a torch.Tensor", type(x).__name__, TypeError)
+    if finite and x.device.type == "meta":
+        fail(name, "a tensor with data", "a tensor on the meta device")
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.ndim not in allowed:
@@ -104,6 +112,49 @@ def check_tensor(
             fail(name, f"shape {want}", f"shape {tuple(x.shape)}")
     if floating and not (x.is_floating_point() or x.is_complex()):
         fail(name, "a floating-point tensor", f"dtype {x.dtype}", TypeError)
+    if nonempty and (x.ndim == 0 or x.shape[0] == 0):
+        fail(name, "a non-empty batch", f"shape {tuple(x.shape)}")
+    if like is not None:
+        check_like(name, x, like)
     if finite and (x.is_floating_point() or x.is_complex()) and not bool(torch.isfinite(x).all()):
         fail(name, "finite values", "a tensor containing NaN or inf")
     return x
+
+
+def check_like(name: str, x: torch.Tensor, like: Any) -> torch.Tensor:
+    """``x`` has the dtype and device of ``like`` (a tensor, or a module's first parameter/buffer):
+    a clear error instead of torch's "mat1 and mat2 must have the same dtype" deep in a forward."""
+    if isinstance(like, torch.nn.Module):
+        ref = next(iter(like.parameters()), None)
+        if ref is None:
+            ref = next(iter(like.buffers()), None)
+        if ref is None:
+            return x
+    else:
+        ref = like
+    whose = "the model's" if isinstance(like, torch.nn.Module) else "to match"
+    if x.device != ref.device:
+        fail(name, f"a tensor on {ref.device} ({whose})", f"a tensor on {x.device}")
+    if ref.is_floating_point() and x.dtype != ref.dtype:
+        fail(name, f"dtype {ref.dtype} ({whose})", f"dtype {x.dtype}", TypeError)
+    return x
+
+
+def check_labels(name: str, y: Any, n: int | None = None, num_classes: int | None = None) -> torch.Tensor:
+    """Class indices: an integer tensor of shape ``(n,)`` with values in ``[0, num_classes)``.
+
+    A length-1 vector is *not* broadcast over a batch of ``n > 1``: it is an error."""
+    want = f"integer class indices of shape ({'B' if n is None else n},)"
+    if not isinstance(y, torch.Tensor):
+        fail(name, want, type(y).__name__, TypeError)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        fail(name, want, f"dtype {y.dtype}")
+    if y.ndim != 1 or (n is not None and y.shape[0] != n):
+        fail(name, want, f"shape {tuple(y.shape)}")
+    if y.device.type == "meta":
+        fail(name, "a tensor with data", "a tensor on the meta device")
+    if y.numel() and num_classes is not None:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            fail(name, f"class indices in [0, {num_classes})", f"values in [{lo}, {hi}]")
+    return y

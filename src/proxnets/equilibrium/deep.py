@@ -1,0 +1,187 @@
+"""Deep OptEq: one joint equilibrium of L unit layers, with one objective and one certificate.
+
+The state is ``z = (z_1, ..., z_L)``, ``z_l in R^{n_l}``, and the joint weight ``W`` is block lower
+bidiagonal: ``(W z)_l = A_l z_l + B_l z_{l-1}`` (``B_1 = 0``). The joint equilibrium
+
+    z* = prox_f( W^T W z* + inj(x) ),      inj(x) = (U x + b_1, b_2, ..., b_L),
+
+is the minimizer of the one joint objective ``G(z; x) = sum f(z) + |z|^2/2 - |W z|^2/2 - <inj(x), z>``:
+the coupling ``(W^T W)_{l,l-1} = A_l^T B_l`` carries the input from layer to layer, and
+``(W^T W)_{l-1,l}`` (its transpose) feeds every layer back into the one before, so the L layers are
+solved *together* (not one after the other). The output is ``z*_L``. ``|W|_2 <= target_norm < 1`` is
+OptEq's norm parametrization applied to the masked joint matrix. :class:`SequentialOptEq` is the
+other variant, L independent equilibria in sequence (each layer's input is the previous one's
+output, no feedback); the classifier's ``blocks > 1`` is that variant.
+
+The joint certificate (:func:`certify_equilibrium`, for this and any OptEq layer):
+
+- ``operator_norm``: a rigorous bound ``w >= |W|_2`` of the applied operator (:func:`proxnets.norm_bounds.norm_bound`), ``< 1``.
+- ``equilibrium_residual``: ``max_i |T(z) - z| / |T(z)|`` in float64 after a solve to ``tol / 2``.
+- ``distance_to_minimizer``: ``T`` is a ``q = w^2``-contraction (``prox_f`` is nonexpansive,
+  ``|W^T W|_2 = |W|_2^2``), so ``|z - z*| <= |T(z) - z| + q |z - z*|``, i.e. ``|z - z*| <= |T(z) - z| / (1 - q)``.
+- ``objective_gap``: with ``y = T(z)``, ``g = W^T W (z - y)`` lies in ``dG(y)`` (prox optimality at y:
+  ``W^T W z + inj - y in df(y)``), and G is ``mu = 1 - w^2`` strongly convex, so
+  ``min G >= G(y) - |g|^2 / (2 mu)``: a certified lower bound of the optimal value. The gap
+  ``G(y) - lower = |g|^2 / (2 mu)`` (relative to ``|G(y)|``) plays the role of a duality gap: it bounds
+  the suboptimality ``G(y) - min G`` and can be checked without knowing ``min G``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from proxnets.certificates import Certificate
+from proxnets.solvers import SolverInfo
+from proxnets.equilibrium.layers import OptEq, OptEqBase, OptEqConv2d
+from proxnets.equilibrium.prox import ProxActivation
+from proxnets.utils.validation import check_int, check_number, check_tensor, fail
+
+__all__ = ["DeepOptEq", "SequentialOptEq", "certify_equilibrium"]
+
+
+class _BlockMask(nn.Module):
+    """``V -> V * M`` with a fixed 0/1 mask (the block lower-bidiagonal pattern)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v * self.mask.to(v.dtype)
+
+
+class _Injection(nn.Module):
+    """``x -> (U x + b_1, b_2, ..., b_L)``: the input enters the first layer only."""
+
+    def __init__(self, in_features: int, first: int, rest: int):
+        super().__init__()
+        self.first = nn.Linear(in_features, first)
+        self.rest_bias = nn.Parameter(torch.zeros(rest))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first(x), self.rest_bias.expand(x.shape[0], -1)], dim=1)
+
+
+class DeepOptEq(OptEq):
+    """``x (B, in_features) -> z*_L (B, features[-1])``: one joint equilibrium of ``len(features)`` layers
+    (module docstring). Every OptEq keyword applies to the joint solve."""
+
+    def __init__(self, in_features: int, features: Sequence[int], *, activation: str | ProxActivation = "relu",
+                 target_norm: float = 0.97, solver: str = "accelerated", tol: float = 1e-4, max_iter: int = 200,
+                 backward: str = "implicit", policy: str = "warn", power_iterations: int = 16):
+        if not (isinstance(features, (list, tuple)) and features and all(isinstance(n, int) and n > 0 for n in features)):
+            fail("features", "a non-empty sequence of positive ints", features)
+        self.sizes = tuple(features)
+        total = sum(self.sizes)
+        super().__init__(in_features, total, width=total, activation=activation, target_norm=target_norm,
+                         solver=solver, tol=tol, max_iter=max_iter, backward=backward, policy=policy,
+                         power_iterations=power_iterations)
+        self.U = _Injection(self.in_features, self.sizes[0], total - self.sizes[0])
+        mask = torch.zeros(total, total)
+        starts = [0, *torch.cumsum(torch.tensor(self.sizes), 0).tolist()]
+        for l, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+            mask[a:b, a:b] = 1.0  # A_l
+            if l > 0:
+                mask[a:b, starts[l - 1]:a] = 1.0  # B_l: z_{l-1} -> row block l
+        self.starts = starts
+        # the norm constraint acts on the masked matrix: rebuild W as mask, then OptEq's bound
+        from proxnets.equilibrium.parametrize import operator_norm_bound
+
+        lin = nn.Linear(total, total, bias=False)
+        with torch.no_grad():
+            lin.weight.mul_(mask)
+        parametrize.register_parametrization(lin, "weight", _BlockMask(mask))
+        self.W = operator_norm_bound(lin, target=self.target_norm, n_power_iterations=self.power_iterations)
+
+    def block(self, z: torch.Tensor, l: int) -> torch.Tensor:
+        """``z_l`` of a joint state ``(B, sum n)``."""
+        return z[:, self.starts[l]:self.starts[l + 1]]
+
+    def train(self, mode: bool = True) -> "DeepOptEq":
+        was_training = self.training
+        nn.Module.train(self, mode)
+        if was_training and not mode:  # converge the norm's power iteration on the *masked* matrix
+            plist = self.W.parametrizations.weight
+            masked = plist[0](plist.original)
+            with torch.no_grad():
+                plist[1].norm.refresh(masked)
+        return self
+
+    def joint(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        """The joint equilibrium ``z* = (z*_1, ..., z*_L)``, ``(B, sum n)``."""
+        return OptEqBase.forward(self, x, z0)
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block(self.joint(x, z0), len(self.sizes) - 1)
+
+
+class SequentialOptEq(nn.Sequential):
+    """The other deep variant: ``OptEq(in, n_1) -> OptEq(n_1, n_2) -> ...``, L independent equilibria in
+    sequence (no feedback from later layers); the keywords go to every layer."""
+
+    def __init__(self, in_features: int, features: Sequence[int], *, activation: str | ProxActivation = "relu",
+                 target_norm: float = 0.97, solver: str = "accelerated", tol: float = 1e-4, max_iter: int = 200,
+                 policy: str = "warn"):
+        dims = [check_int("in_features", in_features, low=1), *features]
+        super().__init__(*[OptEq(a, b, activation=activation, target_norm=target_norm, solver=solver, tol=tol,
+                                 max_iter=max_iter, policy=policy) for a, b in zip(dims[:-1], dims[1:])])
+
+
+def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, z: torch.Tensor | None = None, tol: float = 1e-4,
+                        max_iter: int = 2000, distance_tol: float = 1e-2, gap_tol: float = 1e-5) -> list[Certificate]:
+    """The certificate of one (joint) equilibrium layer on inputs ``x`` (module docstring): ``operator_norm``,
+    ``equilibrium_residual``, ``distance_to_minimizer`` and ``objective_gap`` (with ``G`` in its details).
+
+    ``z`` (optional, the layer's full state, e.g. ``DeepOptEq.joint(x)``): certify that point; by default an
+    Anderson solve to ``tol / 2`` provides it."""
+    from proxnets.equilibrium.models import _block_norm, _residual_certificates
+    from proxnets.solvers import solve
+
+    if not isinstance(layer, OptEqBase):
+        fail("layer", "an OptEq layer (OptEqBase)", type(layer).__name__, TypeError)
+    check_number("gap_tol", gap_tol, low=0.0, low_inclusive=False)
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            norm, rigorous, method, why = _block_norm(layer)
+            certs = [Certificate("operator_norm", norm, 1.0, "<", rigorous=rigorous, why=why, method=method)]
+            inj = layer.injection(x)
+            w = layer.W.weight.detach()
+            T = layer.fixed_point_map(inj, w)
+            if z is None:
+                z, info = solve("anderson", T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+            else:
+                check_tensor("z", z, shape=tuple(inj.shape), finite=False)
+                z = z.detach()
+                info = SolverInfo(solver="given point", converged=True, iterations=0, tol=tol, stop_reason="tol")
+            inj64, w64 = inj.double(), w.double()
+            T64 = layer.fixed_point_map(inj64, w64)
+            q = norm**2
+            certs += _residual_certificates("", T64, z, info, tol, q, rigorous, distance_tol,
+                                            "the certificate's anderson solve")
+            z64 = z.double()
+            y = T64(z64.clone())
+            g = layer.gram(z64 - y, w64)  # in dG(y)
+            bsz = y.shape[0]
+            G = layer.objective(y, inj=inj64, w=w64)  # (B,)
+            if q < 1:
+                gap = g.reshape(bsz, -1).pow(2).sum(1) / (2 * (1 - q))
+                rel = gap / G.abs().clamp_min(1e-12)
+                value = float(rel.max()) if bool(torch.isfinite(rel).all()) else math.inf
+                why_g = "" if rigorous else f"the norm bound is not rigorous: {why}"
+            else:
+                value, why_g = math.inf, f"|W|_2 bound {norm:.4g} >= 1: G is not strongly convex, no lower bound"
+            certs.append(Certificate(
+                "objective_gap", value, gap_tol, "<=", rigorous=not why_g, why=why_g,
+                method="(G(y) - [G(y) - |W^T W (z - y)|^2 / (2 (1 - |W|^2))]) / |G(y)|, y = T(z), float64",
+                details={"objective_mean": float(G.mean()), "objective_max": float(G.max()),
+                         "lower_bound_mean": float((G - (gap if q < 1 else math.inf)).mean()) if q < 1 else -math.inf}))
+    finally:
+        layer.train(was_training)
+    return certs
