@@ -128,6 +128,14 @@ def certificate(model, x=None, y=None, *, tol: float = 1e-3, max_dense: int = 10
         if not hasattr(model, "trace_"):
             fail("model", "a fitted CCNN or DCCNN (call fit first)", f"an unfitted {type(model).__name__}")
         certs = gap_certificates(model.trace_, tol)
+        if getattr(model, "loss", "logistic") == "hinge":  # exact-kernel dual: one certified gap per binary problem
+            for k, tr in enumerate(model.traces_):
+                f, d = tr.primal[-1], tr.dual[-1]
+                certs.append(Certificate(f"relative_duality_gap[{k}]", _rel(f - d, f), float(tol), "<=", rigorous=True,
+                                         method="(primal - D(alpha / max(1, sqrt(lambda_max)))) / primal, exact float64 "
+                                                "eigenvalue of the P x P matrix M(alpha) (proxnets.convex.hinge)",
+                                         details={"primal": f, "dual": d, "recovered_primal": tr.recovered[-1]}))
+            return certs
         if x is None:
             return certs
         if y is None:

@@ -60,13 +60,15 @@ def solve_dual(
     accelerate: bool = True,
     gram: float | None = None,
     on_nonconvergence: str = "warn",
+    callback=None,
     step_sign: float = 1.0,
     feasible_dual: bool = True,
     rtol: float = 0.0,
 ) -> tuple[DualResult, GapTrace]:
     """Solve the DCCNN dual; returns ``(DualResult, GapTrace)`` with the gap of every iterate.
 
-    Stops when the gap is ``<= max(tol, rtol |F|)`` (absolute or relative tolerance).
+    Stops when the gap is ``<= max(tol, rtol |F|)`` (absolute or relative tolerance);
+    ``callback(t, trace)`` after every iteration (progress display).
 
     ``step_sign`` and ``feasible_dual`` exist for the deliberately broken variants of
     ``proxnets reproduce convex`` and its tests (never change them otherwise):
@@ -120,7 +122,10 @@ def solve_dual(
         primal = loss / n + lam * nuc
         # the shrunk dual point is feasible: |M(P_s)|_2 = s |M(P)|_2 <= lam (see duality.py)
         dual, _ = regularized_dual_value(p, y, m_norm, lam if feasible_dual else math.inf)
-        if info.record(primal, dual, rank, max(tol, rtol * abs(primal))) and feasible_dual:  # the broken variant runs its budget
+        stop = info.record(primal, dual, rank, max(tol, rtol * abs(primal))) and feasible_dual  # the broken variant runs its budget
+        if callback is not None:
+            callback(info.iterations - 1, info)
+        if stop:
             break
     handle_nonconvergence(info, on_nonconvergence, f"DCCNN dual solver (duality gap; lam={lam:g})")
     return DualResult(p, m_new, theta, m_norm), info

@@ -18,6 +18,9 @@ filters and the head (:mod:`proxnets.convex.recovery`).
 
 from __future__ import annotations
 
+import copy
+import sys
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -25,9 +28,12 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from proxnets.convex.dual import solve_dual
+from proxnets.convex.exact import PatchKernel
+from proxnets.convex.hinge import solve_hinge_dual
+from proxnets.convex.kernels import make_feature_map
 from proxnets.convex.duality import scores
 from proxnets.convex.features import PatchFeaturizer
-from proxnets.convex.primal import solve_primal
+from proxnets.convex.primal import GapTrace, solve_primal
 from proxnets.convex.recovery import recover
 from proxnets.convex.sources import CachedFeatures, StreamedFeatures, cache_features
 from proxnets.utils.validation import check_choice, check_int, check_number, fail
@@ -157,13 +163,15 @@ class CCNN(_ConvexCNN):
     __doc__ = "Convexified CNN solved in the primal over cached features." + _DOC_PARAMS + """
     ``radius``: solve the constrained problem ``|Theta|_* <= radius`` instead of the regularized
     one. ``n_layers``: layers trained one by one; lower layers pass ``n_filters`` (default 16)
-    filter maps to the next.
+    filter maps to the next. ``verbose``: 0 silent, 1 a progress bar (tqdm) with the gap, 2 also
+    one line per iteration.
     """
 
     def __init__(self, *, patch_size=5, stride=1, padding=0, contrast_eps=0.1, zca_eps=0.1, kernel="rbf",
                  feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2, radius=None,
                  n_layers=1, n_filters=None, max_iter=300, tol=1e-3, chunk=256, image_shape=None, device="cpu",
-                 random_state=0, on_nonconvergence="warn"):
+                 random_state=0, on_nonconvergence="warn", verbose=0):
+        self.verbose = verbose
         self.patch_size, self.stride, self.padding = patch_size, stride, padding
         self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
         self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
@@ -186,8 +194,10 @@ class CCNN(_ConvexCNN):
             feat = self._featurizer().to(x.device).fit(x, g)
             z = cache_features(feat, x, self.chunk)  # cached Q: (n, P, D)
             lam, radius = (None, self.radius) if self.radius is not None else (self.lam, None)
-            theta, trace = solve_primal(CachedFeatures(z, self.chunk), yt, k, lam=lam, radius=radius,
-                                        max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence)
+            with _Progress(self.verbose, self.max_iter, f"CCNN layer {layer + 1}") as bar:
+                theta, trace = solve_primal(CachedFeatures(z, self.chunk), yt, k, lam=lam, radius=radius,
+                                            max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence,
+                                            callback=bar.gap_trace)
             last = layer == self.n_layers - 1
             r = self.n_filters if (self.n_filters is not None or last) else 16
             u, s, vh = torch.linalg.svd(theta, full_matrices=False)
@@ -208,26 +218,57 @@ class CCNN(_ConvexCNN):
 
 class DCCNN(_ConvexCNN):
     __doc__ = "Convexified CNN solved through its dual, with filter recovery." + _DOC_PARAMS + """
-    ``n_filters``: filters recovered (``None``: the active part of the dual spectrum, see
-    :func:`~proxnets.convex.recovery.active_rank`). ``beta0``: initial dual step.
-    ``features``: "streamed" (default: recomputed every pass, memory independent of ``n P D``) or
-    "cached" (the feature tensor held in memory: same solution, faster, memory ``n P D``).
-    After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
+    Two duals:
+
+    * ``loss="hinge", feature_map="exact"`` -- the seed's kernel-only dual
+      ``max sum alpha s.t. lambda_max(sum_ij alpha_i alpha_j y_i y_j K(x_i, x_j)) <= 1, 0 <= alpha <= C``
+      (:mod:`proxnets.convex.hinge`; ``K`` the pooled patch kernel of :mod:`proxnets.convex.exact`,
+      any of ``kernel`` in {"rbf", "inverse_poly", "linear"} or a callable PSD kernel). One-vs-rest
+      for more than two classes, each binary problem with its own certified gap. ``C`` (> 0) the
+      box, ``tol`` the relative gap, ``max_iter`` the cutting-plane passes. No random features:
+      the model does not depend on ``random_state`` except through ZCA's patch sample (set
+      ``max_fit_patches``-sized data or ``zca_eps=None`` for none at all). After ``fit``:
+      ``dual_coef_`` (alpha, one row per binary problem), ``duality_gap_`` (final relative gap per
+      problem), ``n_filters_`` (recovered filters per problem: the rank of the fitted scales on
+      the active eigenspace), ``support_`` (images with alpha > 0 in some problem), ``traces_``
+      (one :class:`~proxnets.convex.hinge.HingeTrace` per problem), ``trace_`` (their sums),
+      ``binary_`` (the :class:`~proxnets.convex.hinge.BinaryDual` s), and an export
+      ``filters_``/``head_``/``featurizers_`` for :func:`~proxnets.convex.export.to_torch` (exact for
+      ``kernel="linear"``, through ``n_features`` random features / Nystrom otherwise;
+      ``export_agreement_`` = fraction of training images predicted alike).
+    * ``loss="logistic"`` with ``feature_map`` in {"rff", "nystrom", "linear"} -- the faster,
+      approximate variant: the dual of the multinomial logistic problem over explicit features
+      (a factor of the kernel matrix; two random-feature draws give different models).
+      ``n_filters``: filters recovered (``None``: the active part of the dual spectrum, see
+      :func:`~proxnets.convex.recovery.active_rank`). ``beta0``: initial dual step.
+      ``features``: "streamed" (default: recomputed every pass, memory independent of ``n P D``) or
+      "cached" (the feature tensor held in memory: same solution, faster, memory ``n P D``).
+      After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
+
+    ``verbose``: 0 silent, 1 a progress bar (tqdm, on stderr) with the current gap, 2 also one
+    line per iteration (dual, primal, gap).
     """
 
     def __init__(self, *, patch_size=5, stride=1, padding=0, contrast_eps=0.1, zca_eps=0.1, kernel="rbf",
                  feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2,
                  n_filters=None, max_iter=300, tol=1e-3, beta0=1.0, chunk=256, image_shape=None, device="cpu",
-                 random_state=0, on_nonconvergence="warn", features="streamed"):
+                 random_state=0, on_nonconvergence="warn", features="streamed", loss="logistic", C=1.0, verbose=0):
         self.patch_size, self.stride, self.padding = patch_size, stride, padding
         self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
         self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
         self.lam, self.n_filters, self.max_iter, self.tol, self.beta0 = lam, n_filters, max_iter, tol, beta0
         self.chunk, self.image_shape, self.device = chunk, image_shape, device
         self.random_state, self.on_nonconvergence = random_state, on_nonconvergence
-        self.features = features
+        self.features, self.loss, self.C, self.verbose = features, loss, C, verbose
 
     def fit(self, X, y):
+        check_choice("loss", self.loss, ("logistic", "hinge"))
+        check_int("verbose", self.verbose, low=0)
+        if (self.loss == "hinge") != (self.feature_map == "exact"):
+            fail("feature_map", "'exact' exactly when loss='hinge' (the kernel-only dual is the hinge loss's)",
+                 f"{self.feature_map!r} with loss={self.loss!r}")
+        if self.loss == "hinge":
+            return self._fit_exact(X, y)
         self._check_common()
         check_choice("features", self.features, ("streamed", "cached"))
         check_number("beta0", self.beta0, low=0.0, low_inclusive=False)
@@ -239,8 +280,10 @@ class DCCNN(_ConvexCNN):
         feat = self._featurizer().to(x.device).fit(x, g)
         source = (StreamedFeatures(feat, x, self.chunk) if self.features == "streamed"
                   else CachedFeatures(cache_features(feat, x, self.chunk), self.chunk))
-        self.dual_, self.trace_ = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
-                                             beta0=self.beta0, on_nonconvergence=self.on_nonconvergence)
+        with _Progress(self.verbose, self.max_iter, "DCCNN (logistic dual)") as bar:
+            self.dual_, self.trace_ = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
+                                                 beta0=self.beta0, on_nonconvergence=self.on_nonconvergence,
+                                                 callback=bar.gap_trace)
         self.recovery_ = recover(source, yt, k, self.dual_, self.lam, n_filters=self.n_filters,
                                  max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence)
         feat.filters = self.recovery_.filters
@@ -249,3 +292,139 @@ class DCCNN(_ConvexCNN):
         self.theta_ = self.recovery_.theta
         self.n_iter_ = self.trace_.iterations
         return self
+
+    # ------------------------------------------------------------ exact kernel, hinge loss
+    def _fit_exact(self, X, y):
+        check_number("C", self.C, low=0.0, low_inclusive=False)
+        check_int("max_iter", self.max_iter, low=1)
+        check_number("tol", self.tol, low=0.0)
+        check_int("chunk", self.chunk, low=1)
+        x = self._images(X, reset=True)
+        yt = self._labels(y, x.shape[0])
+        self.input_shape_ = tuple(x.shape[1:])
+        g = torch.Generator().manual_seed(int(self.random_state or 0))
+        feat = PatchFeaturizer(patch_size=self.patch_size, stride=self.stride, padding=self.padding,
+                               contrast_eps=self.contrast_eps, zca_eps=self.zca_eps, kernel="linear", feature_map="linear",
+                               n_features=1, gamma=self.gamma if isinstance(self.gamma, (int, float)) else 1.0,
+                               pool_size=self.pool_size, pool_stride=self.pool_stride).to(x.device)
+        self.kernel_ = PatchKernel(feat, self.kernel, self.gamma).fit(x, g)
+        k = len(self.classes_)
+        cls = [1] if k == 2 else list(range(k))  # binary: one problem, y = +1 for classes_[1]
+        ybin = torch.stack([torch.where(yt == c, 1.0, -1.0) for c in cls]).double()
+        with _Progress(self.verbose, self.max_iter, "DCCNN (exact kernel dual)") as bar:
+            self.binary_, self.traces_ = solve_hinge_dual(self.kernel_, ybin, self.C, max_iter=self.max_iter, tol=self.tol,
+                                                          on_nonconvergence=self.on_nonconvergence, callback=bar.hinge_traces)
+        self.dual_coef_ = torch.stack([b.alpha for b in self.binary_]).cpu().numpy()
+        self.duality_gap_ = np.array([t.relative[-1] for t in self.traces_])
+        self.n_filters_ = np.array([b.phi.shape[1] for b in self.binary_])
+        self.support_ = np.nonzero((self.dual_coef_ > 0).any(0))[0]
+        self.trace_ = _sum_traces(self.traces_)
+        self.n_iter_ = self.trace_.iterations
+        self._export(x, g)
+        return self
+
+    def _exact_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``f_k(x) = sum_l sum_p head[l, p] h_l(x)[p]``, ``h_l(x) = C(x) phi_l`` for each binary problem: ``(N, m)``."""
+        kern = self.kernel_
+        w = torch.stack([b.weights for b in self.binary_])  # (m, n)
+        out = []
+        for i in range(0, x.shape[0], self.chunk):
+            c = kern.contract(w, rows=kern.patches(x[i : i + self.chunk]))  # (m, b, P, P)
+            out.append(torch.stack([torch.einsum("ipq,ql,lp->i", c[k], b.phi, b.head) for k, b in enumerate(self.binary_)], 1))
+        return torch.cat(out)
+
+    def _export(self, x: torch.Tensor, g: torch.Generator) -> None:
+        """Filters in feature space for :func:`to_torch`: ``g_l = sum_j b_j sum_q phi_l[q] Z~_j[q] / s`` with
+        ``Z~`` the uncentered pooled features of ``kernel`` (identity for linear: exact)."""
+        kern = self.kernel_
+        if callable(self.kernel):
+            self.featurizers_, self.export_agreement_ = None, None
+            return
+        feat = copy.deepcopy(kern.featurizer)
+        some = kern._patches_of(x[torch.randperm(x.shape[0], generator=g)[:200].sort().values]).float()
+        flat = some.reshape(-1, some.shape[-1])
+        fmap = "linear" if self.kernel == "linear" else ("rff" if self.kernel == "rbf" else "nystrom")
+        sample = flat[torch.randperm(flat.shape[0], generator=g)[:4096]]
+        feat.kernel, feat.feature_map_name, feat.input_scale = self.kernel, fmap, kern.input_scale
+        feat.phi = make_feature_map(fmap, self.kernel, flat.shape[1], self.n_features, self.gamma, sample=sample, generator=g)
+        dim = int(feat._raw(x[:1]).shape[-1])
+        feat.center = torch.zeros(kern.n_positions, dim)
+        feat.scale = 1.0
+        sup = torch.from_numpy(self.support_)
+        z = torch.cat([feat._raw(x[sup[i : i + self.chunk]]).double() for i in range(0, len(sup), self.chunk)])  # (s, P, D)
+        m = len(self.binary_)
+        k_out = 2 if m == 1 else m
+        filters, heads = [], []
+        for k, b in enumerate(self.binary_):
+            gk = torch.einsum("j,jqd,ql->dl", b.weights[sup], z, b.phi) / kern.scale  # (D, r)
+            hk = torch.zeros(b.phi.shape[1], k_out, kern.n_positions, dtype=torch.float64)
+            hk[:, 1 if m == 1 else k] = b.head
+            filters.append(gk)
+            heads.append(hk.reshape(b.phi.shape[1], k_out * kern.n_positions))
+        self.filters_ = torch.cat(filters, 1).float()
+        self.head_ = torch.cat(heads, 0).float()
+        self.theta_ = self.filters_ @ self.head_
+        feat.filters = self.filters_
+        self.featurizers_ = [feat]
+        with torch.no_grad():
+            exported = torch.cat([scores(feat(x[i : i + self.chunk]), self.theta_) for i in range(0, x.shape[0], self.chunk)])
+        self.export_agreement_ = float((exported.argmax(1).numpy() == self.class_scores(x).argmax(1)).mean())
+
+    def class_scores(self, X) -> np.ndarray:
+        if getattr(self, "loss", "logistic") != "hinge":
+            return super().class_scores(X)
+        check_is_fitted(self, "binary_")
+        x = self._images(X, reset=False)
+        with torch.no_grad():
+            f = self._exact_scores(x).cpu().numpy()
+        return np.concatenate([np.zeros_like(f), f], 1) if f.shape[1] == 1 else f
+
+
+def _sum_traces(traces: list) -> GapTrace:
+    """The one-vs-rest problem's trace: sums of the binary problems' bounds (each carried at its
+    last value once it stopped); the sum of the primals bounds the sum of the optima from above,
+    the sum of the duals from below."""
+    out = GapTrace()
+    t_max = max(t.iterations for t in traces)
+    for i in range(t_max):
+        pr = sum(t.primal[min(i, t.iterations - 1)] for t in traces)
+        du = sum(t.dual[min(i, t.iterations - 1)] for t in traces)
+        out.record(pr, du, sum(t.rank[min(i, t.iterations - 1)] for t in traces), 0.0)
+    out.converged = all(t.converged for t in traces)
+    out.passes = t_max
+    return out
+
+
+class _Progress:
+    """``verbose`` >= 1: a tqdm bar over the solver's iterations showing the gap; >= 2: a line per iteration."""
+
+    def __init__(self, verbose: int, total: int, what: str):
+        self.verbose, self.total, self.what, self.bar = verbose, total, what, None
+
+    def __enter__(self):
+        if self.verbose >= 1:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.what, leave=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
+
+    def _show(self, it: int, primal: float, dual: float) -> None:
+        if self.bar is None:
+            return
+        gap = (primal - dual) / max(abs(primal), 1e-300)
+        self.bar.update(1)
+        self.bar.set_postfix(gap=f"{gap:.2e}")
+        if self.verbose >= 2:
+            self.bar.write(f"{self.what} iter {it + 1}: primal {primal:.6g}  dual {dual:.6g}  relative gap {gap:.3e}",
+                           file=sys.stderr)
+
+    def gap_trace(self, it: int, trace) -> None:
+        self._show(it, trace.primal[-1], trace.dual[-1])
+
+    def hinge_traces(self, it: int, traces) -> None:
+        self._show(it, sum(t.primal[-1] for t in traces), sum(t.dual[-1] for t in traces))

@@ -84,11 +84,12 @@ class PatchFeaturizer(nn.Module):
             fail("pool_size", f"at most the patch grid size {min(self.grid)}", self.pool_size)
         self.pooled_grid = tuple((g - self.pool_size) // self.pool_stride + 1 for g in self.grid)
         n_img = min(images.shape[0], self.max_fit_images)
-        img_idx = torch.randperm(images.shape[0], generator=generator)[:n_img]
+        # sorted: when every image / patch is taken the fit does not depend on the generator at all
+        img_idx = torch.randperm(images.shape[0], generator=generator)[:n_img].sort().values
         # ZCA and landmarks from random patches of a few images (about twice the patches needed)
         n_zca = max(1, min(n_img, -(-2 * self.max_fit_patches // (self.grid[0] * self.grid[1]))))
         patches = self._normalized_patches(images[img_idx[:n_zca]]).reshape(-1, self._patch_dim())
-        pidx = torch.randperm(patches.shape[0], generator=generator)[: self.max_fit_patches]
+        pidx = torch.randperm(patches.shape[0], generator=generator)[: self.max_fit_patches].sort().values
         patches = patches[pidx]
         self.zca = fit_zca(patches, self.zca_eps) if self.zca_eps is not None else None
         white = self.zca(patches) if self.zca is not None else patches

@@ -110,11 +110,13 @@ def solve_primal(
     theta0: torch.Tensor | None = None,
     lipschitz: float | None = None,
     on_nonconvergence: str = "warn",
+    callback=None,
 ) -> tuple[torch.Tensor, GapTrace]:
     """Minimize the CCNN primal over ``Theta (D, K P)``; returns ``(Theta, GapTrace)``.
 
     ``source``: :class:`~proxnets.convex.sources.CachedFeatures` or ``StreamedFeatures``; ``y (n,)``
-    labels; exactly one of ``lam`` / ``radius``; stops when the duality gap is ``<= tol``.
+    labels; exactly one of ``lam`` / ``radius``; stops when the duality gap is ``<= tol``;
+    ``callback(t, trace)`` after every iteration (progress display).
     """
     _check_problem(lam, radius)
     check_problem_labels(source, y, n_classes)
@@ -153,7 +155,10 @@ def solve_primal(
         p_t = torch.softmax(u_all, -1)
         mnorm = spectral_norm(m)
         dual = regularized_dual_value(p_t, y, mnorm, lam)[0] if lam is not None else constrained_dual_value(p_t, mnorm, radius)
-        if info.record(obj, dual, rank, tol):
+        stop = info.record(obj, dual, rank, tol)
+        if callback is not None:
+            callback(info.iterations - 1, info)
+        if stop:
             break
         if obj > prev_obj:  # adaptive restart: drop the momentum
             momentum_k = 1.0

@@ -1,0 +1,272 @@
+"""DCCNN's kernel-only dual (hinge loss, seed 001) solved by cutting planes, and its recovery.
+
+Binary labels ``y_i in {-1, +1}``, matrix kernel ``K_ij = K(x_i, x_j) (P x P)``
+(:mod:`proxnets.convex.exact`), ``b = alpha * y``, ``M(alpha) = sum_ij b_i b_j K_ij``:
+
+    primal   min_A  |A|_* + C sum_i max(0, 1 - y_i <Z_i, A>)          (A: R^P -> RKHS)
+    dual     max_alpha  sum_i alpha_i   s.t.  lambda_max(M(alpha)) <= 1,  0 <= alpha_i <= C
+
+(hinge = ``max_{0 <= a <= C} a (1 - t)``, and ``min_A |A|_* - <G, A>`` is 0 if ``|G|_2 <= 1`` else
+``-inf``, ``G(alpha) = sum_i b_i Z_i^T``, ``|G|_2^2 = lambda_max(G^T G) = lambda_max(M(alpha))``.)
+
+**Dual value of any alpha in the box** (weak duality at every iterate): ``M`` is quadratic in
+``alpha``, so ``alpha / max(1, sqrt(lambda_max))`` is feasible (the box is kept by shrinking):
+``D(alpha) = sum(alpha) / max(1, sqrt(mu_1))`` with ``mu_1`` the exact float64 top eigenvalue of
+the ``P x P`` matrix ``M`` (``P`` is small: a dense ``eigh`` is exact where a Lanczos estimate would
+be a lower estimate, and an under-estimated ``mu_1`` would overstate the bound).
+
+**Solver: Kelley's cutting planes on the dual = column generation on the primal.**
+``|G(alpha)|_2 = max_{|g| = |v| = 1} <G(alpha), g v^T>``: each unit pair gives a valid linear cut
+``sum_i alpha_i y_i <Z_i, g v^T> <= 1``, and the deepest at ``alpha_t`` is ``v`` = a top eigenvector
+of ``M(alpha_t)``, ``g = G v / sqrt(mu)`` (a kernel expansion over the support vectors), with
+``<Z_i, g v^T> = v^T C_i v / sqrt(mu)``, ``C_i = sum_j b_j K_ij``. The master LP
+``max sum alpha s.t. cuts, box`` (HiGHS) gives ``alpha_{t+1}``; its multipliers ``w_t >= 0`` are the
+weights of the atoms ``g_t v_t^T`` in the primal point ``A_t = sum w_t g_t v_t^T``
+(``|A_t|_* <= sum w_t``), so the master value is a primal upper bound. Kelley's method converges
+on the compact box (every limit point optimal; no rate is claimed); every eigenvector with
+``mu > 1`` is added as a cut, which is what makes it fast when the active eigenvalue is multiple.
+
+**Recovery (every iteration).** KKT: ``A* = G(alpha*) W*`` with ``W* >= 0`` supported on the
+eigenspace of ``M(alpha*)`` at eigenvalue 1 (complementary slackness of ``lambda_max <= 1``).
+Take the eigenvectors ``V (P, r0)`` with ``mu >= (1 - rtol) mu_1`` (``rtol = 0.05``: wide enough
+that the eigenvalues of a cluster split by an unfinished solve stay together, and harmless when
+too wide: the scale fit gives an unneeded direction zero weight) and the orthonormal RKHS
+directions ``Gh = G V diag(mu)^{-1/2}``; then ``A = Gh S V^T`` has ``|A|_* = |S|_*`` and
+``<Z_i, A> = tr(S R_i)``, ``R_i = V^T C_i V diag(mu)^{-1/2}`` (``r0 x r0``). The scales ``S`` solve
+the small convex problem ``min tr S + C sum_i hinge(y_i tr(S R_i))`` over positive semi-definite
+``S = sum_t w_t u_t u_t^T`` (``u`` the axes and their 45-degree pairwise rotations; one LP, see
+:func:`fit_scales`).
+``S = U diag(sigma) W^T``: filter ``k`` has position weights ``phi_k = V diag(mu)^{-1/2} U[:, k]``,
+response ``h_k(x)[p] = (C(x) phi_k)[p] = sum_j b_j sum_q K(x, x_j)[p, q] phi_k[q]`` (the conv layer's
+output as a kernel expansion over the support vectors) and head ``sigma_k V W[:, k]``; the number of
+filters is the rank of ``S`` (singular values above ``1e-6 sigma_1``). Its primal value is exact
+(``|S|_*`` by SVD), an upper bound of the optimum. The gap reported is min(recovered, master) - dual (both
+are primal points); the recovered model's own value is kept beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.optimize import linprog
+
+from proxnets.convex.exact import PatchKernel
+from proxnets.convex.primal import GapTrace
+from proxnets.utils.convergence import handle_nonconvergence
+from proxnets.utils.validation import check_int, check_number, fail
+
+__all__ = ["HingeTrace", "BinaryDual", "solve_hinge_dual", "fit_scales", "ACTIVE_RTOL"]
+
+ACTIVE_RTOL = 0.05  # eigenvalues within 5% of the top one are candidates for the active eigenspace
+FILTER_RTOL = 1e-6  # singular values of the scales S below this fraction of the largest are not filters
+
+
+@dataclasses.dataclass
+class HingeTrace(GapTrace):
+    """:class:`GapTrace` of one binary problem: ``primal[t]`` = min(recovered model's primal value,
+    master bound) (both primal points), ``recovered[t]`` the recovered model's value,
+    ``dual[t]`` = ``D(alpha_t)`` (feasible by scaling), ``residuals[t]`` their gap, ``rank[t]`` the
+    recovered filters; ``master[t]`` = the cutting-plane master's primal bound, ``cuts[t]`` the
+    cuts so far, ``top_eigenvalue[t]`` = ``mu_1(M(alpha_t))``, ``relative[t]`` = gap / primal."""
+
+    master: list[float] = dataclasses.field(default_factory=list)
+    cuts: list[int] = dataclasses.field(default_factory=list)
+    top_eigenvalue: list[float] = dataclasses.field(default_factory=list)
+    relative: list[float] = dataclasses.field(default_factory=list)
+    recovered: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class BinaryDual:
+    """Solution of one binary problem: ``alpha (n,)``, ``y (n,)`` in {-1, +1}, the recovered
+    model ``phi (P, r)`` (position weights of the filters' kernel expansion) and ``head (r, P)``,
+    the eigenvalues ``mu`` of ``M(alpha)`` (descending), ``train_scores`` of the recovered model
+    and ``master_scores`` of the solver's primal point on the training set."""
+
+    alpha: torch.Tensor
+    y: torch.Tensor
+    phi: torch.Tensor
+    head: torch.Tensor
+    mu: torch.Tensor
+    train_scores: torch.Tensor
+    master_scores: torch.Tensor
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.alpha * self.y  # b
+
+
+def _lp(cuts: list[np.ndarray], c: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``max sum a s.t. cuts @ a <= 1, 0 <= a <= c``: ``(a, w)``, ``w >= 0`` the cuts' multipliers."""
+    if not cuts:
+        return np.full(n, c), np.zeros(0)
+    res = linprog(-np.ones(n), A_ub=np.stack(cuts), b_ub=np.ones(len(cuts)), bounds=(0.0, c), method="highs")
+    if res.status != 0:
+        raise RuntimeError(f"DCCNN master LP failed: {res.message}")
+    return np.clip(res.x, 0.0, c), np.clip(-res.ineqlin.marginals, 0.0, None)
+
+
+def _hinge_sum(margins: torch.Tensor) -> float:
+    return float((1.0 - margins).clamp_min(0).sum())
+
+
+def fit_scales(r: torch.Tensor, y: torch.Tensor, c: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """``min_S tr S + c sum_i hinge(y_i tr(S R_i))`` over ``S = sum_t w_t u_t u_t^T``, ``w >= 0``, for
+    ``R (n, r0, r0)``: one LP (HiGHS) over the atoms ``u`` in ``{e_l, (e_l +- e_m) / sqrt 2}``.
+
+    ``S`` is positive semi-definite (KKT: ``A* = G W*``, ``W* >= 0``) with ``|S|_* = tr S = sum w``;
+    the atoms cover the axes of the eigenbasis and their pairwise rotations by 45 degrees.
+    Returns ``(S (r0, r0), primal value (exact for that S), scores tr(S R_i) (n,))``.
+    """
+    n, r0 = r.shape[0], r.shape[1]
+    eye = torch.eye(r0, dtype=r.dtype, device=r.device)
+    atoms = [eye[l] for l in range(r0)]
+    for l in range(r0):
+        for m in range(l + 1, r0):
+            atoms += [(eye[l] + eye[m]) / math.sqrt(2), (eye[l] - eye[m]) / math.sqrt(2)]
+    u = torch.stack(atoms)  # (T, r0)
+    vals = torch.einsum("tm,iml,tl->ti", u, r, u)  # tr(u u^T R_i) = u^T R_i u
+    _, w = _lp(list((y[None] * vals).cpu().numpy()), c, n)
+    wt = torch.from_numpy(w).to(r)
+    smat = torch.einsum("t,tl,tm->lm", wt, u, u)
+    scores = wt @ vals
+    primal = float(wt.sum()) + c * _hinge_sum(y * scores)
+    return smat, primal, scores
+
+
+def solve_hinge_dual(
+    kern: PatchKernel,
+    y: torch.Tensor,
+    c: float,
+    *,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    max_cuts_per_iter: int = 8,
+    on_nonconvergence: str = "warn",
+    callback: Callable[[int, list[HingeTrace]], None] | None = None,
+    scale_dual: bool = True,
+    bottom_eigenvectors: bool = False,
+    all_eigenvectors: bool = False,
+) -> tuple[list[BinaryDual], list[HingeTrace]]:
+    """Solve ``m`` binary DCCNN duals in lockstep (one kernel pass per iteration serves them all).
+
+    ``y (m, n)`` in {-1, +1} (row ``k``: one-vs-rest labels of class ``k``); ``c`` the box (> 0);
+    stops each problem when its relative gap ``(primal - dual) / primal <= tol``.
+    ``scale_dual``, ``bottom_eigenvectors`` and ``all_eigenvectors`` exist for the deliberately broken
+    variants of the convex suite only: ``scale_dual=False`` records ``sum(alpha)`` of the (infeasible)
+    master point, not a lower bound; ``bottom_eigenvectors=True`` recovers from the eigenvectors of the
+    smallest eigenvalues;
+    ``all_eigenvectors=True`` keeps every eigenvector as a filter with unit scales (no active
+    eigenspace, no scale fit).
+    """
+    c = check_number("C", c, low=0.0, low_inclusive=False)
+    check_int("max_iter", max_iter, low=1)
+    check_number("tol", tol, low=0.0)
+    if y.ndim == 1:
+        y = y[None]
+    vals = torch.unique(y)
+    if not bool(((vals == 1) | (vals == -1)).all()):
+        fail("y", "binary labels in {-1, +1} (one row per binary problem)", f"values {vals.tolist()}")
+    m, n = y.shape
+    if n != kern.n:
+        fail("y", f"{kern.n} labels per problem (one per training image)", f"{n}")
+    dtype, dev = kern.dtype, kern.train_images.device
+    y = y.to(dtype=dtype, device=dev)
+    traces = [HingeTrace() for _ in range(m)]
+    cuts: list[list[np.ndarray]] = [[] for _ in range(m)]
+    a_out = [torch.full((n,), c, dtype=dtype, device=dev) for _ in range(m)]  # master LP point (outside)
+    a_in = [torch.zeros(n, dtype=dtype, device=dev) for _ in range(m)]  # best feasible point (inside)
+    best = [0.0] * m
+    ws: list[np.ndarray] = [np.zeros(0) for _ in range(m)]
+    results: list[BinaryDual | None] = [None] * m
+    active = list(range(m))
+    n_query = 3  # query points per problem and pass: out, (out + in) / 2 (in-out stabilization), in
+    for it in range(max_iter):
+        queries = []
+        for k in active:
+            queries += [a_out[k], 0.5 * (a_out[k] + a_in[k]), a_in[k]]
+        bw = torch.stack(queries) * y[active].repeat_interleave(n_query, 0)  # (q, n) weights b = alpha y
+        support = torch.nonzero((bw != 0).any(0)).flatten()
+        # pass 1: M(alpha) on the support; pass 2: V^T C_i V for all i (C_i never held: memory q n r^2)
+        mmat = kern.contract(bw, rows=kern.train_images[support], support=support, left=bw[:, support])  # (q, P, P)
+        mmat = (mmat + mmat.transpose(1, 2)) / 2
+        mu, vecs = torch.linalg.eigh(mmat)
+        mu, vecs = mu.flip(-1), vecs.flip(-1)  # descending
+        if not bool(torch.isfinite(mu).all()):
+            raise FloatingPointError("DCCNN dual: non-finite eigenvalue of M(alpha)")
+        # candidate directions: the active cluster and every violated eigenvector (at most max_cuts_per_iter)
+        cand = (mu >= (1 - ACTIVE_RTOL) * mu[:, :1]) | (mu > mu[:, :1].clamp_max(1.0))
+        r_sel = [max(1, min(max_cuts_per_iter, int(cand[q].sum()))) for q in range(len(queries))]
+        r_max = kern.n_positions if all_eigenvectors else max(r_sel)  # (broken variant: every eigenvector)
+        vsel = vecs[:, :, :r_max]  # (q, P, r_max)
+        mu_sel = mu[:, :r_max]
+        vcv = kern.contract(bw, support=support, project=vsel)  # V^T C_i V: (q, n, r_max, r_max)
+        v_rec, mu_rec, vcv_rec = vsel, mu_sel, vcv
+        if bottom_eigenvectors:  # broken variant: the recovery reads the bottom of the spectrum (order mistaken)
+            v_rec, mu_rec = vecs.flip(-1)[:, :, :r_max], mu.flip(-1)[:, :r_max]
+            vcv_rec = kern.contract(bw, support=support, project=v_rec)
+        still = []
+        for a, k in enumerate(active):
+            tr = traces[k]
+            qs = range(n_query * a, n_query * (a + 1))
+            q_in = n_query * a + 2  # the row of the previous inside point
+            for q in qs:  # every query point gives a feasible dual point by scaling
+                suma = float(bw[q].abs().sum())
+                val = suma / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0)))
+                if val > best[k]:
+                    best[k], a_in[k], q_in = val, bw[q].abs() / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0))), q
+            dual = best[k] if scale_dual else float(a_out[k].sum())
+            # master primal point A_t = sum_t w_t g_t v_t^T (its values at x_i are stored with the cuts)
+            if ws[k].size:
+                marg = torch.from_numpy(np.stack(cuts[k])[: ws[k].size].T @ ws[k]).to(y)  # y_i <Z_i, A_t>
+                master, master_scores = float(ws[k].sum()) + c * _hinge_sum(marg), marg * y[k]
+            else:
+                master, master_scores = c * n, torch.zeros(n, dtype=dtype, device=dev)  # A = 0
+            # recovery from the inside point's candidate eigenspace (its query row; the recovery is
+            # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
+            r0 = r_max if all_eigenvectors else r_sel[q_in]
+            v, pos = v_rec[q_in, :, :r0], mu_rec[q_in, :r0].clamp_min(1e-300)
+            rmat = vcv_rec[q_in, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
+            if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
+                smat = torch.eye(r0, dtype=dtype, device=dev)
+                rec_scores = torch.einsum("ill->i", rmat)
+                rec_primal = float(r0) + c * _hinge_sum(y[k] * rec_scores)
+            elif float(mu[q_in, 0]) > 0:
+                smat, rec_primal, rec_scores = fit_scales(rmat, y[k], c)
+            else:  # alpha_in = 0 (first pass): the recovered model is A = 0
+                smat, rec_primal, rec_scores = torch.zeros(r0, r0, dtype=dtype, device=dev), c * n, torch.zeros(n, dtype=dtype, device=dev)
+            u_s, sig, wh = torch.linalg.svd(smat)
+            rank = max(1, int((sig > FILTER_RTOL * sig[0].clamp_min(1e-300)).sum()))
+            # position weights of the kernel expansion for the stored (scaled) alpha_in = |b_q| / sqrt(max(1, mu_1)):
+            # C(x) of alpha_in is C_q(x) / sqrt(max(1, mu_1)), so phi carries that factor back
+            phi = (v / pos.sqrt() * math.sqrt(max(1.0, float(mu[q_in, 0])))) @ u_s[:, :rank]  # (P, rank)
+            head = sig[:rank, None] * (v @ wh[:rank].T).T  # (rank, P)
+            tr.master.append(master)
+            tr.cuts.append(len(cuts[k]))
+            tr.top_eigenvalue.append(float(mu[q_in, 0]))
+            primal = min(rec_primal, master)  # both are primal points: the better bound certifies
+            tr.recovered.append(rec_primal)
+            tr.record(primal, dual, rank, tol * abs(primal))
+            tr.relative.append((primal - dual) / max(abs(primal), 1e-300))
+            results[k] = BinaryDual(a_in[k].clone(), y[k].clone(), phi, head, mu[q_in].clone(), rec_scores, master_scores)
+            if tr.converged or (not scale_dual and abs(primal - dual) <= tol * abs(primal)):  # (the broken variant stops too)
+                continue
+            for q in qs:  # cuts: every violated direction, value v^T C_i v / sqrt(v^T M v) times y_i
+                for l in range(r_sel[q]):
+                    if float(mu_sel[q, l]) > 1.0:
+                        cuts[k].append((y[k] * vcv[q, :, l, l] / math.sqrt(float(mu_sel[q, l]))).cpu().numpy())
+            a_new, ws[k] = _lp(cuts[k], c, n)
+            a_out[k] = torch.from_numpy(a_new).to(y)
+            still.append(k)
+        if callback is not None:
+            callback(it, traces)
+        active = still
+        if not active:
+            break
+    for k, tr in enumerate(traces):
+        handle_nonconvergence(tr, on_nonconvergence, f"DCCNN hinge dual (relative duality gap; C={c:g}, problem {k})")
+    return results, traces

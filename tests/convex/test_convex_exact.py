@@ -1,0 +1,135 @@
+"""DCCNN's kernel-only dual (loss="hinge", feature_map="exact"): theory as tests.
+
+Weak duality at every iterate (checked against an independent dense evaluation of the dual
+constraint), the gap closing, independence of random_state, few recovered filters that reproduce
+the solver's predictions, the exact linear export, the scikit-learn contract and input errors.
+"""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.estimator_checks import check_estimator
+
+from proxnets.convex import DCCNN, to_torch
+from proxnets.convex.exact import PatchKernel
+from proxnets.convex.features import PatchFeaturizer
+from proxnets.convex.hinge import solve_hinge_dual
+from proxnets.data import load_dataset
+
+EXACT = dict(loss="hinge", feature_map="exact", patch_size=3, pool_size=2, C=1.0, max_iter=80, tol=1e-3,
+             on_nonconvergence="ignore")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A binary problem: digits 3 vs 8 (the hardest pair of the 8x8 digits), 60 images."""
+    ds = load_dataset("digits", n_train=400, n_test=200)
+    keep = (ds.y_train == 3) | (ds.y_train == 8)
+    x, y = ds.x_train[keep][:60], ds.y_train[keep][:60]
+    keep_t = (ds.y_test == 3) | (ds.y_test == 8)
+    return x, y, ds.x_test[keep_t], ds.y_test[keep_t]
+
+
+@pytest.fixture(scope="module")
+def fitted(pair):
+    x, y, _, _ = pair
+    return DCCNN(**EXACT, kernel="rbf").fit(x, y)
+
+
+def _dense_lambda_max(est, alpha, y_pm) -> float:
+    """lambda_max(sum_ij b_i b_j K_ij) from the full dense kernel (n P x n P): an independent check."""
+    kern = est.kernel_
+    n, p = kern.n, kern.n_positions
+    patches = kern._patches_of(kern.train_images)
+    big = kern._block(patches, patches).reshape(n * p, n * p)
+    b = torch.as_tensor(alpha, dtype=torch.float64) * y_pm
+    sel = torch.kron(b[:, None], torch.eye(p, dtype=torch.float64))  # (n P, P)
+    return float(torch.linalg.eigvalsh(sel.T @ big @ sel)[-1])
+
+
+def test_weak_duality_every_iterate_and_gap_closes(fitted, pair):
+    tr = fitted.traces_[0]
+    assert all(p >= d for p, d in zip(tr.primal, tr.dual))
+    assert max(tr.dual) <= min(tr.primal)  # every lower bound below every upper bound
+    assert tr.converged and fitted.duality_gap_[0] <= 1e-3
+    # the final dual point is feasible by an independent dense computation of its constraint
+    y_pm = torch.where(torch.as_tensor(pair[1]) == fitted.classes_[1], 1.0, -1.0).double()
+    assert _dense_lambda_max(fitted, fitted.dual_coef_[0], y_pm) <= 1 + 1e-9
+    assert abs(fitted.dual_coef_[0].sum() - tr.dual[-1]) <= 1e-9 * tr.dual[-1]
+    assert (fitted.dual_coef_ >= 0).all() and (fitted.dual_coef_ <= fitted.C + 1e-12).all()
+
+
+def test_recovered_model_primal_value_recomputed(fitted, pair):
+    """The recovered model's primal value |A|_* + C sum hinge, recomputed from its predictions."""
+    x, y, _, _ = pair
+    b = fitted.binary_[0]
+    f = fitted.decision_function(x)
+    y_pm = np.where(np.asarray(y) == fitted.classes_[1], 1.0, -1.0)
+    nuc = float(torch.linalg.svdvals(b.head).sum())  # |S|_*: the head carries sigma_k times unit vectors
+    value = nuc + fitted.C * np.maximum(0, 1 - y_pm * f).sum()
+    assert value == pytest.approx(fitted.traces_[0].recovered[-1], rel=1e-6)
+    assert value >= fitted.traces_[0].dual[-1]  # weak duality for the model that predicts
+
+
+def test_exact_model_does_not_depend_on_random_state(pair):
+    x, y, xt, _ = pair
+    preds = [DCCNN(**{**EXACT, "max_iter": 4}, kernel="rbf", random_state=s).fit(x, y).decision_function(xt) for s in (0, 1)]
+    assert np.array_equal(preds[0], preds[1])
+
+
+def test_few_filters_that_reproduce_the_solver(fitted, pair):
+    x, _, _, _ = pair
+    p = fitted.kernel_.n_positions
+    assert 1 <= fitted.n_filters_[0] <= p // 2
+    b = fitted.binary_[0]
+    agree = float((torch.sign(b.train_scores) == torch.sign(b.master_scores)).double().mean())
+    assert agree >= 0.95
+
+
+def test_linear_kernel_exports_exactly(pair):
+    x, y, xt, _ = pair
+    est = DCCNN(**{**EXACT, "max_iter": 8}, kernel="linear").fit(x, y)
+    net = to_torch(est)
+    assert isinstance(net.layers[0].whiten, torch.nn.Conv2d) and isinstance(net.layers[0].filters, torch.nn.Conv2d)
+    with torch.no_grad():
+        out = net(xt).double().numpy()
+    ref = est.class_scores(xt)
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_one_vs_rest_each_problem_certified():
+    ds = load_dataset("digits", n_train=40, n_test=10)
+    est = DCCNN(**{**EXACT, "max_iter": 4}).fit(ds.x_train, ds.y_train)
+    assert est.dual_coef_.shape == (10, 40) and len(est.traces_) == 10
+    for tr in est.traces_:
+        assert max(tr.dual) <= min(tr.primal)
+    assert est.trace_.primal[-1] == pytest.approx(sum(t.primal[-1] for t in est.traces_))
+
+
+def test_sklearn_estimator_checks_exact_mode():
+    est = DCCNN(loss="hinge", feature_map="exact", patch_size=1, contrast_eps=None, zca_eps=None, pool_size=1,
+                gamma=0.5, C=1.0, max_iter=3, on_nonconvergence="ignore")
+    failed = [r for r in check_estimator(est, on_fail=None) if r["status"] == "failed"]
+    assert not failed, [(r["check_name"], str(r["exception"])[:200]) for r in failed]
+
+
+def test_verbose_shows_the_gap(pair, capsys):
+    x, y, _, _ = pair
+    DCCNN(**{**EXACT, "max_iter": 2}, verbose=2).fit(x, y)
+    err = capsys.readouterr().err
+    assert "relative gap" in err and "dual" in err
+
+
+def test_bad_input(pair):
+    x, y, _, _ = pair
+    kern = PatchKernel(PatchFeaturizer(patch_size=3, pool_size=2, kernel="linear", feature_map="linear"), "rbf").fit(x)
+    with pytest.raises(ValueError, match=r"y: expected binary labels in \{-1, \+1\}"):
+        solve_hinge_dual(kern, torch.as_tensor(y).double(), 1.0)
+    with pytest.raises(ValueError, match=r"C: expected a number in \(0.0, inf\], got 0"):
+        DCCNN(**{**EXACT, "C": 0}).fit(x, y)
+    with pytest.raises(ValueError, match=r"kernel: expected a positive semi-definite kernel"):
+        DCCNN(**EXACT, kernel=lambda a, b: -(a @ b.T)).fit(x, y)
+    with pytest.raises(ValueError, match=r"patch_size: expected a window no larger than the \(padded\) image 8x8"):
+        DCCNN(**{**EXACT, "patch_size": 9}).fit(x, y)
+    with pytest.raises(ValueError, match=r"feature_map: expected 'exact' exactly when loss='hinge'"):
+        DCCNN(loss="hinge", feature_map="rff").fit(x, y)
