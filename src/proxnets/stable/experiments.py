@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from proxnets.data import ImageDataset, load_dataset
 from proxnets.data.images import load_image_folder, natural_images, random_patches, write_image
@@ -470,9 +471,9 @@ def robust_classification(ctx: SuiteContext, result: SuiteResult) -> None:
 def _denoising_loss(sigmas: tuple[float, float]):
     """MSE of denoising with a noise level drawn per image in ``[sigma_lo, sigma_hi]`` (one model for both levels)."""
 
-    def loss_fn(model, x, y):
+    def loss_fn(model, x, y):  # x: the clean input, y: the clean target (the same patches)
         s = torch.empty(len(x), 1, 1, 1).uniform_(*sigmas)
-        return F.mse_loss(model(x + s * torch.randn_like(x)), x)
+        return F.mse_loss(model(x + s * torch.randn_like(x)), y)
 
     return loss_fn
 
@@ -565,7 +566,7 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
     patch = ctx.pick(smoke=24, quick=32, full=40)
     n_patches = ctx.pick(smoke=512, quick=2048, full=20000)
     patches = random_patches(train_imgs, patch, n_patches, seed=ctx.seed)  # (N, 1, p, p)
-    data = ImageDataset("photo-patches", patches, torch.zeros(len(patches), dtype=torch.long), patches[:1], torch.zeros(1, dtype=torch.long), 1)
+    data = TensorDataset(patches, patches)  # (input, target): the loss adds the noise to the input
     width, depth = ctx.pick(smoke=(8, 3), quick=(16, 4), full=(64, 10))
     torch.manual_seed(ctx.seed)
     averaged = AveragedDenoiser(DenoiserConfig(channels=1, image_size=patch, width=width, depth=depth, averaged_margin=0.1,
@@ -688,7 +689,7 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
                         f"of the other photographs; one training seed.")
 
 
-def _firm_drs(ctx: SuiteContext, result: SuiteResult, data: ImageDataset, train: TrainConfig, patch: int, width: int, depth: int,
+def _firm_drs(ctx: SuiteContext, result: SuiteResult, data: TensorDataset, train: TrainConfig, patch: int, width: int, depth: int,
               tests: dict[str, torch.Tensor]) -> None:
     """The firmly non-expansive denoiser (Heun, stiffness budget 2, size-independent norms), trained with the same
     data and budget, used by Douglas-Rachford PnP with no relaxation on the held-out photographs (larger than the

@@ -73,22 +73,22 @@ def train_denoiser(
     """
     import torch.nn.functional as F
 
-    from proxnets.data import ImageDataset
+    from torch.utils.data import TensorDataset
+
     from proxnets.data.images import natural_images, random_patches
     from proxnets.engine import TrainConfig, fit
 
     photos = natural_images(gray=True)
     train_imgs = {k: v for k, v in photos.items() if k not in TEST_PHOTOS and k != VAL_PHOTO and min(v.shape[-2:]) >= patch}
     x = random_patches(train_imgs, patch, n_patches, seed=seed)  # (N, 1, p, p)
-    labels = torch.zeros(len(x), dtype=torch.long)  # fit's dataset needs labels; the loss ignores them
-    data = ImageDataset("photo-patches", x, labels, x[:1], labels[:1], 1)
+    data = TensorDataset(x, x)  # (input, target): the loss adds the noise to the input
     kw = {"channels": 1, "image_size": patch, "width": width, "depth": depth}
     torch.manual_seed(seed)
     model = AveragedDenoiser(DenoiserConfig.firm(**kw) if firm else DenoiserConfig(**kw))
 
     def loss_fn(m, xb, yb):
         s = torch.empty(len(xb), 1, 1, 1).uniform_(*sigmas)
-        return F.mse_loss(m(xb + s * torch.randn_like(xb)), xb)
+        return F.mse_loss(m(xb + s * torch.randn_like(xb)), yb)
 
     fit(model, data, TrainConfig(epochs=epochs, batch_size=32, lr=2e-3, progress=progress, eval_every_epoch=False, seed=seed),
         loss_fn=loss_fn, log=log)
