@@ -84,11 +84,13 @@ class PatchFeaturizer(nn.Module):
             fail("pool_size", f"at most the patch grid size {min(self.grid)}", self.pool_size)
         self.pooled_grid = tuple((g - self.pool_size) // self.pool_stride + 1 for g in self.grid)
         n_img = min(images.shape[0], self.max_fit_images)
-        # sorted: when every image / patch is taken the fit does not depend on the generator at all
-        img_idx = torch.randperm(images.shape[0], generator=generator)[:n_img].sort().values
+        perm = torch.randperm(images.shape[0], generator=generator)[:n_img]
+        # random subsets, each taken in sorted order: when every image / patch is taken the fit does not
+        # depend on the generator at all (sorting before taking a prefix would bias the subset)
+        img_idx = perm.sort().values
         # ZCA and landmarks from random patches of a few images (about twice the patches needed)
         n_zca = max(1, min(n_img, -(-2 * self.max_fit_patches // (self.grid[0] * self.grid[1]))))
-        patches = self._normalized_patches(images[img_idx[:n_zca]]).reshape(-1, self._patch_dim())
+        patches = self._normalized_patches(images[perm[:n_zca].sort().values]).reshape(-1, self._patch_dim())
         pidx = torch.randperm(patches.shape[0], generator=generator)[: self.max_fit_patches].sort().values
         patches = patches[pidx]
         self.zca = fit_zca(patches, self.zca_eps) if self.zca_eps is not None else None
