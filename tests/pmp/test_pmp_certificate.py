@@ -1,8 +1,8 @@
 """The bSQH certificate recomputes J itself: a corrupted step or acceptance test makes it fail."""
 
-import warnings
 
 import pytest
+from pmp_closures import full_batch_steps
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,17 +53,7 @@ def run_full_batch(opt_cls, x, y, iterations=15, rho=1e-3, eps=0.02, **kw):
     opt = opt_cls(sparsity_param_groups(model, rho), eps=eps, eta=1e-2, eps_min=1e-6,
                   audit=DecreaseAudit(full_batch=True), **kw)
 
-    def closure(backward=True):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss.detach()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(iterations):
-            opt.step(closure)
+    full_batch_steps(model, opt, x, y, iterations)
     return model, opt, {c.name: c for c in certificate(model, x, optimizer=opt)}
 
 

@@ -1,8 +1,8 @@
 """The seed's layer (map + activation/pooling): taped layers, the safeguard's guarantee, the optimizer."""
 
-import warnings
 
 import pytest
+from pmp_closures import full_batch_steps
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,17 +87,7 @@ def test_map_plus_activation_bsqh_decreases_J_and_certifies(digits):
         opt = BSQH(sparsity_param_groups(model, 0.5), eps=0.05, eta=1e-3, eps_min=1e-6, eps_rule="curvature",
                    layer=layer, model=model, audit=DecreaseAudit(full_batch=True))
 
-        def closure(backward=True):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            if backward:
-                loss.backward()
-            return loss.detach()
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(15):
-                opt.step(closure)
+        full_batch_steps(model, opt, x, y, 15)
         certs = {c.name: c for c in certificate(model, optimizer=opt)}
         assert certs["sufficient_decrease"].holds and certs["records_agree"].holds
         results[layer] = opt.history

@@ -1,11 +1,10 @@
 """The well-posed objective: normalized L0 + L2 on a box, kappa, augmented gain, target density."""
 
 import math
-import warnings
 
 import pytest
+from pmp_closures import full_batch_steps
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from proxnets.data import load_dataset
@@ -19,19 +18,7 @@ def mnist300():
     return ds.x_train, ds.y_train
 
 
-def _full_batch(model, opt, x, y, iterations):
-    def closure(backward=True):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss.detach()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(iterations):
-            opt.step(closure)
-    return opt
+_full_batch = full_batch_steps
 
 
 def test_without_the_eps_floor_the_default_objective_does_not_collapse_but_the_plain_count_does(mnist300):
