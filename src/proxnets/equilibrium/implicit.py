@@ -144,8 +144,14 @@ def equilibrium(
     else:
         z = T(z_star)
         adjoint = _generic_adjoint(T, z_star, backward)
+    return attach_adjoint_hook(z, adjoint, info, policy, what), info
+
+
+def attach_adjoint_hook(z: torch.Tensor, adjoint, info, policy: str, what: str) -> torch.Tensor:
+    """Register the adjoint solve ``v -> (g, SolverInfo)`` as the gradient hook of the recorded step
+    ``z``; its info lands in ``info.backward`` and its non-convergence is handled under ``policy``."""
     if not _needs_grad(z):
-        return z, info
+        return z
 
     def hook(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -155,4 +161,4 @@ def equilibrium(
         return g
 
     z.register_hook(hook)
-    return z, info
+    return z

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
+from proxnets.equilibrium.implicit import BackwardConfig, attach_adjoint_hook, equilibrium
 from proxnets.equilibrium.parametrize import operator_norm_bound, refresh_operator_norm
 from proxnets.equilibrium.prox import ProxActivation, get_activation
 from proxnets.solvers import ADJOINT_SOLVERS, SolverInfo as EquilibriumInfo, check_solver_options, relative_residual, solve, solve_linear
@@ -333,7 +333,7 @@ class OptEqBase(nn.Module):
                 z = self.implicit_step(inj, w, cache, info, self.policy)
             else:  # it fell back to an earlier iterate (a non-finite run): one recorded step of T
                 z, adjoint = self.attach_implicit(inj, w)(z_star)
-                z = _attach_hook(z, adjoint, info, self.policy, what)
+                z = attach_adjoint_hook(z, adjoint, info, self.policy, what)
         else:
             z, info = equilibrium(
                 self.fixed_point_map(inj, w), z0, solver=self.solver, tol=self.tol, max_iter=self.max_iter,
@@ -344,22 +344,6 @@ class OptEqBase(nn.Module):
         if self.warm_start and bool(torch.isfinite(z).all()):  # never warm-start from a non-finite iterate
             self._z_prev = z.detach()
         return z
-
-
-def _attach_hook(z: torch.Tensor, adjoint, info: EquilibriumInfo, policy: str, what: str) -> torch.Tensor:
-    """Register the adjoint solve as the gradient hook of the recorded step ``z``."""
-    if not z.requires_grad:
-        return z
-
-    def hook(v: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            g, binfo = adjoint(v)
-        info.backward = binfo
-        handle_nonconvergence(binfo, policy, f"{what} (adjoint)")
-        return g
-
-    z.register_hook(hook)
-    return z
 
 
 class _ImplicitStep(torch.autograd.Function):
