@@ -228,6 +228,15 @@ class StepLog:
         ]
 
 
+def _report_step_log(ctx: SuiteContext, result: SuiteResult, log: StepLog, what: str, details: dict, trained: str) -> None:
+    """The step-rule claim, its figure and its metrics for one trained network (``what``: classifier | denoiser)."""
+    _step_rule_claim(result, log, what, details)
+    multi_plot(ctx.path(f"adaptive_{what}.png"), log.panels(what))
+    result.figures.append(Figure(f"adaptive_{what}.png", f"Adaptive step rule while training {trained}: |A| estimate and "
+                                 "steps per block, and the condition h L S^2 / (2 r) with a rigorous S."))
+    result.metrics.setdefault("adaptive", {})[what] = log.summary()
+
+
 def _step_rule_claim(result: SuiteResult, log: StepLog, what: str, extra: dict) -> None:
     result.claims.append(Claim(
         f"The adaptive step rule keeps every block of the {what} non-expansive at every training step (h L |A|^2 <= 2 r).",
@@ -395,12 +404,8 @@ def robust_classification(ctx: SuiteContext, result: SuiteResult) -> None:
             if getattr(model, "step_log", None) is not None:
                 slog = model.step_log
                 del model.step_log
-                _step_rule_claim(result, slog, "classifier", {"seed": seed, "schedule": cfg.schedule, "cap": cfg.max_steps})
-                multi_plot(ctx.path("adaptive_classifier.png"), slog.panels("classifier"))
-                result.figures.append(Figure("adaptive_classifier.png", f"Adaptive step rule while training the non-expansive classifier "
-                                             f"(seed {seed}, cap {cfg.max_steps} steps): |A| estimate and steps per block, and the "
-                                             "condition h L S^2 / (2 r) with a rigorous S."))
-                result.metrics.setdefault("adaptive", {})["classifier"] = slog.summary()
+                _report_step_log(ctx, result, slog, "classifier", {"seed": seed, "schedule": cfg.schedule, "cap": cfg.max_steps},
+                                 f"the non-expansive classifier (seed {seed}, cap {cfg.max_steps} steps)")
                 if ctx.broken("unconstrained-block"):
                     return
             if name == "non-expansive" and ctx.broken("lying-lipschitz"):
@@ -598,12 +603,8 @@ def denoising_and_pnp(ctx: SuiteContext, result: SuiteResult) -> None:
         model.eval()
     step_log.close()
     if step_log.ratio:
-        _step_rule_claim(result, step_log, "denoiser", {"cap": averaged.config.max_steps, "margin": averaged.config.averaged_margin})
-        multi_plot(ctx.path("adaptive_denoiser.png"), step_log.panels("denoiser"))
-        result.figures.append(Figure("adaptive_denoiser.png", f"Adaptive step rule while training the averaged denoiser (cap "
-                                     f"{averaged.config.max_steps} steps): |A| estimate and steps per block, and h L S^2 / (2 r) with a "
-                                     "rigorous S."))
-        result.metrics.setdefault("adaptive", {})["denoiser"] = step_log.summary()
+        _report_step_log(ctx, result, step_log, "denoiser", {"cap": averaged.config.max_steps, "margin": averaged.config.averaged_margin},
+                         f"the averaged denoiser (cap {averaged.config.max_steps} steps)")
     if ctx.broken("unconstrained-block"):
         return
     if ctx.mutation is None:  # the trained averaged denoiser is kept for `proxnets denoise` / `proxnets deblur`
