@@ -24,6 +24,13 @@ The joint certificate (:func:`certify_equilibrium`, for this and any OptEq layer
   ``min G >= G(y) - |g|^2 / (2 mu)``: a certified lower bound of the optimal value. The gap
   ``G(y) - lower = |g|^2 / (2 mu)`` (relative to ``|G(y)|``) plays the role of a duality gap: it bounds
   the suboptimality ``G(y) - min G`` and can be checked without knowing ``min G``.
+
+With equilibrium selection (``layer.eps > 0``, :mod:`proxnets.equilibrium.layers`) the same four are those of
+``G_eps = G + eps/2 |z - a(x)|^2``: ``operator_norm`` must be ``<= 1`` (G convex, its equilibria may form a
+set; at an active bound 1 the round-off margin of a rigorous bound keeps it from holding), ``strong_convexity``
+``1 + eps - w^2 > 0`` is what the selected point needs, ``W^T W`` reads ``M = W^T W - eps I``, ``q = max(eps, w^2 - eps)``, ``mu = 1 + eps - w^2``, and the
+distance is named ``distance_to_selected_equilibrium`` (to the unique minimizer of ``G_eps``; nothing is
+claimed about the distance to the ``eps -> 0`` limit, the projection of ``a`` onto the equilibria).
 """
 
 from __future__ import annotations
@@ -139,7 +146,7 @@ def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, z: torch.Tensor | 
 
     ``z`` (optional, the layer's full state, e.g. ``DeepOptEq.joint(x)``): certify that point; by default an
     Anderson solve to ``tol / 2`` provides it."""
-    from proxnets.equilibrium.models import _block_norm, _residual_certificates
+    from proxnets.equilibrium.models import _block_norm, _distance_name, _operator_norm_certificates, _residual_certificates
     from proxnets.solvers import solve
 
     if not isinstance(layer, OptEqBase):
@@ -150,7 +157,7 @@ def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, z: torch.Tensor | 
     try:
         with torch.no_grad():
             norm, rigorous, method, why = _block_norm(layer)
-            certs = [Certificate("operator_norm", norm, 1.0, "<", rigorous=rigorous, why=why, method=method)]
+            certs = _operator_norm_certificates("", layer, norm, rigorous, method, why)
             inj = layer.injection(x)
             w = layer.W.weight.detach()
             T = layer.fixed_point_map(inj, w)
@@ -162,26 +169,27 @@ def certify_equilibrium(layer: OptEqBase, x: torch.Tensor, *, z: torch.Tensor | 
                 info = SolverInfo(solver="given point", converged=True, iterations=0, tol=tol, stop_reason="tol")
             inj64, w64 = inj.double(), w.double()
             T64 = layer.fixed_point_map(inj64, w64)
-            q = norm**2
+            q, mu = layer.contraction(norm), layer.strong_convexity(norm)
             certs += _residual_certificates("", T64, z, info, tol, q, rigorous, distance_tol,
-                                            "the certificate's anderson solve")
+                                            "the certificate's anderson solve", _distance_name(layer))
             z64 = z.double()
             y = T64(z64.clone())
-            g = layer.gram(z64 - y, w64)  # in dG(y)
+            g = layer.linear_part(z64 - y, w64)  # in dG(y) (dG_eps(y) with selection)
             bsz = y.shape[0]
             G = layer.objective(y, inj=inj64, w=w64)  # (B,)
-            if q < 1:
-                gap = g.reshape(bsz, -1).pow(2).sum(1) / (2 * (1 - q))
+            if mu > 0:
+                gap = g.reshape(bsz, -1).pow(2).sum(1) / (2 * mu)
                 rel = gap / G.abs().clamp_min(1e-12)
                 value = float(rel.max()) if bool(torch.isfinite(rel).all()) else math.inf
                 why_g = "" if rigorous else f"the norm bound is not rigorous: {why}"
             else:
-                value, why_g = math.inf, f"|W|_2 bound {norm:.4g} >= 1: G is not strongly convex, no lower bound"
+                value, why_g = math.inf, f"1 + eps - |W|_2^2 = {mu:.3g} <= 0: G is not strongly convex, no lower bound"
             certs.append(Certificate(
                 "objective_gap", value, gap_tol, "<=", rigorous=not why_g, why=why_g,
-                method="(G(y) - [G(y) - |W^T W (z - y)|^2 / (2 (1 - |W|^2))]) / |G(y)|, y = T(z), float64",
+                method="(G(y) - [G(y) - |M (z - y)|^2 / (2 mu)]) / |G(y)|, y = T(z), M = W^T W - eps I, "
+                       "mu = 1 + eps - |W|^2, float64",
                 details={"objective_mean": float(G.mean()), "objective_max": float(G.max()),
-                         "lower_bound_mean": float((G - (gap if q < 1 else math.inf)).mean()) if q < 1 else -math.inf}))
+                         "lower_bound_mean": float((G - gap).mean()) if mu > 0 else -math.inf}))
     finally:
         layer.train(was_training)
     return certs

@@ -21,6 +21,27 @@ A prior ``l1 |z|_1`` adds a term to ``G`` and changes the activation to
 
 ``|W|_2 <= target_norm < 1`` is kept by :func:`proxnets.equilibrium.parametrize.operator_norm_bound`
 (the operator norm of the convolution at the layer's input size for :class:`OptEqConv2d`).
+
+Equilibrium selection (``eps > 0``, the only way to allow ``target_norm = 1``). At ``|W|_2 = 1`` the
+convex ``G`` may have a whole set ``S(x)`` of minimizers (equilibria). The layer then outputs the unique
+minimizer of the strongly convex problem
+
+    G_eps(z; x) = G(z; x) + eps/2 |z - a(x)|^2,        a(x) the anchor (an input-dependent module),
+
+whose optimality condition ``0 in df(z) + (I - W^T W) z - (U x + b) + eps (z - a)`` is the fixed point of
+
+    T_eps(z) = prox_f( (W^T W - eps I) z + U x + b + eps a(x) ),
+
+a proximal-gradient step of size 1 on ``G_eps`` (its smooth part has Hessian ``(1 + eps) I - W^T W``, so
+step 1 < 2 / L) and a ``q``-contraction, ``q = max(eps, |W|_2^2 - eps)`` (``prox_f`` nonexpansive, the
+eigenvalues of ``W^T W - eps I`` lie in ``[-eps, |W|_2^2 - eps]``). ``G_eps`` is ``(1 + eps - |W|_2^2)``-strongly
+convex. As ``eps -> 0`` its minimizer converges to the projection of ``a(x)`` onto ``S(x)`` (Tikhonov
+regularization of a convex problem with a nonempty solution set: ``z_eps`` stays in the ball around the
+projection ``p`` of radius ``|a - p|``, and every limit point minimizes ``|z - a|`` over ``S``); no bound of
+``|z_eps - p|`` at a positive ``eps`` follows without more structure, so the certificate bounds only the
+distance to ``z_eps``. Training differentiates the unique ``z_eps`` implicitly: the adjoint system
+``(I - s (W^T W - eps I) s) h = s v`` is symmetric with eigenvalues ``>= eps``. With ``eps = 0`` everything
+above is the plain OptEq layer.
 """
 
 from __future__ import annotations
@@ -39,7 +60,9 @@ from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.convergence import POLICIES
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
-__all__ = ["OptEqBase", "OptEq", "OptEqConv2d"]
+__all__ = ["OptEqBase", "OptEq", "OptEqConv2d", "ANCHORS"]
+
+ANCHORS = ("linear", "feedforward", "zero")  # the named anchors a(x) of equilibrium selection (eps > 0)
 
 
 class OptEqBase(nn.Module):
@@ -52,7 +75,10 @@ class OptEqBase(nn.Module):
     Anderson when f has no closed-form prox derivative), ``backward_tol``/``backward_max_iter``, ``warm_start``
     (start from the previous batch's equilibrium when shapes match), ``policy`` for
     non-convergence, ``track_objective`` (record ``G`` along the iterations), ``power_iterations``
-    (per training forward, for the norm bound).
+    (per training forward, for the norm bound), ``eps`` in [0, 1) with ``anchor`` (equilibrium selection,
+    module docstring: ``"linear"`` a learned affine map of x, ``"feedforward"`` ``a(x) = prox_f(U x + b)``,
+    ``"zero"``, or an ``nn.Module`` mapping x to the shape of z); ``target_norm`` may be 1 only when
+    ``eps > 0``.
     """
 
     def __init__(
@@ -74,8 +100,14 @@ class OptEqBase(nn.Module):
         policy: str = "warn",
         track_objective: bool = False,
         power_iterations: int = 16,
+        eps: float = 0.0,
+        anchor: str | nn.Module = "linear",
     ):
         super().__init__()
+        self.eps = check_number("eps", eps, low=0.0, high=1.0, high_inclusive=False)
+        if not (isinstance(anchor, nn.Module) or anchor in ANCHORS):
+            fail("anchor", f"one of {list(ANCHORS)} or an nn.Module", anchor)
+        self._anchor_spec = anchor
         # warm-started power iterations per training forward: each costs two single-sample
         # convolutions (negligible next to a batched solve); one is not enough, since training
         # can grow a direction the stale vector does not see and push |W|_2 above the target
@@ -83,7 +115,9 @@ class OptEqBase(nn.Module):
         self.base_activation = get_activation(activation, **(activation_options or {}))
         self.l1 = check_number("l1", l1, low=0.0)
         self.activation = self.base_activation.with_l1(self.l1)
-        self.target_norm = check_number("target_norm", target_norm, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+        # |W|_2 = 1 leaves G convex but not strongly convex: allowed only with the selecting term eps > 0
+        self.target_norm = check_number("target_norm", target_norm, low=0.0, high=1.0, low_inclusive=False,
+                                        high_inclusive=self.eps > 0)
         self.solver_options = check_solver_options(solver, solver_options or {})
         self.solver = solver
         self.tol = check_number("tol", tol, low=0.0, low_inclusive=False)
@@ -119,18 +153,57 @@ class OptEqBase(nn.Module):
         """``W^T y``."""
         raise NotImplementedError
 
+    def _linear_anchor(self) -> nn.Module:
+        """A fresh affine map ``x -> a(x)`` of the shape of ``z`` (subclasses)."""
+        raise NotImplementedError
+
+    def _build_anchor(self) -> None:
+        """``self.anchor``: the anchor module (``None`` without selection, or for ``"feedforward"``/``"zero"``)."""
+        spec = self._anchor_spec
+        self.anchor = None
+        if self.eps > 0:
+            self.anchor = spec if isinstance(spec, nn.Module) else self._linear_anchor() if spec == "linear" else None
+
     # --- the mathematics ------------------------------------------------------------------
+    def anchor_point(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The anchor ``a(x)`` (shape of ``z``), ``None`` without selection (``eps = 0``).
+        ``base`` (optional): ``U x + b``, for the ``"feedforward"`` anchor ``prox_f(U x + b)``."""
+        if self.eps == 0:
+            return None
+        x = self._check_input(x)
+        if self.anchor is not None:
+            return self.anchor(x)
+        if self._anchor_spec == "feedforward":
+            return self.activation.prox(self.U(x) if base is None else base)
+        return None  # "zero"
+
     def injection(self, x: torch.Tensor) -> torch.Tensor:
-        """``U x + b``: shape of ``z``."""
-        return self.U(self._check_input(x))
+        """``U x + b`` (plus ``eps a(x)`` with selection): the constant of ``T``, shape of ``z``."""
+        base = self.U(self._check_input(x))
+        a = self.anchor_point(x, base)
+        return base if a is None else base + self.eps * a
 
     def gram(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """``W^T W z``."""
         w = self.W.weight if w is None else w
         return self.apply_wt(self.apply_w(z, w), w)
 
+    def linear_part(self, z: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """``M z = (W^T W - eps I) z``, the linear part of ``T`` (a fresh tensor)."""
+        out = self.gram(z, w)
+        return out.sub_(z, alpha=self.eps) if self.eps else out
+
+    def contraction(self, w_bound: float) -> float:
+        """``q = |M|_2 <= max(eps, w^2 - eps)`` for ``|W|_2 <= w_bound``: the Lipschitz constant of ``T``."""
+        return max(self.eps, w_bound**2 - self.eps)
+
+    def strong_convexity(self, w_bound: float) -> float:
+        """``mu = 1 + eps - w^2``: ``G`` (``G_eps``) is ``mu``-strongly convex when ``mu > 0``."""
+        return 1.0 + self.eps - w_bound**2
+
     def fixed_point_map(self, inj: torch.Tensor, w: torch.Tensor, cache: dict | None = None):
-        """``T(z) = prox_f(W^T W z + inj)``: a proximal-gradient step of size 1 on ``G``.
+        """``T(z) = prox_f(M z + inj)``, ``M = W^T W - eps I``: a proximal-gradient step of size 1 on ``G``
+        (``G_eps`` with selection; ``inj`` from :meth:`injection`).
 
         ``cache`` (optional dict, filled outside autograd only) receives the last evaluation:
         ``z`` (its input), ``wz = W z`` and ``out = T(z)``: the implicit step
@@ -139,10 +212,13 @@ class OptEqBase(nn.Module):
 
         def T(z: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled():
-                return self.activation.prox(self.gram(z, w) + inj)
+                return self.activation.prox(self.linear_part(z, w) + inj)
             # in place outside autograd: batch-sized allocations cost more than the arithmetic
             wz = self.apply_w(z, w)
-            out = self.activation.prox_(self.apply_wt(wz, w).add_(inj))
+            pre = self.apply_wt(wz, w).add_(inj)
+            if self.eps:
+                pre.sub_(z, alpha=self.eps)
+            out = self.activation.prox_(pre)
             if cache is not None:
                 cache.update(z=z, wz=wz, out=out)
             return out
@@ -150,7 +226,7 @@ class OptEqBase(nn.Module):
         return T
 
     def weight_grad(self, z: torch.Tensor, wz: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``d/dw <q, W^T W z> = d/dw <W q, W z>`` with ``wz = W z`` given: one ``W q`` and two weight
+        """``d/dw <q, M z> = d/dw <W q, W z>`` (the ``eps`` term has no weight) with ``wz = W z`` given: one ``W q`` and two weight
         gradients of ``W`` (subclasses give closed forms; this default uses autograd)."""
         w_ = w.detach().requires_grad_()
         with torch.enable_grad():
@@ -161,7 +237,10 @@ class OptEqBase(nn.Module):
 
     def objective(self, z: torch.Tensor, x: torch.Tensor | None = None, *, inj: torch.Tensor | None = None,
                   w: torch.Tensor | None = None) -> torch.Tensor:
-        """``G(z; x)`` per sample, shape ``(B,)`` (``+inf`` outside the domain of f)."""
+        """``G(z; x)`` per sample, shape ``(B,)`` (``+inf`` outside the domain of f).
+
+        With selection (``eps > 0``) the objective the equilibrium minimizes,
+        ``G_eps - eps/2 |a|^2 = G + eps/2 |z|^2 - eps <a, z>`` (``inj`` from :meth:`injection` carries ``eps a``)."""
         if inj is None:
             if x is None:
                 fail("x", "an input tensor (or inj=U x + b)", None)
@@ -169,7 +248,7 @@ class OptEqBase(nn.Module):
         w = self.W.weight if w is None else w
         bsz = z.shape[0]
         wz = self.apply_w(z, w)
-        quad = 0.5 * z.reshape(bsz, -1).pow(2).sum(1) - 0.5 * wz.reshape(bsz, -1).pow(2).sum(1)
+        quad = 0.5 * (1.0 + self.eps) * z.reshape(bsz, -1).pow(2).sum(1) - 0.5 * wz.reshape(bsz, -1).pow(2).sum(1)
         return self.activation.value(z) + quad - (inj * z).reshape(bsz, -1).sum(1)
 
     def optimality_residual(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +295,7 @@ class OptEqBase(nn.Module):
         cfg = self.backward_config
 
         def attach(z_star: torch.Tensor):
-            pre = self.gram(z_star, w) + inj  # recorded: connects z* to W, U, b and x
+            pre = self.linear_part(z_star, w) + inj  # recorded: connects z* to W, U, b and x
             z = self.activation.prox(pre)
             # prox' lies in [0, 1] (prox is monotone and nonexpansive); clamp a user's round-off
             s = self.activation.derivative(pre.detach()).clamp(0.0, 1.0).sqrt()
@@ -224,14 +303,14 @@ class OptEqBase(nn.Module):
 
             def adjoint(v: torch.Tensor):
                 sv = s * v
-                def H(h: torch.Tensor) -> torch.Tensor:  # s W^T W (s h) + s v
-                    return self.gram(s * h, wd).mul_(s).add_(sv)
+                def H(h: torch.Tensor) -> torch.Tensor:  # s M (s h) + s v
+                    return self.linear_part(s * h, wd).mul_(s).add_(sv)
 
                 # CG starts from 0 (its first step already improves on s v); the others from s v = H(0)
                 h0 = torch.zeros_like(sv) if cfg.solver == "conjugate_gradient" else sv
                 h, binfo = solve(cfg.solver, H, h0, tol=cfg.tol, max_iter=cfg.max_iter, registry=ADJOINT_SOLVERS,
                                  **cfg.options)
-                return self.gram(s * h, wd) + v, binfo
+                return self.linear_part(s * h, wd) + v, binfo
 
             return z, adjoint
 
@@ -248,7 +327,8 @@ class OptEqBase(nn.Module):
 
             (I - s W^T W s) h = s v,        and the gradient at p is   q = d g = s h,
 
-        a symmetric positive definite system (``|s W^T W s|_2 <= |W|_2^2 < 1``): conjugate gradient by
+        a symmetric positive definite system (``|s W^T W s|_2 <= |W|_2^2 < 1``; with selection ``W^T W`` reads
+        ``M = W^T W - eps I`` and the eigenvalues of ``I - s M s`` are ``>= eps``): conjugate gradient by
         default (:func:`proxnets.solvers.solve_linear`), or any solver of the registry on the fixed-point
         form ``h = s W^T W (s h) + s v`` (a gradient step of size 1 on the same convex quadratic).
         """
@@ -257,13 +337,13 @@ class OptEqBase(nn.Module):
         if cfg.solver == "conjugate_gradient":
             sh = torch.empty_like(sv)  # reused: batch-sized allocations cost more than the arithmetic
 
-            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s W^T W s) h, in place on the fresh gram output
-                return self.gram(torch.mul(s, h, out=sh), w).mul_(s).neg_().add_(h)
+            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s M s) h, in place on the fresh M output
+                return self.linear_part(torch.mul(s, h, out=sh), w).mul_(s).neg_().add_(h)
 
             h, binfo = solve_linear(A, sv, tol=cfg.tol, max_iter=cfg.max_iter)
         else:
-            def H(h: torch.Tensor) -> torch.Tensor:  # s W^T W (s h) + s v
-                return self.gram(s * h, w).mul_(s).add_(sv)
+            def H(h: torch.Tensor) -> torch.Tensor:  # s M (s h) + s v
+                return self.linear_part(s * h, w).mul_(s).add_(sv)
 
             h, binfo = solve(cfg.solver, H, sv, tol=cfg.tol, max_iter=cfg.max_iter, registry=ADJOINT_SOLVERS,
                              **cfg.options)
@@ -375,7 +455,7 @@ class OptEq(OptEqBase):
     ``target_norm`` (``|W|_2`` bound in (0, 1)), ``solver``/``solver_options``/``tol``/``max_iter`` (forward),
     ``backward`` (``"implicit" | "phantom" | "unrolled"``) with ``backward_solver``/``backward_tol``/
     ``backward_max_iter``, ``warm_start``, ``policy`` (``"warn" | "raise" | "ignore"``), ``track_objective``,
-    ``power_iterations``.
+    ``power_iterations``, ``eps``/``anchor`` (equilibrium selection; ``target_norm = 1`` allowed when ``eps > 0``).
     """
 
     def __init__(
@@ -400,12 +480,15 @@ class OptEq(OptEqBase):
         policy: str = "warn",
         track_objective: bool = False,
         power_iterations: int = 16,
+        eps: float = 0.0,
+        anchor: str | nn.Module = "linear",
     ):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
             solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
             backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
+            eps=eps, anchor=anchor,
         )
         self.in_features = check_int("in_features", in_features, low=1)
         self.features = check_int("features", features, low=1)
@@ -414,6 +497,10 @@ class OptEq(OptEqBase):
         self.W = operator_norm_bound(
             nn.Linear(self.features, self.width, bias=False), target=self.target_norm, n_power_iterations=self.power_iterations
         )
+        self._build_anchor()
+
+    def _linear_anchor(self):
+        return nn.Linear(self.in_features, self.features)
 
     def _check_input(self, x):
         return check_tensor("x", x, shape=(None, self.in_features), finite=False, nonempty=True, like=self)
@@ -461,12 +548,15 @@ class OptEqConv2d(OptEqBase):
         policy: str = "warn",
         track_objective: bool = False,
         power_iterations: int = 16,
+        eps: float = 0.0,
+        anchor: str | nn.Module = "linear",
     ):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
             solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
             backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
+            eps=eps, anchor=anchor,
         )
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.channels = check_int("channels", channels, low=1)
@@ -486,6 +576,10 @@ class OptEqConv2d(OptEqBase):
             n_power_iterations=self.power_iterations,
         )
         self._pad = pad
+        self._build_anchor()
+
+    def _linear_anchor(self):
+        return nn.Conv2d(self.in_channels, self.channels, self.kernel_size, padding=self._pad)
 
     def _check_input(self, x):
         return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False, nonempty=True, like=self)

@@ -105,6 +105,8 @@ class OptEqConfig:
     warm_start: bool = False
     policy: str = "warn"
     pool: int = 4  # average pooling before the head
+    eps: float = 0.0  # equilibrium selection G + eps/2 |z - a(x)|^2 (> 0 allows target_norm = 1)
+    anchor: str = "linear"  # a(x) when eps > 0: "linear" (learned conv of the stem output) | "feedforward" | "zero"
 
 
 class OptEqClassifier(nn.Module):
@@ -125,7 +127,7 @@ class OptEqClassifier(nn.Module):
                     in_ch, cfg.channels, spatial, kernel_size=cfg.kernel_size, activation=cfg.activation, l1=cfg.l1,
                     target_norm=cfg.target_norm, solver=cfg.solver, solver_options=cfg.solver_options, tol=cfg.tol,
                     max_iter=cfg.max_iter, backward=cfg.backward, backward_solver=cfg.backward_solver,
-                    warm_start=cfg.warm_start, policy=cfg.policy,
+                    warm_start=cfg.warm_start, policy=cfg.policy, eps=cfg.eps, anchor=cfg.anchor,
                 )
             )
             in_ch = cfg.channels
@@ -342,7 +344,7 @@ def _solve_flag(info, what: str) -> str:
 
 
 def _residual_certificates(prefix: str, T64, z: torch.Tensor, info, tol: float, q: float, q_rigorous: bool,
-                           distance_tol: float, what: str) -> list[Certificate]:
+                           distance_tol: float, what: str, distance_name: str = "distance_to_minimizer") -> list[Certificate]:
     """Residual (with the solver's flag) and the a-posteriori distance bound of a ``q``-contraction.
 
     For a map T with Lipschitz constant ``q < 1`` and fixed point ``z*``,
@@ -362,14 +364,43 @@ def _residual_certificates(prefix: str, T64, z: torch.Tensor, info, tol: float, 
     if q < 1 and finite:
         dist = r_max / (1 - q)
         why_d = "; ".join(s for s in (why, "" if q_rigorous else "the contraction factor is an estimate") if s)
-        certs.append(Certificate(f"{prefix}distance_to_minimizer", dist, distance_tol, "<=", rigorous=not why_d,
+        certs.append(Certificate(f"{prefix}{distance_name}", dist, distance_tol, "<=", rigorous=not why_d,
                                  why=why_d, method="a posteriori |T(z)-z| / ((1 - q) |T(z)|)",
                                  details={"q": q, "max_absolute_distance_bound": float(absolute.max()) / (1 - q)}))
     else:
-        certs.append(Certificate(f"{prefix}distance_to_minimizer", math.inf, distance_tol, "<=", rigorous=False,
+        certs.append(Certificate(f"{prefix}{distance_name}", math.inf, distance_tol, "<=", rigorous=False,
                                  why=f"contraction factor q = {q:.4g} >= 1 (or non-finite residual): no a-posteriori bound",
                                  method="a posteriori |T(z)-z| / ((1 - q) |T(z)|)", details={"q": q}))
     return certs
+
+
+def _operator_norm_certificates(prefix: str, block: OptEqBase, norm: float, rigorous: bool, method: str, why: str,
+                                details: dict | None = None) -> list[Certificate]:
+    """``|W|_2`` of the applied operator against what the layer's theory needs.
+
+    Plain OptEq: ``operator_norm < 1`` (G strongly convex, one equilibrium). With selection (``eps > 0``):
+    ``operator_norm <= 1`` (G convex; its equilibria may form a set, and the selected point approximates
+    the projection of the anchor onto that set only if G is convex; at an active bound ``|W|_2 = 1`` a
+    rigorous upper bound carries a round-off margin above 1 and cannot prove it) and
+    ``strong_convexity``: ``1 + eps - w^2 > 0`` with ``w`` the same upper bound, so ``G_eps`` has exactly one
+    minimizer, the selected equilibrium (the uniqueness comes from the eps term, not from W)."""
+    details = {"target_norm": block.target_norm, "eps": block.eps, **(details or {})}
+    if block.eps == 0:
+        return [Certificate(f"{prefix}operator_norm", norm, 1.0, "<", rigorous=rigorous, why=why, method=method,
+                            details=details)]
+    return [
+        Certificate(f"{prefix}operator_norm", norm, 1.0, "<=", rigorous=rigorous, why=why,
+                    method=method + "; G convex, its equilibria need not be unique", details=details),
+        Certificate(f"{prefix}strong_convexity", block.strong_convexity(norm), 0.0, ">", rigorous=rigorous, why=why,
+                    method="1 + eps - |W|_2^2 (upper bound of |W|_2): G + eps/2 |z - a|^2 strongly convex, one "
+                           "selected equilibrium", details={"eps": block.eps}),
+    ]
+
+
+def _distance_name(block: OptEqBase) -> str:
+    """``distance_to_minimizer`` (of G), or with selection ``distance_to_selected_equilibrium`` (the unique
+    minimizer of ``G + eps/2 |z - a|^2``; no bound to the ``eps -> 0`` limit is claimed)."""
+    return "distance_to_selected_equilibrium" if block.eps > 0 else "distance_to_minimizer"
 
 
 def _backward_certificate(prefix: str, layer_info) -> list[Certificate]:
@@ -426,11 +457,10 @@ def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4,
                 T64 = block.fixed_point_map(inj.double(), w64)
                 norm, rig, method, why = _block_norm(block)
                 estimate = float(block.W.parametrizations.weight[0].sigma(block.W.parametrizations.weight.original))
-                certs.append(Certificate(f"{prefix}operator_norm", norm, 1.0, "<", rigorous=rig, why=why, method=method,
-                                         details={"target_norm": block.target_norm,
-                                                  "parametrization_estimate_of_unconstrained_norm": estimate}))
-                certs += _residual_certificates(prefix, T64, z, info, tol, norm**2, rig, distance_tol,
-                                                "the certificate's Anderson solve")
+                certs += _operator_norm_certificates(prefix, block, norm, rig, method, why,
+                                                     {"parametrization_estimate_of_unconstrained_norm": estimate})
+                certs += _residual_certificates(prefix, T64, z, info, tol, block.contraction(norm), rig, distance_tol,
+                                                "the certificate's Anderson solve", _distance_name(block))
                 certs += _backward_certificate(prefix, block.last_info)
                 if perturbations:
                     G = lambda v: block.objective(v, inj=inj, w=w)  # noqa: E731
