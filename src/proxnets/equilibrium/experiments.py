@@ -11,6 +11,9 @@
 3. Solver iterations per solver on the trained layer; implicit gradients equal unrolled ones.
 4. The L1 prior: feature sparsity of z* vs accuracy.
 5. The anchored (Halpern) iteration selects the equilibrium nearest its anchor when |W|_2 = 1.
+6. Equilibrium selection that trains (|W|_2 = 1, anchor a(x), the strongly convex G + eps/2 |z - a|^2): its
+   minimizer tends to the projection of the anchor onto the equilibria as eps -> 0; its implicit gradient
+   is exact; trained at |W|_2 <= 1 it is compared with the |W|_2 <= 0.97 OptEq over the same seeds.
 
 Each claim names the deliberately broken variant (:data:`MUTATIONS`) that flips it; under a
 mutation only the parts whose claims it can flip run (``ctx.runs``). Runs on one intra-op thread
@@ -62,6 +65,9 @@ MUTATIONS = {
     "unit-bias-dropped": "the unit layers of the decomposition built without the layers' biases",
     "unit-scale-too-small": "the unit layers scaled by c = |A|_2 instead of c > sqrt(|A|_2^2 + 1) (|W_unit|_2 > 1)",
     "deep-sequential": "the joint certificate evaluated at the layer-by-layer (sequential) equilibria of the deep model",
+    "selection-anchor-dropped": "the selecting term eps/2 |z - a|^2 built with the anchor 0 instead of a(x)",
+    "selection-adjoint-unshifted": "the implicit backward of the selection layer solved with W^T W instead of W^T W - eps I",
+    "selection-shuffled-labels": "the selection OptEq trained on randomly permuted training labels",
 }
 
 # one tolerance and one iteration cap for the training solves of both implicit models
@@ -74,6 +80,11 @@ GRAD_TOL = 1e-6
 ANCHOR_TOL = 1e-3
 DECOMPOSE_TOL = 1e-10  # float64 relative output difference of the unit-layer chain
 DEEP_GAP_TOL = 1e-5  # relative objective gap of the joint certificate
+# equilibrium selection: fixed a priori (not tuned). eps = 0.1 makes T_eps a 0.9-contraction at |W|_2 = 1;
+# the feed-forward anchor a(x) = prox_f(U x + b) adds no parameter, so both models have equal parameters
+SELECT_EPS, SELECT_ANCHOR, SELECT_NORM = 0.1, "feedforward", 1.0
+SELECT_LIMIT_TOL = 1e-3  # distance of the eps = 1e-4 minimizer to the projection of the anchor
+SELECT_MARGIN = -0.02  # non-inferiority: lower end of the accuracy difference (selection - OptEq) above -2 points
 
 
 def _train(model, ds, val, cfg: TrainConfig, ctx: SuiteContext, name: str) -> dict:
@@ -242,6 +253,72 @@ def _anchored(ctx: SuiteContext) -> tuple[dict, Figure]:
     }, Figure(path, "|W|_2 = 1, non-unique equilibria (the segment): anchored iterations from four anchors.")
 
 
+class _GivenWeight(nn.Module):
+    """``W -> given`` (registered after the norm constraint): the toy's exact weight."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w", w)
+
+    def forward(self, _: torch.Tensor) -> torch.Tensor:
+        return self.w
+
+
+def _selection_limit(ctx: SuiteContext) -> dict:
+    """|W|_2 = 1, ``T(z) = relu(P z + b)`` (the toy of :func:`_anchored`), argmin G the segment
+    ``{b + t u : |t| <= sqrt 2}``: the OptEq selection layer (anchor ``a(x) = x``) at eps = 1e-1 ... 1e-4,
+    distance of its equilibrium to the exact projection of the anchor onto the segment."""
+    from proxnets.equilibrium.layers import OptEq
+
+    u = torch.tensor([[1.0, -1.0]], dtype=torch.float64) / 2**0.5
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    anchors = torch.tensor([[3.0, 1.0], [-1.0, 0.5], [0.5, 3.5], [2.5, 2.0]], dtype=torch.float64)
+    proj = b + ((anchors - b) @ u.T).clamp(-2**0.5, 2**0.5) * u
+    anchor = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        anchor.weight.copy_(torch.eye(2, dtype=torch.float64))
+        anchor.bias.zero_()
+        if ctx.broken("selection-anchor-dropped"):
+            anchor.weight.zero_()
+    errors = {}
+    for eps in (1e-1, 1e-2, 1e-3, 1e-4):
+        layer = OptEq(2, 2, width=1, target_norm=1.0, eps=eps, anchor=anchor, solver="anderson", tol=1e-13,
+                      max_iter=50000, policy="ignore").double()
+        with torch.no_grad():
+            layer.U.weight.zero_()
+            layer.U.bias.copy_(b)
+        parametrize.register_parametrization(layer.W, "weight", _GivenWeight(u))
+        with torch.no_grad():
+            z = layer.eval()(anchors)
+        errors[eps] = float((z - proj).norm(dim=1).max())
+    return {"max_distance_to_projection": errors, "solver_converged": bool(layer.last_info.converged)}
+
+
+def _selection_gradient(ds, x: torch.Tensor, ctx: SuiteContext, width: int) -> float:
+    """Relative difference of implicit and unrolled gradients of a selection layer (|W|_2 = 1 active,
+    eps = SELECT_EPS, feed-forward anchor) on stem features, float64; under ``selection-adjoint-unshifted``
+    the adjoint system is built with W^T W instead of M = W^T W - eps I."""
+    seed_everything(ctx.seed)
+    model = OptEqClassifier(ds.input_shape, ds.num_classes, _opteq_config(
+        stem_channels=width, channels=width, target_norm=SELECT_NORM, eps=SELECT_EPS, anchor=SELECT_ANCHOR))
+    block = model.blocks[0].double()
+    with torch.no_grad():
+        block.W.parametrizations.weight.original.mul_(10.0)  # the bound |W|_2 = 1 is active
+    block.eval()
+    xin = model.stem.double()(x.double()).detach()
+    if ctx.broken("selection-adjoint-unshifted"):
+        unshifted = copy.copy(block)
+        unshifted.eps = 0.0
+        block.adjoint_pre = lambda v, s, w: type(block).adjoint_pre(unshifted, v, s, w)  # noqa: E731
+    grads = {}
+    for backward in ("implicit", "unrolled"):
+        block.backward_config.mode = backward
+        block.tol, block.max_iter, block.backward_config.tol, block.backward_config.max_iter = 1e-10, 3000, 1e-10, 3000
+        loss = block(xin).pow(2).sum()
+        grads[backward] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(block.parameters()))])
+    return float((grads["implicit"] - grads["unrolled"]).norm() / grads["unrolled"].norm())
+
+
 def _decomposition(ds, x: torch.Tensor, ctx: SuiteContext, width: int) -> dict:
     """An explicit CNN body (conv stride 2 + ReLU, two conv + ReLU) as a chain of unit layers: the float64
     output difference, and a rigorous bound of every unit weight's norm, ``sqrt(B^2 + 1) / c``."""
@@ -341,13 +418,16 @@ def run(ctx: SuiteContext) -> SuiteResult:
     def make(kind: str):
         if kind == "OptEq":
             return OptEqClassifier(ds.input_shape, ds.num_classes, _opteq_config(stem_channels=width, channels=opteq_width))
+        if kind == "OptEq-select":
+            return OptEqClassifier(ds.input_shape, ds.num_classes, _opteq_config(
+                stem_channels=width, channels=opteq_width, target_norm=SELECT_NORM, eps=SELECT_EPS, anchor=SELECT_ANCHOR))
         if kind == "MON":
             return MONClassifier(ds.input_shape, ds.num_classes, MONConfig(
                 stem_channels=width, channels=mon_width, tol=TRAIN_TOL, max_iter=TRAIN_MAX_ITER, policy="ignore",
                 step_scale=MON_STEP_SCALE))
         return ExplicitCNN(ds.input_shape, ds.num_classes, stem_channels=width, channels=width)
 
-    params = {k: count_parameters(make(k)) for k in ("OptEq", "MON", "explicit CNN")}
+    params = {k: count_parameters(make(k)) for k in ("OptEq", "MON", "explicit CNN", "OptEq-select")}
     claims: list[Claim] = []
     metrics: dict = {"dataset": {"name": name, "n_train": len(ds.y_train), "n_val": len(val[1]),
                                  "n_test": len(ds.y_test), "epochs": epochs, "seeds": seeds},
@@ -356,22 +436,28 @@ def run(ctx: SuiteContext) -> SuiteResult:
 
     # 1. OptEq vs MON vs explicit CNN, over seeds (only OptEq seed 0 when no comparison claim can flip)
     compare = ctx.runs("shuffled-labels")
+    select = ctx.runs("selection-shuffled-labels")
     needs_model = ctx.runs("shuffled-labels", "norm-1.2", "solver-1-iteration", "step-2.5", "no-acceleration",
                            "backward-1-iteration", "l1-ignored")
-    results: dict[str, list[dict]] = {"OptEq": [], "MON": [], "explicit CNN": []}
+    results: dict[str, list[dict]] = {"OptEq": [], "MON": [], "explicit CNN": [], "OptEq-select": []}
     opteq0 = None
-    for i, seed in enumerate(seeds if compare else seeds[:1] if needs_model else []):
+    for i, seed in enumerate(seeds if compare or select else seeds[:1] if needs_model else []):
         cfg = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seed, progress=False)
         # the CNN is no part of any claim: not trained under a mutation
-        kinds = ("OptEq", "MON", "explicit CNN") if ctx.mutation is None else ("OptEq", "MON") if compare else ("OptEq",)
+        kinds = (("OptEq", "MON", "explicit CNN", "OptEq-select") if ctx.mutation is None else ("OptEq", "MON")
+                 if compare else ("OptEq", "OptEq-select") if select else ("OptEq",))
         for kind in kinds:
             seed_everything(seed)
             model = make(kind)
             train_ds = ds
-            if kind == "OptEq" and ctx.broken("shuffled-labels"):
+            if (kind, ctx.mutation) in (("OptEq", "shuffled-labels"), ("OptEq-select", "selection-shuffled-labels")):
                 perm = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed))
                 train_ds = dataclasses.replace(ds, y_train=ds.y_train[perm])
             results[kind].append(_train(model, train_ds, val, cfg, ctx, f"{kind} seed {seed}"))
+            if kind == "OptEq-select" and i == 0 and ctx.mutation is None:
+                select_cert = certify_opteq(model, x_batch[:16], tol=CERT_TOL)
+                metrics["selection_certificate"] = [c.to_dict() for c in select_cert]
+                ctx.log("selection certificate: " + "; ".join(c.line() for c in select_cert))
             if kind == "OptEq" and i == 0:
                 opteq0 = model
                 sparsity0 = _sparsity(model, x_batch)  # before anything else touches the model
@@ -421,6 +507,28 @@ def run(ctx: SuiteContext) -> SuiteResult:
                                                                 f"{len(seeds)} seeds"),
             f"Validation accuracy ({len(val[1])} images held out of the training set) after every epoch, "
             f"mean over {len(seeds)} seeds."))
+    if select:
+        acc_b = [r["test_acc"] for r in results["OptEq"]]
+        acc_s = [r["test_acc"] for r in results["OptEq-select"]]
+        d_mean, d_lo, d_hi = difference_interval(acc_s, acc_b)
+        metrics["selection_comparison"] = {"opteq": _interval(acc_b), "selection": _interval(acc_s),
+                                           "difference_interval": [d_lo, d_hi], "mean_difference": d_mean}
+        ctx.log(f"selection - OptEq accuracy: {d_mean:+.4f} [{d_lo:+.4f}, {d_hi:+.4f}]")
+        claims.append(Claim(
+            "Equilibrium selection trains: OptEq at |W|_2 <= 1 (non-unique equilibria), trained through the minimizer "
+            "of G + eps/2 |z - a(x)|^2, is not less accurate than OptEq at |W|_2 <= 0.97",
+            f"test accuracy on {len(ds.y_test)} images after {epochs} epochs, {len(seeds)} seeds (paired by seed); "
+            f"95% Student-t interval of the mean difference selection - OptEq, verdict from its lower end "
+            f"(non-inferiority margin {SELECT_MARGIN}); eps = {SELECT_EPS}, anchor a(x) = prox_f(U x + b) (no extra "
+            f"parameter: {params['OptEq-select']} vs {params['OptEq']}), same solver, tol {TRAIN_TOL} and cap",
+            d_lo, ">", SELECT_MARGIN, source="project", falsified_by="selection-shuffled-labels",
+            details={"interval": [d_lo, d_hi], "mean_difference": d_mean, "seeds": len(seeds),
+                     "n_test": len(ds.y_test), "accuracy": {"OptEq": _interval(acc_b), "OptEq-select": _interval(acc_s)},
+                     "params": {"OptEq": params["OptEq"], "OptEq-select": params["OptEq-select"]},
+                     "selection_training_solves_above_tol": [sum(r["train_unconverged"] for r in results["OptEq-select"]),
+                                                             sum(r["train_solves"] for r in results["OptEq-select"])],
+                     "mean_iterations": {k: sum(r["train_mean_iterations"] for r in results[k]) / len(results[k])
+                                         for k in ("OptEq", "OptEq-select")}}))
     if ctx.runs("opteq-wider"):
         claims.append(Claim(
             "OptEq needs no more parameters than MON for that comparison",
@@ -556,6 +664,29 @@ def run(ctx: SuiteContext) -> SuiteResult:
             deep["objective_gap"], "<=", DEEP_GAP_TOL, source="project", falsified_by="deep-sequential",
             details={"all_joint_certificates_hold": deep["all_hold"],
                      "certificate": {k: v["value"] for k, v in deep["certificate"].items()}}))
+
+    # 7. equilibrium selection: the eps -> 0 limit and the exact gradient through the selected equilibrium
+    if ctx.runs("selection-anchor-dropped"):
+        lim = _selection_limit(ctx)
+        metrics["selection_limit"] = lim
+        errs = lim["max_distance_to_projection"]
+        claims.append(Claim(
+            "The minimizer of G + eps/2 |z - a|^2 tends, as eps -> 0, to the equilibrium nearest the anchor (the "
+            "projection of a onto the equilibria) when they are not unique (|W|_2 = 1)",
+            "OptEq selection layer, 4 anchors, equilibria a segment (closed form): largest distance of the eps = 1e-4 "
+            f"minimizer to the projection of the anchor (eps = 1e-1..1e-4: {[f'{e:.1e}' for e in errs.values()]})",
+            errs[1e-4], "<=", SELECT_LIMIT_TOL, source="seed", section="abstract",
+            falsified_by="selection-anchor-dropped", details={"errors": {str(k): v for k, v in errs.items()},
+                                                            "solver_converged": lim["solver_converged"]}))
+    if ctx.runs("selection-adjoint-unshifted"):
+        sel_grad = _selection_gradient(ds, x_batch[:8], ctx, width)
+        metrics["selection_implicit_vs_unrolled_relative_difference"] = sel_grad
+        claims.append(Claim(
+            "Training through the selected equilibrium: implicit differentiation of the minimizer of "
+            "G + eps/2 |z - a(x)|^2 gives the exact gradient at |W|_2 = 1",
+            f"relative difference of implicit and unrolled gradients of a selection layer (eps {SELECT_EPS}, |W|_2 = 1 "
+            "active, feed-forward anchor) on 8 test images' stem features (float64, tol 1e-10)",
+            sel_grad, "<=", GRAD_TOL, source="project", falsified_by="selection-adjoint-unshifted"))
 
     metrics["seconds"] = time.perf_counter() - t_start
     write_json(ctx.path("metrics.json"), metrics)
