@@ -34,6 +34,8 @@ from proxnets.data import load_dataset, stratified_split
 from proxnets.engine import TrainConfig, evaluate, fit, seed_everything
 from proxnets.engine.plotting import line_plot, multi_plot
 from proxnets.equilibrium.models import (
+    DEQClassifier,
+    DEQConfig,
     ExplicitCNN,
     MONClassifier,
     MONConfig,
@@ -85,6 +87,16 @@ DEEP_GAP_TOL = 1e-5  # relative objective gap of the joint certificate
 SELECT_EPS, SELECT_ANCHOR, SELECT_NORM = 0.1, "feedforward", 1.0
 SELECT_LIMIT_TOL = 1e-3  # distance of the eps = 1e-4 minimizer to the projection of the anchor
 SELECT_MARGIN = -0.02  # non-inferiority: lower end of the accuracy difference (selection - OptEq) above -2 points
+
+
+# Size full (for a GPU; nothing here was run at this size): CIFAR-10 at MON's parameter budget. Winston &
+# Kolter 2020 (Table 1): single-convolution MON, 172K parameters, 74.1% CIFAR-10 test accuracy (no
+# augmentation). Widths give OptEq (stem = equilibrium channels) and MON (same stem) about that budget;
+# the table of the full run prints the counts. Tests override this dict with a tiny budget.
+FULL = dict(dataset="cifar10", epochs=30, seeds=5, width=92, mon_width=73, n_val=5000, n_cert=128, max_steps=None,
+            batch_size=64, l1_values=(0.03, 0.1, 0.3, 1.0))
+MON_PUBLISHED = {"model": "MON single conv (Winston & Kolter 2020, Table 1)", "params": 172_000, "cifar10_accuracy": 0.741}
+MON_BUDGET_TOL = 0.05  # the full-size widths give parameter counts within 5% of MON's 172K
 
 
 def _train(model, ds, val, cfg: TrainConfig, ctx: SuiteContext, name: str) -> dict:
@@ -381,6 +393,23 @@ def _sparsity(model: OptEqClassifier, x: torch.Tensor) -> float:
     return float((z == 0).float().mean())
 
 
+def _published_table(name: str, summary: dict, params: dict, tables: list, metrics: dict, notes: list,
+                     ctx: SuiteContext) -> None:
+    """Size full: our CIFAR-10 accuracies beside MON's published 74.1% at 172K parameters (with the counts)."""
+    if name != "cifar10":
+        notes.append(f"size full ran on {name}, not CIFAR-10: MON's published CIFAR-10 figure is not compared")
+        return
+    rows = [[k, round(summary[k]["mean"], 4), [round(v, 4) for v in summary[k]["interval"]], params[k], "this run"]
+            for k in summary]
+    rows.append([MON_PUBLISHED["model"], MON_PUBLISHED["cifar10_accuracy"], "-", MON_PUBLISHED["params"], "published"])
+    tables.append(Table("CIFAR-10 at MON's parameter budget (ours: mean and 95% interval over seeds)",
+                        ["model", "test accuracy", "95% interval", "parameters", "source"], rows))
+    metrics["mon_published_comparison"] = {"published": MON_PUBLISHED,
+                                           "ours": {k: {**summary[k], "params": params[k]} for k in summary}}
+    for row in rows:
+        ctx.log(f"CIFAR-10: {row[0]}: accuracy {row[1]}, {row[3]} parameters ({row[4]})")
+
+
 def _interval(values: list[float]) -> dict:
     mean, lo, hi = mean_interval(values)
     return {"mean": mean, "interval": [lo, hi], "values": values}
@@ -390,7 +419,8 @@ def run(ctx: SuiteContext) -> SuiteResult:
     t_start = time.perf_counter()
     seed_everything(ctx.seed)
     notes = []
-    name = ctx.pick(smoke="mnist5k", quick="mnist5k", full="cifar10")
+    full = FULL if ctx.size == "full" else {}
+    name = ctx.pick(smoke="mnist5k", quick="mnist5k", full=full.get("dataset"))
     try:
         ds = load_dataset(name, seed=ctx.seed, data_dir=ctx.data_dir)
     except (FileNotFoundError, OSError, ValueError) as err:
@@ -401,16 +431,17 @@ def run(ctx: SuiteContext) -> SuiteResult:
     if (n_train, n_test) != (len(ds.y_train), len(ds.y_test)):
         ds = ds.subset(n_train, n_test, ctx.seed)
     # validation images carved from the training images (per-epoch curves; no tuning on test)
-    n_val = ctx.pick(smoke=100, quick=500, full=5000)
+    n_val = ctx.pick(smoke=100, quick=500, full=min(full.get("n_val", 0), len(ds.y_train) // 5))
     val_idx, train_idx = stratified_split(ds.y_train, n_val, ctx.seed)
     val = (ds.x_train[val_idx], ds.y_train[val_idx])
     ds = dataclasses.replace(ds, x_train=ds.x_train[train_idx], y_train=ds.y_train[train_idx])
-    seeds = [ctx.seed + i for i in range(ctx.pick(smoke=2, quick=3, full=5))]
-    epochs = ctx.pick(smoke=2, quick=3, full=30)
-    width = ctx.pick(smoke=8, quick=16, full=48)
-    mon_width = ctx.pick(smoke=7, quick=13, full=39)  # about the parameter count of OptEq
+    seeds = [ctx.seed + i for i in range(ctx.pick(smoke=2, quick=3, full=full.get("seeds")))]
+    epochs = ctx.pick(smoke=2, quick=3, full=full.get("epochs"))
+    width = ctx.pick(smoke=8, quick=16, full=full.get("width"))
+    mon_width = ctx.pick(smoke=7, quick=13, full=full.get("mon_width"))  # about the parameter count of OptEq
     opteq_width = 2 * width if ctx.broken("opteq-wider") else width
-    n_cert = ctx.pick(smoke=16, quick=64, full=128)
+    n_cert = min(ctx.pick(smoke=16, quick=64, full=full.get("n_cert")), len(ds.y_test))
+    train_extra = {"max_steps": full["max_steps"]} if full.get("max_steps") else {}
     x_batch = ds.x_test[:n_cert]
     ctx.log(f"opteq suite: {name}, {len(ds.y_train)} train / {len(val[1])} validation / {len(ds.y_test)} test, "
             f"{epochs} epochs, seeds {seeds}")
@@ -421,13 +452,25 @@ def run(ctx: SuiteContext) -> SuiteResult:
         if kind == "OptEq-select":
             return OptEqClassifier(ds.input_shape, ds.num_classes, _opteq_config(
                 stem_channels=width, channels=opteq_width, target_norm=SELECT_NORM, eps=SELECT_EPS, anchor=SELECT_ANCHOR))
+        if kind == "DEQ":
+            return DEQClassifier(ds.input_shape, ds.num_classes, DEQConfig(
+                stem_channels=width, channels=width, solver="anderson", tol=TRAIN_TOL, max_iter=TRAIN_MAX_ITER,
+                policy="ignore"))
         if kind == "MON":
             return MONClassifier(ds.input_shape, ds.num_classes, MONConfig(
                 stem_channels=width, channels=mon_width, tol=TRAIN_TOL, max_iter=TRAIN_MAX_ITER, policy="ignore",
                 step_scale=MON_STEP_SCALE))
         return ExplicitCNN(ds.input_shape, ds.num_classes, stem_channels=width, channels=width)
 
-    params = {k: count_parameters(make(k)) for k in ("OptEq", "MON", "explicit CNN", "OptEq-select")}
+    try:  # the DEQ baseline runs on TorchDEQ's own solver (an optional dependency)
+        import torchdeq  # noqa: F401
+
+        has_deq = True
+    except ImportError:
+        has_deq = False
+        notes.append("torchdeq is not installed: the DEQ (TorchDEQ Anderson) baseline and its claim are skipped")
+    params = {k: count_parameters(make(k)) for k in ("OptEq", "MON", "explicit CNN", "OptEq-select")
+              + (("DEQ",) if has_deq else ())}
     claims: list[Claim] = []
     metrics: dict = {"dataset": {"name": name, "n_train": len(ds.y_train), "n_val": len(val[1]),
                                  "n_test": len(ds.y_test), "epochs": epochs, "seeds": seeds},
@@ -439,13 +482,14 @@ def run(ctx: SuiteContext) -> SuiteResult:
     select = ctx.runs("selection-shuffled-labels")
     needs_model = ctx.runs("shuffled-labels", "norm-1.2", "solver-1-iteration", "step-2.5", "no-acceleration",
                            "backward-1-iteration", "l1-ignored")
-    results: dict[str, list[dict]] = {"OptEq": [], "MON": [], "explicit CNN": [], "OptEq-select": []}
+    results: dict[str, list[dict]] = {"OptEq": [], "MON": [], "DEQ": [], "explicit CNN": [], "OptEq-select": []}
     opteq0 = None
     for i, seed in enumerate(seeds if compare or select else seeds[:1] if needs_model else []):
-        cfg = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seed, progress=False)
+        cfg = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seed, progress=False, **train_extra)
         # the CNN is no part of any claim: not trained under a mutation
-        kinds = (("OptEq", "MON", "explicit CNN", "OptEq-select") if ctx.mutation is None else ("OptEq", "MON")
-                 if compare else ("OptEq", "OptEq-select") if select else ("OptEq",))
+        deq = ("DEQ",) if has_deq else ()
+        kinds = (("OptEq", "MON", *deq, "explicit CNN", "OptEq-select") if ctx.mutation is None else
+                 ("OptEq", "MON", *deq) if compare else ("OptEq", "OptEq-select") if select else ("OptEq",))
         for kind in kinds:
             seed_everything(seed)
             model = make(kind)
@@ -486,6 +530,24 @@ def run(ctx: SuiteContext) -> SuiteResult:
                      "mon_training_solves_above_tol": list(mon_conv),
                      "mon_step_contraction_seed0": metrics.get("mon_certificate", {}).get("step_contraction", {}).get("value"),
                      "opteq_training_solves_above_tol": list(opt_conv)}))
+        if has_deq:
+            dq_mean, dq_lo, dq_hi = difference_interval(acc["OptEq"], acc["DEQ"])
+            deq_runs = results["DEQ"]
+            claims.append(Claim(
+                "OptEq outperforms a DEQ solved by its own (TorchDEQ Anderson) solver at equal parameter count",
+                f"test accuracy on {len(ds.y_test)} images after {epochs} epochs, {len(seeds)} seeds (paired by seed); "
+                f"95% Student-t interval of the mean difference OptEq - DEQ, verdict from its lower end; parameters "
+                f"OptEq {params['OptEq']}, DEQ {params['DEQ']} (z = relu(W z + U x + b), W unconstrained); DEQ: TorchDEQ "
+                f"anderson forward and implicit backward, relative tol {TRAIN_TOL}, cap {TRAIN_MAX_ITER}",
+                dq_lo, ">", 0.0, source="seed", section="abstract", falsified_by="shuffled-labels",
+                details={"interval": [dq_lo, dq_hi], "mean_difference": dq_mean, "seeds": len(seeds),
+                         "n_test": len(ds.y_test), "accuracy": {k: summary[k] for k in ("OptEq", "DEQ")},
+                         "params": {k: params[k] for k in ("OptEq", "DEQ")},
+                         "deq_training_solves_above_tol": [sum(r["train_unconverged"] for r in deq_runs),
+                                                           sum(r["train_solves"] for r in deq_runs)]}))
+            metrics["comparison_deq"] = {"difference_interval": [dq_lo, dq_hi], "mean_difference": dq_mean}
+        if ctx.size == "full":
+            _published_table(name, summary, params, tables, metrics, notes, ctx)
         metrics["models"] = results
         metrics["comparison"] = {"accuracy": summary, "difference_interval": [diff_lo, diff_hi],
                                  "mean_difference": diff_mean}
@@ -596,8 +658,8 @@ def run(ctx: SuiteContext) -> SuiteResult:
 
     # 4. L1 prior (seed 0): the l1 = 0 model is the seed-0 OptEq above, built and trained identically
     if opteq0 is not None and ctx.runs("l1-ignored"):
-        cfg0 = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seeds[0], progress=False)
-        l1_values = ctx.pick(smoke=[0.2], quick=[0.1, 0.3], full=[0.03, 0.1, 0.3, 1.0])
+        cfg0 = TrainConfig(epochs=epochs, batch_size=64, lr=2e-3, seed=seeds[0], progress=False, **train_extra)
+        l1_values = ctx.pick(smoke=[0.2], quick=[0.1, 0.3], full=list(full.get("l1_values", ())))
         l1_rows = [{"l1": 0.0, "test_acc": results["OptEq"][0]["test_acc"], "sparsity": sparsity0}]
         for lam in l1_values:
             seed_everything(seeds[0])

@@ -17,6 +17,10 @@ All three share the shape ``conv stem -> body -> average pooling -> linear head`
   (persistent vector, one step per training forward; a lower estimate, so keep a margin below 2:
   :func:`certify_mon` checks the step with a rigorous ``L``).
 - :class:`ExplicitCNN`: body = two explicit conv + ReLU layers.
+- :class:`DEQClassifier`: body = a plain DEQ layer ``z* = relu(W z* + U x + b)`` (``W`` an unconstrained
+  convolution, the parameters of the OptEq body exactly), solved forward and backward (implicit
+  differentiation) by TorchDEQ's own Anderson solver (``pip install torchdeq``): the DEQ baseline with its
+  own solver. Nothing makes its equilibrium exist or be unique; its solver's report is passed on.
 
 ``MODELS`` maps CLI names to factories returning :class:`proxnets.engine.Trainable`.
 """
@@ -51,6 +55,8 @@ __all__ = [
     "MONConv2d",
     "MONClassifier",
     "ExplicitCNN",
+    "DEQConfig",
+    "DEQClassifier",
     "count_parameters",
     "certify_opteq",
     "certify_mon",
@@ -260,6 +266,68 @@ class MONClassifier(nn.Module):
 
     def equilibrium_infos(self) -> list[EquilibriumInfo | None]:
         return [self.mon.last_info]
+
+
+@dataclasses.dataclass
+class DEQConfig:
+    """DEQ baseline hyper-parameters (TorchDEQ's solver names and stopping rule)."""
+
+    stem_channels: int = 16
+    channels: int = 16
+    kernel_size: int = 3
+    solver: str = "anderson"  # TorchDEQ's f_solver and b_solver
+    tol: float = 1e-3  # TorchDEQ's relative stop: |f(z) - z| / |f(z)| per sample
+    max_iter: int = 60
+    policy: str = "warn"
+    pool: int = 4
+
+
+class DEQClassifier(nn.Module):
+    """``x -> stem -> z* = relu(W z* + U x + b) (B, C, H/2, W/2) -> pool -> logits``, TorchDEQ's solver."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, config: DEQConfig | None = None):
+        super().__init__()
+        try:
+            from torchdeq import get_deq
+        except ImportError as err:  # an optional dependency (the "bench" extra)
+            raise ImportError("DEQClassifier: expected the package torchdeq (pip install torchdeq), got none") from err
+        c, h, w = _check_input_shape(input_shape)
+        self.config = cfg = config or DEQConfig()
+        check_number("tol", cfg.tol, low=0.0, low_inclusive=False)
+        check_int("max_iter", cfg.max_iter, low=1)
+        check_choice("solver", cfg.solver, ("anderson", "broyden", "fixed_point_iter"))
+        check_choice("policy", cfg.policy, POLICIES)
+        spatial = ((h + 1) // 2, (w + 1) // 2)
+        pad = cfg.kernel_size // 2
+        self.stem = _stem(c, cfg.stem_channels)
+        self.U = nn.Conv2d(cfg.stem_channels, cfg.channels, cfg.kernel_size, padding=pad)
+        self.W = nn.Conv2d(cfg.channels, cfg.channels, cfg.kernel_size, padding=pad, bias=False)
+        self.deq = get_deq(f_solver=cfg.solver, b_solver=cfg.solver, f_max_iter=cfg.max_iter, b_max_iter=cfg.max_iter,
+                           f_tol=cfg.tol, b_tol=cfg.tol, f_stop_mode="rel", b_stop_mode="rel", ift=True)
+        self.pool = cfg.pool
+        self.head, _ = _head(cfg.channels, spatial, cfg.pool, check_int("num_classes", num_classes, low=2))
+        self.last_info: EquilibriumInfo | None = None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        inj = self.U(self.stem(x))  # (B, C, H/2, W/2)
+        z_out, stats = self.deq(lambda z: torch.relu(self.W(z) + inj), torch.zeros_like(inj))
+        rel = stats["rel_lowest"].detach() if "rel_lowest" in stats else torch.tensor([math.inf])
+        worst = float(rel.max())
+        converged = math.isfinite(worst) and worst <= self.config.tol
+        self.last_info = EquilibriumInfo(
+            iterations=int(stats["nstep"].max()) if "nstep" in stats else 0, converged=converged, residuals=[worst],
+            solver=f"torchdeq:{self.config.solver}", tol=self.config.tol, diverged=not math.isfinite(worst),
+            stop_reason="tol" if converged else "nonfinite" if not math.isfinite(worst) else "max_iter")
+        from proxnets.utils.convergence import handle_nonconvergence
+
+        handle_nonconvergence(self.last_info, self.config.policy, "DEQClassifier forward (TorchDEQ)")
+        return z_out[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.avg_pool2d(self.features(x), self.pool).flatten(1))  # (B, K)
+
+    def equilibrium_infos(self) -> list[EquilibriumInfo | None]:
+        return [self.last_info]
 
 
 class ExplicitCNN(nn.Module):
