@@ -11,6 +11,10 @@ iterations, the residual reached (recomputed on the returned point), peak memory
 of our fastest to TorchDEQ's fastest (target: <= 0.4), in wall time and in CPU time
 (``time.process_time``, which a loaded machine distorts less).
 
+Also, in the same run: the joint deep OptEq (:class:`~proxnets.equilibrium.deep.DeepOptEq`, L dense layers of
+width n, the bound ``|W|_2 = 0.97`` active) against one dense OptEq layer of width n, forward to 1e-4 plus
+implicit backward: CPU time per layer and its ratio to the single layer's (target: <= 1).
+
 Usage: ``python benchmarks/bench_opteq.py [--quick]``. Runs on one CPU thread (see
 :mod:`proxnets.utils.threads`).
 """
@@ -203,6 +207,38 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     return rows
 
 
+def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in_features: int = 196) -> float:
+    """Per-layer CPU time of the joint deep OptEq / that of one OptEq layer (same width, tol, solvers)."""
+    from proxnets.equilibrium import DeepOptEq, OptEq
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, in_features)
+    models = {"single OptEq": OptEq(in_features, n, tol=TOL, max_iter=MAX_ITER, policy="warn"),
+              f"DeepOptEq x{layers}": DeepOptEq(in_features, [n] * layers, tol=TOL, max_iter=MAX_ITER, policy="warn")}
+    calls = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            m.W.parametrizations.weight.original.mul_(10.0)  # the bound 0.97 active
+        m.eval()
+        params = [p for p in m.parameters() if p.requires_grad]
+        c = torch.randn(batch, n)
+
+        def step(m=m, params=params, c=c):
+            torch.autograd.grad((c * m(x)).sum(), params)
+
+        calls[name] = step
+    cpu = _cpu_interleaved(calls, repeats)
+    print(f"\n== joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL} ==")
+    for name, m in models.items():
+        per = cpu[name] / (layers if name.startswith("Deep") else 1)
+        it = m.last_info
+        print(f"{name:20s} CPU {cpu[name] * 1e3:8.1f} ms, per layer {per * 1e3:7.1f} ms, "
+              f"f-it {it.iterations}, b-it {it.backward.iterations if it.backward else None}")
+    ratio = cpu[f"DeepOptEq x{layers}"] / layers / cpu["single OptEq"]
+    print(f"deep OptEq: CPU time per layer / single layer's {ratio:.2f}x (target <= 1)")
+    return ratio
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and training steps")
@@ -228,6 +264,7 @@ def main(argv=None):
         hard = _layer_at_bound(block.channels, block.spatial, block.in_channels, seed=0)
         bench_regime("|W|_2 = 0.97", hard, x, repeats, have_torchdeq)
         bench_regime(f"after {steps} training steps", block, x, repeats, have_torchdeq)
+        bench_deep(repeats)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,16 @@ def test_joint_certificate_fails_past_the_norm_bound():
     certs = {c.name: c for c in certify_equilibrium(m, x, max_iter=50)}
     assert not certs["operator_norm"].holds
     assert not certs["distance_to_minimizer"].holds and not certs["objective_gap"].holds
+
+
+def test_blockwise_products_equal_the_dense_masked_matrix():
+    m, x = _deep(), _x()
+    w = m.W.weight.detach()
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(4, w.shape[1], dtype=torch.float64, generator=gen)
+    q = torch.randn(4, w.shape[1], dtype=torch.float64, generator=gen)
+    assert torch.allclose(m.apply_w(z, w), z @ w.T, atol=1e-12)
+    assert torch.allclose(m.apply_wt(z, w), z @ w, atol=1e-12)
+    mask = m.W.parametrizations.weight[0].mask.double()
+    dense = (z @ w.T).T @ q + (q @ w.T).T @ z
+    assert torch.allclose(m.weight_grad(z, z @ w.T, q, w), dense * mask, atol=1e-12)

@@ -39,6 +39,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -104,6 +105,45 @@ class DeepOptEq(OptEq):
             lin.weight.mul_(mask)
         parametrize.register_parametrization(lin, "weight", _BlockMask(mask))
         self.W = operator_norm_bound(lin, target=self.target_norm, n_power_iterations=self.power_iterations)
+
+    # W z, W^T y and the weight gradient block by block: only the 2L - 1 nonzero blocks are multiplied
+    # (the dense masked product would cost (sum n)^2 per sample, L times a layer's share)
+    def _blocks(self):
+        s = self.starts
+        return [(s[l], s[l + 1], s[l - 1] if l > 0 else None) for l in range(len(self.sizes))]
+
+    def apply_w(self, z, w):
+        """``(W z)_l = A_l z_l + B_l z_{l-1}``."""
+        outs = []
+        for a, b, p in self._blocks():
+            o = F.linear(z[:, a:b], w[a:b, a:b])
+            if p is not None:
+                o = o.add_(F.linear(z[:, p:a], w[a:b, p:a]))
+            outs.append(o)
+        return torch.cat(outs, dim=1)
+
+    def apply_wt(self, y, w):
+        """``(W^T y)_l = A_l^T y_l + B_{l+1}^T y_{l+1}``."""
+        blocks = self._blocks()
+        outs = []
+        for l, (a, b, _) in enumerate(blocks):
+            o = y[:, a:b] @ w[a:b, a:b]
+            if l + 1 < len(blocks):
+                c = blocks[l + 1][1]
+                o = o.add_(y[:, b:c] @ w[b:c, a:b])
+            outs.append(o)
+        return torch.cat(outs, dim=1)
+
+    def weight_grad(self, z, wz, q, w):
+        # d/dw <W q, W z> on the nonzero blocks (the mask zeroes the others' gradient anyway):
+        # block (l, k): (W z)_l^T q_k + (W q)_l^T z_k, k in {l, l - 1}
+        wq = self.apply_w(q, w)
+        grad = torch.zeros_like(w)
+        for a, b, p in self._blocks():
+            grad[a:b, a:b] = wz[:, a:b].T @ q[:, a:b] + wq[:, a:b].T @ z[:, a:b]
+            if p is not None:
+                grad[a:b, p:a] = wz[:, a:b].T @ q[:, p:a] + wq[:, a:b].T @ z[:, p:a]
+        return grad
 
     def block(self, z: torch.Tensor, l: int) -> torch.Tensor:
         """``z_l`` of a joint state ``(B, sum n)``."""
