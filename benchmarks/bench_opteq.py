@@ -15,7 +15,13 @@ Also, in the same run: the joint deep OptEq (:class:`~proxnets.equilibrium.deep.
 width n, the bound ``|W|_2 = 0.97`` active) against one dense OptEq layer of width n, forward to 1e-4 plus
 implicit backward: CPU time per layer and its ratio to the single layer's (target: <= 1).
 
-Usage: ``python benchmarks/bench_opteq.py [--quick]``. Runs on one CPU thread (see
+``--baselines`` (instead): accuracy of OptEq against its baselines at the suite's quick size (mnist5k, 1500
+training / 500 validation / 1000 test images, 3 epochs, same tolerance 1e-3 and cap 100), 3 seeds, paired
+95% intervals: MON (forward-backward at 1.8 m / L^2, the largest step the certificate proves safe), a DEQ
+on TorchDEQ's Anderson at equal parameters, and OptEq with equilibrium selection at ``|W|_2 <= 1``; with
+each model's training CPU time.
+
+Usage: ``python benchmarks/bench_opteq.py [--quick | --baselines]``. Runs on one CPU thread (see
 :mod:`proxnets.utils.threads`).
 """
 
@@ -239,10 +245,75 @@ def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in
     return ratio
 
 
+def bench_baselines(seeds: int = 3) -> dict:
+    """OptEq vs MON vs DEQ (TorchDEQ Anderson) vs selection OptEq at the suite's quick size (module docstring)."""
+    import dataclasses
+
+    from proxnets.data import stratified_split
+    from proxnets.engine import seed_everything
+    from proxnets.equilibrium import experiments as E
+    from proxnets.equilibrium.models import DEQClassifier, DEQConfig, MONClassifier, MONConfig, count_parameters
+    from proxnets.report.suite import SuiteContext
+    from proxnets.utils.stats import difference_interval, mean_interval
+
+    ds = load_dataset("mnist5k", seed=0).subset(2000, 1000, 0)
+    val_idx, train_idx = stratified_split(ds.y_train, 500, 0)
+    val = (ds.x_train[val_idx], ds.y_train[val_idx])
+    ds = dataclasses.replace(ds, x_train=ds.x_train[train_idx], y_train=ds.y_train[train_idx])
+    width = 16
+    make = {
+        "OptEq": lambda: OptEqClassifier(ds.input_shape, 10, E._opteq_config(stem_channels=width, channels=width)),
+        "MON": lambda: MONClassifier(ds.input_shape, 10, MONConfig(
+            stem_channels=width, channels=13, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore",
+            step_scale=E.MON_STEP_SCALE)),
+        "DEQ (TorchDEQ anderson)": lambda: DEQClassifier(ds.input_shape, 10, DEQConfig(
+            stem_channels=width, channels=width, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore")),
+        "OptEq selection |W|<=1": lambda: OptEqClassifier(ds.input_shape, 10, E._opteq_config(
+            stem_channels=width, channels=width, target_norm=E.SELECT_NORM, eps=E.SELECT_EPS, anchor=E.SELECT_ANCHOR)),
+    }
+    ctx = SuiteContext(out_dir=__import__("pathlib").Path("/tmp/bench_opteq_baselines"), size="quick", log=print)
+    acc: dict[str, list[float]] = {k: [] for k in make}
+    cpu: dict[str, list[float]] = {k: [] for k in make}
+    iters: dict[str, list[float]] = {k: [] for k in make}
+    above: dict[str, list[int]] = {k: [0, 0] for k in make}
+    params = {}
+    for seed in range(seeds):
+        for name, build in make.items():
+            seed_everything(seed)
+            model = build()
+            params[name] = count_parameters(model)
+            t0 = time.process_time()
+            r = E._train(model, ds, val, TrainConfig(epochs=3, batch_size=64, lr=2e-3, seed=seed, progress=False),
+                         ctx, f"{name} seed {seed}")
+            cpu[name].append(time.process_time() - t0)
+            acc[name].append(r["test_acc"])
+            iters[name].append(r["train_mean_iterations"])
+            above[name][0] += r["train_unconverged"]
+            above[name][1] += r["train_solves"]
+    print(f"\n== OptEq vs baselines: mnist5k, {len(ds.y_train)} train / 1000 test, 3 epochs, {seeds} seeds, tol "
+          f"{E.TRAIN_TOL}, cap {E.TRAIN_MAX_ITER} ==")
+    print(f"{'model':28s} {'params':>7s} {'accuracy':>9s} {'95% interval':>18s} {'OptEq - model (95%)':>26s} "
+          f"{'train CPU s':>11s} {'mean it':>7s} {'above tol':>10s}")
+    out = {}
+    for name in make:
+        m, lo, hi = mean_interval(acc[name])
+        d = difference_interval(acc["OptEq"], acc[name]) if name != "OptEq" else None
+        dtxt = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "-"
+        print(f"{name:28s} {params[name]:7d} {m:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>18s} {dtxt:>26s} "
+              f"{sum(cpu[name]) / seeds:11.1f} {sum(iters[name]) / seeds:7.1f} {f'{above[name][0]}/{above[name][1]}':>10s}")
+        out[name] = {"acc": acc[name], "cpu": cpu[name], "params": params[name], "difference": d}
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and training steps")
+    parser.add_argument("--baselines", action="store_true", help="accuracy vs MON / TorchDEQ DEQ / selection, 3 seeds")
     args = parser.parse_args(argv)
+    if args.baselines:
+        with intra_op_threads(1):
+            bench_baselines()
+        return
     warnings.simplefilter("default")
     try:
         import torchdeq  # noqa: F401

@@ -58,3 +58,7 @@ def test_full_path_on_tiny_cifar_files(tmp_path, monkeypatch):
     [table] = [t for t in result.tables if t.title.startswith("CIFAR-10 at MON's parameter budget")]
     assert table.rows[-1][1] == 0.741 and table.rows[-1][3] == 172_000
     assert any("CIFAR-10: MON single conv" in m and "172000 parameters" in m for m in logged)
+    # the DEQ baseline (TorchDEQ's Anderson, equal parameters) is part of the full path
+    pytest.importorskip("torchdeq")
+    [deq] = [c for c in result.claims if "DEQ" in c.claim]
+    assert deq.falsified_by == "shuffled-labels" and deq.details["params"]["OptEq"] == deq.details["params"]["DEQ"]

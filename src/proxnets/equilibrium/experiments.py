@@ -462,13 +462,17 @@ def run(ctx: SuiteContext) -> SuiteResult:
                 step_scale=MON_STEP_SCALE))
         return ExplicitCNN(ds.input_shape, ds.num_classes, stem_channels=width, channels=width)
 
-    try:  # the DEQ baseline runs on TorchDEQ's own solver (an optional dependency)
-        import torchdeq  # noqa: F401
+    # the DEQ baseline runs on TorchDEQ's own solver (an optional dependency); its training costs ~5x OptEq's
+    # CPU time (measured: 43.6 s CPU for one quick-size seed), so it runs at size full only; at smoke and
+    # quick the same comparison is `python benchmarks/bench_opteq.py --baselines`
+    has_deq = False
+    if ctx.size == "full":
+        try:
+            import torchdeq  # noqa: F401
 
-        has_deq = True
-    except ImportError:
-        has_deq = False
-        notes.append("torchdeq is not installed: the DEQ (TorchDEQ Anderson) baseline and its claim are skipped")
+            has_deq = True
+        except ImportError:
+            notes.append("torchdeq is not installed: the DEQ (TorchDEQ Anderson) baseline and its claim are skipped")
     params = {k: count_parameters(make(k)) for k in ("OptEq", "MON", "explicit CNN", "OptEq-select")
               + (("DEQ",) if has_deq else ())}
     claims: list[Claim] = []

@@ -280,6 +280,7 @@ class DEQConfig:
     max_iter: int = 60
     policy: str = "warn"
     pool: int = 4
+    init_norm: float | None = 0.9  # |W|_2 at initialization (power estimate); None: PyTorch's default init
 
 
 class DEQClassifier(nn.Module):
@@ -302,6 +303,13 @@ class DEQClassifier(nn.Module):
         self.stem = _stem(c, cfg.stem_channels)
         self.U = nn.Conv2d(cfg.stem_channels, cfg.channels, cfg.kernel_size, padding=pad)
         self.W = nn.Conv2d(cfg.channels, cfg.channels, cfg.kernel_size, padding=pad, bias=False)
+        if cfg.init_norm is not None:
+            # start contractive, like OptEq's clipped W (PyTorch's default init gives |W|_2 > 1 here and the
+            # forward solves then stall at the cap); nothing keeps it so during training
+            check_number("init_norm", cfg.init_norm, low=0.0, low_inclusive=False)
+            est = float(norm_bound(self.W, (cfg.channels, *spatial), method="power").value)
+            with torch.no_grad():
+                self.W.weight.mul_(cfg.init_norm / est)
         self.deq = get_deq(f_solver=cfg.solver, b_solver=cfg.solver, f_max_iter=cfg.max_iter, b_max_iter=cfg.max_iter,
                            f_tol=cfg.tol, b_tol=cfg.tol, f_stop_mode="rel", b_stop_mode="rel", ift=True)
         self.pool = cfg.pool
