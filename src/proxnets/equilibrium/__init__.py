@@ -13,8 +13,9 @@ when ``|W|_2 < 1``. The package provides
 - implicit / phantom / unrolled backward passes (:mod:`~proxnets.equilibrium.implicit`);
 - the ``|W|_2 <= target`` parametrization for dense and convolutional weights
   (:mod:`~proxnets.equilibrium.parametrize`);
-- dense and convolutional OptEq layers with their objective and priors (:mod:`~proxnets.equilibrium.layers`);
-- an OptEq image classifier, the MON baseline and an explicit CNN (:mod:`~proxnets.equilibrium.models`),
+- dense and convolutional OptEq layers with their objective and priors, and equilibrium selection at
+  ``|W|_2 = 1`` through ``G + eps/2 |z - a(x)|^2`` (:mod:`~proxnets.equilibrium.layers`);
+- an OptEq image classifier, the MON baseline, a DEQ on TorchDEQ's solver and an explicit CNN (:mod:`~proxnets.equilibrium.models`),
   and their certificates: :func:`certificate` (``certify_opteq``, ``certify_mon``, ``certify_cnn``),
   each a list of :class:`proxnets.certificates.Certificate`;
 - the ``reproduce opteq`` suite (:mod:`~proxnets.equilibrium.experiments`).
@@ -22,9 +23,11 @@ when ``|W|_2 < 1``. The package provides
 
 from proxnets.equilibrium.deep import DeepOptEq, SequentialOptEq, certify_equilibrium
 from proxnets.equilibrium.implicit import BACKWARDS, BackwardConfig, equilibrium
-from proxnets.equilibrium.layers import OptEq, OptEqBase, OptEqConv2d
+from proxnets.equilibrium.layers import ANCHORS, OptEq, OptEqBase, OptEqConv2d
 from proxnets.equilibrium.models import (
     MODELS,
+    DEQClassifier,
+    DEQConfig,
     ExplicitCNN,
     MONClassifier,
     MONConfig,
@@ -66,8 +69,9 @@ __all__ = [
     "SOLVERS", "ADJOINT_SOLVERS", "EquilibriumInfo", "get_solver", "solve",
     "BACKWARDS", "BackwardConfig", "equilibrium",
     "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",
-    "OptEqBase", "OptEq", "OptEqConv2d",
-    "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "count_parameters",
+    "OptEqBase", "OptEq", "OptEqConv2d", "ANCHORS",
+    "OptEqConfig", "OptEqClassifier", "MONConfig", "MONConv2d", "MONClassifier", "ExplicitCNN", "DEQConfig", "DEQClassifier",
+    "count_parameters",
     "certificate", "certify_opteq", "certify_mon", "certify_cnn", "dense_matrix",
     "convergence_logger",
     "MODELS",
