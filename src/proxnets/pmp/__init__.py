@@ -22,6 +22,7 @@ from proxnets.pmp.sparsity import (
     SPARSIFIABLE,
     export_sparse,
     freeze_sparsity,
+    remove_zero_filters,
     sparsity_param_groups,
     sparsity_report,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "freeze_sparsity",
     "make_eps_rule",
     "penalty",
+    "remove_zero_filters",
     "soft_threshold",
     "sparsity_param_groups",
     "sparsity_report",

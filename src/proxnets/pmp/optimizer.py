@@ -356,19 +356,37 @@ class BSQH(torch.optim.Optimizer):
         return d
 
     def _price_for_density(self, layers, eps_l: list[float]) -> float | None:
-        """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights."""
-        scores = []
+        """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights.
+
+        With ``structure="filter"`` a filter ``o`` of ``m`` weights is kept iff ``rho < rho_o``,
+        ``rho_o = |z_o|^2 eps / (beta_o (1 + c / (2 eps)))``, ``beta_o = m beta / n`` (no box, no L1:
+        see :mod:`.regularizers`); the filters are taken by decreasing ``rho_o`` until their weights
+        reach ``round(d_k N)`` (the nearest count a whole number of filters can make).
+        """
+        scores, sizes = [], []
         for i, (_, p, group, w_k, g) in enumerate(layers):
             if not group.get("adapt_rho"):
                 continue
             reg, e = group["regularizer"], eps_l[i] / group["lr"]
             z2 = (w_k - g / (2.0 * e)) ** 2
             beta = reg.l0_weight(w_k)
-            # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
-            scores.append((z2 * (e / (beta * (1.0 + group["l2_weight"] / (2.0 * e))))).reshape(-1))
+            factor = e / (beta * (1.0 + group["l2_weight"] / (2.0 * e)))
+            if reg.structure == "filter":
+                z2 = z2.reshape(z2.shape[0], -1) if z2.dim() else z2.reshape(1, 1)
+                m = z2.shape[1]
+                scores.append(z2.sum(1) * (factor / m))
+                sizes.append(torch.full((z2.shape[0],), m, dtype=torch.float64, device=z2.device))
+            else:
+                # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
+                scores.append((z2 * factor).reshape(-1))
+                sizes.append(None)
         if not scores:
             return None
         s = torch.cat(scores)
+        if any(m is not None for m in sizes):
+            return self._price_for_group_density(s, torch.cat([
+                m if m is not None else torch.ones(len(v), dtype=torch.float64, device=v.device)
+                for m, v in zip(sizes, scores)]))
         k = int(round(self.density_target() * s.numel()))
         if k >= s.numel():
             return 0.5 * float(s.min())  # everything is kept at any price below the smallest
@@ -379,6 +397,18 @@ class BSQH(torch.optim.Optimizer):
         lo, hi = float(lo_t), float(above.min()) if k > 0 and above.numel() else math.inf
         if not math.isfinite(hi):
             return 2.0 * lo if lo > 0 else 1.0
+        return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+
+    def _price_for_group_density(self, s: torch.Tensor, sizes: torch.Tensor) -> float:
+        """Groups with prices ``s`` and weight counts ``sizes``: the rho keeping the top groups whose
+        weights come nearest to ``round(d_k N)``."""
+        order = torch.argsort(s, descending=True)
+        s, cum = s[order], torch.cumsum(sizes[order], 0)
+        k = round(self.density_target() * float(cum[-1]))
+        j = int(torch.argmin((cum - k).abs()))  # groups 0..j kept
+        if j + 1 >= s.numel():
+            return 0.5 * float(s[-1])
+        lo, hi = float(s[j + 1]), float(s[j])
         return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
 
     def _sweep(self, closure: Callable) -> torch.Tensor:
