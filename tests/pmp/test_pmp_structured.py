@@ -117,3 +117,16 @@ def test_bad_input():
         SparseRegularizer(structure="channel")
     with pytest.raises(TypeError, match="model: expected a LeNet5"):
         remove_zero_filters(torch.nn.Linear(2, 2))
+
+
+def test_mac_groups_price_the_fraction_of_multiply_adds_kept():
+    from proxnets.pmp import mac_param_groups, sparsity_report
+
+    model = SmallLeNet5()
+    with torch.no_grad():
+        model.conv1.weight[1] = 0.0
+        model.fc1.weight[:5] = 0.0
+    groups = mac_param_groups(model, 1.0, (1, 28, 28), lam2=0.0)
+    value = sum(float(g["regularizer"].value(p)) for g in groups if g["rho"] for p in g["params"])
+    rep = sparsity_report(model, (1, 28, 28))["total"]
+    assert value == pytest.approx(rep["macs_sparse"] / rep["macs_dense"], rel=1e-6)

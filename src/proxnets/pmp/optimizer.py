@@ -360,8 +360,10 @@ class BSQH(torch.optim.Optimizer):
 
         With ``structure="filter"`` a filter ``o`` of ``m`` weights is kept iff ``rho < rho_o``,
         ``rho_o = |z_o|^2 eps / (beta_o (1 + c / (2 eps)))``, ``beta_o = m beta / n`` (no box, no L1:
-        see :mod:`.regularizers`); the filters are taken by decreasing ``rho_o`` until their weights
-        reach ``round(d_k N)`` (the nearest count a whole number of filters can make).
+        see :mod:`.regularizers`); the filters are taken by decreasing ``rho_o`` until their L0 prices
+        ``beta_o`` reach ``d_k`` x the total price (the nearest a whole number of filters can make):
+        the fraction of weights when all layers price a weight alike, of multiply-adds with
+        :func:`~proxnets.pmp.sparsity.mac_param_groups`.
         """
         adapt = [(i, layer) for i, layer in enumerate(layers) if layer[2].get("adapt_rho")]
         if not adapt:
@@ -384,14 +386,16 @@ class BSQH(torch.optim.Optimizer):
                 z.mul_(z).mul_(factor)
                 continue
             z2 = (w_k - g / (2.0 * e)) ** 2
+            # the sizes are L0 prices (beta / n per weight): the target is the kept fraction of the
+            # total price, i.e. of the weights when every layer has the same price per weight
             if reg.structure == "filter":
                 z2 = z2.reshape(z2.shape[0], -1) if z2.dim() else z2.reshape(1, 1)
                 m = z2.shape[1]
                 scores.append(z2.sum(1) * (factor / m))
-                sizes.append(torch.full((z2.shape[0],), m, dtype=torch.float64, device=z2.device))
+                sizes.append(torch.full((z2.shape[0],), m * beta, dtype=torch.float64, device=z2.device))
             else:
                 scores.append((z2 * factor).reshape(-1))
-                sizes.append(torch.ones(z2.numel(), dtype=torch.float64, device=z2.device))
+                sizes.append(torch.full((z2.numel(),), beta, dtype=torch.float64, device=z2.device))
         if filters:
             return self._price_for_group_density(torch.cat(scores).double(), torch.cat(sizes))
         k = int(round(self.density_target() * s.numel()))
@@ -411,7 +415,7 @@ class BSQH(torch.optim.Optimizer):
         weights come nearest to ``round(d_k N)``."""
         order = torch.argsort(s, descending=True)
         s, cum = s[order], torch.cumsum(sizes[order], 0)
-        k = round(self.density_target() * float(cum[-1]))
+        k = self.density_target() * float(cum[-1])
         j = int(torch.argmin((cum - k).abs()))  # groups 0..j kept
         if j + 1 >= s.numel():
             return 0.5 * float(s[-1])

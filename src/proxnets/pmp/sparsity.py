@@ -2,6 +2,8 @@
 
 - :func:`sparsity_param_groups`: weights of convolutions and linear maps in a group with ``rho``,
   everything else (biases, normalization) in a group with ``rho = 0``; named, for diagnostics.
+- :func:`mac_param_groups`: one group per layer whose L0 price per weight is its output positions,
+  so that ``R`` = the fraction of multiply-adds kept (structured sparsity that buys inference time).
 - :func:`freeze_sparsity`: fixes the zero pattern with :mod:`torch.nn.utils.prune` masks, so any
   optimizer can fine-tune the remaining weights while the zeros stay exactly zero.
 - :func:`sparsity_report`: remaining parameters and multiply-adds per layer, dense vs sparse.
@@ -23,7 +25,7 @@ from torch.nn.utils import prune
 from proxnets.utils.validation import check_number
 
 __all__ = ["SPARSIFIABLE", "weight_density", "sparsity_param_groups", "freeze_sparsity", "sparsity_report", "export_sparse",
-           "remove_zero_filters"]
+           "remove_zero_filters", "mac_param_groups"]
 
 SPARSIFIABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -49,6 +51,36 @@ def sparsity_param_groups(model: nn.Module, rho: float, **group_options: Any) ->
     groups = [dict(params=[p for _, p in reg], param_names=[n for n, _ in reg], rho=rho, **group_options)]
     if rest:
         groups.append(dict(params=[p for _, p in rest], param_names=[n for n, _ in rest], rho=0.0, **group_options))
+    return groups
+
+
+def mac_param_groups(model: nn.Module, rho: float, input_shape: tuple[int, ...], structure: str = "filter",
+                     **regularizer_options: Any) -> list[dict[str, Any]]:
+    """Parameter groups pricing a weight by the multiply-adds it costs: ``R`` = kept MACs / all MACs.
+
+    Layer ``l`` (``P_l`` output positions per example, ``H_out W_out`` or 1) gets
+    ``SparseRegularizer(beta = P_l N / M, normalize="group", count=N)`` (``N`` weights and ``M``
+    multiply-adds in all), so a weight of layer ``l`` costs ``P_l / M`` and ``R`` is the fraction of
+    the dense multiply-adds still done. With ``structure="filter"`` a kept filter costs all its MACs;
+    ``target_density`` is then a target on that fraction. The other parameters: one group at rho 0.
+    """
+    from proxnets.pmp.regularizers import SparseRegularizer
+
+    check_number("rho", rho, low=0.0)
+    layers = {r["layer"]: r for r in sparsity_report(model, input_shape)["layers"]}
+    n = sum(r["weights"] for r in layers.values())
+    macs = sum(r["macs_dense"] for r in layers.values())
+    groups, used = [], set()
+    for name, m in model.named_modules():
+        if name in layers and m.weight.requires_grad:
+            positions = layers[name]["macs_dense"] // layers[name]["weights"]
+            reg = SparseRegularizer(**{"lam2": 1e-3, "bound": 1.0, **regularizer_options, "beta": positions * n / macs,
+                                       "normalize": "group", "count": n, "structure": structure})
+            groups.append(dict(params=[m.weight], param_names=[f"{name}.weight"], rho=rho, regularizer=reg))
+            used.add(id(m.weight))
+    rest = [(k, p) for k, p in model.named_parameters() if p.requires_grad and id(p) not in used]
+    if rest:
+        groups.append(dict(params=[p for _, p in rest], param_names=[k for k, _ in rest], rho=0.0))
     return groups
 
 
