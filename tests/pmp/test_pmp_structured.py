@@ -130,3 +130,17 @@ def test_mac_groups_price_the_fraction_of_multiply_adds_kept():
     value = sum(float(g["regularizer"].value(p)) for g in groups if g["rho"] for p in g["params"])
     rep = sparsity_report(model, (1, 28, 28))["total"]
     assert value == pytest.approx(rep["macs_sparse"] / rep["macs_dense"], rel=1e-6)
+
+
+def test_the_audit_counts_filters_as_the_regularizer_does():
+    from proxnets.pmp import penalty
+
+    model = SmallLeNet5()
+    reg = SparseRegularizer(beta=1.0, normalize="layer", structure="filter")
+    opt = BSQH(sparsity_param_groups(model, 2.0), regularizer=reg)
+    with torch.no_grad():
+        model.conv2.weight[0] = 0.0
+        model.conv2.weight[1, 0] = 0.0  # a zero entry inside a kept filter is still priced
+    value, independent = penalty(opt)
+    expected = sum(2.0 * float(reg.value(p)) for p in opt.param_groups[0]["params"])
+    assert independent and value == pytest.approx(expected, rel=1e-9)
