@@ -144,3 +144,19 @@ def test_the_audit_counts_filters_as_the_regularizer_does():
     value, independent = penalty(opt)
     expected = sum(2.0 * float(reg.value(p)) for p in opt.param_groups[0]["params"])
     assert independent and value == pytest.approx(expected, rel=1e-9)
+
+
+def test_fast_pool_equals_max_pool2d_bit_for_bit_and_keeps_its_gradient():
+    from proxnets.pmp.models import MaxPool2x2
+
+    pool = MaxPool2x2()
+    for shape in ((3, 2, 28, 28), (2, 3, 9, 7)):
+        x = torch.randn(shape)
+        x[0, 0, :2, :2] = 0.0  # ties
+        with torch.no_grad():
+            assert torch.equal(pool(x), F.max_pool2d(x, 2))
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn_like(F.max_pool2d(x, 2))
+        pool(a).backward(g)
+        F.max_pool2d(b, 2).backward(g)
+        assert torch.equal(a.grad, b.grad)
