@@ -41,7 +41,13 @@ from proxnets.pmp.eps import CurvatureEps, TrialStep
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 from proxnets.pmp.models import LeNet5
 from proxnets.pmp.optimizer import BSQH
-from proxnets.pmp.sparsity import sparsity_param_groups, sparsity_report, weight_density
+from proxnets.pmp.sparsity import (
+    mac_param_groups,
+    remove_zero_filters,
+    sparsity_param_groups,
+    sparsity_report,
+    weight_density,
+)
 from proxnets.pmp.training import full_batch_bsqh, train_bsqh
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
@@ -61,11 +67,15 @@ MUTATIONS = {
     "linearized-layer": "the map+activation rule reduced to its first, linearized step without the safeguard "
                         "(inner_steps=1, safeguard=False): the linearized rule under another name",
     "shuffled-labels": "bSQH trained on randomly permuted training labels (validation, test and baselines intact)",
+    "no-bias-fold": "remove_zero_filters without folding the removed channels' constant outputs into the next "
+                    "layer's bias (fold_constants=False)",
 }
 
 # the full-batch regime (see the module docstring); docs/pmp.md explains the choice
 FULL_RHO, FULL_ETA, FULL_EPS0, FULL_EPS_MIN = 1.0, 0.1, 1.0, 1e-6
 ADAM_LRS = (1e-3, 3e-3)  # Adam's learning rate is picked among these on the validation split
+STRUCTURED_MACS = 0.3  # the filter-level run: target fraction of multiply-adds kept
+EXPORT_TOL = 1e-4  # the exported model's outputs agree with the sparse model's to this (float32 logits)
 TARGET_DENSITY = 0.3  # the operating point: the most accurate on validation among those at most this dense
 L1_STRENGTHS = (1e-3, 1e-2, 3e-2)  # L1-prox SGD (figure only, first seed)
 
@@ -246,6 +256,39 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
     return out
 
 
+# ------------------------------------------------------------------------------------- 2b. structured
+def structured(ctx: SuiteContext, ds, seed: int, epochs: int, batch: int) -> dict[str, Any]:
+    """Filter-level L0 priced by multiply-adds (target STRUCTURED_MACS); zero filters removed; outputs,
+    sizes, accuracy and inference time dense vs exported (interleaved medians, machine dependent)."""
+    model = _model(ds, seed)
+    r = train_bsqh(model, ds, 1.0, epochs=epochs, batch_size=batch, seed=seed, schedule="cosine", device=ctx.device,
+                   target_density=STRUCTURED_MACS, eval_every_epoch=False,
+                   param_groups=mac_param_groups(model, 1.0, ds.input_shape, structure="filter"))
+    model.eval()
+    small = remove_zero_filters(model, fold_constants=not ctx.broken("no-bias-fold")).eval()
+    dev = next(model.parameters()).device
+    x = ds.x_test[:256].to(dev)
+    with torch.no_grad():
+        diff = float((small(x) - model(x)).abs().max())
+        times: dict[str, list[float]] = {"dense": [], "exported": []}
+        for i in range(ctx.pick(smoke=3, quick=20, full=100) + 2):
+            for name, m in (("dense", model), ("exported", small)):
+                t0 = time.perf_counter()
+                m(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    rep = sparsity_report(model, ds.input_shape)["total"]
+    widths = [small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features, small.fc2.out_features]
+    return dict(seed=seed, max_diff=diff, macs=rep["macs_sparse"] / rep["macs_dense"], density=r["density"],
+                widths=widths, params_dense=sum(p.numel() for p in model.parameters()),
+                params_exported=sum(p.numel() for p in small.parameters()), test_acc=r["test_acc"],
+                test_acc_exported=evaluate(small, ds.x_test, ds.y_test),
+                time_ratio=statistics.median([b / a for a, b in zip(times["dense"], times["exported"])]),
+                time_dense=statistics.median(times["dense"]), time_exported=statistics.median(times["exported"]))
+
+
 # ------------------------------------------------------------------------------------- 1b. layer rules
 def layer_rules(ctx: SuiteContext, sub, seeds: list[int], iterations: int) -> dict[str, Any]:
     """Full-batch bSQH with the linearized layer ("map") and the seed's layer ("map+activation"), same seeds."""
@@ -383,6 +426,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
     target_acc = ctx.pick(smoke=0.3, quick=0.8, full=FULL["target_acc"])
     target_density = ctx.pick(smoke=0.5, quick=TARGET_DENSITY, full=TARGET_DENSITY)
     fr = frontier(ctx, ds, val, seeds, rhos, epochs, ft_epochs, batch, run_baselines) if run_frontier else None
+    st = structured(ctx, ds, seeds[0], epochs, batch) if ctx.runs("no-bias-fold") else None
 
     claims: list[Claim] = []
     tables: list[Table] = []
@@ -563,6 +607,23 @@ def run(ctx: SuiteContext) -> SuiteResult:
         multi_plot(empty_png, [Panel(series={"-": ([0.0], [0.0])}, title="(skipped under this variant)")])
         figs.append(Figure(empty_png, "Nothing drawn under this variant."))
 
+    if st is not None:
+        claims.append(Claim(
+            "Removing the zero filters of a filter-level-L0 bSQH LeNet-5 gives a smaller dense network with the "
+            "same outputs",
+            f"largest |logit difference| between the sparse model and remove_zero_filters' export on 256 test images "
+            f"(float32; seed {st['seed']}, multiply-add target {STRUCTURED_MACS:g}, {epochs} epochs)",
+            st["max_diff"], "<=", EXPORT_TOL, source="project", falsified_by="no-bias-fold",
+            details={k: v for k, v in st.items() if not k.startswith("time")}))
+        tables.append(Table(
+            f"Filter-level L0 priced by multiply-adds (target {STRUCTURED_MACS:g}), zero filters removed "
+            f"(seed {st['seed']}; inference on 256 images, no grad, interleaved medians, {ctx.device}; machine dependent)",
+            ["MAC fraction", "weight density", "widths (6, 16, 120, 84) ->", "parameters", "test acc (exported)",
+             "max |diff|", "inference dense (ms)", "exported (ms)", "ratio"],
+            [[round(st["macs"], 4), round(st["density"], 4), str(tuple(st["widths"])),
+              f"{st['params_dense']} -> {st['params_exported']}", f"{st['test_acc']:.4f} ({st['test_acc_exported']:.4f})",
+              f"{st['max_diff']:.2g}", round(st["time_dense"] * 1e3, 2), round(st["time_exported"] * 1e3, 2),
+              round(st["time_ratio"], 3)]]))
     # size full: the frontier on every other dataset present, and the time per epoch on each
     full_out: dict[str, Any] = {}
     for k, (name, data) in enumerate(loaded.items() if run_frontier else []):
@@ -582,7 +643,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
                               f"one iteration = one pass, {t['full_trials_per_iteration']:.2f} trials"]]))
     metrics = dict(mechanism={k: v for k, v in md.items()},
                    frontier={k: v for k, v in (fr or {}).items() if not k.startswith("_")}, layer_rules=lr_runs,
-                   sparsity_report=report, full=full_out, seeds=seeds, epochs=epochs, finetune_epochs=ft_epochs,
+                   sparsity_report=report, structured=st, full=full_out, seeds=seeds, epochs=epochs, finetune_epochs=ft_epochs,
                    n_train=len(ds.x_train), n_val=len(val[0]), n_test=len(ds.x_test),
                    suite_time_s=time.perf_counter() - t_start)
     write_json(ctx.path("pmp_results.json"), metrics)

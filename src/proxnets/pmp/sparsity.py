@@ -142,7 +142,7 @@ def sparsity_report(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
     return dict(layers=layers, total=totals)
 
 
-def remove_zero_filters(model: nn.Module) -> nn.Module:
+def remove_zero_filters(model: nn.Module, fold_constants: bool = True) -> nn.Module:
     """A new, smaller :class:`~proxnets.pmp.models.LeNet5` (or subclass) with the same outputs.
 
     A filter (conv output channel, linear output row) whose weights are all zero outputs the
@@ -155,6 +155,8 @@ def remove_zero_filters(model: nn.Module) -> nn.Module:
     so a filter whose only nonzero weights read removed channels becomes zero and is removed too.
     The last layer keeps all its outputs; a layer keeps at least one filter. The result equals the
     input model up to floating-point rounding (the folded sums are added in another order).
+    ``fold_constants=False`` drops the constants instead (wrong unless every removed channel
+    outputs 0: the suite's broken variant ``no-bias-fold``).
     """
     from proxnets.pmp.models import LeNet5
 
@@ -175,6 +177,8 @@ def remove_zero_filters(model: nn.Module) -> nn.Module:
                 alive[0] = True  # at least one filter (widths of 0 are not layers)
             dead = ~alive
             v = model.act(b[cur][dead])  # the dead channels' constant output after activation (and pooling)
+            if not fold_constants:
+                v = torch.zeros_like(v)
             wn = w[nxt]
             if nxt == "fc1":  # flattened (channel, h2, w2): channel c is the block c*positions ...
                 wn = wn.reshape(wn.shape[0], -1, positions)
