@@ -18,7 +18,7 @@ def test_suite_smoke(tmp_path):
     res = run(SuiteContext(out_dir=tmp_path, size="smoke", log=lambda s: None))
     assert res.method == "pmp"
     claims = {c.claim: c for c in res.claims}
-    assert len(res.claims) == 10
+    assert len(res.claims) == 11
     for c in res.claims:
         assert c.falsified_by in MUTATIONS and c.source in ("seed", "project")
         if "interval" in c.details:
@@ -27,7 +27,9 @@ def test_suite_smoke(tmp_path):
                  "The acceptance test is exercised: every full-batch run rejects some trial steps",
                  "Full-batch bSQH lowers the cross-entropy itself, not only the L0 price",
                  "Sparsity increases as the target density is lowered (rho adapted by bSQH)",
-                 "bSQH with the L0 regularizer trains a sparse CNN: most weights are exactly zero"):
+                 "bSQH with the L0 regularizer trains a sparse CNN: most weights are exactly zero",
+                 "Removing the zero filters of a filter-level-L0 bSQH LeNet-5 gives a smaller dense network with the "
+                 "same outputs"):
         assert claims[name].holds, (name, claims[name].value)
     # the mechanism is exercised: the guaranteed decrease is a real fraction of the actual one
     dec = claims["Every accepted full-batch bSQH iteration decreases J_B by at least eta * tau"].details
@@ -35,3 +37,5 @@ def test_suite_smoke(tmp_path):
     for fig in res.figures:
         assert (tmp_path / fig.path.name).exists()
     assert (tmp_path / "pmp_results.json").exists()
+    st = res.metrics["structured"]  # the export removed filters (a claim about nothing removed would be empty)
+    assert st["params_exported"] < st["params_dense"] and st["macs"] <= 0.35

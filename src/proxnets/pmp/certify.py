@@ -73,9 +73,15 @@ def penalty(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor] | None
             if rho == 0.0:
                 continue
             if isinstance(reg, SparseRegularizer):
-                # beta / n per nonzero weight (n: 1, the tensor's size or the group's count)
+                # beta / n per nonzero weight (n: 1, the tensor's size or the group's count); filter-level:
+                # per weight of a nonzero filter
                 n = {"none": 1, "layer": w.numel(), "group": reg.count}[reg.normalize]
-                v = reg.beta * int(torch.count_nonzero(w)) / n
+                if reg.structure == "filter":  # every weight of a filter with a nonzero entry is priced
+                    rows = w.reshape(w.shape[0], -1) if w.dim() else w.reshape(1, 1)
+                    priced = int((rows != 0).any(1).sum()) * rows.shape[1]
+                else:
+                    priced = int(torch.count_nonzero(w))
+                v = reg.beta * priced / n
                 if reg.lam1 or reg.lam2:
                     wd = w.double()
                     v += reg.lam1 * float(wd.abs().sum()) + 0.5 * reg.lam2 * float((wd * wd).sum())

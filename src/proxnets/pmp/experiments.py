@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 import time
 import warnings
 from typing import Any
@@ -40,7 +41,13 @@ from proxnets.pmp.eps import CurvatureEps, TrialStep
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 from proxnets.pmp.models import LeNet5
 from proxnets.pmp.optimizer import BSQH
-from proxnets.pmp.sparsity import sparsity_param_groups, sparsity_report, weight_density
+from proxnets.pmp.sparsity import (
+    mac_param_groups,
+    remove_zero_filters,
+    sparsity_param_groups,
+    sparsity_report,
+    weight_density,
+)
 from proxnets.pmp.training import full_batch_bsqh, train_bsqh
 from proxnets.report.suite import Claim, Figure, SuiteContext, SuiteResult, Table
 from proxnets.utils.io import write_json
@@ -60,13 +67,28 @@ MUTATIONS = {
     "linearized-layer": "the map+activation rule reduced to its first, linearized step without the safeguard "
                         "(inner_steps=1, safeguard=False): the linearized rule under another name",
     "shuffled-labels": "bSQH trained on randomly permuted training labels (validation, test and baselines intact)",
+    "no-bias-fold": "remove_zero_filters without folding the removed channels' constant outputs into the next "
+                    "layer's bias (fold_constants=False)",
 }
 
 # the full-batch regime (see the module docstring); docs/pmp.md explains the choice
 FULL_RHO, FULL_ETA, FULL_EPS0, FULL_EPS_MIN = 1.0, 0.1, 1.0, 1e-6
 ADAM_LRS = (1e-3, 3e-3)  # Adam's learning rate is picked among these on the validation split
+STRUCTURED_MACS = 0.3  # the filter-level run: target fraction of multiply-adds kept
+EXPORT_TOL = 1e-4  # the exported model's outputs agree with the sparse model's to this (float32 logits)
 TARGET_DENSITY = 0.3  # the operating point: the most accurate on validation among those at most this dense
 L1_STRENGTHS = (1e-3, 1e-2, 3e-2)  # L1-prox SGD (figure only, first seed)
+
+FULL: dict = {
+    # The budget of size "full" (meant for a GPU): LeNet-5 on full MNIST and Fashion-MNIST, the frontier with
+    # 30 + 5 epochs and 3 seeds on each, per-epoch time of mini-batch and full-batch bSQH on the whole training
+    # set. A module-level dict so that a test runs the whole path on tiny files with a tiny budget
+    # (tests/pmp/test_pmp_full.py). The claims are made on the first dataset that is present.
+    "datasets": ("mnist", "fashion-mnist"), "n_train": None, "n_test": None, "seeds": 3, "epochs": 30,
+    "finetune_epochs": 5, "densities": (0.4, 0.2, 0.1, 0.05), "batch_size": 64, "target_acc": 0.97,
+    "mechanism_images": 2000, "mechanism_iterations": 200, "layer_images": 1000, "layer_sweeps": 50,
+    "timing_epochs": 2, "timing_iterations": 10,
+}
 
 
 class _AlwaysAccept(BSQH):
@@ -234,6 +256,39 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
     return out
 
 
+# ------------------------------------------------------------------------------------- 2b. structured
+def structured(ctx: SuiteContext, ds, seed: int, epochs: int, batch: int) -> dict[str, Any]:
+    """Filter-level L0 priced by multiply-adds (target STRUCTURED_MACS); zero filters removed; outputs,
+    sizes, accuracy and inference time dense vs exported (interleaved medians, machine dependent)."""
+    model = _model(ds, seed)
+    r = train_bsqh(model, ds, 1.0, epochs=epochs, batch_size=batch, seed=seed, schedule="cosine", device=ctx.device,
+                   target_density=STRUCTURED_MACS, eval_every_epoch=False,
+                   param_groups=mac_param_groups(model, 1.0, ds.input_shape, structure="filter"))
+    model.eval()
+    small = remove_zero_filters(model, fold_constants=not ctx.broken("no-bias-fold")).eval()
+    dev = next(model.parameters()).device
+    x = ds.x_test[:256].to(dev)
+    with torch.no_grad():
+        diff = float((small(x) - model(x)).abs().max())
+        times: dict[str, list[float]] = {"dense": [], "exported": []}
+        for i in range(ctx.pick(smoke=3, quick=20, full=100) + 2):
+            for name, m in (("dense", model), ("exported", small)):
+                t0 = time.perf_counter()
+                m(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t0)
+    rep = sparsity_report(model, ds.input_shape)["total"]
+    widths = [small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features, small.fc2.out_features]
+    return dict(seed=seed, max_diff=diff, macs=rep["macs_sparse"] / rep["macs_dense"], density=r["density"],
+                widths=widths, params_dense=sum(p.numel() for p in model.parameters()),
+                params_exported=sum(p.numel() for p in small.parameters()), test_acc=r["test_acc"],
+                test_acc_exported=evaluate(small, ds.x_test, ds.y_test),
+                time_ratio=statistics.median([b / a for a, b in zip(times["dense"], times["exported"])]),
+                time_dense=statistics.median(times["dense"]), time_exported=statistics.median(times["exported"]))
+
+
 # ------------------------------------------------------------------------------------- 1b. layer rules
 def layer_rules(ctx: SuiteContext, sub, seeds: list[int], iterations: int) -> dict[str, Any]:
     """Full-batch bSQH with the linearized layer ("map") and the seed's layer ("map+activation"), same seeds."""
@@ -260,6 +315,52 @@ def layer_rules(ctx: SuiteContext, sub, seeds: list[int], iterations: int) -> di
     return out
 
 
+def _carve_validation(ds, seed: int):
+    """A fifth of the training images as the validation split: ``(train part, (x_val, y_val))``."""
+    val_idx, tr_idx = stratified_split(ds.y_train, len(ds.x_train) // 5, seed + 7)
+    return (dataclasses.replace(ds, x_train=ds.x_train[tr_idx], y_train=ds.y_train[tr_idx]),
+            (ds.x_train[val_idx], ds.y_train[val_idx]))
+
+
+def epoch_times(ctx: SuiteContext, ds, seed: int, batch: int, epochs: int, iterations: int) -> dict[str, Any]:
+    """Wall time per epoch of mini-batch bSQH (batch ``batch``) and per full-batch iteration (one pass over the
+    whole training set, its trial forward(s), the accepted trial reused) on ``ctx.device``."""
+    r = train_bsqh(_model(ds, seed), ds, 1.0, epochs=epochs, batch_size=batch, seed=seed, device=ctx.device,
+                   eval_every_epoch=False)
+    mini = [h["epoch_time"] for h in r["history"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fb = full_batch_bsqh(_model(ds, seed), ds.x_train, ds.y_train, 1.0, iterations=iterations, audit=False,
+                             device=ctx.device, eps=FULL_EPS0, eps_min=FULL_EPS_MIN, eta=FULL_ETA)
+    t = [0.0] + fb["times"]
+    steps = [b - a for a, b in zip(t, t[1:])]
+    info = fb["optimizer"].info()
+    return dict(device=str(ctx.device), n_train=len(ds.x_train), batch=batch, mini_epoch_s=mini,
+                full_iteration_s=steps, full_trials_per_iteration=(info.accepted + info.rejected) / max(len(steps), 1))
+
+
+def _frontier_rows(fr: dict[str, Any], rhos: list[float], rho_op: float | None) -> list[list[Any]]:
+    """The accuracy-vs-density table: bSQH and the baselines at each target density (means over seeds)."""
+    rows = []
+    for r in rhos:
+        row = ["bSQH", r, round(_mean(_by_rho(fr["bsqh"], r, "density")), 4),
+               round(_mean(_by_rho(fr["bsqh"], r, "test_acc")), 4), round(_mean(_by_rho(fr["bsqh"], r, "val_acc")), 4)]
+        rows.append(row + (["(operating)"] if r == rho_op else [""]))
+        if fr["prune"]:
+            rows.append(["Adam+prune+ft", r, round(_mean(_by_rho(fr["prune"], r, "density")), 4),
+                         round(_mean(_by_rho(fr["prune"], r, "test_acc")), 4),
+                         round(_mean(_by_rho(fr["prune"], r, "val_acc")), 4), ""])
+        if fr["iht"]:
+            rows.append(["SGD+IHT (1 seed)", r, round(_by_rho(fr["iht"], r, "density")[0], 4),
+                         round(_by_rho(fr["iht"], r, "test_acc")[0], 4), "-", ""])
+    for p in fr.get("l1", []):
+        rows.append([f"L1-prox SGD {p['strength']:g} (1 seed)", "-", round(p["density"], 4),
+                     round(p["test_acc"], 4), "-", ""])
+    if fr["adam_dense"]:
+        rows.append(["Adam dense", "-", 1.0, round(_mean([p["test_acc"] for p in fr["adam_dense"]]), 4), "-", ""])
+    return rows
+
+
 def _by_rho(points: list[dict[str, Any]], rho: float, key: str) -> list[float]:
     return [p[key] for p in sorted((p for p in points if p["rho"] == rho), key=lambda p: p["seed"])]
 
@@ -283,12 +384,19 @@ def run(ctx: SuiteContext) -> SuiteResult:
     _DEVICE[0] = torch.device(ctx.device)
     ds = load_dataset("mnist5k", seed=ctx.seed, data_dir=ctx.data_dir)
     notes = []
+    loaded: dict[str, Any] = {}  # size full: the datasets of FULL that are present
     if ctx.size == "full":
-        try:
-            ds = load_dataset("mnist", seed=ctx.seed, data_dir=ctx.data_dir)
-        except Exception as exc:  # noqa: BLE001 - absent files: fall back and say so
-            notes.append(f"full MNIST not available ({exc}); ran on mnist5k")
-    n_seeds = ctx.pick(smoke=2, quick=3, full=3)
+        for name in FULL["datasets"]:
+            try:
+                loaded[name] = load_dataset(name, seed=ctx.seed, data_dir=ctx.data_dir, n_train=FULL["n_train"],
+                                            n_test=FULL["n_test"])
+            except Exception as exc:  # noqa: BLE001 - absent files: skip and say so
+                notes.append(f"{name} not available ({exc}); skipped")
+        if loaded:
+            ds = next(iter(loaded.values()))
+        else:
+            notes.append("no dataset of the full path is present; ran on mnist5k")
+    n_seeds = ctx.pick(smoke=2, quick=3, full=FULL["seeds"])
     seeds = [ctx.seed + i for i in range(n_seeds)]
     run_full = ctx.runs("no-acceptance-test", "wrong-sign-step", "curvature-sign", "full-set-batches")
     run_mini = ctx.runs("full-set-batches")
@@ -296,30 +404,29 @@ def run(ctx: SuiteContext) -> SuiteResult:
     run_baselines = ctx.runs("shuffled-labels")
 
     # 1. mechanism on a small subset
-    n_mech = ctx.pick(smoke=128, quick=600, full=2000)
-    iterations = ctx.pick(smoke=25, quick=30, full=200)
-    batch = ctx.pick(smoke=16, quick=64, full=64)  # smoke: more steps from few images
+    n_mech = ctx.pick(smoke=128, quick=600, full=FULL["mechanism_images"])
+    iterations = ctx.pick(smoke=25, quick=30, full=FULL["mechanism_iterations"])
+    batch = ctx.pick(smoke=16, quick=64, full=FULL["batch_size"])  # smoke: more steps from few images
     sub = ds.subset(n_mech, ctx.pick(smoke=300, quick=1000, full=None), seed=ctx.seed)
     md = mechanism(ctx, sub, seeds, iterations, batch, full=run_full, mini=run_mini)
     # 1b. the two layer Hamiltonians, full batch, on fewer images (the seed's layer costs more per sweep)
-    lsub = sub.subset(ctx.pick(smoke=64, quick=256, full=1000), ctx.pick(smoke=10, quick=10, full=100), seed=ctx.seed)
-    layer_its = ctx.pick(smoke=6, quick=15, full=50)
+    lsub = sub.subset(ctx.pick(smoke=64, quick=256, full=FULL["layer_images"]), ctx.pick(smoke=10, quick=10, full=min(100, len(sub.x_test))),
+                      seed=ctx.seed)
+    layer_its = ctx.pick(smoke=6, quick=15, full=FULL["layer_sweeps"])
     lr_runs = layer_rules(ctx, lsub, seeds, layer_its) if ctx.runs("linearized-layer") else {}
 
     # 2. frontier: a validation split carved from the training images
     ds = ds.subset(ctx.pick(smoke=600, quick=2000, full=None), ctx.pick(smoke=300, quick=1000, full=None),
                    seed=ctx.seed)
-    n_val = len(ds.x_train) // 5
-    val_idx, tr_idx = stratified_split(ds.y_train, n_val, ctx.seed + 7)
-    val = (ds.x_train[val_idx], ds.y_train[val_idx])
-    ds = dataclasses.replace(ds, x_train=ds.x_train[tr_idx], y_train=ds.y_train[tr_idx])
-    epochs = ctx.pick(smoke=2, quick=8, full=30)
-    ft_epochs = ctx.pick(smoke=1, quick=2, full=5)
+    ds, val = _carve_validation(ds, ctx.seed)
+    epochs = ctx.pick(smoke=2, quick=8, full=FULL["epochs"])
+    ft_epochs = ctx.pick(smoke=1, quick=2, full=FULL["finetune_epochs"])
     # the grid: target densities (rho adapts to each; the key stays "rho" in the records)
-    rhos = ctx.pick(smoke=[0.4, 0.2], quick=[0.4, 0.2, 0.1], full=[0.4, 0.2, 0.1, 0.05])
-    target_acc = ctx.pick(smoke=0.3, quick=0.8, full=0.97)
+    rhos = ctx.pick(smoke=[0.4, 0.2], quick=[0.4, 0.2, 0.1], full=list(FULL["densities"]))
+    target_acc = ctx.pick(smoke=0.3, quick=0.8, full=FULL["target_acc"])
     target_density = ctx.pick(smoke=0.5, quick=TARGET_DENSITY, full=TARGET_DENSITY)
     fr = frontier(ctx, ds, val, seeds, rhos, epochs, ft_epochs, batch, run_baselines) if run_frontier else None
+    st = structured(ctx, ds, seeds[0], epochs, batch) if ctx.runs("no-bias-fold") else None
 
     claims: list[Claim] = []
     tables: list[Table] = []
@@ -470,26 +577,9 @@ def run(ctx: SuiteContext) -> SuiteResult:
                 lo, ">=", -0.01, source="project", falsified_by="shuffled-labels",
                 details=dict(interval=[lo, hi], mean=mean, bsqh=acc, prune=pa, **stat)))
         # tables and figure
-        rows = []
-        for r in rhos:
-            b_acc, b_den = _by_rho(fr["bsqh"], r, "test_acc"), dens[r]
-            row = ["bSQH", r, round(_mean(b_den), 4), round(_mean(b_acc), 4),
-                   round(_mean(_by_rho(fr["bsqh"], r, "val_acc")), 4)]
-            rows.append(row + (["(operating)"] if r == rho_op else [""]))
-            if fr["prune"]:
-                rows.append(["Adam+prune+ft", r, round(_mean(_by_rho(fr["prune"], r, "density")), 4),
-                             round(_mean(_by_rho(fr["prune"], r, "test_acc")), 4),
-                             round(_mean(_by_rho(fr["prune"], r, "val_acc")), 4), ""])
-            if fr["iht"]:
-                rows.append(["SGD+IHT (1 seed)", r, round(_by_rho(fr["iht"], r, "density")[0], 4),
-                             round(_by_rho(fr["iht"], r, "test_acc")[0], 4), "-", ""])
-        for p in fr.get("l1", []):
-            rows.append([f"L1-prox SGD {p['strength']:g} (1 seed)", "-", round(p["density"], 4),
-                         round(p["test_acc"], 4), "-", ""])
-        if fr["adam_dense"]:
-            rows.append(["Adam dense", "-", 1.0, round(_mean([p["test_acc"] for p in fr["adam_dense"]]), 4), "-", ""])
-        tables.append(Table(f"Accuracy vs density (LeNet-5, mnist5k, mean over {n_seeds} seeds)",
-                            ["method", "target density", "density", "test acc", "val acc", ""], rows))
+        tables.append(Table(f"Accuracy vs density (LeNet-5, {ds.name}, mean over {n_seeds} seeds)",
+                            ["method", "target density", "density", "test acc", "val acc", ""],
+                            _frontier_rows(fr, rhos, rho_op)))
         frontier_png = ctx.path("frontier.png")
         series = {"bSQH (L0)": ([p["density"] for p in fr["bsqh"]], [p["test_acc"] for p in fr["bsqh"]])}
         if fr["prune"]:
@@ -501,7 +591,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
         multi_plot(frontier_png, [Panel(series=series, kind="scatter", xlabel="fraction of nonzero weights",
                                         ylabel="test accuracy", title="accuracy vs density (every seed)")])
         figs.append(Figure(frontier_png, "Test accuracy against the fraction of nonzero weights, every seed "
-                                         "(LeNet-5, mnist5k)."))
+                                         f"(LeNet-5, {ds.name})."))
         report = sparsity_report(fr["_sparsest"], ds.input_shape)
         tables.append(Table("Sparsest bSQH model (first seed): remaining weights and multiply-adds per example",
                             ["layer", "weights", "nonzero", "density", "MACs dense", "MACs sparse"],
@@ -517,13 +607,47 @@ def run(ctx: SuiteContext) -> SuiteResult:
         multi_plot(empty_png, [Panel(series={"-": ([0.0], [0.0])}, title="(skipped under this variant)")])
         figs.append(Figure(empty_png, "Nothing drawn under this variant."))
 
+    if st is not None:
+        claims.append(Claim(
+            "Removing the zero filters of a filter-level-L0 bSQH LeNet-5 gives a smaller dense network with the "
+            "same outputs",
+            f"largest |logit difference| between the sparse model and remove_zero_filters' export on 256 test images "
+            f"(float32; seed {st['seed']}, multiply-add target {STRUCTURED_MACS:g}, {epochs} epochs)",
+            st["max_diff"], "<=", EXPORT_TOL, source="project", falsified_by="no-bias-fold",
+            details={k: v for k, v in st.items() if not k.startswith("time")}))
+        tables.append(Table(
+            f"Filter-level L0 priced by multiply-adds (target {STRUCTURED_MACS:g}), zero filters removed "
+            f"(seed {st['seed']}; inference on 256 images, no grad, interleaved medians, {ctx.device}; machine dependent)",
+            ["MAC fraction", "weight density", "widths (6, 16, 120, 84) ->", "parameters", "test acc (exported)",
+             "max |diff|", "inference dense (ms)", "exported (ms)", "ratio"],
+            [[round(st["macs"], 4), round(st["density"], 4), str(tuple(st["widths"])),
+              f"{st['params_dense']} -> {st['params_exported']}", f"{st['test_acc']:.4f} ({st['test_acc_exported']:.4f})",
+              f"{st['max_diff']:.2g}", round(st["time_dense"] * 1e3, 2), round(st["time_exported"] * 1e3, 2),
+              round(st["time_ratio"], 3)]]))
+    # size full: the frontier on every other dataset present, and the time per epoch on each
+    full_out: dict[str, Any] = {}
+    for k, (name, data) in enumerate(loaded.items() if run_frontier else []):
+        part, pval = _carve_validation(data, ctx.seed)
+        if k:
+            other = frontier(ctx, part, pval, seeds, rhos, epochs, ft_epochs, batch, run_baselines)
+            tables.append(Table(f"Accuracy vs density (LeNet-5, {name}, mean over {n_seeds} seeds, {epochs} + "
+                                f"{ft_epochs} epochs)", ["method", "target density", "density", "test acc",
+                                                         "val acc", ""], _frontier_rows(other, rhos, None)))
+            full_out[name] = dict(frontier={a: b for a, b in other.items() if not a.startswith("_")})
+        t = epoch_times(ctx, part, seeds[0], batch, FULL["timing_epochs"], FULL["timing_iterations"])
+        full_out.setdefault(name, {})["timing"] = t
+        tables.append(Table(f"Time per epoch, {name} ({t['n_train']} training images, {t['device']}; median)",
+                            ["mode", "seconds", "note"],
+                            [["mini-batch bSQH", round(statistics.median(t["mini_epoch_s"]), 3), f"batch {batch}"],
+                             ["full-batch bSQH", round(statistics.median(t["full_iteration_s"]), 3),
+                              f"one iteration = one pass, {t['full_trials_per_iteration']:.2f} trials"]]))
     metrics = dict(mechanism={k: v for k, v in md.items()},
                    frontier={k: v for k, v in (fr or {}).items() if not k.startswith("_")}, layer_rules=lr_runs,
-                   sparsity_report=report, seeds=seeds, epochs=epochs, finetune_epochs=ft_epochs,
+                   sparsity_report=report, structured=st, full=full_out, seeds=seeds, epochs=epochs, finetune_epochs=ft_epochs,
                    n_train=len(ds.x_train), n_val=len(val[0]), n_test=len(ds.x_test),
                    suite_time_s=time.perf_counter() - t_start)
     write_json(ctx.path("pmp_results.json"), metrics)
-    notes.append(f"Seeds: {n_seeds} ({seeds}) for every claim. Frontier: LeNet-5 on {len(ds.x_train)} mnist5k "
+    notes.append(f"Seeds: {n_seeds} ({seeds}) for every claim. Frontier: LeNet-5 on {len(ds.x_train)} {ds.name} "
                  f"training images, {len(val[0])} validation images carved from the training split (the operating target "
                  f"point and Adam's lr are chosen there), {len(ds.x_test)} test images used only for the reported "
                  f"accuracies. Mechanism: {len(sub.x_train)} training images, {len(sub.x_test)} test images.")

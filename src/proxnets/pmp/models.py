@@ -8,11 +8,29 @@ parameters for MNIST. ``SmallLeNet5``: a narrower version for fast tests.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from proxnets.utils.validation import check_tensor
 
-__all__ = ["LeNet5", "SmallLeNet5"]
+__all__ = ["LeNet5", "MaxPool2x2", "SmallLeNet5"]
+
+
+class MaxPool2x2(nn.Module):
+    """2x2 max-pooling, stride 2 (``nn.MaxPool2d(2)``), with a faster path when no gradient is needed.
+
+    Without autograd (bSQH's trial forward, evaluation) the maximum of the four strided views
+    ``x[..., i::2, j::2]`` is taken: the same values bit for bit (a maximum is exact; odd trailing
+    rows/columns are dropped as ``max_pool2d`` does), ~10x faster than ``max_pool2d`` on this CPU,
+    which also computes the indices for a backward pass. With autograd: ``F.max_pool2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.max_pool2d(x, 2)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        return torch.maximum(torch.maximum(x[..., ::2, ::2], x[..., 1::2, ::2]),
+                             torch.maximum(x[..., ::2, 1::2], x[..., 1::2, 1::2]))
 
 
 class LeNet5(nn.Module):
@@ -29,7 +47,7 @@ class LeNet5(nn.Module):
         self.fc1 = nn.Linear(c2 * h2 * w2, f1)
         self.fc2 = nn.Linear(f1, f2)
         self.fc3 = nn.Linear(f2, num_classes)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.input_shape = (c, h, w)
         # activations as modules (not torch.relu): the seed's layer is map -> activation -> pool,
         # and LayerTape sees a module applied to a layer's output as part of that layer

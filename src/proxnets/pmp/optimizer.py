@@ -356,19 +356,48 @@ class BSQH(torch.optim.Optimizer):
         return d
 
     def _price_for_density(self, layers, eps_l: list[float]) -> float | None:
-        """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights."""
-        scores = []
-        for i, (_, p, group, w_k, g) in enumerate(layers):
-            if not group.get("adapt_rho"):
-                continue
-            reg, e = group["regularizer"], eps_l[i] / group["lr"]
-            z2 = (w_k - g / (2.0 * e)) ** 2
-            beta = reg.l0_weight(w_k)
-            # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
-            scores.append((z2 * (e / (beta * (1.0 + group["l2_weight"] / (2.0 * e))))).reshape(-1))
-        if not scores:
+        """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights.
+
+        With ``structure="filter"`` a filter ``o`` of ``m`` weights is kept iff ``rho < rho_o``,
+        ``rho_o = |z_o|^2 eps / (beta_o (1 + c / (2 eps)))``, ``beta_o = m beta / n`` (no box, no L1:
+        see :mod:`.regularizers`); the filters are taken by decreasing ``rho_o`` until their L0 prices
+        ``beta_o`` reach ``d_k`` x the total price (the nearest a whole number of filters can make):
+        the fraction of weights when all layers price a weight alike, of multiply-adds with
+        :func:`~proxnets.pmp.sparsity.mac_param_groups`.
+        """
+        adapt = [(i, layer) for i, layer in enumerate(layers) if layer[2].get("adapt_rho")]
+        if not adapt:
             return None
-        s = torch.cat(scores)
+        filters = any(layer[2]["regularizer"].structure == "filter" for _, layer in adapt)
+        scores, sizes = [], []
+        if not filters:  # per weight: the scores written into one buffer (no concatenation)
+            s = torch.empty(sum(layer[3].numel() for _, layer in adapt), dtype=adapt[0][1][3].dtype,
+                            device=adapt[0][1][3].device)
+            offset = 0
+        for i, (_, p, group, w_k, g) in adapt:
+            reg, e = group["regularizer"], eps_l[i] / group["lr"]
+            beta = reg.l0_weight(w_k)
+            factor = e / (beta * (1.0 + group["l2_weight"] / (2.0 * e)))
+            if not filters:
+                # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
+                z = s[offset:offset + w_k.numel()].view_as(w_k)
+                offset += w_k.numel()
+                torch.add(w_k, g, alpha=-0.5 / e, out=z)
+                z.mul_(z).mul_(factor)
+                continue
+            z2 = (w_k - g / (2.0 * e)) ** 2
+            # the sizes are L0 prices (beta / n per weight): the target is the kept fraction of the
+            # total price, i.e. of the weights when every layer has the same price per weight
+            if reg.structure == "filter":
+                z2 = z2.reshape(z2.shape[0], -1) if z2.dim() else z2.reshape(1, 1)
+                m = z2.shape[1]
+                scores.append(z2.sum(1) * (factor / m))
+                sizes.append(torch.full((z2.shape[0],), m * beta, dtype=torch.float64, device=z2.device))
+            else:
+                scores.append((z2 * factor).reshape(-1))
+                sizes.append(torch.full((z2.numel(),), beta, dtype=torch.float64, device=z2.device))
+        if filters:
+            return self._price_for_group_density(torch.cat(scores).double(), torch.cat(sizes))
         k = int(round(self.density_target() * s.numel()))
         if k >= s.numel():
             return 0.5 * float(s.min())  # everything is kept at any price below the smallest
@@ -379,6 +408,18 @@ class BSQH(torch.optim.Optimizer):
         lo, hi = float(lo_t), float(above.min()) if k > 0 and above.numel() else math.inf
         if not math.isfinite(hi):
             return 2.0 * lo if lo > 0 else 1.0
+        return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+
+    def _price_for_group_density(self, s: torch.Tensor, sizes: torch.Tensor) -> float:
+        """Groups with prices ``s`` and weight counts ``sizes``: the rho keeping the top groups whose
+        weights come nearest to ``round(d_k N)``."""
+        order = torch.argsort(s, descending=True)
+        s, cum = s[order], torch.cumsum(sizes[order], 0)
+        k = self.density_target() * float(cum[-1])
+        j = int(torch.argmin((cum - k).abs()))  # groups 0..j kept
+        if j + 1 >= s.numel():
+            return 0.5 * float(s[-1])
+        lo, hi = float(s[j + 1]), float(s[j])
         return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
 
     def _sweep(self, closure: Callable) -> torch.Tensor:
@@ -456,6 +497,7 @@ class BSQH(torch.optim.Optimizer):
             self.recorder.enabled = True
             self.recorder.clear()
         self._pending = None
+        terms_cache, self._terms_cache = getattr(self, "_terms_cache", None), None
         loss = self._sweep(closure)
         if self.tape is not None:
             self.tape.enabled = False
@@ -472,7 +514,16 @@ class BSQH(torch.optim.Optimizer):
         hamiltonian = self.recorder.hamiltonian() if self.recorder is not None else None
         if self.recorder is not None:
             self.recorder.enabled = False
-        reg_k = self.regularization()  # target_density mode recomputes it per trial (rho changes)
+        # the regularizer's terms at u_k, once: R is linear in them, so J_B(u_k) at any trial's rho
+        # comes from them (synchronized with the trial's numbers, one transfer per trial)
+        regs = [(p, group) for _, p, group in self._layers() if group["rho"] > 0 or group.get("adapt_rho")]
+        versions = [p._version for p, _ in regs]
+        cached = terms_cache
+        if cached is not None and cached[0] == versions and cached[1] == [_terms_key(g["regularizer"]) for _, g in regs]:
+            reg_terms_k = cached[2]  # the weights are the last accepted trial's: its terms
+        else:
+            reg_terms_k = torch.stack([_reg_terms(group, p.detach()) for p, group in regs]) if regs else None
+        reg_k = self.regularization() if not layers else math.nan  # set per trial
         j_k = loss_k + reg_k
         eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
         lrs = torch.tensor([group["lr"] for _, _, group, _, _ in layers], dtype=torch.float64)
@@ -492,26 +543,38 @@ class BSQH(torch.optim.Optimizer):
                             if group["l2_weight"] and rho > 0:
                                 group["regularizer"] = dataclasses.replace(
                                     group["regularizer"], lam2=group["l2_weight"] / rho)
-                    reg_k = self.regularization()  # the weights are at u_k here (restored after a rejection)
-                    j_k = loss_k + reg_k
-                    record.update(J_before=j_k)
             if self.layer == "map+activation":
                 nonlinear, layer_stats = self._nonlinear_updates(layers, eps)
             else:
                 nonlinear = {}
-            sq, dots = [], []
+            sq, dots, new = [], [], {}
             for i, (name, p, group, w_k, g) in enumerate(layers):
                 w = nonlinear.get(i)
                 if w is None:
                     w = self.rule(w_k, g, eps_l[i] / group["lr"], group["rho"], group["regularizer"])
                 p.copy_(w)
+                new[id(p)] = w
                 d = w - w_k
-                sq.append((d * d).sum())
+                sq.append((d * d).sum())  # torch's cascade sum (torch.dot's float32 sum is ~10x less exact)
                 dots.append((g * d).sum())
-            both = torch.stack([torch.stack(sq), torch.stack(dots)]).double().cpu()  # one synchronization
-            tau = both[0].clone()
-            lin = float(both[1].sum())
+            parts = [torch.stack(sq), torch.stack(dots)]
+            if regs:
+                reg_terms_new = torch.stack([_reg_terms(group, new[id(p)]) if id(p) in new else reg_terms_k[j]
+                                             for j, (p, group) in enumerate(regs)])
+                parts += [reg_terms_k.reshape(-1), reg_terms_new.reshape(-1)]
+            both = torch.cat([q.double() for q in parts]).cpu()  # one synchronization
+            n = len(layers)
+            tau = both[:n].clone()
+            lin = float(both[n:2 * n].sum())
             total_tau = float(tau.sum())
+            if regs:  # rho R at u_k and at the trial, with this trial's rho (target_density adapts it)
+                coef = torch.tensor([_reg_coef(group) for _, group in regs], dtype=torch.float64)
+                t = both[2 * n:].reshape(2, len(regs), 3)
+                reg_k, reg_new = float((coef * t[0]).sum()), float((coef * t[1]).sum())
+            else:
+                reg_k = reg_new = 0.0
+            j_k = loss_k + reg_k
+            record.update(J_before=j_k)
             if total_tau <= self.kappa:  # the maximizer is (within kappa) u_k itself: a stationary point
                 for _, p, _, w_k, _ in layers:
                     p.copy_(w_k)
@@ -522,7 +585,6 @@ class BSQH(torch.optim.Optimizer):
                 break
             rs["converged"] = False
             loss_new = self._trial_loss(closure)
-            reg_new = self.regularization()
             j_new = loss_new + reg_new
             trial = TrialStep(tau=tau.clone(), lin=lin, d_loss=loss_new - loss_k, d_reg=reg_new - reg_k, eta=self.eta)
             if self.sufficient_decrease(j_new, j_k, total_tau):
@@ -534,6 +596,9 @@ class BSQH(torch.optim.Optimizer):
                 record.update(J_after=j_new, loss_after=loss_new,
                               augmented_gain=gain - float((eps / lrs * tau).sum()))
                 eps = self.eps_rule.accept(eps, trial)
+                if regs:  # the next step starts here: its terms at u_k are these
+                    self._terms_cache = ([p._version for p, _ in regs], [_terms_key(g["regularizer"]) for _, g in regs],
+                                         reg_terms_new)
                 if self._pending is not None:
                     params = [p for g in self.param_groups for p in g["params"]]
                     self._reuse = (self._pending, [p._version for p in params])
@@ -579,6 +644,30 @@ class BSQH(torch.optim.Optimizer):
             record.setdefault("augmented_gain", math.nan)
             self.history.append(record)
         return loss
+
+
+def _reg_terms(group: dict[str, Any], w: torch.Tensor) -> torch.Tensor:
+    """The ``(3,)`` terms of ``R(w)`` whose combination with :func:`_reg_coef` is ``rho R(w)``."""
+    reg = group["regularizer"]
+    if isinstance(reg, SparseRegularizer):
+        return reg.terms(w)
+    v = reg.value(w)
+    z = v.new_zeros(())
+    return torch.stack([v, z, z])
+
+
+def _terms_key(reg: Any) -> Any:
+    """What :meth:`SparseRegularizer.terms` depends on (not lam2's value, which target_density changes)."""
+    if isinstance(reg, SparseRegularizer):
+        return (reg.beta, reg.normalize, reg.count, reg.structure, reg.lam1 != 0, reg.lam2 != 0)
+    return id(reg)
+
+
+def _reg_coef(group: dict[str, Any]) -> tuple[float, float, float]:
+    reg, rho = group["regularizer"], group["rho"]
+    if isinstance(reg, SparseRegularizer):
+        return (rho, rho * reg.lam1, 0.5 * rho * reg.lam2)
+    return (rho, 0.0, 0.0)
 
 
 def _same_reg(reg: Any, fields: dict[str, Any]) -> bool:

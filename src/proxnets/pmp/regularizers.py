@@ -25,6 +25,27 @@ i.e. ``prox_{t r}(z)``. For ``r`` above it has the closed form
 (The nonzero branch has value ``z^2/2 - max(|z|-t lam1, 0)^2 / (2 (1 + t lam2)) + t beta``
 against ``z^2/2`` at zero.) A tie goes to zero, so the result is always an exact maximizer and
 zeros are exact zeros.
+
+**Filter-level (structured) L0** (``structure="filter"``). The groups are the slices ``w[o]`` of a
+tensor along its first dimension (an output filter of a convolution, an output row of a linear
+map; a 1-d tensor: every entry is its own group), of size ``m``, and
+
+    r(w) = sum_o [ (beta m / n) 1[w[o] != 0] + sum_{i in o} (lam1 |w_i| + (lam2 / 2) w_i^2) ],
+
+i.e. a nonzero filter costs the L0 price of all its ``m`` weights (so with ``normalize="group"``
+``R`` is still ``beta`` x the fraction of weights that are nonzero, now counted in whole filters).
+The group prox ``argmin_v (1/2)|v - z_o|^2 + t r_o(v)`` has two branches. Off: ``v = 0``, value
+``|z_o|^2 / 2``. On: given ``v != 0`` the rest of ``r_o`` is separable, so each coordinate takes the
+boxed 1-d minimizer ``m_i = min(max(|z_i| - t lam1, 0) / (1 + t lam2), bound)``, ``v_i = sign(z_i) m_i``;
+value ``sum_i [(1/2)(m_i - |z_i|)^2 + t (lam1 m_i + lam2 m_i^2 / 2)] + t beta m / n``. The filter is
+kept iff the on-value is strictly smaller:
+
+    keep  iff  sum_i gap_i + t beta m / n < 0,   gap_i = (1/2)(m_i - |z_i|)^2 + t (lam1 m_i + lam2 m_i^2 / 2) - z_i^2 / 2.
+
+Without L1 and box (``m_i = |z_i| / (1 + t lam2)``) this is ``|z_o|^2 > 2 t (beta m / n) (1 + t lam2)``:
+group hard thresholding of the filter's norm. Both branches are exact minimizers of their
+(convex, resp. constant) problems, so the comparison is the exact group maximizer of the
+augmented Hamiltonian, with exact zero filters.
 """
 
 from __future__ import annotations
@@ -37,7 +58,7 @@ import torch
 
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
-__all__ = ["NORMALIZATIONS", "Regularizer", "SparseRegularizer", "soft_threshold"]
+__all__ = ["NORMALIZATIONS", "STRUCTURES", "Regularizer", "SparseRegularizer", "soft_threshold"]
 
 
 @runtime_checkable
@@ -62,6 +83,12 @@ def soft_threshold(z: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
 
 
 NORMALIZATIONS = ("none", "layer", "group")
+STRUCTURES = ("weight", "filter")
+
+
+def _groups(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as ``(groups, group size)``: one row per slice along the first dimension."""
+    return w.reshape(w.shape[0], -1) if w.dim() else w.reshape(1, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +107,8 @@ class SparseRegularizer:
     ``rho R <= rho beta`` ("group"), so for ``rho beta < log K - CE`` a trained network beats zero.
     ``bound`` is the admissible set ``U_ad = {|w| <= bound}`` (a box; ``inf``: none): the maximizer
     of the Hamiltonian is taken over it (the prox below clips, then compares with zero).
+    ``structure``: ``"weight"`` (each weight its own L0 term) or ``"filter"`` (group L0 over the
+    slices along the first dimension, output filters/rows; see the module docstring).
     """
 
     beta: float = 1.0
@@ -88,11 +117,13 @@ class SparseRegularizer:
     normalize: str = "none"
     count: int | None = None
     bound: float = math.inf
+    structure: str = "weight"
 
     def __post_init__(self) -> None:
         for name in ("beta", "lam1", "lam2"):
             check_number(name, getattr(self, name), low=0.0)
         check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_choice("structure", self.structure, STRUCTURES)
         if self.count is not None:
             check_int("count", self.count, low=1)
         if not (isinstance(self.bound, (int, float)) and self.bound > 0 and not math.isnan(self.bound)):
@@ -111,23 +142,44 @@ class SparseRegularizer:
 
     def value(self, w: torch.Tensor) -> torch.Tensor:
         """``R(w) = sum r(w_i)`` (the box is not checked here: the prox never leaves it)."""
-        out = w.new_zeros(())
-        if self.beta:
-            out = out + self.l0_weight(w) * (w != 0).sum().to(w.dtype)
-        if self.lam1:
-            out = out + self.lam1 * w.abs().sum()
-        if self.lam2:
-            out = out + 0.5 * self.lam2 * (w * w).sum()
-        return out
+        t = self.terms(w)
+        return t[0] + self.lam1 * t[1] + 0.5 * self.lam2 * t[2]
+
+    def terms(self, w: torch.Tensor) -> torch.Tensor:
+        """``(L0 price of w, |w|_1, |w|^2)`` as a ``(3,)`` tensor: ``R = t0 + lam1 t1 + (lam2 / 2) t2``.
+
+        ``R`` is linear in these, so the optimizer evaluates it for any ``rho`` and ``lam2`` from
+        one pass over the weights (terms that are priced at 0 are not computed).
+        """
+        zero = w.new_zeros(())
+        if not self.beta:
+            l0 = zero
+        elif self.structure == "filter":  # every weight of a nonzero filter is priced
+            g = _groups(w)
+            l0 = self.l0_weight(w) * g.shape[1] * (g != 0).any(1).sum().to(w.dtype)
+        else:
+            l0 = self.l0_weight(w) * torch.count_nonzero(w).to(w.dtype)
+        l1 = w.abs().sum() if self.lam1 else zero
+        sq = (w * w).sum() if self.lam2 else zero
+        return torch.stack([l0, l1, sq])
 
     def prox(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        if self.structure == "filter":
+            return self._group_prox(z, t)
         beta = self.l0_weight(z)
         scale = 1.0 + t * self.lam2
         b = self.bound
         # the box only clips: when b^2 (1 + t lam2) / 2 > t beta every clipped entry is kept by both
         # the plain and the boxed comparison with zero (see the docs), so clip the plain result
         clip_only = not math.isfinite(b) or (isinstance(t, float) and b * b * scale > 2.0 * t * beta)
-        if self.lam1 == 0.0 and clip_only:  # the common case, fewest passes over the weights
+        if self.lam1 == 0.0 and clip_only and isinstance(t, float):  # the common case: hard thresholding
+            # |z| > sqrt(2 t beta (1 + t lam2)) <=> z^2 > 2 t beta (1 + t lam2); hardshrink keeps |z| > level
+            # strictly (a tie goes to zero) in one pass (a boolean mask + where costs ~10 passes here)
+            w = torch.nn.functional.hardshrink(z, math.sqrt(2.0 * t * beta * scale))
+            if self.lam2:
+                w = w.div_(scale)
+            return w.clamp_(-b, b) if math.isfinite(b) else w
+        if self.lam1 == 0.0 and clip_only:
             keep = z * z > 2.0 * t * beta * scale  # strict: a tie goes to zero
             w = torch.where(keep, z / scale if self.lam2 else z, torch.zeros_like(z))
             return w.clamp_(-b, b) if math.isfinite(b) else w
@@ -142,3 +194,20 @@ class SparseRegularizer:
         gap = 0.5 * (m - z.abs()) ** 2 + t * (beta + self.lam1 * m + 0.5 * self.lam2 * m * m) - 0.5 * z * z
         keep = (m > 0) & (gap < 0)
         return torch.where(keep, torch.sign(z) * m, torch.zeros_like(z))
+
+    def _group_prox(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The filter-level prox (module docstring): per-coordinate on-branch, one comparison per filter."""
+        if isinstance(t, torch.Tensor) and t.numel() > 1:
+            fail("t", "a scalar with structure='filter' (one step per tensor)", f"shape {tuple(t.shape)}")
+        zg = _groups(z)
+        price = t * self.l0_weight(z) * zg.shape[1]  # t x the L0 price of one filter
+        scale = 1.0 + t * self.lam2
+        if self.lam1 == 0.0 and not math.isfinite(self.bound):  # group hard thresholding of |z_o|
+            keep = (zg * zg).sum(1, keepdim=True) > 2.0 * price * scale  # strict: a tie goes to zero
+            w = torch.where(keep, zg / scale if self.lam2 else zg, torch.zeros_like(zg))
+            return w.reshape(z.shape)
+        a = zg.abs()
+        m = torch.clamp(torch.clamp(a - t * self.lam1, min=0.0) / scale, max=self.bound)
+        gap = 0.5 * (m - a) ** 2 + t * (self.lam1 * m + 0.5 * self.lam2 * m * m) - 0.5 * zg * zg
+        keep = (gap.sum(1, keepdim=True) + price < 0) & (m > 0).any(1, keepdim=True)
+        return torch.where(keep, torch.sign(zg) * m, torch.zeros_like(zg)).reshape(z.shape)

@@ -36,12 +36,14 @@ DEFAULT_RHO = 1.0
 def bsqh_optimizer(model: nn.Module, rho: float, optimizer_class: type[BSQH] = BSQH, **options: Any) -> BSQH:
     """BSQH with conv/linear weights at ``rho`` and other parameters at 0 (options override defaults).
 
-    ``optimizer_class``: a subclass of :class:`BSQH` (the suite's broken variants use it).
+    ``optimizer_class``: a subclass of :class:`BSQH` (the suite's broken variants use it);
+    ``param_groups`` (an option): groups to use instead of :func:`sparsity_param_groups`.
     """
     opts = {**BSQH_DEFAULTS, **options}
     if opts.get("layer") == "map+activation":
         opts.setdefault("model", model)
-    return optimizer_class(sparsity_param_groups(model, rho), **opts)
+    groups = opts.pop("param_groups", None)  # e.g. mac_param_groups(model, rho, ...)
+    return optimizer_class(sparsity_param_groups(model, rho) if groups is None else groups, **opts)
 
 
 def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size: int = 64, seed: int = 0,
@@ -69,7 +71,8 @@ def train_bsqh(model: nn.Module, dataset, rho: float, *, epochs: int, batch_size
     if finetune_epochs:
         freeze_sparsity(model)
         tune = bsqh_optimizer(model, 0.0, **{k: v for k, v in options.items()
-                                             if k not in ("target_density", "density_ramp", "density_start")})
+                                             if k not in ("target_density", "density_ramp", "density_start",
+                                                          "param_groups")})
         res = fit(model, dataset, TrainConfig(epochs=finetune_epochs, batch_size=batch_size, seed=seed + 1,
                                               device=str(device), progress=False, schedule=schedule,
                                               eval_every_epoch=eval_every_epoch),
