@@ -375,3 +375,11 @@ def test_parent_major_votes_are_the_dense_votes_with_adjoint_maps():
     us, ws = small_factored()
     assert gradcheck(lambda u, w: dynamic_routing(FactoredVotes(u, w).parent_major(), 3, gradient="all")[0], (us, ws),
                      fast_mode=True)
+
+
+def test_chunked_routing_checks_its_initial_logits(monkeypatch):
+    from proxnets.capsules import routing as R
+
+    monkeypatch.setattr(R, "_MATERIALIZE_BYTES", 0)
+    with pytest.raises(ValueError, match="initial_logits: expected shape"):
+        dynamic_routing(FactoredVotes(*factored()), 3, gradient="last", initial_logits=torch.zeros(B + 1, M, N))

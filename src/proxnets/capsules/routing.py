@@ -372,6 +372,8 @@ def dynamic_routing(
             else:
                 votes = inner = votes.parent_major()  # autograd through every pass; keeps B N M D numbers
         elif tol is None and not trace and (detached or not outer_grad):
+            if initial_logits is not None:
+                check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
             return _chunked_routing(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
                                     initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=_broken)
         else:
