@@ -238,9 +238,27 @@ def _interval(values: list[float]) -> dict:
     return {"mean": m, "interval": [lo, hi], "values": list(values)}
 
 
+def _seeds_needed(diffs: list[float], margin: float, most: int = 200) -> int | None:
+    """Plug-in power estimate: the smallest ``n`` with ``t_(n-1) sd / sqrt(n) + |mean| <= margin`` at the measured
+    mean and spread of the paired differences (``None``: the mean is at or beyond the margin, or ``n > most``).
+    Reported beside an equivalence verdict, never used for it."""
+    from scipy import stats
+
+    m = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1)) if len(diffs) > 1 else math.inf
+    if abs(m) >= margin or not math.isfinite(sd):
+        return None
+    for n in range(2, most + 1):
+        if float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n) + abs(m) <= margin:
+            return n
+    return None
+
+
 def _difference(a: list[float], b: list[float]) -> dict:
     m, lo, hi = difference_interval(a, b)
-    return {"mean": m, "interval": [lo, hi], "worst_end": max(abs(lo), abs(hi))}
+    diffs = [x - y for x, y in zip(a, b)]
+    return {"mean": m, "interval": [lo, hi], "worst_end": max(abs(lo), abs(hi)), "per_seed": diffs,
+            "seeds_needed_estimate": _seeds_needed(diffs, EQUIVALENCE_MARGIN)}
 
 
 def run(ctx: SuiteContext) -> SuiteResult:
