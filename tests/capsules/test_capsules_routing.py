@@ -313,3 +313,73 @@ def test_float32_energy_is_accurate_for_short_capsules():
         _, info = dynamic_routing(u_hat.float(), 20, trace=True)
         e = info.energy.double()
         assert bool((e[1:] <= e[:-1] + 1e-5 * e.abs().amax(0)).all()), scale
+
+
+# --- the three ways factored votes are routed: formed once, in chunks, never formed ----------------
+
+@pytest.mark.parametrize("gradient", ["last", "all"])
+@pytest.mark.parametrize("options", [{}, {"leaky": True}, {"routing": "regularized"}, {"bias": True}, {"init": True}])
+def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, options):
+    """Factored votes are formed once (ParentMajorVotes) when they fit, routed in chunks of the batch when they do
+    not (without gradients through the passes), or through the factored maps: the same map, values and gradients."""
+    from proxnets.capsules import routing as R
+
+    u0, w0 = factored(seed=3)
+    g = torch.Generator().manual_seed(4)
+    bias = 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64) if options.get("bias") else None
+    init = 2 * torch.randn(B, M, N, generator=g, dtype=torch.float64) if options.get("init") else None
+    kw = {k: v for k, v in options.items() if k in ("leaky", "routing")}
+    probe = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    out = {}
+    for name, materialize, chunk in (("formed", 1 << 30, 1 << 30), ("chunked", 0, 2 * N * M * D * 8),
+                                     ("factored", 0, 0)):
+        monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
+        monkeypatch.setattr(R, "_CHUNK_BYTES", chunk)
+        u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if name == "factored":  # gradient="all" and traced runs take this path when the votes do not fit
+            v, info = dynamic_routing(FactoredVotes(u, w), 4, gradient=gradient, bias=bias, initial_logits=init,
+                                      trace=True, **kw)
+        else:
+            v, info = dynamic_routing(FactoredVotes(u, w), 4, gradient=gradient, bias=bias, initial_logits=init, **kw)
+        grads = torch.autograd.grad((v * probe).sum(), (u, w))
+        out[name] = (v.detach(), info.couplings, grads, info.tau)
+    ref = out["factored"]
+    for name in ("formed", "chunked") if gradient == "last" else ("formed",):
+        v, c, grads, tau = out[name]
+        assert torch.allclose(v, ref[0], atol=1e-12, rtol=0)
+        assert torch.allclose(c, ref[1], atol=1e-12, rtol=0)
+        assert torch.allclose(tau, ref[3], rtol=1e-12)
+        for a, b in zip(grads, ref[2]):
+            assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)
+    if gradient == "all":  # too large to form and gradients through every pass: the factored maps, not chunks
+        assert torch.allclose(out["chunked"][0], ref[0], atol=1e-12, rtol=0)
+
+
+def test_parent_major_votes_are_the_dense_votes_with_adjoint_maps():
+    from proxnets.capsules.votes import ParentMajorVotes
+
+    u, w = factored(requires_grad=True)
+    fv = FactoredVotes(u, w)
+    pm = fv.parent_major()
+    assert isinstance(pm, ParentMajorVotes) and pm.u_pm.is_contiguous()
+    assert torch.equal(pm.dense(), fv.dense())
+    assert torch.allclose(pm.vote_scale(), DenseVotes(fv.dense()).vote_scale())
+    assert torch.allclose(pm.column_sq_norms(), fv.column_sq_norms(), rtol=1e-12)
+    c = torch.rand(B, M, N, dtype=torch.float64)
+    v = torch.randn(B, N, D, dtype=torch.float64)
+    assert torch.allclose(pm.combine(c), fv.combine(c), atol=1e-12)
+    assert torch.allclose(pm.agree(v), fv.agree(v), atol=1e-12)
+    lhs, rhs = (pm.combine(c) * v).sum().detach(), (c * pm.agree(v)).sum().detach()
+    assert float(abs(lhs - rhs)) < 1e-10 * float(abs(lhs))
+    assert torch.equal(fv.parent_major(slice(1, 3)).u_pm, pm.u_pm[1:3])
+    us, ws = small_factored()
+    assert gradcheck(lambda u, w: dynamic_routing(FactoredVotes(u, w).parent_major(), 3, gradient="all")[0], (us, ws),
+                     fast_mode=True)
+
+
+def test_chunked_routing_checks_its_initial_logits(monkeypatch):
+    from proxnets.capsules import routing as R
+
+    monkeypatch.setattr(R, "_MATERIALIZE_BYTES", 0)
+    with pytest.raises(ValueError, match="initial_logits: expected shape"):
+        dynamic_routing(FactoredVotes(*factored()), 3, gradient="last", initial_logits=torch.zeros(B + 1, M, N))

@@ -57,3 +57,23 @@ def test_training_one_model_per_setting_uses_that_setting(tmp_path):
     a, _ = train_setting(ctx, ds, "r=3", 0)
     b, _ = train_setting(ctx, ds, "r=3", 0, shuffle_labels=True)
     assert not all((p == q).all() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_seeds_needed_is_the_smallest_n_whose_interval_fits_the_margin():
+    import math
+
+    from scipy import stats
+
+    from proxnets.capsules.experiments import _seeds_needed
+
+    diffs = [-0.01, -0.002, -0.01]
+    m = sum(diffs) / 3
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / 2)
+    n = _seeds_needed(diffs, 0.01)
+
+    def fits(k):
+        return stats.t.ppf(0.975, k - 1) * sd / math.sqrt(k) + abs(m) <= 0.01
+
+    assert n is not None and fits(n) and not fits(n - 1)
+    assert _seeds_needed([-0.015, -0.015, -0.004], 0.01) is None  # the mean itself is beyond the margin
+    assert _seeds_needed([0.0, 0.0, 0.0], 0.01) == 2
