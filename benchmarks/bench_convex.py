@@ -76,7 +76,7 @@ def run_exact(n: int, iters: int, data, tmp: Path) -> dict:
     return row
 
 
-def main_exact(iters: int, json_path: str | None) -> None:
+def main_exact(iters: int, json_path: str | None, sizes: tuple[int, ...] = (250, 500, 1000)) -> None:
     torch.set_num_threads(1)
     fixed_mmap_threshold()
     data = load_dataset("mnist5k")
@@ -84,7 +84,7 @@ def main_exact(iters: int, json_path: str | None) -> None:
     DCCNN(**EXACT_FEAT, loss="hinge", feature_map="exact", max_iter=1).fit(small.x_train, small.y_train)  # warm-up
     CCNN(**EXACT_FEAT, n_features=256, max_iter=1).fit(small.x_train, small.y_train)
     rows, tmp = [], Path(tempfile.mkdtemp(prefix="bench_convex_exact_"))
-    for n in (250, 500, 1000):
+    for n in sizes:
         r = run_exact(n, iters, data, tmp)
         rows.append(r)
         print(f"n={n}: exact dual {r['exact_mem_mb']:.1f} MiB {r['exact_time_s'] / r['exact_iters']:.1f} s/iter | "
@@ -100,9 +100,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--exact", action="store_true", help="the kernel-only dual vs cached CCNN at n = 250, 500, 1000")
     ap.add_argument("--iters", type=int, default=1, help="iterations per fit with --exact")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000], help="training sizes with --exact")
     args = ap.parse_args()
     if args.exact:
-        return main_exact(args.iters, args.json)
+        return main_exact(args.iters, args.json, tuple(args.sizes))
     torch.set_num_threads(1)  # shared 2-core machine: one thread per process, both methods alike
     fixed_mmap_threshold()  # peak RSS = live memory, not allocator history (both methods alike)
     data = load_dataset("mnist5k")
