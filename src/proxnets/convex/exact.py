@@ -10,14 +10,17 @@ patches of its window ``W_p``. With the pooling matrix ``S (J, P)`` (``S[a, p] =
 
 ``k(X_i, X_j)`` the ``J x J`` patch Gram block and ``s`` one global scale (the mean of
 ``tr K(x_i, x_i) / P`` over training images equals 1, as CCNN's features are scaled). A block of
-``b_1 x b_2`` images is one GEMM on the stacked patches, the kernel applied elementwise, then the
-pooling as two small GEMMs: no patch pair is formed twice and nothing of size ``n^2 P^2`` is held.
+``b_1 x b_2`` images (at most :data:`BLOCK_PATCHES` patches per side, sized to stay in cache) is one
+GEMM on the stacked patches (for RBF the exponent itself, see :meth:`PatchKernel._gram`), the kernel
+applied in place, then the pooling applied once to the Gram block as sums of strided slices: no
+patch pair is formed twice and nothing of size ``n^2 P^2`` is held.
 
 :class:`PatchKernel` holds the fitted patch pipeline and the training images (patches are
 recomputed per block);
-:meth:`PatchKernel.contract` computes ``C_i = sum_j b_j K(x_i, x_j)`` for several weight vectors
-``b`` at once, streaming ``(rows, support)`` blocks, reduced on the fly when asked
-(``sum_i a_i C_i`` or ``V^T C_i V``): memory ``n r^2`` per weight vector plus one block.
+:meth:`PatchKernel.quadratic` computes ``M_k = sum_ij w_ki w_kj K(x_i, x_j)`` over half the block
+pairs (symmetry); :meth:`PatchKernel.contract` computes ``C_i = sum_j b_j K(x_i, x_j)`` for several
+weight vectors ``b`` at once, streaming ``(rows, support)`` blocks, each reduced on the fly by a
+caller's function (e.g. ``v^T C_i v``): memory one block plus the reduced output.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from proxnets.utils.benchmark import fresh_peak_memory_mb
 from proxnets.utils.io import write_json
 from proxnets.utils.stats import difference_interval, mean_interval
 
-__all__ = ["run", "MUTATIONS", "memory_job", "exact_memory_job"]
+__all__ = ["run", "MUTATIONS", "memory_job", "exact_memory_job", "exact_bench_job"]
 
 MUTATIONS = {
     "two-iterations": "the dual solver gets a budget of 2 iterations instead of the suite's",
@@ -400,6 +400,32 @@ def exact_memory_job(n: int, seed: int, dense: bool, data_dir: str | None = None
     def work() -> dict:
         res, traces = solve_hinge_dual(kern, y, 1.0, max_iter=2, on_nonconvergence="ignore", dense_kernel=dense)
         return {"dual": traces[0].dual[-1], "positions": kern.n_positions}
+
+    return work
+
+
+BENCH_EXACT = dict(patch_size=5, stride=2, pool_size=2, chunk=64, on_nonconvergence="ignore", random_state=0)
+
+
+def exact_bench_job(n: int, method: str, iters: int = 1, data_dir: str | None = None):
+    """``benchmarks/bench_convex.py --exact``: one fit of ``method`` in {"exact", "ccnn_cached"} on the first
+    ``n`` images of mnist5k (patch 5, stride 2, pool 2: J = 144, P = 36; 10 classes), run by
+    ``fresh_peak_memory_mb``. Outside the measurement: the data and a 40-image warm-up fit."""
+    fixed_mmap_threshold()
+    sub = load_dataset("mnist5k", data_dir=data_dir).subset(n_train=n, n_test=None, seed=0)
+    x, y = sub.x_train.contiguous(), sub.y_train.clone()
+
+    def make(it: int):
+        if method == "exact":
+            return DCCNN(**BENCH_EXACT, loss="hinge", feature_map="exact", C=1.0, max_iter=it)
+        return CCNN(**BENCH_EXACT, n_features=256, lam=1e-2, max_iter=it)
+
+    make(1).fit(x[:40], y[:40])
+
+    def work() -> dict:
+        t0 = time.perf_counter()
+        est = make(iters).fit(x, y)
+        return {"time_s": time.perf_counter() - t0, "iters": est.trace_.iterations}
 
     return work
 
