@@ -228,7 +228,7 @@ class PatchKernel:
             support = torch.nonzero((weights != 0).any(0)).flatten()
         m, p, step = weights.shape[0], self.n_positions, self._step
         ws = weights[:, support].to(self.dtype)  # (m, s)
-        pieces: list[tuple[torch.Tensor, ...]] = []
+        out: tuple[torch.Tensor, ...] | None = None  # allocated from the first block's shapes: no concatenation copy
         idx = torch.arange(n_rows, device=weights.device)
         cols = [(support[b : b + step], ws[:, b : b + step]) for b in range(0, support.numel(), step)]
         for a in range(0, n_rows, step):
@@ -238,8 +238,12 @@ class PatchKernel:
             acc = torch.zeros(m, min(step, n_rows - a), p, p, dtype=self.dtype, device=weights.device)
             for ib, wb in cols:
                 acc += torch.einsum("apbq,mb->mapq", self._pair(ia, ib, xa), wb)
-            pieces.append((acc,) if reduce is None else reduce(acc, slice(a, a + acc.shape[1])))
-        if not pieces:
+            sl = slice(a, a + acc.shape[1])
+            piece = (acc,) if reduce is None else reduce(acc, sl)
+            if out is None:
+                out = tuple(t.new_zeros(t.shape[0], n_rows, *t.shape[2:]) for t in piece)
+            for o, t in zip(out, piece):
+                o[:, sl] = t
+        if out is None:
             return torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=weights.device)
-        out = tuple(torch.cat(parts, 1) for parts in zip(*pieces))
         return out[0] if reduce is None else out
