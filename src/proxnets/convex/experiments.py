@@ -398,7 +398,7 @@ def exact_memory_job(n: int, seed: int, dense: bool, data_dir: str | None = None
     kern = PatchKernel(feat, "rbf", 0.2).fit(x, torch.Generator().manual_seed(seed))
 
     def work() -> dict:
-        res, traces = solve_hinge_dual(kern, y, 1.0, max_iter=2, on_nonconvergence="ignore", dense_kernel=dense)
+        res, traces = solve_hinge_dual(kern, y, 1.0, max_iter=1, on_nonconvergence="ignore", dense_kernel=dense)
         return {"dual": traces[0].dual[-1], "positions": kern.n_positions}
 
     return work
