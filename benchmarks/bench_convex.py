@@ -10,7 +10,8 @@ reached and the test error. Runs are single: a full fit takes minutes on 2 share
 
 ``--exact``: DCCNN(loss="hinge", feature_map="exact") (kernel blocks streamed) against CCNN with
 cached random features (D = 256) on the same patches (5x5, stride 2, pool 2: P = 36), 10 classes
-one-vs-rest, a fixed number of iterations each: peak memory added and seconds per iteration.
+one-vs-rest, a fixed number of iterations each, each fit in a fresh interpreter
+(:func:`proxnets.convex.experiments.exact_bench_job`): peak memory added and seconds per iteration.
 """
 
 from __future__ import annotations
@@ -53,39 +54,19 @@ def run(n: int, max_iter: int, data, tmp: Path) -> dict:
     return row
 
 
-EXACT_FEAT = dict(patch_size=5, stride=2, pool_size=2, chunk=64, on_nonconvergence="ignore", random_state=0)
+def main_exact(iters: int, json_path: str | None, sizes: tuple[int, ...] = (250, 500, 1000)) -> None:
+    """Each fit in a fresh interpreter (``fresh_peak_memory_mb``: VmHWM reset, minus VmRSS before the
+    fit; a forked child would count the library pages it faults in, a ~30 MiB floor for both methods)."""
+    from proxnets.utils.benchmark import fresh_peak_memory_mb
 
-
-def run_exact(n: int, iters: int, data, tmp: Path) -> dict:
-    """Exact-kernel dual vs cached CCNN, each fit in a forked child (peak memory, seconds per iteration)."""
-    sub = data.subset(n_train=n, n_test=None, seed=0)
-    row = {"n": n}
-    for name, make in (("exact", lambda: DCCNN(**EXACT_FEAT, loss="hinge", feature_map="exact", C=1.0, max_iter=iters)),
-                       ("ccnn_cached", lambda: CCNN(**EXACT_FEAT, n_features=256, lam=1e-2, max_iter=iters))):
-        out = tmp / f"{name}_{n}.json"
-
-        def fit(make=make, out=out) -> None:
-            t0 = time.perf_counter()
-            est = make().fit(sub.x_train, sub.y_train)
-            write_json(out, {"time_s": time.perf_counter() - t0, "iters": est.trace_.iterations,
-                             "rel_gap": (est.trace_.primal[-1] - est.trace_.dual[-1]) / abs(est.trace_.primal[-1])})
-
-        row[f"{name}_mem_mb"] = peak_memory_mb(fit)
-        for key, v in read_json(out).items():
-            row[f"{name}_{key}"] = v
-    return row
-
-
-def main_exact(iters: int, json_path: str | None) -> None:
-    torch.set_num_threads(1)
-    fixed_mmap_threshold()
-    data = load_dataset("mnist5k")
-    small = data.subset(n_train=40, n_test=None, seed=0)
-    DCCNN(**EXACT_FEAT, loss="hinge", feature_map="exact", max_iter=1).fit(small.x_train, small.y_train)  # warm-up
-    CCNN(**EXACT_FEAT, n_features=256, max_iter=1).fit(small.x_train, small.y_train)
-    rows, tmp = [], Path(tempfile.mkdtemp(prefix="bench_convex_exact_"))
-    for n in (250, 500, 1000):
-        r = run_exact(n, iters, data, tmp)
+    rows = []
+    for n in sizes:
+        r = {"n": n}
+        for name in ("exact", "ccnn_cached"):
+            res = fresh_peak_memory_mb("proxnets.convex.experiments:exact_bench_job", dict(n=n, method=name, iters=iters),
+                                       timeout=3600.0)
+            r[f"{name}_mem_mb"] = res["peak_mb"]
+            r.update({f"{name}_{k}": v for k, v in res["result"].items()})
         rows.append(r)
         print(f"n={n}: exact dual {r['exact_mem_mb']:.1f} MiB {r['exact_time_s'] / r['exact_iters']:.1f} s/iter | "
               f"CCNN cached {r['ccnn_cached_mem_mb']:.1f} MiB {r['ccnn_cached_time_s'] / r['ccnn_cached_iters']:.1f} s/iter | "
@@ -100,9 +81,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--exact", action="store_true", help="the kernel-only dual vs cached CCNN at n = 250, 500, 1000")
     ap.add_argument("--iters", type=int, default=1, help="iterations per fit with --exact")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000], help="training sizes with --exact")
     args = ap.parse_args()
     if args.exact:
-        return main_exact(args.iters, args.json)
+        return main_exact(args.iters, args.json, tuple(args.sizes))
     torch.set_num_threads(1)  # shared 2-core machine: one thread per process, both methods alike
     fixed_mmap_threshold()  # peak RSS = live memory, not allocator history (both methods alike)
     data = load_dataset("mnist5k")

@@ -133,3 +133,38 @@ def test_bad_input(pair):
         DCCNN(**{**EXACT, "patch_size": 9}).fit(x, y)
     with pytest.raises(ValueError, match=r"feature_map: expected 'exact' exactly when loss='hinge'"):
         DCCNN(loss="hinge", feature_map="rff").fit(x, y)
+
+
+@pytest.mark.parametrize("kernel,pool,stride", [("rbf", 2, 2), ("rbf", 3, 1), ("inverse_poly", 2, 1), ("linear", 1, 1)])
+def test_streamed_blocks_equal_the_kernel_definition(pair, kernel, pool, stride):
+    """K(x_i, x_j) = S^T k(X_i, X_j) S / s, from the named kernel and the dense pooling matrix S
+    (the blocks use a fused GEMM and strided-slice pooling); M(b) and C_i(b) from the streamed passes
+    equal the dense sums over that definition."""
+    from proxnets.convex.kernels import kernel as named
+
+    x, y, _, _ = pair
+    feat = PatchFeaturizer(patch_size=3, pool_size=pool, pool_stride=stride, kernel="linear", feature_map="linear")
+    kern = PatchKernel(feat, kernel, 0.2).fit(x[:20])
+    pat = kern._patches_of(kern.train_images)  # (n, J, d)
+    n, j, d = pat.shape
+    g = named(kernel, 0.2)(pat.reshape(-1, d), pat.reshape(-1, d)).reshape(n, j, n, j)
+    ref = torch.einsum("ap,iajb,bq->ipjq", kern.pool, g, kern.pool) / kern.scale  # (n, P, n, P)
+    got = kern._block(pat, pat)
+    assert (got - ref).abs().max() <= 1e-12 * ref.abs().max()
+    w = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w[:, ::3] = 0  # a support that is not every image
+    m_ref = torch.einsum("ki,ipjq,kj->kpq", w, ref, w)
+    assert (kern.quadratic(w) - m_ref).abs().max() <= 1e-10 * m_ref.abs().max()
+    c_ref = torch.einsum("ipjq,kj->kipq", ref, w)
+    assert (kern.contract(w) - c_ref).abs().max() <= 1e-10 * c_ref.abs().max()
+
+
+def test_dense_kernel_variant_gives_the_same_iterates(pair):
+    """The materialized kernel (the suite's broken memory variant) changes memory only, not the solve."""
+    x, y, _, _ = pair
+    a = DCCNN(**{**EXACT, "max_iter": 5}).fit(x, y)
+    b = DCCNN(**{**EXACT, "max_iter": 5}, solver_options={"dense_kernel": True}).fit(x, y)
+    assert np.allclose(a.traces_[0].dual, b.traces_[0].dual, rtol=1e-9)
+    assert b.kernel_.dense is None  # released after the solve
+    with pytest.raises(ValueError, match=r"solver_options: expected None or a dict"):
+        DCCNN(**EXACT, solver_options=[1]).fit(x, y)

@@ -246,13 +246,16 @@ class DCCNN(_ConvexCNN):
       After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
 
     ``verbose``: 0 silent, 1 a progress bar (tqdm, on stderr) with the current gap, 2 also one
-    line per iteration (dual, primal, gap).
+    line per iteration (dual, primal, gap). ``solver_options``: a dict of extra keyword arguments
+    of :func:`~proxnets.convex.hinge.solve_hinge_dual` (exact mode; the convex suite builds its
+    deliberately broken variants through it).
     """
 
     def __init__(self, *, patch_size=5, stride=1, padding=0, contrast_eps=0.1, zca_eps=0.1, kernel="rbf",
                  feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2,
                  n_filters=None, max_iter=300, tol=1e-3, beta0=1.0, chunk=256, image_shape=None, device="cpu",
-                 random_state=0, on_nonconvergence="warn", features="streamed", loss="logistic", C=1.0, verbose=0):
+                 random_state=0, on_nonconvergence="warn", features="streamed", loss="logistic", C=1.0, verbose=0,
+                 solver_options=None):
         self.patch_size, self.stride, self.padding = patch_size, stride, padding
         self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
         self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
@@ -260,6 +263,7 @@ class DCCNN(_ConvexCNN):
         self.chunk, self.image_shape, self.device = chunk, image_shape, device
         self.random_state, self.on_nonconvergence = random_state, on_nonconvergence
         self.features, self.loss, self.C, self.verbose = features, loss, C, verbose
+        self.solver_options = solver_options
 
     def fit(self, X, y):
         check_choice("loss", self.loss, ("logistic", "hinge"))
@@ -311,9 +315,13 @@ class DCCNN(_ConvexCNN):
         k = len(self.classes_)
         cls = [1] if k == 2 else list(range(k))  # binary: one problem, y = +1 for classes_[1]
         ybin = torch.stack([torch.where(yt == c, 1.0, -1.0) for c in cls]).double()
+        if self.solver_options is not None and not isinstance(self.solver_options, dict):
+            fail("solver_options", "None or a dict of keyword arguments of solve_hinge_dual", type(self.solver_options).__name__)
+        opts = dict(self.solver_options or {})
         with _Progress(self.verbose, self.max_iter, "DCCNN (exact kernel dual)") as bar:
             self.binary_, self.traces_ = solve_hinge_dual(self.kernel_, ybin, self.C, max_iter=self.max_iter, tol=self.tol,
-                                                          on_nonconvergence=self.on_nonconvergence, callback=bar.hinge_traces)
+                                                          on_nonconvergence=self.on_nonconvergence, callback=bar.hinge_traces,
+                                                          **opts)
         self.dual_coef_ = torch.stack([b.alpha for b in self.binary_]).cpu().numpy()
         self.duality_gap_ = np.array([t.relative[-1] for t in self.traces_])
         self.n_filters_ = np.array([b.phi.shape[1] for b in self.binary_])
@@ -327,11 +335,11 @@ class DCCNN(_ConvexCNN):
         """``f_k(x) = sum_l sum_p head[l, p] h_l(x)[p]``, ``h_l(x) = C(x) phi_l`` for each binary problem: ``(N, m)``."""
         kern = self.kernel_
         w = torch.stack([b.weights for b in self.binary_])  # (m, n)
-        out = []
-        for i in range(0, x.shape[0], self.chunk):
-            c = kern.contract(w, rows=kern.patches(x[i : i + self.chunk]))  # (m, b, P, P)
-            out.append(torch.stack([torch.einsum("ipq,ql,lp->i", c[k], b.phi, b.head) for k, b in enumerate(self.binary_)], 1))
-        return torch.cat(out)
+
+        def reduce(c: torch.Tensor, rows: slice) -> tuple[torch.Tensor]:  # c (m, b, P, P) -> (m, b)
+            return (torch.stack([torch.einsum("ipq,ql,lp->i", c[k], b.phi, b.head) for k, b in enumerate(self.binary_)]),)
+
+        return kern.contract(w, rows=kern.patches(x), reduce=reduce)[0].T
 
     def _export(self, x: torch.Tensor, g: torch.Generator) -> None:
         """Filters in feature space for :func:`to_torch`: ``g_l = sum_j b_j sum_q phi_l[q] Z~_j[q] / s`` with
@@ -341,7 +349,8 @@ class DCCNN(_ConvexCNN):
             self.featurizers_, self.export_agreement_ = None, None
             return
         feat = copy.deepcopy(kern.featurizer)
-        some = kern._patches_of(x[torch.randperm(x.shape[0], generator=g)[:200].sort().values]).float()
+        n_img = min(200, -(-8192 // kern.n_patches))  # images enough for the 4096 sampled patches (twice over)
+        some = kern._patches_of(x[torch.randperm(x.shape[0], generator=g)[:n_img].sort().values]).float()
         flat = some.reshape(-1, some.shape[-1])
         fmap = "linear" if self.kernel == "linear" else ("rff" if self.kernel == "rbf" else "nystrom")
         sample = flat[torch.randperm(flat.shape[0], generator=g)[:4096]]
@@ -351,12 +360,18 @@ class DCCNN(_ConvexCNN):
         feat.center = torch.zeros(kern.n_positions, dim)
         feat.scale = 1.0
         sup = torch.from_numpy(self.support_)
-        z = torch.cat([feat._raw(x[sup[i : i + self.chunk]]).double() for i in range(0, len(sup), self.chunk)])  # (s, P, D)
         m = len(self.binary_)
         k_out = 2 if m == 1 else m
+        gks = [0.0] * m
+        step = min(self.chunk, 16)  # the feature map's (step, J, D) tensor is the largest thing here
+        for i in range(0, len(sup), step):  # streamed over the support: (step, P, D) at a time
+            rows = sup[i : i + step]
+            z = feat._raw(x[rows]).double()
+            for k, b in enumerate(self.binary_):
+                gks[k] = gks[k] + torch.einsum("j,jqd,ql->dl", b.weights[rows], z, b.phi) / kern.scale  # (D, r)
         filters, heads = [], []
         for k, b in enumerate(self.binary_):
-            gk = torch.einsum("j,jqd,ql->dl", b.weights[sup], z, b.phi) / kern.scale  # (D, r)
+            gk = gks[k] if torch.is_tensor(gks[k]) else torch.zeros(dim, b.phi.shape[1], dtype=torch.float64)
             hk = torch.zeros(b.phi.shape[1], k_out, kern.n_positions, dtype=torch.float64)
             hk[:, 1 if m == 1 else k] = b.head
             filters.append(gk)
@@ -367,8 +382,11 @@ class DCCNN(_ConvexCNN):
         feat.filters = self.filters_
         self.featurizers_ = [feat]
         with torch.no_grad():
-            exported = torch.cat([scores(feat(x[i : i + self.chunk]), self.theta_) for i in range(0, x.shape[0], self.chunk)])
-        self.export_agreement_ = float((exported.argmax(1).numpy() == self.class_scores(x).argmax(1)).mean())
+            exported = torch.cat([scores(feat(x[i : i + step]), self.theta_) for i in range(0, x.shape[0], step)])
+        # the recovered model's training scores come with the solution (no extra kernel pass)
+        f = torch.stack([b.train_scores for b in self.binary_], 1)
+        own = torch.cat([torch.zeros_like(f), f], 1) if m == 1 else f
+        self.export_agreement_ = float((exported.argmax(1) == own.argmax(1)).double().mean())
 
     def class_scores(self, X) -> np.ndarray:
         if getattr(self, "loss", "logistic") != "hinge":

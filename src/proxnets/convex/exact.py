@@ -10,18 +10,22 @@ patches of its window ``W_p``. With the pooling matrix ``S (J, P)`` (``S[a, p] =
 
 ``k(X_i, X_j)`` the ``J x J`` patch Gram block and ``s`` one global scale (the mean of
 ``tr K(x_i, x_i) / P`` over training images equals 1, as CCNN's features are scaled). A block of
-``b_1 x b_2`` images is one GEMM on the stacked patches, the kernel applied elementwise, then the
-pooling as two small GEMMs: no patch pair is formed twice and nothing of size ``n^2 P^2`` is held.
+``b_1 x b_2`` images (at most :data:`BLOCK_PATCHES` patches per side, sized to stay in cache) is one
+GEMM on the stacked patches (for RBF the exponent itself, see :meth:`PatchKernel._gram`), the kernel
+applied in place, then the pooling applied once to the Gram block as sums of strided slices: no
+patch pair is formed twice and nothing of size ``n^2 P^2`` is held.
 
 :class:`PatchKernel` holds the fitted patch pipeline and the training images (patches are
 recomputed per block);
-:meth:`PatchKernel.contract` computes ``C_i = sum_j b_j K(x_i, x_j)`` for several weight vectors
-``b`` at once, streaming ``(rows, support)`` blocks, reduced on the fly when asked
-(``sum_i a_i C_i`` or ``V^T C_i V``): memory ``n r^2`` per weight vector plus one block.
+:meth:`PatchKernel.quadratic` computes ``M_k = sum_ij w_ki w_kj K(x_i, x_j)`` over half the block
+pairs (symmetry); :meth:`PatchKernel.contract` computes ``C_i = sum_j b_j K(x_i, x_j)`` for several
+weight vectors ``b`` at once, streaming ``(rows, support)`` blocks, each reduced on the fly by a
+caller's function (e.g. ``v^T C_i v``): memory one block plus the reduced output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -33,7 +37,7 @@ from proxnets.utils.validation import fail
 
 __all__ = ["PatchKernel", "check_psd_kernel"]
 
-BLOCK_PATCHES = 1024  # patches per side of one Gram block: 1024^2 float64 = 8 MiB
+BLOCK_PATCHES = 512  # patches per side of one Gram block: at most 512^2 float64 = 2 MiB (the L2/L3 cache, not RAM)
 
 
 def check_psd_kernel(k: Callable, sample: torch.Tensor, name: str = "kernel") -> float:
@@ -66,6 +70,7 @@ class PatchKernel:
         self.featurizer, self.kernel_name, self.gamma, self.dtype = featurizer, kernel, gamma, dtype
         self.scale = 1.0
         self.input_scale = 1.0
+        self.dense: torch.Tensor | None = None  # only the broken memory variant holds the full kernel
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images: torch.Tensor, generator: torch.Generator | None = None) -> "PatchKernel":
@@ -77,18 +82,23 @@ class PatchKernel:
         self.pool = pool.reshape(j, pooled[0] * pooled[1]).contiguous()  # S (J, P)
         self.train_images = images  # patches are recomputed per block: n C H W numbers, not n J d
         self.n_patches = j
-        patches = torch.cat([feat.whitened_patches(images[i : i + 256]).norm(dim=-1).amax(1) for i in range(0, images.shape[0], 256)])
+        patches = torch.cat([feat.whitened_patches(images[i : i + 32]).norm(dim=-1).amax(1) for i in range(0, images.shape[0], 32)])
         if self.kernel_name == "inverse_poly":  # 1 / (2 - <x, y>) lives on the unit ball
             self.input_scale = 1.0 / (1.05 * float(patches.max().clamp_min(1e-12)))
         if not callable(self.kernel_name) and self.kernel_name not in KERNELS:
             fail("kernel", f"one of {list(KERNELS)} or a callable (a, b) -> k(a, b)", self.kernel_name)
-        sub = self._patches_of(images[torch.randperm(images.shape[0], generator=generator)[:200].sort().values])
-        flat = sub.reshape(-1, sub.shape[-1])
-        check_psd_kernel(self._k, flat[torch.randperm(flat.shape[0], generator=generator)[:300]])
-        # scale: mean tr K(x_i, x_i) / P = 1 over (a sample of) training images
-        self.scale = 1.0
-        tr = torch.stack([torch.diagonal(self._block(sub[i : i + 1], sub[i : i + 1])[0, :, 0, :]).sum() for i in range(sub.shape[0])])
-        self.scale = float(tr.mean() / self.n_positions)
+        # 200 images (all when n <= 200: no dependence on the generator) in chunks of 16: 300 patches
+        # for the PSD check, and the scale: mean tr K(x_i, x_i) / P = 1 over these images
+        pick = torch.randperm(images.shape[0], generator=generator)[:200].sort().values
+        flat_idx = torch.randperm(pick.numel() * j, generator=generator)[:300]
+        self.scale, tr, sample = 1.0, [], []
+        for c in range(0, pick.numel(), 16):
+            sub = self._patches_of(images[pick[c : c + 16]])  # (b, J, d)
+            local = flat_idx[(flat_idx >= c * j) & (flat_idx < c * j + sub.shape[0] * j)] - c * j
+            sample.append(sub.reshape(-1, sub.shape[-1])[local])
+            tr += [torch.diagonal(self._block(sub[i : i + 1], sub[i : i + 1])[0, :, 0, :]).sum() for i in range(sub.shape[0])]
+        check_psd_kernel(self._k, torch.cat(sample))  # a permutation of the sampled patches: the same spectrum
+        self.scale = float(torch.stack(tr).mean() / self.n_positions)
         if not self.scale > 0:
             fail("kernel", "a kernel with positive values k(x, x) on the training patches", f"mean trace {self.scale}")
         return self
@@ -115,50 +125,125 @@ class PatchKernel:
         return images
 
     # ----------------------------------------------------------------- blocks
-    def _block(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-        """``K(x_a, x_b)`` for image blocks ``(b1, J, d)``, ``(b2, J, d)`` -> ``(b1, P, b2, P)``."""
+    def materialize(self) -> None:
+        """Hold the full kernel tensor ``(n, P, n, P)`` (``n^2 P^2`` numbers): the suite's deliberately
+        broken memory variant only -- what the streamed passes avoid."""
+        idx = torch.arange(self.n, device=self.train_images.device)
+        self.dense = torch.cat([torch.cat([self._pair(idx[a : a + 8], idx[b : b + 8]) for b in range(0, self.n, 8)], 2)
+                                for a in range(0, self.n, 8)], 0)
+
+    def _gram(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Patch Gram block ``k(a, b)`` ``(m1, m2)``: one GEMM, then the named kernel in place.
+
+        RBF: the exponent ``-gamma |a - b|^2 = [sqrt(2 gamma) a, -gamma |a|^2, 1] . [sqrt(2 gamma) b, 1, -gamma |b|^2]``
+        comes out of one GEMM with two extra columns, so the block is swept three times (GEMM,
+        clamp, exp) instead of six; blocks of :data:`BLOCK_PATCHES` patches per side stay in cache."""
+        if callable(self.kernel_name):
+            return self._k(a, b).to(self.dtype)
+        if self.kernel_name == "rbf":
+            r, one_a, one_b = math.sqrt(2 * self.gamma), a.new_ones(a.shape[0], 1), b.new_ones(b.shape[0], 1)
+            la = torch.cat([r * a, -self.gamma * (a * a).sum(1, keepdim=True), one_a], 1)
+            rb = torch.cat([r * b, one_b, -self.gamma * (b * b).sum(1, keepdim=True)], 1)
+            return (la @ rb.T).clamp_max_(0.0).exp_()
+        g = a @ b.T
+        if self.kernel_name == "inverse_poly":  # 1 / (2 - <a, b>)
+            return g.neg_().add_(2.0).reciprocal_()
+        return g  # linear
+
+    def _window_mean(self, v: torch.Tensor, axis: int) -> torch.Tensor:
+        """Average pooling of the patch grid held at dims ``(axis, axis + 1)`` of ``v``: a sum of
+        ``|W|`` strided slices (no copy of ``v``; the same windows as ``avg_pool2d``, overlapping or not)."""
+        feat = self.featurizer
+        size, stride, (hp, wp) = feat.pool_size, feat.pool_stride, feat.pooled_grid
+        out = None
+        for du in range(size):
+            for dv in range(size):
+                idx = [slice(None)] * v.ndim
+                idx[axis] = slice(du, du + stride * (hp - 1) + 1, stride)
+                idx[axis + 1] = slice(dv, dv + stride * (wp - 1) + 1, stride)
+                part = v[tuple(idx)]
+                out = part.clone(memory_format=torch.contiguous_format) if out is None else out.add_(part)
+        return out.mul_(1.0 / (size * size))
+
+    def _pool_block(self, g: torch.Tensor, b1: int, b2: int) -> torch.Tensor:
+        """``S^T k S`` of a patch Gram block ``(b1 J, b2 J)`` as ``(b1, P, b2, P)``: pooling of the
+        columns, then of the rows (``|W|`` adds per output; the dense pooling matrix would cost ``J``)."""
+        feat, j, p = self.featurizer, self.n_patches, self.n_positions
+        if (feat.pool_size, feat.pool_stride) == (1, 1):
+            return g.reshape(b1, j, b2, j)
+        hg, wg = feat.grid
+        t = self._window_mean(g.reshape(b1 * j * b2, hg, wg), 1)  # (b1 J b2, Hp, Wp)
+        t = self._window_mean(t.reshape(b1, hg, wg, b2 * p), 1)  # (b1, Hp, Wp, b2 P)
+        return t.reshape(b1, p, b2, p)
+
+    def _pair(self, ia: torch.Tensor | None, ib: torch.Tensor | None, xa: torch.Tensor | None = None,
+              xb: torch.Tensor | None = None) -> torch.Tensor:
+        """``K(x_a, x_b)`` ``(b1, P, b2, P)`` (scaled) for training indices ``ia``, ``ib`` (or given
+        patches ``xa (b1, J, d)``, ``xb``)."""
+        if self.dense is not None and ia is not None:
+            return self.dense[ia][:, :, ib]
+        xa = self._patches_of(self.train_images[ia]) if xa is None else xa
+        xb = self._patches_of(self.train_images[ib]) if xb is None else xb
         b1, j, d = xa.shape
-        b2 = xb.shape[0]
-        g = self._k(xa.reshape(b1 * j, d), xb.reshape(b2 * j, d))  # (b1 J, b2 J) patch Gram block
-        g = (self.pool.T @ g.reshape(b1, j, b2 * j)).reshape(b1 * self.n_positions * b2, j)  # pool rows: (b1 P b2, J)
-        g = (g @ self.pool).reshape(b1, self.n_positions, b2, self.n_positions)  # pool columns
-        return g / self.scale
+        return self._pool_block(self._gram(xa.reshape(b1 * j, d), xb.reshape(-1, d)), b1, xb.shape[0]).div_(self.scale)
+
+    def _block(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """``K(x_a, x_b)`` for patch blocks ``(b1, J, d)``, ``(b2, J, d)`` -> ``(b1, P, b2, P)``."""
+        return self._pair(None, None, xa, xb)
+
+    @property
+    def _step(self) -> int:
+        return max(1, BLOCK_PATCHES // self.n_patches)  # images per block side
+
+    def quadratic(self, weights: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+        """``M_k = sum_ij w_ki w_kj K(x_i, x_j)`` ``(m, P, P)`` over the training images ``support``
+        (default: those with a nonzero weight). ``K(x_j, x_i) = K(x_i, x_j)^T``, so only block pairs
+        ``A <= B`` are evaluated, each off-diagonal one added with its transpose: half the pass."""
+        if support is None:
+            support = torch.nonzero((weights != 0).any(0)).flatten()
+        m, p = weights.shape[0], self.n_positions
+        out = torch.zeros(m, p, p, dtype=self.dtype, device=weights.device)
+        ws, step = weights[:, support].to(self.dtype), self._step
+        blocks = [(support[a : a + step], ws[:, a : a + step]) for a in range(0, support.numel(), step)]
+        for ia_pos, (ia, wa) in enumerate(blocks):
+            xa = self._patches_of(self.train_images[ia]) if self.dense is None else None
+            for ib, wb in blocks[ia_pos:]:
+                t = torch.einsum("apbq,ma,mb->mpq", self._pair(ia, ib, xa), wa, wb)
+                out += t if ib is ia else t + t.transpose(1, 2)
+        return (out + out.transpose(1, 2)) / 2
 
     def contract(self, weights: torch.Tensor, rows: torch.Tensor | None = None, support: torch.Tensor | None = None,
-                 *, left: torch.Tensor | None = None, project: torch.Tensor | None = None) -> torch.Tensor:
+                 reduce: Callable[[torch.Tensor, slice], tuple[torch.Tensor, ...]] | None = None):
         """``C[k, i] = sum_j weights[k, j] K(x_i, x_j)`` over training ``j`` (only ``weights != 0``).
 
         ``weights (m, n)``; ``rows``: images ``(N, C, H, W)`` ``i`` (default: the training images).
-        Returns ``(m, N, P, P)``, or reduced while streaming: with ``left (m, N)`` the matrix
-        ``sum_i left[k, i] C[k, i]`` ``(m, P, P)``; with ``project (m, P, r)`` the blocks
-        ``V_k^T C[k, i] V_k`` ``(m, N, r, r)``. Patches are recomputed per block from the images
-        (memory: the images, one block of at most :data:`BLOCK_PATCHES` patches per side, the output).
+        Returns ``(m, N, P, P)``; with ``reduce`` the blocks ``C[:, rows]`` ``(m, b, P, P)`` are reduced
+        while streaming by ``reduce(block, rows) -> tensors with the row axis at dim 1`` and the
+        pieces concatenated: memory one Gram block of at most :data:`BLOCK_PATCHES` patches per side,
+        one ``(m, b, P, P)`` block and the reduced output. Patches are recomputed per block from the images.
         """
         train = rows is None
-        rows = self.train_images if train else rows
+        n_rows = self.n if train else rows.shape[0]
         if support is None:
             support = torch.nonzero((weights != 0).any(0)).flatten()
-        m, n_rows, p = weights.shape[0], rows.shape[0], self.n_positions
-        if left is not None:
-            out = torch.zeros(m, p, p, dtype=self.dtype, device=rows.device)
-        elif project is not None:
-            out = torch.zeros(m, n_rows, project.shape[2], project.shape[2], dtype=self.dtype, device=rows.device)
-        else:
-            out = torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=rows.device)
-        if support.numel() == 0:
-            return out
-        step = max(1, BLOCK_PATCHES // self.n_patches)
+        m, p, step = weights.shape[0], self.n_positions, self._step
         ws = weights[:, support].to(self.dtype)  # (m, s)
+        out: tuple[torch.Tensor, ...] | None = None  # allocated from the first block's shapes: no concatenation copy
+        idx = torch.arange(n_rows, device=weights.device)
+        cols = [(support[b : b + step], ws[:, b : b + step]) for b in range(0, support.numel(), step)]
         for a in range(0, n_rows, step):
-            xa = self._patches_of(rows[a : a + step])
-            acc = torch.zeros(m, xa.shape[0], p, p, dtype=self.dtype, device=rows.device)
-            for b in range(0, support.numel(), step):
-                xb = self._patches_of(self.train_images[support[b : b + step]])
-                acc += torch.einsum("ipjq,mj->mipq", self._block(xa, xb), ws[:, b : b + step])  # (m, b1, P, P)
-            if left is not None:
-                out += torch.einsum("mipq,mi->mpq", acc, left[:, a : a + step].to(self.dtype))
-            elif project is not None:
-                out[:, a : a + step] = torch.einsum("mpl,mipq,mqr->milr", project, acc, project)
-            else:
-                out[:, a : a + step] = acc
-        return out
+            ia = idx[a : a + step] if train else None
+            xa = None if (train and self.dense is not None) else self._patches_of(
+                self.train_images[ia] if train else rows[a : a + step])
+            acc = torch.zeros(m, min(step, n_rows - a), p, p, dtype=self.dtype, device=weights.device)
+            for ib, wb in cols:
+                acc += torch.einsum("apbq,mb->mapq", self._pair(ia, ib, xa), wb)
+            sl = slice(a, a + acc.shape[1])
+            piece = (acc,) if reduce is None else reduce(acc, sl)
+            if out is None:
+                out = tuple(t.new_zeros(t.shape[0], n_rows, *t.shape[2:]) for t in piece)
+            for o, t in zip(out, piece):
+                o[:, sl] = t
+        if out is None:
+            return torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=weights.device)
+        return out[0] if reduce is None else out

@@ -90,9 +90,14 @@ class PatchFeaturizer(nn.Module):
         img_idx = perm.sort().values
         # ZCA and landmarks from random patches of a few images (about twice the patches needed)
         n_zca = max(1, min(n_img, -(-2 * self.max_fit_patches // (self.grid[0] * self.grid[1]))))
-        patches = self._normalized_patches(images[perm[:n_zca].sort().values]).reshape(-1, self._patch_dim())
-        pidx = torch.randperm(patches.shape[0], generator=generator)[: self.max_fit_patches].sort().values
-        patches = patches[pidx]
+        zca_img = perm[:n_zca].sort().values
+        j = self.grid[0] * self.grid[1]
+        pidx = torch.randperm(n_zca * j, generator=generator)[: self.max_fit_patches].sort().values
+        picked = []  # the sampled patches, gathered 32 images at a time (not all n_zca J patches at once)
+        for c in range(0, n_zca, 32):
+            local = pidx[(pidx >= c * j) & (pidx < (c + 32) * j)] - c * j
+            picked.append(self._normalized_patches(images[zca_img[c : c + 32]]).reshape(-1, self._patch_dim())[local])
+        patches = torch.cat(picked)
         self.zca = fit_zca(patches, self.zca_eps) if self.zca_eps is not None else None
         white = self.zca(patches) if self.zca is not None else patches
         # the inverse polynomial kernel 1 / (2 - <x, y>) lives on the unit ball: scale into it

@@ -151,6 +151,7 @@ def solve_hinge_dual(
     scale_dual: bool = True,
     bottom_eigenvectors: bool = False,
     all_eigenvectors: bool = False,
+    dense_kernel: bool = False,
 ) -> tuple[list[BinaryDual], list[HingeTrace]]:
     """Solve ``m`` binary DCCNN duals in lockstep (one kernel pass per iteration serves them all).
 
@@ -161,7 +162,8 @@ def solve_hinge_dual(
     master point, not a lower bound; ``bottom_eigenvectors=True`` recovers from the eigenvectors of the
     smallest eigenvalues;
     ``all_eigenvectors=True`` keeps every eigenvector as a filter with unit scales (no active
-    eigenspace, no scale fit).
+    eigenspace, no scale fit); ``dense_kernel=True`` materializes the full ``(n P) x (n P)`` kernel
+    first (same iterates, memory ``n^2 P^2``). The estimator passes them as ``solver_options``.
     """
     c = check_number("C", c, low=0.0, low_inclusive=False)
     check_int("max_iter", max_iter, low=1)
@@ -177,6 +179,8 @@ def solve_hinge_dual(
     dtype, dev = kern.dtype, kern.train_images.device
     y = y.to(dtype=dtype, device=dev)
     traces = [HingeTrace() for _ in range(m)]
+    if dense_kernel:
+        kern.materialize()
     cuts: list[list[np.ndarray]] = [[] for _ in range(m)]
     a_out = [torch.full((n,), c, dtype=dtype, device=dev) for _ in range(m)]  # master LP point (outside)
     a_in = [torch.zeros(n, dtype=dtype, device=dev) for _ in range(m)]  # best feasible point (inside)
@@ -191,34 +195,50 @@ def solve_hinge_dual(
             queries += [a_out[k], 0.5 * (a_out[k] + a_in[k]), a_in[k]]
         bw = torch.stack(queries) * y[active].repeat_interleave(n_query, 0)  # (q, n) weights b = alpha y
         support = torch.nonzero((bw != 0).any(0)).flatten()
-        # pass 1: M(alpha) on the support; pass 2: V^T C_i V for all i (C_i never held: memory q n r^2)
-        mmat = kern.contract(bw, rows=kern.train_images[support], support=support, left=bw[:, support])  # (q, P, P)
-        mmat = (mmat + mmat.transpose(1, 2)) / 2
-        mu, vecs = torch.linalg.eigh(mmat)
+        # pass 1: M(alpha) over support x support (symmetric: half the block pairs)
+        mmat = kern.quadratic(bw, support)  # (q, P, P)
+        mu, vecs = torch.linalg.eigh(mmat)  # exact: P is small (see the module docstring on soundness)
         mu, vecs = mu.flip(-1), vecs.flip(-1)  # descending
         if not bool(torch.isfinite(mu).all()):
             raise FloatingPointError("DCCNN dual: non-finite eigenvalue of M(alpha)")
         # candidate directions: the active cluster and every violated eigenvector (at most max_cuts_per_iter)
         cand = (mu >= (1 - ACTIVE_RTOL) * mu[:, :1]) | (mu > mu[:, :1].clamp_max(1.0))
         r_sel = [max(1, min(max_cuts_per_iter, int(cand[q].sum()))) for q in range(len(queries))]
-        r_max = kern.n_positions if all_eigenvectors else max(r_sel)  # (broken variant: every eigenvector)
-        vsel = vecs[:, :, :r_max]  # (q, P, r_max)
-        mu_sel = mu[:, :r_max]
-        vcv = kern.contract(bw, support=support, project=vsel)  # V^T C_i V: (q, n, r_max, r_max)
-        v_rec, mu_rec, vcv_rec = vsel, mu_sel, vcv
-        if bottom_eigenvectors:  # broken variant: the recovery reads the bottom of the spectrum (order mistaken)
-            v_rec, mu_rec = vecs.flip(-1)[:, :, :r_max], mu.flip(-1)[:, :r_max]
-            vcv_rec = kern.contract(bw, support=support, project=v_rec)
+        r_cut = max(r_sel)
+        vsel, mu_sel = vecs[:, :, :r_cut], mu[:, :r_cut]
+        # the inside point of each problem (known from mu alone): its row is the one recovered from
+        q_ins, vals_q = [], []
+        for a, k in enumerate(active):
+            q_in, b_k = n_query * a + 2, best[k]
+            for q in range(n_query * a, n_query * (a + 1)):  # every query point gives a feasible dual point by scaling
+                val = float(bw[q].abs().sum()) / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0)))
+                if val > b_k:
+                    b_k, q_in = val, q
+            q_ins.append(q_in)
+            vals_q.append(b_k)
+        rec_rows = torch.tensor(q_ins, device=dev)
+        r_rec = kern.n_positions if all_eigenvectors else max(r_sel[q] for q in q_ins)  # (broken variant: every eigenvector)
+        v_all = vecs.flip(-1) if bottom_eigenvectors else vecs  # (broken variant: the bottom of the spectrum, order mistaken)
+        mu_all = mu.flip(-1) if bottom_eigenvectors else mu
+        v_rec, mu_rec = v_all[rec_rows, :, :r_rec], mu_all[rec_rows, :r_rec]
+
+        def reduce(acc: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            # cuts need v_l^T C_i v_l only; the recovery needs V^T C_i V of one row per problem
+            cut = torch.einsum("mipq,mpl,mql->mil", acc, vsel, vsel)  # (q, b, r_cut)
+            rec = torch.einsum("mpl,mipq,mqr->milr", v_rec, acc[rec_rows], v_rec)  # (m, b, r_rec, r_rec)
+            return cut, rec
+
+        # pass 2: rows = every training image (the cuts are LP rows over all alpha), columns = the support;
+        # C_i is never held: memory q n r_cut + m n r_rec^2
+        vcv_diag, vcv_rec = kern.contract(bw, support=support, reduce=reduce)
         still = []
         for a, k in enumerate(active):
             tr = traces[k]
             qs = range(n_query * a, n_query * (a + 1))
-            q_in = n_query * a + 2  # the row of the previous inside point
-            for q in qs:  # every query point gives a feasible dual point by scaling
-                suma = float(bw[q].abs().sum())
-                val = suma / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0)))
-                if val > best[k]:
-                    best[k], a_in[k], q_in = val, bw[q].abs() / max(1.0, math.sqrt(max(float(mu[q, 0]), 0.0))), q
+            q_in = q_ins[a]
+            if vals_q[a] > best[k]:
+                best[k] = vals_q[a]
+                a_in[k] = bw[q_in].abs() / max(1.0, math.sqrt(max(float(mu[q_in, 0]), 0.0)))
             dual = best[k] if scale_dual else float(a_out[k].sum())
             # master primal point A_t = sum_t w_t g_t v_t^T (its values at x_i are stored with the cuts)
             if ws[k].size:
@@ -228,9 +248,9 @@ def solve_hinge_dual(
                 master, master_scores = c * n, torch.zeros(n, dtype=dtype, device=dev)  # A = 0
             # recovery from the inside point's candidate eigenspace (its query row; the recovery is
             # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
-            r0 = r_max if all_eigenvectors else r_sel[q_in]
-            v, pos = v_rec[q_in, :, :r0], mu_rec[q_in, :r0].clamp_min(1e-300)
-            rmat = vcv_rec[q_in, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
+            r0 = r_rec if all_eigenvectors else r_sel[q_in]
+            v, pos = v_rec[a, :, :r0], mu_rec[a, :r0].clamp_min(1e-300)
+            rmat = vcv_rec[a, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
             if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
                 smat = torch.eye(r0, dtype=dtype, device=dev)
                 rec_scores = torch.einsum("ill->i", rmat)
@@ -258,7 +278,7 @@ def solve_hinge_dual(
             for q in qs:  # cuts: every violated direction, value v^T C_i v / sqrt(v^T M v) times y_i
                 for l in range(r_sel[q]):
                     if float(mu_sel[q, l]) > 1.0:
-                        cuts[k].append((y[k] * vcv[q, :, l, l] / math.sqrt(float(mu_sel[q, l]))).cpu().numpy())
+                        cuts[k].append((y[k] * vcv_diag[q, :, l] / math.sqrt(float(mu_sel[q, l]))).cpu().numpy())
             a_new, ws[k] = _lp(cuts[k], c, n)
             a_out[k] = torch.from_numpy(a_new).to(y)
             still.append(k)
@@ -267,6 +287,7 @@ def solve_hinge_dual(
         active = still
         if not active:
             break
+    kern.dense = None
     for k, tr in enumerate(traces):
         handle_nonconvergence(tr, on_nonconvergence, f"DCCNN hinge dual (relative duality gap; C={c:g}, problem {k})")
     return results, traces

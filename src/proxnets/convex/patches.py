@@ -79,9 +79,13 @@ def fit_zca(patches: torch.Tensor, eps: float = 0.1) -> ZCA:
     check_number("eps", eps, low=0.0, low_inclusive=False)
     if patches.shape[0] < 2:
         fail("patches", "at least 2 patches to estimate a covariance", f"shape {tuple(patches.shape)}")
-    x = patches.double()
-    mean = x.mean(0)
-    cov = (x - mean).T @ (x - mean) / (x.shape[0] - 1)  # (d, d)
+    m, d = patches.shape
+    mean = sum(patches[c : c + 4096].double().sum(0) for c in range(0, m, 4096)) / m
+    cov = torch.zeros(d, d, dtype=torch.float64, device=patches.device)
+    for c in range(0, m, 4096):  # in row chunks: no float64 copy of all patches
+        xc = patches[c : c + 4096].double() - mean
+        cov += xc.T @ xc
+    cov /= m - 1  # (d, d)
     s, u = torch.linalg.eigh(cov)
     w = (u * (s.clamp_min(0) + eps).rsqrt()) @ u.T
     return ZCA(mean.to(patches.dtype), w.to(patches.dtype))
