@@ -389,7 +389,7 @@ def robust_classification(ctx: SuiteContext, result: SuiteResult) -> None:
     # lying-lipschitz only flips the soundness claim, which attacks the first seed's model: one training suffices
     seeds = [ctx.seed + k for k in range(1 if ctx.broken("lying-lipschitz") or ctx.broken("unconstrained-block") else 3)]
     attack = not ctx.broken("shuffled-labels")  # the PGD attack (first seed only: its cost dominates)
-    n_attack = ctx.pick(smoke=60, quick=100, full=1000)
+    n_attack = ctx.pick(smoke=60, quick=64, full=1000)  # every correct image is attacked at every radius: the cost
     pgd_steps, restarts = ctx.pick(smoke=(10, 1), quick=(100, 2), full=(200, 5))
     radii = (0.0, *RADII)
     # the ResNet of the same layout, a table-only baseline: at full size only (three more trainings)
