@@ -711,7 +711,9 @@ def _firm_drs(ctx: SuiteContext, result: SuiteResult, data: TensorDataset, train
     data and budget, used by Douglas-Rachford PnP with no relaxation on the held-out photographs (larger than the
     training patches: the certificate is for every size)."""
     torch.manual_seed(ctx.seed)
-    firm = AveragedDenoiser(DenoiserConfig.firm(channels=1, image_size=patch, width=width, depth=depth, train_norm=TRAIN_NORM))
+    # the stiffness budget fixes n h nu per block, so steps past the cap buy nothing: capped as the other networks
+    firm = AveragedDenoiser(DenoiserConfig.firm(channels=1, image_size=patch, width=width, depth=depth, train_norm=TRAIN_NORM,
+                                                max_steps=ctx.pick(smoke=STEP_CAP, quick=STEP_CAP, full=64)))
     t0 = time.perf_counter()
     fit(firm, data, train, loss_fn=_denoising_loss((0.05, 0.2)), log=ctx.log)
     ctx.log(f"trained the firm denoiser in {time.perf_counter() - t0:.1f} s")
