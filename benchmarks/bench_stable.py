@@ -10,7 +10,15 @@
    1-Lipschitz CNN built from each reaches on mnist5k in a fixed number of epochs (equal
    parameter budget; the certificate uses the exact operator norms of the trained layers for both).
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N]``.
+3. Certified accuracy of the non-expansive classifier vs a deel-torchlip network at equal parameters and training
+   budget (the suite's quick classifier layout on mnist5k: lift, 2 stages x 2 blocks, transitions, flatten head;
+   torchlip: the same layout with ``SpectralConv2d`` + ``GroupSort2`` for each block), with the levers measured one
+   at a time: Bjorck-orthonormal lift/transition/head (``glue="orthogonal"``), the Lipschitz-margin loss
+   (temperature, margin: picked on a validation split of the training set for each family, never on test), Heun
+   blocks. Several seeds, mean and 95% interval; certified accuracy against the l2 radius on 41 radii in [0, 1]
+   and its area (the seed's protocol), the table at 36/72/108/255, every certificate from rigorous norms.
+
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified] [--seeds N]``.
 """
 
 from __future__ import annotations
@@ -171,15 +179,177 @@ def bench_torchlip(quick: bool) -> None:
               f"clean {cert[0.0]:.3f}, certified@36/255 {cert[36 / 255]:.3f}, certified@72/255 {cert[72 / 255]:.3f}")
 
 
+# -- 3. certified accuracy vs deel-torchlip ------------------------------------------------------------
+CURVE = [i / 40 for i in range(41)]  # radii in [0, 1]
+TABLE_RADII = (36 / 255, 72 / 255, 108 / 255, 1.0)
+
+
+def _ours_classifier(glue: str = "norm", method: str = "euler") -> nn.Module:
+    return NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, width=8, stages=2, blocks_per_stage=2,
+                                                   head="flatten", max_steps=2, train_norm="bound", glue=glue, method=method))
+
+
+def _torchlip_classifier() -> nn.Module:
+    """The quick classifier's layout in deel-torchlip layers: every conv a ``SpectralConv2d`` (spectral normalization +
+    Bjorck on the reshaped kernel), the blocks ``SpectralConv2d 3x3 -> GroupSort2``; the same parameter count."""
+    import deel.torchlip as tl
+
+    layers: list[nn.Module] = [tl.SpectralConv2d(1, 8, 1)]
+    c = 8
+    for _ in range(2):
+        for _ in range(2):
+            layers += [tl.SpectralConv2d(c, c, 3, padding=1), tl.GroupSort2()]
+        layers += [tl.SpectralConv2d(c, 2 * c, 1), ScaledAvgPool2d(2)]
+        c *= 2
+    layers += [nn.Flatten(), tl.SpectralLinear(c * 7 * 7, 10)]
+    return nn.Sequential(*layers)
+
+
+def _torchlip_bound(model: nn.Sequential, x: torch.Tensor) -> LipschitzBound:
+    """Product of rigorous bounds (``norm_bound``) of each conv / linear at the input size it sees; GroupSort2 (a
+    sort of coordinate pairs), Flatten and the scaled pooling are 1-Lipschitz."""
+    import deel.torchlip as tl
+
+    out, rigorous, whys, h = 1.0, True, [], x[:1]
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                b = norm_bound(m, tuple(h.shape[1:]) if isinstance(m, nn.Conv2d) else None)
+                out *= b.value
+                rigorous &= b.rigorous
+                whys += [b.why] if b.why else []
+            elif not isinstance(m, (tl.GroupSort2, nn.Flatten, ScaledAvgPool2d)):
+                raise TypeError(f"no Lipschitz rule for {type(m).__name__}")
+            h = m(h)
+    return LipschitzBound(out, rigorous, "product of rigorous layer norms", "; ".join(whys))
+
+
+def _certified_curve(model: nn.Module, x: torch.Tensor, y: torch.Tensor, L: LipschitzBound) -> dict[float, float]:
+    from proxnets.stable import certified_radii
+
+    r = certified_radii(model, x, y, lipschitz=L)
+    return {e: float((r > e).float().mean()) for e in sorted({0.0, *CURVE, *TABLE_RADII})}
+
+
+def _area(curve: dict[float, float]) -> float:
+    xs = CURVE
+    return sum((xs[i + 1] - xs[i]) * (curve[xs[i]] + curve[xs[i + 1]]) / 2 for i in range(len(xs) - 1))
+
+
+def _run_certified(build, data, seed: int, loss: tuple[float, float], epochs: int) -> dict:
+    from proxnets.stable import lipschitz_margin_loss
+
+    torch.manual_seed(seed)
+    model = build()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(model, data, TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, progress=False, eval_every_epoch=False, seed=seed),
+            loss_fn=lipschitz_margin_loss(margin=loss[1], temperature=loss[0]), log=lambda s: None)
+        model.eval()
+        L = lipschitz_bound(model) if hasattr(model, "config") else _torchlip_bound(model, data.x_test)
+        curve = _certified_curve(model, data.x_test, data.y_test, L)
+    return {"curve": curve, "area": _area(curve), "L": float(L), "rigorous": L.rigorous, "time_s": time.perf_counter() - t0,
+            "params": num_parameters(model)}
+
+
+def _loss_pair(text: str) -> tuple[float, float]:
+    tau, margin = (float(v) for v in text.split(","))
+    return tau, margin
+
+
+def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], given: dict[str, tuple[float, float]],
+                    heun: bool = False) -> None:
+    """``grid``: the (temperature, margin) pairs tried on validation; ``given``: families whose pair was already
+    picked on validation (in an earlier run whose log says so) and is not searched again."""
+    import dataclasses
+
+    from proxnets.utils.stats import difference_interval, mean_interval
+
+    print("== 3. certified accuracy: non-expansive classifier vs deel-torchlip, equal parameters and budget (mnist5k)")
+    try:
+        import deel.torchlip  # noqa: F401
+    except ImportError as exc:
+        print(f"deel-torchlip not installed ({exc}): comparison skipped")
+        return
+    data = load_dataset("mnist5k", seed=0)
+    epochs = 4 if quick else 10
+    n_val = 500
+    val = dataclasses.replace(data, x_train=data.x_train[:-n_val], y_train=data.y_train[:-n_val], x_test=data.x_train[-n_val:],
+                              y_test=data.y_train[-n_val:])
+    e0 = 36 / 255
+    picked = dict(given)
+    for family, build in (("ours", lambda: _ours_classifier("orthogonal")), ("torchlip", _torchlip_classifier)):
+        if family in picked:
+            print(f"  {family}: loss (tau, margin) = {picked[family]} given (picked on validation earlier)")
+            continue
+        scores = {}
+        for loss in grid:
+            r = _run_certified(build, val, 0, loss, epochs)
+            scores[loss] = r["curve"][e0]
+            print(f"  validation {family} loss (tau {loss[0]}, margin {loss[1]}): certified@36 {r['curve'][e0]:.3f}, "
+                  f"clean {r['curve'][0.0]:.3f}, area {r['area']:.4f} ({r['time_s']:.0f} s)", flush=True)
+        picked[family] = max(scores, key=scores.get)
+        print(f"  picked for {family} on validation: tau {picked[family][0]}, margin {picked[family][1]}", flush=True)
+    ce = (1.0, 0.0)
+    configs = {"ours (norm glue, CE)": (lambda: _ours_classifier("norm"), ce)}
+    configs[f"ours + orthogonal glue, loss {picked['ours']}"] = (lambda: _ours_classifier("orthogonal"), picked["ours"])
+    if heun:
+        configs[f"ours + orthogonal glue, Heun, loss {picked['ours']}"] = (lambda: _ours_classifier("orthogonal", "heun"), picked["ours"])
+    configs[f"deel-torchlip, loss {picked['torchlip']}"] = (_torchlip_classifier, picked["torchlip"])
+    seeds = list(range(n_seeds))
+    results = {}
+    for name, (build, loss) in configs.items():
+        results[name] = [_run_certified(build, data, s, loss, epochs) for s in seeds]
+        rs = results[name]
+        print(f"  {name}: params {rs[0]['params']}, L {max(r['L'] for r in rs):.6f} (rigorous {all(r['rigorous'] for r in rs)}), "
+              f"{sum(r['time_s'] for r in rs) / len(rs):.0f} s per run", flush=True)
+
+    def cell(vals):
+        m, lo, hi = mean_interval(vals)
+        return f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+    print(f"\ncertified accuracy (%), mnist5k test ({len(data.x_test)} images), {len(seeds)} seeds, mean [95% interval]; "
+          f"{epochs} epochs, batch 64, Adam 3e-3")
+    print("| model | params | clean | @36/255 | @72/255 | @108/255 | @255/255 | area (radius 0..1) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, rs in results.items():
+        cells = [cell([r["curve"][e] for r in rs]) for e in (0.0, *TABLE_RADII)]
+        m, lo, hi = mean_interval([r["area"] for r in rs])
+        print(f"| {name} | {rs[0]['params']} | " + " | ".join(cells) + f" | {m:.4f} [{lo:.4f}, {hi:.4f}] |")
+    tl = next(k for k in results if k.startswith("deel"))
+    b = [r["curve"][e0] for r in results[tl]]
+    for name in (k for k in results if k.startswith("ours")):
+        a = [r["curve"][e0] for r in results[name]]
+        d = difference_interval(a, b)
+        print(f"'{name}' vs '{tl}' at 36/255: ratio {sum(a) / sum(b):.3f}, difference {100 * d[0]:+.1f} points "
+              f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
+    print("curve (mean over seeds), radius: " + ", ".join(f"{e:.3f}" for e in CURVE[::4]))
+    for name, rs in results.items():
+        print(f"  {name}: " + ", ".join(f"{sum(r['curve'][e] for r in rs) / len(rs):.3f}" for e in CURVE[::4]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 CPU cores)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 avoids contention on shared CPUs)")
+    parser.add_argument("--only", default="step,torchlip,certified", help="comma-separated parts: step, torchlip, certified")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the certified comparison (>= 2 for intervals)")
+    parser.add_argument("--grid", default="1,0;8,0.3", help="(temperature,margin) pairs of the margin loss tried on validation")
+    parser.add_argument("--pick", default="", help="family=tau,margin already picked on validation (e.g. ours=1,0): not searched")
+    parser.add_argument("--heun", action="store_true", help="also the Heun-block variant of ours")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    parts = set(args.only.split(","))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={args.quick}")
-    bench_classifier_step(args.quick)
-    bench_torchlip(args.quick)
+    if "step" in parts:
+        bench_classifier_step(args.quick)
+    if "torchlip" in parts:
+        bench_torchlip(args.quick)
+    if "certified" in parts:
+        grid = [_loss_pair(t) for t in args.grid.split(";") if t]
+        given = {k: _loss_pair(v) for k, v in (p.split("=") for p in args.pick.split(";") if p)}
+        bench_certified(args.quick, args.seeds, grid, given, args.heun)
 
 
 if __name__ == "__main__":

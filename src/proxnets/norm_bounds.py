@@ -156,7 +156,10 @@ def fourier_norm_bound(weight: torch.Tensor, in_shape: Sequence[int], padding: i
     kh, kw = weight.shape[-2:]
     n1, n2 = max(h + 2 * padding, kh), max(w + 2 * padding, kw)
     wd = weight.detach().double()
-    spectrum = torch.fft.fft2(wd, s=(n1, n2))  # (C_out, C_in, n1, n2)
+    # real kernel: K(-omega) = conj(K(omega)) has the same singular values, so the half grid of rfft2 covers every
+    # frequency of the full one (half the SVDs); complex kernels take the full grid
+    fft = torch.fft.fft2 if wd.is_complex() else torch.fft.rfft2
+    spectrum = fft(wd, s=(n1, n2))  # (C_out, C_in, n1, n2 or n2 // 2 + 1)
     s = float(torch.linalg.matrix_norm(spectrum.permute(2, 3, 0, 1), ord=2).max())
     N = n1 * n2
     absolute = 8 * math.log2(max(N, 2)) * EPS * math.sqrt(N) * float(wd.norm())

@@ -92,6 +92,8 @@ class NonExpansiveBlock(nn.Module):
             estimate that can lag behind a growing ``|A|``, so ``h L |A|^2 <= 2 r`` can fail during training) or
             ``"bound"`` (the rigorous Fourier-symbol bound at ``in_shape`` every training step, no gradient through
             it: the condition holds at every step; ~10-30 ms per block and step on a CPU core at 16 channels).
+            With ``"bound"`` evaluation steps from the same bound (``norm_size="input"``): the network evaluated
+            takes the steps it was trained with, and its certificate needs no tighter (costlier) norm.
     """
 
     def __init__(
@@ -223,17 +225,33 @@ class NonExpansiveBlock(nn.Module):
             self.norm.cheap_sigma.fill_(bound)  # what the rule saw, where the power estimate would be
         return torch.tensor(bound * (1 + 1e-6), dtype=self.weight.dtype)  # float32 rounding must not go below it
 
-    def _eval_sigma(self, exact: bool = False) -> torch.Tensor:
-        """The ``|A|`` evaluation steps from: the size-independent bound (``norm_size="any"``), else the norm
-        module's evaluation value (``exact``: the converged estimate whatever the module's mode)."""
+    def input_size_bound(self):
+        """:func:`proxnets.norm_bounds.fourier_norm_bound` of the current weight at ``in_shape`` (a ``NormBound``), cached."""
+        key = self.norm._key(self.weight)
+        cached = getattr(self, "_input_size", None)
+        if cached is None or cached[0] != key:
+            cached = self._input_size = (key, fourier_norm_bound(self.weight.detach(), self.in_shape, self.padding))
+        return cached[1]
+
+    def _eval_bound(self):
+        """The rigorous bound evaluation steps from, or ``None`` (then: the norm module's estimate)."""
         if self.norm_size == "any":
-            return torch.tensor(self.any_size_bound().value, dtype=self.weight.dtype)
+            return self.any_size_bound()
+        return self.input_size_bound() if self.train_norm == "bound" else None
+
+    def _eval_sigma(self, exact: bool = False) -> torch.Tensor:
+        """The ``|A|`` evaluation steps from: the size-independent bound (``norm_size="any"``), the Fourier bound at
+        ``in_shape`` (``train_norm="bound"``: what training used), else the norm module's evaluation value
+        (``exact``: the converged estimate whatever the module's mode). Bounds are rounded up in float32."""
+        nb = self._eval_bound()
+        if nb is not None:
+            return torch.tensor(nb.value * (1 + 1e-6), dtype=self.weight.dtype)
         return self.norm.exact(self.weight) if exact else self.norm(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sigma = (self._train_sigma() if self.training else self._eval_sigma())
         n, h, nu = self.schedule_steps(sigma)
-        if not self.training and self.norm_size == "input" and self.norm.cheap_was_low():
+        if not self.training and self._eval_bound() is None and self.norm.cheap_was_low():
             _, h_c, _ = self.schedule_steps(self.norm.cheap_sigma)
             if float(h_c * nu) / self.norm.safety**2 > self.step_bound * (1 + 1e-3):  # without the safety factor
                 warnings.warn(
@@ -266,10 +284,13 @@ class NonExpansiveBlock(nn.Module):
         out = {"n": int(n), "h": float(h), "sigma_used": float(sigma), "limit": 2.0 * RK_METHODS[self.method].radius,
                "step_bound": self.step_bound}
         if mode in ("upper", "rigorous"):
-            nb = self.any_size_bound() if self.norm_size == "any" else self.norm.upper_bound(self.weight)
+            nb = self._eval_bound() or self.norm.upper_bound(self.weight)
             nu = self.lipschitz_activation * nb.value**2
             out.update(sigma=nb.value, rigorous=nb.rigorous, method=nb.method, why=nb.why)
         else:
+            if mode != "cheap" and self._eval_bound() is not None:  # nu from the estimate, the steps from the bound
+                sigma = self.norm.exact(self.weight).detach()
+                nu = self.lipschitz_activation * sigma**2
             out.update(sigma=float(sigma), rigorous=False, method="power iteration",
                        why=f"mode {mode!r}: |A| from a power-iteration (lower) estimate")
         out["h_nu"] = float(h) * float(nu)

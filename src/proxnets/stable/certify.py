@@ -35,9 +35,9 @@ from torch import nn
 from proxnets.certificates import Certificate
 from proxnets.constraints import find_constraint
 from proxnets.stable.lipschitz import LipschitzBound, lipschitz_bound
-from proxnets.utils.validation import check_int, check_labels, check_number, check_tensor, fail
+from proxnets.utils.validation import check_choice, check_int, check_labels, check_number, check_tensor, fail
 
-__all__ = ["margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "certificate", "rigorous_lipschitz"]
+__all__ = ["lipschitz_margin_loss", "margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "certificate", "rigorous_lipschitz"]
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,23 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)  # (B,)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)  # (B,)
     return true - other
+
+
+def lipschitz_margin_loss(margin: float = 0.0, temperature: float = 1.0):
+    """``loss_fn(model, x, y) = CE(tau (z - m e_y), y)``, ``z = model(x)``: cross-entropy of logits whose true class is
+    handicapped by the margin ``m`` and scaled by the temperature ``tau`` (Lipschitz-margin training, Tsuzuku et al.
+    2018). A 1-Lipschitz network certifies radius ``(z_y - max_j z_j) / sqrt(2)``; training past ``m`` aims at the
+    radius ``m / sqrt(2)``. The temperature lets the small logits of a 1-Lipschitz net saturate the cross-entropy
+    (``tau = 1``, ``m = 0``: plain cross-entropy)."""
+    check_number("margin", margin, low=0.0)
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = model(x)  # (B, K)
+        z = z - margin * F.one_hot(y, z.shape[1]).to(z.dtype)
+        return F.cross_entropy(temperature * z, y)
+
+    return loss_fn
 
 
 def _batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -161,6 +178,17 @@ def _project(x0: torch.Tensor, x: torch.Tensor, eps: float, box: tuple[float, fl
     return x.clamp(*box) if box is not None else x
 
 
+PGD_LOSSES = ("ce", "margin", "alternate")
+
+
+def _attack_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed per-sample objective to ascend: cross-entropy, or minus the logit margin ``max_{j != y} z_j - z_y``
+    (Carlini-Wagner; it keeps a useful gradient where the cross-entropy saturates)."""
+    if kind == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    return -margins(logits, y).sum()
+
+
 def pgd_l2(
     model: nn.Module,
     x: torch.Tensor,
@@ -172,14 +200,20 @@ def pgd_l2(
     restarts: int = 1,
     box: tuple[float, float] | None = (0.0, 1.0),
     generator: torch.Generator | None = None,
+    loss: str = "ce",
 ) -> torch.Tensor:
     """Adversarial examples within ``|x' - x| <= eps`` (and the box): the clean input when it is
-    already misclassified, else the first start that fools, else the last start's end point."""
+    already misclassified, else the first iterate (of any start) that fools, else the last start's end point.
+
+    ``loss``: ``"ce"`` (cross-entropy), ``"margin"`` (the logit margin) or ``"alternate"`` (start ``r`` uses the
+    cross-entropy for even ``r``, the margin for odd ``r``). A sample leaves the attack as soon as an iterate fools
+    it (checked on the logits the gradient step computes anyway: no extra forward), so fooled samples cost nothing."""
     check_tensor("x", x, ndim=4, nonempty=True, like=model)
     check_labels("y", y, x.shape[0])
     check_number("eps", eps, low=0.0)
     check_int("steps", steps, low=1)
     check_int("restarts", restarts, low=1)
+    check_choice("loss", loss, PGD_LOSSES)
     alpha = 2.5 * eps / steps if step_size is None else check_number("step_size", step_size, low=0.0, low_inclusive=False)
     best = x.detach().clone()
     with torch.no_grad():  # a misclassified clean input is already adversarial
@@ -189,22 +223,32 @@ def pgd_l2(
     if eps == 0:
         return best
     for r in range(restarts):
+        kind = loss if loss != "alternate" else ("ce" if r % 2 == 0 else "margin")
         delta = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device) if r > 0 else torch.zeros_like(x)
         delta = delta * (eps * 0.5 / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1) if r > 0 else delta
-        xa = _project(x, x + delta, eps, box)
-        for _ in range(steps):
+        idx = (~fooled).nonzero().flatten()  # the samples this start attacks
+        if len(idx) == 0:
+            break
+        x0, y0 = x[idx], y[idx]
+        xa = _project(x0, x0 + delta[idx], eps, box)
+        for step in range(steps + 1):
             xa = xa.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(xa), y)
-                (g,) = torch.autograd.grad(loss, xa)
+                logits = model(xa)
+                now = (logits.argmax(1) != y0).detach()  # the iterate fools these
+                if now.any():
+                    best[idx[now]] = xa.detach()[now]
+                    fooled[idx[now]] = True
+                keep = ~now
+                if not keep.any():
+                    break
+                if step == steps:  # the end points of this start, evaluated
+                    best[idx[keep]] = xa.detach()[keep]
+                    break
+                (g,) = torch.autograd.grad(_attack_loss(logits[keep], y0[keep], kind), xa)
+            idx, x0, y0, g = idx[keep], x0[keep], y0[keep], g[keep]
             g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            xa = _project(x, xa.detach() + alpha * g, eps, box)
-        with torch.no_grad():
-            now = model(xa).argmax(1) != y  # (B,)
-        take = now & ~fooled
-        best[take] = xa[take]
-        best[~fooled & ~now] = xa[~fooled & ~now]
-        fooled |= now
+            xa = _project(x0, xa.detach()[keep] + alpha * g, eps, box)
     return best
 
 

@@ -22,7 +22,10 @@ import torch
 from torch import nn
 
 from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
-from proxnets.stable.glue import ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear
+from proxnets.stable.glue import (
+    ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
+    orthogonal_linear,
+)
 from proxnets.stable.integrators import compose_averaged
 from proxnets.stable.lipschitz import LipschitzBound, compose_bounds, lipschitz_bound
 from proxnets.stable.norms import OperatorNorm
@@ -56,6 +59,8 @@ class ClassifierConfig:
     head: str = "global"  # "global": sqrt(HW)-scaled mean (seed); "flatten": keep the positions (small nets)
     max_steps: int = 64  # cap on the adaptive steps per block (beyond it h shrinks): bounds the cost
     train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
+    # lift / transition / head: "norm" (largest singular value rescaled to 1, seed) or "orthogonal" (Bjorck: all to 1)
+    glue: str = "norm"
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
@@ -65,6 +70,7 @@ class ClassifierConfig:
             raise ValueError(f"image_size: expected >= 2**stages = {2**self.stages}, got {self.image_size}")
         check_choice("activation", self.activation, list(MONOTONE_ACTIVATIONS))
         check_choice("head", self.head, ["global", "flatten"])
+        check_choice("glue", self.glue, ["norm", "orthogonal"])
         return self
 
     @property
@@ -93,7 +99,12 @@ class NonExpansiveClassifier(_Stack):
         super().__init__()
         self.config = cfg = config.validate()
         s, c = cfg.image_size, cfg.width
-        layers: list[nn.Module] = [lipschitz_conv2d(cfg.in_channels, c, 1, (s, s))]  # (B, w, S, S)
+        ortho = cfg.glue == "orthogonal"
+
+        def conv1x1(cin: int, cout: int, size: int) -> nn.Module:
+            return orthogonal_conv1x1(cin, cout) if ortho else lipschitz_conv2d(cin, cout, 1, (size, size))
+
+        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s)]  # (B, w, S, S)
         for _ in range(cfg.stages):
             for _ in range(cfg.blocks_per_stage):
                 layers.append(
@@ -102,11 +113,12 @@ class NonExpansiveClassifier(_Stack):
                         time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
                     )
                 )  # (B, c, s, s)
-            layers.append(lipschitz_conv2d(c, 2 * c, 1, (s, s)))  # (B, 2c, s, s)
+            layers.append(conv1x1(c, 2 * c, s))  # (B, 2c, s, s)
             layers.append(ScaledAvgPool2d(2))  # (B, 2c, s/2, s/2)
             c, s = 2 * c, s // 2
         layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())  # (B, c) or (B, c s s)
-        layers.append(lipschitz_linear(cfg.head_features, cfg.num_classes))  # (B, K)
+        head = orthogonal_linear if ortho else lipschitz_linear
+        layers.append(head(cfg.head_features, cfg.num_classes))  # (B, K)
         self.layers = nn.ModuleList(layers)
 
 
