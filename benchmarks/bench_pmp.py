@@ -80,6 +80,66 @@ def interleaved_step_ratio(x, y, repeats: int) -> dict[str, float]:
                 forward=statistics.median(tf), trials=trials)
 
 
+def _act_then_pool(m, x):
+    """LeNet-5 in the seed's order map -> ReLU -> pool (the no-grad forward before this session's change)."""
+    x = m.pool(m.act(m.conv1(x)))
+    x = m.pool(m.act(m.conv2(x)))
+    return m.fc3(m.act(m.fc2(m.act(m.fc1(x.flatten(1))))))
+
+
+def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
+    """The trial forward's cost, per variant, over an Adam step's: interleaved in a shuffled order, the median of
+    the paired ratios. Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
+    under ``torch.inference_mode``, channels_last memory, and 2 threads (Adam's step at 2 threads too)."""
+    import random
+
+    torch.manual_seed(0)
+    m, ma = LeNet5(), LeNet5()
+    mcl = copy.deepcopy(m).to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+
+    def adam():
+        oa.zero_grad(set_to_none=True)
+        F.cross_entropy(ma(x), y).backward()
+        oa.step()
+
+    def ng(f):
+        with torch.no_grad():
+            return f()
+
+    def im(f):
+        with torch.inference_mode():
+            return f()
+
+    variants = {"act->pool (before)": lambda: ng(lambda: F.cross_entropy(_act_then_pool(m, x), y)),
+                "pool->act (now)": lambda: ng(lambda: F.cross_entropy(m(x), y)),
+                "pool->act + inference_mode": lambda: im(lambda: F.cross_entropy(m(x), y)),
+                "pool->act + channels_last": lambda: ng(lambda: F.cross_entropy(mcl(xcl), y))}
+    ref = float(variants["act->pool (before)"]())
+    assert all(float(f()) == ref for f in variants.values())  # the same loss bit for bit
+    threads = torch.get_num_threads()
+    out = {}
+    for nt in (threads, 2):
+        torch.set_num_threads(nt)
+        t: dict[str, list[float]] = {k: [] for k in ["adam", *variants]}
+        for i in range(repeats + 5):
+            keys = list(t)
+            random.Random(i).shuffle(keys)
+            for k in keys:
+                t0 = time.perf_counter()
+                (adam if k == "adam" else variants[k])()
+                if i >= 5:
+                    t[k].append(time.perf_counter() - t0)
+        for k in variants:
+            out[f"{k} [{nt} thr]"] = statistics.median([a / b for a, b in zip(t[k], t["adam"])])
+        out[f"Adam step ms [{nt} thr]"] = statistics.median(t["adam"]) * 1e3
+        if nt == 2 == threads:
+            break
+    torch.set_num_threads(threads)
+    return out
+
+
 def inference_ratio(dense, small, x, repeats: int) -> dict[str, float]:
     """Median over repeats of (exported / dense) no-grad forward time on ``x``, interleaved."""
     td, ts = [], []
@@ -252,6 +312,9 @@ def main() -> None:
     print(f"step time (batch 64, interleaved, medians): bSQH {s['bsqh'] * 1e3:.2f} ms, Adam {s['adam'] * 1e3:.2f} ms, "
           f"ratio bSQH/Adam {s['ratio']:.2f} (target <= 1.3); a no-grad forward alone {s['forward'] * 1e3:.2f} ms "
           f"= {s['forward'] / s['adam']:.2f} of Adam's step; {s['trials']:.2f} trial forwards per bSQH step")
+    tv = trial_forward_variants(xb, yb, repeats=60 if args.quick else 200)
+    print("trial forward / Adam step (no grad, batch 64, shuffled interleaving, medians of paired ratios; same loss "
+          "bit for bit): " + ", ".join(f"{k} {v:.3f}" if "ms" not in k else f"{k} {v:.2f}" for k, v in tv.items()))
     br = step_breakdown(xb, yb, repeats=30)
     print("bSQH step breakdown (CPU ms per step, torch profiler): "
           + ", ".join(f"{k} {v:.2f}" for k, v in br.items()))

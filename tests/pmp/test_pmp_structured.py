@@ -208,3 +208,24 @@ def test_filter_prune_by_mac_removes_the_filters_that_cost_compute_first():
     assert share[0] < min(kept[0] / 6, kept[1] / 16), kept
     with pytest.raises(ValueError, match="allocation"):
         filter_prune(LeNet5(), 0.5, (1, 28, 28), allocation="global")
+
+
+def test_no_grad_lenet_pools_before_relu_with_the_same_outputs_bit_for_bit():
+    """The no-grad forward (trial forward, evaluation) pools before the ReLU: equal to the autograd order exactly;
+    with a non-monotone activation (GELU: pooling does not commute with it) the seed's order is kept."""
+    from proxnets.pmp import LeNet5
+
+    torch.manual_seed(0)
+    model = LeNet5()
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.equal(fast, model(x).detach())
+    model.act = torch.nn.GELU()
+    assert not model._pool_commutes()
+    with torch.no_grad():
+        kept = model(x)
+    assert torch.equal(kept, model(x).detach())
+    swapped = model.fc3(model.act(model.fc2(model.act(model.fc1(
+        model.act(model.pool(model.conv2(model.act(model.pool(model.conv1(x)))))).flatten(1))))))
+    assert not torch.equal(kept, swapped.detach())  # the order matters for GELU: the guard is needed
