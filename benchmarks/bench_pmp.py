@@ -15,10 +15,18 @@ Same LeNet-5, same data (mnist5k), batch 64. Prints
   its zero filters removed (:func:`~proxnets.pmp.sparsity.remove_zero_filters`), the largest output
   difference, and the inference time dense vs exported, interleaved (median of the paired ratios).
 
+- the trial forward's variants (before / now / ``inference_mode`` / ``channels_last`` / 2 threads) over an
+  Adam step, in one shuffled interleaved run (:func:`trial_forward_variants`).
+
+``--structured-compare SEEDS`` runs only the structured comparison (:func:`structured_compare`): the
+filter-level L0 bSQH against Adam + filter magnitude pruning (``filter_prune``) at bSQH's MAC fraction,
+equal epochs, lr and pruning variant on validation, SEEDS seeds with intervals, exported inference time
+per seed.
+
 The floor of the step ratio is ``1 + trials x (no-grad forward / Adam step)``: bSQH's only work
 beyond Adam's is its trial forward(s); the bookkeeping is the measured ratio minus that floor.
 
-    python benchmarks/bench_pmp.py [--quick]
+    python benchmarks/bench_pmp.py [--quick] [--structured-compare SEEDS]
 """
 
 from __future__ import annotations
