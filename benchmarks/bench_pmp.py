@@ -15,10 +15,18 @@ Same LeNet-5, same data (mnist5k), batch 64. Prints
   its zero filters removed (:func:`~proxnets.pmp.sparsity.remove_zero_filters`), the largest output
   difference, and the inference time dense vs exported, interleaved (median of the paired ratios).
 
+- the trial forward's variants (before / now / ``inference_mode`` / ``channels_last`` / 2 threads) over an
+  Adam step, in one shuffled interleaved run (:func:`trial_forward_variants`).
+
+``--structured-compare SEEDS`` runs only the structured comparison (:func:`structured_compare`): the
+filter-level L0 bSQH against Adam + filter magnitude pruning (``filter_prune``) at bSQH's MAC fraction,
+equal epochs, lr and pruning variant on validation, SEEDS seeds with intervals, exported inference time
+per seed.
+
 The floor of the step ratio is ``1 + trials x (no-grad forward / Adam step)``: bSQH's only work
 beyond Adam's is its trial forward(s); the bookkeeping is the measured ratio minus that floor.
 
-    python benchmarks/bench_pmp.py [--quick]
+    python benchmarks/bench_pmp.py [--quick] [--structured-compare SEEDS]
 """
 
 from __future__ import annotations
@@ -34,7 +42,10 @@ import torch.nn.functional as F
 from proxnets.data import load_dataset
 from proxnets.engine import TrainConfig, evaluate, fit
 from proxnets.pmp import LeNet5, mac_param_groups, remove_zero_filters, sparsity_report
-from proxnets.pmp.baselines import magnitude_prune
+from proxnets.pmp.baselines import filter_prune, magnitude_prune
+from proxnets.pmp.experiments import ADAM_LRS, _carve_validation
+from proxnets.pmp.sparsity import export_sparse
+from proxnets.utils.stats import difference_interval, mean_interval
 from proxnets.pmp.sparsity import weight_density
 from proxnets.pmp.training import bsqh_optimizer, full_batch_bsqh, train_bsqh
 
@@ -77,6 +88,66 @@ def interleaved_step_ratio(x, y, repeats: int) -> dict[str, float]:
                 forward=statistics.median(tf), trials=trials)
 
 
+def _act_then_pool(m, x):
+    """LeNet-5 in the seed's order map -> ReLU -> pool (the no-grad forward before this session's change)."""
+    x = m.pool(m.act(m.conv1(x)))
+    x = m.pool(m.act(m.conv2(x)))
+    return m.fc3(m.act(m.fc2(m.act(m.fc1(x.flatten(1))))))
+
+
+def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
+    """The trial forward's cost, per variant, over an Adam step's: interleaved in a shuffled order, the median of
+    the paired ratios. Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
+    under ``torch.inference_mode``, channels_last memory, and 2 threads (Adam's step at 2 threads too)."""
+    import random
+
+    torch.manual_seed(0)
+    m, ma = LeNet5(), LeNet5()
+    mcl = copy.deepcopy(m).to(memory_format=torch.channels_last)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+
+    def adam():
+        oa.zero_grad(set_to_none=True)
+        F.cross_entropy(ma(x), y).backward()
+        oa.step()
+
+    def ng(f):
+        with torch.no_grad():
+            return f()
+
+    def im(f):
+        with torch.inference_mode():
+            return f()
+
+    variants = {"act->pool (before)": lambda: ng(lambda: F.cross_entropy(_act_then_pool(m, x), y)),
+                "pool->act (now)": lambda: ng(lambda: F.cross_entropy(m(x), y)),
+                "pool->act + inference_mode": lambda: im(lambda: F.cross_entropy(m(x), y)),
+                "pool->act + channels_last": lambda: ng(lambda: F.cross_entropy(mcl(xcl), y))}
+    ref = float(variants["act->pool (before)"]())
+    assert all(float(f()) == ref for f in variants.values())  # the same loss bit for bit
+    threads = torch.get_num_threads()
+    out = {}
+    for nt in (threads, 2):
+        torch.set_num_threads(nt)
+        t: dict[str, list[float]] = {k: [] for k in ["adam", *variants]}
+        for i in range(repeats + 5):
+            keys = list(t)
+            random.Random(i).shuffle(keys)
+            for k in keys:
+                t0 = time.perf_counter()
+                (adam if k == "adam" else variants[k])()
+                if i >= 5:
+                    t[k].append(time.perf_counter() - t0)
+        for k in variants:
+            out[f"{k} [{nt} thr]"] = statistics.median([a / b for a, b in zip(t[k], t["adam"])])
+        out[f"Adam step ms [{nt} thr]"] = statistics.median(t["adam"]) * 1e3
+        if nt == 2 == threads:
+            break
+    torch.set_num_threads(threads)
+    return out
+
+
 def inference_ratio(dense, small, x, repeats: int) -> dict[str, float]:
     """Median over repeats of (exported / dense) no-grad forward time on ``x``, interleaved."""
     td, ts = [], []
@@ -113,6 +184,78 @@ def structured_export(ds, density: float, epochs: int, repeats: int) -> dict[str
                 test_acc_exported=evaluate(small, ds.x_test, ds.y_test), max_diff=diff, widths=widths,
                 params_dense=sum(p.numel() for p in model.parameters()),
                 params_exported=sum(p.numel() for p in small.parameters()), **t)
+
+
+PRUNE_VARIANTS = [(n, a) for a in ("uniform", "mac") for n in ("l1", "l2")]  # filter_prune's, picked on validation
+
+
+def _macs(model, shape) -> float:
+    t = sparsity_report(model, shape)["total"]
+    return t["macs_sparse"] / t["macs_dense"]
+
+
+def structured_compare(ds, seeds: list[int], mac_target: float, epochs: int, ft_epochs: int,
+                       repeats: int) -> list[dict]:
+    """Filter-level L0 bSQH vs Adam + filter magnitude pruning (``filter_prune``) at bSQH's MAC fraction.
+
+    Both: ``epochs`` epochs, then ``ft_epochs`` of fine-tuning with the zeros frozen (bSQH at rho 0, Adam at a
+    third of its lr), batch 64, cosine schedule, the same data and seeds. Adam's lr (dense validation accuracy)
+    and the pruning variant (norm x allocation, validation accuracy after fine-tuning) are chosen on a
+    validation split carved from the training images, on the first seed. Each model's zero filters are then
+    removed; inference time exported / dense on 256 test images, interleaved, medians of the paired ratios.
+    """
+    part, (xv, yv) = _carve_validation(ds, 0)
+    q = lambda s: None  # noqa: E731
+    cfg = lambda e, seed, **kw: TrainConfig(epochs=e, batch_size=64, seed=seed, device="cpu", progress=False,  # noqa: E731
+                                            schedule="cosine", eval_every_epoch=False, **kw)
+    lr = variant = None
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        mb = LeNet5(part.input_shape, part.num_classes)
+        t0 = time.perf_counter()
+        train_bsqh(mb, part, 1.0, epochs=epochs, seed=seed, schedule="cosine", target_density=mac_target,
+                   finetune_epochs=ft_epochs, eval_every_epoch=False,
+                   param_groups=mac_param_groups(mb, 1.0, part.input_shape, structure="filter"))
+        t_b = time.perf_counter() - t0
+        export_sparse(mb)
+        macs = _macs(mb, part.input_shape)
+        dense_by_lr = {}
+        for a in ([lr] if lr is not None else ADAM_LRS):
+            torch.manual_seed(seed)
+            d = LeNet5(part.input_shape, part.num_classes)
+            fit(d, part, cfg(epochs, seed, lr=a, optimizer="adam"), log=q)
+            dense_by_lr[a] = d
+        if lr is None:
+            lr = max(ADAM_LRS, key=lambda a: (evaluate(dense_by_lr[a], xv, yv), -a))
+        dense = dense_by_lr[lr]
+        pruned_by = {}
+        for v in ([variant] if variant is not None else PRUNE_VARIANTS):
+            pm = filter_prune(copy.deepcopy(dense), macs, part.input_shape, norm=v[0], allocation=v[1])
+            fit(pm, part, cfg(ft_epochs, seed + 1, lr=lr / 3, optimizer="adam"), log=q)
+            export_sparse(pm)
+            pruned_by[v] = pm
+        if variant is None:
+            val = {v: evaluate(m, xv, yv) for v, m in pruned_by.items()}
+            variant = max(PRUNE_VARIANTS, key=lambda v: val[v])
+            print(f"  (seed {seed}) Adam lr on validation: {lr:g}; pruning variant on validation: "
+                  + ", ".join(f"{n}/{a} {val[(n, a)]:.4f}" for n, a in PRUNE_VARIANTS) + f" -> {variant}")
+        pm = pruned_by[variant]
+        mb.eval(), pm.eval(), dense.eval()
+        sb, sp = remove_zero_filters(mb).eval(), remove_zero_filters(pm).eval()
+        x = part.x_test[:256]
+        tb, tp = inference_ratio(dense, sb, x, repeats), inference_ratio(dense, sp, x, repeats)
+        width = lambda m: (m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features, m.fc2.out_features)  # noqa: E731
+        rows.append(dict(seed=seed, macs_bsqh=macs, macs_prune=_macs(pm, part.input_shape),
+                         acc_bsqh=evaluate(mb, part.x_test, part.y_test), acc_prune=evaluate(pm, part.x_test, part.y_test),
+                         acc_dense=evaluate(dense, part.x_test, part.y_test), widths_bsqh=width(sb), widths_prune=width(sp),
+                         time_bsqh=tb["ratio"], time_prune=tp["ratio"], train_s_bsqh=t_b, lr=lr, variant=variant))
+        r = rows[-1]
+        print(f"  seed {seed}: MAC fraction bSQH {r['macs_bsqh']:.4f} / pruned {r['macs_prune']:.4f}; test acc bSQH "
+              f"{r['acc_bsqh']:.4f}, Adam+filter-prune+ft {r['acc_prune']:.4f} (Adam dense {r['acc_dense']:.4f}); widths "
+              f"{r['widths_bsqh']} / {r['widths_prune']}; exported inference / dense {r['time_bsqh']:.2f} / "
+              f"{r['time_prune']:.2f}")
+    return rows
 
 
 def step_breakdown(x, y, repeats: int) -> dict[str, float]:
@@ -157,11 +300,16 @@ def main() -> None:
                     help="target fraction of multiply-adds of the filter-level L0 run whose zero filters are removed")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: steadier timings on a shared machine)")
+    ap.add_argument("--structured-compare", type=int, default=0, metavar="SEEDS",
+                    help="only: filter-level bSQH vs Adam + filter magnitude pruning at equal MACs, this many seeds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ds = load_dataset("mnist5k", seed=0)
     if args.quick:
         ds = ds.subset(2000, 1000, seed=0)
+    if args.structured_compare:
+        compare_main(ds, args)
+        return
     epochs = 4 if args.quick else 10
     quiet = lambda s: None  # noqa: E731
     print(f"data: {ds}; LeNet-5; batch 64; {epochs} epochs; target density {args.target_density}; "
@@ -172,6 +320,9 @@ def main() -> None:
     print(f"step time (batch 64, interleaved, medians): bSQH {s['bsqh'] * 1e3:.2f} ms, Adam {s['adam'] * 1e3:.2f} ms, "
           f"ratio bSQH/Adam {s['ratio']:.2f} (target <= 1.3); a no-grad forward alone {s['forward'] * 1e3:.2f} ms "
           f"= {s['forward'] / s['adam']:.2f} of Adam's step; {s['trials']:.2f} trial forwards per bSQH step")
+    tv = trial_forward_variants(xb, yb, repeats=60 if args.quick else 200)
+    print("trial forward / Adam step (no grad, batch 64, shuffled interleaving, medians of paired ratios; same loss "
+          "bit for bit): " + ", ".join(f"{k} {v:.3f}" if "ms" not in k else f"{k} {v:.2f}" for k, v in tv.items()))
     br = step_breakdown(xb, yb, repeats=30)
     print("bSQH step breakdown (CPU ms per step, torch profiler): "
           + ", ".join(f"{k} {v:.2f}" for k, v in br.items()))
@@ -236,6 +387,23 @@ def main() -> None:
     print(f"final test accuracy: bSQH {acc_b:.4f} at density {density:.3f} ({r['iterations']} steps), Adam dense "
           f"{acc_a:.4f}; Adam + magnitude pruning to density {weight_density(pruned):.3f} + 1 epoch fine-tuning "
           f"{acc_p:.4f} (difference bSQH - pruning {acc_b - acc_p:+.4f}; one seed, no fine-tuning for bSQH)")
+
+
+def compare_main(ds, args) -> None:
+    epochs, ft = (8, 2) if args.quick else (10, 2)
+    seeds = list(range(args.structured_compare))
+    print(f"structured comparison: {ds}, validation = a fifth of the training images; LeNet-5; {epochs} + {ft} "
+          f"epochs each; MAC target {args.structured_density}; seeds {seeds}; {args.threads} thread(s)")
+    t0 = time.perf_counter()
+    rows = structured_compare(ds, seeds, args.structured_density, epochs, ft, repeats=40 if args.quick else 100)
+    ab, ap_ = [r["acc_bsqh"] for r in rows], [r["acc_prune"] for r in rows]
+    line = lambda v: "{:.4f} [{:.4f}, {:.4f}]".format(*mean_interval(v))  # noqa: E731
+    print(f"test accuracy (mean, 95% interval over {len(rows)} seeds): bSQH {line(ab)}, Adam + filter pruning + ft "
+          f"{line(ap_)}; difference bSQH - pruning " + "{:+.4f} [{:+.4f}, {:+.4f}]".format(*difference_interval(ab, ap_)))
+    print("exported inference time / dense (median of interleaved pairs, per seed): bSQH "
+          + ", ".join(f"{r['time_bsqh']:.2f}" for r in rows) + "; pruning " + ", ".join(f"{r['time_prune']:.2f}" for r in rows)
+          + f"; MAC fractions bSQH {[round(r['macs_bsqh'], 4) for r in rows]}, pruning "
+          f"{[round(r['macs_prune'], 4) for r in rows]}; {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,72 @@ def test_fast_pool_equals_max_pool2d_bit_for_bit_and_keeps_its_gradient():
         pool(a).backward(g)
         F.max_pool2d(b, 2).backward(g)
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("norm,allocation", [("l1", "uniform"), ("l2", "mac")])
+@pytest.mark.parametrize("target", [0.6, 0.3, 0.1])
+def test_filter_prune_lands_on_the_mac_target_with_whole_filters(norm, allocation, target):
+    """The structured baseline: whole filters only, the classifier intact, MACs within one cheapest filter of the
+    target (the comparison with the filter-level L0 is at equal MACs), the export of it exact."""
+    from proxnets.pmp import LeNet5, export_sparse, sparsity_report
+    from proxnets.pmp.baselines import filter_prune
+
+    torch.manual_seed(0)
+    model = LeNet5()
+    dense_fc3 = model.fc3.weight.detach().clone()
+    filter_prune(model, target, (1, 28, 28), norm=norm, allocation=allocation)
+    t = sparsity_report(model, (1, 28, 28))["total"]
+    fraction = t["macs_sparse"] / t["macs_dense"]
+    cheapest = model.fc2.weight.shape[1] / t["macs_dense"]  # one fc2 row
+    assert target <= fraction < target + cheapest + 1e-12, fraction
+    for m in (model.conv1, model.conv2, model.fc1, model.fc2):
+        rows = (m.weight.detach().reshape(m.weight.shape[0], -1) != 0)
+        assert (rows.all(1) | ~rows.any(1)).all()  # a filter is all zero or untouched
+        assert rows.any(1).sum() >= 1
+    assert torch.equal(model.fc3.weight.detach(), dense_fc3)
+    export_sparse(model)
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert float((remove_zero_filters(model)(x) - model(x)).abs().max()) <= 1e-5
+
+
+def test_filter_prune_by_mac_removes_the_filters_that_cost_compute_first():
+    """allocation="mac" ranks a filter's norm per multiply-add saved: conv filters go first (fc rows only fill
+    the last gap to the target); "uniform" takes about the same fraction of every layer."""
+    from proxnets.pmp import LeNet5
+    from proxnets.pmp.baselines import filter_prune
+
+    torch.manual_seed(0)
+    model = filter_prune(LeNet5(), 0.6, (1, 28, 28), allocation="mac")
+    kept = [int((m.weight.detach().reshape(m.weight.shape[0], -1) != 0).any(1).sum())
+            for m in (model.conv1, model.conv2, model.fc1, model.fc2)]
+    share = [k / n for k, n in zip(kept, (6, 16, 120, 84))]
+    assert share[0] < 0.5 and min(share[2:]) > max(share[:2]), kept
+    torch.manual_seed(0)
+    model = filter_prune(LeNet5(), 0.6, (1, 28, 28), allocation="uniform")
+    kept = [int((m.weight.detach().reshape(m.weight.shape[0], -1) != 0).any(1).sum())
+            for m in (model.conv1, model.conv2, model.fc1, model.fc2)]
+    assert share[0] < min(kept[0] / 6, kept[1] / 16), kept
+    with pytest.raises(ValueError, match="allocation"):
+        filter_prune(LeNet5(), 0.5, (1, 28, 28), allocation="global")
+
+
+def test_no_grad_lenet_pools_before_relu_with_the_same_outputs_bit_for_bit():
+    """The no-grad forward (trial forward, evaluation) pools before the ReLU: equal to the autograd order exactly;
+    with a non-monotone activation (GELU: pooling does not commute with it) the seed's order is kept."""
+    from proxnets.pmp import LeNet5
+
+    torch.manual_seed(0)
+    model = LeNet5()
+    x = torch.randn(32, 1, 28, 28)
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.equal(fast, model(x).detach())
+    model.act = torch.nn.GELU()
+    assert not model._pool_commutes()
+    with torch.no_grad():
+        kept = model(x)
+    assert torch.equal(kept, model(x).detach())
+    swapped = model.fc3(model.act(model.fc2(model.act(model.fc1(
+        model.act(model.pool(model.conv2(model.act(model.pool(model.conv1(x)))))).flatten(1))))))
+    assert not torch.equal(kept, swapped.detach())  # the order matters for GELU: the guard is needed

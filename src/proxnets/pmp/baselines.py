@@ -6,6 +6,8 @@
   ``prox`` set: ``"l1"`` soft-thresholds at ``lr * strength`` (proximal gradient for
   ``strength * |w|_1``); ``"iht"`` keeps the ``strength`` fraction of largest-magnitude weights over
   all such groups together (iterative hard thresholding at a fixed density).
+- :func:`filter_prune`: structured magnitude pruning (whole filters by their L1/L2 norm) to a target
+  fraction of multiply-adds, the baseline of the filter-level L0.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from proxnets.pmp.regularizers import soft_threshold
-from proxnets.pmp.sparsity import SPARSIFIABLE
+from proxnets.pmp.sparsity import SPARSIFIABLE, sparsity_report
 from proxnets.utils.validation import check_choice, check_number, check_probability
 
-__all__ = ["magnitude_prune", "ProxSGD"]
+__all__ = ["magnitude_prune", "filter_prune", "ProxSGD"]
 
 
 def magnitude_prune(model: nn.Module, density: float) -> nn.Module:
@@ -64,3 +66,53 @@ class ProxSGD(torch.optim.SGD):
                 for p in params:
                     p.mul_((p.abs() > threshold).to(p.dtype))
         return loss
+
+
+def filter_prune(model: nn.Module, mac_fraction: float, input_shape: tuple[int, ...], norm: str = "l2",
+                 allocation: str = "uniform") -> nn.Module:
+    """Structured magnitude pruning: zero whole filters until the kept multiply-adds are ``mac_fraction``.
+
+    A filter (conv output channel, linear output row) of every :data:`SPARSIFIABLE` layer but the
+    last (the classifier keeps its outputs) is scored by its size-normalized norm
+    ``s_o = ||w_o||_p / n_o^(1/p)`` (``p`` = 1 for ``norm="l1"``, 2 for ``"l2"``; ``n_o`` its weight
+    count), so that filters of different layers compare (Li et al. 2017 prune by the L1 norm within a
+    layer). Removal order: ``allocation="uniform"`` interleaves the layers by the within-layer rank
+    ``rank / n_filters`` (every layer loses about the same fraction, as in Li et al.); ``"mac"``
+    sorts all filters by ``s_o / P_l`` (``P_l`` the layer's output positions: norm per multiply-add
+    saved, so filters that cost compute go first, as bSQH's MAC price does). Walking that order, a filter is removed when the kept MACs (counted as
+    :func:`~proxnets.pmp.sparsity.sparsity_report` does: nonzero weights x output positions) stay at
+    or above ``mac_fraction`` of the dense MACs, so the result is at most one cheapest filter (an fc2
+    row, 0.03% of LeNet-5's MACs) above the target. A layer keeps at least one filter. In place, with
+    :mod:`torch.nn.utils.prune` masks (fine-tuning keeps the zeros); returns ``model``.
+    """
+    mac_fraction = check_probability("mac_fraction", mac_fraction)
+    check_choice("norm", norm, ["l1", "l2"])
+    check_choice("allocation", allocation, ["uniform", "mac"])
+    p = 1 if norm == "l1" else 2
+    rows = {r["layer"]: r for r in sparsity_report(model, input_shape)["layers"]}
+    mods = [(n, m) for n, m in model.named_modules() if n in rows][:-1]  # the classifier keeps its outputs
+    dense = sum(r["macs_dense"] for r in rows.values())
+    kept = sum(r["macs_sparse"] for r in rows.values())
+    order = []  # (key, layer index, filter, MACs of the filter's nonzero weights)
+    for li, (name, m) in enumerate(mods):
+        w = m.weight.detach().reshape(m.weight.shape[0], -1)
+        positions = rows[name]["macs_dense"] // rows[name]["weights"]
+        score = w.abs().pow(p).mean(1).pow(1.0 / p)
+        rank = torch.argsort(score)  # ties: a stable order by index
+        for r, o in enumerate(rank.tolist()):
+            key = (r / len(rank), float(score[o])) if allocation == "uniform" else (float(score[o]) / positions, r)
+            order.append((key, li, o, int((w[o] != 0).sum()) * positions))
+    masks = [torch.ones(m.weight.shape[0], dtype=torch.bool) for _, m in mods]
+    target = mac_fraction * dense
+    for _, li, o, cost in sorted(order, key=lambda t: t[0]):
+        if kept - cost >= target and masks[li].sum() > 1:
+            masks[li][o] = False
+            kept -= cost
+    for (_, m), keep in zip(mods, masks):
+        shape = (-1,) + (1,) * (m.weight.dim() - 1)
+        mask = keep.to(m.weight.device, m.weight.dtype).reshape(shape).expand_as(m.weight).contiguous()
+        if hasattr(m, "weight_mask"):
+            mask = mask * m.weight_mask
+            prune.remove(m, "weight")
+        prune.custom_from_mask(m, "weight", mask)
+    return model
