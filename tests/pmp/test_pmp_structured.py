@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pmp_closures import full_batch_steps
 from proxnets.pmp import BSQH, SmallLeNet5, SparseRegularizer, remove_zero_filters, sparsity_param_groups
 
 
@@ -88,16 +89,7 @@ def test_structured_bsqh_zeroes_whole_filters_and_exports_them():
     reg = SparseRegularizer(beta=1.0, lam2=1e-3, normalize="group", bound=1.0, structure="filter")
     opt = BSQH(sparsity_param_groups(model, 1.0), eps=5.0, eps_min=1.0, regularizer=reg, target_density=0.4,
                eps_rule="curvature")
-
-    def closure(backward=True):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss.detach()
-
-    for _ in range(4):
-        opt.step(closure)
+    full_batch_steps(model, opt, x, y, 4)
     weights = [m.weight for m in (model.conv1, model.conv2, model.fc1, model.fc2, model.fc3)]
     total = sum(w.numel() for w in weights)
     nnz = sum(int((w != 0).sum()) for w in weights)
