@@ -37,7 +37,9 @@ from torch import nn
 
 from proxnets.certificates import Certificate
 from proxnets.engine import Trainable, TrainConfig
-from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
+from proxnets.equilibrium.implicit import BackwardConfig, _generic_adjoint, attach_adjoint_hook, equilibrium
+from proxnets.equilibrium.splitting import CircularResolvent, DenseResolvent, peaceman_rachford
+from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.equilibrium.layers import OptEqBase, OptEqConv2d
 from proxnets.norm_bounds import norm_bound
 from proxnets.equilibrium.solvers import EquilibriumInfo, check_solver_options
@@ -168,12 +170,27 @@ class MONConfig:
     m: float = 1.0  # strong monotonicity of I - W
     alpha: float | None = None  # forward-backward step; None -> step_scale * m / L^2 (estimated)
     step_scale: float = 1.0  # in (0, 2): 2 is the limit of the safe forward-backward steps
-    solver: str = "fixed_point"  # plain iteration of the splitting map = forward-backward splitting
+    solver: str = "fixed_point"  # plain iteration of the splitting map = forward-backward splitting;
+    # "peaceman_rachford": MON's own splitting (any step pr_alpha > 0; a linear solve per iteration)
+    padding: str = "zeros"  # "circular": the convolutions wrap around (Winston & Kolter's FFT resolvent)
+    pr_alpha: float = 1.0  # Peaceman-Rachford step
     tol: float = 1e-3
     max_iter: int = 60
     backward_solver: str = "anderson"
     policy: str = "warn"
     pool: int = 4
+
+
+def _fold_circular(y: torch.Tensor, p: int, dim: int) -> torch.Tensor:
+    """The adjoint of circular padding by ``p`` along ``dim``: padded[i] = x[(i - p) mod n], so the
+    border entries are added back onto the entries they copied."""
+    if p == 0:
+        return y
+    n = y.shape[dim] - 2 * p
+    x = y.narrow(dim, p, n).clone()
+    x.narrow(dim, n - p, p).add_(y.narrow(dim, 0, p))
+    x.narrow(dim, 0, p).add_(y.narrow(dim, n + p, p))
+    return x
 
 
 class MONConv2d(nn.Module):
@@ -186,7 +203,10 @@ class MONConv2d(nn.Module):
         if cfg.alpha is not None:
             check_number("alpha", cfg.alpha, low=0.0, low_inclusive=False)
         check_number("step_scale", cfg.step_scale, low=0.0, high=2.0, low_inclusive=False, high_inclusive=False)
-        check_solver_options(cfg.solver, {})
+        if cfg.solver != "peaceman_rachford":
+            check_solver_options(cfg.solver, {})
+        check_number("pr_alpha", cfg.pr_alpha, low=0.0, low_inclusive=False)
+        check_choice("padding", cfg.padding, ("zeros", "circular"))
         check_choice("policy", cfg.policy, POLICIES)
         pad = cfg.kernel_size // 2
         self.channels, self.spatial, self._pad = channels, tuple(spatial), pad
@@ -197,11 +217,21 @@ class MONConv2d(nn.Module):
         self.register_buffer("estimated", torch.tensor(False))
         self.backward_config = BackwardConfig("implicit", solver=cfg.backward_solver, tol=cfg.tol, max_iter=cfg.max_iter)
         self.last_info: EquilibriumInfo | None = None
+        # Peaceman-Rachford: the resolvent of I - W, refreshed when A, B or the step change
+        self._resolvent = CircularResolvent() if cfg.padding == "circular" else DenseResolvent()
 
     def _conv(self, z, w):
+        if self.config.padding == "circular":
+            p = self._pad
+            return F.conv2d(F.pad(z, (p, p, p, p), mode="circular"), w)
         return F.conv2d(z, w, padding=self._pad)
 
     def _conv_t(self, z, w):
+        """The adjoint of :meth:`_conv` (circular: the full transposed convolution, its border folded back)."""
+        if self.config.padding == "circular":
+            p = self._pad
+            y = F.conv_transpose2d(z, w)  # (B, C, H + 2p, W + 2p)
+            return _fold_circular(_fold_circular(y, p, -2), p, -1)
         return F.conv_transpose2d(z, w, padding=self._pad)
 
     def monotone_part(self, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -239,12 +269,46 @@ class MONConv2d(nn.Module):
         def T(z):  # forward-backward splitting map
             return torch.relu(z - alpha * (self.monotone_part(z, a, b) - inj))
 
+        if self.config.solver == "peaceman_rachford":
+            z, info = self._forward_pr(T, inj, a, b)
+            self.last_info = info
+            return z
         z, info = equilibrium(
             T, torch.zeros_like(inj), solver=self.config.solver, tol=self.config.tol, max_iter=self.config.max_iter,
             backward=self.backward_config, policy=self.config.policy, what="MONConv2d forward",
         )
         self.last_info = info
         return z
+
+
+    def resolvent(self, a: torch.Tensor, b: torch.Tensor, alpha: float):
+        """``y -> (I + alpha (I - W))^{-1} y`` (:mod:`~proxnets.equilibrium.splitting`): FFT blocks for circular
+        padding, an LU factor of the dense matrix for zero padding; refreshed only when A, B or alpha change."""
+        ad, bd = a.detach(), b.detach()
+        key = (ad.data_ptr(), ad._version, bd.data_ptr(), bd._version, ad.dtype)
+        shape = (self.channels, *self.spatial)
+        apply_m = lambda v: self.monotone_part(v, ad, bd)  # noqa: E731
+        if isinstance(self._resolvent, CircularResolvent):
+            return self._resolvent.update(apply_m, shape, alpha, key, dtype=ad.dtype, device=ad.device)
+        with torch.no_grad():
+            a64, b64 = ad.double(), bd.double()
+            return self._resolvent.update(lambda: dense_matrix(lambda v: self.monotone_part(v, a64, b64), shape)
+                                          .to(ad.dtype), alpha, key)
+
+    def _forward_pr(self, T, inj: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        """Peaceman-Rachford forward (no autograd), then the implicit backward through the forward-backward
+        map ``T`` at z* (same fixed point, so the same exact implicit gradient); flags go through ``policy``."""
+        cfg, what = self.config, "MONConv2d forward (peaceman_rachford)"
+        if self.backward_config.mode != "implicit":
+            fail("backward_config.mode", "'implicit' with solver 'peaceman_rachford'", self.backward_config.mode)
+        with torch.no_grad():
+            res = self.resolvent(a, b, cfg.pr_alpha)
+            z_star, _, info = peaceman_rachford(res, inj.detach(), cfg.pr_alpha, tol=cfg.tol, max_iter=cfg.max_iter)
+        handle_nonconvergence(info, cfg.policy, what)
+        if not torch.is_grad_enabled():
+            return z_star, info
+        z = T(z_star)
+        return attach_adjoint_hook(z, _generic_adjoint(T, z_star, self.backward_config), info, cfg.policy, what), info
 
 
 class MONClassifier(nn.Module):
@@ -593,7 +657,11 @@ def certify_mon(model: MONClassifier, x: torch.Tensor, *, tol: float = 1e-4, max
             T = lambda z: torch.relu(z - alpha * (layer.monotone_part(z, a, b) - inj))  # noqa: E731
             inj64 = inj.double()
             T64 = lambda z: torch.relu(z - alpha * (layer.monotone_part(z, a64, b64) - inj64))  # noqa: E731
-            z, info = solve(layer.config.solver, T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+            if layer.config.solver == "peaceman_rachford":  # its own solver; T64 below checks its z
+                z, _, info = peaceman_rachford(layer.resolvent(a, b, layer.config.pr_alpha), inj,
+                                               layer.config.pr_alpha, tol=tol / 2, max_iter=max_iter)
+            else:
+                z, info = solve(layer.config.solver, T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
             q2 = 1 - 2 * alpha * mu + alpha**2 * lip**2
             q = math.sqrt(max(q2, 0.0))
             method = "exact: float64 dense matrix, symmetric eigensolver + round-off margin"
