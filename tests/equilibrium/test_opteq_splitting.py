@@ -115,3 +115,15 @@ def test_resolvent_refreshed_only_when_weights_change():
         r = layer._resolvent(y)
         rel = (r + layer.config.pr_alpha * layer.monotone_part(r, layer.A.weight, layer.B.weight) - y).norm() / y.norm()
     assert float(rel) < 1e-5
+
+
+def test_pr_backward_reports_its_adjoint_solve_honestly():
+    torch.manual_seed(0)
+    layer = MONConv2d(2, 3, (5, 5), MONConfig(padding="circular", solver="peaceman_rachford", tol=1e-6,
+                                              max_iter=200, policy="ignore"))
+    layer.backward_config.tol, layer.backward_config.max_iter = 1e-12, 1
+    x = torch.randn(2, 2, 5, 5)
+    layer(x).pow(2).sum().backward()
+    binfo = layer.last_info.backward
+    assert binfo is not None and binfo.solver == "peaceman_rachford"
+    assert not binfo.converged and binfo.stop_reason == "max_iter"

@@ -264,15 +264,14 @@ class MONConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inj = self.U(x)  # (B, C, H, W)
         a, b = self.A.weight, self.B.weight
+        if self.config.solver == "peaceman_rachford":
+            z, info = self._forward_pr(inj, a, b)
+            self.last_info = info
+            return z
         alpha = self.step_size(a, b)
 
         def T(z):  # forward-backward splitting map
             return torch.relu(z - alpha * (self.monotone_part(z, a, b) - inj))
-
-        if self.config.solver == "peaceman_rachford":
-            z, info = self._forward_pr(T, inj, a, b)
-            self.last_info = info
-            return z
         z, info = equilibrium(
             T, torch.zeros_like(inj), solver=self.config.solver, tol=self.config.tol, max_iter=self.config.max_iter,
             backward=self.backward_config, policy=self.config.policy, what="MONConv2d forward",
@@ -295,20 +294,41 @@ class MONConv2d(nn.Module):
             return self._resolvent.update(lambda: dense_matrix(lambda v: self.monotone_part(v, a64, b64), shape)
                                           .to(ad.dtype), alpha, key)
 
-    def _forward_pr(self, T, inj: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        """Peaceman-Rachford forward (no autograd), then the implicit backward through the forward-backward
-        map ``T`` at z* (same fixed point, so the same exact implicit gradient); flags go through ``policy``."""
+    def monotone_part_t(self, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(I - W)^T v = m v + A^T A v + B v - B^T v``."""
+        return self.m * v + self._conv_t(self._conv(v, a), a) + self._conv(v, b) - self._conv_t(v, b)
+
+    def _forward_pr(self, inj: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        """Peaceman-Rachford forward and backward (Winston & Kolter 2020, Sec. 4).
+
+        Forward: z* = relu(u*) from :func:`peaceman_rachford` (no autograd). At its fixed point
+        ``u* = z* - alpha (M z* - c)``, so one recorded step ``T(z) = relu(z - alpha (M z - c))`` at the same
+        ``alpha`` (any alpha > 0: no step restriction is needed to differentiate) connects z* to A, B, U.
+        Backward: with ``D = 1[u* > 0]`` the adjoint ``g = dL/dc`` solves the linear monotone inclusion
+        ``0 in M^T g - v + N(g)`` (``N`` the normal cone of ``{g : (1 - D) g = 0}``, prox = multiply by D),
+        by Peaceman-Rachford with the transposed resolvent; the hook returns ``v + g / alpha - M^T g``, the
+        vector whose pull-back through T gives exactly ``g`` on c and ``-g^T (dM) z*`` on A, B (derivation
+        in docs/opteq.md). Both solves' flags go through ``policy``."""
         cfg, what = self.config, "MONConv2d forward (peaceman_rachford)"
+        alpha = cfg.pr_alpha
         if self.backward_config.mode != "implicit":
             fail("backward_config.mode", "'implicit' with solver 'peaceman_rachford'", self.backward_config.mode)
         with torch.no_grad():
-            res = self.resolvent(a, b, cfg.pr_alpha)
-            z_star, _, info = peaceman_rachford(res, inj.detach(), cfg.pr_alpha, tol=cfg.tol, max_iter=cfg.max_iter)
+            res = self.resolvent(a, b, alpha)
+            z_star, u_star, info = peaceman_rachford(res, inj.detach(), alpha, tol=cfg.tol, max_iter=cfg.max_iter)
         handle_nonconvergence(info, cfg.policy, what)
         if not torch.is_grad_enabled():
             return z_star, info
-        z = T(z_star)
-        return attach_adjoint_hook(z, _generic_adjoint(T, z_star, self.backward_config), info, cfg.policy, what), info
+        z = torch.relu(z_star - alpha * (self.monotone_part(z_star, a, b) - inj))  # = z* up to the tolerance
+        mask = (u_star > 0).to(u_star.dtype)
+        ad, bd, bcfg = a.detach(), b.detach(), self.backward_config
+
+        def adjoint(v: torch.Tensor):
+            g, _, binfo = peaceman_rachford(lambda y: res(y, transpose=True), v, alpha, prox=lambda w: mask * w,
+                                            tol=bcfg.tol, max_iter=bcfg.max_iter)
+            return v + g / alpha - self.monotone_part_t(g, ad, bd), binfo
+
+        return attach_adjoint_hook(z, adjoint, info, cfg.policy, what), info
 
 
 class MONClassifier(nn.Module):

@@ -59,10 +59,11 @@ class DenseResolvent:
             self.refreshes += 1
         return self
 
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, y: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``(I + alpha M)^{-1} y``, or ``(I + alpha M^T)^{-1} y`` with ``transpose`` (the adjoint solve)."""
         lu, piv = self.factors
         flat = y.reshape(y.shape[0], -1).T.to(lu.dtype)  # (n, B)
-        return torch.linalg.lu_solve(lu, piv, flat).T.reshape(y.shape).to(y.dtype)
+        return torch.linalg.lu_solve(lu, piv, flat, adjoint=transpose).T.reshape(y.shape).to(y.dtype)
 
 
 class CircularResolvent:
@@ -92,9 +93,12 @@ class CircularResolvent:
             self.refreshes += 1
         return self
 
-    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, y: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``(I + alpha M)^{-1} y``; with ``transpose`` ``(I + alpha M^T)^{-1} y`` (M real: M^T has the blocks
+        ``M_hat(omega)^H``, so its inverse has the blocks of the inverse, conjugate-transposed)."""
         y_hat = torch.fft.fft2(y).permute(2, 3, 1, 0)  # (H, W, C, B)
-        x_hat = (self.inverse @ y_hat).permute(3, 2, 0, 1)  # (B, C, H, W)
+        inv = self.inverse.mH if transpose else self.inverse
+        x_hat = (inv @ y_hat).permute(3, 2, 0, 1)  # (B, C, H, W)
         return torch.fft.ifft2(x_hat).real.to(y.dtype)
 
 
