@@ -15,7 +15,8 @@ is a linear solve with ``I + alpha M`` per iteration:
 - :class:`DenseResolvent`: an LU factor of the dense ``I + alpha M``, computed once and reused until the
   matrix or ``alpha`` changes (the caller passes a ``key`` that changes with the weights);
 - :class:`CircularResolvent`: ``M`` commutes with circular shifts (circular-padding convolutions), so the
-  2-D FFT block-diagonalizes it into ``H W`` matrices ``C x C``; they are read off the impulse responses of
+  2-D FFT block-diagonalizes it into ``H W`` matrices ``C x C`` (``H (W // 2 + 1)`` of them
+  with the real FFT); they are read off the impulse responses of
   ``M`` (no kernel-layout convention involved) and inverted once per weight change.
 
 The solve runs the shared :func:`proxnets.solvers.fixed_point` on ``u`` (its stopping rule, divergence
@@ -73,7 +74,8 @@ class CircularResolvent:
 
     def __init__(self) -> None:
         self.key: Hashable | None = None
-        self.inverse: torch.Tensor | None = None  # (H, W, C, C) complex
+        self.inverse: torch.Tensor | None = None  # (H, W // 2 + 1, C, C) complex
+        self.size: tuple[int, int] = (0, 0)
         self.refreshes = 0
 
     def update(self, apply_m: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], alpha: float,
@@ -86,7 +88,9 @@ class CircularResolvent:
             delta[torch.arange(c), torch.arange(c), 0, 0] = 1.0
             with torch.no_grad():
                 resp = apply_m(delta)  # (C_in, C_out, H, W): response to delta at channel c_in
-            m_hat = torch.fft.fft2(resp).permute(2, 3, 1, 0)  # (H, W, C_out, C_in)
+            # real input: the half spectrum W // 2 + 1 suffices (the other half is its conjugate)
+            m_hat = torch.fft.rfft2(resp).permute(2, 3, 1, 0)  # (H, W // 2 + 1, C_out, C_in)
+            self.size = (h, w)
             eye = torch.eye(c, dtype=m_hat.dtype, device=m_hat.device)
             self.inverse = torch.linalg.inv(eye + alpha * m_hat)
             self.key = (key, alpha)
@@ -96,10 +100,10 @@ class CircularResolvent:
     def __call__(self, y: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``(I + alpha M)^{-1} y``; with ``transpose`` ``(I + alpha M^T)^{-1} y`` (M real: M^T has the blocks
         ``M_hat(omega)^H``, so its inverse has the blocks of the inverse, conjugate-transposed)."""
-        y_hat = torch.fft.fft2(y).permute(2, 3, 1, 0)  # (H, W, C, B)
+        y_hat = torch.fft.rfft2(y).permute(2, 3, 1, 0)  # (H, W // 2 + 1, C, B)
         inv = self.inverse.mH if transpose else self.inverse
-        x_hat = (inv @ y_hat).permute(3, 2, 0, 1)  # (B, C, H, W)
-        return torch.fft.ifft2(x_hat).real.to(y.dtype)
+        x_hat = (inv @ y_hat).permute(3, 2, 0, 1).contiguous()  # (B, C, H, W // 2 + 1)
+        return torch.fft.irfft2(x_hat, s=self.size).to(y.dtype)
 
 
 def peaceman_rachford(
