@@ -127,3 +127,16 @@ def test_pr_backward_reports_its_adjoint_solve_honestly():
     binfo = layer.last_info.backward
     assert binfo is not None and binfo.solver == "peaceman_rachford"
     assert not binfo.converged and binfo.stop_reason == "max_iter"
+
+
+def test_circular_spectrum_brackets_the_dense_spectrum():
+    from proxnets.equilibrium.models import _circular_spectrum, dense_matrix
+
+    torch.manual_seed(1)
+    layer = MONConv2d(2, 3, (5, 6), MONConfig(padding="circular", solver="peaceman_rachford"))
+    a, b = layer.A.weight.detach().double(), layer.B.weight.detach().double()
+    mat = dense_matrix(lambda v: layer.monotone_part(v, a, b), (3, 5, 6))
+    mu_dense = float(torch.linalg.eigvalsh((mat + mat.T) / 2)[0])
+    lip_dense = float(torch.linalg.matrix_norm(mat, 2))
+    mu, lip = _circular_spectrum(layer, a, b)
+    assert mu <= mu_dense < mu + 1e-9 and lip - 1e-9 < lip_dense <= lip
