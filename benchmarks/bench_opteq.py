@@ -17,7 +17,8 @@ implicit backward: CPU time per layer and its ratio to the single layer's (targe
 
 ``--baselines`` (instead): accuracy of OptEq against its baselines at the suite's quick size (mnist5k, 1500
 training / 500 validation / 1000 test images, 3 epochs, same tolerance 1e-3 and cap 100), 3 seeds, paired
-95% intervals: MON (forward-backward at 1.8 m / L^2, the largest step the certificate proves safe), a DEQ
+95% intervals: MON twice, with forward-backward at 1.8 m / L^2 (the largest step the certificate proves safe,
+zero padding) and with its own Peaceman-Rachford solver (alpha 1, circular padding, FFT resolvent: the suite's), a DEQ
 on TorchDEQ's Anderson at equal parameters, and OptEq with equilibrium selection at ``|W|_2 <= 1``; with
 each model's training CPU time.
 
@@ -263,9 +264,12 @@ def bench_baselines(seeds: int = 3) -> dict:
     width = 16
     make = {
         "OptEq": lambda: OptEqClassifier(ds.input_shape, 10, E._opteq_config(stem_channels=width, channels=width)),
-        "MON": lambda: MONClassifier(ds.input_shape, 10, MONConfig(
+        "MON (FB, zero pad)": lambda: MONClassifier(ds.input_shape, 10, MONConfig(
             stem_channels=width, channels=13, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore",
             step_scale=E.MON_STEP_SCALE)),
+        "MON (PR, circular, suite)": lambda: MONClassifier(ds.input_shape, 10, MONConfig(
+            stem_channels=width, channels=13, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore",
+            step_scale=E.MON_STEP_SCALE, solver=E.MON_SOLVER, padding=E.MON_PADDING, pr_alpha=E.MON_PR_ALPHA)),
         "DEQ (TorchDEQ anderson)": lambda: DEQClassifier(ds.input_shape, 10, DEQConfig(
             stem_channels=width, channels=width, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore")),
         "OptEq selection |W|<=1": lambda: OptEqClassifier(ds.input_shape, 10, E._opteq_config(
@@ -292,14 +296,14 @@ def bench_baselines(seeds: int = 3) -> dict:
             above[name][1] += r["train_solves"]
     print(f"\n== OptEq vs baselines: mnist5k, {len(ds.y_train)} train / 1000 test, 3 epochs, {seeds} seeds, tol "
           f"{E.TRAIN_TOL}, cap {E.TRAIN_MAX_ITER} ==")
-    print(f"{'model':28s} {'params':>7s} {'accuracy':>9s} {'95% interval':>18s} {'OptEq - model (95%)':>26s} "
+    print(f"{'model':30s} {'params':>7s} {'accuracy':>9s} {'95% interval':>18s} {'OptEq - model (95%)':>26s} "
           f"{'train CPU s':>11s} {'mean it':>7s} {'above tol':>10s}")
     out = {}
     for name in make:
         m, lo, hi = mean_interval(acc[name])
         d = difference_interval(acc["OptEq"], acc[name]) if name != "OptEq" else None
         dtxt = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "-"
-        print(f"{name:28s} {params[name]:7d} {m:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>18s} {dtxt:>26s} "
+        print(f"{name:30s} {params[name]:7d} {m:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>18s} {dtxt:>26s} "
               f"{sum(cpu[name]) / seeds:11.1f} {sum(iters[name]) / seeds:7.1f} {f'{above[name][0]}/{above[name][1]}':>10s}")
         out[name] = {"acc": acc[name], "cpu": cpu[name], "params": params[name], "difference": d}
     return out

@@ -37,7 +37,9 @@ from torch import nn
 
 from proxnets.certificates import Certificate
 from proxnets.engine import Trainable, TrainConfig
-from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
+from proxnets.equilibrium.implicit import BackwardConfig, _generic_adjoint, attach_adjoint_hook, equilibrium
+from proxnets.equilibrium.splitting import CircularResolvent, DenseResolvent, peaceman_rachford
+from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.equilibrium.layers import OptEqBase, OptEqConv2d
 from proxnets.norm_bounds import norm_bound
 from proxnets.equilibrium.solvers import EquilibriumInfo, check_solver_options
@@ -168,12 +170,27 @@ class MONConfig:
     m: float = 1.0  # strong monotonicity of I - W
     alpha: float | None = None  # forward-backward step; None -> step_scale * m / L^2 (estimated)
     step_scale: float = 1.0  # in (0, 2): 2 is the limit of the safe forward-backward steps
-    solver: str = "fixed_point"  # plain iteration of the splitting map = forward-backward splitting
+    solver: str = "fixed_point"  # plain iteration of the splitting map = forward-backward splitting;
+    # "peaceman_rachford": MON's own splitting (any step pr_alpha > 0; a linear solve per iteration)
+    padding: str = "zeros"  # "circular": the convolutions wrap around (Winston & Kolter's FFT resolvent)
+    pr_alpha: float = 1.0  # Peaceman-Rachford step
     tol: float = 1e-3
     max_iter: int = 60
     backward_solver: str = "anderson"
     policy: str = "warn"
     pool: int = 4
+
+
+def _fold_circular(y: torch.Tensor, p: int, dim: int) -> torch.Tensor:
+    """The adjoint of circular padding by ``p`` along ``dim``: padded[i] = x[(i - p) mod n], so the
+    border entries are added back onto the entries they copied."""
+    if p == 0:
+        return y
+    n = y.shape[dim] - 2 * p
+    x = y.narrow(dim, p, n).clone()
+    x.narrow(dim, n - p, p).add_(y.narrow(dim, 0, p))
+    x.narrow(dim, 0, p).add_(y.narrow(dim, n + p, p))
+    return x
 
 
 class MONConv2d(nn.Module):
@@ -186,7 +203,10 @@ class MONConv2d(nn.Module):
         if cfg.alpha is not None:
             check_number("alpha", cfg.alpha, low=0.0, low_inclusive=False)
         check_number("step_scale", cfg.step_scale, low=0.0, high=2.0, low_inclusive=False, high_inclusive=False)
-        check_solver_options(cfg.solver, {})
+        if cfg.solver != "peaceman_rachford":
+            check_solver_options(cfg.solver, {})
+        check_number("pr_alpha", cfg.pr_alpha, low=0.0, low_inclusive=False)
+        check_choice("padding", cfg.padding, ("zeros", "circular"))
         check_choice("policy", cfg.policy, POLICIES)
         pad = cfg.kernel_size // 2
         self.channels, self.spatial, self._pad = channels, tuple(spatial), pad
@@ -197,11 +217,21 @@ class MONConv2d(nn.Module):
         self.register_buffer("estimated", torch.tensor(False))
         self.backward_config = BackwardConfig("implicit", solver=cfg.backward_solver, tol=cfg.tol, max_iter=cfg.max_iter)
         self.last_info: EquilibriumInfo | None = None
+        # Peaceman-Rachford: the resolvent of I - W, refreshed when A, B or the step change
+        self._resolvent = CircularResolvent() if cfg.padding == "circular" else DenseResolvent()
 
     def _conv(self, z, w):
+        if self.config.padding == "circular":
+            p = self._pad
+            return F.conv2d(F.pad(z, (p, p, p, p), mode="circular"), w)
         return F.conv2d(z, w, padding=self._pad)
 
     def _conv_t(self, z, w):
+        """The adjoint of :meth:`_conv` (circular: the full transposed convolution, its border folded back)."""
+        if self.config.padding == "circular":
+            p = self._pad
+            y = F.conv_transpose2d(z, w)  # (B, C, H + 2p, W + 2p)
+            return _fold_circular(_fold_circular(y, p, -2), p, -1)
         return F.conv_transpose2d(z, w, padding=self._pad)
 
     def monotone_part(self, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -234,17 +264,71 @@ class MONConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inj = self.U(x)  # (B, C, H, W)
         a, b = self.A.weight, self.B.weight
+        if self.config.solver == "peaceman_rachford":
+            z, info = self._forward_pr(inj, a, b)
+            self.last_info = info
+            return z
         alpha = self.step_size(a, b)
 
         def T(z):  # forward-backward splitting map
             return torch.relu(z - alpha * (self.monotone_part(z, a, b) - inj))
-
         z, info = equilibrium(
             T, torch.zeros_like(inj), solver=self.config.solver, tol=self.config.tol, max_iter=self.config.max_iter,
             backward=self.backward_config, policy=self.config.policy, what="MONConv2d forward",
         )
         self.last_info = info
         return z
+
+
+    def resolvent(self, a: torch.Tensor, b: torch.Tensor, alpha: float):
+        """``y -> (I + alpha (I - W))^{-1} y`` (:mod:`~proxnets.equilibrium.splitting`): FFT blocks for circular
+        padding, an LU factor of the dense matrix for zero padding; refreshed only when A, B or alpha change."""
+        ad, bd = a.detach(), b.detach()
+        key = (ad.data_ptr(), ad._version, bd.data_ptr(), bd._version, ad.dtype)
+        shape = (self.channels, *self.spatial)
+        apply_m = lambda v: self.monotone_part(v, ad, bd)  # noqa: E731
+        if isinstance(self._resolvent, CircularResolvent):
+            return self._resolvent.update(apply_m, shape, alpha, key, dtype=ad.dtype, device=ad.device)
+        with torch.no_grad():
+            a64, b64 = ad.double(), bd.double()
+            return self._resolvent.update(lambda: dense_matrix(lambda v: self.monotone_part(v, a64, b64), shape)
+                                          .to(ad.dtype), alpha, key)
+
+    def monotone_part_t(self, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(I - W)^T v = m v + A^T A v + B v - B^T v``."""
+        return self.m * v + self._conv_t(self._conv(v, a), a) + self._conv(v, b) - self._conv_t(v, b)
+
+    def _forward_pr(self, inj: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        """Peaceman-Rachford forward and backward (Winston & Kolter 2020, Sec. 4).
+
+        Forward: z* = relu(u*) from :func:`peaceman_rachford` (no autograd). At its fixed point
+        ``u* = z* - alpha (M z* - c)``, so one recorded step ``T(z) = relu(z - alpha (M z - c))`` at the same
+        ``alpha`` (any alpha > 0: no step restriction is needed to differentiate) connects z* to A, B, U.
+        Backward: with ``D = 1[u* > 0]`` the adjoint ``g = dL/dc`` solves the linear monotone inclusion
+        ``0 in M^T g - v + N(g)`` (``N`` the normal cone of ``{g : (1 - D) g = 0}``, prox = multiply by D),
+        by Peaceman-Rachford with the transposed resolvent; the hook returns ``v + g / alpha - M^T g``, the
+        vector whose pull-back through T gives exactly ``g`` on c and ``-g^T (dM) z*`` on A, B (derivation
+        in docs/opteq.md). Both solves' flags go through ``policy``."""
+        cfg, what = self.config, "MONConv2d forward (peaceman_rachford)"
+        alpha = cfg.pr_alpha
+        if self.backward_config.mode != "implicit":
+            fail("backward_config.mode", "'implicit' with solver 'peaceman_rachford'", self.backward_config.mode)
+        with torch.no_grad():
+            res = self.resolvent(a, b, alpha)
+            z_star, u_star, info = peaceman_rachford(res, inj.detach(), alpha, tol=cfg.tol, max_iter=cfg.max_iter)
+        handle_nonconvergence(info, cfg.policy, what)
+        if not torch.is_grad_enabled():
+            return z_star, info
+        z = torch.relu(z_star - alpha * (self.monotone_part(z_star, a, b) - inj))  # = z* up to the tolerance
+        mask = (u_star > 0).to(u_star.dtype)
+        ad, bd, bcfg = a.detach(), b.detach(), self.backward_config
+
+        def adjoint(v: torch.Tensor):
+            g, _, binfo = peaceman_rachford(lambda y: res(y, transpose=True), v, alpha, prox=lambda w: mask * w,
+                                            tol=bcfg.tol, max_iter=bcfg.max_iter)
+            return v + g / alpha - self.monotone_part_t(g, ad, bd), binfo
+
+        return attach_adjoint_hook(z, adjoint, info, cfg.policy, what), info
 
 
 class MONClassifier(nn.Module):
@@ -556,6 +640,26 @@ def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4,
     return certs
 
 
+def _circular_spectrum(layer: "MONConv2d", a64: torch.Tensor, b64: torch.Tensor) -> tuple[float, float]:
+    """``(mu, L)``: a lower bound of ``lambda_min((M + M^T)/2)`` and an upper bound of ``|M|_2`` for the
+    circular-padding MON, ``M = I - W``. The unitary DFT block-diagonalizes ``M`` into the ``H W`` blocks
+    ``M_hat(omega)`` (C x C, the DFT of the impulse responses), so the spectrum is the union of the blocks'.
+    Margins: the float64 FFT error ``|E|_F <= 5 log2(HW) eps |M_hat|_F`` (Higham, Thm 24.2; taken 20x) with
+    ``|M_hat|_F = sqrt(HW) |resp|_F`` (Parseval), the convolutions' round-off (``(9 C + 4) eps`` relative per
+    entry, folded into the same 20x), and the eigensolver's backward error ``10 C eps |block|_F``."""
+    c, (h, w) = layer.channels, layer.spatial
+    delta = torch.zeros(c, c, h, w, dtype=torch.float64)
+    delta[torch.arange(c), torch.arange(c), 0, 0] = 1.0
+    resp = layer.monotone_part(delta, a64, b64)  # (C_in, C_out, H, W)
+    m_hat = torch.fft.fft2(resp).permute(2, 3, 1, 0).reshape(h * w, c, c)  # (HW, C_out, C_in)
+    resp_f = float(resp.norm())
+    err = 20 * (5 * math.ceil(math.log2(max(h * w, 2))) + 9 * c + 4) * _EPS64 * math.sqrt(h * w) * resp_f
+    solver_err = 10 * c * _EPS64 * float(torch.linalg.matrix_norm(m_hat).max())
+    mu = float(torch.linalg.eigvalsh((m_hat + m_hat.mH) / 2).min()) - err - solver_err
+    lip = float(torch.linalg.matrix_norm(m_hat, 2).max()) + err + solver_err
+    return mu, lip
+
+
 def certify_mon(model: MONClassifier, x: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 2000,
                 distance_tol: float = 1e-2) -> list[Certificate]:
     """The certificate of the MON baseline (Winston & Kolter 2020) on inputs ``x``.
@@ -582,21 +686,30 @@ def certify_mon(model: MONClassifier, x: torch.Tensor, *, tol: float = 1e-4, max
     try:
         with torch.no_grad():
             a64, b64 = layer.A.weight.detach().double(), layer.B.weight.detach().double()
-            mat = dense_matrix(lambda v: layer.monotone_part(v, a64, b64), (layer.channels, *layer.spatial))
-            n = mat.shape[0]
-            # eigvalsh is backward stable: its eigenvalues are those of S + E, |E|_2 <= c n eps |S|_2
-            mu = float(torch.linalg.eigvalsh((mat + mat.T) / 2)[0]) - 10 * n * _EPS64 * float(mat.norm())
-            lip, lip_rigorous, _, lip_why = _norm(mat)
+            if layer.config.padding == "circular":  # the DFT block-diagonalizes M: C x C blocks, exact spectrum
+                mu, lip = _circular_spectrum(layer, a64, b64)
+                lip_rigorous, lip_why = True, ""
+                method = "exact: float64 DFT blocks (circular padding), eigensolver + FFT and round-off margins"
+            else:
+                mat = dense_matrix(lambda v: layer.monotone_part(v, a64, b64), (layer.channels, *layer.spatial))
+                n = mat.shape[0]
+                # eigvalsh is backward stable: its eigenvalues are those of S + E, |E|_2 <= c n eps |S|_2
+                mu = float(torch.linalg.eigvalsh((mat + mat.T) / 2)[0]) - 10 * n * _EPS64 * float(mat.norm())
+                lip, lip_rigorous, _, lip_why = _norm(mat)
+                method = "exact: float64 dense matrix, symmetric eigensolver + round-off margin"
             inj = layer.U(model.stem(x))
             a, b = layer.A.weight, layer.B.weight
             alpha = layer.step_size(a, b)
             T = lambda z: torch.relu(z - alpha * (layer.monotone_part(z, a, b) - inj))  # noqa: E731
             inj64 = inj.double()
             T64 = lambda z: torch.relu(z - alpha * (layer.monotone_part(z, a64, b64) - inj64))  # noqa: E731
-            z, info = solve(layer.config.solver, T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
+            if layer.config.solver == "peaceman_rachford":  # its own solver; T64 below checks its z
+                z, _, info = peaceman_rachford(layer.resolvent(a, b, layer.config.pr_alpha), inj,
+                                               layer.config.pr_alpha, tol=tol / 2, max_iter=max_iter)
+            else:
+                z, info = solve(layer.config.solver, T, torch.zeros_like(inj), tol=tol / 2, max_iter=max_iter)
             q2 = 1 - 2 * alpha * mu + alpha**2 * lip**2
             q = math.sqrt(max(q2, 0.0))
-            method = "exact: float64 dense matrix, symmetric eigensolver + round-off margin"
             certs = [
                 Certificate("monotonicity", mu, layer.m * (1 - 1e-8), ">=", method=method,
                             details={"m": layer.m, "lipschitz_upper_bound": lip}),
