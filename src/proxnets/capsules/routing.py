@@ -75,7 +75,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from proxnets.capsules.functional import EPS, _capsule_length as capsule_length, _squash as squash  # unchecked: hot path
-from proxnets.capsules.votes import FactoredVotes, ParentMajorVotes, Votes, as_votes, form_parent_major
+from proxnets.capsules.votes import (FactoredVotes, ParentMajorVotes, Votes, as_votes, form_parent_major,
+                                     workspace_buffer)
 from proxnets.utils.convergence import POLICIES, IterInfo, handle_nonconvergence
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
@@ -504,12 +505,14 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
     step = max(1, min(B, _CHUNK_BYTES // per_sample))
     couplings, sums, taus, steps = [], [], [], []
+    workspace: dict = {}  # every chunk's votes in the same two buffers (votes.workspace_buffer)
     with torch.no_grad():
+        wi = votes.child_major_weight()
         for b0 in range(0, B, step):
             sl = slice(b0, min(b0 + step, B))
             chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
             init = None if initial_logits is None else initial_logits[sl]
-            formed = votes.parent_major(sl)
+            formed = form_parent_major(votes.u[sl], wi, votes.parents, workspace)
             _, info = dynamic_routing(formed, iterations, gradient="last", bias=chunk_bias, initial_logits=init,
                                       **options)
             couplings.append(info.couplings)
@@ -535,13 +538,13 @@ class _RecomputedChunk(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, options):
+    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, options, workspace):
         with torch.no_grad():
-            formed = form_parent_major(u, wi, parents)
+            formed = form_parent_major(u, wi, parents, workspace)
             v, info = dynamic_routing(formed, iterations, gradient="all", bias=bias, initial_logits=initial_logits,
                                       **options)
         ctx.save_for_backward(u, wi, bias)
-        ctx.rest = (parents, initial_logits, iterations, options)
+        ctx.rest = (parents, initial_logits, iterations, options, workspace)
         ctx.mark_non_differentiable(info.couplings, info.tau, info.step)
         return v, info.couplings, info.tau, info.step
 
@@ -551,10 +554,10 @@ class _RecomputedChunk(torch.autograd.Function):
         from proxnets.capsules.votes import _StashVotes
 
         u, wi, bias = ctx.saved_tensors
-        parents, initial_logits, iterations, options = ctx.rest
+        parents, initial_logits, iterations, options, workspace = ctx.rest
         M, K, ND = wi.shape
         with torch.no_grad():
-            u_pm = form_parent_major(u, wi, parents).u_pm  # (b, N, M, D)
+            u_pm = form_parent_major(u, wi, parents, workspace).u_pm  # (b, N, M, D), in the buffer "pm"
         token = torch.zeros((), dtype=u.dtype, device=u.device, requires_grad=True)
         votes = _StashVotes(u_pm, token)
         beta = None if bias is None else bias.detach().requires_grad_(ctx.needs_input_grad[2])
@@ -565,10 +568,13 @@ class _RecomputedChunk(torch.autograd.Function):
             grads = torch.autograd.grad(v, leaves, g, allow_unused=True)
         g_bias = grads[1] if len(grads) > 1 else None
         b = u.shape[0]
-        g_votes = votes.votes_gradient().permute(2, 0, 1, 3).reshape(M, b, ND)  # child-major, as formed
+        # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
+        g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
+        g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
+        g_votes.copy_(g_pm.permute(2, 0, 1, 3).reshape(M, b, ND))
         g_u = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
         g_wi = torch.bmm(u.permute(1, 2, 0), g_votes) if ctx.needs_input_grad[1] else None  # (M, K, N D)
-        return g_u, g_wi, g_bias, None, None, None, None
+        return g_u, g_wi, g_bias, None, None, None, None, None
 
 
 def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
@@ -582,12 +588,14 @@ def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Te
     per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
     step = max(1, min(B, _CHUNK_BYTES // per_sample))
     wi = votes.child_major_weight()  # formed once with gradient; the chunks' gradients accumulate into it
+    workspace: dict = {}  # the chunks' votes and their gradients reuse two buffers (votes.workspace_buffer)
     outs = []
     for b0 in range(0, B, step):
         sl = slice(b0, min(b0 + step, B))
         chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
         init = None if initial_logits is None else initial_logits[sl]
-        outs.append(_RecomputedChunk.apply(votes.u[sl], wi, chunk_bias, votes.parents, init, iterations, options))
+        outs.append(_RecomputedChunk.apply(votes.u[sl], wi, chunk_bias, votes.parents, init, iterations, options,
+                                           workspace))
     v, c, tau_b, step_b = (torch.cat(parts) for parts in zip(*outs))
     info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.detach(),
                        tau=tau_b.detach(), step=step_b.detach())
