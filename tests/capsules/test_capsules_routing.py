@@ -321,7 +321,8 @@ def test_float32_energy_is_accurate_for_short_capsules():
 @pytest.mark.parametrize("options", [{}, {"leaky": True}, {"routing": "regularized"}, {"bias": True}, {"init": True}])
 def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, options):
     """Factored votes are formed once (ParentMajorVotes) when they fit, routed in chunks of the batch when they do
-    not (without gradients through the passes), or through the factored maps: the same map, values and gradients."""
+    not (gradient="all": each chunk checkpointed, re-formed and re-routed in backward), or through the factored
+    maps (traced runs): the same map, values, couplings and gradients (bias included)."""
     from proxnets.capsules import routing as R
 
     u0, w0 = factored(seed=3)
@@ -336,23 +337,46 @@ def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, option
         monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
         monkeypatch.setattr(R, "_CHUNK_BYTES", chunk)
         u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
+        beta = None if bias is None else bias.clone().requires_grad_()
         if name == "factored":  # gradient="all" and traced runs take this path when the votes do not fit
-            v, info = dynamic_routing(FactoredVotes(u, w), 4, gradient=gradient, bias=bias, initial_logits=init,
+            v, info = dynamic_routing(FactoredVotes(u, w), 4, gradient=gradient, bias=beta, initial_logits=init,
                                       trace=True, **kw)
         else:
-            v, info = dynamic_routing(FactoredVotes(u, w), 4, gradient=gradient, bias=bias, initial_logits=init, **kw)
-        grads = torch.autograd.grad((v * probe).sum(), (u, w))
+            v, info = dynamic_routing(FactoredVotes(u, w), 4, gradient=gradient, bias=beta, initial_logits=init, **kw)
+        grads = torch.autograd.grad((v * probe).sum(), (u, w) if beta is None else (u, w, beta))
         out[name] = (v.detach(), info.couplings, grads, info.tau)
     ref = out["factored"]
-    for name in ("formed", "chunked") if gradient == "last" else ("formed",):
+    for name in ("formed", "chunked"):
         v, c, grads, tau = out[name]
         assert torch.allclose(v, ref[0], atol=1e-12, rtol=0)
         assert torch.allclose(c, ref[1], atol=1e-12, rtol=0)
         assert torch.allclose(tau, ref[3], rtol=1e-12)
         for a, b in zip(grads, ref[2]):
             assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)
-    if gradient == "all":  # too large to form and gradients through every pass: the factored maps, not chunks
-        assert torch.allclose(out["chunked"][0], ref[0], atol=1e-12, rtol=0)
+
+
+def test_recomputed_routing_keeps_no_votes_and_passes_gradcheck(monkeypatch):
+    """gradient="all" on votes too large to keep: checkpointed chunks save only u, the re-laid-out weight and the
+    logits' inputs (no (b, N, M, D) tensor survives the forward), and the gradient passes gradcheck in float64."""
+    from proxnets.capsules import routing as R
+
+    monkeypatch.setattr(R, "_MATERIALIZE_BYTES", 0)
+    us, ws = small_factored()
+    monkeypatch.setattr(R, "_CHUNK_BYTES", ws.shape[0] * ws.shape[1] * ws.shape[3] * 8)  # one sample per chunk
+    beta = torch.randn(ws.shape[0], ws.shape[3], dtype=torch.float64, requires_grad=True)
+    assert gradcheck(lambda u, w, b: dynamic_routing(FactoredVotes(u, w), 3, gradient="all", bias=b,
+                                                     leaky=True)[0], (us, ws, beta), fast_mode=True)
+
+    def saved_votes(materialize):  # saved tensors holding the votes of b = 1..B samples (b N M D numbers)
+        monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
+        u, w = factored(requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            dynamic_routing(FactoredVotes(u, w), 3, gradient="all")
+        return [n for n in saved if n in {b * N * M * D for b in range(1, B + 1)}]  # W has K > B slices
+
+    assert saved_votes(1 << 30)  # formed whole: autograd keeps the votes (the check can fail)
+    assert not saved_votes(0)
 
 
 def test_parent_major_votes_are_the_dense_votes_with_adjoint_maps():

@@ -72,9 +72,11 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from proxnets.capsules.functional import EPS, _capsule_length as capsule_length, _squash as squash  # unchecked: hot path
-from proxnets.capsules.votes import FactoredVotes, ParentMajorVotes, Votes, as_votes
+from proxnets.capsules.votes import (FactoredVotes, ParentMajorVotes, Votes, as_votes, form_parent_major,
+                                     workspace_buffer)
 from proxnets.utils.convergence import POLICIES, IterInfo, handle_nonconvergence
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
@@ -371,11 +373,12 @@ def dynamic_routing(
                     inner = votes.parent_major()  # the final pass keeps the factored votes (gradients, memory)
             else:
                 votes = inner = votes.parent_major()  # autograd through every pass; keeps B N M D numbers
-        elif tol is None and not trace and (detached or not outer_grad):
+        elif tol is None and not trace:
             if initial_logits is not None:
                 check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
-            return _chunked_routing(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
-                                    initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=_broken)
+            chunked = _chunked_routing if detached or not outer_grad else _recomputed_routing
+            return chunked(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
+                           initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=_broken)
         else:
             inner = votes.detach() if detached else votes
     else:
@@ -502,12 +505,14 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
     step = max(1, min(B, _CHUNK_BYTES // per_sample))
     couplings, sums, taus, steps = [], [], [], []
+    workspace: dict = {}  # every chunk's votes in the same two buffers (votes.workspace_buffer)
     with torch.no_grad():
+        wi = votes.child_major_weight()
         for b0 in range(0, B, step):
             sl = slice(b0, min(b0 + step, B))
             chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
             init = None if initial_logits is None else initial_logits[sl]
-            formed = votes.parent_major(sl)
+            formed = form_parent_major(votes.u[sl], wi, votes.parents, workspace)
             _, info = dynamic_routing(formed, iterations, gradient="last", bias=chunk_bias, initial_logits=init,
                                       **options)
             couplings.append(info.couplings)
@@ -519,6 +524,81 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     v = squash(s if bias is None else s + bias)
     info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c,
                        tau=torch.cat(taus), step=torch.cat(steps))
+    return v, info
+
+
+class _RecomputedChunk(torch.autograd.Function):
+    """``dynamic_routing(formed votes of u, gradient="all")`` for one chunk of the batch, saving only its inputs.
+
+    Forward: form the votes ``U = u W`` (parent-major), route without a graph. Backward: re-form ``U``, replay the
+    passes with autograd on the small tensors only (couplings, ``s``, ``v``, logits: the votes are constants of
+    :class:`~proxnets.capsules.votes._StashVotes`), which yields the gradients to the bias and the rank-one factors
+    of ``dL/dU`` of every map; sum those in one batched product and back-propagate through ``U = u W`` (two batched
+    products). The same derivative as autograd through every pass, without one ``(b, N, M, D)`` gradient per map.
+    """
+
+    @staticmethod
+    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, options, workspace):
+        with torch.no_grad():
+            formed = form_parent_major(u, wi, parents, workspace)
+            v, info = dynamic_routing(formed, iterations, gradient="all", bias=bias, initial_logits=initial_logits,
+                                      **options)
+        ctx.save_for_backward(u, wi, bias)
+        ctx.rest = (parents, initial_logits, iterations, options, workspace)
+        ctx.mark_non_differentiable(info.couplings, info.tau, info.step)
+        return v, info.couplings, info.tau, info.step
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, *_):
+        from proxnets.capsules.votes import _StashVotes
+
+        u, wi, bias = ctx.saved_tensors
+        parents, initial_logits, iterations, options, workspace = ctx.rest
+        M, K, ND = wi.shape
+        with torch.no_grad():
+            u_pm = form_parent_major(u, wi, parents, workspace).u_pm  # (b, N, M, D), in the buffer "pm"
+        token = torch.zeros((), dtype=u.dtype, device=u.device, requires_grad=True)
+        votes = _StashVotes(u_pm, token)
+        beta = None if bias is None else bias.detach().requires_grad_(ctx.needs_input_grad[2])
+        with torch.enable_grad():
+            v, _ = dynamic_routing(votes, iterations, gradient="all", bias=beta, initial_logits=initial_logits,
+                                   **options)
+            leaves = [token] + ([beta] if beta is not None and beta.requires_grad else [])
+            grads = torch.autograd.grad(v, leaves, g, allow_unused=True)
+        g_bias = grads[1] if len(grads) > 1 else None
+        b = u.shape[0]
+        # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
+        g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
+        g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
+        g_votes.copy_(g_pm.permute(2, 0, 1, 3).reshape(M, b, ND))
+        g_u = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
+        g_wi = torch.bmm(u.permute(1, 2, 0), g_votes) if ctx.needs_input_grad[1] else None  # (M, K, N D)
+        return g_u, g_wi, g_bias, None, None, None, None, None
+
+
+def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
+                        **options):
+    """``dynamic_routing(..., gradient="all")`` for votes too large to keep: over chunks of the batch (routing is
+    per sample), each chunk's votes formed once and routed (:class:`_RecomputedChunk`): the forward keeps only
+    ``u``, ``weight`` and ``bias``; the backward re-forms one chunk's votes at a time and replays its passes.
+    Values and gradients are those of the factored path (same map, up to rounding); memory is one chunk's votes
+    (``_CHUNK_BYTES``) and their gradient instead of all the votes and one gradient per map."""
+    B = votes.batch
+    per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
+    step = max(1, min(B, _CHUNK_BYTES // per_sample))
+    wi = votes.child_major_weight()  # formed once with gradient; the chunks' gradients accumulate into it
+    workspace: dict = {}  # the chunks' votes and their gradients reuse two buffers (votes.workspace_buffer)
+    outs = []
+    for b0 in range(0, B, step):
+        sl = slice(b0, min(b0 + step, B))
+        chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
+        init = None if initial_logits is None else initial_logits[sl]
+        outs.append(_RecomputedChunk.apply(votes.u[sl], wi, chunk_bias, votes.parents, init, iterations, options,
+                                           workspace))
+    v, c, tau_b, step_b = (torch.cat(parts) for parts in zip(*outs))
+    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.detach(),
+                       tau=tau_b.detach(), step=step_b.detach())
     return v, info
 
 

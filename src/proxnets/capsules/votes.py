@@ -24,12 +24,15 @@ and ``agree`` is the adjoint of ``combine``: ``<A(c), v> = <c, A^*(v)>``. Two im
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from proxnets.utils.validation import check_tensor, fail
 
-__all__ = ["Votes", "DenseVotes", "FactoredVotes", "ParentMajorVotes", "as_votes"]
+__all__ = ["Votes", "DenseVotes", "FactoredVotes", "ParentMajorVotes", "form_parent_major", "workspace_buffer",
+           "as_votes"]
 
 # Elements of one chunk's temporary (N, chunk, M * d_in): 2^20 floats = 4 MiB in float32, which stays
 # in the cache of the machines we measured; larger chunks are slower (the kernels are memory-bound).
@@ -263,11 +266,14 @@ class FactoredVotes(Votes):
         one product per child, ``u[:, i] (b, d_in) @ [W_1i .. W_Ni] (d_in, N D)``, then one transpose
         into the parent-major layout. Differentiable in ``u`` and ``weight``."""
         u = self.u if batch is None else self.u[batch]
-        N, M, K, D = self.weight.shape
-        if self._wi is None:
-            self._wi = self.weight.permute(1, 2, 0, 3).reshape(M, K, N * D)  # (M, K, N D), a copy
-        pm = torch.bmm(u.transpose(0, 1), self._wi)  # (M, b, N D)
-        return ParentMajorVotes(pm.view(M, -1, N, D).permute(1, 2, 0, 3), validate=False)  # contiguous copy
+        return form_parent_major(u, self.child_major_weight(), self.parents)
+
+    def child_major_weight(self) -> torch.Tensor:
+        """``weight`` as ``(M, d_in, N D)`` (a copy, formed once): the operand of :func:`form_parent_major`."""
+        if self._wi is None or (torch.is_grad_enabled() and self.weight.requires_grad and not self._wi.requires_grad):
+            N, M, K, D = self.weight.shape  # (re)formed with a graph when one is wanted and the cached has none
+            self._wi = self.weight.permute(1, 2, 0, 3).reshape(M, K, N * D)
+        return self._wi
 
     def dense(self) -> torch.Tensor:
         return torch.einsum("bmk,nmkd->bmnd", self.u, self.weight)  # (B, M, N, D)
@@ -348,6 +354,107 @@ class ParentMajorVotes(Votes):
     @property
     def device(self) -> torch.device:
         return self.u_pm.device
+
+
+class _StashCombine(torch.autograd.Function):
+    """``combine`` of :class:`_StashVotes`: back-propagates to the couplings; the votes' gradient, the rank-one
+    ``c[b, :, j]^T g[b, j]`` per pair, is not formed but its two factors are appended to ``stash``."""
+
+    @staticmethod
+    def forward(ctx, c, token, u_pm, stash):
+        B, N, M, D = u_pm.shape
+        ctx.u, ctx.stash, ctx.shape = u_pm.view(B * N, M, D), stash, (B, N, M, D)
+        ctx.cp = c.permute(0, 2, 1).reshape(B * N, 1, M)
+        return torch.bmm(ctx.cp, ctx.u).view(B, N, D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        B, N, M, D = ctx.shape
+        gr = g.reshape(B * N, 1, D)
+        ctx.stash.append((ctx.cp, gr))
+        gc = None
+        if ctx.needs_input_grad[0]:
+            gc = torch.bmm(gr, ctx.u.transpose(1, 2)).view(B, N, M).permute(0, 2, 1)  # (B, M, N)
+        return gc, torch.zeros((), dtype=g.dtype, device=g.device), None, None
+
+
+class _StashAgree(torch.autograd.Function):
+    """``agree`` of :class:`_StashVotes`: back-propagates to ``v``; stashes the factors ``g[b, :, j]``, ``v[b, j]``
+    of the votes' rank-one gradient."""
+
+    @staticmethod
+    def forward(ctx, v, token, u_pm, stash):
+        B, N, M, D = u_pm.shape
+        ctx.u, ctx.stash, ctx.shape = u_pm.view(B * N, M, D), stash, (B, N, M, D)
+        ctx.vr = v.reshape(B * N, 1, D)
+        return torch.bmm(ctx.vr, ctx.u.transpose(1, 2)).view(B, N, M).permute(0, 2, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        B, N, M, D = ctx.shape
+        gr = g.permute(0, 2, 1).reshape(B * N, 1, M)
+        ctx.stash.append((gr, ctx.vr))
+        gv = torch.bmm(gr, ctx.u).view(B, N, D) if ctx.needs_input_grad[0] else None
+        return gv, torch.zeros((), dtype=g.dtype, device=g.device), None, None
+
+
+class _StashVotes(ParentMajorVotes):
+    """Formed votes (constants) whose maps record, in back-propagation, the rank-one factors of the votes'
+    gradient (``stash``) instead of forming one ``(B, N, M, D)`` gradient per map: ``token`` (a scalar that
+    requires grad) keeps every map in the graph. :func:`votes_gradient` then sums them in one product."""
+
+    def __init__(self, u_pm: torch.Tensor, token: torch.Tensor):
+        super().__init__(u_pm, validate=False)
+        self.token, self.stash = token, []
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        return _StashCombine.apply(c, self.token, self.u_pm, self.stash)
+
+    def agree(self, v: torch.Tensor) -> torch.Tensor:
+        return _StashAgree.apply(v, self.token, self.u_pm, self.stash)
+
+    def votes_gradient(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_p left_p^T right_p`` over the stashed maps: ``(B, N, M, D)`` by one batched product (into ``out``,
+        a contiguous ``(B N, M, D)``, when given)."""
+        B, N, M, D = self.u_pm.shape
+        if not self.stash:
+            return torch.zeros_like(self.u_pm)  # no map reached the output (unused in routing: r >= 1)
+        left = torch.cat([a for a, _ in self.stash], 1)  # (B N, P, M)
+        right = torch.cat([b for _, b in self.stash], 1)  # (B N, P, D)
+        return torch.bmm(left.transpose(1, 2), right, out=out).view(B, N, M, D)
+
+
+def workspace_buffer(workspace: dict | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous ``shape`` view of the reusable buffer ``workspace[name]`` (grown when too small), or None.
+
+    Chunked routing allocates the same few chunk-sized (8 MiB) temporaries for every chunk; fresh ones of that
+    size come from new pages (glibc returns large freed blocks to the system), so reusing them saves the page
+    faults (measured: ~50,000 per call of the benchmark's layer with gradient="all", a third of its time).
+    """
+    if workspace is None:
+        return None
+    n = math.prod(shape)
+    buf = workspace.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def form_parent_major(u: torch.Tensor, wi: torch.Tensor, parents: int, workspace: dict | None = None) -> ParentMajorVotes:
+    """Votes of ``u (b, M, d_in)`` and ``wi (M, d_in, N D)`` (:meth:`FactoredVotes.child_major_weight`) as
+    :class:`ParentMajorVotes`: one batched product per child, ``u[:, i] @ wi[i]``, then one transposing copy.
+    With a ``workspace`` (no autograd), both land in its reused buffers ``"cm"`` and ``"pm"``."""
+    M, _, ND = wi.shape
+    b, D = u.shape[0], ND // parents
+    if workspace is None:
+        pm = torch.bmm(u.transpose(0, 1), wi)  # (M, b, N D)
+        return ParentMajorVotes(pm.view(M, b, parents, D).permute(1, 2, 0, 3), validate=False)
+    cm = torch.bmm(u.transpose(0, 1), wi, out=workspace_buffer(workspace, "cm", (M, b, ND), wi))
+    out = workspace_buffer(workspace, "pm", (b, parents, M, D), wi)
+    out.copy_(cm.view(M, b, parents, D).permute(1, 2, 0, 3))
+    return ParentMajorVotes(out, validate=False)
 
 
 def as_votes(votes: torch.Tensor | Votes) -> Votes:
