@@ -520,39 +520,39 @@ def run(ctx: SuiteContext) -> SuiteResult:
     results = {k: v for k, v in results.items() if v}
     if compare:
         acc = {k: [r["test_acc"] for r in v] for k, v in results.items()}
-        diff_mean, diff_lo, diff_hi = difference_interval(acc["OptEq"], acc["MON"])
         summary = {k: _interval(v) for k, v in acc.items()}
-        mon_runs = results["MON"]
-        mon_conv = (sum(r["train_unconverged"] for r in mon_runs), sum(r["train_solves"] for r in mon_runs))
-        opt_conv = (sum(r["train_unconverged"] for r in results["OptEq"]), sum(r["train_solves"] for r in results["OptEq"]))
-        claims.append(Claim(
-            "OptEq outperforms an earlier implicit model (MON) at about equal parameter count",
-            f"test accuracy on {len(ds.y_test)} images after {epochs} epochs, {len(seeds)} seeds (paired by seed); "
-            f"95% Student-t interval of the mean difference OptEq - MON, verdict from its lower end; "
-            f"parameters OptEq {params['OptEq']}, MON {params['MON']}; MON: its own Peaceman-Rachford solver "
-            f"(alpha {MON_PR_ALPHA}, {MON_PADDING} padding, FFT resolvent; forward and backward), both tol "
-            f"{TRAIN_TOL}, cap {TRAIN_MAX_ITER} iterations",
-            diff_lo, ">", 0.0, source="seed", section="abstract", falsified_by="shuffled-labels",
-            details={"interval": [diff_lo, diff_hi], "mean_difference": diff_mean, "seeds": len(seeds),
-                     "n_test": len(ds.y_test), "accuracy": summary, "params": params,
-                     "mon_training_solves_above_tol": list(mon_conv),
-                     "mon_step_contraction_seed0": metrics.get("mon_certificate", {}).get("step_contraction", {}).get("value"),
-                     "opteq_training_solves_above_tol": list(opt_conv)}))
-        if has_deq:
-            dq_mean, dq_lo, dq_hi = difference_interval(acc["OptEq"], acc["DEQ"])
-            deq_runs = results["DEQ"]
+
+        def solves_above_tol(kind: str) -> list[int]:
+            runs = results[kind]
+            return [sum(r["train_unconverged"] for r in runs), sum(r["train_solves"] for r in runs)]
+
+        def beats(other: str, claim: str, setup: str, details: dict) -> tuple[float, float, float]:
+            """The paired-seed claim OptEq > ``other``, decided by the lower end of the difference interval."""
+            mean, lo, hi = difference_interval(acc["OptEq"], acc[other])
             claims.append(Claim(
-                "OptEq outperforms a DEQ solved by its own (TorchDEQ Anderson) solver at equal parameter count",
+                claim,
                 f"test accuracy on {len(ds.y_test)} images after {epochs} epochs, {len(seeds)} seeds (paired by seed); "
-                f"95% Student-t interval of the mean difference OptEq - DEQ, verdict from its lower end; parameters "
-                f"OptEq {params['OptEq']}, DEQ {params['DEQ']} (z = relu(W z + U x + b), W unconstrained); DEQ: TorchDEQ "
-                f"anderson forward and implicit backward, relative tol {TRAIN_TOL}, cap {TRAIN_MAX_ITER}",
-                dq_lo, ">", 0.0, source="seed", section="abstract", falsified_by="shuffled-labels",
-                details={"interval": [dq_lo, dq_hi], "mean_difference": dq_mean, "seeds": len(seeds),
-                         "n_test": len(ds.y_test), "accuracy": {k: summary[k] for k in ("OptEq", "DEQ")},
-                         "params": {k: params[k] for k in ("OptEq", "DEQ")},
-                         "deq_training_solves_above_tol": [sum(r["train_unconverged"] for r in deq_runs),
-                                                           sum(r["train_solves"] for r in deq_runs)]}))
+                f"95% Student-t interval of the mean difference OptEq - {other}, verdict from its lower end; "
+                f"parameters OptEq {params['OptEq']}, {other} {params[other]}; {setup}",
+                lo, ">", 0.0, source="seed", section="abstract", falsified_by="shuffled-labels",
+                details={"interval": [lo, hi], "mean_difference": mean, "seeds": len(seeds),
+                         "n_test": len(ds.y_test), **details}))
+            return mean, lo, hi
+
+        diff_mean, diff_lo, diff_hi = beats(
+            "MON", "OptEq outperforms an earlier implicit model (MON) at about equal parameter count",
+            f"MON: its own Peaceman-Rachford solver (alpha {MON_PR_ALPHA}, {MON_PADDING} padding, FFT resolvent; "
+            f"forward and backward), both tol {TRAIN_TOL}, cap {TRAIN_MAX_ITER} iterations",
+            {"accuracy": summary, "params": params, "mon_training_solves_above_tol": solves_above_tol("MON"),
+             "mon_step_contraction_seed0": metrics.get("mon_certificate", {}).get("step_contraction", {}).get("value"),
+             "opteq_training_solves_above_tol": solves_above_tol("OptEq")})
+        if has_deq:
+            dq_mean, dq_lo, dq_hi = beats(
+                "DEQ", "OptEq outperforms a DEQ solved by its own (TorchDEQ Anderson) solver at equal parameter count",
+                f"(z = relu(W z + U x + b), W unconstrained); DEQ: TorchDEQ anderson forward and implicit backward, "
+                f"relative tol {TRAIN_TOL}, cap {TRAIN_MAX_ITER}",
+                {"accuracy": {k: summary[k] for k in ("OptEq", "DEQ")}, "params": {k: params[k] for k in ("OptEq", "DEQ")},
+                 "deq_training_solves_above_tol": solves_above_tol("DEQ")})
             metrics["comparison_deq"] = {"difference_interval": [dq_lo, dq_hi], "mean_difference": dq_mean}
         if ctx.size == "full":
             _published_table(name, summary, params, tables, metrics, notes, ctx)
