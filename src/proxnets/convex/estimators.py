@@ -112,6 +112,36 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
         if self.n_filters is not None:
             check_int("n_filters", self.n_filters, low=1)
 
+    # ------------------------------------------------------------ layer-wise training
+    def _fit_layers(self, x: torch.Tensor, g: torch.Generator, solve) -> "_ConvexCNN":
+        """CCNN's Algorithm 2: layers trained one by one, each on the previous layer's filter maps.
+
+        For layer ``l = 1..L``: fit the patch featurizer on ``x_l`` (``x_1`` the images), solve the
+        layer's convex problem with ``solve(feat, x_l, l, r) -> (filters (D, r), head (r, K P), trace)``
+        (CCNN: the primal and the SVD of its solution; DCCNN: the dual and its recovery), and feed
+        ``x_{l+1} = Z_l(x_l) filters_l`` (``(N, r, Hp, Wp)``, :meth:`PatchFeaturizer.next_input`) to
+        the next layer. Lower layers keep ``r = n_filters`` (default 16) filters; the top layer
+        ``n_filters`` (``None``: the solver's choice). Each layer's head is fitted against the labels
+        and only the top one predicts. ``traces_``: one trace per layer; ``trace_`` the top layer's.
+        """
+        check_int("n_layers", self.n_layers, low=1)
+        self.featurizers_, self.traces_ = [], []
+        for layer in range(self.n_layers):
+            last = layer == self.n_layers - 1
+            feat = self._featurizer().to(x.device).fit(x, g)
+            r = self.n_filters if (self.n_filters is not None or last) else 16
+            filters, head, trace = solve(feat, x, layer, r)
+            feat.filters = filters
+            self.featurizers_.append(feat)
+            self.traces_.append(trace)
+            if not last:
+                x = feat.next_input(x)
+        self.filters_, self.head_ = filters, head
+        self.theta_ = self.filters_ @ self.head_
+        self.trace_ = trace
+        self.n_iter_ = trace.iterations
+        return self
+
     # -------------------------------------------------------------- prediction
     def _last_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features of the last layer, ``(N, P, D)``, layer by layer."""
@@ -189,31 +219,20 @@ class CCNN(_ConvexCNN):
         self.input_shape_ = tuple(x.shape[1:])
         k = len(self.classes_)
         g = torch.Generator().manual_seed(int(self.random_state or 0))
-        self.featurizers_, self.traces_ = [], []
-        for layer in range(self.n_layers):
-            feat = self._featurizer().to(x.device).fit(x, g)
+        lam, radius = (None, self.radius) if self.radius is not None else (self.lam, None)
+
+        def solve(feat: PatchFeaturizer, x: torch.Tensor, layer: int, r: int | None):
             z = cache_features(feat, x, self.chunk)  # cached Q: (n, P, D)
-            lam, radius = (None, self.radius) if self.radius is not None else (self.lam, None)
             with _Progress(self.verbose, self.max_iter, f"CCNN layer {layer + 1}") as bar:
                 theta, trace = solve_primal(CachedFeatures(z, self.chunk), yt, k, lam=lam, radius=radius,
                                             max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence,
                                             callback=bar.gap_trace)
-            last = layer == self.n_layers - 1
-            r = self.n_filters if (self.n_filters is not None or last) else 16
             u, s, vh = torch.linalg.svd(theta, full_matrices=False)
             r = min(r if r is not None else max(1, int((s > 1e-8 * s[0].clamp_min(1e-30)).sum())), s.numel())
-            feat.filters = u[:, :r].contiguous()  # (D, r)
-            self.featurizers_.append(feat)
-            self.traces_.append(trace)
-            if not last:
-                x = feat.next_input(x)
-        self.filters_ = u[:, :r].contiguous()
-        self.head_ = s[:r, None] * vh[:r]  # (r, K P)
-        self.theta_ = self.filters_ @ self.head_
-        self.full_theta_ = theta
-        self.trace_ = trace
-        self.n_iter_ = trace.iterations
-        return self
+            self.full_theta_ = theta
+            return u[:, :r].contiguous(), s[:r, None] * vh[:r], trace  # filters (D, r), head (r, K P)
+
+        return self._fit_layers(x, g, solve)
 
 
 class DCCNN(_ConvexCNN):
@@ -244,6 +263,10 @@ class DCCNN(_ConvexCNN):
       ``features``: "streamed" (default: recomputed every pass, memory independent of ``n P D``) or
       "cached" (the feature tensor held in memory: same solution, faster, memory ``n P D``).
       After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
+      ``n_layers``: layers trained one by one as CCNN's Algorithm 2 does (the loop CCNN uses): each
+      layer's dual is solved on the previous layer's recovered filter maps; lower layers recover
+      ``n_filters`` (default 16) filters. ``dual_``/``recovery_``/``trace_`` are the top layer's,
+      ``duals_``/``recoveries_``/``traces_`` one per layer. ``n_layers=1`` only in the exact mode.
 
     ``verbose``: 0 silent, 1 a progress bar (tqdm, on stderr) with the current gap, 2 also one
     line per iteration (dual, primal, gap). ``solver_options``: a dict of extra keyword arguments
@@ -255,7 +278,7 @@ class DCCNN(_ConvexCNN):
                  feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2,
                  n_filters=None, max_iter=300, tol=1e-3, beta0=1.0, chunk=256, image_shape=None, device="cpu",
                  random_state=0, on_nonconvergence="warn", features="streamed", loss="logistic", C=1.0, verbose=0,
-                 solver_options=None):
+                 solver_options=None, n_layers=1):
         self.patch_size, self.stride, self.padding = patch_size, stride, padding
         self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
         self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
@@ -263,7 +286,7 @@ class DCCNN(_ConvexCNN):
         self.chunk, self.image_shape, self.device = chunk, image_shape, device
         self.random_state, self.on_nonconvergence = random_state, on_nonconvergence
         self.features, self.loss, self.C, self.verbose = features, loss, C, verbose
-        self.solver_options = solver_options
+        self.solver_options, self.n_layers = solver_options, n_layers
 
     def fit(self, X, y):
         check_choice("loss", self.loss, ("logistic", "hinge"))
@@ -271,7 +294,10 @@ class DCCNN(_ConvexCNN):
         if (self.loss == "hinge") != (self.feature_map == "exact"):
             fail("feature_map", "'exact' exactly when loss='hinge' (the kernel-only dual is the hinge loss's)",
                  f"{self.feature_map!r} with loss={self.loss!r}")
+        check_int("n_layers", self.n_layers, low=1)
         if self.loss == "hinge":
+            if self.n_layers != 1:  # the exact mode's filters live in the kernel's space: no filter maps to stack yet
+                fail("n_layers", "1 with feature_map='exact'", self.n_layers)
             return self._fit_exact(X, y)
         self._check_common()
         check_choice("features", self.features, ("streamed", "cached"))
@@ -281,21 +307,23 @@ class DCCNN(_ConvexCNN):
         self.input_shape_ = tuple(x.shape[1:])
         k = len(self.classes_)
         g = torch.Generator().manual_seed(int(self.random_state or 0))
-        feat = self._featurizer().to(x.device).fit(x, g)
-        source = (StreamedFeatures(feat, x, self.chunk) if self.features == "streamed"
-                  else CachedFeatures(cache_features(feat, x, self.chunk), self.chunk))
-        with _Progress(self.verbose, self.max_iter, "DCCNN (logistic dual)") as bar:
-            self.dual_, self.trace_ = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
-                                                 beta0=self.beta0, on_nonconvergence=self.on_nonconvergence,
-                                                 callback=bar.gap_trace)
-        self.recovery_ = recover(source, yt, k, self.dual_, self.lam, n_filters=self.n_filters,
-                                 max_iter=self.max_iter, tol=self.tol, on_nonconvergence=self.on_nonconvergence)
-        feat.filters = self.recovery_.filters
-        self.featurizers_ = [feat]
-        self.filters_, self.head_ = self.recovery_.filters, self.recovery_.head
-        self.theta_ = self.recovery_.theta
-        self.n_iter_ = self.trace_.iterations
-        return self
+        self.duals_, self.recoveries_ = [], []
+
+        def solve(feat: PatchFeaturizer, x: torch.Tensor, layer: int, r: int | None):
+            source = (StreamedFeatures(feat, x, self.chunk) if self.features == "streamed"
+                      else CachedFeatures(cache_features(feat, x, self.chunk), self.chunk))
+            with _Progress(self.verbose, self.max_iter, f"DCCNN (logistic dual) layer {layer + 1}") as bar:
+                dual, trace = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,
+                                         beta0=self.beta0, on_nonconvergence=self.on_nonconvergence,
+                                         callback=bar.gap_trace)
+            rec = recover(source, yt, k, dual, self.lam, n_filters=r, max_iter=self.max_iter, tol=self.tol,
+                          on_nonconvergence=self.on_nonconvergence)
+            self.duals_.append(dual)
+            self.recoveries_.append(rec)
+            self.dual_, self.recovery_ = dual, rec  # the top layer's once the loop ends
+            return rec.filters, rec.head, trace
+
+        return self._fit_layers(x, g, solve)
 
     # ------------------------------------------------------------ exact kernel, hinge loss
     def _fit_exact(self, X, y):
