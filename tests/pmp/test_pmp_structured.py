@@ -221,3 +221,15 @@ def test_no_grad_lenet_pools_before_relu_with_the_same_outputs_bit_for_bit():
     swapped = model.fc3(model.act(model.fc2(model.act(model.fc1(
         model.act(model.pool(model.conv2(model.act(model.pool(model.conv1(x)))))).flatten(1))))))
     assert not torch.equal(kept, swapped.detach())  # the order matters for GELU: the guard is needed
+
+
+def test_input_shape_named_in_errors():
+    from proxnets.pmp import mac_param_groups
+    from proxnets.pmp.baselines import filter_prune
+
+    model = SmallLeNet5()
+    with pytest.raises(ValueError, match=r"input_shape: expected the shape of one input of the model, got \(28,\)"):
+        filter_prune(model, 0.3, (28,))
+    with pytest.raises(ValueError, match="input_shape: expected a non-empty tuple of positive integers, got 'abc'"):
+        mac_param_groups(model, 1.0, "abc")
+    assert not model._forward_hooks and not model.conv1._forward_hooks  # no hook left behind by the failed pass

@@ -109,6 +109,9 @@ def sparsity_report(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
 
     ``input_shape``: one example's shape ``(C, H, W)``; one forward pass finds output sizes.
     """
+    if not (isinstance(input_shape, (tuple, list)) and input_shape
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)):
+        raise ValueError(f"input_shape: expected a non-empty tuple of positive integers, got {input_shape!r}")
     outputs: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, m in model.named_modules():
@@ -118,11 +121,15 @@ def sparsity_report(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
     was_training = model.training
     model.eval()
     p0 = next(model.parameters())
-    with torch.no_grad():
-        model(torch.zeros((1, *input_shape), dtype=p0.dtype, device=p0.device))
-    model.train(was_training)
-    for h in handles:
-        h.remove()
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), dtype=p0.dtype, device=p0.device))
+    except (ValueError, RuntimeError) as e:  # the model's own message names its argument "x", not ours
+        raise ValueError(f"input_shape: expected the shape of one input of the model, got {tuple(input_shape)} ({e})") from e
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
     layers, totals = [], dict(weights=0, nonzero=0, macs_dense=0, macs_sparse=0)
     for name, m in model.named_modules():
         if not isinstance(m, SPARSIFIABLE) or name not in outputs:
