@@ -324,6 +324,7 @@ def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, option
     not (gradient="all": each chunk checkpointed, re-formed and re-routed in backward), or through the factored
     maps (traced runs): the same map, values, couplings and gradients (bias included)."""
     from proxnets.capsules import routing as R
+    from proxnets.capsules import votes as V
 
     u0, w0 = factored(seed=3)
     g = torch.Generator().manual_seed(4)
@@ -336,6 +337,8 @@ def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, option
                                      ("factored", 0, 0)):
         monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
         monkeypatch.setattr(R, "_CHUNK_BYTES", chunk)
+        # the factored kernels' own chunks: 2 + 1 samples in the chunked run (a short last chunk in backward)
+        monkeypatch.setattr(V, "_CHUNK_ELEMENTS", 2 * N * M * K if name == "chunked" else 1 << 20)
         u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
         beta = None if bias is None else bias.clone().requires_grad_()
         if name == "factored":  # gradient="all" and traced runs take this path when the votes do not fit

@@ -311,6 +311,7 @@ def dynamic_routing(
     mute_threshold: float = 1e-2,
     policy: str = "warn",
     _broken: str | None = None,
+    _out: dict | None = None,
 ) -> tuple[torch.Tensor, RoutingInfo]:
     """Routing by agreement (Sabour et al. 2017, Procedure 1), vectorized over batch, children, parents.
 
@@ -339,6 +340,9 @@ def dynamic_routing(
         policy: ``"ignore" | "warn" | "raise"`` when ``tol`` is not reached.
         _broken: a key of :data:`BROKEN_VARIANTS` runs that deliberately wrong procedure (tests of
             the certificate and the claims only).
+        _out: (internal, the chunked paths) a dict that receives ``"s"``, the output pass's
+            ``sum_i c_ij u_hat_ij`` ``(B, N, D)`` without the bias, and ``"c_pm"``, its couplings parent-major
+            ``(N, B, M)``: what the caller would otherwise recompute.
 
     Returns:
         ``(v, info)``: parent capsules ``v (B, N, D)`` and a :class:`RoutingInfo`.
@@ -393,8 +397,12 @@ def dynamic_routing(
     lam = step_b_[None, :, None]
     tau_pm = tau_b[None, :, None]
 
+    last_sum: list[torch.Tensor] = []
+
     def combine(vs: Votes, c: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
         s_ = vs.combine(_bmn(c))  # (B, N, D)
+        if _out is not None:
+            last_sum[:] = [s_]  # the last call is the output pass (its couplings are those reported)
         return s_ if beta is None else s_ + beta
 
     # b, parent-major (N, B, M) plus the leak's row; reset for every call
@@ -478,6 +486,8 @@ def dynamic_routing(
     for name in ("change", "sym_kl", "kkt_gap", "decrease_bound"):
         if trace and len(stats[name]) < len(stats["energy"]):
             stats[name].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
+    if _out is not None:
+        _out["s"], _out["c_pm"] = last_sum[0], c
     info = RoutingInfo(
         iterations=len(stats["energy"]) if trace else min(passes, t + 1),
         converged=converged,
@@ -504,7 +514,11 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     B = votes.batch
     per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
     step = max(1, min(B, _CHUNK_BYTES // per_sample))
-    couplings, sums, taus, steps = [], [], [], []
+    N, M, D = votes.parents, votes.children, votes.dim
+    # each chunk's output-pass couplings (parent-major, the layout of the backward kernels) and sums land here
+    c_pm = torch.empty(N, B, M, dtype=votes.dtype, device=votes.device)
+    sums = torch.empty(B, N, D, dtype=votes.dtype, device=votes.device)
+    taus, steps = [], []
     workspace: dict = {}  # every chunk's votes in the same two buffers (votes.workspace_buffer)
     with torch.no_grad():
         wi = votes.child_major_weight()
@@ -513,16 +527,17 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
             chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
             init = None if initial_logits is None else initial_logits[sl]
             formed = form_parent_major(votes.u[sl], wi, votes.parents, workspace)
+            out: dict = {}
             _, info = dynamic_routing(formed, iterations, gradient="last", bias=chunk_bias, initial_logits=init,
-                                      **options)
-            couplings.append(info.couplings)
-            sums.append(formed.combine(info.couplings))  # the output pass's s, bias excluded
+                                      _out=out, **options)
+            c_pm[:, sl] = out["c_pm"]
+            sums[sl] = out["s"]  # the output pass's s, bias excluded (not recomputed)
             taus.append(info.tau)
             steps.append(info.step)
-    c = torch.cat(couplings)  # (B, M, N): the couplings of the output pass
-    s = votes.combine_given(c, torch.cat(sums))  # gradients to u and weight through the factored maps
+    c = c_pm.permute(1, 2, 0)  # (B, M, N) view: the couplings of the output pass
+    s = votes.combine_given(c, sums)  # gradients to u and weight through the factored maps
     v = squash(s if bias is None else s + bias)
-    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c,
+    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.contiguous(),
                        tau=torch.cat(taus), step=torch.cat(steps))
     return v, info
 

@@ -177,13 +177,20 @@ def _trilinear_grads(p, y, u, w, need_u: bool, need_w: bool):
     gw = torch.zeros_like(w) if need_w else None
     wt = w.transpose(1, 2)  # (N, D, M*K)
     yt = y.transpose(0, 1)  # (N, B, D)
-    for sl in _chunks(B, N * M * K):
-        pt = _parent_major(p, sl)  # (N, b, M, 1)
+    chunks = _chunks(B, N * M * K)
+    b_max = chunks[0].stop - chunks[0].start
+    # one buffer each for every chunk (fresh chunk-sized tensors cost page faults: workspace_buffer)
+    p_buf = torch.empty(N, b_max, M, 1, dtype=w.dtype, device=w.device)
+    x_buf = torch.empty(N, b_max, M, K, dtype=w.dtype, device=w.device) if need_w else None
+    for sl in chunks:
+        b = sl.stop - sl.start
+        pt = p_buf[:, :b]
+        pt.copy_(p[sl].permute(2, 0, 1).unsqueeze(-1))  # (N, b, M, 1) parent-major
         if need_w:
-            x = (pt * u[sl]).view(N, -1, M * K)  # (N, b, M*K)
+            x = torch.mul(pt, u[sl], out=x_buf[:, :b]).view(N, b, M * K)  # (N, b, M*K)
             gw.baddbmm_(x.transpose(1, 2), yt[:, sl])  # (N, M*K, D)
         if need_u:
-            z = torch.bmm(yt[:, sl], wt).view(N, -1, M, K)  # (N, b, M, K)
+            z = torch.bmm(yt[:, sl], wt).view(N, b, M, K)  # (N, b, M, K)
             gu[sl] = (z * pt).sum(0)  # (b, M, K)
     return gu, gw
 
