@@ -586,7 +586,8 @@ class _RecomputedChunk(torch.autograd.Function):
         # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
         g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
         g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
-        g_votes.copy_(g_pm.permute(2, 0, 1, 3).reshape(M, b, ND))
+        # one copy straight into the buffer (a reshape of the permuted view would first copy into a fresh tensor)
+        g_votes.view(M, b, parents, ND // parents).copy_(g_pm.permute(2, 0, 1, 3))
         g_u = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
         g_wi = torch.bmm(u.permute(1, 2, 0), g_votes) if ctx.needs_input_grad[1] else None  # (M, K, N D)
         return g_u, g_wi, g_bias, None, None, None, None, None
