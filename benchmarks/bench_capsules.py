@@ -13,8 +13,8 @@ forward + backward. Compared:
   ``(B, M, N, D)`` votes never exist in full.
 - ``ours-all``: ``CapsuleLinear(gradient="all")``, the official code's choice and the library default
   (back-propagation through every pass; more work, reported beside, not compared with the textbook). At this size
-  (94 MB of votes) each chunk of the batch is one autograd Function that keeps only its inputs and, in backward,
-  re-forms its votes and replays its passes (``routing._RecomputedChunk``).
+  (94 MB of votes) one autograd Function keeps only its inputs and, in backward, re-forms each chunk's votes
+  and replays its passes (``routing._RecomputedRouting``).
 
 Prints medians, the three ratios (ours vs textbook, ours vs an equal-FLOP matmul, peak memory textbook /
 ours), the largest output/gradient differences, peak memory, the time of

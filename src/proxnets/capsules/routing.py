@@ -393,9 +393,10 @@ def dynamic_routing(
     inner_bias = None if bias is None else (bias.detach() if detached else bias)
     inner_mode = torch.no_grad() if detached else contextlib.nullcontext()
     regularized = routing == "regularized"
-    decay = (1 - (-1 if _broken == "anti-regularized" else 1) * step_b_ * tau_b)[None, :, None]  # 1 - lambda tau
-    lam = step_b_[None, :, None]
-    tau_pm = tau_b[None, :, None]
+    if regularized:  # (standard routing needs none of these: fewer small ops per call)
+        decay = (1 - (-1 if _broken == "anti-regularized" else 1) * step_b_ * tau_b)[None, :, None]  # 1 - lambda tau
+        lam = step_b_[None, :, None]
+        tau_pm = tau_b[None, :, None]
 
     last_sum: list[torch.Tensor] = []
 
@@ -492,7 +493,7 @@ def dynamic_routing(
         iterations=len(stats["energy"]) if trace else min(passes, t + 1),
         converged=converged,
         residuals=residuals,
-        couplings=_bmn(c).detach().contiguous(),
+        couplings=_bmn(c).detach() if _out is not None else _bmn(c).detach().contiguous(),  # _out: the caller copies
         tau=tau_b, step=step_b_,
         **({k: torch.stack(val) for k, val in stats.items()} if trace else {}),
     )
@@ -522,14 +523,11 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     workspace: dict = {}  # every chunk's votes in the same two buffers (votes.workspace_buffer)
     with torch.no_grad():
         wi = votes.child_major_weight()
-        for b0 in range(0, B, step):
-            sl = slice(b0, min(b0 + step, B))
-            chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
-            init = None if initial_logits is None else initial_logits[sl]
+        for sl in _batch_chunks(B, step):
             formed = form_parent_major(votes.u[sl], wi, votes.parents, workspace)
             out: dict = {}
-            _, info = dynamic_routing(formed, iterations, gradient="last", bias=chunk_bias, initial_logits=init,
-                                      _out=out, **options)
+            _, info = dynamic_routing(formed, iterations, gradient="last", bias=_rows(bias, sl),
+                                      initial_logits=_rows(initial_logits, sl), _out=out, **options)
             c_pm[:, sl] = out["c_pm"]
             sums[sl] = out["s"]  # the output pass's s, bias excluded (not recomputed)
             taus.append(info.tau)
@@ -542,26 +540,40 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     return v, info
 
 
-class _RecomputedChunk(torch.autograd.Function):
-    """``dynamic_routing(formed votes of u, gradient="all")`` for one chunk of the batch, saving only its inputs.
+class _RecomputedRouting(torch.autograd.Function):
+    """``dynamic_routing(FactoredVotes(u, W), gradient="all")`` over chunks of the batch, saving only its inputs.
 
-    Forward: form the votes ``U = u W`` (parent-major), route without a graph. Backward: re-form ``U``, replay the
-    passes with autograd on the small tensors only (couplings, ``s``, ``v``, logits: the votes are constants of
-    :class:`~proxnets.capsules.votes._StashVotes`), which yields the gradients to the bias and the rank-one factors
-    of ``dL/dU`` of every map; sum those in one batched product and back-propagate through ``U = u W`` (two batched
-    products). The same derivative as autograd through every pass, without one ``(b, N, M, D)`` gradient per map.
+    Forward, per chunk of ``step`` samples: form the votes ``U = u W`` (parent-major) into a reused buffer, route
+    without a graph. Backward, per chunk: re-form ``U``, replay the passes with autograd on the small tensors only
+    (couplings, ``s``, ``v``, logits: the votes are constants of :class:`~proxnets.capsules.votes._StashVotes`),
+    which yields the gradients to the bias and the rank-one factors of ``dL/dU`` of every map; sum those in one
+    batched product and back-propagate through ``U = u W`` (two batched products, the weight's accumulated in one
+    buffer). The same derivative as autograd through every pass, without one ``(b, N, M, D)`` gradient per map,
+    and one Function for the whole batch: no fresh weight-sized gradient per chunk (page faults, an add each).
     """
 
     @staticmethod
-    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, options, workspace):
+    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, step, options):
+        B, M, _ = u.shape
+        D = wi.shape[2] // parents
+        workspace: dict = {}  # every chunk's votes (and, in backward, their gradient) in the same two buffers
+        v = torch.empty(B, parents, D, dtype=u.dtype, device=u.device)
+        c_pm = torch.empty(parents, B, M, dtype=u.dtype, device=u.device)
+        taus, steps = [], []
         with torch.no_grad():
-            formed = form_parent_major(u, wi, parents, workspace)
-            v, info = dynamic_routing(formed, iterations, gradient="all", bias=bias, initial_logits=initial_logits,
-                                      **options)
+            for sl in _batch_chunks(B, step):
+                formed = form_parent_major(u[sl], wi, parents, workspace)
+                out: dict = {}
+                v[sl], info = dynamic_routing(formed, iterations, gradient="all", bias=_rows(bias, sl),
+                                              initial_logits=_rows(initial_logits, sl), _out=out, **options)
+                c_pm[:, sl] = out["c_pm"]
+                taus.append(info.tau)
+                steps.append(info.step)
         ctx.save_for_backward(u, wi, bias)
-        ctx.rest = (parents, initial_logits, iterations, options, workspace)
-        ctx.mark_non_differentiable(info.couplings, info.tau, info.step)
-        return v, info.couplings, info.tau, info.step
+        ctx.rest = (parents, initial_logits, iterations, step, options, workspace)
+        c, tau_b, step_b = c_pm.permute(1, 2, 0).contiguous(), torch.cat(taus), torch.cat(steps)
+        ctx.mark_non_differentiable(c, tau_b, step_b)
+        return v, c, tau_b, step_b
 
     @staticmethod
     @once_differentiable
@@ -569,52 +581,68 @@ class _RecomputedChunk(torch.autograd.Function):
         from proxnets.capsules.votes import _StashVotes
 
         u, wi, bias = ctx.saved_tensors
-        parents, initial_logits, iterations, options, workspace = ctx.rest
+        parents, initial_logits, iterations, step, options, workspace = ctx.rest
+        B = u.shape[0]
         M, K, ND = wi.shape
-        with torch.no_grad():
-            u_pm = form_parent_major(u, wi, parents, workspace).u_pm  # (b, N, M, D), in the buffer "pm"
-        token = torch.zeros((), dtype=u.dtype, device=u.device, requires_grad=True)
-        votes = _StashVotes(u_pm, token)
-        beta = None if bias is None else bias.detach().requires_grad_(ctx.needs_input_grad[2])
-        with torch.enable_grad():
-            v, _ = dynamic_routing(votes, iterations, gradient="all", bias=beta, initial_logits=initial_logits,
-                                   **options)
-            leaves = [token] + ([beta] if beta is not None and beta.requires_grad else [])
-            grads = torch.autograd.grad(v, leaves, g, allow_unused=True)
-        g_bias = grads[1] if len(grads) > 1 else None
-        b = u.shape[0]
-        # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
-        g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
-        g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
-        # one copy straight into the buffer (a reshape of the permuted view would first copy into a fresh tensor)
-        g_votes.view(M, b, parents, ND // parents).copy_(g_pm.permute(2, 0, 1, 3))
-        g_u = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1) if ctx.needs_input_grad[0] else None
-        g_wi = torch.bmm(u.permute(1, 2, 0), g_votes) if ctx.needs_input_grad[1] else None  # (M, K, N D)
+        need_u, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        g_u = torch.empty_like(u) if need_u else None
+        g_wi = torch.zeros_like(wi) if need_w else None  # (M, K, N D), accumulated over the chunks
+        g_bias = torch.zeros_like(bias) if need_bias else None
+        for sl in _batch_chunks(B, step):
+            b = sl.stop - sl.start
+            with torch.no_grad():
+                u_pm = form_parent_major(u[sl], wi, parents, workspace).u_pm  # (b, N, M, D), in the buffer "pm"
+            token = torch.zeros((), dtype=u.dtype, device=u.device, requires_grad=True)
+            votes = _StashVotes(u_pm, token)
+            chunk_bias = _rows(bias, sl)
+            beta = None if chunk_bias is None else chunk_bias.detach().requires_grad_(need_bias)
+            with torch.enable_grad():
+                v, _ = dynamic_routing(votes, iterations, gradient="all", bias=beta,
+                                       initial_logits=_rows(initial_logits, sl), **options)
+                leaves = [token] + ([beta] if need_bias else [])
+                grads = torch.autograd.grad(v, leaves, g[sl], allow_unused=True)
+            if need_bias:
+                if bias.ndim == 2:
+                    g_bias += grads[1]
+                else:
+                    g_bias[sl] = grads[1]
+            # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
+            g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
+            g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
+            # one copy straight into the buffer (a reshape of the permuted view would first copy into a fresh one)
+            g_votes.view(M, b, parents, ND // parents).copy_(g_pm.permute(2, 0, 1, 3))
+            if need_u:
+                g_u[sl] = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1)  # (b, M, K)
+            if need_w:
+                g_wi.baddbmm_(u[sl].permute(1, 2, 0), g_votes)  # sum_b u[b, i]^T dL/dU[b, i]
         return g_u, g_wi, g_bias, None, None, None, None, None
+
+
+def _batch_chunks(batch: int, step: int) -> list[slice]:
+    return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
+
+
+def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    """The samples ``sl`` of a per-sample tensor (``(B, ...)``); a shared ``(N, D)`` bias and None pass through."""
+    return x if x is None or x.ndim == 2 else x[sl]
 
 
 def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
                         **options):
     """``dynamic_routing(..., gradient="all")`` for votes too large to keep: over chunks of the batch (routing is
-    per sample), each chunk's votes formed once and routed (:class:`_RecomputedChunk`): the forward keeps only
+    per sample), each chunk's votes formed once and routed (:class:`_RecomputedRouting`): the forward keeps only
     ``u``, ``weight`` and ``bias``; the backward re-forms one chunk's votes at a time and replays its passes.
     Values and gradients are those of the factored path (same map, up to rounding); memory is one chunk's votes
     (``_CHUNK_BYTES``) and their gradient instead of all the votes and one gradient per map."""
     B = votes.batch
     per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
     step = max(1, min(B, _CHUNK_BYTES // per_sample))
-    wi = votes.child_major_weight()  # formed once with gradient; the chunks' gradients accumulate into it
-    workspace: dict = {}  # the chunks' votes and their gradients reuse two buffers (votes.workspace_buffer)
-    outs = []
-    for b0 in range(0, B, step):
-        sl = slice(b0, min(b0 + step, B))
-        chunk_bias = bias if bias is None or bias.ndim == 2 else bias[sl]
-        init = None if initial_logits is None else initial_logits[sl]
-        outs.append(_RecomputedChunk.apply(votes.u[sl], wi, chunk_bias, votes.parents, init, iterations, options,
-                                           workspace))
-    v, c, tau_b, step_b = (torch.cat(parts) for parts in zip(*outs))
-    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.detach(),
-                       tau=tau_b.detach(), step=step_b.detach())
+    wi = votes.child_major_weight()  # formed once with gradient (backward: one accumulated gradient)
+    v, c, tau_b, step_b = _RecomputedRouting.apply(votes.u, wi, bias, votes.parents, initial_logits, iterations,
+                                                   step, options)
+    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c,
+                       tau=tau_b, step=step_b)
     return v, info
 
 
