@@ -318,7 +318,8 @@ def test_float32_energy_is_accurate_for_short_capsules():
 # --- the three ways factored votes are routed: formed once, in chunks, never formed ----------------
 
 @pytest.mark.parametrize("gradient", ["last", "all"])
-@pytest.mark.parametrize("options", [{}, {"leaky": True}, {"routing": "regularized"}, {"bias": True}, {"init": True}])
+@pytest.mark.parametrize("options", [{}, {"leaky": True}, {"routing": "regularized"}, {"bias": True},
+                                     {"bias": "per-sample"}, {"init": True}])
 def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, options):
     """Factored votes are formed once (ParentMajorVotes) when they fit, routed in chunks of the batch when they do
     not (gradient="all": each chunk checkpointed, re-formed and re-routed in backward), or through the factored
@@ -328,7 +329,8 @@ def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, option
 
     u0, w0 = factored(seed=3)
     g = torch.Generator().manual_seed(4)
-    bias = 0.3 * torch.randn(N, D, generator=g, dtype=torch.float64) if options.get("bias") else None
+    shape = (B, N, D) if options.get("bias") == "per-sample" else (N, D)
+    bias = 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64) if options.get("bias") else None
     init = 2 * torch.randn(B, M, N, generator=g, dtype=torch.float64) if options.get("init") else None
     kw = {k: v for k, v in options.items() if k in ("leaky", "routing")}
     probe = torch.randn(B, N, D, generator=g, dtype=torch.float64)
