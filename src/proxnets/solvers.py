@@ -137,16 +137,8 @@ class SolverInfo(IterInfo):
     backward: "SolverInfo | None" = None
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``(B, -1)`` in its memory order: a view for contiguous and channels-last tensors (reshape
-    would copy the latter), so per-sample norms and dot products cost no batch-sized copy."""
-    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
-    return t.reshape(t.shape[0], -1)
-
-
 def _norms(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(_rows(t), dim=1)
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
 
 
 def relative_residual(z: torch.Tensor, tz: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,8 +230,6 @@ def _fresh(tz: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
 
 def _batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product ``(B,)`` without a batch-sized temporary."""
-    if a.stride() == b.stride():  # same memory order: both views of ``_rows`` list entries alike
-        return torch.linalg.vecdot(_rows(a), _rows(b))
     return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
 
 

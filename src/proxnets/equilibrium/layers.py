@@ -550,7 +550,6 @@ class OptEqConv2d(OptEqBase):
         power_iterations: int = 16,
         eps: float = 0.0,
         anchor: str | nn.Module = "linear",
-        channels_last: bool = False,
     ):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
@@ -559,11 +558,6 @@ class OptEqConv2d(OptEqBase):
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
             eps=eps, anchor=anchor,
         )
-        if not isinstance(channels_last, bool):
-            fail("channels_last", "a bool", type(channels_last).__name__, TypeError)
-        # the solve's iterates in channels-last memory order (the convolutions' fast layout on CPU, oneDNN);
-        # same values up to round-off
-        self.channels_last = channels_last
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.channels = check_int("channels", channels, low=1)
         self.width = check_int("width", channels if width is None else width, low=1)
@@ -586,10 +580,6 @@ class OptEqConv2d(OptEqBase):
 
     def _linear_anchor(self):
         return nn.Conv2d(self.in_channels, self.channels, self.kernel_size, padding=self._pad)
-
-    def injection(self, x: torch.Tensor) -> torch.Tensor:
-        inj = super().injection(x)
-        return inj.contiguous(memory_format=torch.channels_last) if self.channels_last else inj
 
     def _check_input(self, x):
         return check_tensor("x", x, shape=(None, self.in_channels, *self.spatial), finite=False, nonempty=True, like=self)
