@@ -18,8 +18,8 @@ implicit backward: CPU time per layer and its ratio to the single layer's (targe
 ``--baselines`` (instead): accuracy of OptEq against its baselines at the suite's quick size (mnist5k, 1500
 training / 500 validation / 1000 test images, 3 epochs, same tolerance 1e-3 and cap 100), 3 seeds, paired
 95% intervals: MON twice, with forward-backward at 1.8 m / L^2 (the largest step the certificate proves safe,
-zero padding) and with its own Peaceman-Rachford solver: circular padding and FFT resolvent at alpha 1 and at
-alpha picked on validation (the suite's: 2), and zero padding with the CG resolvent at alpha picked on
+zero padding) and with its own Peaceman-Rachford solver: circular padding and FFT resolvent at the suite's alpha
+(``MON_PR_ALPHA`` = 2, which the next row's validation pick gave) and at alpha picked on validation, and zero padding with the CG resolvent at alpha picked on
 validation; a DEQ on TorchDEQ's Anderson at equal parameters, and OptEq with equilibrium selection at
 ``|W|_2 <= 1`` with the feed-forward and with the learned linear anchor; with each model's training CPU time.
 ``--rows`` runs a subset (substrings of the row names; OptEq always runs).
