@@ -41,7 +41,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 from proxnets.solvers import SolverInfo, fixed_point, solve_linear
-from proxnets.utils.validation import check_number, check_tensor, fail
+from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
 __all__ = ["DenseResolvent", "CircularResolvent", "IterativeResolvent", "SplittingInfo", "peaceman_rachford"]
 
@@ -130,7 +130,7 @@ class IterativeResolvent:
 
     def __init__(self, tol: float = 1e-5, max_iter: int = 100) -> None:
         self.tol = check_number("tol", tol, low=0.0, low_inclusive=False)
-        self.max_iter = int(max_iter)
+        self.max_iter = check_int("max_iter", max_iter, low=1)
         self.apply_m = self.apply_mt = self.start = None
         self.alpha, self.m = 0.0, 0.0
         self.calls = self.unconverged = self.iterations = 0
