@@ -18,11 +18,13 @@ implicit backward: CPU time per layer and its ratio to the single layer's (targe
 ``--baselines`` (instead): accuracy of OptEq against its baselines at the suite's quick size (mnist5k, 1500
 training / 500 validation / 1000 test images, 3 epochs, same tolerance 1e-3 and cap 100), 3 seeds, paired
 95% intervals: MON twice, with forward-backward at 1.8 m / L^2 (the largest step the certificate proves safe,
-zero padding) and with its own Peaceman-Rachford solver (alpha 1, circular padding, FFT resolvent: the suite's), a DEQ
-on TorchDEQ's Anderson at equal parameters, and OptEq with equilibrium selection at ``|W|_2 <= 1``; with
-each model's training CPU time.
+zero padding) and with its own Peaceman-Rachford solver: circular padding and FFT resolvent at the suite's alpha
+(``MON_PR_ALPHA`` = 2, which the next row's validation pick gave) and at alpha picked on validation, and zero padding with the CG resolvent at alpha picked on
+validation; a DEQ on TorchDEQ's Anderson at equal parameters, and OptEq with equilibrium selection at
+``|W|_2 <= 1`` with the feed-forward and with the learned linear anchor; with each model's training CPU time.
+``--rows`` runs a subset (substrings of the row names; OptEq always runs).
 
-Usage: ``python benchmarks/bench_opteq.py [--quick | --baselines]``. Runs on one CPU thread (see
+Usage: ``python benchmarks/bench_opteq.py [--quick | --baselines [--rows ...]]``. Runs on one CPU thread (see
 :mod:`proxnets.utils.threads`).
 """
 
@@ -246,8 +248,16 @@ def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in
     return ratio
 
 
-def bench_baselines(seeds: int = 3) -> dict:
-    """OptEq vs MON vs DEQ (TorchDEQ Anderson) vs selection OptEq at the suite's quick size (module docstring)."""
+PR_ALPHA_GRID = (0.5, 1.0, 2.0)  # MON's Peaceman-Rachford step, picked on validation accuracy (seed 0)
+
+
+def bench_baselines(seeds: int = 3, rows: list[str] | None = None) -> dict:
+    """OptEq vs MON vs DEQ (TorchDEQ Anderson) vs selection OptEq at the suite's quick size (module docstring).
+
+    ``rows``: substrings of the row names to run (OptEq, the reference of every difference, always runs).
+    Rows marked "alpha on val" train seed 0 at every step of :data:`PR_ALPHA_GRID`, keep the step with the
+    best final validation accuracy (500 images held out of training; test accuracy never enters), and run
+    the other seeds at that step."""
     import dataclasses
 
     from proxnets.data import stratified_split
@@ -262,50 +272,82 @@ def bench_baselines(seeds: int = 3) -> dict:
     val = (ds.x_train[val_idx], ds.y_train[val_idx])
     ds = dataclasses.replace(ds, x_train=ds.x_train[train_idx], y_train=ds.y_train[train_idx])
     width = 16
+    mon = dict(stem_channels=width, channels=13, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore",
+               step_scale=E.MON_STEP_SCALE)
+    pr = dict(mon, solver="peaceman_rachford")
+    # name -> (builder taking the PR step or None, whether the step is picked on validation)
     make = {
-        "OptEq": lambda: OptEqClassifier(ds.input_shape, 10, E._opteq_config(stem_channels=width, channels=width)),
-        "MON (FB, zero pad)": lambda: MONClassifier(ds.input_shape, 10, MONConfig(
-            stem_channels=width, channels=13, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore",
-            step_scale=E.MON_STEP_SCALE)),
-        "MON (PR, circular, suite)": lambda: MONClassifier(ds.input_shape, 10, MONConfig(
-            stem_channels=width, channels=13, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore",
-            step_scale=E.MON_STEP_SCALE, solver=E.MON_SOLVER, padding=E.MON_PADDING, pr_alpha=E.MON_PR_ALPHA)),
-        "DEQ (TorchDEQ anderson)": lambda: DEQClassifier(ds.input_shape, 10, DEQConfig(
-            stem_channels=width, channels=width, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore")),
-        "OptEq selection |W|<=1": lambda: OptEqClassifier(ds.input_shape, 10, E._opteq_config(
+        "OptEq": (lambda _: OptEqClassifier(ds.input_shape, 10, E._opteq_config(stem_channels=width, channels=width)),
+                  False),
+        "MON (FB, zero pad)": (lambda _: MONClassifier(ds.input_shape, 10, MONConfig(**mon)), False),
+        "MON (PR, circular, suite)": (lambda _: MONClassifier(ds.input_shape, 10, MONConfig(
+            **pr, padding=E.MON_PADDING, pr_alpha=E.MON_PR_ALPHA)), False),
+        "MON (PR, circular, alpha on val)": (lambda a: MONClassifier(ds.input_shape, 10, MONConfig(
+            **pr, padding="circular", pr_alpha=a)), True),
+        "MON (PR, zero pad, CG, alpha on val)": (lambda a: MONClassifier(ds.input_shape, 10, MONConfig(
+            **pr, padding="zeros", pr_resolvent="cg", pr_alpha=a)), True),
+        "DEQ (TorchDEQ anderson)": (lambda _: DEQClassifier(ds.input_shape, 10, DEQConfig(
+            stem_channels=width, channels=width, tol=E.TRAIN_TOL, max_iter=E.TRAIN_MAX_ITER, policy="ignore")), False),
+        "OptEq selection |W|<=1": (lambda _: OptEqClassifier(ds.input_shape, 10, E._opteq_config(
             stem_channels=width, channels=width, target_norm=E.SELECT_NORM, eps=E.SELECT_EPS, anchor=E.SELECT_ANCHOR)),
+            False),
+        "OptEq selection, linear anchor": (lambda _: OptEqClassifier(ds.input_shape, 10, E._opteq_config(
+            stem_channels=width, channels=width, target_norm=E.SELECT_NORM, eps=E.SELECT_EPS, anchor="linear")),
+            False),
     }
+    if rows:
+        make = {k: v for k, v in make.items() if k == "OptEq" or any(r.lower() in k.lower() for r in rows)}
     ctx = SuiteContext(out_dir=__import__("pathlib").Path("/tmp/bench_opteq_baselines"), size="quick", log=print)
     acc: dict[str, list[float]] = {k: [] for k in make}
     cpu: dict[str, list[float]] = {k: [] for k in make}
     iters: dict[str, list[float]] = {k: [] for k in make}
     above: dict[str, list[int]] = {k: [0, 0] for k in make}
+    picked: dict[str, dict] = {}
     params = {}
+
+    def train(name: str, seed: int, alpha):
+        seed_everything(seed)
+        model = make[name][0](alpha)
+        params[name] = count_parameters(model)
+        t0 = time.process_time()
+        r = E._train(model, ds, val, TrainConfig(epochs=3, batch_size=64, lr=2e-3, seed=seed, progress=False),
+                     ctx, f"{name} seed {seed}" + (f" alpha {alpha}" if alpha is not None else ""))
+        return r, time.process_time() - t0
+
     for seed in range(seeds):
-        for name, build in make.items():
-            seed_everything(seed)
-            model = build()
-            params[name] = count_parameters(model)
-            t0 = time.process_time()
-            r = E._train(model, ds, val, TrainConfig(epochs=3, batch_size=64, lr=2e-3, seed=seed, progress=False),
-                         ctx, f"{name} seed {seed}")
-            cpu[name].append(time.process_time() - t0)
+        for name, (_, on_val) in make.items():
+            alpha = None
+            if on_val and seed == 0:  # the validation pick: every step of the grid on seed 0
+                runs = {a: train(name, 0, a) for a in PR_ALPHA_GRID}
+                val_acc = {a: r[0]["val_acc_per_epoch"][-1] for a, r in runs.items()}
+                alpha = max(PR_ALPHA_GRID, key=lambda a: (val_acc[a], -a))  # ties: the smaller step
+                picked[name] = {"alpha": alpha, "val_acc": val_acc,
+                                "grid_cpu": {a: round(r[1], 1) for a, r in runs.items()}}
+                print(f"{name}: validation accuracy per alpha {val_acc} -> alpha {alpha}")
+                r, seconds = runs[alpha]
+            else:
+                alpha = picked[name]["alpha"] if on_val else None
+                r, seconds = train(name, seed, alpha)
+            cpu[name].append(seconds)
             acc[name].append(r["test_acc"])
             iters[name].append(r["train_mean_iterations"])
             above[name][0] += r["train_unconverged"]
             above[name][1] += r["train_solves"]
     print(f"\n== OptEq vs baselines: mnist5k, {len(ds.y_train)} train / 1000 test, 3 epochs, {seeds} seeds, tol "
           f"{E.TRAIN_TOL}, cap {E.TRAIN_MAX_ITER} ==")
-    print(f"{'model':30s} {'params':>7s} {'accuracy':>9s} {'95% interval':>18s} {'OptEq - model (95%)':>26s} "
+    print(f"{'model':38s} {'params':>7s} {'accuracy':>9s} {'95% interval':>18s} {'OptEq - model (95%)':>26s} "
           f"{'train CPU s':>11s} {'mean it':>7s} {'above tol':>10s}")
     out = {}
     for name in make:
         m, lo, hi = mean_interval(acc[name])
         d = difference_interval(acc["OptEq"], acc[name]) if name != "OptEq" else None
         dtxt = f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "-"
-        print(f"{name:30s} {params[name]:7d} {m:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>18s} {dtxt:>26s} "
+        print(f"{name:38s} {params[name]:7d} {m:9.3f} {f'[{lo:.3f}, {hi:.3f}]':>18s} {dtxt:>26s} "
               f"{sum(cpu[name]) / seeds:11.1f} {sum(iters[name]) / seeds:7.1f} {f'{above[name][0]}/{above[name][1]}':>10s}")
-        out[name] = {"acc": acc[name], "cpu": cpu[name], "params": params[name], "difference": d}
+        out[name] = {"acc": acc[name], "cpu": cpu[name], "params": params[name], "difference": d,
+                     "picked": picked.get(name)}
+    for name, p in picked.items():
+        print(f"{name}: alpha {p['alpha']} picked on validation {p['val_acc']} (seed 0 CPU s per alpha {p['grid_cpu']})")
     return out
 
 
@@ -313,10 +355,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and training steps")
     parser.add_argument("--baselines", action="store_true", help="accuracy vs MON / TorchDEQ DEQ / selection, 3 seeds")
+    parser.add_argument("--rows", nargs="*", default=None, help="with --baselines: substrings of the rows to run")
     args = parser.parse_args(argv)
     if args.baselines:
         with intra_op_threads(1):
-            bench_baselines()
+            bench_baselines(rows=args.rows)
         return
     warnings.simplefilter("default")
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from proxnets.equilibrium import MONConfig, MONConv2d
-from proxnets.equilibrium.splitting import CircularResolvent, DenseResolvent, peaceman_rachford
+from proxnets.equilibrium.splitting import CircularResolvent, DenseResolvent, IterativeResolvent, peaceman_rachford
 from proxnets.solvers import fixed_point
 
 
@@ -66,11 +66,12 @@ def test_pr_reports_non_convergence_when_capped():
     assert not info.converged and info.stop_reason == "max_iter" and info.iterations == 3
 
 
-@pytest.mark.parametrize("padding", ["circular", "zeros"])
-def test_mon_resolvent_solves_its_system_and_pr_matches_fb(padding):
+@pytest.mark.parametrize("padding,resolvent", [("circular", "dense"), ("zeros", "dense"), ("zeros", "cg")])
+def test_mon_resolvent_solves_its_system_and_pr_matches_fb(padding, resolvent):
     torch.manual_seed(0)
     layer = MONConv2d(3, 4, (6, 6), MONConfig(padding=padding, solver="peaceman_rachford", tol=1e-9, max_iter=500,
-                                              policy="ignore")).double()
+                                              policy="ignore", pr_resolvent=resolvent, pr_inner_tol=1e-13,
+                                              pr_inner_max_iter=400)).double()
     a, b = layer.A.weight, layer.B.weight
     # the convolution's adjoint (circular: the folded transposed convolution)
     u, v = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(2, 4, 6, 6, dtype=torch.float64)
@@ -79,8 +80,9 @@ def test_mon_resolvent_solves_its_system_and_pr_matches_fb(padding):
         res = layer.resolvent(a, b, 0.7)
         y = torch.randn(2, 4, 6, 6, dtype=torch.float64)
         r = res(y)
-        assert float((r + 0.7 * layer.monotone_part(r, a, b) - y).norm() / y.norm()) < 1e-12
-    assert isinstance(layer._resolvent, CircularResolvent if padding == "circular" else DenseResolvent)
+        assert float((r + 0.7 * layer.monotone_part(r, a, b) - y).norm() / y.norm()) < 1e-11
+    kind = CircularResolvent if padding == "circular" else DenseResolvent if resolvent == "dense" else IterativeResolvent
+    assert isinstance(layer._resolvent, kind)
     x = torch.randn(3, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     fb = MONConv2d(3, 4, (6, 6), MONConfig(padding=padding, tol=1e-11, max_iter=50000, policy="ignore")).double()
     fb.load_state_dict(layer.state_dict())
@@ -92,6 +94,9 @@ def test_mon_resolvent_solves_its_system_and_pr_matches_fb(padding):
         assert mod.last_info.converged
         grads.append((z, torch.autograd.grad(z.pow(2).sum(), [x, *mod.parameters()])))
     assert layer.last_info.iterations < fb.last_info.iterations
+    if resolvent == "cg":  # every inner solve of both runs met its tolerance
+        assert layer.last_info.inner_calls > 0 and layer.last_info.inner_unconverged == 0
+        assert layer.last_info.backward.inner_calls > 0 and layer.last_info.backward.converged
     assert float((grads[0][0] - grads[1][0]).detach().norm() / grads[1][0].detach().norm()) < 1e-8
     g_pr, g_fb = torch.cat([g.reshape(-1) for g in grads[0][1]]), torch.cat([g.reshape(-1) for g in grads[1][1]])
     assert float((g_pr - g_fb).norm() / g_fb.norm()) < 1e-6
@@ -140,3 +145,80 @@ def test_circular_spectrum_brackets_the_dense_spectrum():
     lip_dense = float(torch.linalg.matrix_norm(mat, 2))
     mu, lip = _circular_spectrum(layer, a, b)
     assert mu <= mu_dense < mu + 1e-9 and lip - 1e-9 < lip_dense <= lip
+
+
+def _cg_layer(**kw):
+    torch.manual_seed(3)
+    cfg = dict(padding="zeros", solver="peaceman_rachford", pr_resolvent="cg", policy="ignore")
+    return MONConv2d(2, 3, (5, 4), MONConfig(**{**cfg, **kw})).double()
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_cg_resolvent_matches_a_dense_solve_within_its_error_bound(transpose):
+    """Zero padding, non-circulant M: CG on the normal equations equals the dense solve of (I + alpha M) x = y
+    (or its transpose) within ``tol / (1 + alpha m)^2`` relative (sigma_min(I + alpha M) >= 1 + alpha m)."""
+    from proxnets.equilibrium.models import dense_matrix
+
+    layer = _cg_layer(m=0.5)
+    a, b = layer.A.weight.detach(), layer.B.weight.detach()
+    alpha, n = 0.8, 3 * 5 * 4
+    mat = dense_matrix(lambda v: layer.monotone_part(v, a, b), (3, 5, 4))
+    circ = dense_matrix(lambda v: layer.monotone_part(v, a, b, circular=True), (3, 5, 4))
+    assert float((mat - circ).norm()) > 0.1 * float(mat.norm())  # premise: zero padding is not the circular M
+    k = torch.eye(n, dtype=torch.float64) + alpha * mat
+    y = torch.randn(4, 3, 5, 4, dtype=torch.float64)
+    exact = torch.linalg.solve(k.T if transpose else k, y.reshape(4, -1).T).T.reshape(y.shape)
+    for tol in (1e-4, 1e-10):
+        layer._resolvent.tol = tol
+        with torch.no_grad():
+            x = layer.resolvent(a, b, alpha)(y, transpose=transpose)
+        info = layer._resolvent.last_info
+        assert info.converged and info.iterations < n
+        err = (x - exact).reshape(4, -1).norm(dim=1) / x.reshape(4, -1).norm(dim=1)
+        assert float(err.max()) <= tol * layer._resolvent.error_bound_factor * 1.01
+    assert float(err.max()) < 1e-9
+
+
+def test_unconverged_inner_solve_makes_the_run_unconverged():
+    """Inner CG capped at 1 iteration: the outer residual may pass tol, but the run is not converged,
+    forward and backward, and policy "raise" raises."""
+    from proxnets.utils.convergence import NonConvergenceError
+
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    good = _cg_layer(tol=1e-6, max_iter=300)
+    bad = _cg_layer(tol=1e-6, max_iter=300, pr_inner_max_iter=1, pr_inner_tol=1e-14)
+    good.backward_config.tol = bad.backward_config.tol = 1e-6
+    for layer, ok in ((good, True), (bad, False)):
+        z = layer(x)
+        z.pow(2).sum().backward()
+        info = layer.last_info
+        assert info.converged is ok and info.backward.converged is ok
+        assert (info.inner_unconverged == 0) is ok and (info.backward.inner_unconverged == 0) is ok
+        assert info.inner_calls == info.iterations  # one resolvent per PR step
+    bad.config.policy = "raise"
+    with pytest.raises(NonConvergenceError), torch.no_grad():
+        bad(x)
+    res = bad._resolvent
+    _, _, info = peaceman_rachford(res, torch.ones(1, 3, 5, 4, dtype=torch.float64), res.alpha, tol=1e-6)
+    assert not info.converged and info.inner_unconverged == info.inner_calls > 0
+
+
+def test_cg_resolvent_gradients_equal_finite_differences():
+    layer = _cg_layer(tol=1e-12, max_iter=500, pr_inner_tol=1e-14, pr_inner_max_iter=300)
+    layer.backward_config.tol, layer.backward_config.max_iter = 1e-12, 500
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64)
+    c = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    loss = lambda: float((c * layer(x)).sum())  # noqa: E731
+    (c * layer(x)).sum().backward()
+    assert layer.last_info.converged and layer.last_info.backward.converged
+    for p in (layer.A.weight, layer.B.weight, layer.U.bias):
+        d = torch.randn_like(p)
+        h = 1e-6
+        with torch.no_grad():
+            p.add_(h * d)
+            up = loss()
+            p.sub_(2 * h * d)
+            down = loss()
+            p.add_(h * d)
+        fd = (up - down) / (2 * h)
+        assert abs(float((p.grad * d).sum()) - fd) <= 1e-6 * max(1.0, abs(fd))

@@ -28,6 +28,7 @@ All three share the shape ``conv stem -> body -> average pooling -> linear head`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -38,7 +39,7 @@ from torch import nn
 from proxnets.certificates import Certificate
 from proxnets.engine import Trainable, TrainConfig
 from proxnets.equilibrium.implicit import BackwardConfig, _generic_adjoint, attach_adjoint_hook, equilibrium
-from proxnets.equilibrium.splitting import CircularResolvent, DenseResolvent, peaceman_rachford
+from proxnets.equilibrium.splitting import CircularResolvent, DenseResolvent, IterativeResolvent, peaceman_rachford
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.equilibrium.layers import OptEqBase, OptEqConv2d
 from proxnets.norm_bounds import norm_bound
@@ -174,6 +175,13 @@ class MONConfig:
     # "peaceman_rachford": MON's own splitting (any step pr_alpha > 0; a linear solve per iteration)
     padding: str = "zeros"  # "circular": the convolutions wrap around (Winston & Kolter's FFT resolvent)
     pr_alpha: float = 1.0  # Peaceman-Rachford step
+    # zero padding: the resolvent (I + alpha (I - W))^{-1} as an LU factor of the dense matrix ("dense", O(n^3)
+    # per weight change) or by CG on the normal equations ("cg", warm-started at the circular-padding resolvent of
+    # the same kernels); the inner tolerance (None: tol / 10) and cap; an unconverged inner solve makes the run
+    # unconverged
+    pr_resolvent: str = "dense"
+    pr_inner_tol: float | None = None
+    pr_inner_max_iter: int = 100
     tol: float = 1e-3
     max_iter: int = 60
     backward_solver: str = "anderson"
@@ -207,6 +215,10 @@ class MONConv2d(nn.Module):
             check_solver_options(cfg.solver, {})
         check_number("pr_alpha", cfg.pr_alpha, low=0.0, low_inclusive=False)
         check_choice("padding", cfg.padding, ("zeros", "circular"))
+        check_choice("pr_resolvent", cfg.pr_resolvent, ("dense", "cg"))
+        inner_tol = cfg.tol / 10 if cfg.pr_inner_tol is None else check_number(
+            "pr_inner_tol", cfg.pr_inner_tol, low=0.0, low_inclusive=False)
+        check_int("pr_inner_max_iter", cfg.pr_inner_max_iter, low=1)
         check_choice("policy", cfg.policy, POLICIES)
         pad = cfg.kernel_size // 2
         self.channels, self.spatial, self._pad = channels, tuple(spatial), pad
@@ -218,25 +230,29 @@ class MONConv2d(nn.Module):
         self.backward_config = BackwardConfig("implicit", solver=cfg.backward_solver, tol=cfg.tol, max_iter=cfg.max_iter)
         self.last_info: EquilibriumInfo | None = None
         # Peaceman-Rachford: the resolvent of I - W, refreshed when A, B or the step change
-        self._resolvent = CircularResolvent() if cfg.padding == "circular" else DenseResolvent()
+        self._resolvent = (CircularResolvent() if cfg.padding == "circular" else DenseResolvent()
+                           if cfg.pr_resolvent == "dense" else IterativeResolvent(inner_tol, cfg.pr_inner_max_iter))
+        self._warm_start = CircularResolvent()  # "cg": the circular-padding resolvent as CG's starting point
 
-    def _conv(self, z, w):
-        if self.config.padding == "circular":
+    def _conv(self, z, w, circular: bool | None = None):
+        if self.config.padding == "circular" if circular is None else circular:
             p = self._pad
             return F.conv2d(F.pad(z, (p, p, p, p), mode="circular"), w)
         return F.conv2d(z, w, padding=self._pad)
 
-    def _conv_t(self, z, w):
+    def _conv_t(self, z, w, circular: bool | None = None):
         """The adjoint of :meth:`_conv` (circular: the full transposed convolution, its border folded back)."""
-        if self.config.padding == "circular":
+        if self.config.padding == "circular" if circular is None else circular:
             p = self._pad
             y = F.conv_transpose2d(z, w)  # (B, C, H + 2p, W + 2p)
             return _fold_circular(_fold_circular(y, p, -2), p, -1)
         return F.conv_transpose2d(z, w, padding=self._pad)
 
-    def monotone_part(self, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``(I - W) z = m z + A^T A z - B z + B^T z``."""
-        return self.m * z + self._conv_t(self._conv(z, a), a) - self._conv(z, b) + self._conv_t(z, b)
+    def monotone_part(self, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      circular: bool | None = None) -> torch.Tensor:
+        """``(I - W) z = m z + A^T A z - B z + B^T z`` (``circular``: override the configured padding)."""
+        c = circular
+        return self.m * z + self._conv_t(self._conv(z, a, c), a, c) - self._conv(z, b, c) + self._conv_t(z, b, c)
 
     def step_size(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """``alpha = step_scale * m / L^2`` with ``L = |I - W|_2`` by power iteration (or the configured alpha)."""
@@ -289,6 +305,10 @@ class MONConv2d(nn.Module):
         apply_m = lambda v: self.monotone_part(v, ad, bd)  # noqa: E731
         if isinstance(self._resolvent, CircularResolvent):
             return self._resolvent.update(apply_m, shape, alpha, key, dtype=ad.dtype, device=ad.device)
+        if isinstance(self._resolvent, IterativeResolvent):
+            start = self._warm_start.update(lambda v: self.monotone_part(v, ad, bd, circular=True), shape, alpha, key,
+                                            dtype=ad.dtype, device=ad.device)
+            return self._resolvent.update(apply_m, lambda v: self.monotone_part_t(v, ad, bd), alpha, self.m, start)
         with torch.no_grad():
             a64, b64 = ad.double(), bd.double()
             return self._resolvent.update(lambda: dense_matrix(lambda v: self.monotone_part(v, a64, b64), shape)
@@ -324,7 +344,7 @@ class MONConv2d(nn.Module):
         ad, bd, bcfg = a.detach(), b.detach(), self.backward_config
 
         def adjoint(v: torch.Tensor):
-            g, _, binfo = peaceman_rachford(lambda y: res(y, transpose=True), v, alpha, prox=lambda w: mask * w,
+            g, _, binfo = peaceman_rachford(functools.partial(res, transpose=True), v, alpha, prox=lambda w: mask * w,
                                             tol=bcfg.tol, max_iter=bcfg.max_iter)
             return v + g / alpha - self.monotone_part_t(g, ad, bd), binfo
 

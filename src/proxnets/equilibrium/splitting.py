@@ -18,6 +18,14 @@ is a linear solve with ``I + alpha M`` per iteration:
   2-D FFT block-diagonalizes it into ``H W`` matrices ``C x C`` (``H (W // 2 + 1)`` of them
   with the real FFT); they are read off the impulse responses of
   ``M`` (no kernel-layout convention involved) and inverted once per weight change.
+- :class:`IterativeResolvent`: any ``M`` given as a map and its adjoint (zero-padding convolutions, which no
+  FFT diagonalizes and whose dense factor costs ``O(n^3)`` per weight change): conjugate gradient on the
+  normal equations ``K^T K x = K^T y``, ``K = I + alpha M``, warm-started at an approximate resolvent
+  (MON: the circular-padding one of the same kernels, exact away from the border). Its error is bounded:
+  ``<v, K v> >= (1 + alpha m) |v|^2`` gives ``sigma_min(K) >= 1 + alpha m``, so CG's stop at
+  ``|K^T (y - K x)| <= tol_in max(|x|, |x + r|)`` means ``|x - x*| <= tol_in max(|x|, |x + r|) / (1 + alpha m)^2``.
+  Every inner solve's flag is counted; :func:`peaceman_rachford` reports a run with an unconverged
+  inner solve as not converged (:class:`SplittingInfo`).
 
 The solve runs the shared :func:`proxnets.solvers.fixed_point` on ``u`` (its stopping rule, divergence
 and finiteness checks and :class:`SolverInfo`); the residual is ``|u_{k+1} - u_k| / |u_{k+1}|``, which
@@ -26,14 +34,16 @@ bounds the change of ``z = R_N(u)`` (``R_N`` is 1-Lipschitz).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from proxnets.solvers import SolverInfo, fixed_point
-from proxnets.utils.validation import check_number, check_tensor, fail
+from proxnets.solvers import SolverInfo, fixed_point, solve_linear
+from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
-__all__ = ["DenseResolvent", "CircularResolvent", "peaceman_rachford"]
+__all__ = ["DenseResolvent", "CircularResolvent", "IterativeResolvent", "SplittingInfo", "peaceman_rachford"]
 
 
 class DenseResolvent:
@@ -106,6 +116,88 @@ class CircularResolvent:
         return torch.fft.irfft2(x_hat, s=self.size).to(y.dtype)
 
 
+class IterativeResolvent:
+    """``y -> (I + alpha M)^{-1} y`` for ``M`` given as a map ``apply_m`` and its adjoint ``apply_mt`` on
+    ``(B, ...)`` with ``(M + M^T)/2 >= m I``, ``m > 0`` (module docstring): CG on ``K^T K x = K^T y`` by the
+    shared :func:`proxnets.solvers.solve_linear`, from ``x0 = start(y)`` (an approximate resolvent with the
+    same ``transpose`` keyword, e.g. a :class:`CircularResolvent`) or 0; within a run (:meth:`reset`) from the
+    previous solution corrected by ``start`` on the change of ``y``.
+
+    ``tol`` and ``max_iter`` are the inner solve's; ``calls``, ``unconverged``, ``iterations`` (total CG
+    iterations) and ``worst_residual`` accumulate over calls (read them before and after a run),
+    ``last_info`` is the last call's :class:`SolverInfo`. ``error_bound_factor = 1 / (1 + alpha m)^2``: the
+    relative error of a converged call is at most ``tol * error_bound_factor``."""
+
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100) -> None:
+        self.tol = check_number("tol", tol, low=0.0, low_inclusive=False)
+        self.max_iter = check_int("max_iter", max_iter, low=1)
+        self.apply_m = self.apply_mt = self.start = None
+        self.alpha, self.m = 0.0, 0.0
+        self.calls = self.unconverged = self.iterations = 0
+        self.worst_residual = 0.0
+        self.last_info: SolverInfo | None = None
+        self.remember = False
+        self._memory: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def reset(self, remember: bool) -> None:
+        """Forget the last solve; with ``remember`` each call starts at ``x_prev + start(y - y_prev)`` from the
+        previous call of the same shape and direction (:func:`peaceman_rachford` does this within one run:
+        its successive right-hand sides differ less and less)."""
+        self.remember, self._memory = remember, {}
+
+    def update(self, apply_m: Callable[[torch.Tensor], torch.Tensor], apply_mt: Callable[[torch.Tensor], torch.Tensor],
+               alpha: float, m: float, start: Callable[..., torch.Tensor] | None = None) -> "IterativeResolvent":
+        self.alpha = check_number("alpha", alpha, low=0.0, low_inclusive=False)
+        self.m = check_number("m", m, low=0.0, low_inclusive=False)
+        self.apply_m, self.apply_mt, self.start = apply_m, apply_mt, start
+        return self
+
+    @property
+    def error_bound_factor(self) -> float:
+        return 1.0 / (1.0 + self.alpha * self.m) ** 2
+
+    def state(self) -> tuple[int, int, int]:
+        """``(calls, unconverged, iterations)`` so far (a run's own counts are the differences)."""
+        return self.calls, self.unconverged, self.iterations
+
+    def __call__(self, y: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``(I + alpha M)^{-1} y``; with ``transpose`` ``(I + alpha M^T)^{-1} y`` (``K^T`` in place of ``K``)."""
+        if self.apply_m is None:
+            fail("IterativeResolvent", "update(...) called before use", "no operator")
+        fwd, adj = (self.apply_mt, self.apply_m) if transpose else (self.apply_m, self.apply_mt)
+        alpha = self.alpha
+        k = lambda v: v + alpha * fwd(v)  # noqa: E731
+        kt = lambda v: v + alpha * adj(v)  # noqa: E731
+        approx = (lambda v: torch.zeros_like(v)) if self.start is None else functools.partial(self.start, transpose=transpose)
+        last = self._memory.get(transpose)
+        if last is not None and last[0].shape == y.shape:  # x_prev + S (y - y_prev): exact where S is
+            x0 = last[1] + approx(y - last[0])
+        else:
+            x0 = approx(y)
+        x, info = solve_linear(lambda v: kt(k(v)), kt(y), x0, tol=self.tol, max_iter=self.max_iter)
+        if self.remember:
+            self._memory[transpose] = (y, x)
+        self.calls += 1
+        self.iterations += info.iterations
+        self.unconverged += not info.converged
+        if info.residuals:
+            self.worst_residual = max(self.worst_residual, info.residuals[-1])
+        self.last_info = info
+        return x
+
+
+@dataclasses.dataclass
+class SplittingInfo(SolverInfo):
+    """A :func:`peaceman_rachford` run: every field of :class:`proxnets.solvers.SolverInfo`, plus the inner
+    (resolvent) solves of the run when the resolvent is iterative: ``inner_calls``, ``inner_unconverged``,
+    ``inner_iterations``. ``converged`` is true only if the outer rule stopped at ``tol`` *and* every inner
+    solve met its own tolerance (``inner_unconverged == 0``); ``stop_reason`` is the outer rule's."""
+
+    inner_calls: int = 0
+    inner_unconverged: int = 0
+    inner_iterations: int = 0
+
+
 def peaceman_rachford(
     resolvent: Callable[[torch.Tensor], torch.Tensor],
     c: torch.Tensor,
@@ -118,8 +210,10 @@ def peaceman_rachford(
 ) -> tuple[torch.Tensor, torch.Tensor, SolverInfo]:
     """Solve ``0 in M z - c + d f(z)`` by ``u <- C_F(C_N(u))`` (module docstring).
 
-    ``resolvent(y) = (I + alpha M)^{-1} y``; ``prox = prox_{alpha f}``. Returns ``(z*, u*, info)`` with
-    ``info.solver == "peaceman_rachford"`` and ``info.converged`` only if ``|u_{k+1}-u_k|/|u_{k+1}| <= tol``.
+    ``resolvent(y) = (I + alpha M)^{-1} y``; ``prox = prox_{alpha f}``. Returns ``(z*, u*, info)``, ``info`` a
+    :class:`SplittingInfo` with ``info.solver == "peaceman_rachford"`` and ``info.converged`` only if
+    ``|u_{k+1}-u_k|/|u_{k+1}| <= tol`` and (an :class:`IterativeResolvent`, or a ``resolvent`` whose
+    ``__self__`` or partial's ``func`` is one) no inner solve of the run missed its tolerance.
     """
     check_tensor("c", c, ndim=tuple(range(1, 9)), nonempty=True)
     check_number("alpha", alpha, low=0.0, low_inclusive=False)
@@ -129,6 +223,29 @@ def peaceman_rachford(
         v = 2.0 * prox(u) - u  # C_N(u)
         return 2.0 * resolvent(v + shift) - v  # C_F(v), R_F(v) = (I + alpha M)^{-1}(v + alpha c)
 
-    u, info = fixed_point(step, (torch.zeros_like(c) if u0 is None else u0), tol=tol, max_iter=max_iter)
+    inner = _iterative(resolvent)
+    before = inner.state() if inner is not None else (0, 0, 0)
+    if inner is not None:
+        inner.reset(remember=True)
+    try:
+        u, base = fixed_point(step, (torch.zeros_like(c) if u0 is None else u0), tol=tol, max_iter=max_iter)
+    finally:
+        if inner is not None:
+            inner.reset(remember=False)
+    info = SplittingInfo(**{f.name: getattr(base, f.name) for f in dataclasses.fields(SolverInfo)})
     info.solver = "peaceman_rachford"
+    if inner is not None:
+        info.inner_calls, info.inner_unconverged, info.inner_iterations = (
+            now - was for now, was in zip(inner.state(), before))
+        if info.inner_unconverged:  # the iterates rest on inexact resolvents: not a converged run
+            info.converged = False
     return prox(u), u, info
+
+
+def _iterative(resolvent) -> IterativeResolvent | None:
+    """The :class:`IterativeResolvent` behind ``resolvent`` (itself, a bound method of it, or a wrapper
+    or a ``functools.partial`` of it), else None."""
+    for obj in (resolvent, getattr(resolvent, "__self__", None), getattr(resolvent, "func", None)):
+        if isinstance(obj, IterativeResolvent):
+            return obj
+    return None
