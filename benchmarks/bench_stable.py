@@ -184,9 +184,47 @@ CURVE = [i / 40 for i in range(41)]  # radii in [0, 1]
 TABLE_RADII = (36 / 255, 72 / 255, 108 / 255, 1.0)
 
 
-def _ours_classifier(glue: str = "norm", method: str = "euler") -> nn.Module:
+def _ours_classifier(glue: str = "norm", method: str = "euler", **opts) -> nn.Module:
+    """The suite's quick classifier layout; ``opts``: other :class:`ClassifierConfig` fields (``time``: the block's time
+    span T, its norm budget: T = 2 is one CPL step h nu = 2; ``glue_activation``; ``max_steps``)."""
+    cfg = {"max_steps": 2, **opts}
     return NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, width=8, stages=2, blocks_per_stage=2,
-                                                   head="flatten", max_steps=2, train_norm="bound", glue=glue, method=method))
+                                                   head="flatten", train_norm="bound", glue=glue, method=method, **cfg))
+
+
+# variants of ours screened on validation (``--screen``): name -> ClassifierConfig overrides
+SCREEN = {
+    "ortho": {"glue": "orthogonal"},
+    "ortho T2": {"glue": "orthogonal", "time": 2.0},
+    "ortho maxmin": {"glue": "orthogonal", "glue_activation": "maxmin"},
+    "ortho T2 maxmin": {"glue": "orthogonal", "time": 2.0, "glue_activation": "maxmin"},
+    "ortho T2 heun": {"glue": "orthogonal", "time": 2.0, "method": "heun", "max_steps": 1},  # 2 field evaluations
+    "ortho T4 euler2": {"glue": "orthogonal", "time": 4.0, "max_steps": 2},  # 2 field evaluations
+    "norm T2 maxmin": {"glue": "norm", "time": 2.0, "glue_activation": "maxmin"},
+    # CPL's rule: one step at h nu = 2 whatever |A| (the full norm budget in every block, however training moves |A|)
+    "ortho fixed": {"glue": "orthogonal", "schedule": "fixed", "steps": 1},
+    "ortho fixed maxmin": {"glue": "orthogonal", "schedule": "fixed", "steps": 1, "glue_activation": "maxmin"},
+}
+
+
+def bench_screen(names: list[str], grid: list[tuple[float, float]], epochs: int, seed: int = 0) -> None:
+    """Train each variant of ours (and deel-torchlip) on the first 4,500 training images and report certified accuracy at
+    36/255 on the last 500 (validation, never test) for each (temperature, margin) of ``grid``: what the final
+    comparison's choices are picked on."""
+    import dataclasses
+
+    data = load_dataset("mnist5k", seed=0)
+    n_val = 500
+    val = dataclasses.replace(data, x_train=data.x_train[:-n_val], y_train=data.y_train[:-n_val], x_test=data.x_train[-n_val:],
+                              y_test=data.y_train[-n_val:])
+    e0 = 36 / 255
+    print(f"== screen on validation (500 images), seed {seed}, {epochs} epochs", flush=True)
+    for name in names:
+        build = _torchlip_classifier if name == "torchlip" else (lambda o=SCREEN[name]: _ours_classifier(**o))
+        for loss in grid:
+            r = _run_certified(build, val, seed, loss, epochs)
+            print(f"  val {name} | loss {loss} | params {r['params']} | cert@36 {r['curve'][e0]:.3f} | clean {r['curve'][0.0]:.3f} "
+                  f"| @72 {r['curve'][72 / 255]:.3f} | area {r['area']:.4f} | L {r['L']:.4f} | {r['time_s']:.0f} s", flush=True)
 
 
 def _torchlip_classifier() -> nn.Module:
@@ -338,10 +376,14 @@ def main() -> None:
     parser.add_argument("--grid", default="1,0;8,0.3", help="(temperature,margin) pairs of the margin loss tried on validation")
     parser.add_argument("--pick", default="", help="family=tau,margin already picked on validation (e.g. ours=1,0): not searched")
     parser.add_argument("--heun", action="store_true", help="also the Heun-block variant of ours")
+    parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     parts = set(args.only.split(","))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={args.quick}")
+    if args.screen:
+        bench_screen(args.screen.split(","), [_loss_pair(t) for t in args.grid.split(";") if t], 4 if args.quick else 10)
+        return
     if "step" in parts:
         bench_classifier_step(args.quick)
     if "torchlip" in parts:

@@ -23,7 +23,7 @@ from torch import nn
 
 from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import (
-    ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
+    ChannelSelect, MaxMin, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
     orthogonal_linear,
 )
 from proxnets.stable.integrators import compose_averaged
@@ -61,6 +61,8 @@ class ClassifierConfig:
     train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
     # lift / transition / head: "norm" (largest singular value rescaled to 1, seed) or "orthogonal" (Bjorck: all to 1)
     glue: str = "norm"
+    # "maxmin": a MaxMin (GroupSort-2, 1-Lipschitz, gradient-norm preserving) after the lift and every transition
+    glue_activation: str = "none"
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
@@ -71,6 +73,9 @@ class ClassifierConfig:
         check_choice("activation", self.activation, list(MONOTONE_ACTIVATIONS))
         check_choice("head", self.head, ["global", "flatten"])
         check_choice("glue", self.glue, ["norm", "orthogonal"])
+        check_choice("glue_activation", self.glue_activation, ["none", "maxmin"])
+        if self.glue_activation == "maxmin" and self.width % 2:
+            raise ValueError(f"width: expected an even width with glue_activation='maxmin', got {self.width}")
         return self
 
     @property
@@ -104,7 +109,10 @@ class NonExpansiveClassifier(_Stack):
         def conv1x1(cin: int, cout: int, size: int) -> nn.Module:
             return orthogonal_conv1x1(cin, cout) if ortho else lipschitz_conv2d(cin, cout, 1, (size, size))
 
-        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s)]  # (B, w, S, S)
+        def act() -> list[nn.Module]:  # the glue's activation (1-Lipschitz), if any
+            return [MaxMin()] if cfg.glue_activation == "maxmin" else []
+
+        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s), *act()]  # (B, w, S, S)
         for _ in range(cfg.stages):
             for _ in range(cfg.blocks_per_stage):
                 layers.append(
@@ -114,6 +122,7 @@ class NonExpansiveClassifier(_Stack):
                     )
                 )  # (B, c, s, s)
             layers.append(conv1x1(c, 2 * c, s))  # (B, 2c, s, s)
+            layers += act()  # (B, 2c, s, s)
             layers.append(ScaledAvgPool2d(2))  # (B, 2c, s/2, s/2)
             c, s = 2 * c, s // 2
         layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())  # (B, c) or (B, c s s)
