@@ -187,9 +187,9 @@ TABLE_RADII = (36 / 255, 72 / 255, 108 / 255, 1.0)
 def _ours_classifier(glue: str = "norm", method: str = "euler", **opts) -> nn.Module:
     """The suite's quick classifier layout; ``opts``: other :class:`ClassifierConfig` fields (``time``: the block's time
     span T, its norm budget: T = 2 is one CPL step h nu = 2; ``glue_activation``; ``max_steps``)."""
-    cfg = {"max_steps": 2, **opts}
-    return NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, width=8, stages=2, blocks_per_stage=2,
-                                                   head="flatten", train_norm="bound", glue=glue, method=method, **cfg))
+    cfg = {"width": 8, "stages": 2, "blocks_per_stage": 2, "max_steps": 2, **opts}
+    return NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, head="flatten", train_norm="bound",
+                                                   glue=glue, method=method, **cfg))
 
 
 # variants of ours screened on validation (``--screen``): name -> ClassifierConfig overrides
@@ -201,6 +201,16 @@ SCREEN = {
     "ortho T2 heun": {"glue": "orthogonal", "time": 2.0, "method": "heun", "max_steps": 1},  # 2 field evaluations
     "ortho T4 euler2": {"glue": "orthogonal", "time": 4.0, "max_steps": 2},  # 2 field evaluations
     "norm T2 maxmin": {"glue": "norm", "time": 2.0, "glue_activation": "maxmin"},
+    "ortho bjorck": {"glue": "orthogonal", "block_weight": "bjorck"},
+    "ortho bjorck maxmin": {"glue": "orthogonal", "block_weight": "bjorck", "glue_activation": "maxmin"},
+    "ortho bjorck fixed": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1},
+    # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
+    "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
+    "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
+    # MaxMin also between blocks (every glue slot)
+    "ortho maxmin-all": {"glue": "orthogonal", "glue_activation": "maxmin-all"},
+    "ortho maxmin-all T2": {"glue": "orthogonal", "glue_activation": "maxmin-all", "time": 2.0},
+    "ortho maxmin-all fixed": {"glue": "orthogonal", "glue_activation": "maxmin-all", "schedule": "fixed", "steps": 1},
     # CPL's rule: one step at h nu = 2 whatever |A| (the full norm budget in every block, however training moves |A|)
     "ortho fixed": {"glue": "orthogonal", "schedule": "fixed", "steps": 1},
     "ortho fixed maxmin": {"glue": "orthogonal", "schedule": "fixed", "steps": 1, "glue_activation": "maxmin"},

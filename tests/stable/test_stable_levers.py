@@ -195,3 +195,35 @@ def test_maxmin_glue_classifier_is_certified_and_its_bound_is_never_beaten():
         ClassifierConfig(width=5, glue_activation="maxmin").validate()
     with pytest.raises(ValueError, match="glue_activation"):
         ClassifierConfig(glue_activation="groupsort9").validate()
+
+
+def test_bjorck_block_weight_is_row_orthonormal_and_the_block_stays_certified():
+    # the parametrization changes A's spectrum, not the guarantee: the step rule uses the norm of the weight in use
+    from proxnets.stable import NonExpansiveBlock
+
+    torch.manual_seed(7)
+    b = NonExpansiveBlock((4, 6, 6), weight_param="bjorck", max_steps=2, train_norm="bound").eval()
+    s = torch.linalg.svdvals(b.weight.detach().reshape(4, -1).double())
+    assert float(s.min()) > 1 - 1e-4 and float(s.max()) < 1 + 1e-4
+    c = b.norm_condition()
+    assert c["rigorous"] and c["h_nu"] <= 2.0 * (1 + 1e-9)
+    L = lipschitz_bound(b)
+    assert L.rigorous and float(L) == 1.0
+    emp, _ = empirical_lipschitz(b, torch.randn(6, 4, 6, 6), steps=30, lr=0.05, generator=torch.Generator().manual_seed(0))
+    assert emp <= 1 + 1e-4
+    with pytest.raises(ValueError, match="weight_param"):
+        NonExpansiveBlock((4, 6, 6), weight_param="cayley")
+
+
+def test_wide_blocks_and_maxmin_between_blocks_keep_parameters_and_certificate():
+    from proxnets.stable import num_parameters
+
+    base = dict(in_channels=1, image_size=8, num_classes=3, width=4, stages=1, head="flatten", glue="orthogonal")
+    two = NonExpansiveClassifier(ClassifierConfig(**base, blocks_per_stage=2))
+    one_wide = NonExpansiveClassifier(ClassifierConfig(**base, blocks_per_stage=1, block_features_ratio=2))
+    assert num_parameters(two) == num_parameters(one_wide)  # c c k^2 + c per block, twice == c (2c) k^2 + 2c once
+    model = NonExpansiveClassifier(ClassifierConfig(**base, blocks_per_stage=2, glue_activation="maxmin-all")).eval()
+    assert sum(type(m).__name__ == "MaxMin" for m in model.modules()) == 4  # lift, 2 blocks, transition
+    for m in (one_wide.eval(), model):
+        L = lipschitz_bound(m)
+        assert L.rigorous and float(L) <= 1 + 1e-5
