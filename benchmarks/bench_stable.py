@@ -205,6 +205,9 @@ SCREEN = {
     "ortho bjorck": {"glue": "orthogonal", "block_weight": "bjorck"},
     "ortho bjorck maxmin": {"glue": "orthogonal", "block_weight": "bjorck", "glue_activation": "maxmin"},
     "ortho bjorck fixed": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1},
+    "ortho bjorck fixed2": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 2},  # 2x the steps
+    "ortho bjorck fixed maxmin-all": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1,
+                                      "glue_activation": "maxmin-all"},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
@@ -337,11 +340,13 @@ def _certified_job(args: tuple) -> dict:
 
 
 def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], given: dict[str, tuple[float, float]],
-                    heun: bool = False, variants: dict[str, tuple[float, float]] | None = None, jobs: int = 1) -> None:
+                    heun: bool = False, variants: dict[str, tuple[float, float]] | None = None, jobs: int = 1,
+                    torchlip_lrs: list[float] | None = None) -> None:
     """``grid``: the (temperature, margin) pairs tried on validation; ``given``: families whose pair was already
     picked on validation (in an earlier run whose log says so) and is not searched again; ``variants``: rows of ours
     (names of :data:`SCREEN`, each with the loss picked for it on validation by ``--screen``); ``jobs``: worker processes
-    (each run is independent and single-threaded, results do not depend on it)."""
+    (each run is independent and single-threaded, results do not depend on it); ``torchlip_lrs``: one torchlip row per
+    learning rate (default: ``--lr`` only; a rate picked for torchlip on validation goes here)."""
     from multiprocessing import get_context
 
     from proxnets.utils.stats import difference_interval, mean_interval
@@ -370,19 +375,20 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
                   f"clean {r['curve'][0.0]:.3f}, area {r['area']:.4f} ({r['time_s']:.0f} s)", flush=True)
         picked[family] = max(scores, key=scores.get)
         print(f"  picked for {family} on validation: tau {picked[family][0]}, margin {picked[family][1]}", flush=True)
-    configs: dict[str, tuple[tuple[str, dict], tuple[float, float]]] = {}
+    configs: dict[str, tuple[tuple[str, dict], tuple[float, float], float]] = {}
     if variants:
         for v, loss in variants.items():
-            configs[f"ours [{v}], loss {loss}"] = (("ours", SCREEN[v]), loss)
+            configs[f"ours [{v}], loss {loss}, lr {LR:g}"] = (("ours", SCREEN[v]), loss, LR)
     else:
-        configs["ours (norm glue, CE)"] = (("ours", {"glue": "norm"}), (1.0, 0.0))
-        configs[f"ours + orthogonal glue, loss {picked['ours']}"] = (("ours", {"glue": "orthogonal"}), picked["ours"])
+        configs["ours (norm glue, CE)"] = (("ours", {"glue": "norm"}), (1.0, 0.0), LR)
+        configs[f"ours + orthogonal glue, loss {picked['ours']}"] = (("ours", {"glue": "orthogonal"}), picked["ours"], LR)
         if heun:
             configs[f"ours + orthogonal glue, Heun, loss {picked['ours']}"] = (("ours", {"glue": "orthogonal", "method": "heun"}),
-                                                                              picked["ours"])
-    configs[f"deel-torchlip, loss {picked['torchlip']}"] = (("torchlip", {}), picked["torchlip"])
+                                                                              picked["ours"], LR)
+    for lr in torchlip_lrs or [LR]:
+        configs[f"deel-torchlip, loss {picked['torchlip']}, lr {lr:g}"] = (("torchlip", {}), picked["torchlip"], lr)
     seeds = list(range(n_seeds))
-    flat = run_all([(spec, s, loss, epochs, "test", LR) for spec, loss in configs.values() for s in seeds])
+    flat = run_all([(spec, s, loss, epochs, "test", lr) for spec, loss, lr in configs.values() for s in seeds])
     results = {name: flat[i * len(seeds):(i + 1) * len(seeds)] for i, name in enumerate(configs)}
     for name, rs in results.items():
         print(f"  {name}: params {rs[0]['params']}, L {max(r['L'] for r in rs):.6f} (rigorous {all(r['rigorous'] for r in rs)}), "
@@ -400,13 +406,13 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
         cells = [cell([r["curve"][e] for r in rs]) for e in (0.0, *TABLE_RADII)]
         m, lo, hi = mean_interval([r["area"] for r in rs])
         print(f"| {name} | {rs[0]['params']} | " + " | ".join(cells) + f" | {m:.4f} [{lo:.4f}, {hi:.4f}] |")
-    tl = next(k for k in results if k.startswith("deel"))
-    b = [r["curve"][e0] for r in results[tl]]
-    for name in (k for k in results if k.startswith("ours")):
-        a = [r["curve"][e0] for r in results[name]]
-        d = difference_interval(a, b)
-        print(f"'{name}' vs '{tl}' at 36/255: ratio {sum(a) / sum(b):.3f}, difference {100 * d[0]:+.1f} points "
-              f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
+    for tl in (k for k in results if k.startswith("deel")):
+        b = [r["curve"][e0] for r in results[tl]]
+        for name in (k for k in results if k.startswith("ours")):
+            a = [r["curve"][e0] for r in results[name]]
+            d = difference_interval(a, b)
+            print(f"'{name}' vs '{tl}' at 36/255: ratio {sum(a) / sum(b):.3f}, difference {100 * d[0]:+.1f} points "
+                  f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
     print("curve (mean over seeds), radius: " + ", ".join(f"{e:.3f}" for e in CURVE[::4]))
     for name, rs in results.items():
         print(f"  {name}: " + ", ".join(f"{sum(r['curve'][e] for r in rs) / len(rs):.3f}" for e in CURVE[::4]))
@@ -423,6 +429,7 @@ def main() -> None:
     parser.add_argument("--heun", action="store_true", help="also the Heun-block variant of ours")
     parser.add_argument("--variants", default="", help="rows of ours: 'SCREEN name=tau,margin;...' (loss picked on validation)")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the certified comparison (both families)")
+    parser.add_argument("--torchlip-lrs", default="", help="comma-separated learning rates, one torchlip row each")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the certified comparison")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
@@ -443,7 +450,8 @@ def main() -> None:
         grid = [_loss_pair(t) for t in args.grid.split(";") if t]
         given = {k: _loss_pair(v) for k, v in (p.split("=") for p in args.pick.split(";") if p)}
         variants = {k: _loss_pair(v) for k, v in (p.split("=") for p in args.variants.split(";") if p)}
-        bench_certified(args.quick, args.seeds, grid, given, args.heun, variants, args.jobs)
+        lrs = [float(v) for v in args.torchlip_lrs.split(",") if v]
+        bench_certified(args.quick, args.seeds, grid, given, args.heun, variants, args.jobs, lrs)
 
 
 if __name__ == "__main__":
