@@ -18,7 +18,13 @@
    blocks. Several seeds, mean and 95% interval; certified accuracy against the l2 radius on 41 radii in [0, 1]
    and its area (the seed's protocol), the table at 36/72/108/255, every certificate from rigorous norms.
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified] [--seeds N]``.
+4. ``--screen NAMES``: variants of ours (keys of ``SCREEN``: glue, block kernel parametrization, step rule, MaxMin glue,
+   wider blocks, Heun) and deel-torchlip, trained on the training set but its last 500 images and scored on those 500
+   (validation) for each loss of ``--grid`` at ``--lr``: where part 3's ``--variants``, ``--pick`` and
+   ``--torchlip-lrs`` come from.
+
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified] [--seeds N]
+[--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
 """
 
 from __future__ import annotations
