@@ -212,6 +212,8 @@ SCREEN = {
     "ortho bjorck maxmin": {"glue": "orthogonal", "block_weight": "bjorck", "glue_activation": "maxmin"},
     "ortho bjorck fixed": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1},
     "ortho bjorck fixed2": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 2},  # 2x the steps
+    "ortho bjorck fixed2 relu": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 2, "activation": "relu"},
+    "ortho bjorck fixed3": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 3},  # 3x the steps
     "ortho bjorck fixed maxmin-all": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1,
                                       "glue_activation": "maxmin-all"},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
