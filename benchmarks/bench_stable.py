@@ -18,7 +18,13 @@
    blocks. Several seeds, mean and 95% interval; certified accuracy against the l2 radius on 41 radii in [0, 1]
    and its area (the seed's protocol), the table at 36/72/108/255, every certificate from rigorous norms.
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified] [--seeds N]``.
+4. ``--screen NAMES``: variants of ours (keys of ``SCREEN``: glue, block kernel parametrization, step rule, MaxMin glue,
+   wider blocks, Heun) and deel-torchlip, trained on the training set but its last 500 images and scored on those 500
+   (validation) for each loss of ``--grid`` at ``--lr``: where part 3's ``--variants``, ``--pick`` and
+   ``--torchlip-lrs`` come from.
+
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified] [--seeds N]
+[--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
 """
 
 from __future__ import annotations
@@ -184,9 +190,71 @@ CURVE = [i / 40 for i in range(41)]  # radii in [0, 1]
 TABLE_RADII = (36 / 255, 72 / 255, 108 / 255, 1.0)
 
 
-def _ours_classifier(glue: str = "norm", method: str = "euler") -> nn.Module:
-    return NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, width=8, stages=2, blocks_per_stage=2,
-                                                   head="flatten", max_steps=2, train_norm="bound", glue=glue, method=method))
+def _ours_classifier(glue: str = "norm", method: str = "euler", **opts) -> nn.Module:
+    """The suite's quick classifier layout; ``opts``: other :class:`ClassifierConfig` fields (``time``: the block's time
+    span T, its norm budget: T = 2 is one CPL step h nu = 2; ``glue_activation``; ``max_steps``)."""
+    cfg = {"width": 8, "stages": 2, "blocks_per_stage": 2, "max_steps": 2, "train_norm": "bound", **opts}
+    return NonExpansiveClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, head="flatten", glue=glue,
+                                                   method=method, **cfg))
+
+
+# variants of ours screened on validation (``--screen``): name -> ClassifierConfig overrides
+SCREEN = {
+    "ortho": {"glue": "orthogonal"},
+    "ortho T2": {"glue": "orthogonal", "time": 2.0},
+    "ortho maxmin": {"glue": "orthogonal", "glue_activation": "maxmin"},
+    "ortho T2 maxmin": {"glue": "orthogonal", "time": 2.0, "glue_activation": "maxmin"},
+    "ortho heun1": {"glue": "orthogonal", "method": "heun", "max_steps": 1},  # 2 field evaluations, as 2 Euler steps
+    "ortho T2 heun": {"glue": "orthogonal", "time": 2.0, "method": "heun", "max_steps": 1},  # 2 field evaluations
+    "ortho T4 euler2": {"glue": "orthogonal", "time": 4.0, "max_steps": 2},  # 2 field evaluations
+    "norm T2 maxmin": {"glue": "norm", "time": 2.0, "glue_activation": "maxmin"},
+    "ortho bjorck": {"glue": "orthogonal", "block_weight": "bjorck"},
+    "ortho bjorck maxmin": {"glue": "orthogonal", "block_weight": "bjorck", "glue_activation": "maxmin"},
+    "ortho bjorck fixed": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1},
+    "ortho bjorck fixed2": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 2},  # 2x the steps
+    "ortho bjorck fixed2 relu": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 2, "activation": "relu"},
+    "ortho bjorck fixed3": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 3},  # 3x the steps
+    "ortho bjorck fixed maxmin-all": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1,
+                                      "glue_activation": "maxmin-all"},
+    # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
+    "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
+    "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
+    # MaxMin also between blocks (every glue slot)
+    "ortho maxmin-all": {"glue": "orthogonal", "glue_activation": "maxmin-all"},
+    "ortho maxmin-all T2": {"glue": "orthogonal", "glue_activation": "maxmin-all", "time": 2.0},
+    "ortho maxmin-all fixed": {"glue": "orthogonal", "glue_activation": "maxmin-all", "schedule": "fixed", "steps": 1},
+    # the seed's training norm: one power iteration per step, differentiable (the gradient sees the normalization);
+    # evaluation and certificates still from the converged estimate and the rigorous bound
+    "ortho power": {"glue": "orthogonal", "train_norm": "power"},
+    "ortho power fixed": {"glue": "orthogonal", "train_norm": "power", "schedule": "fixed", "steps": 1},
+    # CPL's rule: one step at h nu = 2 whatever |A| (the full norm budget in every block, however training moves |A|)
+    "ortho fixed": {"glue": "orthogonal", "schedule": "fixed", "steps": 1},
+    "ortho fixed maxmin": {"glue": "orthogonal", "schedule": "fixed", "steps": 1, "glue_activation": "maxmin"},
+}
+
+
+def bench_screen(names: list[str], grid: list[tuple[float, float]], epochs: int, seed: int = 0, jobs: int = 1) -> None:
+    """Train each variant of ours (and deel-torchlip) on the training images but the last 500 and report certified accuracy at
+    36/255 on the last 500 (validation, never test) for each (temperature, margin) of ``grid``: what the final
+    comparison's choices are picked on."""
+    from multiprocessing import get_context
+
+    e0 = 36 / 255
+    print(f"== screen on validation (500 images), seed {seed}, {epochs} epochs", flush=True)
+    todo = [(name, loss) for name in names for loss in grid]
+    args = [(("torchlip", {}) if n == "torchlip" else ("ours", SCREEN[n]), seed, loss, epochs, "val", LR) for n, loss in todo]
+    if jobs > 1:
+        with get_context("spawn").Pool(jobs) as pool:
+            rs = pool.imap(_certified_job, args)
+            _print_screen(todo, rs, e0)
+    else:
+        _print_screen(todo, map(_certified_job, args), e0)
+
+
+def _print_screen(todo, rs, e0: float) -> None:
+    for (name, loss), r in zip(todo, rs):
+        print(f"  val {name} | loss {loss} | params {r['params']} | cert@36 {r['curve'][e0]:.3f} | clean {r['curve'][0.0]:.3f} "
+              f"| @72 {r['curve'][72 / 255]:.3f} | area {r['area']:.4f} | L {r['L']:.4f} | {r['time_s']:.0f} s", flush=True)
 
 
 def _torchlip_classifier() -> nn.Module:
@@ -236,7 +304,10 @@ def _area(curve: dict[float, float]) -> float:
     return sum((xs[i + 1] - xs[i]) * (curve[xs[i]] + curve[xs[i + 1]]) / 2 for i in range(len(xs) - 1))
 
 
-def _run_certified(build, data, seed: int, loss: tuple[float, float], epochs: int) -> dict:
+LR = 3e-3  # Adam's learning rate for both families (``--lr``)
+
+
+def _run_certified(build, data, seed: int, loss: tuple[float, float], epochs: int, lr: float | None = None) -> dict:
     from proxnets.stable import lipschitz_margin_loss
 
     torch.manual_seed(seed)
@@ -244,7 +315,7 @@ def _run_certified(build, data, seed: int, loss: tuple[float, float], epochs: in
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit(model, data, TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, progress=False, eval_every_epoch=False, seed=seed),
+        fit(model, data, TrainConfig(epochs=epochs, batch_size=64, lr=lr or LR, progress=False, eval_every_epoch=False, seed=seed),
             loss_fn=lipschitz_margin_loss(margin=loss[1], temperature=loss[0]), log=lambda s: None)
         model.eval()
         L = lipschitz_bound(model) if hasattr(model, "config") else _torchlip_bound(model, data.x_test)
@@ -258,11 +329,33 @@ def _loss_pair(text: str) -> tuple[float, float]:
     return tau, margin
 
 
-def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], given: dict[str, tuple[float, float]],
-                    heun: bool = False) -> None:
-    """``grid``: the (temperature, margin) pairs tried on validation; ``given``: families whose pair was already
-    picked on validation (in an earlier run whose log says so) and is not searched again."""
+def _build(spec: tuple[str, dict]) -> nn.Module:
+    family, opts = spec
+    return _torchlip_classifier() if family == "torchlip" else _ours_classifier(**opts)
+
+
+def _certified_job(args: tuple) -> dict:
+    """One (model, seed) run in a worker process (1 thread): picklable specs, not closures."""
+    spec, seed, loss, epochs, split, lr = args
     import dataclasses
+
+    torch.set_num_threads(1)
+    data = load_dataset("mnist5k", seed=0)
+    if split == "val":
+        data = dataclasses.replace(data, x_train=data.x_train[:-500], y_train=data.y_train[:-500], x_test=data.x_train[-500:],
+                                   y_test=data.y_train[-500:])
+    return _run_certified(lambda: _build(spec), data, seed, loss, epochs, lr)
+
+
+def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], given: dict[str, tuple[float, float]],
+                    heun: bool = False, variants: dict[str, tuple[float, float]] | None = None, jobs: int = 1,
+                    torchlip_lrs: list[float] | None = None) -> None:
+    """``grid``: the (temperature, margin) pairs tried on validation; ``given``: families whose pair was already
+    picked on validation (in an earlier run whose log says so) and is not searched again; ``variants``: rows of ours
+    (names of :data:`SCREEN`, each with the loss picked for it on validation by ``--screen``); ``jobs``: worker processes
+    (each run is independent and single-threaded, results do not depend on it); ``torchlip_lrs``: one torchlip row per
+    learning rate (default: ``--lr`` only; a rate picked for torchlip on validation goes here)."""
+    from multiprocessing import get_context
 
     from proxnets.utils.stats import difference_interval, mean_interval
 
@@ -274,34 +367,38 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
         return
     data = load_dataset("mnist5k", seed=0)
     epochs = 4 if quick else 10
-    n_val = 500
-    val = dataclasses.replace(data, x_train=data.x_train[:-n_val], y_train=data.y_train[:-n_val], x_test=data.x_train[-n_val:],
-                              y_test=data.y_train[-n_val:])
     e0 = 36 / 255
+    pool = get_context("spawn").Pool(jobs) if jobs > 1 else None
+    run_all = (lambda a: pool.map(_certified_job, a)) if pool else (lambda a: [_certified_job(x) for x in a])
     picked = dict(given)
-    for family, build in (("ours", lambda: _ours_classifier("orthogonal")), ("torchlip", _torchlip_classifier)):
-        if family in picked:
-            print(f"  {family}: loss (tau, margin) = {picked[family]} given (picked on validation earlier)")
+    for family, spec in (("ours", ("ours", {"glue": "orthogonal"})), ("torchlip", ("torchlip", {}))):
+        if family in picked or (family == "ours" and variants):
+            print(f"  {family}: loss (tau, margin) given (picked on validation earlier)")
             continue
+        rs = run_all([(spec, 0, loss, epochs, "val", LR) for loss in grid])
         scores = {}
-        for loss in grid:
-            r = _run_certified(build, val, 0, loss, epochs)
+        for loss, r in zip(grid, rs):
             scores[loss] = r["curve"][e0]
             print(f"  validation {family} loss (tau {loss[0]}, margin {loss[1]}): certified@36 {r['curve'][e0]:.3f}, "
                   f"clean {r['curve'][0.0]:.3f}, area {r['area']:.4f} ({r['time_s']:.0f} s)", flush=True)
         picked[family] = max(scores, key=scores.get)
         print(f"  picked for {family} on validation: tau {picked[family][0]}, margin {picked[family][1]}", flush=True)
-    ce = (1.0, 0.0)
-    configs = {"ours (norm glue, CE)": (lambda: _ours_classifier("norm"), ce)}
-    configs[f"ours + orthogonal glue, loss {picked['ours']}"] = (lambda: _ours_classifier("orthogonal"), picked["ours"])
-    if heun:
-        configs[f"ours + orthogonal glue, Heun, loss {picked['ours']}"] = (lambda: _ours_classifier("orthogonal", "heun"), picked["ours"])
-    configs[f"deel-torchlip, loss {picked['torchlip']}"] = (_torchlip_classifier, picked["torchlip"])
+    configs: dict[str, tuple[tuple[str, dict], tuple[float, float], float]] = {}
+    if variants:
+        for v, loss in variants.items():
+            configs[f"ours [{v}], loss {loss}, lr {LR:g}"] = (("ours", SCREEN[v]), loss, LR)
+    else:
+        configs["ours (norm glue, CE)"] = (("ours", {"glue": "norm"}), (1.0, 0.0), LR)
+        configs[f"ours + orthogonal glue, loss {picked['ours']}"] = (("ours", {"glue": "orthogonal"}), picked["ours"], LR)
+        if heun:
+            configs[f"ours + orthogonal glue, Heun, loss {picked['ours']}"] = (("ours", {"glue": "orthogonal", "method": "heun"}),
+                                                                              picked["ours"], LR)
+    for lr in torchlip_lrs or [LR]:
+        configs[f"deel-torchlip, loss {picked['torchlip']}, lr {lr:g}"] = (("torchlip", {}), picked["torchlip"], lr)
     seeds = list(range(n_seeds))
-    results = {}
-    for name, (build, loss) in configs.items():
-        results[name] = [_run_certified(build, data, s, loss, epochs) for s in seeds]
-        rs = results[name]
+    flat = run_all([(spec, s, loss, epochs, "test", lr) for spec, loss, lr in configs.values() for s in seeds])
+    results = {name: flat[i * len(seeds):(i + 1) * len(seeds)] for i, name in enumerate(configs)}
+    for name, rs in results.items():
         print(f"  {name}: params {rs[0]['params']}, L {max(r['L'] for r in rs):.6f} (rigorous {all(r['rigorous'] for r in rs)}), "
               f"{sum(r['time_s'] for r in rs) / len(rs):.0f} s per run", flush=True)
 
@@ -310,20 +407,20 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
         return f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
     print(f"\ncertified accuracy (%), mnist5k test ({len(data.x_test)} images), {len(seeds)} seeds, mean [95% interval]; "
-          f"{epochs} epochs, batch 64, Adam 3e-3")
+          f"{epochs} epochs, batch 64, Adam {LR:g}")
     print("| model | params | clean | @36/255 | @72/255 | @108/255 | @255/255 | area (radius 0..1) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rs in results.items():
         cells = [cell([r["curve"][e] for r in rs]) for e in (0.0, *TABLE_RADII)]
         m, lo, hi = mean_interval([r["area"] for r in rs])
         print(f"| {name} | {rs[0]['params']} | " + " | ".join(cells) + f" | {m:.4f} [{lo:.4f}, {hi:.4f}] |")
-    tl = next(k for k in results if k.startswith("deel"))
-    b = [r["curve"][e0] for r in results[tl]]
-    for name in (k for k in results if k.startswith("ours")):
-        a = [r["curve"][e0] for r in results[name]]
-        d = difference_interval(a, b)
-        print(f"'{name}' vs '{tl}' at 36/255: ratio {sum(a) / sum(b):.3f}, difference {100 * d[0]:+.1f} points "
-              f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
+    for tl in (k for k in results if k.startswith("deel")):
+        b = [r["curve"][e0] for r in results[tl]]
+        for name in (k for k in results if k.startswith("ours")):
+            a = [r["curve"][e0] for r in results[name]]
+            d = difference_interval(a, b)
+            print(f"'{name}' vs '{tl}' at 36/255: ratio {sum(a) / sum(b):.3f}, difference {100 * d[0]:+.1f} points "
+                  f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
     print("curve (mean over seeds), radius: " + ", ".join(f"{e:.3f}" for e in CURVE[::4]))
     for name, rs in results.items():
         print(f"  {name}: " + ", ".join(f"{sum(r['curve'][e] for r in rs) / len(rs):.3f}" for e in CURVE[::4]))
@@ -338,10 +435,21 @@ def main() -> None:
     parser.add_argument("--grid", default="1,0;8,0.3", help="(temperature,margin) pairs of the margin loss tried on validation")
     parser.add_argument("--pick", default="", help="family=tau,margin already picked on validation (e.g. ours=1,0): not searched")
     parser.add_argument("--heun", action="store_true", help="also the Heun-block variant of ours")
+    parser.add_argument("--variants", default="", help="rows of ours: 'SCREEN name=tau,margin;...' (loss picked on validation)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the certified comparison (both families)")
+    parser.add_argument("--torchlip-lrs", default="", help="comma-separated learning rates, one torchlip row each")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the certified comparison")
+    parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global LR
+    LR = args.lr
     parts = set(args.only.split(","))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, quick={args.quick}")
+    if args.screen:
+        bench_screen(args.screen.split(","), [_loss_pair(t) for t in args.grid.split(";") if t], 4 if args.quick else 10,
+                     jobs=args.jobs)
+        return
     if "step" in parts:
         bench_classifier_step(args.quick)
     if "torchlip" in parts:
@@ -349,7 +457,9 @@ def main() -> None:
     if "certified" in parts:
         grid = [_loss_pair(t) for t in args.grid.split(";") if t]
         given = {k: _loss_pair(v) for k, v in (p.split("=") for p in args.pick.split(";") if p)}
-        bench_certified(args.quick, args.seeds, grid, given, args.heun)
+        variants = {k: _loss_pair(v) for k, v in (p.split("=") for p in args.variants.split(";") if p)}
+        lrs = [float(v) for v in args.torchlip_lrs.split(",") if v]
+        bench_certified(args.quick, args.seeds, grid, given, args.heun, variants, args.jobs, lrs)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,73 @@ def test_bound_trained_block_evaluates_with_its_training_steps_and_certifies_the
     # the estimate mode reads nu from the power estimate (a lower value), with the same steps
     e = block.norm_condition("estimate")
     assert e["n"] == c["n"] and e["h_nu"] <= c["h_nu"] * (1 + 1e-6) and not e["rigorous"]
+
+
+def test_maxmin_is_one_lipschitz_gradient_norm_preserving_and_sharp():
+    # theory: per pair, (a, b) -> (max, min) is the identity or the swap: 1-Lipschitz, Jacobian a permutation (a.e.)
+    from proxnets.stable import MaxMin
+
+    torch.manual_seed(5)
+    m = MaxMin()
+    x, y = torch.randn(64, 6, 3, 3), torch.randn(64, 6, 3, 3)
+    dist_in, dist_out = (x - y).flatten(1).norm(dim=1), (m(x) - m(y)).flatten(1).norm(dim=1)
+    assert bool((dist_out <= dist_in * (1 + 1e-6)).all())
+    near = x + 1e-4 * torch.randn_like(x)  # no pair re-sorted: the distance is kept, the bound 1 is attained
+    ratio = (m(x) - m(near)).flatten(1).norm(dim=1) / (x - near).flatten(1).norm(dim=1)
+    assert float(ratio.max()) > 1 - 1e-4
+    assert float(lipschitz_bound(m)) == 1.0 and lipschitz_bound(m).rigorous
+    x.requires_grad_(True)
+    g = torch.randn(64, 6, 3, 3)
+    (grad,) = torch.autograd.grad((m(x) * g).sum(), x)
+    assert torch.allclose(grad.flatten(1).norm(dim=1), g.flatten(1).norm(dim=1))  # gradient norm kept exactly
+    assert not torch.allclose(m(x), x)  # and it is not the identity
+    with pytest.raises(ValueError, match="even number of channels"):
+        m(torch.randn(2, 3, 4, 4))
+
+
+def test_maxmin_glue_classifier_is_certified_and_its_bound_is_never_beaten():
+    torch.manual_seed(6)
+    cfg = ClassifierConfig(in_channels=1, image_size=8, num_classes=3, width=4, stages=1, blocks_per_stage=1, head="flatten",
+                           glue="orthogonal", glue_activation="maxmin", time=2.0, max_steps=2)
+    model = NonExpansiveClassifier(cfg).eval()
+    assert sum(type(m).__name__ == "MaxMin" for m in model.modules()) == 2  # after the lift and the transition
+    L = lipschitz_bound(model)
+    assert L.rigorous and float(L) <= 1 + 1e-5
+    emp, _ = empirical_lipschitz(model, torch.rand(6, 1, 8, 8), steps=30, lr=0.05, generator=torch.Generator().manual_seed(0))
+    assert emp <= float(L) * (1 + 1e-4)
+    with pytest.raises(ValueError, match="width: expected an even width"):
+        ClassifierConfig(width=5, glue_activation="maxmin").validate()
+    with pytest.raises(ValueError, match="glue_activation"):
+        ClassifierConfig(glue_activation="groupsort9").validate()
+
+
+def test_bjorck_block_weight_is_row_orthonormal_and_the_block_stays_certified():
+    # the parametrization changes A's spectrum, not the guarantee: the step rule uses the norm of the weight in use
+    from proxnets.stable import NonExpansiveBlock
+
+    torch.manual_seed(7)
+    b = NonExpansiveBlock((4, 6, 6), weight_param="bjorck", max_steps=2, train_norm="bound").eval()
+    s = torch.linalg.svdvals(b.weight.detach().reshape(4, -1).double())
+    assert float(s.min()) > 1 - 1e-4 and float(s.max()) < 1 + 1e-4
+    c = b.norm_condition()
+    assert c["rigorous"] and c["h_nu"] <= 2.0 * (1 + 1e-9)
+    L = lipschitz_bound(b)
+    assert L.rigorous and float(L) == 1.0
+    emp, _ = empirical_lipschitz(b, torch.randn(6, 4, 6, 6), steps=30, lr=0.05, generator=torch.Generator().manual_seed(0))
+    assert emp <= 1 + 1e-4
+    with pytest.raises(ValueError, match="weight_param"):
+        NonExpansiveBlock((4, 6, 6), weight_param="cayley")
+
+
+def test_wide_blocks_and_maxmin_between_blocks_keep_parameters_and_certificate():
+    from proxnets.stable import num_parameters
+
+    base = dict(in_channels=1, image_size=8, num_classes=3, width=4, stages=1, head="flatten", glue="orthogonal")
+    two = NonExpansiveClassifier(ClassifierConfig(**base, blocks_per_stage=2))
+    one_wide = NonExpansiveClassifier(ClassifierConfig(**base, blocks_per_stage=1, block_features_ratio=2))
+    assert num_parameters(two) == num_parameters(one_wide)  # c c k^2 + c per block, twice == c (2c) k^2 + 2c once
+    model = NonExpansiveClassifier(ClassifierConfig(**base, blocks_per_stage=2, glue_activation="maxmin-all")).eval()
+    assert sum(type(m).__name__ == "MaxMin" for m in model.modules()) == 4  # lift, 2 blocks, transition
+    for m in (one_wide.eval(), model):
+        L = lipschitz_bound(m)
+        assert L.rigorous and float(L) <= 1 + 1e-5

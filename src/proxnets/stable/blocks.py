@@ -94,6 +94,12 @@ class NonExpansiveBlock(nn.Module):
             it: the condition holds at every step; ~10-30 ms per block and step on a CPU core at 16 channels).
             With ``"bound"`` evaluation steps from the same bound (``norm_size="input"``): the network evaluated
             takes the steps it was trained with, and its certificate needs no tighter (costlier) norm.
+        weight_param: ``"free"`` (the seed) or ``"bjorck"``: ``A``'s kernel, reshaped ``(F, C k^2)``, is Bjorck-
+            orthonormalized (:class:`proxnets.stable.glue.BjorckOrthogonal`). Why: the step's Jacobian is
+            ``I - h A^T D A`` (``D`` the activation's slopes); at ``h nu = 2`` a singular direction of ``A`` with value ``s``
+            is scaled by ``1 - 2 s^2 / |A|^2`` where active: a flat spectrum of ``A`` makes the step close to a
+            reflection (norm preserving) instead of killing the directions with ``s ~ |A| / sqrt(2)``. The step rule
+            and every certificate still use the norm of the weight in use, so the guarantee is unchanged.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class NonExpansiveBlock(nn.Module):
         norm_size: str = "input",
         train_norm: str = "power",
         norm_options: dict | None = None,
+        weight_param: str = "free",
     ):
         super().__init__()
         self.in_shape = _check_shape(in_shape)
@@ -156,6 +163,13 @@ class NonExpansiveBlock(nn.Module):
         self.norm = OperatorNorm(self.kind, self.in_shape, padding=padding, **(norm_options or {}))
         with torch.no_grad():  # start at |A| = 1: one step per block while training keeps it near 1
             self.weight.div_(self.norm.warm(self.weight))
+        self.weight_param = check_choice("weight_param", weight_param, ("free", "bjorck"))
+        if weight_param == "bjorck":
+            from torch.nn.utils import parametrize
+
+            from proxnets.stable.glue import BjorckOrthogonal
+
+            parametrize.register_parametrization(self, "weight", BjorckOrthogonal())
 
     # -- the vector field ------------------------------------------------------------------
     @property
@@ -323,7 +337,7 @@ class NonExpansiveBlock(nn.Module):
         return (
             f"in_shape={self.in_shape}, features={self.features}, method={self.method!r}, schedule={self.schedule!r}, "
             f"time={self.time}, averaged_margin={self.averaged_margin}, stiffness_budget={self.stiffness_budget}, "
-            f"norm_size={self.norm_size!r}"
+            f"norm_size={self.norm_size!r}, weight_param={self.weight_param!r}"
         )
 
 

@@ -9,6 +9,9 @@ certified constant), so stacking them with blocks keeps the whole network's boun
 - :func:`orthogonal_conv1x1`, :func:`orthogonal_linear`: lift / transition / head layers whose matrix is
   Bjorck-orthonormalized (every singular value pushed to 1, not only the largest capped): see
   :class:`BjorckOrthogonal`; their constant is the rigorous (dense SVD) norm of the weight in use.
+- :class:`MaxMin`: ``(a, b) -> (max(a, b), min(a, b))`` on the two halves of the channels (GroupSort of size 2,
+  Anil et al. 2019): a pointwise permutation of coordinate pairs, so 1-Lipschitz and gradient-norm preserving (its
+  Jacobian is a permutation matrix almost everywhere). Not monotone: it belongs in the glue, never inside a block.
 - :class:`ZeroChannelPad`: ``(B, C, H, W) -> (B, C', H, W)`` by zero channels (an isometry) and
   :class:`ChannelSelect` its adjoint (keep the first ``C`` channels; norm 1).
 """
@@ -29,7 +32,7 @@ from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.stable.norms import constrain_operator_norm
 from proxnets.utils.validation import check_int
 
-__all__ = ["lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "BjorckOrthogonal", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "ZeroChannelPad", "ChannelSelect"]
+__all__ = ["lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "BjorckOrthogonal", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "MaxMin", "ZeroChannelPad", "ChannelSelect"]
 
 
 def lipschitz_conv2d(
@@ -152,6 +155,20 @@ class ScaledGlobalAvgPool(_OneLipschitz):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3)) * (x.shape[2] * x.shape[3]) ** 0.5
+
+
+class MaxMin(_OneLipschitz):
+    """``(B, 2m, ...) -> (B, 2m, ...)``: channels ``[:m]`` get ``max(x[:m], x[m:])``, channels ``[m:]`` the ``min``.
+
+    Why 1-Lipschitz: per position and pair ``(a, b) -> (max, min)`` is either the identity or the swap, and
+    ``|max(a, b) - max(c, d)|^2 + |min(a, b) - min(c, d)|^2 <= |a - c|^2 + |b - d|^2`` (sorting two numbers never
+    increases the distance between pairs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] % 2:
+            raise ValueError(f"x: expected an even number of channels for MaxMin, got {x.shape[1]}")
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
 
 class ZeroChannelPad(_OneLipschitz):

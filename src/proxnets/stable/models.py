@@ -23,7 +23,7 @@ from torch import nn
 
 from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import (
-    ChannelSelect, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
+    ChannelSelect, MaxMin, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
     orthogonal_linear,
 )
 from proxnets.stable.integrators import compose_averaged
@@ -61,9 +61,16 @@ class ClassifierConfig:
     train_norm: str = "power"  # seed: one power iteration per step; "bound": rigorous Fourier bound every step
     # lift / transition / head: "norm" (largest singular value rescaled to 1, seed) or "orthogonal" (Bjorck: all to 1)
     glue: str = "norm"
+    # "maxmin": a MaxMin (GroupSort-2, 1-Lipschitz, gradient-norm preserving) after the lift and every transition;
+    # "maxmin-all": also after every block (the blocks' own activation stays monotone, as their convexity needs)
+    glue_activation: str = "none"
+    # A: c -> block_features_ratio * c channels (a wider potential; 1 block with ratio 2 has the parameters of 2 with 1)
+    block_features_ratio: int = 1
+    block_weight: str = "free"  # "bjorck": each block's kernel Bjorck-orthonormalized (NonExpansiveBlock.weight_param)
 
     def validate(self) -> "ClassifierConfig":
-        for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps"):
+        for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps",
+                     "block_features_ratio"):
             check_int(name, getattr(self, name), low=1)
         check_int("blocks_per_stage", self.blocks_per_stage, low=0)
         if self.image_size // 2**self.stages < 1:
@@ -71,6 +78,10 @@ class ClassifierConfig:
         check_choice("activation", self.activation, list(MONOTONE_ACTIVATIONS))
         check_choice("head", self.head, ["global", "flatten"])
         check_choice("glue", self.glue, ["norm", "orthogonal"])
+        check_choice("glue_activation", self.glue_activation, ["none", "maxmin", "maxmin-all"])
+        check_choice("block_weight", self.block_weight, ["free", "bjorck"])
+        if self.glue_activation != "none" and self.width % 2:
+            raise ValueError(f"width: expected an even width with glue_activation={self.glue_activation!r}, got {self.width}")
         return self
 
     @property
@@ -104,16 +115,22 @@ class NonExpansiveClassifier(_Stack):
         def conv1x1(cin: int, cout: int, size: int) -> nn.Module:
             return orthogonal_conv1x1(cin, cout) if ortho else lipschitz_conv2d(cin, cout, 1, (size, size))
 
-        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s)]  # (B, w, S, S)
+        def act() -> list[nn.Module]:  # the glue's activation (1-Lipschitz), if any
+            return [MaxMin()] if cfg.glue_activation != "none" else []
+
+        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s), *act()]  # (B, w, S, S)
         for _ in range(cfg.stages):
             for _ in range(cfg.blocks_per_stage):
                 layers.append(
                     NonExpansiveBlock(
-                        (c, s, s), kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
+                        (c, s, s), cfg.block_features_ratio * c, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
                         time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
+                        weight_param=cfg.block_weight,
                     )
                 )  # (B, c, s, s)
+                layers += [MaxMin()] if cfg.glue_activation == "maxmin-all" else []
             layers.append(conv1x1(c, 2 * c, s))  # (B, 2c, s, s)
+            layers += act()  # (B, 2c, s, s)
             layers.append(ScaledAvgPool2d(2))  # (B, 2c, s/2, s/2)
             c, s = 2 * c, s // 2
         layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())  # (B, c) or (B, c s s)
