@@ -108,7 +108,7 @@ def test_one_vs_rest_each_problem_certified():
 
 def test_sklearn_estimator_checks_exact_mode():
     est = DCCNN(loss="hinge", feature_map="exact", patch_size=1, contrast_eps=None, zca_eps=None, pool_size=1,
-                gamma=0.5, C=1.0, max_iter=3, on_nonconvergence="ignore")
+                gamma=0.5, C=1.0, max_iter=12, on_nonconvergence="ignore")  # 12 passes: gaps ~1e-2 on blobs (3 left the recovered model at a random early point)
     failed = [r for r in check_estimator(est, on_fail=None) if r["status"] == "failed"]
     assert not failed, [(r["check_name"], str(r["exception"])[:200]) for r in failed]
 
