@@ -26,6 +26,14 @@ weights of the atoms ``g_t v_t^T`` in the primal point ``A_t = sum w_t g_t v_t^T
 on the compact box (every limit point optimal; no rate is claimed); every eigenvector with
 ``mu > 1`` is added as a cut, which is what makes it fast when the active eigenvalue is multiple.
 
+**In-out with an exact segment search.** Each pass queries the LP point ``alpha_out``, the best
+feasible point ``alpha_in`` and their midpoint; ``M`` is quadratic in ``alpha``, so these three
+give ``M`` on the whole segment (:func:`_segment_search`), whose best dual point (``D`` is
+quasi-concave on it: golden section) replaces ``alpha_in`` before pass 2; its top cluster lies on
+the boundary ``mu_1 = 1`` and gives supporting-hyperplane cuts. Kelley's deepest cut at the LP
+point is still added, and the extra cuts are valid: Kelley's convergence argument is unchanged,
+and the incumbent only improves.
+
 **Recovery (every iteration).** KKT: ``A* = G(alpha*) W*`` with ``W* >= 0`` supported on the
 eigenspace of ``M(alpha*)`` at eigenvalue 1 (complementary slackness of ``lambda_max <= 1``).
 Take the eigenvectors ``V (P, r0)`` with ``mu >= (1 - rtol) mu_1`` (``rtol = 0.05``: wide enough
@@ -320,10 +328,10 @@ def solve_hinge_dual(
                 tr.recovered.append(last_rec[k])
                 tr.record(stale, dual, tr.rank[-1], -1.0)  # tol -1: never "converged" on a stale recovery
                 tr.relative.append((stale - dual) / max(abs(stale), 1e-300))
-            # recovery from the inside point's candidate eigenspace (its query row; the recovery is
-            # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
-            r0 = r_rec if all_eigenvectors else r_sel[q_in]
-            if due:
+            else:
+                # recovery from the inside point's candidate eigenspace (its query row; the recovery is
+                # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
+                r0 = r_rec if all_eigenvectors else r_sel[q_in]
                 v, pos = v_rec[a, :, :r0], mu_rec[a, :r0].clamp_min(1e-300)
                 rmat = vcv_rec[a, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
                 if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
