@@ -26,6 +26,14 @@ weights of the atoms ``g_t v_t^T`` in the primal point ``A_t = sum w_t g_t v_t^T
 on the compact box (every limit point optimal; no rate is claimed); every eigenvector with
 ``mu > 1`` is added as a cut, which is what makes it fast when the active eigenvalue is multiple.
 
+**In-out with an exact segment search.** Each pass queries the LP point ``alpha_out``, the best
+feasible point ``alpha_in`` and their midpoint; ``M`` is quadratic in ``alpha``, so these three
+give ``M`` on the whole segment (:func:`_segment_search`), whose best dual point (``D`` is
+quasi-concave on it: golden section) replaces ``alpha_in`` before pass 2; its top cluster lies on
+the boundary ``mu_1 = 1`` and gives supporting-hyperplane cuts. Kelley's deepest cut at the LP
+point is still added, and the extra cuts are valid: Kelley's convergence argument is unchanged,
+and the incumbent only improves.
+
 **Recovery (every iteration).** KKT: ``A* = G(alpha*) W*`` with ``W* >= 0`` supported on the
 eigenspace of ``M(alpha*)`` at eigenvalue 1 (complementary slackness of ``lambda_max <= 1``).
 Take the eigenvectors ``V (P, r0)`` with ``mu >= (1 - rtol) mu_1`` (``rtol = 0.05``: wide enough
@@ -62,6 +70,8 @@ from proxnets.utils.validation import check_int, check_number, fail
 __all__ = ["HingeTrace", "BinaryDual", "solve_hinge_dual", "fit_scales", "ACTIVE_RTOL"]
 
 ACTIVE_RTOL = 0.05  # eigenvalues within 5% of the top one are candidates for the active eigenspace
+RECOVER_EVERY = 4  # passes between the recovery's scale LPs (and whenever the problem could stop)
+BOUNDARY_RTOL = 1e-3  # a searched point with mu_1 >= 1 - this lies on the boundary: its supporting hyperplanes are cuts
 FILTER_RTOL = 1e-6  # singular values of the scales S below this fraction of the largest are not filters
 
 
@@ -98,6 +108,44 @@ class BinaryDual:
     @property
     def weights(self) -> torch.Tensor:
         return self.alpha * self.y  # b
+
+
+def _segment_search(m_in: torch.Tensor, m_mid: torch.Tensor, m_out: torch.Tensor, s_in: torch.Tensor,
+                    s_out: torch.Tensor, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best dual point on each segment ``alpha(t) = (1 - t) alpha_in + t alpha_out``, ``t in [0, 1]``.
+
+    ``M`` is quadratic in ``alpha``, so its values at ``t = 0, 1/2, 1`` (``m_in, m_mid, m_out (m, P, P)``)
+    give it on the whole segment by Lagrange interpolation,
+    ``M(t) = 2 (t - 1/2)(t - 1) M_in - 4 t (t - 1) M_mid + 2 t (t - 1/2) M_out``.
+    ``D(t) = l(t) / max(1, sqrt(mu_1(M(t))))`` with ``l(t) = (1 - t) s_in + t s_out`` (``s`` the sums of alpha)
+    is quasi-concave (its superlevel sets ``{l >= c} cap {l >= c sqrt(mu_1)}`` are intervals, as
+    ``sqrt(mu_1(M(t))) = |G(alpha(t))|_2`` is convex in ``t``), so golden-section search finds its maximum;
+    the endpoints are compared too. Returns ``t (m,)`` and ``M(t) (m, P, P)``.
+    """
+
+    def mat(t: torch.Tensor) -> torch.Tensor:
+        t = t[:, None, None]
+        return 2 * (t - 0.5) * (t - 1) * m_in - 4 * t * (t - 1) * m_mid + 2 * t * (t - 0.5) * m_out
+
+    def value(t: torch.Tensor) -> torch.Tensor:
+        top = torch.linalg.eigvalsh(mat(t))[:, -1].clamp_min(0.0)
+        return ((1 - t) * s_in + t * s_out) / top.sqrt().clamp_min(1.0)
+
+    g = (math.sqrt(5) - 1) / 2
+    lo, hi = torch.zeros_like(s_in), torch.ones_like(s_in)
+    x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+    f1, f2 = value(x1), value(x2)
+    for _ in range(iters):  # the bracket shrinks by g per step: 0.618^30 ~ 5e-7
+        left = f1 >= f2  # the maximum lies in [lo, x2]
+        hi, lo = torch.where(left, x2, hi), torch.where(left, lo, x1)
+        x2n, x1n = torch.where(left, x1, lo + g * (hi - lo)), torch.where(left, hi - g * (hi - lo), x2)
+        fn = value(torch.where(left, x1n, x2n))
+        f2, f1 = torch.where(left, f1, fn), torch.where(left, fn, f2)
+        x1, x2 = x1n, x2n
+    cands = torch.stack([torch.zeros_like(lo), (lo + hi) / 2, torch.ones_like(lo)])  # (3, m)
+    vals = torch.stack([value(c) for c in cands])
+    t = cands.gather(0, vals.argmax(0, keepdim=True))[0]
+    return t, mat(t)
 
 
 def _lp(cuts: list[np.ndarray], c: float, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,6 +200,7 @@ def solve_hinge_dual(
     bottom_eigenvectors: bool = False,
     all_eigenvectors: bool = False,
     dense_kernel: bool = False,
+    line_search: bool = True,
 ) -> tuple[list[BinaryDual], list[HingeTrace]]:
     """Solve ``m`` binary DCCNN duals in lockstep (one kernel pass per iteration serves them all).
 
@@ -185,6 +234,7 @@ def solve_hinge_dual(
     a_out = [torch.full((n,), c, dtype=dtype, device=dev) for _ in range(m)]  # master LP point (outside)
     a_in = [torch.zeros(n, dtype=dtype, device=dev) for _ in range(m)]  # best feasible point (inside)
     best = [0.0] * m
+    last_rec = [math.inf] * m  # the last recovered model's primal value (a valid bound until replaced)
     ws: list[np.ndarray] = [np.zeros(0) for _ in range(m)]
     results: list[BinaryDual | None] = [None] * m
     active = list(range(m))
@@ -197,12 +247,31 @@ def solve_hinge_dual(
         support = torch.nonzero((bw != 0).any(0)).flatten()
         # pass 1: M(alpha) over support x support (symmetric: half the block pairs)
         mmat = kern.quadratic(bw, support)  # (q, P, P)
+        if not bool(torch.isfinite(mmat).all()):
+            raise FloatingPointError("DCCNN dual: non-finite entry of M(alpha)")
+        if line_search:
+            # the "in" row becomes the best point of the segment [in, out] (M is quadratic in alpha:
+            # its three rows give M on the whole segment); pass 2 then evaluates C_i at that point
+            rows_in, rows_mid, rows_out = (torch.arange(len(active), device=dev) * n_query + o for o in (2, 1, 0))
+            t_best, m_best = _segment_search(mmat[rows_in], mmat[rows_mid], mmat[rows_out],
+                                             torch.stack([a_in[k].sum() for k in active]),
+                                             torch.stack([a_out[k].sum() for k in active]))
+            for a, k in enumerate(active):
+                t = float(t_best[a])
+                bw[rows_in[a]] = ((1 - t) * a_in[k] + t * a_out[k]) * y[k]
+            mmat[rows_in] = m_best
         mu, vecs = torch.linalg.eigh(mmat)  # exact: P is small (see the module docstring on soundness)
         mu, vecs = mu.flip(-1), vecs.flip(-1)  # descending
         if not bool(torch.isfinite(mu).all()):
             raise FloatingPointError("DCCNN dual: non-finite eigenvalue of M(alpha)")
         # candidate directions: the active cluster and every violated eigenvector (at most max_cuts_per_iter)
         cand = (mu >= (1 - ACTIVE_RTOL) * mu[:, :1]) | (mu > mu[:, :1].clamp_max(1.0))
+        # cuts: every violated eigenvector (mu > 1); at the searched point, which lies on (or near)
+        # the boundary mu_1 = 1, the supporting hyperplanes of its top cluster (in-out separation)
+        cut_floor = torch.ones(len(queries), dtype=dtype, device=dev)
+        if line_search:
+            near = mu[rows_in, 0] >= 1.0 - BOUNDARY_RTOL
+            cut_floor[rows_in] = torch.where(near, (1 - ACTIVE_RTOL) * mu[rows_in, 0], torch.full_like(near, math.inf, dtype=dtype))
         r_sel = [max(1, min(max_cuts_per_iter, int(cand[q].sum()))) for q in range(len(queries))]
         r_cut = max(r_sel)
         vsel, mu_sel = vecs[:, :, :r_cut], mu[:, :r_cut]
@@ -246,38 +315,53 @@ def solve_hinge_dual(
                 master, master_scores = float(ws[k].sum()) + c * _hinge_sum(marg), marg * y[k]
             else:
                 master, master_scores = c * n, torch.zeros(n, dtype=dtype, device=dev)  # A = 0
-            # recovery from the inside point's candidate eigenspace (its query row; the recovery is
-            # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
-            r0 = r_rec if all_eigenvectors else r_sel[q_in]
-            v, pos = v_rec[a, :, :r0], mu_rec[a, :r0].clamp_min(1e-300)
-            rmat = vcv_rec[a, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
-            if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
-                smat = torch.eye(r0, dtype=dtype, device=dev)
-                rec_scores = torch.einsum("ill->i", rmat)
-                rec_primal = float(r0) + c * _hinge_sum(y[k] * rec_scores)
-            elif float(mu[q_in, 0]) > 0:
-                smat, rec_primal, rec_scores = fit_scales(rmat, y[k], c)
-            else:  # alpha_in = 0 (first pass): the recovered model is A = 0
-                smat, rec_primal, rec_scores = torch.zeros(r0, r0, dtype=dtype, device=dev), c * n, torch.zeros(n, dtype=dtype, device=dev)
-            u_s, sig, wh = torch.linalg.svd(smat)
-            rank = max(1, int((sig > FILTER_RTOL * sig[0].clamp_min(1e-300)).sum()))
-            # position weights of the kernel expansion for the stored (scaled) alpha_in = |b_q| / sqrt(max(1, mu_1)):
-            # C(x) of alpha_in is C_q(x) / sqrt(max(1, mu_1)), so phi carries that factor back
-            phi = (v / pos.sqrt() * math.sqrt(max(1.0, float(mu[q_in, 0])))) @ u_s[:, :rank]  # (P, rank)
-            head = sig[:rank, None] * (v @ wh[:rank].T).T  # (rank, P)
-            tr.master.append(master)
-            tr.cuts.append(len(cuts[k]))
-            tr.top_eigenvalue.append(float(mu[q_in, 0]))
-            primal = min(rec_primal, master)  # both are primal points: the better bound certifies
-            tr.recovered.append(rec_primal)
-            tr.record(primal, dual, rank, tol * abs(primal))
-            tr.relative.append((primal - dual) / max(abs(primal), 1e-300))
-            results[k] = BinaryDual(a_in[k].clone(), y[k].clone(), phi, head, mu[q_in].clone(), rec_scores, master_scores)
+            # the recovery's scale LP runs every RECOVER_EVERY passes, at the last pass, and whenever the
+            # master bound alone (or with the last recovered value) would stop: the problem never stops
+            # on a stale value, and in between the last recovered model's value stays a valid primal bound
+            stale = min(master, last_rec[k])
+            due = (it % RECOVER_EVERY == 0 or it == max_iter - 1 or all_eigenvectors or not scale_dual
+                   or stale - dual <= tol * abs(stale))
+            if not due:
+                tr.master.append(master)
+                tr.cuts.append(len(cuts[k]))
+                tr.top_eigenvalue.append(float(mu[q_in, 0]))
+                tr.recovered.append(last_rec[k])
+                tr.record(stale, dual, tr.rank[-1], -1.0)  # tol -1: never "converged" on a stale recovery
+                tr.relative.append((stale - dual) / max(abs(stale), 1e-300))
+            else:
+                # recovery from the inside point's candidate eigenspace (its query row; the recovery is
+                # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
+                r0 = r_rec if all_eigenvectors else r_sel[q_in]
+                v, pos = v_rec[a, :, :r0], mu_rec[a, :r0].clamp_min(1e-300)
+                rmat = vcv_rec[a, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
+                if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
+                    smat = torch.eye(r0, dtype=dtype, device=dev)
+                    rec_scores = torch.einsum("ill->i", rmat)
+                    rec_primal = float(r0) + c * _hinge_sum(y[k] * rec_scores)
+                elif float(mu[q_in, 0]) > 0:
+                    smat, rec_primal, rec_scores = fit_scales(rmat, y[k], c)
+                else:  # alpha_in = 0 (first pass): the recovered model is A = 0
+                    smat, rec_primal, rec_scores = torch.zeros(r0, r0, dtype=dtype, device=dev), c * n, torch.zeros(n, dtype=dtype, device=dev)
+                u_s, sig, wh = torch.linalg.svd(smat)
+                rank = max(1, int((sig > FILTER_RTOL * sig[0].clamp_min(1e-300)).sum()))
+                # position weights of the kernel expansion for the stored (scaled) alpha_in = |b_q| / sqrt(max(1, mu_1)):
+                # C(x) of alpha_in is C_q(x) / sqrt(max(1, mu_1)), so phi carries that factor back
+                phi = (v / pos.sqrt() * math.sqrt(max(1.0, float(mu[q_in, 0])))) @ u_s[:, :rank]  # (P, rank)
+                head = sig[:rank, None] * (v @ wh[:rank].T).T  # (rank, P)
+                tr.master.append(master)
+                tr.cuts.append(len(cuts[k]))
+                tr.top_eigenvalue.append(float(mu[q_in, 0]))
+                primal = min(rec_primal, master)  # both are primal points: the better bound certifies
+                tr.recovered.append(rec_primal)
+                last_rec[k] = rec_primal
+                tr.record(primal, dual, rank, tol * abs(primal))
+                tr.relative.append((primal - dual) / max(abs(primal), 1e-300))
+                results[k] = BinaryDual(a_in[k].clone(), y[k].clone(), phi, head, mu[q_in].clone(), rec_scores, master_scores)
             if tr.converged or (not scale_dual and abs(primal - dual) <= tol * abs(primal)):  # (the broken variant stops too)
                 continue
             for q in qs:  # cuts: every violated direction, value v^T C_i v / sqrt(v^T M v) times y_i
                 for l in range(r_sel[q]):
-                    if float(mu_sel[q, l]) > 1.0:
+                    if float(mu_sel[q, l]) > 1.0 or (float(mu_sel[q, l]) >= float(cut_floor[q]) and float(mu_sel[q, l]) > 0):
                         cuts[k].append((y[k] * vcv_diag[q, :, l] / math.sqrt(float(mu_sel[q, l]))).cpu().numpy())
             a_new, ws[k] = _lp(cuts[k], c, n)
             a_out[k] = torch.from_numpy(a_new).to(y)
