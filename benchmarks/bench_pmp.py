@@ -107,8 +107,8 @@ def _act_then_pool(m, x):
 
 
 def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
-    """The trial forward's cost, per variant, over an Adam step's: interleaved in a shuffled order, the median of
-    the paired ratios. Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
+    """The trial forward's cost, per variant, over an Adam step's (thread CPU time): interleaved in a shuffled
+    order, the median of the paired ratios (at 2 threads the main thread's CPU only: a lower bound). Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
     under ``torch.inference_mode``, channels_last memory, and 2 threads (Adam's step at 2 threads too)."""
     import random
 
@@ -146,10 +146,10 @@ def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
             keys = list(t)
             random.Random(i).shuffle(keys)
             for k in keys:
-                t0 = time.perf_counter()
+                t0 = time.thread_time()  # the thread's CPU time: wall time at load 7-10 scatters by 2-5x
                 (adam if k == "adam" else variants[k])()
                 if i >= 5:
-                    t[k].append(time.perf_counter() - t0)
+                    t[k].append(time.thread_time() - t0)
         for k in variants:
             out[f"{k} [{nt} thr]"] = statistics.median([a / b for a, b in zip(t[k], t["adam"])])
         out[f"Adam step ms [{nt} thr]"] = statistics.median(t["adam"]) * 1e3
