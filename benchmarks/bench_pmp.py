@@ -61,31 +61,42 @@ def _closure(model, opt, x, y):
     return closure
 
 
-def interleaved_step_ratio(x, y, repeats: int) -> dict[str, float]:
-    """Median over repeats of (bSQH step time / Adam step time), measured back to back."""
+def interleaved_step_ratio(x, y, repeats: int, target_density: float | None = None) -> dict[str, float]:
+    """Median over steps of (bSQH step time / Adam step time), measured back to back, in mini-batch mode.
+
+    Each step takes the next batch of 64 of ``(x, y)`` (cycling), the same batch for both optimizers: a
+    new batch every step is mini-batch mode (the step on one fixed batch is a full-batch run on 64
+    images, where the acceptance test rejects more). Wall time and the thread's CPU time
+    (``time.thread_time``, one torch thread: what another session's load does not add); medians of the
+    paired ratios. ``forward``: a no-grad forward + loss on the same batch (the trial forward's cost).
+    """
     torch.manual_seed(0)
     mb, ma = LeNet5(), LeNet5()
-    ob = bsqh_optimizer(mb, 1.0, record_history=False)
+    ob = bsqh_optimizer(mb, 1.0, record_history=False, target_density=target_density)
     oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
-    cb, ca = _closure(mb, ob, x, y), _closure(ma, oa, x, y)
-    tb, ta, tf = [], [], []
+    n = len(x) // 64
+    t: dict[str, list[float]] = {k: [] for k in ("bw", "aw", "fw", "bc", "ac", "fc")}
+    clock = time.thread_time
     for i in range(repeats + 5):
-        t0 = time.perf_counter()
+        j = (i % n) * 64
+        xb, yb = x[j:j + 64], y[j:j + 64]
+        cb, ca = _closure(mb, ob, xb, yb), _closure(ma, oa, xb, yb)
+        w0, c0 = time.perf_counter(), clock()
         ob.step(cb)
-        t1 = time.perf_counter()
+        w1, c1 = time.perf_counter(), clock()
         oa.step(ca)
-        t2 = time.perf_counter()
+        w2, c2 = time.perf_counter(), clock()
         with torch.no_grad():
             ca(backward=False)
-        t3 = time.perf_counter()
+        w3, c3 = time.perf_counter(), clock()
         if i >= 5:  # warm-up
-            tb.append(t1 - t0)
-            ta.append(t2 - t1)
-            tf.append(t3 - t2)
-    ratios = [b / a for b, a in zip(tb, ta)]
+            for k, v in zip(t, (w1 - w0, w2 - w1, w3 - w2, c1 - c0, c2 - c1, c3 - c2)):
+                t[k].append(v)
+    med = statistics.median
     trials = (ob.run_state["accepted"] + ob.run_state["rejected"]) / max(ob.run_state["iteration"], 1)
-    return dict(ratio=statistics.median(ratios), bsqh=statistics.median(tb), adam=statistics.median(ta),
-                forward=statistics.median(tf), trials=trials)
+    return dict(ratio=med([b / a for b, a in zip(t["bw"], t["aw"])]), bsqh=med(t["bw"]), adam=med(t["aw"]),
+                forward=med(t["fw"]), cpu_ratio=med([b / a for b, a in zip(t["bc"], t["ac"])]),
+                cpu_bsqh=med(t["bc"]), cpu_adam=med(t["ac"]), cpu_forward=med(t["fc"]), trials=trials)
 
 
 def _act_then_pool(m, x):
@@ -96,8 +107,8 @@ def _act_then_pool(m, x):
 
 
 def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
-    """The trial forward's cost, per variant, over an Adam step's: interleaved in a shuffled order, the median of
-    the paired ratios. Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
+    """The trial forward's cost, per variant, over an Adam step's (thread CPU time): interleaved in a shuffled
+    order, the median of the paired ratios (at 2 threads the main thread's CPU only: a lower bound). Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
     under ``torch.inference_mode``, channels_last memory, and 2 threads (Adam's step at 2 threads too)."""
     import random
 
@@ -135,10 +146,10 @@ def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
             keys = list(t)
             random.Random(i).shuffle(keys)
             for k in keys:
-                t0 = time.perf_counter()
+                t0 = time.thread_time()  # the thread's CPU time: wall time at load 7-10 scatters by 2-5x
                 (adam if k == "adam" else variants[k])()
                 if i >= 5:
-                    t[k].append(time.perf_counter() - t0)
+                    t[k].append(time.thread_time() - t0)
         for k in variants:
             out[f"{k} [{nt} thr]"] = statistics.median([a / b for a, b in zip(t[k], t["adam"])])
         out[f"Adam step ms [{nt} thr]"] = statistics.median(t["adam"]) * 1e3
@@ -316,19 +327,21 @@ def main() -> None:
           f"{args.threads} thread(s)")
 
     xb, yb = ds.x_train[:64], ds.y_train[:64]
-    s = interleaved_step_ratio(xb, yb, repeats=60 if args.quick else 200)
-    print(f"step time (batch 64, interleaved, medians): bSQH {s['bsqh'] * 1e3:.2f} ms, Adam {s['adam'] * 1e3:.2f} ms, "
-          f"ratio bSQH/Adam {s['ratio']:.2f} (target <= 1.3); a no-grad forward alone {s['forward'] * 1e3:.2f} ms "
-          f"= {s['forward'] / s['adam']:.2f} of Adam's step; {s['trials']:.2f} trial forwards per bSQH step")
+    for td in (None, args.target_density):
+        s = interleaved_step_ratio(ds.x_train, ds.y_train, repeats=120 if args.quick else 400, target_density=td)
+        floor = 1.0 + s["trials"] * s["cpu_forward"] / s["cpu_adam"]
+        print(f"step time, mini-batch (a new batch of 64 each step, interleaved, medians; target_density={td}): "
+              f"wall bSQH {s['bsqh'] * 1e3:.2f} ms, Adam {s['adam'] * 1e3:.2f} ms, ratio {s['ratio']:.3f} "
+              f"(target <= 1.3); thread CPU bSQH {s['cpu_bsqh'] * 1e3:.2f} ms, Adam {s['cpu_adam'] * 1e3:.2f} ms, "
+              f"ratio {s['cpu_ratio']:.3f}; a no-grad forward {s['cpu_forward'] / s['cpu_adam']:.3f} of Adam's step "
+              f"(CPU); {s['trials']:.3f} trial forwards per step; floor 1 + trials x forward / Adam = {floor:.3f}, "
+              f"the rest {s['cpu_ratio'] - floor:+.3f}")
     tv = trial_forward_variants(xb, yb, repeats=60 if args.quick else 200)
     print("trial forward / Adam step (no grad, batch 64, shuffled interleaving, medians of paired ratios; same loss "
           "bit for bit): " + ", ".join(f"{k} {v:.3f}" if "ms" not in k else f"{k} {v:.2f}" for k, v in tv.items()))
     br = step_breakdown(xb, yb, repeats=30)
     print("bSQH step breakdown (CPU ms per step, torch profiler): "
           + ", ".join(f"{k} {v:.2f}" for k, v in br.items()))
-    floor = 1.0 + s["trials"] * s["forward"] / s["adam"]
-    print(f"step-ratio floor 1 + trials x forward / Adam step = {floor:.2f}: the trial forward alone; "
-          f"the rest (update, pricing, bookkeeping) {s['ratio'] - floor:+.2f} of Adam's step")
 
     cfg = TrainConfig(epochs=epochs, batch_size=64, seed=0, device="cpu", progress=False, schedule="cosine")
     torch.manual_seed(0)
@@ -344,19 +357,21 @@ def main() -> None:
     mb, ma = LeNet5(), LeNet5()
     ob = bsqh_optimizer(mb, 1.0, target_density=args.target_density)
     oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
-    ratios, tb, ta = [], [], []
-    for e in range(epochs):
+    ratios, tb, ta, cpu = [], [], [], []
+    for e in range(2 * epochs):
         one = TrainConfig(epochs=1, batch_size=64, seed=e, device="cpu", progress=False, eval_every_epoch=False)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         fit(mb, ds, one, optimizer=ob, log=quiet)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         fit(ma, ds, one, optimizer=oa, log=quiet)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         tb.append(t1 - t0)
         ta.append(t2 - t1)
         ratios.append((t1 - t0) / (t2 - t1))
-    print(f"epoch time (interleaved, medians of {epochs}, no evaluation): bSQH {statistics.median(tb):.3f} s, Adam "
-          f"{statistics.median(ta):.3f} s, ratio {statistics.median(ratios):.2f} (target <= 1.35); in the training "
+        cpu.append((c1 - c0) / (c2 - c1))
+    print(f"epoch time (interleaved, medians of {2 * epochs}, no evaluation, target_density={args.target_density}): "
+          f"bSQH {statistics.median(tb):.3f} s, Adam {statistics.median(ta):.3f} s, ratio {statistics.median(ratios):.3f}, "
+          f"thread CPU ratio {statistics.median(cpu):.3f} (target <= 1.35); in the training "
           f"run: bSQH acceptance ratio {info.acceptance_ratio:.3f}, "
           f"{(info.accepted + info.rejected) / max(info.iterations, 1):.2f} trial forwards per step")
 

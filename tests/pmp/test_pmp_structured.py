@@ -223,6 +223,27 @@ def test_no_grad_lenet_pools_before_relu_with_the_same_outputs_bit_for_bit():
     assert not torch.equal(kept, swapped.detach())  # the order matters for GELU: the guard is needed
 
 
+def test_lenet_checks_a_repeated_batch_once_but_a_changed_one_again(tmp_path):
+    """The trial forward's batch is the sweep's: the input check is skipped only for the same, unchanged tensor."""
+    import copy
+
+    from proxnets.pmp import LeNet5
+
+    model = LeNet5()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        model(x)
+        model(x)
+        x[0, 0, 0, 0] = float("nan")  # in place: a new version of the same tensor is checked again
+        with pytest.raises(ValueError, match="x: expected"):
+            model(x)
+        with pytest.raises(ValueError, match="x: expected"):
+            model(x.clone())
+    copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")  # the weak reference is not pickled
+    assert torch.load(tmp_path / "m.pt", weights_only=False)._checked is None
+
+
 def test_input_shape_named_in_errors():
     from proxnets.pmp import mac_param_groups
     from proxnets.pmp.baselines import filter_prune

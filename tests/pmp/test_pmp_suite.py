@@ -18,7 +18,7 @@ def test_suite_smoke(tmp_path):
     res = run(SuiteContext(out_dir=tmp_path, size="smoke", log=lambda s: None))
     assert res.method == "pmp"
     claims = {c.claim: c for c in res.claims}
-    assert len(res.claims) == 11
+    assert len(res.claims) == 12
     for c in res.claims:
         assert c.falsified_by in MUTATIONS and c.source in ("seed", "project")
         if "interval" in c.details:

@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from proxnets.data import load_dataset, stratified_split
 from proxnets.engine import TrainConfig, evaluate, fit
 from proxnets.engine.plotting import Panel, multi_plot
-from proxnets.pmp.baselines import ProxSGD, magnitude_prune
+from proxnets.pmp.baselines import ProxSGD, filter_prune, magnitude_prune
 from proxnets.pmp.certify import certificate, penalty
 from proxnets.pmp.eps import CurvatureEps, TrialStep
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 from proxnets.pmp.models import LeNet5
 from proxnets.pmp.optimizer import BSQH
 from proxnets.pmp.sparsity import (
+    export_sparse,
     mac_param_groups,
     remove_zero_filters,
     sparsity_param_groups,
@@ -75,6 +76,7 @@ MUTATIONS = {
 FULL_RHO, FULL_ETA, FULL_EPS0, FULL_EPS_MIN = 1.0, 0.1, 1.0, 1e-6
 ADAM_LRS = (1e-3, 3e-3)  # Adam's learning rate is picked among these on the validation split
 STRUCTURED_MACS = 0.3  # the filter-level run: target fraction of multiply-adds kept
+STRUCTURED_SEEDS = 6  # seeds of the structured comparison (quick and full)
 EXPORT_TOL = 1e-4  # the exported model's outputs agree with the sparse model's to this (float32 logits)
 TARGET_DENSITY = 0.3  # the operating point: the most accurate on validation among those at most this dense
 L1_STRENGTHS = (1e-3, 1e-2, 3e-2)  # L1-prox SGD (figure only, first seed)
@@ -196,11 +198,8 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
              batch: int, baselines: bool) -> dict[str, Any]:
     """bSQH at each rho and seed; Adam + pruning + fine-tuning at each bSQH density; IHT (first seed)."""
     xv, yv = val
-    train = ds
-    if ctx.broken("shuffled-labels"):
-        g = torch.Generator().manual_seed(ctx.seed + 999)
-        train = dataclasses.replace(ds, y_train=ds.y_train[torch.randperm(len(ds.y_train), generator=g)])
-    out: dict[str, Any] = {"bsqh": [], "prune": [], "iht": [], "adam_dense": []}
+    train = _train_set(ctx, ds)
+    out: dict[str, Any] = {"bsqh": [], "prune": [], "iht": [], "adam_dense": [], "_dense": {}}
     for seed in seeds:
         for rho in rhos:
             # rho: the grid point is a target density; rho starts at 1 and adapts to it
@@ -231,13 +230,15 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
             dense = _model(ds, seed)
             fit(dense, ds, _cfg(epochs, seed, batch, lr=lr, optimizer="adam"), log=_quiet)
         out["adam_dense"].append(dict(seed=seed, test_acc=evaluate(dense, ds.x_test, ds.y_test), density=1.0))
+        out["_dense"][seed] = dense  # the structured comparison prunes these (magnitude_prune works on copies)
         for point in [p for p in out["bsqh"] if p["seed"] == seed]:
             pruned = magnitude_prune(copy.deepcopy(dense), point["density"])
             # as many fine-tuning epochs as bSQH gets with its zeros frozen; a third of the chosen lr
             fit(pruned, ds, _cfg(ft_epochs, seed + 1, batch, lr=lr / 3, optimizer="adam"), log=_quiet)
             out["prune"].append(dict(seed=seed, rho=point["rho"], density=weight_density(pruned),
                                      test_acc=evaluate(pruned, ds.x_test, ds.y_test), val_acc=evaluate(pruned, xv, yv)))
-            if seed == seeds[0]:
+            # SGD + IHT (figure only, first seed): every target at full size, the sparsest at quick (budget)
+            if seed == seeds[0] and (ctx.size == "full" or point["rho"] == min(rhos)):
                 model = _model(ds, seed)
                 groups = sparsity_param_groups(model, 0.0)
                 groups[0].update(prox="iht", strength=point["density"])
@@ -257,13 +258,63 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
 
 
 # ------------------------------------------------------------------------------------- 2b. structured
-def structured(ctx: SuiteContext, ds, seed: int, epochs: int, batch: int) -> dict[str, Any]:
-    """Filter-level L0 priced by multiply-adds (target STRUCTURED_MACS); zero filters removed; outputs,
-    sizes, accuracy and inference time dense vs exported (interleaved medians, machine dependent)."""
-    model = _model(ds, seed)
-    r = train_bsqh(model, ds, 1.0, epochs=epochs, batch_size=batch, seed=seed, schedule="cosine", device=ctx.device,
-                   target_density=STRUCTURED_MACS, eval_every_epoch=False,
-                   param_groups=mac_param_groups(model, 1.0, ds.input_shape, structure="filter"))
+PRUNE_VARIANTS = [(n, a) for a in ("uniform", "mac") for n in ("l1", "l2")]  # filter_prune's, picked on validation
+
+
+def _mac_fraction(model, shape) -> float:
+    t = sparsity_report(model, shape)["total"]
+    return t["macs_sparse"] / t["macs_dense"]
+
+
+def structured(ctx: SuiteContext, ds, val, seeds: list[int], epochs: int, ft_epochs: int, batch: int,
+               dense: dict[int, Any] | None = None, lr: float | None = None) -> dict[str, Any]:
+    """Filter-level L0 priced by multiply-adds (target STRUCTURED_MACS), ``epochs`` + ``ft_epochs`` (zeros frozen).
+
+    First seed: zero filters removed; outputs, sizes, accuracy and inference time dense vs exported
+    (interleaved medians, machine dependent). With ``dense`` (the frontier's Adam models by seed, trained
+    ``epochs`` at the lr ``lr`` chosen on validation): each is filter-pruned (:func:`filter_prune`) to the bSQH
+    model's measured MAC fraction and fine-tuned ``ft_epochs`` at ``lr / 3``; the pruning variant (norm x
+    allocation) is the most accurate on validation after fine-tuning, chosen on the first seed.
+    """
+    train = _train_set(ctx, ds)
+    out: dict[str, Any] = {"compare": [], "variant": None, "variant_val": {}}
+    xv, yv = val
+    for seed in seeds:
+        model = _model(ds, seed)
+        r = train_bsqh(model, train, 1.0, epochs=epochs, batch_size=batch, seed=seed, schedule="cosine",
+                       device=ctx.device, target_density=STRUCTURED_MACS, eval_every_epoch=False,
+                       finetune_epochs=ft_epochs, param_groups=mac_param_groups(model, 1.0, ds.input_shape,
+                                                                                structure="filter"))
+        export_sparse(model)  # the fine-tuning masks made permanent (exact zeros kept)
+        macs = _mac_fraction(model, ds.input_shape)
+        if seed == seeds[0]:
+            out.update(_export(ctx, ds, model, r, seed))
+        if dense is None:
+            continue
+        if seed not in dense:  # a seed beyond the frontier's: Adam trained as the frontier trains it
+            dense[seed] = _model(ds, seed)
+            fit(dense[seed], ds, _cfg(epochs, seed, batch, lr=lr, optimizer="adam"), log=_quiet)
+        pruned_by = {}
+        for v in [out["variant"]] if out["variant"] is not None else PRUNE_VARIANTS:
+            pm = filter_prune(copy.deepcopy(dense[seed]), macs, ds.input_shape, norm=v[0], allocation=v[1])
+            fit(pm, ds, _cfg(ft_epochs, seed + 1, batch, lr=lr / 3, optimizer="adam"), log=_quiet)
+            export_sparse(pm)
+            pruned_by[v] = pm
+        if out["variant"] is None:
+            out["variant_val"] = {f"{n}/{a}": evaluate(m, xv, yv) for (n, a), m in pruned_by.items()}
+            out["variant"] = max(PRUNE_VARIANTS, key=lambda v: out["variant_val"][f"{v[0]}/{v[1]}"])
+        pm = pruned_by[out["variant"]]
+        out["compare"].append(dict(seed=seed, macs_bsqh=macs, macs_prune=_mac_fraction(pm, ds.input_shape),
+                                   acc_bsqh=r["test_acc"], acc_prune=evaluate(pm, ds.x_test, ds.y_test),
+                                   val_bsqh=evaluate(model, xv, yv), val_prune=evaluate(pm, xv, yv)))
+        c = out["compare"][-1]
+        ctx.log(f"structured seed {seed}: MACs {macs:.3f} / {c['macs_prune']:.3f}; test acc bSQH {c['acc_bsqh']:.4f}, "
+                f"Adam+filter-prune+ft {c['acc_prune']:.4f} ({out['variant'][0]}/{out['variant'][1]})")
+    return out
+
+
+def _export(ctx: SuiteContext, ds, model, r: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The structured model's zero filters removed: outputs, sizes, accuracy, inference time dense vs exported."""
     model.eval()
     small = remove_zero_filters(model, fold_constants=not ctx.broken("no-bias-fold")).eval()
     dev = next(model.parameters()).device
@@ -287,6 +338,14 @@ def structured(ctx: SuiteContext, ds, seed: int, epochs: int, batch: int) -> dic
                 test_acc_exported=evaluate(small, ds.x_test, ds.y_test),
                 time_ratio=statistics.median([b / a for a, b in zip(times["dense"], times["exported"])]),
                 time_dense=statistics.median(times["dense"]), time_exported=statistics.median(times["exported"]))
+
+
+def _train_set(ctx: SuiteContext, ds):
+    """The training data bSQH sees: ``ds``, its labels permuted under the ``shuffled-labels`` variant."""
+    if not ctx.broken("shuffled-labels"):
+        return ds
+    g = torch.Generator().manual_seed(ctx.seed + 999)
+    return dataclasses.replace(ds, y_train=ds.y_train[torch.randperm(len(ds.y_train), generator=g)])
 
 
 # ------------------------------------------------------------------------------------- 1b. layer rules
@@ -350,7 +409,7 @@ def _frontier_rows(fr: dict[str, Any], rhos: list[float], rho_op: float | None) 
             rows.append(["Adam+prune+ft", r, round(_mean(_by_rho(fr["prune"], r, "density")), 4),
                          round(_mean(_by_rho(fr["prune"], r, "test_acc")), 4),
                          round(_mean(_by_rho(fr["prune"], r, "val_acc")), 4), ""])
-        if fr["iht"]:
+        if _by_rho(fr["iht"], r, "density"):
             rows.append(["SGD+IHT (1 seed)", r, round(_by_rho(fr["iht"], r, "density")[0], 4),
                          round(_by_rho(fr["iht"], r, "test_acc")[0], 4), "-", ""])
     for p in fr.get("l1", []):
@@ -408,12 +467,15 @@ def run(ctx: SuiteContext) -> SuiteResult:
     iterations = ctx.pick(smoke=25, quick=30, full=FULL["mechanism_iterations"])
     batch = ctx.pick(smoke=16, quick=64, full=FULL["batch_size"])  # smoke: more steps from few images
     sub = ds.subset(n_mech, ctx.pick(smoke=300, quick=1000, full=None), seed=ctx.seed)
+    cpu0, part_cpu = time.process_time(), {}  # CPU seconds per part (metrics; the budget is on the whole suite)
     md = mechanism(ctx, sub, seeds, iterations, batch, full=run_full, mini=run_mini)
+    part_cpu["mechanism"] = time.process_time() - cpu0
     # 1b. the two layer Hamiltonians, full batch, on fewer images (the seed's layer costs more per sweep)
     lsub = sub.subset(ctx.pick(smoke=64, quick=256, full=FULL["layer_images"]), ctx.pick(smoke=10, quick=10, full=min(100, len(sub.x_test))),
                       seed=ctx.seed)
     layer_its = ctx.pick(smoke=6, quick=15, full=FULL["layer_sweeps"])
     lr_runs = layer_rules(ctx, lsub, seeds, layer_its) if ctx.runs("linearized-layer") else {}
+    part_cpu["layer_rules"] = time.process_time() - sum(part_cpu.values()) - cpu0
 
     # 2. frontier: a validation split carved from the training images
     ds = ds.subset(ctx.pick(smoke=600, quick=2000, full=None), ctx.pick(smoke=300, quick=1000, full=None),
@@ -426,7 +488,16 @@ def run(ctx: SuiteContext) -> SuiteResult:
     target_acc = ctx.pick(smoke=0.3, quick=0.8, full=FULL["target_acc"])
     target_density = ctx.pick(smoke=0.5, quick=TARGET_DENSITY, full=TARGET_DENSITY)
     fr = frontier(ctx, ds, val, seeds, rhos, epochs, ft_epochs, batch, run_baselines) if run_frontier else None
-    st = structured(ctx, ds, seeds[0], epochs, batch) if ctx.runs("no-bias-fold") else None
+    st = None
+    part_cpu["frontier"] = time.process_time() - sum(part_cpu.values()) - cpu0
+    if ctx.runs("no-bias-fold", "shuffled-labels"):
+        compare = fr is not None and bool(fr["_dense"])
+        # the structured comparison: more seeds than the rest (its effect is a few points; 3 seeds give a
+        # 95% interval 4.3 standard errors wide), Adam models of the frontier's seeds reused
+        s_seeds = [ctx.seed + i for i in range(ctx.pick(smoke=2, quick=STRUCTURED_SEEDS, full=STRUCTURED_SEEDS))]
+        st = structured(ctx, ds, val, s_seeds if compare else seeds[:1], epochs, ft_epochs, batch,
+                        dense=dict(fr["_dense"]) if compare else None, lr=fr.get("adam_lr") if compare else None)
+    part_cpu["structured"] = time.process_time() - sum(part_cpu.values()) - cpu0
 
     claims: list[Claim] = []
     tables: list[Table] = []
@@ -607,14 +678,36 @@ def run(ctx: SuiteContext) -> SuiteResult:
         multi_plot(empty_png, [Panel(series={"-": ([0.0], [0.0])}, title="(skipped under this variant)")])
         figs.append(Figure(empty_png, "Nothing drawn under this variant."))
 
+    if st is not None and st["compare"]:
+        sc = st["compare"]
+        ab, ap = [c["acc_bsqh"] for c in sc], [c["acc_prune"] for c in sc]
+        mean, lo, hi = difference_interval(ab, ap)
+        claims.append(Claim(
+            "At equal multiply-adds, filter-level L0 bSQH is more accurate than Adam + filter magnitude pruning + "
+            "fine-tuning",
+            f"paired test-accuracy difference (bSQH - pruning), LeNet-5 at the bSQH model's measured MAC fraction "
+            f"(target {STRUCTURED_MACS:g}), {len(sc)} seeds; both get {epochs} + {ft_epochs} epochs on the same data; "
+            f"Adam's lr ({fr['adam_lr']:g}) and the pruning norm/allocation ({st['variant'][0]}/{st['variant'][1]}) "
+            "chosen on validation; value: the lower end of the 95% interval",
+            lo, ">", 0.0, source="project", falsified_by="shuffled-labels",
+            details=dict(interval=[lo, hi], mean=mean, seeds=len(sc), n_test=len(ds.x_test), n_val=len(val[0]),
+                         n_train=len(ds.x_train), bsqh=ab, prune=ap, variant_val=st["variant_val"],
+                         macs_bsqh=[round(c["macs_bsqh"], 4) for c in sc],
+                         macs_prune=[round(c["macs_prune"], 4) for c in sc])))
+        tables.append(Table(
+            f"Structured sparsity at equal multiply-adds (LeNet-5, {ds.name}, {epochs} + {ft_epochs} epochs each)",
+            ["seed", "MAC fraction bSQH", "MAC fraction pruned", "test acc bSQH", "test acc Adam+filter prune+ft",
+             "val acc bSQH", "val acc pruned"],
+            [[c["seed"], round(c["macs_bsqh"], 4), round(c["macs_prune"], 4), round(c["acc_bsqh"], 4),
+              round(c["acc_prune"], 4), round(c["val_bsqh"], 4), round(c["val_prune"], 4)] for c in sc]))
     if st is not None:
         claims.append(Claim(
             "Removing the zero filters of a filter-level-L0 bSQH LeNet-5 gives a smaller dense network with the "
             "same outputs",
             f"largest |logit difference| between the sparse model and remove_zero_filters' export on 256 test images "
-            f"(float32; seed {st['seed']}, multiply-add target {STRUCTURED_MACS:g}, {epochs} epochs)",
+            f"(float32; seed {st['seed']}, multiply-add target {STRUCTURED_MACS:g}, {epochs} + {ft_epochs} epochs)",
             st["max_diff"], "<=", EXPORT_TOL, source="project", falsified_by="no-bias-fold",
-            details={k: v for k, v in st.items() if not k.startswith("time")}))
+            details={k: v for k, v in st.items() if not k.startswith("time") and k not in ("compare", "variant", "variant_val")}))
         tables.append(Table(
             f"Filter-level L0 priced by multiply-adds (target {STRUCTURED_MACS:g}), zero filters removed "
             f"(seed {st['seed']}; inference on 256 images, no grad, interleaved medians, {ctx.device}; machine dependent)",
@@ -645,9 +738,11 @@ def run(ctx: SuiteContext) -> SuiteResult:
                    frontier={k: v for k, v in (fr or {}).items() if not k.startswith("_")}, layer_rules=lr_runs,
                    sparsity_report=report, structured=st, full=full_out, seeds=seeds, epochs=epochs, finetune_epochs=ft_epochs,
                    n_train=len(ds.x_train), n_val=len(val[0]), n_test=len(ds.x_test),
-                   suite_time_s=time.perf_counter() - t_start)
+                   suite_time_s=time.perf_counter() - t_start, part_cpu_s=part_cpu)
     write_json(ctx.path("pmp_results.json"), metrics)
-    notes.append(f"Seeds: {n_seeds} ({seeds}) for every claim. Frontier: LeNet-5 on {len(ds.x_train)} {ds.name} "
+    n_struct = len(st["compare"]) if st is not None and st["compare"] else 0
+    notes.append(f"Seeds: {n_seeds} ({seeds}) for every claim" + (f" but the structured comparison's ({n_struct} seeds, "
+                 f"the first {n_seeds} sharing the frontier's Adam models)" if n_struct else "") + ". Frontier: LeNet-5 on {len(ds.x_train)} {ds.name} "
                  f"training images, {len(val[0])} validation images carved from the training split (the operating target "
                  f"point and Adam's lr are chosen there), {len(ds.x_test)} test images used only for the reported "
                  f"accuracies. Mechanism: {len(sub.x_train)} training images, {len(sub.x_test)} test images.")
@@ -656,7 +751,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
                  f"L2 1e-3, box |w| <= 1), rho started at 1 and adapted to each target density, {epochs} epochs + "
                  f"{ft_epochs} epochs with its zeros frozen (rho=0). Adam + global magnitude pruning: {epochs} epochs "
                  f"dense, pruned to the bSQH model's measured density (so the densities are equal), {ft_epochs} epochs "
-                 "fine-tuning at a third of its lr. SGD+IHT and L1-prox SGD (strengths "
+                 "fine-tuning at a third of its lr. SGD+IHT (every target at full size, the sparsest at quick) and L1-prox SGD (strengths "
                  f"{list(L1_STRENGTHS)}) are shown for one seed and not tuned (no claim rests on them).")
     notes.append(f"Full-batch regime: rho={FULL_RHO:g} on the normalized L0 term (rho x density <= 1 < log 10, so "
                  f"the all-zero network is not J's minimizer and the cross-entropy is most of J), eta={FULL_ETA:g}, "

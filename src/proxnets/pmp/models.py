@@ -7,6 +7,8 @@ parameters for MNIST. ``SmallLeNet5``: a narrower version for fast tests.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,9 +54,17 @@ class LeNet5(nn.Module):
         # activations as modules (not torch.relu): the seed's layer is map -> activation -> pool,
         # and LayerTape sees a module applied to a layer's output as part of that layer
         self.act = nn.ReLU()
+        self._checked: tuple | None = None  # (weak reference, key) of the last input that passed check_tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x, shape=(None, *self.input_shape), like=self)
+        # bSQH's trial forward sees the batch its sweep just checked: the same tensor, unchanged (its version
+        # counter), on the same parameters' dtype/device, gives the same verdict, so the check (a full
+        # finiteness pass, ~0.3 ms per batch of 64 on this CPU) is not repeated
+        key = (id(x), x._version, x.shape, next(self.parameters()).dtype, next(self.parameters()).device)
+        seen = self._checked
+        if seen is None or seen[0]() is not x or seen[1] != key:
+            check_tensor("x", x, shape=(None, *self.input_shape), like=self)
+            self._checked = (weakref.ref(x), key)
         if torch.is_grad_enabled() or not self._pool_commutes():
             x = self.pool(self.act(self.conv1(x)))  # (B, c1, H/2, W/2)
             x = self.pool(self.act(self.conv2(x)))  # (B, c2, h2, w2)
@@ -68,6 +78,12 @@ class LeNet5(nn.Module):
         x = self.act(self.fc2(x))  # (B, f2)
         return self.fc3(x)  # (B, K) class scores
 
+
+    def __getstate__(self) -> dict:
+        # pickling (torch.save of the module): the weak reference to the last checked input is not state
+        state = dict(super().__getstate__())
+        state["_checked"] = None
+        return state
 
     def _pool_commutes(self) -> bool:
         """True when ``act(pool(z)) == pool(act(z))`` exactly: ReLU and max-pooling (a user may swap either)."""

@@ -404,8 +404,9 @@ class BSQH(torch.optim.Optimizer):
         # any rho in [s_(k+1), s_(k)) (k-th largest) keeps exactly the top k; take their geometric mean
         n = s.numel()  # kthvalue is linear-time (topk of k ~ 0.1 n is ~10x slower here)
         lo_t = torch.kthvalue(s, n - k).values
-        above = s[s > lo_t]
-        lo, hi = float(lo_t), float(above.min()) if k > 0 and above.numel() else math.inf
+        # the smallest score above lo: one fused masked minimum (a boolean index allocates and copies)
+        hi = float(torch.where(s > lo_t, s, math.inf).amin()) if k > 0 else math.inf
+        lo = float(lo_t)
         if not math.isfinite(hi):
             return 2.0 * lo if lo > 0 else 1.0
         return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
@@ -622,8 +623,8 @@ class BSQH(torch.optim.Optimizer):
             if not rs["stopped"] and layers:
                 warnings.warn(f"bSQH iteration {rs['iteration']}: no trial accepted in {self.max_trials} trials; "
                               "weights kept", NonConvergenceWarning, stacklevel=3)
-        for i, (_, p, _, _, _) in enumerate(layers):
-            self.state[p]["eps"] = eps[i].clone()
+        for e, (_, p, _, _, _) in zip(eps.clone().unbind(0), layers):  # one copy, then views (rules are pure)
+            self.state[p]["eps"] = e
         tau_acc = float(tau.sum()) if accepted else 0.0
         self._taus.append(tau_acc)
         rs["last_tau"] = tau_acc
@@ -632,7 +633,7 @@ class BSQH(torch.optim.Optimizer):
             sp = self.sparsity()
             record.update(
                 accepted=accepted, trials=trials, tau=tau_acc,
-                eps={name: float(eps[i]) for i, (name, *_rest) in enumerate(layers)},
+                eps=dict(zip([name for name, *_rest in layers], eps.tolist())),
                 sparsity=sp["per_layer"], zeros=sp["zeros"], sparsity_total=sp["fraction"],
                 hamiltonian_gain=gain, curvature=trial.curvature if trial is not None else math.nan,
                 rho=[g["rho"] for g in self.param_groups],
