@@ -675,7 +675,14 @@ def _compiled_call(votes: Votes, iterations: int, *, gradient: str, leaky: bool,
     else:
         u, weight = votes.dense(), None
     v, c = compiled_routing(u, weight, iterations=iterations, gradient=gradient, leaky=leaky, bias=bias, decay=decay,
-                            lam=lam, initial_logits=init, floor=_logit_floor(votes.dtype))
+                            lam=lam, initial_logits=init, floor=_logit_floor(votes.dtype),
+                            chunk_bytes=_CHUNK_BYTES)
+    if gradient == "last":  # v holds s (bias excluded); the output pass with gradients, couplings constant
+        if isinstance(votes, FactoredVotes):
+            s = votes.combine_given(c, v)  # the value computed, gradients through the factored maps
+        else:
+            s = votes.combine(c)
+        v = squash(s if bias is None else s + bias)
     info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.contiguous(),
                        tau=tau_b, step=step_b)
     return v, info
