@@ -29,7 +29,7 @@ import torch
 
 from proxnets.capsules.functional import _squash as squash
 
-__all__ = ["compiler_available", "compiled_routing"]
+__all__ = ["RECOMPILE_LIMIT", "compiler_available", "compiled_routing"]
 
 
 def compiler_available(device: torch.device | str = "cpu") -> tuple[bool, str]:
@@ -91,6 +91,7 @@ def _passes(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     return v, c.detach().permute(0, 2, 1)
 
 
+RECOMPILE_LIMIT = 64
 _MULSUM = True  # votes as a product summed over k (measured 2x faster than the einsum for gradient="all")
 
 
@@ -120,10 +121,17 @@ def compiled_routing(u: torch.Tensor, weight: torch.Tensor | None, *, iterations
     fn = _compiled()
     last = gradient == "last"
     vs, cs = [], []
+    # every option set and chunk size is one graph (dynamic=False): allow up to RECOMPILE_LIMIT of them, then raise
+    # rather than silently run eager under the name "compiled"
+    import torch._dynamo
+
+    def limits():
+        return torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True)
+
     for b0 in range(0, B, step):
         sl = slice(b0, min(b0 + step, B))
         rows = (lambda x: x if x is None or (x is bias and x.ndim == 2) else x[sl])  # a shared (N, D) bias: whole
-        with torch.no_grad() if last else contextlib.nullcontext():
+        with limits(), torch.no_grad() if last else contextlib.nullcontext():
             v, c = fn(u[sl], weight, rows(bias), rows(decay), rows(lam), rows(initial_logits), int(iterations),
                       last, bool(leaky), float(floor), _MULSUM)
         vs.append(v)
