@@ -143,7 +143,8 @@ class CapsuleLinear(nn.Module):
         N, M, K, D = self.weight.shape
         return (f"{M}x{K} -> {N}x{D}, iterations={self.iterations}, gradient={self.gradient!r}, leaky={self.leaky}, "
                 f"couplings={self.couplings!r}, bias={self.bias is not None}, routing={self.routing!r}"
-                + (f", tau={self.tau!r}, step={self.step!r}" if self.routing == "regularized" else ""))
+                + (f", tau={self.tau!r}, step={self.step!r}" if self.routing == "regularized" else "")
+                + (f", backend={self.backend!r}" if self.backend != "eager" else ""))
 
 
 class CapsuleLength(nn.Module):
