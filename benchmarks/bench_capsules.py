@@ -15,6 +15,11 @@ forward + backward. Compared:
   (back-propagation through every pass; more work, reported beside, not compared with the textbook). At this size
   (94 MB of votes) one autograd Function keeps only its inputs and, in backward, re-forms each chunk's votes
   and replays its passes (``routing._RecomputedRouting``).
+- ``compiled`` / ``compiled-all``: the same layers with ``backend="compiled"`` (opt-in): the routing passes of
+  each cache-sized chunk as one ``torch.compile`` graph (``proxnets.capsules.compiled``). The first call compiles;
+  its time is printed separately and excluded from the timings; their peak memory is that of a warm call.
+
+All timings are interleaved (one call of each, repeated), medians reported.
 
 Prints medians, the three ratios (ours vs textbook, ours vs an equal-FLOP matmul, peak memory textbook /
 ours), the largest output/gradient differences, peak memory, the time of
@@ -32,7 +37,7 @@ import time
 import torch
 
 from proxnets.capsules import CapsNet, CapsuleLinear, DenseVotes, capsnet_loss, dynamic_routing, small_config, squash
-from proxnets.utils.benchmark import ratio_line, time_fn
+from proxnets.utils.benchmark import ratio_line, time_interleaved
 
 B, M, N, D_IN, D_OUT, ITERATIONS = 128, 1152, 10, 8, 16, 3
 
@@ -58,6 +63,10 @@ def build(seed: int = 0):
     layer = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS, gradient="last")
     layer_all = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS, gradient="all")
     layer_all.weight.data.copy_(layer.weight.data)
+    layer_c = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS, gradient="last", backend="compiled")
+    layer_all_c = CapsuleLinear(M, D_IN, N, D_OUT, iterations=ITERATIONS, gradient="all", backend="compiled")
+    for lay in (layer_c, layer_all_c):
+        lay.weight.data.copy_(layer.weight.data)
     W_text = layer.weight.detach().permute(0, 1, 3, 2).unsqueeze(0).clone().requires_grad_()  # (1, N, M, 16, 8)
     W_dense = layer.weight.detach().clone().requires_grad_()  # (N, M, 8, 16)
     u = squash(torch.randn(B, M, D_IN) * 0.5)
@@ -75,6 +84,18 @@ def build(seed: int = 0):
         (v * probe).sum().backward()
         return v
 
+    def run_compiled():
+        layer_c.weight.grad = None
+        v, _ = layer_c(u)
+        (v * probe).sum().backward()
+        return v
+
+    def run_all_compiled():
+        layer_all_c.weight.grad = None
+        v, _ = layer_all_c(u)
+        (v * probe).sum().backward()
+        return v
+
     def run_einsum():
         W_dense.grad = None
         votes = torch.einsum("bmk,nmkd->bmnd", u, W_dense)  # (B, M, N, 16)
@@ -88,8 +109,9 @@ def build(seed: int = 0):
         (v * probe).sum().backward()
         return v
 
-    fns = {"ours": run_ours, "ours-all": run_ours_all, "einsum": run_einsum, "textbook": run_textbook}
-    return fns, layer, W_text
+    fns = {"ours": run_ours, "ours-all": run_ours_all, "einsum": run_einsum, "textbook": run_textbook,
+           "compiled": run_compiled, "compiled-all": run_all_compiled}
+    return fns, (layer, layer_all, layer_c, layer_all_c), W_text
 
 
 def _rss_mb() -> float:
@@ -110,6 +132,8 @@ def _memory_child(name: str, threads: int | None, conn) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     fns, _, _ = build()
+    if name.startswith("compiled"):
+        fns[name]()  # compile first (its memory is the compiler's, not the layer's); the call below is warm
     base = _rss_mb()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -138,11 +162,19 @@ def main(quick: bool, threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     repeats = 3 if quick else 7
-    fns, layer, W_text = build()
+    fns, (layer, layer_all, layer_c, layer_all_c), W_text = build()
     run_ours, run_einsum, run_textbook = fns["ours"], fns["einsum"], fns["textbook"]
 
     v_ours, v_e, v_t = run_ours(), run_einsum(), run_textbook()
     g_ours = layer.weight.grad
+    compile_s = {}
+    for name in ("compiled", "compiled-all"):  # the first call compiles (torch also caches kernels on disk)
+        t0, c0 = time.perf_counter(), time.process_time()
+        fns[name]()
+        compile_s[name] = (time.perf_counter() - t0, time.process_time() - c0)
+    v_all = fns["ours-all"]()
+    v_c, v_all_c = fns["compiled"](), fns["compiled-all"]()
+    rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     g_t = W_text.grad[0].permute(0, 1, 3, 2)
     print(f"routing layer {M}x{D_IN} -> {N}x{D_OUT}, {ITERATIONS} passes, batch {B}, forward+backward, "
           f"{torch.get_num_threads()} threads")
@@ -150,14 +182,12 @@ def main(quick: bool, threads: int | None) -> None:
           f"max |v_einsum - v_textbook| = {float((v_e - v_t).detach().abs().max()):.2e}, "
           f"max |dW_ours - dW_textbook| / max |dW| = {float((g_ours - g_t).abs().max() / g_t.abs().max()):.2e}")
 
-    t_text = time_fn(run_textbook, warmup=1, repeats=repeats)
-    t_einsum = time_fn(run_einsum, warmup=1, repeats=repeats)
-    t_ours = time_fn(run_ours, warmup=1, repeats=repeats)
-    t_all = time_fn(fns["ours-all"], warmup=1, repeats=repeats)
-    print(f"textbook {t_text}\neinsum   {t_einsum}\nours     {t_ours}\nours, gradient='all' (official) {t_all}")
-    print(ratio_line("routing layer fwd+bwd", t_ours, t_text, "textbook"))
-    print(ratio_line("routing layer fwd+bwd", t_ours, t_einsum, "einsum"))
-    print(f"throughput: ours {B / t_ours.median:.0f} samples/s, textbook {B / t_text.median:.0f} samples/s")
+    print(f"backend='compiled' vs eager: gradient='last' max |dv| = {float((v_c - v_ours).detach().abs().max()):.2e}, "
+          f"max |dW| rel = {rel(layer_c.weight.grad, layer.weight.grad):.2e}; gradient='all' max |dv| = "
+          f"{float((v_all_c - v_all).detach().abs().max()):.2e}, max |dW| rel = "
+          f"{rel(layer_all_c.weight.grad, layer_all.weight.grad):.2e}")
+    print("compile (first call, excluded from the timings): " + ", ".join(
+        f"{k} {w:.1f} s wall / {c:.1f} s CPU" for k, (w, c) in compile_s.items()))
 
     # The reference FLOPs (fixed since issue 16, so that the ratio stays comparable): the factored algorithm's
     # 5 forward passes of the trilinear map (2 x combine+agree, 1 combine) and 2 backward ones (weights,
@@ -168,18 +198,40 @@ def main(quick: bool, threads: int | None) -> None:
     done = 3 * trilinear + 5 * 2 * B * M * N * D_OUT
     n = round((flops / 2) ** (1 / 3))
     a, b = torch.randn(n, n), torch.randn(n, n)
-    t_mm = time_fn(lambda: a @ b, warmup=1, repeats=repeats)
+    # interleaved (A B C ... A B C ...): load from other processes hits every implementation alike
+    timed = {"textbook": run_textbook, "einsum": run_einsum, "ours": run_ours, "ours-all": fns["ours-all"],
+             "compiled": fns["compiled"], "compiled-all": fns["compiled-all"], "matmul": lambda: a @ b}
+    c0 = time.process_time()
+    times = time_interleaved(timed, warmup=1, repeats=repeats)
+    cpu = time.process_time() - c0
+    t_text, t_einsum, t_ours, t_all = times["textbook"], times["einsum"], times["ours"], times["ours-all"]
+    t_c, t_all_c, t_mm = times["compiled"], times["compiled-all"], times["matmul"]
+    print(f"textbook {t_text}\neinsum   {t_einsum}\nours     {t_ours}\nours, gradient='all' (official) {t_all}\n"
+          f"ours, backend='compiled' {t_c}\nours, gradient='all', backend='compiled' {t_all_c}\n"
+          f"(process CPU time of the interleaved timing: {cpu:.1f} s for {repeats + 1} rounds)")
+    print(ratio_line("routing layer fwd+bwd", t_ours, t_text, "textbook"))
+    print(ratio_line("routing layer fwd+bwd", t_ours, t_einsum, "einsum"))
+    print(f"throughput: ours {B / t_ours.median:.0f} samples/s, textbook {B / t_text.median:.0f} samples/s")
+
     print(f"matmul of equal FLOPs ({flops / 1e9:.2f} GFLOP, {n}x{n}): {t_mm}; ours takes "
           f"{t_ours.median / t_mm.median:.1f}x that; ours does {done / 1e9:.2f} GFLOP: "
           f"{done / t_ours.median / 1e9:.1f} GFLOP/s vs the matmul's {flops / t_mm.median / 1e9:.1f} GFLOP/s")
 
-    mem_text, mem_einsum, mem_ours, mem_all = (peak_memory(name, threads)
-                                               for name in ("textbook", "einsum", "ours", "ours-all"))
+    mem_text, mem_einsum, mem_ours, mem_all, mem_c, mem_all_c = (
+        peak_memory(name, threads) for name in ("textbook", "einsum", "ours", "ours-all", "compiled", "compiled-all"))
     print(f"peak memory: ours {mem_ours:.0f} MiB, ours gradient='all' {mem_all:.0f} MiB, einsum {mem_einsum:.0f} MiB, "
           f"textbook {mem_text:.0f} MiB ({mem_text / max(mem_ours, 1e-9):.1f}x less)")
     print(f"RATIOS: ours vs textbook {t_text.median / t_ours.median:.1f}x faster (target >= 20x); ours / equal-FLOP "
           f"matmul {t_ours.median / t_mm.median:.1f}x (target <= 2x); peak memory textbook / ours "
           f"{mem_text / max(mem_ours, 1e-9):.1f}x")
+    print(f"RATIOS backend='compiled' (gradient='last'): vs textbook {t_text.median / t_c.median:.1f}x faster; / "
+          f"equal-FLOP matmul {t_c.median / t_mm.median:.1f}x; peak memory textbook / compiled "
+          f"{mem_text / max(mem_c, 1e-9):.1f}x ({mem_c:.0f} MiB, a warm call); compiled / eager "
+          f"{t_c.median / t_ours.median:.2f}x")
+    print(f"RATIOS backend='compiled', gradient='all': vs textbook {t_text.median / t_all_c.median:.1f}x faster; / "
+          f"equal-FLOP matmul {t_all_c.median / t_mm.median:.1f}x; peak memory textbook / compiled "
+          f"{mem_text / max(mem_all_c, 1e-9):.1f}x ({mem_all_c:.0f} MiB, a warm call); compiled / eager 'all' "
+          f"{t_all_c.median / t_all.median:.2f}x")
 
     from proxnets.data import load_dataset
     from proxnets.engine import TrainConfig, fit

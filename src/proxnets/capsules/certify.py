@@ -166,6 +166,7 @@ def _routing_kwargs(layer: torch.nn.Module) -> dict[str, Any]:
     """The layer's routing options, in float64 (bias included), for the re-routing."""
     opts = dict(layer.routing_options())
     opts.pop("gradient", None)
+    opts.pop("backend", None)  # certificates always re-route eager (traced), whatever the layer's backend
     if opts.get("bias") is not None:
         opts["bias"] = opts["bias"].double()
     return opts

@@ -10,7 +10,7 @@ from torch import nn
 
 from proxnets.capsules.functional import _capsule_length
 from proxnets.capsules.functional import _squash as squash  # unchecked: hot path
-from proxnets.capsules.routing import GRADIENT_MODES, ROUTING_MODES, RoutingInfo, dynamic_routing
+from proxnets.capsules.routing import BACKENDS, GRADIENT_MODES, ROUTING_MODES, RoutingInfo, dynamic_routing
 from proxnets.capsules.votes import FactoredVotes
 from proxnets.utils.validation import check_choice, check_int, check_labels, check_number, check_tensor, fail
 
@@ -59,7 +59,8 @@ class CapsuleLinear(nn.Module):
     ``tau="auto"``: twice it, per sample).
 
     ``return_info=False`` makes ``forward`` return only ``v`` (so the layer sits in ``nn.Sequential``)
-    and keeps the routing info on the module as ``last_info``.
+    and keeps the routing info on the module as ``last_info``. ``backend="compiled"`` runs untraced routing calls
+    as one ``torch.compile`` graph (:mod:`proxnets.capsules.compiled`; opt-in, same results up to round-off).
 
     ``couplings="random"`` is the random-coupling baseline of Paik, Kwak & Kim (2019): no routing,
     each child's couplings ``softmax(z_i)`` with ``z_ij ~ N(0, 1)`` drawn afresh at every forward
@@ -86,6 +87,7 @@ class CapsuleLinear(nn.Module):
         tau: float | str | None = None,
         step: float | None = None,
         return_info: bool = True,
+        backend: str = "eager",
     ):
         super().__init__()
         for name, value in (("in_capsules", in_capsules), ("in_dim", in_dim), ("out_capsules", out_capsules),
@@ -100,6 +102,7 @@ class CapsuleLinear(nn.Module):
             tau = "auto"
         self.tau, self.step = tau, step
         self.return_info = bool(return_info)
+        self.backend = check_choice("backend", backend, BACKENDS)
         self.last_info: RoutingInfo | None = None
         self.broken: str | None = None
         self.weight = nn.Parameter(torch.randn(out_capsules, in_capsules, in_dim, out_dim)
@@ -112,7 +115,7 @@ class CapsuleLinear(nn.Module):
     def routing_options(self) -> dict:
         """Keyword arguments of :func:`dynamic_routing` that reproduce this layer's routing (bias included)."""
         return dict(gradient=self.gradient, leaky=self.leaky, bias=self.bias, routing=self.routing,
-                    tau=self.tau, step=self.step, _broken=self.broken)
+                    tau=self.tau, step=self.step, backend=self.backend, _broken=self.broken)
 
     def votes(self, u: torch.Tensor) -> FactoredVotes:
         """The layer's votes for child capsules ``u (B, M, in_dim)``."""
@@ -140,7 +143,8 @@ class CapsuleLinear(nn.Module):
         N, M, K, D = self.weight.shape
         return (f"{M}x{K} -> {N}x{D}, iterations={self.iterations}, gradient={self.gradient!r}, leaky={self.leaky}, "
                 f"couplings={self.couplings!r}, bias={self.bias is not None}, routing={self.routing!r}"
-                + (f", tau={self.tau!r}, step={self.step!r}" if self.routing == "regularized" else ""))
+                + (f", tau={self.tau!r}, step={self.step!r}" if self.routing == "regularized" else "")
+                + (f", backend={self.backend!r}" if self.backend != "eager" else ""))
 
 
 class CapsuleLength(nn.Module):

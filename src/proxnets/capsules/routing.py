@@ -82,6 +82,7 @@ from proxnets.utils.validation import check_choice, check_int, check_number, che
 
 __all__ = [
     "GRADIENT_MODES",
+    "BACKENDS",
     "ROUTING_MODES",
     "CURVATURE_BOUND",
     "AUTO_TAU_FACTOR",
@@ -95,6 +96,7 @@ __all__ = [
 ]
 
 GRADIENT_MODES = ("last", "all")
+BACKENDS = ("eager", "compiled")
 ROUTING_MODES = ("standard", "regularized")
 CURVATURE_BOUND = 3 * math.sqrt(3) / 8  # L_g = max_n 2n / (1 + n^2)^2: the curvature of g(n(s)) in s
 
@@ -310,6 +312,7 @@ def dynamic_routing(
     trace: bool = False,
     mute_threshold: float = 1e-2,
     policy: str = "warn",
+    backend: str = "eager",
     _broken: str | None = None,
     _out: dict | None = None,
 ) -> tuple[torch.Tensor, RoutingInfo]:
@@ -338,6 +341,10 @@ def dynamic_routing(
         trace: record the per-pass fields of :class:`RoutingInfo` (costs one extra agreement pass).
         mute_threshold: ``|v_j|`` below which a parent counts as muted in the trace.
         policy: ``"ignore" | "warn" | "raise"`` when ``tol`` is not reached.
+        backend: ``"eager"`` (default) or ``"compiled"``: the fixed-pass call without ``trace``/``tol`` as one
+            ``torch.compile`` graph (:mod:`proxnets.capsules.compiled`; same values up to round-off, compiled on
+            first use per shape; ``RuntimeError`` when no compiler is available). Traced or ``tol`` calls (the
+            certificates) always run eager.
         _broken: a key of :data:`BROKEN_VARIANTS` runs that deliberately wrong procedure (tests of
             the certificate and the claims only).
         _out: (internal, the chunked paths) a dict that receives ``"s"``, the output pass's
@@ -355,6 +362,7 @@ def dynamic_routing(
     check_choice("routing", routing, ROUTING_MODES)
     mute_threshold = check_number("mute_threshold", mute_threshold, low=0.0)
     check_choice("policy", policy, POLICIES)
+    check_choice("backend", backend, BACKENDS)
     if not isinstance(leaky, bool):
         raise TypeError(f"leaky: expected a bool, got {leaky!r}")
     if _broken is not None:
@@ -368,6 +376,9 @@ def dynamic_routing(
     measure = trace or tol is not None
     outer_grad = torch.is_grad_enabled()
     detached = gradient == "last"
+    if backend == "compiled" and not measure and _broken is None and _out is None:
+        return _compiled_call(votes, iterations, gradient=gradient, leaky=leaky, bias=bias, routing=routing, tau=tau,
+                              step=step, initial_logits=initial_logits)
     if isinstance(votes, FactoredVotes) and passes > 1:
         # The passes read the same votes 2r - 1 times: form them once, parent-major (ParentMajorVotes), when they
         # fit in _MATERIALIZE_BYTES; otherwise route cache-sized chunks of the batch (same result, per sample).
@@ -642,6 +653,37 @@ def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Te
     v, c, tau_b, step_b = _RecomputedRouting.apply(votes.u, wi, bias, votes.parents, initial_logits, iterations,
                                                    step, options)
     info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c,
+                       tau=tau_b, step=step_b)
+    return v, info
+
+
+def _compiled_call(votes: Votes, iterations: int, *, gradient: str, leaky: bool, bias: torch.Tensor | None,
+                   routing: str, tau: Any, step: Any, initial_logits: torch.Tensor | None):
+    """``backend="compiled"``: the untraced fixed-pass call as one compiled graph (same formulas, same order)."""
+    from proxnets.capsules.compiled import compiled_routing
+
+    B, M, N = votes.batch, votes.children, votes.parents
+    init = None
+    if initial_logits is not None:
+        init = check_tensor("initial_logits", initial_logits, shape=(B, M, N)).detach().to(votes.dtype)
+    tau_b, step_b = _regularization(votes, routing, tau, step)
+    decay = lam = None
+    if routing == "regularized":
+        decay, lam = (1 - step_b * tau_b)[:, None, None], step_b[:, None, None]
+    if isinstance(votes, FactoredVotes):
+        u, weight = votes.u, votes.weight
+    else:
+        u, weight = votes.dense(), None
+    v, c = compiled_routing(u, weight, iterations=iterations, gradient=gradient, leaky=leaky, bias=bias, decay=decay,
+                            lam=lam, initial_logits=init, floor=_logit_floor(votes.dtype),
+                            chunk_bytes=_CHUNK_BYTES)
+    if gradient == "last":  # v holds s (bias excluded); the output pass with gradients, couplings constant
+        if isinstance(votes, FactoredVotes):
+            s = votes.combine_given(c, v)  # the value computed, gradients through the factored maps
+        else:
+            s = votes.combine(c)
+        v = squash(s if bias is None else s + bias)
+    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.contiguous(),
                        tau=tau_b, step=step_b)
     return v, info
 
