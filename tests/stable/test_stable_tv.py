@@ -84,6 +84,12 @@ def test_capped_iterations_are_not_converged():
     assert info.residuals[-1] > 1e-8
 
 
+def test_zero_weight_returns_the_input():
+    y = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(4))
+    x, info = tv_denoise(y, 0.0)
+    assert info.converged and torch.allclose(x, y, atol=1e-7)
+
+
 def test_nonfinite_input_is_refused():
     y = torch.rand(1, 1, 4, 4)
     y[0, 0, 1, 1] = float("nan")

@@ -70,6 +70,8 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
 
 
 def _project(p: torch.Tensor, lam: float) -> torch.Tensor:
+    if lam <= 0:  # the ball is {0} (and lam / |p| would be 0 / 0)
+        return torch.zeros_like(p)
     n = torch.linalg.vector_norm(p, dim=2, keepdim=True)
     return p * (lam / n.clamp_min(lam))
 
@@ -110,7 +112,7 @@ def tv_denoise(y: torch.Tensor, lam: float, *, tol: float = 1e-3, max_iter: int 
     k = 0
     while k < max_iter:
         k += 1
-        p = _project(p + sigma * tv_gradient(xbar), lam) if lam > 0 else p
+        p = _project(p + sigma * tv_gradient(xbar), lam)
         x_new = (x + tau * tv_divergence(p) + tau * y64) / (1.0 + tau)
         theta = 1.0 / math.sqrt(1.0 + 2.0 * tau)
         tau, sigma = theta * tau, sigma / theta
