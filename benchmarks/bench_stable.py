@@ -25,8 +25,8 @@
 
 5. Denoising (``--only denoise``): the suite's held-out photos and noise draws, PSNR and SSIM (mean, 95% interval over
    the photos, paired differences) of the noisy input, the Gaussian smoother, total-variation (ROF) denoising solved
-   to a certified duality gap (:func:`proxnets.stable.tv_denoise`), and the averaged denoiser trained as the suite
-   trains it at quick; Gaussian width and TV weight each picked per noise level on the validation photo.
+   to a certified duality gap (:func:`proxnets.stable.tv_denoise`), and the averaged denoiser and DnCNN trained as the
+   suite trains them at quick; Gaussian width and TV weight each picked per noise level on the validation photo.
 
 Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise] [--seeds N]
 [--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
@@ -435,24 +435,29 @@ TV_LAMS = (0.02, 0.03, 0.045, 0.065, 0.09, 0.13, 0.18)  # lam grid of TV (search
 TV_TOL = 1e-3  # certified |x - x*| <= TV_TOL |x| per image
 
 
-def _train_suite_denoiser(seed: int = 0) -> nn.Module:
-    """The averaged denoiser exactly as the stable suite trains it at quick (same patches, config, loss, seed)."""
+def _train_suite_denoisers(seed: int = 0) -> dict[str, nn.Module]:
+    """The averaged denoiser and the DnCNN exactly as the stable suite trains them at quick (same patches, configs,
+    construction order, loss, seeds)."""
     from torch.utils.data import TensorDataset
 
     from proxnets.data.images import natural_images, random_patches
-    from proxnets.stable import AveragedDenoiser, DenoiserConfig
+    from proxnets.stable import AveragedDenoiser, DenoiserConfig, DnCNN
     from proxnets.stable.experiments import STEP_CAP, TEST_PHOTOS, TRAIN_NORM, VAL_PHOTO, _denoising_loss
 
     photos = natural_images(gray=True)
     train_imgs = {k: v for k, v in photos.items() if k not in TEST_PHOTOS and k != VAL_PHOTO and min(v.shape[-2:]) >= 64}
     patches = random_patches(train_imgs, 32, 2048, seed=seed)
     torch.manual_seed(seed)
-    model = AveragedDenoiser(DenoiserConfig(channels=1, image_size=32, width=16, depth=4, averaged_margin=0.1, max_steps=STEP_CAP,
-                                            train_norm=TRAIN_NORM))
-    torch.manual_seed(seed)
-    fit(model, TensorDataset(patches, patches), TrainConfig(epochs=4, batch_size=32, lr=2e-3, progress=False, eval_every_epoch=False,
-                                                            seed=seed), loss_fn=_denoising_loss((0.05, 0.2)), log=lambda *_: None)
-    return model.eval()
+    models = {"averaged": AveragedDenoiser(DenoiserConfig(channels=1, image_size=32, width=16, depth=4, averaged_margin=0.1,
+                                                          max_steps=STEP_CAP, train_norm=TRAIN_NORM)),
+              "DnCNN": DnCNN(channels=1, width=16, depth=5, batch_norm=False)}
+    for model in models.values():
+        torch.manual_seed(seed)
+        fit(model, TensorDataset(patches, patches), TrainConfig(epochs=4, batch_size=32, lr=2e-3, progress=False,
+                                                                eval_every_epoch=False, seed=seed),
+            loss_fn=_denoising_loss((0.05, 0.2)), log=lambda *_: None)
+        model.eval()
+    return models
 
 
 def bench_denoise(quick: bool, denoiser: str = "", seed: int = 0) -> None:
@@ -472,9 +477,9 @@ def bench_denoise(quick: bool, denoiser: str = "", seed: int = 0) -> None:
     stds = (0.5, 0.75, 1.0, 1.5, 2.0)  # the suite's quick grid
     print(f"== 5. denoising of {len(TEST_PHOTOS)} held-out photos ({side}x{side}), validation photo '{VAL_PHOTO}'")
     t0 = time.perf_counter()
-    model = load_denoiser(denoiser) if denoiser else _train_suite_denoiser(seed)
-    print(f"   averaged denoiser: {'loaded ' + denoiser if denoiser else 'trained (suite quick recipe)'} in {time.perf_counter() - t0:.0f} s, "
-          f"{num_parameters(model)} params")
+    nets = {"averaged": load_denoiser(denoiser)} if denoiser else _train_suite_denoisers(seed)
+    print(f"   {', '.join(nets)}: {'loaded ' + denoiser if denoiser else 'trained (suite quick recipe)'} in {time.perf_counter() - t0:.0f} s, "
+          + ", ".join(f"{k} {num_parameters(m)} params" for k, m in nets.items()))
     photos = natural_images(gray=True)
     val = _square(photos[VAL_PHOTO], side)
     tests = {k: _square(photos[k], side) for k in TEST_PHOTOS}
@@ -486,7 +491,7 @@ def bench_denoise(quick: bool, denoiser: str = "", seed: int = 0) -> None:
         worst = max(worst, info.residuals[-1])
         return x
 
-    methods = ("noisy", "Gaussian", "TV", "averaged")
+    methods = ("noisy", "Gaussian", "TV", *nets)
     for sigma in sigmas:
         noisy_val = _noisy(val, sigma, seed + 99)
         std = max(stds, key=lambda s: psnr(_gaussian_smoother(s)(noisy_val).clamp(0, 1), val))
@@ -500,15 +505,16 @@ def bench_denoise(quick: bool, denoiser: str = "", seed: int = 0) -> None:
         for i, clean in enumerate(tests.values()):
             noisy = _noisy(clean, sigma, seed + 1000 * i + j)  # the suite's noise draw
             with torch.no_grad():
-                outs = {"noisy": noisy, "Gaussian": _gaussian_smoother(std)(noisy), "TV": tv(noisy, lam), "averaged": model(noisy)}
+                outs = {"noisy": noisy, "Gaussian": _gaussian_smoother(std)(noisy), "TV": tv(noisy, lam), **{k: m(noisy) for k, m in nets.items()}}
             for m, out in outs.items():
                 scores[m]["psnr"].append(psnr(out.clamp(0, 1), clean))
                 scores[m]["ssim"].append(ssim(out.clamp(0, 1), clean))
-        print(f"   | sigma {sigma} | " + " | ".join(methods) + " | averaged - TV | TV - Gaussian | averaged - Gaussian |")
+        pairs = [("averaged", "TV"), ("TV", "Gaussian"), ("averaged", "Gaussian")] + ([("DnCNN", "TV")] if "DnCNN" in nets else [])
+        print(f"   | sigma {sigma} | " + " | ".join(methods) + " | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
         for metric in ("psnr", "ssim"):
             f = 2 if metric == "psnr" else 3
             cells = ["{:.{f}f} [{:.{f}f}, {:.{f}f}]".format(*mean_interval(scores[m][metric]), f=f) for m in methods]
-            for a, b in (("averaged", "TV"), ("TV", "Gaussian"), ("averaged", "Gaussian")):
+            for a, b in pairs:
                 cells.append("{:+.{f}f} [{:+.{f}f}, {:+.{f}f}]".format(*difference_interval(scores[a][metric], scores[b][metric]), f=f))
             print(f"   | {metric.upper()} | " + " | ".join(cells) + " |")
     print(f"   TV: every solve converged (policy raise), largest certified relative distance to the exact ROF minimizer {worst:.2e}; "

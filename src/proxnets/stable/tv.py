@@ -26,7 +26,8 @@ Solver: Chambolle & Pock (2011), Algorithm 2 (accelerated for the 1-strongly con
     theta = 1 / sqrt(1 + 2 tau),  tau <- theta tau,  sigma <- sigma / theta
     xbar <- x' + theta (x' - x)
 
-It is run in float64 (the gap is a difference of two near-equal numbers) and the result is cast back.
+It is run in float64 (the gap is a difference of two near-equal numbers) and the result is cast back to the
+dtype of ``y``; the bound reported includes that rounding (``+ u``, the dtype's unit round-off).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def tv_denoise(y: torch.Tensor, lam: float, *, tol: float = 1e-3, max_iter: int 
             + 0.5 * (y64 + tv_divergence(p)).flatten(1).pow(2).sum(1)
         slack = 4 * y64[0].numel() * torch.finfo(torch.float64).eps * mags
         dist = (gap + slack).clamp_min(0.0).mul(2.0).sqrt()
-        rel = dist / torch.linalg.vector_norm(cand.flatten(1), dim=1).clamp_min(FLOOR)
+        # + the rounding of the returned image to y's dtype (|x_out - x| <= u |x| componentwise, u its unit round-off)
+        rel = dist / torch.linalg.vector_norm(cand.flatten(1), dim=1).clamp_min(FLOOR) + torch.finfo(y.dtype).eps / 2
         primal = 0.5 * (cand - y64).flatten(1).pow(2).sum(1) + lam * total_variation(cand)
         if not (torch.isfinite(gap).all() and torch.isfinite(primal).all()):
             info.stop_reason, info.diverged = "nonfinite", True
