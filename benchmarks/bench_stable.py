@@ -23,7 +23,12 @@
    (validation) for each loss of ``--grid`` at ``--lr``: where part 3's ``--variants``, ``--pick`` and
    ``--torchlip-lrs`` come from.
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified] [--seeds N]
+5. Denoising (``--only denoise``): the suite's held-out photos and noise draws, PSNR and SSIM (mean, 95% interval over
+   the photos, paired differences) of the noisy input, the Gaussian smoother, total-variation (ROF) denoising solved
+   to a certified duality gap (:func:`proxnets.stable.tv_denoise`), and the averaged denoiser and DnCNN trained as the
+   suite trains them at quick; Gaussian width and TV weight each picked per noise level on the validation photo.
+
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise] [--seeds N]
 [--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
 """
 
@@ -426,11 +431,101 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
         print(f"  {name}: " + ", ".join(f"{sum(r['curve'][e] for r in rs) / len(rs):.3f}" for e in CURVE[::4]))
 
 
+TV_LAMS = (0.02, 0.03, 0.045, 0.065, 0.09, 0.13, 0.18)  # lam grid of TV (searched on the validation photo only)
+TV_TOL = 1e-3  # certified |x - x*| <= TV_TOL |x| per image
+
+
+def _train_suite_denoisers(seed: int = 0) -> dict[str, nn.Module]:
+    """The averaged denoiser and the DnCNN exactly as the stable suite trains them at quick (same patches, configs,
+    construction order, loss, seeds)."""
+    from torch.utils.data import TensorDataset
+
+    from proxnets.data.images import natural_images, random_patches
+    from proxnets.stable import AveragedDenoiser, DenoiserConfig, DnCNN
+    from proxnets.stable.experiments import STEP_CAP, TEST_PHOTOS, TRAIN_NORM, VAL_PHOTO, _denoising_loss
+
+    photos = natural_images(gray=True)
+    train_imgs = {k: v for k, v in photos.items() if k not in TEST_PHOTOS and k != VAL_PHOTO and min(v.shape[-2:]) >= 64}
+    patches = random_patches(train_imgs, 32, 2048, seed=seed)
+    torch.manual_seed(seed)
+    models = {"averaged": AveragedDenoiser(DenoiserConfig(channels=1, image_size=32, width=16, depth=4, averaged_margin=0.1,
+                                                          max_steps=STEP_CAP, train_norm=TRAIN_NORM)),
+              "DnCNN": DnCNN(channels=1, width=16, depth=5, batch_norm=False)}
+    for model in models.values():
+        torch.manual_seed(seed)
+        fit(model, TensorDataset(patches, patches), TrainConfig(epochs=4, batch_size=32, lr=2e-3, progress=False,
+                                                                eval_every_epoch=False, seed=seed),
+            loss_fn=_denoising_loss((0.05, 0.2)), log=lambda *_: None)
+        model.eval()
+    return models
+
+
+def bench_denoise(quick: bool, denoiser: str = "", seed: int = 0) -> None:
+    """Denoising of the suite's held-out photos: noisy, Gaussian smoother, TV (ROF), the averaged denoiser.
+
+    Same images, same noise draws as the suite's denoising part (seed 0); the Gaussian width and the TV weight lam
+    are each picked per noise level on the validation photo. TV is solved to a certified relative distance
+    ``TV_TOL`` from its exact minimizer (duality gap), every solve's flag checked.
+    """
+    from proxnets.data.images import natural_images
+    from proxnets.stable import load_denoiser, psnr, ssim, tv_denoise
+    from proxnets.stable.experiments import TEST_PHOTOS, VAL_PHOTO, _gaussian_smoother, _noisy, _square
+    from proxnets.utils.stats import difference_interval, mean_interval
+
+    side = 64 if quick else 256
+    sigmas = (0.1, 0.15)
+    stds = (0.5, 0.75, 1.0, 1.5, 2.0)  # the suite's quick grid
+    print(f"== 5. denoising of {len(TEST_PHOTOS)} held-out photos ({side}x{side}), validation photo '{VAL_PHOTO}'")
+    t0 = time.perf_counter()
+    nets = {"averaged": load_denoiser(denoiser)} if denoiser else _train_suite_denoisers(seed)
+    print(f"   {', '.join(nets)}: {'loaded ' + denoiser if denoiser else 'trained (suite quick recipe)'} in {time.perf_counter() - t0:.0f} s, "
+          + ", ".join(f"{k} {num_parameters(m)} params" for k, m in nets.items()))
+    photos = natural_images(gray=True)
+    val = _square(photos[VAL_PHOTO], side)
+    tests = {k: _square(photos[k], side) for k in TEST_PHOTOS}
+    worst = 0.0
+
+    def tv(noisy, lam):
+        nonlocal worst
+        x, info = tv_denoise(noisy, lam, tol=TV_TOL, max_iter=20000, policy="raise")
+        worst = max(worst, info.residuals[-1])
+        return x
+
+    methods = ("noisy", "Gaussian", "TV", *nets)
+    for sigma in sigmas:
+        noisy_val = _noisy(val, sigma, seed + 99)
+        std = max(stds, key=lambda s: psnr(_gaussian_smoother(s)(noisy_val).clamp(0, 1), val))
+        val_tv = {lam: psnr(tv(noisy_val, lam).clamp(0, 1), val) for lam in TV_LAMS}
+        lam = max(val_tv, key=val_tv.get)
+        edge = " (grid edge)" if lam in (TV_LAMS[0], TV_LAMS[-1]) else ""
+        print(f"   sigma {sigma}: Gaussian std {std}, TV lam {lam}{edge} (validation PSNR by lam: "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in val_tv.items()) + ")")
+        j = sigmas.index(sigma)
+        scores = {m: {"psnr": [], "ssim": []} for m in methods}
+        for i, clean in enumerate(tests.values()):
+            noisy = _noisy(clean, sigma, seed + 1000 * i + j)  # the suite's noise draw
+            with torch.no_grad():
+                outs = {"noisy": noisy, "Gaussian": _gaussian_smoother(std)(noisy), "TV": tv(noisy, lam), **{k: m(noisy) for k, m in nets.items()}}
+            for m, out in outs.items():
+                scores[m]["psnr"].append(psnr(out.clamp(0, 1), clean))
+                scores[m]["ssim"].append(ssim(out.clamp(0, 1), clean))
+        pairs = [("averaged", "TV"), ("TV", "Gaussian"), ("averaged", "Gaussian")] + ([("DnCNN", "TV")] if "DnCNN" in nets else [])
+        print(f"   | sigma {sigma} | " + " | ".join(methods) + " | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |")
+        for metric in ("psnr", "ssim"):
+            f = 2 if metric == "psnr" else 3
+            cells = ["{:.{f}f} [{:.{f}f}, {:.{f}f}]".format(*mean_interval(scores[m][metric]), f=f) for m in methods]
+            for a, b in pairs:
+                cells.append("{:+.{f}f} [{:+.{f}f}, {:+.{f}f}]".format(*difference_interval(scores[a][metric], scores[b][metric]), f=f))
+            print(f"   | {metric.upper()} | " + " | ".join(cells) + " |")
+    print(f"   TV: every solve converged (policy raise), largest certified relative distance to the exact ROF minimizer {worst:.2e}; "
+          f"{time.perf_counter() - t0:.0f} s in all")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes on 2 CPU cores)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (1 avoids contention on shared CPUs)")
-    parser.add_argument("--only", default="step,torchlip,certified", help="comma-separated parts: step, torchlip, certified")
+    parser.add_argument("--only", default="step,torchlip,certified", help="comma-separated parts: step, torchlip, certified, denoise")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the certified comparison (>= 2 for intervals)")
     parser.add_argument("--grid", default="1,0;8,0.3", help="(temperature,margin) pairs of the margin loss tried on validation")
     parser.add_argument("--pick", default="", help="family=tau,margin already picked on validation (e.g. ours=1,0): not searched")
@@ -439,6 +534,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate of the certified comparison (both families)")
     parser.add_argument("--torchlip-lrs", default="", help="comma-separated learning rates, one torchlip row each")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the certified comparison")
+    parser.add_argument("--denoiser", default="", help="part denoise: a saved averaged denoiser (default: train the suite's)")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -460,6 +556,8 @@ def main() -> None:
         variants = {k: _loss_pair(v) for k, v in (p.split("=") for p in args.variants.split(";") if p)}
         lrs = [float(v) for v in args.torchlip_lrs.split(",") if v]
         bench_certified(args.quick, args.seeds, grid, given, args.heun, variants, args.jobs, lrs)
+    if "denoise" in parts:
+        bench_denoise(args.quick, args.denoiser)
 
 
 if __name__ == "__main__":
