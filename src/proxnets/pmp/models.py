@@ -60,6 +60,8 @@ class LeNet5(nn.Module):
         # bSQH's trial forward sees the batch its sweep just checked: the same tensor, unchanged (its version
         # counter), on the same parameters' dtype/device, gives the same verdict, so the check (a full
         # finiteness pass, ~0.3 ms per batch of 64 on this CPU) is not repeated
+        if not isinstance(x, torch.Tensor):  # not cacheable: check_tensor names the argument and the type
+            check_tensor("x", x, shape=(None, *self.input_shape), like=self)
         key = (id(x), x._version, x.shape, next(self.parameters()).dtype, next(self.parameters()).device)
         seen = self._checked
         if seen is None or seen[0]() is not x or seen[1] != key:
