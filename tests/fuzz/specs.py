@@ -334,6 +334,8 @@ def entries() -> list[Entry]:
               data=("x", "ref"), empty_ok=False))
     add(Entry("stable", "ssim", ST.ssim, lambda g, b: {"x": _rand(g, b, 1, 16, 16), "ref": _rand(g, b, 1, 16, 16)},
               data=("x", "ref"), empty_ok=False))
+    add(Entry("stable", "tv_denoise", lambda y, lam=0.1: ST.tv_denoise(y, lam, max_iter=20, policy="ignore")[0],
+              lambda g, b: {"y": _rand(g, b, 1, 8, 8), "lam": 0.1}, data=("y",), nonneg=("lam",), empty_ok=False))
     add(Entry("stable", "gaussian_kernel", ST.gaussian_kernel, lambda g, b: {"size": 5, "sigma": 1.0},
               positive=("size", "sigma")))
     add(Entry("stable", "motion_kernel", ST.motion_kernel, lambda g, b: {"size": 5, "angle": 0.3}, positive=("size",)))
