@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from proxnets.convex import CCNN, DCCNN, certificate, to_torch
+from proxnets.convex.kernels import kernel as named_kernel
 from proxnets.data import load_dataset
 
 # 8x8 digits, 3x3 patches, no pooling: layer 1 sees a 6x6 grid, layer 2 a 4x4 grid of layer-1 filter maps
@@ -66,7 +68,90 @@ def test_bad_n_layers(cls, bad, err, msg, digits):
         cls(**SMALL, n_layers=bad).fit(digits.x_train[:50], digits.y_train[:50])
 
 
-def test_exact_mode_is_one_layer_only(digits):
-    est = DCCNN(loss="hinge", feature_map="exact", patch_size=3, n_layers=2)
-    with pytest.raises(ValueError, match="n_layers: expected 1 with feature_map='exact', got 2"):
-        est.fit(digits.x_train[:50], digits.y_train[:50])
+# ---------------------------------------------------------------- exact-kernel mode, two layers
+# digits 3 vs 8, 3x3 patches, 2x2 pooling with stride 1 (overlapping windows): layer 1 pools a 6x6 patch
+# grid to 5x5 maps, layer 2 reads 3x3 patches of them (3x3 grid, pooled to 2x2)
+EXACT2 = dict(loss="hinge", feature_map="exact", patch_size=3, pool_size=2, pool_stride=1, C=1.0, max_iter=6, tol=1e-3,
+              on_nonconvergence="ignore", n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def pair38(digits):
+    tr, te = np.isin(digits.y_train, (3, 8)), np.isin(digits.y_test, (3, 8))
+    return digits.x_train[tr][:40], digits.y_train[tr][:40], digits.x_test[te], digits.y_test[te]
+
+
+@pytest.fixture(scope="module")
+def exact2(pair38):
+    x, y, _, _ = pair38
+    return DCCNN(**EXACT2).fit(x, y)
+
+
+def _dense_maps(layer, images: torch.Tensor) -> torch.Tensor:
+    """Layer-1 maps from their definition, patch by patch: the response of filter l to patch z is
+    sum_j b_j sum_a k(z, x_ja) (S phi_l)[a] / s (dense kernel values against every support patch),
+    then average pooling of the response map with avg_pool2d: (N, R, P)."""
+    kern = layer.kernel
+    k = named_kernel(kern.kernel_name, kern.gamma)
+    feat = kern.featurizer
+    out = []
+    for b in layer.binary:
+        sup = torch.nonzero(b.weights != 0).flatten()
+        xs = kern._patches_of(kern.train_images[sup])  # (s, J, d)
+        back = kern.pool @ b.phi  # (J, r): phi_l on the patch grid
+        coef = (b.weights[sup, None, None] * back[None]).reshape(-1, back.shape[1])  # (s J, r)
+        z = kern._patches_of(images)  # (N, J, d)
+        resp = k(z.reshape(-1, z.shape[-1]), xs.reshape(-1, xs.shape[-1])) @ coef / kern.scale  # (N J, r)
+        resp = resp.reshape(images.shape[0], *feat.grid, -1).permute(0, 3, 1, 2)
+        out.append(F.avg_pool2d(resp, feat.pool_size, stride=feat.pool_stride).flatten(2))
+    return torch.cat(out, 1)
+
+
+def test_exact_layer_maps_equal_the_dense_kernel_expansion(exact2, pair38):
+    layer = exact2.layers_[0]
+    x = torch.as_tensor(pair38[2][:6], dtype=torch.float32)
+    maps = layer.maps(x)
+    assert maps.shape == (6, sum(b.phi.shape[1] for b in layer.binary), 25) and maps.abs().max() > 0
+    dense = _dense_maps(layer, x)
+    assert torch.allclose(maps, dense, rtol=1e-9, atol=1e-12 * float(dense.abs().max()))
+    # layer 2's training input is those maps for the chosen channels, on the 5x5 pooled grid
+    nxt = layer.next_input(x)
+    assert nxt.shape == (6, layer.filters.numel(), 5, 5)
+    assert torch.equal(nxt.flatten(2), maps[:, layer.filters])
+    assert exact2.layers_[1].kernel.featurizer.input_shape == (layer.filters.numel(), 5, 5)
+    # lower layers keep the n_filters (default 16) filters of largest scale
+    assert layer.filters.numel() == min(16, layer.scales.numel())
+
+
+def test_exact_two_layers_predict_and_score(exact2, pair38):
+    _, _, xt, yt = pair38
+    assert set(np.unique(exact2.predict(xt))) <= {3, 8}
+    assert exact2.score(xt, yt) > 0.8  # two classes: chance 0.5
+    # the top layer predicts: scores are its kernel expansion on layer 1's maps
+    top = exact2.layers_[1].scores(exact2.layers_[0].next_input(torch.as_tensor(xt[:5], dtype=torch.float32)))
+    assert np.allclose(exact2.decision_function(xt[:5]), top[:, 0].numpy(), rtol=1e-12, atol=0)
+
+
+def test_exact_two_layers_weak_duality_and_top_certificate(exact2):
+    assert len(exact2.layer_traces_) == 2 and exact2.traces_ is exact2.layer_traces_[-1]
+    for traces in exact2.layer_traces_:  # each layer is one convex problem per class: weak duality in each
+        for tr in traces:
+            assert all(p >= d for p, d in zip(tr.primal, tr.dual)) and min(tr.primal) >= max(tr.dual)
+    certs = {c.name: c for c in certificate(exact2)}
+    top = exact2.layer_traces_[-1][0]
+    assert certs["relative_duality_gap[0]"].details["primal"] == top.primal[-1]
+    assert certs["relative_duality_gap[0]"].details["dual"] == top.dual[-1]
+    assert certs["weak_duality"].holds
+
+
+def test_exact_two_layers_bad_input(exact2, pair38):
+    with pytest.raises(ValueError, match="estimator: expected a model with a Conv2d form"):
+        to_torch(exact2)
+    with pytest.raises(ValueError, match=r"X: expected images of shape \(N, 1, 8, 8\)"):
+        exact2.predict(np.zeros((2, 1, 7, 7), dtype=np.float32))
+    x, y = pair38[0], pair38[1]
+    with pytest.raises(ValueError, match="n_filters: expected an integer >= 1, got 0"):
+        DCCNN(**EXACT2, n_filters=0).fit(x, y)
+    # layer 1's maps are 2x2: layer 2 has no 3x3 patch of them
+    with pytest.raises(ValueError, match=r"patch_size: expected a window no larger than the \(padded\) image 2x2"):
+        DCCNN(**{**EXACT2, "pool_size": 3, "pool_stride": 3}).fit(x, y)

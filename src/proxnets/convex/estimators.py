@@ -28,7 +28,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from proxnets.convex.dual import solve_dual
-from proxnets.convex.exact import PatchKernel
+from proxnets.convex.exact import ExactLayer, PatchKernel
 from proxnets.convex.hinge import solve_hinge_dual
 from proxnets.convex.kernels import make_feature_map
 from proxnets.convex.duality import scores
@@ -113,7 +113,7 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
             check_int("n_filters", self.n_filters, low=1)
 
     # ------------------------------------------------------------ layer-wise training
-    def _fit_layers(self, x: torch.Tensor, g: torch.Generator, solve) -> "_ConvexCNN":
+    def _fit_layers(self, x: torch.Tensor, g: torch.Generator, solve, fit_layer=None) -> "_ConvexCNN":
         """CCNN's Algorithm 2: layers trained one by one, each on the previous layer's filter maps.
 
         For layer ``l = 1..L``: fit the patch featurizer on ``x_l`` (``x_1`` the images), solve the
@@ -123,12 +123,15 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
         the next layer. Lower layers keep ``r = n_filters`` (default 16) filters; the top layer
         ``n_filters`` (``None``: the solver's choice). Each layer's head is fitted against the labels
         and only the top one predicts. ``traces_``: one trace per layer; ``trace_`` the top layer's.
+        ``fit_layer(x_l, g) -> layer`` replaces the featurizer (DCCNN's exact mode: an
+        :class:`~proxnets.convex.exact.ExactLayer`, whose ``filters`` are channel indices and whose
+        ``solve`` returns ``head=None``: no ``filters_ @ head_`` then).
         """
         check_int("n_layers", self.n_layers, low=1)
         self.featurizers_, self.traces_ = [], []
         for layer in range(self.n_layers):
             last = layer == self.n_layers - 1
-            feat = self._featurizer().to(x.device).fit(x, g)
+            feat = fit_layer(x, g) if fit_layer is not None else self._featurizer().to(x.device).fit(x, g)
             r = self.n_filters if (self.n_filters is not None or last) else 16
             filters, head, trace = solve(feat, x, layer, r)
             feat.filters = filters
@@ -136,8 +139,9 @@ class _ConvexCNN(ClassifierMixin, BaseEstimator):
             self.traces_.append(trace)
             if not last:
                 x = feat.next_input(x)
-        self.filters_, self.head_ = filters, head
-        self.theta_ = self.filters_ @ self.head_
+        if head is not None:
+            self.filters_, self.head_ = filters, head
+            self.theta_ = self.filters_ @ self.head_
         self.trace_ = trace
         self.n_iter_ = trace.iterations
         return self
@@ -266,7 +270,14 @@ class DCCNN(_ConvexCNN):
       ``n_layers``: layers trained one by one as CCNN's Algorithm 2 does (the loop CCNN uses): each
       layer's dual is solved on the previous layer's recovered filter maps; lower layers recover
       ``n_filters`` (default 16) filters. ``dual_``/``recovery_``/``trace_`` are the top layer's,
-      ``duals_``/``recoveries_``/``traces_`` one per layer. ``n_layers=1`` only in the exact mode.
+      ``duals_``/``recoveries_``/``traces_`` one per layer.
+
+    ``n_layers`` in the exact mode: the same loop; layer ``l + 1`` is an exact-kernel dual on the
+    pooled maps of layer ``l``'s recovered filters (kernel expansions over its support patches,
+    :class:`~proxnets.convex.exact.ExactLayer`): the ``n_filters`` (default 16) filters of largest
+    scale over all binary problems of a lower layer. ``layers_`` one ExactLayer per layer,
+    ``layer_traces_`` their per-problem traces; ``kernel_``, ``binary_``, ``traces_``, ``trace_``,
+    ``dual_coef_``, ... are the top layer's. No ``to_torch`` export for more than one exact layer.
 
     ``verbose``: 0 silent, 1 a progress bar (tqdm, on stderr) with the current gap, 2 also one
     line per iteration (dual, primal, gap). ``solver_options``: a dict of extra keyword arguments
@@ -296,8 +307,6 @@ class DCCNN(_ConvexCNN):
                  f"{self.feature_map!r} with loss={self.loss!r}")
         check_int("n_layers", self.n_layers, low=1)
         if self.loss == "hinge":
-            if self.n_layers != 1:  # the exact mode's filters live in the kernel's space: no filter maps to stack yet
-                fail("n_layers", "1 with feature_map='exact'", self.n_layers)
             return self._fit_exact(X, y)
         self._check_common()
         check_choice("features", self.features, ("streamed", "cached"))
@@ -331,36 +340,59 @@ class DCCNN(_ConvexCNN):
         check_int("max_iter", self.max_iter, low=1)
         check_number("tol", self.tol, low=0.0)
         check_int("chunk", self.chunk, low=1)
+        if self.n_filters is not None:
+            check_int("n_filters", self.n_filters, low=1)
         x = self._images(X, reset=True)
         yt = self._labels(y, x.shape[0])
         self.input_shape_ = tuple(x.shape[1:])
         g = torch.Generator().manual_seed(int(self.random_state or 0))
-        feat = PatchFeaturizer(patch_size=self.patch_size, stride=self.stride, padding=self.padding,
-                               contrast_eps=self.contrast_eps, zca_eps=self.zca_eps, kernel="linear", feature_map="linear",
-                               n_features=1, gamma=self.gamma if isinstance(self.gamma, (int, float)) else 1.0,
-                               pool_size=self.pool_size, pool_stride=self.pool_stride).to(x.device)
-        self.kernel_ = PatchKernel(feat, self.kernel, self.gamma).fit(x, g)
         k = len(self.classes_)
         cls = [1] if k == 2 else list(range(k))  # binary: one problem, y = +1 for classes_[1]
         ybin = torch.stack([torch.where(yt == c, 1.0, -1.0) for c in cls]).double()
         if self.solver_options is not None and not isinstance(self.solver_options, dict):
             fail("solver_options", "None or a dict of keyword arguments of solve_hinge_dual", type(self.solver_options).__name__)
         opts = dict(self.solver_options or {})
-        with _Progress(self.verbose, self.max_iter, "DCCNN (exact kernel dual)") as bar:
-            self.binary_, self.traces_ = solve_hinge_dual(self.kernel_, ybin, self.C, max_iter=self.max_iter, tol=self.tol,
-                                                          on_nonconvergence=self.on_nonconvergence, callback=bar.hinge_traces,
-                                                          **opts)
+
+        def fit_layer(x: torch.Tensor, g: torch.Generator) -> ExactLayer:
+            feat = PatchFeaturizer(patch_size=self.patch_size, stride=self.stride, padding=self.padding,
+                                   contrast_eps=self.contrast_eps, zca_eps=self.zca_eps, kernel="linear", feature_map="linear",
+                                   n_features=1, gamma=self.gamma if isinstance(self.gamma, (int, float)) else 1.0,
+                                   pool_size=self.pool_size, pool_stride=self.pool_stride).to(x.device)
+            return ExactLayer(PatchKernel(feat, self.kernel, self.gamma).fit(x, g))
+
+        def solve(layer: ExactLayer, x: torch.Tensor, idx: int, r: int | None):
+            what = "DCCNN (exact kernel dual)" + (f" layer {idx + 1}" if self.n_layers > 1 else "")
+            with _Progress(self.verbose, self.max_iter, what) as bar:
+                layer.binary, layer.traces = solve_hinge_dual(layer.kernel, ybin, self.C, max_iter=self.max_iter, tol=self.tol,
+                                                              on_nonconvergence=self.on_nonconvergence,
+                                                              callback=bar.hinge_traces, **opts)
+            return layer.select(r), None, _sum_traces(layer.traces)  # channels passed on; the top layer predicts itself
+
+        self._fit_layers(x, g, solve, fit_layer)
+        self.layers_ = self.featurizers_
+        self.layer_traces_ = [layer.traces for layer in self.layers_]
+        top = self.layers_[-1]
+        self.kernel_, self.binary_, self.traces_ = top.kernel, top.binary, top.traces
         self.dual_coef_ = torch.stack([b.alpha for b in self.binary_]).cpu().numpy()
         self.duality_gap_ = np.array([t.relative[-1] for t in self.traces_])
         self.n_filters_ = np.array([b.phi.shape[1] for b in self.binary_])
         self.support_ = np.nonzero((self.dual_coef_ > 0).any(0))[0]
-        self.trace_ = _sum_traces(self.traces_)
-        self.n_iter_ = self.trace_.iterations
-        self._export(x, g)
+        if self.n_layers == 1:
+            self._export(x, g)
+        else:  # a stack of kernel expansions has no Conv2d form here: no export
+            self.featurizers_, self.export_agreement_ = None, None
+            for name in ("filters_", "head_", "theta_"):
+                self.__dict__.pop(name, None)
         return self
 
     def _exact_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``f_k(x) = sum_l sum_p head[l, p] h_l(x)[p]``, ``h_l(x) = C(x) phi_l`` for each binary problem: ``(N, m)``."""
+        """``f_k(x) = sum_l sum_p head[l, p] h_l(x)[p]``, ``h_l(x) = C(x) phi_l`` for each binary problem: ``(N, m)``;
+        below the top layer, ``x`` passes through the lower layers' filter maps."""
+        layers = getattr(self, "layers_", None)
+        if layers is not None and len(layers) > 1:
+            for layer in layers[:-1]:
+                x = layer.next_input(x)
+            return layers[-1].scores(x)
         kern = self.kernel_
         w = torch.stack([b.weights for b in self.binary_])  # (m, n)
 

@@ -35,7 +35,7 @@ from proxnets.convex.features import PatchFeaturizer
 from proxnets.convex.kernels import KERNELS, kernel as named_kernel
 from proxnets.utils.validation import fail
 
-__all__ = ["PatchKernel", "check_psd_kernel"]
+__all__ = ["ExactLayer", "PatchKernel", "check_psd_kernel"]
 
 BLOCK_PATCHES = 512  # patches per side of one Gram block: at most 512^2 float64 = 2 MiB (the L2/L3 cache, not RAM)
 
@@ -247,3 +247,69 @@ class PatchKernel:
         if out is None:
             return torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=weights.device)
         return out[0] if reduce is None else out
+
+
+class ExactLayer:
+    """One exact-kernel layer: its :class:`PatchKernel` and the recovered binary problems ``binary``
+    (:class:`~proxnets.convex.hinge.BinaryDual`: ``b = alpha y``, position weights ``phi (P, r_k)``,
+    head ``(r_k, P)``), with the traces of their solve in ``traces``.
+
+    Filter ``l`` of problem ``k`` is the RKHS function ``g_kl = sum_j b_kj sum_q phi_kl[q] Z~_j[q]``
+    (a kernel expansion over the support patches; unit RKHS norm, see :mod:`proxnets.convex.hinge`).
+    Its response to patch ``z`` is ``<g_kl, phi(z)> = sum_j b_kj sum_a k(z, x_ja) (S phi_kl)[a] / s``
+    (kernel values against the support patches), and pooled over the windows of image ``x``
+
+        h_kl(x)[p] = sum_a' S[a', p] <g_kl, phi(x_a')> = sum_j b_kj (K(x, x_j) phi_kl)[p],
+
+    which :meth:`maps` streams in :meth:`PatchKernel.contract` blocks. The next layer reads the maps
+    of the channels ``filters`` (set by the estimator) on the pooled grid ``(Hp, Wp)``, as the
+    random-feature layers do.
+    """
+
+    def __init__(self, kernel: PatchKernel):
+        self.kernel = kernel
+        self.binary: list = []
+        self.traces: list = []
+        self.filters: torch.Tensor | None = None  # indices into the R = sum_k r_k filters passed on
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """``sigma`` of every filter ``(R,)``: the norm of its head row (the singular value of ``S``)."""
+        return torch.cat([b.head.norm(dim=1) for b in self.binary])
+
+    def select(self, r: int | None) -> torch.Tensor:
+        """Indices of the ``r`` filters of largest scale (all for ``None``), in filter order."""
+        sig = self.scales
+        if r is None or r >= sig.numel():
+            return torch.arange(sig.numel())
+        return torch.argsort(-sig, stable=True)[:r].sort().values
+
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """``h_kl(x)[p]`` for every filter of every problem: ``(N, R, P)`` (float64)."""
+        kern = self.kernel
+        kern.patches(x)
+        w = torch.stack([b.weights for b in self.binary])  # (m, n)
+        r_tot = sum(b.phi.shape[1] for b in self.binary)
+        if not bool((w != 0).any()):  # no support: every filter is the zero function
+            return torch.zeros(x.shape[0], r_tot, kern.n_positions, dtype=kern.dtype, device=x.device)
+
+        def reduce(c: torch.Tensor, rows: slice) -> tuple[torch.Tensor]:  # c (m, b, P, P) -> (1, b, R, P)
+            return (torch.cat([torch.einsum("ipq,ql->ilp", c[k], b.phi) for k, b in enumerate(self.binary)], 1)[None],)
+
+        return kern.contract(w, rows=x, reduce=reduce)[0][0]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``f_k(x) = sum_l sum_p head_k[l, p] h_kl(x)[p]`` per binary problem: ``(N, m)``."""
+        h, out, start = self.maps(x), [], 0
+        for b in self.binary:
+            r = b.phi.shape[1]
+            out.append(torch.einsum("ilp,lp->i", h[:, start : start + r], b.head))
+            start += r
+        return torch.stack(out, 1)
+
+    def next_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen filters' maps ``(N, r, Hp, Wp)``: the next layer's images."""
+        if self.filters is None:
+            raise RuntimeError("ExactLayer: no filters chosen; solve the layer first")
+        h = self.maps(x)[:, self.filters]
+        return h.reshape(h.shape[0], h.shape[1], *self.kernel.featurizer.pooled_grid)

@@ -82,6 +82,9 @@ class ConvexCNN(nn.Module):
 
 def to_torch(estimator) -> ConvexCNN:
     """The fitted ``CCNN`` / ``DCCNN`` as a ``ConvexCNN`` (float weights, on the estimator's device)."""
+    if hasattr(estimator, "featurizers_") and estimator.featurizers_ is None:  # DCCNN exact: callable kernel or layers
+        raise ValueError(f"estimator: expected a model with a Conv2d form (one exact layer with a named kernel), got "
+                         f"{type(estimator).__name__} with no export")
     if not hasattr(estimator, "theta_"):
         raise RuntimeError(f"{type(estimator).__name__}: call fit before to_torch")
     layers = [ConvexLayer(f) for f in estimator.featurizers_]
