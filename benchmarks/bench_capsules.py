@@ -72,29 +72,17 @@ def build(seed: int = 0):
     u = squash(torch.randn(B, M, D_IN) * 0.5)
     probe = torch.randn(B, N, D_OUT)  # a fixed random direction for the backward pass
 
-    def run_ours():
-        layer.weight.grad = None
-        v, _ = layer(u)
-        (v * probe).sum().backward()
-        return v
+    def layer_step(lay):
+        """One fwd+bwd of a routing layer along the fixed probe direction."""
+        def run():
+            lay.weight.grad = None
+            v, _ = lay(u)
+            (v * probe).sum().backward()
+            return v
+        return run
 
-    def run_ours_all():
-        layer_all.weight.grad = None
-        v, _ = layer_all(u)
-        (v * probe).sum().backward()
-        return v
-
-    def run_compiled():
-        layer_c.weight.grad = None
-        v, _ = layer_c(u)
-        (v * probe).sum().backward()
-        return v
-
-    def run_all_compiled():
-        layer_all_c.weight.grad = None
-        v, _ = layer_all_c(u)
-        (v * probe).sum().backward()
-        return v
+    run_ours, run_ours_all = layer_step(layer), layer_step(layer_all)
+    run_compiled, run_all_compiled = layer_step(layer_c), layer_step(layer_all_c)
 
     def run_einsum():
         W_dense.grad = None
