@@ -21,7 +21,7 @@ Same LeNet-5, same data (mnist5k), batch 64. Prints
 ``--structured-compare SEEDS`` runs only the structured comparison (:func:`structured_compare`): the
 filter-level L0 bSQH against Adam + filter magnitude pruning (``filter_prune``) at bSQH's MAC fraction,
 equal epochs, lr and pruning variant on validation, SEEDS seeds with intervals, exported inference time
-per seed.
+per seed; the loop is the pmp suite's (``proxnets.pmp.experiments.structured``).
 
 The floor of the step ratio is ``1 + trials x (no-grad forward / Adam step)``: bSQH's only work
 beyond Adam's is its trial forward(s); the bookkeeping is the measured ratio minus that floor.
@@ -34,7 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +44,12 @@ import torch.nn.functional as F
 from proxnets.data import load_dataset
 from proxnets.engine import TrainConfig, evaluate, fit
 from proxnets.pmp import LeNet5, mac_param_groups, remove_zero_filters, sparsity_report
-from proxnets.pmp.baselines import filter_prune, magnitude_prune
-from proxnets.pmp.experiments import ADAM_LRS, _carve_validation
-from proxnets.pmp.sparsity import export_sparse
+from proxnets.pmp.baselines import magnitude_prune
+from proxnets.pmp.experiments import _carve_validation, pick_adam_lr, structured
 from proxnets.utils.stats import difference_interval, mean_interval
 from proxnets.pmp.sparsity import weight_density
 from proxnets.pmp.training import bsqh_optimizer, full_batch_bsqh, train_bsqh
+from proxnets.report.suite import SuiteContext
 
 
 def _closure(model, opt, x, y):
@@ -197,75 +199,38 @@ def structured_export(ds, density: float, epochs: int, repeats: int) -> dict[str
                 params_exported=sum(p.numel() for p in small.parameters()), **t)
 
 
-PRUNE_VARIANTS = [(n, a) for a in ("uniform", "mac") for n in ("l1", "l2")]  # filter_prune's, picked on validation
-
-
-def _macs(model, shape) -> float:
-    t = sparsity_report(model, shape)["total"]
-    return t["macs_sparse"] / t["macs_dense"]
-
-
 def structured_compare(ds, seeds: list[int], mac_target: float, epochs: int, ft_epochs: int,
                        repeats: int) -> list[dict]:
     """Filter-level L0 bSQH vs Adam + filter magnitude pruning (``filter_prune``) at bSQH's MAC fraction.
 
-    Both: ``epochs`` epochs, then ``ft_epochs`` of fine-tuning with the zeros frozen (bSQH at rho 0, Adam at a
-    third of its lr), batch 64, cosine schedule, the same data and seeds. Adam's lr (dense validation accuracy)
-    and the pruning variant (norm x allocation, validation accuracy after fine-tuning) are chosen on a
-    validation split carved from the training images, on the first seed. Each model's zero filters are then
-    removed; inference time exported / dense on 256 test images, interleaved, medians of the paired ratios.
+    The suite's loop (:func:`proxnets.pmp.experiments.structured`), batch 64, on a validation split carved from
+    the training images: Adam's lr picked on it as the suite's frontier picks it
+    (:func:`~proxnets.pmp.experiments.pick_adam_lr`, first seed), the pruning variant as ``structured`` picks it.
+    Each model's zero filters are then removed; inference time exported / Adam dense on 256 test images,
+    interleaved, medians of the paired ratios.
     """
-    part, (xv, yv) = _carve_validation(ds, 0)
-    q = lambda s: None  # noqa: E731
-    cfg = lambda e, seed, **kw: TrainConfig(epochs=e, batch_size=64, seed=seed, device="cpu", progress=False,  # noqa: E731
-                                            schedule="cosine", eval_every_epoch=False, **kw)
-    lr = variant = None
+    part, val = _carve_validation(ds, 0)
+    lr, by_lr = pick_adam_lr(part, val, seeds[0], epochs, 64)
+    print(f"  Adam lr on validation: {lr:g} (" + ", ".join(f"{a:g}: {v:.4f}" for a, (v, _) in by_lr.items()) + ")")
+    ctx = SuiteContext(out_dir=Path(tempfile.gettempdir()), size="quick", log=lambda m: print("  " + m))
+    out = structured(ctx, part, val, seeds, epochs, ft_epochs, 64, dense={seeds[0]: by_lr[lr][1]}, lr=lr,
+                     keep_models=True, mac_target=mac_target)
+    print("  pruning variant on validation: " + ", ".join(f"{k} {v:.4f}" for k, v in out["variant_val"].items())
+          + f" -> {out['variant']}")
+    width = lambda m: (m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features, m.fc2.out_features)  # noqa: E731
+    x = part.x_test[:256]
     rows = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        mb = LeNet5(part.input_shape, part.num_classes)
-        t0 = time.perf_counter()
-        train_bsqh(mb, part, 1.0, epochs=epochs, seed=seed, schedule="cosine", target_density=mac_target,
-                   finetune_epochs=ft_epochs, eval_every_epoch=False,
-                   param_groups=mac_param_groups(mb, 1.0, part.input_shape, structure="filter"))
-        t_b = time.perf_counter() - t0
-        export_sparse(mb)
-        macs = _macs(mb, part.input_shape)
-        dense_by_lr = {}
-        for a in ([lr] if lr is not None else ADAM_LRS):
-            torch.manual_seed(seed)
-            d = LeNet5(part.input_shape, part.num_classes)
-            fit(d, part, cfg(epochs, seed, lr=a, optimizer="adam"), log=q)
-            dense_by_lr[a] = d
-        if lr is None:
-            lr = max(ADAM_LRS, key=lambda a: (evaluate(dense_by_lr[a], xv, yv), -a))
-        dense = dense_by_lr[lr]
-        pruned_by = {}
-        for v in ([variant] if variant is not None else PRUNE_VARIANTS):
-            pm = filter_prune(copy.deepcopy(dense), macs, part.input_shape, norm=v[0], allocation=v[1])
-            fit(pm, part, cfg(ft_epochs, seed + 1, lr=lr / 3, optimizer="adam"), log=q)
-            export_sparse(pm)
-            pruned_by[v] = pm
-        if variant is None:
-            val = {v: evaluate(m, xv, yv) for v, m in pruned_by.items()}
-            variant = max(PRUNE_VARIANTS, key=lambda v: val[v])
-            print(f"  (seed {seed}) Adam lr on validation: {lr:g}; pruning variant on validation: "
-                  + ", ".join(f"{n}/{a} {val[(n, a)]:.4f}" for n, a in PRUNE_VARIANTS) + f" -> {variant}")
-        pm = pruned_by[variant]
-        mb.eval(), pm.eval(), dense.eval()
-        sb, sp = remove_zero_filters(mb).eval(), remove_zero_filters(pm).eval()
-        x = part.x_test[:256]
+    for c in out["compare"]:
+        m = out["_models"][c["seed"]]
+        dense = m["dense"].eval()
+        sb, sp = remove_zero_filters(m["bsqh"].eval()).eval(), remove_zero_filters(m["prune"].eval()).eval()
         tb, tp = inference_ratio(dense, sb, x, repeats), inference_ratio(dense, sp, x, repeats)
-        width = lambda m: (m.conv1.out_channels, m.conv2.out_channels, m.fc1.out_features, m.fc2.out_features)  # noqa: E731
-        rows.append(dict(seed=seed, macs_bsqh=macs, macs_prune=_macs(pm, part.input_shape),
-                         acc_bsqh=evaluate(mb, part.x_test, part.y_test), acc_prune=evaluate(pm, part.x_test, part.y_test),
-                         acc_dense=evaluate(dense, part.x_test, part.y_test), widths_bsqh=width(sb), widths_prune=width(sp),
-                         time_bsqh=tb["ratio"], time_prune=tp["ratio"], train_s_bsqh=t_b, lr=lr, variant=variant))
+        rows.append(dict(c, acc_dense=evaluate(dense, part.x_test, part.y_test), widths_bsqh=width(sb),
+                         widths_prune=width(sp), time_bsqh=tb["ratio"], time_prune=tp["ratio"],
+                         train_s_bsqh=m["train_s"], lr=lr, variant=out["variant"]))
         r = rows[-1]
-        print(f"  seed {seed}: MAC fraction bSQH {r['macs_bsqh']:.4f} / pruned {r['macs_prune']:.4f}; test acc bSQH "
-              f"{r['acc_bsqh']:.4f}, Adam+filter-prune+ft {r['acc_prune']:.4f} (Adam dense {r['acc_dense']:.4f}); widths "
-              f"{r['widths_bsqh']} / {r['widths_prune']}; exported inference / dense {r['time_bsqh']:.2f} / "
-              f"{r['time_prune']:.2f}")
+        print(f"  seed {r['seed']}: Adam dense {r['acc_dense']:.4f}; widths {r['widths_bsqh']} / {r['widths_prune']}; "
+              f"exported inference / dense {r['time_bsqh']:.2f} / {r['time_prune']:.2f}")
     return rows
 
 
@@ -412,9 +377,13 @@ def compare_main(ds, args) -> None:
     t0 = time.perf_counter()
     rows = structured_compare(ds, seeds, args.structured_density, epochs, ft, repeats=40 if args.quick else 100)
     ab, ap_ = [r["acc_bsqh"] for r in rows], [r["acc_prune"] for r in rows]
-    line = lambda v: "{:.4f} [{:.4f}, {:.4f}]".format(*mean_interval(v))  # noqa: E731
-    print(f"test accuracy (mean, 95% interval over {len(rows)} seeds): bSQH {line(ab)}, Adam + filter pruning + ft "
-          f"{line(ap_)}; difference bSQH - pruning " + "{:+.4f} [{:+.4f}, {:+.4f}]".format(*difference_interval(ab, ap_)))
+    if len(rows) >= 2:  # an interval needs two seeds
+        line = lambda v: "{:.4f} [{:.4f}, {:.4f}]".format(*mean_interval(v))  # noqa: E731
+        print(f"test accuracy (mean, 95% interval over {len(rows)} seeds): bSQH {line(ab)}, Adam + filter pruning + ft "
+              f"{line(ap_)}; difference bSQH - pruning " + "{:+.4f} [{:+.4f}, {:+.4f}]".format(*difference_interval(ab, ap_)))
+    else:
+        print(f"test accuracy (one seed, no interval): bSQH {ab[0]:.4f}, Adam + filter pruning + ft {ap_[0]:.4f}; "
+              f"difference bSQH - pruning {ab[0] - ap_[0]:+.4f}")
     print("exported inference time / dense (median of interleaved pairs, per seed): bSQH "
           + ", ".join(f"{r['time_bsqh']:.2f}" for r in rows) + "; pruning " + ", ".join(f"{r['time_prune']:.2f}" for r in rows)
           + f"; MAC fractions bSQH {[round(r['macs_bsqh'], 4) for r in rows]}, pruning "

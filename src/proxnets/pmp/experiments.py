@@ -194,6 +194,18 @@ def mechanism(ctx: SuiteContext, sub, seeds: list[int], iterations: int, batch: 
 
 
 # ------------------------------------------------------------------------------------- 2. frontier
+def pick_adam_lr(ds, val, seed: int, epochs: int, batch: int) -> tuple[float, dict[float, tuple[float, LeNet5]]]:
+    """Adam's lr among ``ADAM_LRS``: dense LeNet-5 trained ``epochs`` (seed ``seed``) at each, the most accurate on
+    the validation split ``val`` (ties: the smaller lr). Returns ``(lr, {lr: (val_acc, dense model)})``."""
+    xv, yv = val
+    dense_by_lr = {}
+    for lr in ADAM_LRS:
+        dense = _model(ds, seed)
+        fit(dense, ds, _cfg(epochs, seed, batch, lr=lr, optimizer="adam"), log=_quiet)
+        dense_by_lr[lr] = (evaluate(dense, xv, yv), dense)
+    return max(ADAM_LRS, key=lambda a: (dense_by_lr[a][0], -a)), dense_by_lr
+
+
 def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], epochs: int, ft_epochs: int,
              batch: int, baselines: bool) -> dict[str, Any]:
     """bSQH at each rho and seed; Adam + pruning + fine-tuning at each bSQH density; IHT (first seed)."""
@@ -216,12 +228,7 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
     if not baselines:
         return out
     # Adam's learning rate on the validation split (first seed); the dense model of that seed is reused
-    dense_by_lr = {}
-    for lr in ADAM_LRS:
-        dense = _model(ds, seeds[0])
-        fit(dense, ds, _cfg(epochs, seeds[0], batch, lr=lr, optimizer="adam"), log=_quiet)
-        dense_by_lr[lr] = (evaluate(dense, xv, yv), dense)
-    lr = max(ADAM_LRS, key=lambda a: (dense_by_lr[a][0], -a))
+    lr, dense_by_lr = pick_adam_lr(ds, val, seeds[0], epochs, batch)
     out["adam_lr"], out["adam_val_by_lr"] = lr, {str(a): v for a, (v, _) in dense_by_lr.items()}
     for seed in seeds:
         if seed == seeds[0]:
@@ -267,14 +274,17 @@ def _mac_fraction(model, shape) -> float:
 
 
 def structured(ctx: SuiteContext, ds, val, seeds: list[int], epochs: int, ft_epochs: int, batch: int,
-               dense: dict[int, Any] | None = None, lr: float | None = None) -> dict[str, Any]:
-    """Filter-level L0 priced by multiply-adds (target STRUCTURED_MACS), ``epochs`` + ``ft_epochs`` (zeros frozen).
+               dense: dict[int, Any] | None = None, lr: float | None = None,
+               keep_models: bool = False, mac_target: float = STRUCTURED_MACS) -> dict[str, Any]:
+    """Filter-level L0 priced by multiply-adds (target ``mac_target``), ``epochs`` + ``ft_epochs`` (zeros frozen).
 
     First seed: zero filters removed; outputs, sizes, accuracy and inference time dense vs exported
     (interleaved medians, machine dependent). With ``dense`` (the frontier's Adam models by seed, trained
     ``epochs`` at the lr ``lr`` chosen on validation): each is filter-pruned (:func:`filter_prune`) to the bSQH
     model's measured MAC fraction and fine-tuned ``ft_epochs`` at ``lr / 3``; the pruning variant (norm x
-    allocation) is the most accurate on validation after fine-tuning, chosen on the first seed.
+    allocation) is the most accurate on validation after fine-tuning, chosen on the first seed. With
+    ``keep_models`` (the benchmark times each seed's exported models): ``out["_models"][seed]`` holds
+    ``dict(bsqh=, prune=, dense=, train_s=)`` (bSQH's training wall time); nothing else changes.
     """
     train = _train_set(ctx, ds)
     out: dict[str, Any] = {"compare": [], "variant": None, "variant_val": {}}
@@ -282,7 +292,7 @@ def structured(ctx: SuiteContext, ds, val, seeds: list[int], epochs: int, ft_epo
     for seed in seeds:
         model = _model(ds, seed)
         r = train_bsqh(model, train, 1.0, epochs=epochs, batch_size=batch, seed=seed, schedule="cosine",
-                       device=ctx.device, target_density=STRUCTURED_MACS, eval_every_epoch=False,
+                       device=ctx.device, target_density=mac_target, eval_every_epoch=False,
                        finetune_epochs=ft_epochs, param_groups=mac_param_groups(model, 1.0, ds.input_shape,
                                                                                 structure="filter"))
         export_sparse(model)  # the fine-tuning masks made permanent (exact zeros kept)
@@ -304,6 +314,8 @@ def structured(ctx: SuiteContext, ds, val, seeds: list[int], epochs: int, ft_epo
             out["variant_val"] = {f"{n}/{a}": evaluate(m, xv, yv) for (n, a), m in pruned_by.items()}
             out["variant"] = max(PRUNE_VARIANTS, key=lambda v: out["variant_val"][f"{v[0]}/{v[1]}"])
         pm = pruned_by[out["variant"]]
+        if keep_models:
+            out.setdefault("_models", {})[seed] = dict(bsqh=model, prune=pm, dense=dense[seed], train_s=r["time"])
         out["compare"].append(dict(seed=seed, macs_bsqh=macs, macs_prune=_mac_fraction(pm, ds.input_shape),
                                    acc_bsqh=r["test_acc"], acc_prune=evaluate(pm, ds.x_test, ds.y_test),
                                    val_bsqh=evaluate(model, xv, yv), val_prune=evaluate(pm, xv, yv)))
