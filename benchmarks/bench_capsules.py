@@ -25,6 +25,10 @@ Prints medians, the three ratios (ours vs textbook, ours vs an equal-FLOP matmul
 ours), the largest output/gradient differences, peak memory, the time of
 one matrix product with the same FLOPs as ours (the machine's limit), and the epoch time of the
 small CapsNet on mnist5k. ``--quick`` uses fewer repeats and extrapolates the epoch from 8 steps.
+
+``--capsnet-step`` instead times one training step (forward, loss, backward, Adam) of the quick suite's CapsNet
+(28x28 input, conv 32, 4 primary channels, decoder 256/512, ``gradient="all"``, bias, batch 25) with
+``backend="eager"`` vs ``"compiled"``, interleaved step by step; the compiling first step is timed separately.
 """
 
 from __future__ import annotations
@@ -237,9 +241,46 @@ def main(quick: bool, threads: int | None) -> None:
           f"of {len(ds.x_train)} images, batch 128 ({how})")
 
 
+def capsnet_step(quick: bool, threads: int | None) -> None:
+    """Training-step time of the quick suite's CapsNet, eager vs compiled routing (see the module docstring)."""
+    import os
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(25, 1, 28, 28, generator=g), torch.randint(0, 10, (25,), generator=g)
+    steps = {}
+    for backend in ("eager", "compiled"):
+        torch.manual_seed(0)  # the same initial weights for both
+        model = CapsNet(small_config((1, 28, 28), 10, conv_channels=32, primary_channels=4, decoder_hidden=(256, 512),
+                                     backend=backend))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+        def step(model=model, opt=opt) -> float:
+            opt.zero_grad(set_to_none=True)
+            loss, _ = capsnet_loss(model, x, y)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step()  # compiles for "compiled" (forward graph + AOT backward; torch caches kernels on disk)
+        print(f"first step {backend}: {time.perf_counter() - t0:.2f} s wall, {time.process_time() - c0:.2f} s CPU, "
+              f"loss {loss:.6f}")
+        steps[backend] = step
+    print(f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f} before timing")
+    timings = time_interleaved(steps, warmup=1, repeats=20 if quick else 60)
+    for name, t in timings.items():
+        print(f"capsnet step {name}: {t}")
+    print(f"eager / compiled = {timings['eager'].median / timings['compiled'].median:.2f}x, "
+          f"load {os.getloadavg()[0]:.1f} after")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; epoch time from 8 steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--capsnet-step", action="store_true",
+                        help="only: training step of the quick suite's CapsNet, eager vs backend='compiled'")
     args = parser.parse_args()
-    main(args.quick, args.threads)
+    (capsnet_step if args.capsnet_step else main)(args.quick, args.threads)

@@ -95,3 +95,42 @@ def test_traced_calls_and_certificates_stay_eager(monkeypatch):
     layer.backend = "eager"
     certs_e = layer_certificate(layer, u, kkt_passes=20)
     assert [(c.name, c.value, c.bound) for c in certs_c] == [(c.name, c.value, c.bound) for c in certs_e]
+
+
+# ----- CapsNet(config.backend): the model-level switch (fast: nothing here compiles) -----
+
+def _tiny_capsnet(**overrides):
+    from proxnets.capsules import CapsNet, small_config
+    torch.manual_seed(0)
+    return CapsNet(small_config((1, 20, 20), 4, conv_channels=8, primary_channels=2, decoder_hidden=(16,), **overrides))
+
+
+def test_capsnet_config_validates_backend_and_passes_it_to_the_routing_layer():
+    from proxnets.capsules import small_config
+    with pytest.raises(ValueError, match="backend: expected one of \\['eager', 'compiled'\\], got 'fused'"):
+        small_config(backend="fused")
+    assert _tiny_capsnet(backend="compiled").classes.backend == "compiled"
+    assert _tiny_capsnet().classes.backend == "eager"
+
+
+def test_capsnet_with_backend_eager_is_the_default_model():
+    """Same parameters, outputs, loss and gradients, bit for bit, as the model built without the argument."""
+    from proxnets.capsules import capsnet_loss
+    x = torch.rand(3, 1, 20, 20, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 3])
+    a, b = _tiny_capsnet(), _tiny_capsnet(backend="eager")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    la, lb = capsnet_loss(a, x, y)[0], capsnet_loss(b, x, y)[0]
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_capsnet_compiled_without_a_compiler_raises_the_named_error(monkeypatch):
+    from proxnets.capsules import capsnet_loss
+    monkeypatch.setattr(CP, "compiler_available", lambda device="cpu": (False, "no C++ compiler found (test)"))
+    model = _tiny_capsnet(backend="compiled")
+    x, y = torch.rand(2, 1, 20, 20), torch.tensor([0, 2])
+    with pytest.raises(RuntimeError, match="backend: expected a working torch.compile toolchain.*no C\\+\\+ compiler"):
+        capsnet_loss(model, x, y)

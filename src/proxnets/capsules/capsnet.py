@@ -12,7 +12,8 @@ With the reference configuration on MNIST the model has 8,215,568 parameters (6,
 the decoder) as the paper counts them, plus the 160 of the official code's per-parent bias
 (``bias=True``, the default; ``bias=False`` gives the paper's count). The defaults follow Sabour et al.'s
 official code where it differs from the paper's text: gradients through every routing pass
-(``gradient="all"``), the per-parent bias, the margin loss halved (``margin_scale=0.5``). Any image size and channel count work by ``input_shape``.
+(``gradient="all"``), the per-parent bias, the margin loss halved (``margin_scale=0.5``). ``backend="compiled"`` trains with the opt-in
+``torch.compile`` routing of :mod:`proxnets.capsules.compiled` (default ``"eager"``). Any image size and channel count work by ``input_shape``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import nn
 from proxnets.capsules.functional import capsule_length
 from proxnets.capsules.layers import CapsuleLinear, PrimaryCapsules, ReconstructionDecoder, conv_output_size
 from proxnets.capsules.losses import margin_loss, reconstruction_loss
-from proxnets.capsules.routing import RoutingInfo
-from proxnets.utils.validation import check_int, check_labels, check_number, check_tensor, fail
+from proxnets.capsules.routing import BACKENDS, RoutingInfo
+from proxnets.utils.validation import check_choice, check_int, check_labels, check_number, check_tensor, fail
 
 __all__ = [
     "CapsNetConfig", "CapsNet", "reference_config", "small_config", "capsnet_loss", "capsnet_scores", "random_shift",
@@ -58,6 +59,9 @@ class CapsNetConfig:
     routing: str = "standard"  # or "regularized": b <- (1 - lambda tau) b + lambda a (beyond the seed)
     tau: float | str | None = None  # regularized routing: entropic weight, "auto" = twice the convexity threshold
     step: float | None = None  # regularized routing: lambda (default 1 / tau)
+    # routing kernel of the class-capsule layer: "compiled" = torch.compile graphs (docs/capsules.md; needs a
+    # C++ compiler on CPU, Triton on CUDA; the toolchain is checked at the first untraced forward)
+    backend: str = "eager"
     decoder_hidden: tuple[int, ...] = (512, 1024)
     reconstruction: bool = True  # decoder and its loss (0.25% vs 0.35% MNIST test error in the paper)
     reconstruction_scale: float = 5e-4  # times the *sum* of squared errors
@@ -71,6 +75,7 @@ class CapsNetConfig:
         check_int("num_classes", self.num_classes, low=2)
         check_number("reconstruction_scale", self.reconstruction_scale, low=0.0)
         check_number("margin_scale", self.margin_scale, low=0.0, low_inclusive=False)
+        check_choice("backend", self.backend, BACKENDS)
         if min(self.primary_grid) < 1:
             fail("input_shape", "an image large enough for the two 9x9 convolutions", self.input_shape)
 
@@ -110,7 +115,7 @@ class CapsNet(nn.Module):
         self.classes = CapsuleLinear(cfg.primary_capsules, cfg.primary_dim, cfg.num_classes, cfg.class_dim,
                                      iterations=cfg.iterations, gradient=cfg.gradient, leaky=cfg.leaky,
                                      couplings=cfg.couplings, bias=cfg.bias, routing=cfg.routing, tau=cfg.tau,
-                                     step=cfg.step)
+                                     step=cfg.step, backend=cfg.backend)
         self.decoder = (ReconstructionDecoder(cfg.num_classes, cfg.class_dim, cfg.input_shape, cfg.decoder_hidden)
                         if cfg.reconstruction else None)
 
