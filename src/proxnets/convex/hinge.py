@@ -322,12 +322,7 @@ def solve_hinge_dual(
             due = (it % RECOVER_EVERY == 0 or it == max_iter - 1 or all_eigenvectors or not scale_dual
                    or stale - dual <= tol * abs(stale))
             if not due:
-                tr.master.append(master)
-                tr.cuts.append(len(cuts[k]))
-                tr.top_eigenvalue.append(float(mu[q_in, 0]))
-                tr.recovered.append(last_rec[k])
-                tr.record(stale, dual, tr.rank[-1], -1.0)  # tol -1: never "converged" on a stale recovery
-                tr.relative.append((stale - dual) / max(abs(stale), 1e-300))
+                primal, rank, stop_tol = stale, tr.rank[-1], -1.0  # tol -1: never "converged" on a stale recovery
             else:
                 # recovery from the inside point's candidate eigenspace (its query row; the recovery is
                 # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
@@ -348,15 +343,16 @@ def solve_hinge_dual(
                 # C(x) of alpha_in is C_q(x) / sqrt(max(1, mu_1)), so phi carries that factor back
                 phi = (v / pos.sqrt() * math.sqrt(max(1.0, float(mu[q_in, 0])))) @ u_s[:, :rank]  # (P, rank)
                 head = sig[:rank, None] * (v @ wh[:rank].T).T  # (rank, P)
-                tr.master.append(master)
-                tr.cuts.append(len(cuts[k]))
-                tr.top_eigenvalue.append(float(mu[q_in, 0]))
-                primal = min(rec_primal, master)  # both are primal points: the better bound certifies
-                tr.recovered.append(rec_primal)
                 last_rec[k] = rec_primal
-                tr.record(primal, dual, rank, tol * abs(primal))
-                tr.relative.append((primal - dual) / max(abs(primal), 1e-300))
+                primal = min(rec_primal, master)  # both are primal points: the better bound certifies
+                stop_tol = tol * abs(primal)
                 results[k] = BinaryDual(a_in[k].clone(), y[k].clone(), phi, head, mu[q_in].clone(), rec_scores, master_scores)
+            tr.master.append(master)
+            tr.cuts.append(len(cuts[k]))
+            tr.top_eigenvalue.append(float(mu[q_in, 0]))
+            tr.recovered.append(last_rec[k])
+            tr.record(primal, dual, rank, stop_tol)
+            tr.relative.append((primal - dual) / max(abs(primal), 1e-300))
             if tr.converged or (not scale_dual and abs(primal - dual) <= tol * abs(primal)):  # (the broken variant stops too)
                 continue
             for q in qs:  # cuts: every violated direction, value v^T C_i v / sqrt(v^T M v) times y_i

@@ -77,15 +77,30 @@ def _project(p: torch.Tensor, lam: float) -> torch.Tensor:
     return p * (lam / n.clamp_min(lam))
 
 
+def _feasible(p: torch.Tensor, lam: float) -> torch.Tensor:
+    # shrunk by a few ulps so that round-off in the projection cannot leave p outside the ball
+    return _project(p, lam) * (1.0 - 8 * torch.finfo(torch.float64).eps)
+
+
+def _primal(x: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
+    """``P(x)`` per image, ``(B,)``."""
+    return 0.5 * (x - y).flatten(1).pow(2).sum(1) + lam * total_variation(x)
+
+
+def _dual(y: torch.Tensor, y_div: torch.Tensor) -> torch.Tensor:
+    """``D(p)`` per image from ``y_div = y + div p`` (``p`` feasible), ``(B,)``."""
+    return 0.5 * (y.flatten(1).pow(2).sum(1) - y_div.flatten(1).pow(2).sum(1))
+
+
 def tv_dual_gap(x: torch.Tensor, p: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
     """``P(x) - D(p)`` per image, shape ``(B,)``, with ``p`` projected onto ``|p|_2 <= lam`` first (so the
     bound holds for any ``p``); float64 inside. Nonnegative up to round-off, 0 only at the solution pair."""
+    check_tensor("y", y, ndim=4)
+    check_tensor("x", x, shape=tuple(y.shape))
+    check_tensor("p", p, shape=(*y.shape[:2], 2, *y.shape[2:]))
+    lam = check_number("lam", lam, low=0.0)
     x, p, y = x.double(), p.double(), y.double()
-    # shrunk by a few ulps so that round-off in the projection cannot leave p outside the ball
-    p = _project(p, lam) * (1.0 - 8 * torch.finfo(torch.float64).eps)
-    primal = 0.5 * (x - y).flatten(1).pow(2).sum(1) + lam * total_variation(x)
-    dual = 0.5 * (y.flatten(1).pow(2).sum(1) - (y + tv_divergence(p)).flatten(1).pow(2).sum(1))
-    return primal - dual
+    return _primal(x, y, lam) - _dual(y, y + tv_divergence(_feasible(p, lam)))
 
 
 def tv_denoise(y: torch.Tensor, lam: float, *, tol: float = 1e-3, max_iter: int = 2000, check_every: int = 10,
@@ -127,19 +142,20 @@ def tv_denoise(y: torch.Tensor, lam: float, *, tol: float = 1e-3, max_iter: int 
         # two certified candidates: the primal iterate and the dual's own primal point y + div p (exact once p is);
         # per image the one with the smaller gap is kept
         x_dual = y64 + tv_divergence(p)
-        gap_p, gap_d = tv_dual_gap(x, p, y64, lam), tv_dual_gap(x_dual, p, y64, lam)
-        use_dual = (gap_d < gap_p).view(-1, 1, 1, 1)
-        cand = torch.where(use_dual, x_dual, x)
+        dual = _dual(y64, y64 + tv_divergence(_feasible(p, lam)))
+        primal_p, primal_d = _primal(x, y64, lam), _primal(x_dual, y64, lam)
+        gap_p, gap_d = primal_p - dual, primal_d - dual
+        use_dual = gap_d < gap_p
+        cand = torch.where(use_dual.view(-1, 1, 1, 1), x_dual, x)
+        primal = torch.where(use_dual, primal_d, primal_p)
         gap = torch.minimum(gap_p, gap_d)
         # the float64 gap is a difference of sums of n ~ numel terms: its round-off is below n eps (sum of magnitudes)
         # (recursive summation bound, with a factor 4 for the per-term operations); added so the bound stays a bound
-        mags = 0.5 * (cand - y64).flatten(1).pow(2).sum(1) + lam * total_variation(cand) + 0.5 * y64.flatten(1).pow(2).sum(1) \
-            + 0.5 * (y64 + tv_divergence(p)).flatten(1).pow(2).sum(1)
+        mags = primal + 0.5 * y64.flatten(1).pow(2).sum(1) + 0.5 * x_dual.flatten(1).pow(2).sum(1)
         slack = 4 * y64[0].numel() * torch.finfo(torch.float64).eps * mags
         dist = (gap + slack).clamp_min(0.0).mul(2.0).sqrt()
         # + the rounding of the returned image to y's dtype (|x_out - x| <= u |x| componentwise, u its unit round-off)
         rel = dist / torch.linalg.vector_norm(cand.flatten(1), dim=1).clamp_min(FLOOR) + torch.finfo(y.dtype).eps / 2
-        primal = 0.5 * (cand - y64).flatten(1).pow(2).sum(1) + lam * total_variation(cand)
         if not (torch.isfinite(gap).all() and torch.isfinite(primal).all()):
             info.stop_reason, info.diverged = "nonfinite", True
             break
