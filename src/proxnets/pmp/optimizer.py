@@ -402,14 +402,13 @@ class BSQH(torch.optim.Optimizer):
         if k >= s.numel():
             return 0.5 * float(s.min())  # everything is kept at any price below the smallest
         # any rho in [s_(k+1), s_(k)) (k-th largest) keeps exactly the top k; take their geometric mean
-        n = s.numel()  # kthvalue is linear-time (topk of k ~ 0.1 n is ~10x slower here)
-        lo_t = torch.kthvalue(s, n - k).values
-        # the smallest score above lo: one fused masked minimum (a boolean index allocates and copies)
-        hi = float(torch.where(s > lo_t, s, math.inf).amin()) if k > 0 else math.inf
-        lo = float(lo_t)
+        lo, hi = order_pair(s, k, getattr(self, "_price_guess", None))
         if not math.isfinite(hi):
-            return 2.0 * lo if lo > 0 else 1.0
-        return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+            rho = 2.0 * lo if lo > 0 else 1.0
+        else:
+            rho = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+        self._price_guess = rho  # the next trial's scores are ranked against it first (order_pair)
+        return rho
 
     def _price_for_group_density(self, s: torch.Tensor, sizes: torch.Tensor) -> float:
         """Groups with prices ``s`` and weight counts ``sizes``: the rho keeping the top groups whose
@@ -645,6 +644,48 @@ class BSQH(torch.optim.Optimizer):
             record.setdefault("augmented_gain", math.nan)
             self.history.append(record)
         return loss
+
+
+ORDER_BAND = 512  # order_pair's fast path: at most this many ranks between the guess and the k-th largest
+
+
+def order_pair(s: torch.Tensor, k: int, guess: float | None = None) -> tuple[float, float]:
+    """``(lo, hi)``: ``lo`` the ``(k+1)``-th largest of the 1-d ``s`` (``0 <= k < s.numel()``), ``hi`` the smallest
+    entry strictly above ``lo`` (``inf`` if none): every price in ``[lo, hi)`` keeps exactly the entries above it.
+
+    Reference: ``lo = kthvalue(s, n - k)``, ``hi = min{s > lo}``. With a ``guess`` (the last price: the
+    ranking moves little from one trial to the next) it first counts ``c = #{s > guess}``; then ``lo`` and the
+    ``k``-th largest are order statistics of one side of the guess, ``|c - k| + 1`` ranks from it:
+    ``c == k``: ``lo = max{s <= guess}``, ``hi = min{s > guess}``; ``0 < |c - k| < ORDER_BAND``: a ``topk`` of
+    ``|c - k| + 1`` on that side (the other side masked to -inf/inf). When the ``k``-th and ``(k+1)``-th largest
+    tie (``hi`` is then a later distinct value), the guess is far, or there is none, the reference is used: the
+    result is always the reference's, bit for bit (tested against it).
+    """
+    n = s.numel()
+    if guess is not None and 0 < k < n and math.isfinite(guess):
+        above = s > guess
+        c, nans = torch.stack([above.sum(), torch.isnan(s).sum()]).tolist()
+        # kthvalue ranks a NaN largest, the comparison with the guess never: with a NaN the reference decides
+        if not nans:
+            if c == k:
+                # exactly k above the guess: lo is the largest entry at or below it, hi the smallest above it
+                lo, hi = torch.stack([torch.where(above, -math.inf, s).amax(),
+                                      torch.where(above, s, math.inf).amin()]).tolist()
+                return lo, hi
+            elif 0 < k - c < ORDER_BAND:  # the k-th and (k+1)-th largest are the (k-c)-th and (k-c+1)-th below
+                v = torch.topk(torch.where(above, -math.inf, s), k - c + 1).values.tolist()
+                kth, lo = v[-2], v[-1]
+                if kth > lo:
+                    return lo, kth
+            elif 0 < c - k < ORDER_BAND:  # ... the (c-k)-th and (c-k+1)-th smallest above
+                v = torch.topk(torch.where(above, s, math.inf), c - k + 1, largest=False).values.tolist()
+                lo, kth = v[-2], v[-1]
+                if kth > lo:
+                    return lo, kth
+    lo_t = torch.kthvalue(s, n - k).values  # linear time (topk of k ~ 0.1 n is ~10x slower here)
+    # the smallest score above lo: one fused masked minimum (a boolean index allocates and copies)
+    hi = float(torch.where(s > lo_t, s, math.inf).amin()) if k > 0 else math.inf
+    return float(lo_t), hi
 
 
 def _reg_terms(group: dict[str, Any], w: torch.Tensor) -> torch.Tensor:
