@@ -464,7 +464,7 @@ def _frontier_rows(fr: dict[str, Any], rhos: list[float], rho_op: float | None) 
         if _by_rho(fr["iht"], r, "density"):
             rows.append(["SGD+IHT (1 seed)", r, round(_by_rho(fr["iht"], r, "density")[0], 4),
                          round(_by_rho(fr["iht"], r, "test_acc")[0], 4), "-", ""])
-    if rho_op is not None and any(p.get("extra") for p in fr["bsqh"]):  # the operating target, every seed
+    if rho_op is not None and any(p.get("extra") and p["rho"] == rho_op for p in fr["bsqh"]):  # every seed there
         for name, pts in (("bSQH", fr["bsqh"]), ("Adam+prune+ft", fr["prune"])):
             if _by_rho(pts, rho_op, "density", extra=True):
                 n = len(_by_rho(pts, rho_op, "density", extra=True))
