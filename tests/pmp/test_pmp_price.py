@@ -49,3 +49,14 @@ def test_order_pair_with_a_nan_score_is_the_reference():
         for guess in (0.25, 0.35, 0.15, 0.45):
             got = order_pair(s, k, guess)
             assert (got[0] == ref[0] or (math.isnan(got[0]) and math.isnan(ref[0]))) and got[1] == ref[1]
+
+
+def test_order_pair_with_infinite_scores_is_the_reference():
+    s = torch.tensor([0.1, 0.5, float("inf"), 0.3, 0.2, 0.4, float("inf"), 0.05])
+    for signs in (1.0, -1.0):  # +inf only (the fast path), and -inf too (the sum is NaN: the reference)
+        if signs < 0:
+            s = torch.cat([s, torch.tensor([-float("inf")])])
+        for k in range(1, len(s) - 1):
+            ref = _reference(s, k)
+            for guess in (0.25, 0.35, 0.15, 0.45, 0.0, 1.0):
+                assert order_pair(s, k, guess) == ref, (k, guess)
