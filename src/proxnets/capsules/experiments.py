@@ -109,6 +109,14 @@ def _model_config(ctx: SuiteContext, input_shape, num_classes, **overrides):
                         decoder_hidden=decoder, **overrides)
 
 
+def _dataset_seeds(ctx: SuiteContext, name: str, run_seeds: list[int]) -> list[int]:
+    """The seeds trained on dataset ``name``: a prefix of ``run_seeds`` (``QUICK_SEEDS`` at quick), the same for every
+    setting of that dataset, so that the comparisons are paired by seed."""
+    if ctx.size != "quick":
+        return list(run_seeds)
+    return list(run_seeds[:QUICK_SEEDS.get(name, len(run_seeds))])
+
+
 def train_setting(ctx: SuiteContext, ds, setting: str, seed: int, *, shuffle_labels: bool = False, **overrides):
     """Train one CapsNet with routing ``setting`` (a key of :data:`SETTINGS`) from seed ``seed``
     (``overrides``: further :class:`CapsNetConfig` fields, e.g. ``reconstruction=False``).
@@ -305,8 +313,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
             continue
         here = [s for s in settings if name == "mnist5k" or ctx.size == "full" or s not in MNIST5K_ONLY]
         acc[name] = {s: [] for s in here}
-        # every setting of a dataset uses the same seeds (the comparisons are paired by seed)
-        seeds_by_dataset[name] = run_seeds[:QUICK_SEEDS.get(name, len(run_seeds))] if ctx.size == "quick" else run_seeds
+        seeds_by_dataset[name] = _dataset_seeds(ctx, name, run_seeds)
         for setting in here:
             for seed in seeds_by_dataset[name]:
                 model, dt = train_setting(ctx, ds, setting, seed,
