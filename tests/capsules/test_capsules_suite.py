@@ -77,3 +77,20 @@ def test_seeds_needed_is_the_smallest_n_whose_interval_fits_the_margin():
     assert n is not None and fits(n) and not fits(n - 1)
     assert _seeds_needed([-0.015, -0.015, -0.004], 0.01) is None  # the mean itself is beyond the margin
     assert _seeds_needed([0.0, 0.0, 0.0], 0.01) == 2
+
+
+def test_quick_seeds_are_a_paired_prefix_per_dataset(tmp_path):
+    # The seed counts were fixed before the new seeds were trained (experiments.QUICK_SEEDS): 6 on mnist5k, where
+    # r = 5 and regularized routing are compared with r = 3, 3 on mnist5k-rot. Every setting of a dataset must use
+    # the same seeds, or the paired differences would pair different models.
+    from proxnets.capsules.experiments import QUICK_SEEDS, _dataset_seeds
+
+    assert QUICK_SEEDS == {"mnist5k": 6, "mnist5k-rot": 3}
+    quick = SuiteContext(out_dir=tmp_path, size="quick", seed=10, log=lambda m: None)
+    seeds = [10 + k for k in range(max(QUICK_SEEDS.values()))]
+    assert _dataset_seeds(quick, "mnist5k", seeds) == seeds
+    assert _dataset_seeds(quick, "mnist5k-rot", seeds) == seeds[:3]
+    assert _dataset_seeds(quick, "mnist5k", seeds[:1]) == seeds[:1]  # a mutation run keeps its single seed
+    for size in ("smoke", "full"):
+        ctx = SuiteContext(out_dir=tmp_path, size=size, log=lambda m: None)
+        assert _dataset_seeds(ctx, "mnist5k-rot", [0, 1, 2]) == [0, 1, 2]
