@@ -163,7 +163,8 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     with torch.no_grad():
         c = torch.randn_like(layer.injection(x))
     runs = {}
-    for solver, backward_solver in [("accelerated", "conjugate_gradient"), ("anderson", "conjugate_gradient"),
+    for solver, backward_solver in [("safeguarded_anderson", "conjugate_gradient"), ("accelerated", "conjugate_gradient"),
+                                    ("anderson", "conjugate_gradient"),
                                     ("accelerated", "accelerated"), ("anderson", "anderson"),
                                     ("fixed_point", "fixed_point")]:
         runs[f"ours:{solver}/{backward_solver}"] = _run_ours(layer, x, c, solver, {}, backward_solver)

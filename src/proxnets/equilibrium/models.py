@@ -105,7 +105,7 @@ class OptEqConfig:
     activation: str = "relu"
     l1: float = 0.0  # L1 prior on the equilibrium features (a shifted ReLU)
     target_norm: float = 0.97  # |W|_2 bound; < 1 makes G strongly convex
-    solver: str = "accelerated"
+    solver: str = "safeguarded_anderson"  # (was "accelerated": 10.5 vs 14.5 training iterations, -16% CPU)
     solver_options: dict = dataclasses.field(default_factory=dict)
     tol: float = 1e-3  # relative residual for training (tighten for certification)
     max_iter: int = 60
