@@ -217,14 +217,17 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     return rows
 
 
-def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in_features: int = 196) -> float:
+def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in_features: int = 196,
+               solver: str = "accelerated") -> float:
     """Per-layer CPU time of the joint deep OptEq / that of one OptEq layer (same width, tol, solvers)."""
     from proxnets.equilibrium import DeepOptEq, OptEq
 
     torch.manual_seed(0)
     x = torch.randn(batch, in_features)
-    models = {"single OptEq": OptEq(in_features, n, tol=TOL, max_iter=MAX_ITER, policy="warn"),
-              f"DeepOptEq x{layers}": DeepOptEq(in_features, [n] * layers, tol=TOL, max_iter=MAX_ITER, policy="warn")}
+    # the same forward solver on both sides (the layers' defaults differ: DeepOptEq keeps "accelerated")
+    models = {"single OptEq": OptEq(in_features, n, solver=solver, tol=TOL, max_iter=MAX_ITER, policy="warn"),
+              f"DeepOptEq x{layers}": DeepOptEq(in_features, [n] * layers, solver=solver, tol=TOL, max_iter=MAX_ITER,
+                                                policy="warn")}
     calls = {}
     for name, m in models.items():
         with torch.no_grad():
@@ -238,7 +241,7 @@ def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in
 
         calls[name] = step
     cpu = _cpu_interleaved(calls, repeats)
-    print(f"\n== joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL} ==")
+    print(f"\n== joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL}, {solver} ==")
     for name, m in models.items():
         per = cpu[name] / (layers if name.startswith("Deep") else 1)
         it = m.last_info
