@@ -208,3 +208,41 @@ def test_conjugate_gradient_solves_symmetric_affine_fixed_point():
     assert torch.allclose(z, exact, atol=1e-10)
     with pytest.raises(ValueError, match="solver: expected one of"):
         solve("conjugate_gradient", lambda z: z, torch.zeros(1, 2))  # not a forward solver
+
+
+def test_bfloat16_warmup_reaches_the_float32_equilibrium_and_reports_the_float32_phase():
+    """``warmup_tol``: a bfloat16 pass first, then float32 to tol; the answer and its flags are the float32 map's."""
+    torch.manual_seed(0)
+    kw = dict(target_norm=0.97, solver="safeguarded_anderson", tol=1e-5, max_iter=300, policy="raise")
+    warm = OptEqConv2d(2, 4, (8, 8), warmup_tol=3e-3, **kw).eval()
+    plain = OptEqConv2d(2, 4, (8, 8), **kw).eval()
+    with torch.no_grad():
+        warm.W.parametrizations.weight.original.mul_(10.0)  # the bound active
+    plain.load_state_dict(warm.state_dict())
+    plain.eval()
+    warm.eval()
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    c = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for name, layer in (("warm", warm), ("plain", plain)):
+        z = layer(x)
+        g = torch.autograd.grad((c * z).sum(), [layer.W.parametrizations.weight.original, layer.U.weight])
+        assert layer.last_info.converged and layer.last_info.stop_reason == "tol"
+        assert layer.last_info.residuals[-1] <= 1e-5  # the float32 map's residual decides
+        outs[name] = (z.detach(), g)
+    assert warm.last_warmup_info is not None and warm.last_warmup_info.solver == "safeguarded_anderson"
+    assert plain.last_warmup_info is None
+    # both are within the contraction bound q / (1 - q) tol |z| of the one fixed point: 16 tol, relative
+    zw, zp = outs["warm"][0], outs["plain"][0]
+    assert float((zw - zp).norm() / zp.norm()) < 2 * 17 * 1e-5
+    for gw, gp in zip(outs["warm"][1], outs["plain"][1]):
+        assert float((gw - gp).norm() / gp.norm()) < 1e-3
+    # the float32 phase starts close: fewer float32 evaluations than the plain solve
+    assert warm.last_info.iterations < plain.last_info.iterations
+    # float64 layers skip the warm-up; a bad tolerance is refused
+    d = OptEqConv2d(2, 4, (8, 8), warmup_tol=1e-2, **kw).double().eval()
+    with torch.no_grad():
+        d(x.double())
+    assert d.last_warmup_info is None
+    with pytest.raises(ValueError, match="warmup_tol"):
+        OptEqConv2d(2, 4, (8, 8), warmup_tol=0.0)
