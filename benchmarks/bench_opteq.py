@@ -65,12 +65,7 @@ def _trained_layer(ds, steps: int, seed: int) -> tuple[OptEqConv2d, torch.nn.Mod
     return block, model.stem
 
 
-WARMUP_TOL = 2e-3  # "@bf16" rows: the layer's bfloat16 warm-up down to this residual, then float32 to TOL
-
-
 def _run_ours(layer: OptEqConv2d, x: torch.Tensor, c: torch.Tensor, solver: str, options: dict, backward_solver: str):
-    solver, _, warm = solver.partition("@")
-    layer.warmup_tol = WARMUP_TOL if warm == "bf16" else None
     layer.solver, layer.solver_options = solver, options
     layer.backward_config.solver, layer.backward_config.options = backward_solver, {}
     layer.backward_config.tol, layer.backward_config.max_iter = TOL, MAX_ITER
@@ -128,8 +123,6 @@ def _describe(name, forward, step, info_fn, layer, x):
     info = info_fn()
     if hasattr(info, "iterations"):
         f_it = info.iterations
-        if getattr(layer, "warmup_tol", None) is not None and layer.last_warmup_info is not None:
-            f_it = f"{layer.last_warmup_info.iterations}+{f_it}"  # bfloat16 warm-up + float32
         b_it = info.backward.iterations if info.backward is not None else None
     else:  # TorchDEQ's statistics dict
         f_it = int(info["nstep"].max()) if info is not None and "nstep" in info else None
@@ -170,8 +163,7 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     with torch.no_grad():
         c = torch.randn_like(layer.injection(x))
     runs = {}
-    for solver, backward_solver in [("safeguarded_anderson@bf16", "conjugate_gradient"),
-                                    ("safeguarded_anderson", "conjugate_gradient"), ("accelerated", "conjugate_gradient"),
+    for solver, backward_solver in [("safeguarded_anderson", "conjugate_gradient"), ("accelerated", "conjugate_gradient"),
                                     ("anderson", "conjugate_gradient"),
                                     ("accelerated", "accelerated"), ("anderson", "anderson"),
                                     ("fixed_point", "fixed_point")]:

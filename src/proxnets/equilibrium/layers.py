@@ -102,15 +102,8 @@ class OptEqBase(nn.Module):
         power_iterations: int = 16,
         eps: float = 0.0,
         anchor: str | nn.Module = "linear",
-        warmup_tol: float | None = None,
     ):
         super().__init__()
-        # bfloat16 warm-up of the forward (None: off): the solver first runs on T with W's convolutions in
-        # bfloat16 (3x faster on CPUs with AVX512-BF16) down to this residual *of that map*, then on the float32 T
-        # from there to tol; converged, the residuals and the certificate are the float32 phase's (any finite
-        # starting point is valid for a contraction), the warm-up's info is in last_warmup_info
-        self.warmup_tol = None if warmup_tol is None else check_number("warmup_tol", warmup_tol, low=0.0, low_inclusive=False)
-        self.last_warmup_info: EquilibriumInfo | None = None
         self.eps = check_number("eps", eps, low=0.0, high=1.0, high_inclusive=False)
         if not (isinstance(anchor, nn.Module) or anchor in ANCHORS):
             fail("anchor", f"one of {list(ANCHORS)} or an nn.Module", anchor)
@@ -231,30 +224,6 @@ class OptEqBase(nn.Module):
             return out
 
         return T
-
-    def low_precision_map(self, inj: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
-        """``T`` with ``W z`` and ``W^T (W z)`` computed in ``dtype`` (the rest in ``inj``'s dtype): the warm-up
-        map of ``warmup_tol`` (outside autograd). Its fixed point differs from ``T``'s by the round-off of ``dtype``."""
-        wl = w.detach().to(dtype)
-
-        def T(z: torch.Tensor) -> torch.Tensor:
-            pre = self.apply_wt(self.apply_w(z.to(dtype), wl), wl).to(inj.dtype).add_(inj)
-            if self.eps:
-                pre.sub_(z, alpha=self.eps)
-            return self.activation.prox_(pre)
-
-        return T
-
-    def _warmup(self, inj: torch.Tensor, w: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        """``z0`` improved by the low-precision warm-up (``warmup_tol``), or ``z0`` itself (off, not float32,
-        or a non-finite warm-up iterate)."""
-        if self.warmup_tol is None or inj.dtype != torch.float32:
-            return z0
-        with torch.no_grad():
-            z, winfo = solve(self.solver, self.low_precision_map(inj.detach(), w), z0.detach(), tol=self.warmup_tol,
-                             max_iter=self.max_iter, **self.solver_options)
-        self.last_warmup_info = winfo
-        return z if bool(torch.isfinite(z).all()) else z0
 
     def weight_grad(self, z: torch.Tensor, wz: torch.Tensor, q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``d/dw <q, M z> = d/dw <W q, W z>`` (the ``eps`` term has no weight) with ``wz = W z`` given: one ``W q`` and two weight
@@ -428,8 +397,6 @@ class OptEqBase(nn.Module):
                     z0 = torch.zeros_like(inj)
         else:
             check_tensor("z0", z0, shape=shape)
-        if self.backward_config.mode != "unrolled":
-            z0 = self._warmup(inj, w, z0)
         what = f"{type(self).__name__} forward ({self.solver})"
         cfg = self.backward_config
         objective = None
@@ -516,14 +483,13 @@ class OptEq(OptEqBase):
         power_iterations: int = 16,
         eps: float = 0.0,
         anchor: str | nn.Module = "linear",
-        warmup_tol: float | None = None,
     ):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
             solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
             backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
-            eps=eps, anchor=anchor, warmup_tol=warmup_tol,
+            eps=eps, anchor=anchor,
         )
         self.in_features = check_int("in_features", in_features, low=1)
         self.features = check_int("features", features, low=1)
@@ -585,14 +551,13 @@ class OptEqConv2d(OptEqBase):
         power_iterations: int = 16,
         eps: float = 0.0,
         anchor: str | nn.Module = "linear",
-        warmup_tol: float | None = None,
     ):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
             solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
             backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
-            eps=eps, anchor=anchor, warmup_tol=warmup_tol,
+            eps=eps, anchor=anchor,
         )
         self.in_channels = check_int("in_channels", in_channels, low=1)
         self.channels = check_int("channels", channels, low=1)
