@@ -163,7 +163,8 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     with torch.no_grad():
         c = torch.randn_like(layer.injection(x))
     runs = {}
-    for solver, backward_solver in [("accelerated", "conjugate_gradient"), ("anderson", "conjugate_gradient"),
+    for solver, backward_solver in [("safeguarded_anderson", "conjugate_gradient"), ("accelerated", "conjugate_gradient"),
+                                    ("anderson", "conjugate_gradient"),
                                     ("accelerated", "accelerated"), ("anderson", "anderson"),
                                     ("fixed_point", "fixed_point")]:
         runs[f"ours:{solver}/{backward_solver}"] = _run_ours(layer, x, c, solver, {}, backward_solver)
@@ -216,14 +217,17 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     return rows
 
 
-def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in_features: int = 196) -> float:
+def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in_features: int = 196,
+               solver: str = "accelerated") -> float:
     """Per-layer CPU time of the joint deep OptEq / that of one OptEq layer (same width, tol, solvers)."""
     from proxnets.equilibrium import DeepOptEq, OptEq
 
     torch.manual_seed(0)
     x = torch.randn(batch, in_features)
-    models = {"single OptEq": OptEq(in_features, n, tol=TOL, max_iter=MAX_ITER, policy="warn"),
-              f"DeepOptEq x{layers}": DeepOptEq(in_features, [n] * layers, tol=TOL, max_iter=MAX_ITER, policy="warn")}
+    # the same forward solver on both sides (the layers' defaults differ: DeepOptEq keeps "accelerated")
+    models = {"single OptEq": OptEq(in_features, n, solver=solver, tol=TOL, max_iter=MAX_ITER, policy="warn"),
+              f"DeepOptEq x{layers}": DeepOptEq(in_features, [n] * layers, solver=solver, tol=TOL, max_iter=MAX_ITER,
+                                                policy="warn")}
     calls = {}
     for name, m in models.items():
         with torch.no_grad():
@@ -237,7 +241,7 @@ def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in
 
         calls[name] = step
     cpu = _cpu_interleaved(calls, repeats)
-    print(f"\n== joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL} ==")
+    print(f"\n== joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL}, {solver} ==")
     for name, m in models.items():
         per = cpu[name] / (layers if name.startswith("Deep") else 1)
         it = m.last_info

@@ -25,7 +25,7 @@ layer = OptEq(
     784, 64,
     activation="relu",        # prox of the indicator of z >= 0
     target_norm=0.95,         # |W|_2 <= 0.95: G is (1 - 0.95^2)-strongly convex, one equilibrium
-    solver="anderson",        # forward solver (fixed_point | accelerated | anderson | halpern)
+    solver="safeguarded_anderson",  # forward (default; fixed_point | accelerated | anderson | halpern)
     tol=1e-3, max_iter=100,   # relative residual |T(z) - z| / |T(z)|
     backward="implicit",      # adjoint solve (conjugate gradient on its symmetric form)
     policy="warn",            # warn when a solve misses its tolerance

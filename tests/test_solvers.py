@@ -9,12 +9,12 @@ from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.layers import OptEq
 from proxnets.solvers import (
     ADJOINT_SOLVERS, SOLVERS, STOP_REASONS, SolverInfo, anderson, check_solver_options, conjugate_gradient, fixed_point,
-    register_solver, relative_residual, solve, solve_linear, solver_options,
+    register_solver, relative_residual, safeguarded_anderson, solve, solve_linear, solver_options,
 )
 from proxnets.utils.convergence import NonConvergenceWarning
 
 # iterations each solver needs on the contraction below (Halpern converges like 1/k)
-BUDGET = {"fixed_point": 500, "accelerated": 500, "anderson": 200, "halpern": 20000}
+BUDGET = {"fixed_point": 500, "accelerated": 500, "anderson": 200, "safeguarded_anderson": 200, "halpern": 20000}
 L = 0.8  # Lipschitz constant of the contraction
 
 
@@ -91,7 +91,9 @@ def test_trap_relu_expansion_is_not_converged(name):
     with pytest.warns(NonConvergenceWarning, match="did not converge"):
         z, info = equilibrium(lambda z: torch.relu(1.5 * z + 1), torch.zeros(2, 6), solver=name)
     assert not info.converged and info.stop_reason in STOP_REASONS
-    if name != "anderson":  # |z| grows like 1.5^k; Anderson instead stalls at residual ~1 (max_iter)
+    # |z| grows like 1.5^k; Anderson instead stalls at residual ~1 (max_iter), and so does its safeguarded form
+    # (its accepted candidates keep the residual bounded; the map is not averaged, so no guarantee applies)
+    if name not in ("anderson", "safeguarded_anderson"):
         assert info.diverged and info.stop_reason == "diverged"
     assert torch.isfinite(z).all()
 
@@ -247,3 +249,65 @@ def test_implicit_backward_info_reaches_the_forward_info():
                               backward=BackwardConfig(solver="fixed_point", tol=1e-14, max_iter=1), policy="ignore")
     z.sum().backward()
     assert info.backward is not None and not info.backward.converged
+
+
+# --- safeguarded Anderson (the KM guarantee kept by a residual safeguard) ---------------------------------------
+def _reflect_clamp():
+    """``S(x) = x/2 + clamp(x Q + c, -1, 1)/2`` with ``Q`` a 2x2 orthogonal reflection: ``clamp`` is firmly
+    nonexpansive and ``Q`` an isometry, so ``S`` is a 1/2-averaged map (unique fixed point here). Found by a random
+    search over such maps: unregularized Anderson (m = 5, lam = 0) blows up on it (residual 2.9e12 at step 8)."""
+    q = torch.tensor([[-0.38185669585110626, -0.9242215447789972], [-0.9242215447789972, 0.38185669585110615]],
+                     dtype=torch.float64)
+    c = torch.tensor([[0.1672118887052519, 0.5285657955161001]], dtype=torch.float64)
+    return lambda x: 0.5 * x + 0.5 * torch.clamp(x @ q + c, -1.0, 1.0)
+
+
+def test_safeguarded_anderson_converges_where_plain_anderson_diverges():
+    S = _reflect_clamp()
+    x0 = torch.zeros(1, 2, dtype=torch.float64)
+    _, plain = anderson(S, x0, tol=1e-10, max_iter=200, m=5, lam=0.0)
+    assert plain.diverged and not plain.converged  # the unsafeguarded method on this averaged map
+    z, info = safeguarded_anderson(S, x0, tol=1e-10, max_iter=200, m=5, lam=0.0)
+    assert info.converged and info.stop_reason == "tol" and not info.diverged
+    assert info.restarts >= 1  # the safeguard did reject candidates
+    z_km, km = fixed_point(S, x0, tol=1e-13, max_iter=5000)
+    assert km.converged and info.iterations < km.iterations  # and still accelerates the plain (KM) iteration
+    assert (z - z_km).abs().max() < 1e-9  # the same fixed point (S is a contraction near it)
+
+
+def test_safeguarded_anderson_same_fixed_point_as_km_and_rejections_keep_it():
+    T, T64, c = _contraction(dtype=torch.float64)
+    z_star = _reference(T64, c)
+    for rho in (0.9, 1e-6):  # rho = 1e-6: nearly every candidate is rejected, the run is (mostly) KM
+        z, info = safeguarded_anderson(T64, torch.zeros(3, 6, dtype=torch.float64), tol=1e-10, max_iter=500, rho=rho)
+        assert info.converged and info.stop_reason == "tol"
+        scale = torch.maximum(z.norm(dim=1), z_star.norm(dim=1))
+        assert ((z - z_star).norm(dim=1) <= L / (1 - L) * 1e-10 * scale + 1e-14).all()
+        if rho < 1e-3:
+            assert info.restarts > 0
+    # theta < 1: the KM step of T itself (every averaged S = (1 - theta) I + theta T has the same fixed points)
+    z, info = safeguarded_anderson(T64, torch.zeros(3, 6, dtype=torch.float64), tol=1e-10, max_iter=500, theta=0.5)
+    assert info.converged and (z - z_star).abs().max() < 1e-8
+
+
+def test_safeguarded_anderson_capped_run_is_not_converged_and_options_are_checked():
+    T, _, _ = _contraction(dtype=torch.float64)
+    z, info = safeguarded_anderson(T, torch.zeros(3, 6, dtype=torch.float64), tol=1e-12, max_iter=2)
+    assert info.stop_reason == "max_iter" and not info.converged and not info.diverged and info.iterations == 2
+    assert max(info.final_residual) > 1e-12 and torch.isfinite(z).all()
+    for bad in ({"rho": 1.0}, {"rho": 0.0}, {"theta": 0.0}, {"theta": 1.5}, {"m": 0}):
+        with pytest.raises(ValueError):
+            solve("safeguarded_anderson", T, torch.zeros(3, 6, dtype=torch.float64), **bad)
+
+
+def test_safeguarded_anderson_returns_the_output_of_its_last_evaluation():
+    # the OptEq layer attaches its implicit gradient to that very tensor (no extra evaluation of T)
+    T, _, _ = _contraction()
+    seen = {}
+
+    def spy(z):
+        seen["out"] = T(z)
+        return seen["out"]
+
+    z, info = safeguarded_anderson(spy, torch.zeros(3, 6), tol=1e-5, max_iter=100)
+    assert info.converged and z is seen["out"]

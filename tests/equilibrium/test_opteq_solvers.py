@@ -25,7 +25,7 @@ def _quadratic_user():
 
 
 ACTIVATION_SPECS = [(name, get_activation(name)) for name in sorted(PROX_ACTIVATIONS)] + [("user", _quadratic_user())]
-SOLVER_ITERS = {"fixed_point": 2000, "accelerated": 2000, "anderson": 500, "halpern": 20000}
+SOLVER_ITERS = {"fixed_point": 2000, "accelerated": 2000, "anderson": 500, "safeguarded_anderson": 500, "halpern": 20000}
 
 
 def dense_layer(activation, solver="anderson", target=0.9, seed=0, **kw):

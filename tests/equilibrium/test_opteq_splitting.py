@@ -66,7 +66,7 @@ def test_pr_reports_non_convergence_when_capped():
     assert not info.converged and info.stop_reason == "max_iter" and info.iterations == 3
 
 
-@pytest.mark.parametrize("padding,resolvent", [("circular", "dense"), ("zeros", "dense"), ("zeros", "cg")])
+@pytest.mark.parametrize("padding,resolvent", [("circular", "dense"), ("zeros", "dense"), ("zeros", "cg"), ("zeros", "gmres")])
 def test_mon_resolvent_solves_its_system_and_pr_matches_fb(padding, resolvent):
     torch.manual_seed(0)
     layer = MONConv2d(3, 4, (6, 6), MONConfig(padding=padding, solver="peaceman_rachford", tol=1e-9, max_iter=500,
@@ -94,7 +94,7 @@ def test_mon_resolvent_solves_its_system_and_pr_matches_fb(padding, resolvent):
         assert mod.last_info.converged
         grads.append((z, torch.autograd.grad(z.pow(2).sum(), [x, *mod.parameters()])))
     assert layer.last_info.iterations < fb.last_info.iterations
-    if resolvent == "cg":  # every inner solve of both runs met its tolerance
+    if resolvent in ("cg", "gmres"):  # every inner solve of both runs met its tolerance
         assert layer.last_info.inner_calls > 0 and layer.last_info.inner_unconverged == 0
         assert layer.last_info.backward.inner_calls > 0 and layer.last_info.backward.converged
     assert float((grads[0][0] - grads[1][0]).detach().norm() / grads[1][0].detach().norm()) < 1e-8
@@ -149,17 +149,18 @@ def test_circular_spectrum_brackets_the_dense_spectrum():
 
 def _cg_layer(**kw):
     torch.manual_seed(3)
-    cfg = dict(padding="zeros", solver="peaceman_rachford", pr_resolvent="cg", policy="ignore")
+    cfg = dict(padding="zeros", solver="peaceman_rachford", pr_resolvent=kw.pop("resolvent", "cg"), policy="ignore")
     return MONConv2d(2, 3, (5, 4), MONConfig(**{**cfg, **kw})).double()
 
 
+@pytest.mark.parametrize("resolvent", ["cg", "gmres"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_cg_resolvent_matches_a_dense_solve_within_its_error_bound(transpose):
+def test_cg_resolvent_matches_a_dense_solve_within_its_error_bound(transpose, resolvent):
     """Zero padding, non-circulant M: CG on the normal equations equals the dense solve of (I + alpha M) x = y
     (or its transpose) within ``tol / (1 + alpha m)^2`` relative (sigma_min(I + alpha M) >= 1 + alpha m)."""
     from proxnets.equilibrium.models import dense_matrix
 
-    layer = _cg_layer(m=0.5)
+    layer = _cg_layer(m=0.5, resolvent=resolvent)
     a, b = layer.A.weight.detach(), layer.B.weight.detach()
     alpha, n = 0.8, 3 * 5 * 4
     mat = dense_matrix(lambda v: layer.monotone_part(v, a, b), (3, 5, 4))
@@ -179,14 +180,15 @@ def test_cg_resolvent_matches_a_dense_solve_within_its_error_bound(transpose):
     assert float(err.max()) < 1e-9
 
 
-def test_unconverged_inner_solve_makes_the_run_unconverged():
+@pytest.mark.parametrize("resolvent", ["cg", "gmres"])
+def test_unconverged_inner_solve_makes_the_run_unconverged(resolvent):
     """Inner CG capped at 1 iteration: the outer residual may pass tol, but the run is not converged,
     forward and backward, and policy "raise" raises."""
     from proxnets.utils.convergence import NonConvergenceError
 
     x = torch.randn(2, 2, 5, 4, dtype=torch.float64)
-    good = _cg_layer(tol=1e-6, max_iter=300)
-    bad = _cg_layer(tol=1e-6, max_iter=300, pr_inner_max_iter=1, pr_inner_tol=1e-14)
+    good = _cg_layer(tol=1e-6, max_iter=300, resolvent=resolvent)
+    bad = _cg_layer(tol=1e-6, max_iter=300, pr_inner_max_iter=1, pr_inner_tol=1e-14, resolvent=resolvent)
     good.backward_config.tol = bad.backward_config.tol = 1e-6
     for layer, ok in ((good, True), (bad, False)):
         z = layer(x)

@@ -88,7 +88,7 @@ class OptEqBase(nn.Module):
         activation_options: dict | None = None,
         l1: float = 0.0,
         target_norm: float = 0.97,
-        solver: str = "accelerated",
+        solver: str = "safeguarded_anderson",
         solver_options: dict | None = None,
         tol: float = 1e-4,
         max_iter: int = 100,
@@ -318,7 +318,7 @@ class OptEqBase(nn.Module):
 
     # solvers of the registry known to return T's output of their last (checked) evaluation
     # unchanged, with that evaluation's input untouched: the cached step is then the returned point
-    _CACHE_SAFE = ("fixed_point", "accelerated", "anderson", "halpern")
+    _CACHE_SAFE = ("fixed_point", "accelerated", "anderson", "safeguarded_anderson", "halpern")
 
     def adjoint_pre(self, v: torch.Tensor, s: torch.Tensor, w: torch.Tensor):
         """The gradient with respect to the pre-activation ``p`` of the implicit step, ``(q, info)``.
@@ -337,8 +337,9 @@ class OptEqBase(nn.Module):
         if cfg.solver == "conjugate_gradient":
             sh = torch.empty_like(sv)  # reused: batch-sized allocations cost more than the arithmetic
 
-            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s M s) h, in place on the fresh M output
-                return self.linear_part(torch.mul(s, h, out=sh), w).mul_(s).neg_().add_(h)
+            def A(h: torch.Tensor) -> torch.Tensor:  # (I - s M s) h = h - s (M (s h)), in place on the fresh M output
+                msh = self.linear_part(torch.mul(s, h, out=sh), w)
+                return torch.addcmul(h, msh, s, value=-1.0, out=msh)
 
             h, binfo = solve_linear(A, sv, tol=cfg.tol, max_iter=cfg.max_iter)
         else:
@@ -468,7 +469,7 @@ class OptEq(OptEqBase):
         activation_options: dict | None = None,
         l1: float = 0.0,
         target_norm: float = 0.97,
-        solver: str = "accelerated",
+        solver: str = "safeguarded_anderson",
         solver_options: dict | None = None,
         tol: float = 1e-4,
         max_iter: int = 100,
@@ -536,7 +537,7 @@ class OptEqConv2d(OptEqBase):
         activation_options: dict | None = None,
         l1: float = 0.0,
         target_norm: float = 0.97,
-        solver: str = "accelerated",
+        solver: str = "safeguarded_anderson",
         solver_options: dict | None = None,
         tol: float = 1e-4,
         max_iter: int = 100,

@@ -105,7 +105,7 @@ class OptEqConfig:
     activation: str = "relu"
     l1: float = 0.0  # L1 prior on the equilibrium features (a shifted ReLU)
     target_norm: float = 0.97  # |W|_2 bound; < 1 makes G strongly convex
-    solver: str = "accelerated"
+    solver: str = "safeguarded_anderson"  # (was "accelerated": 10.5 vs 14.5 training iterations, -16% CPU)
     solver_options: dict = dataclasses.field(default_factory=dict)
     tol: float = 1e-3  # relative residual for training (tighten for certification)
     max_iter: int = 60
@@ -177,8 +177,8 @@ class MONConfig:
     pr_alpha: float = 1.0  # Peaceman-Rachford step
     # zero padding: the resolvent (I + alpha (I - W))^{-1} as an LU factor of the dense matrix ("dense", O(n^3)
     # per weight change) or by CG on the normal equations ("cg", warm-started at the circular-padding resolvent of
-    # the same kernels); the inner tolerance (None: tol / 10) and cap; an unconverged inner solve makes the run
-    # unconverged
+    # the same kernels), or by GMRES on K itself ("gmres", same start and error bound); the inner tolerance
+    # (None: tol / 10) and cap; an unconverged inner solve makes the run unconverged
     pr_resolvent: str = "dense"
     pr_inner_tol: float | None = None
     pr_inner_max_iter: int = 100
@@ -215,7 +215,7 @@ class MONConv2d(nn.Module):
             check_solver_options(cfg.solver, {})
         check_number("pr_alpha", cfg.pr_alpha, low=0.0, low_inclusive=False)
         check_choice("padding", cfg.padding, ("zeros", "circular"))
-        check_choice("pr_resolvent", cfg.pr_resolvent, ("dense", "cg"))
+        check_choice("pr_resolvent", cfg.pr_resolvent, ("dense", "cg", "gmres"))
         inner_tol = cfg.tol / 10 if cfg.pr_inner_tol is None else check_number(
             "pr_inner_tol", cfg.pr_inner_tol, low=0.0, low_inclusive=False)
         check_int("pr_inner_max_iter", cfg.pr_inner_max_iter, low=1)
@@ -231,7 +231,8 @@ class MONConv2d(nn.Module):
         self.last_info: EquilibriumInfo | None = None
         # Peaceman-Rachford: the resolvent of I - W, refreshed when A, B or the step change
         self._resolvent = (CircularResolvent() if cfg.padding == "circular" else DenseResolvent()
-                           if cfg.pr_resolvent == "dense" else IterativeResolvent(inner_tol, cfg.pr_inner_max_iter))
+                           if cfg.pr_resolvent == "dense" else IterativeResolvent(
+                               inner_tol, cfg.pr_inner_max_iter, method="gmres" if cfg.pr_resolvent == "gmres" else "cg"))
         self._warm_start = CircularResolvent()  # "cg": the circular-padding resolvent as CG's starting point
 
     def _conv(self, z, w, circular: bool | None = None):

@@ -24,6 +24,8 @@ is a linear solve with ``I + alpha M`` per iteration:
   (MON: the circular-padding one of the same kernels, exact away from the border). Its error is bounded:
   ``<v, K v> >= (1 + alpha m) |v|^2`` gives ``sigma_min(K) >= 1 + alpha m``, so CG's stop at
   ``|K^T (y - K x)| <= tol_in max(|x|, |x + r|)`` means ``|x - x*| <= tol_in max(|x|, |x + r|) / (1 + alpha m)^2``.
+  With ``method="gmres"`` (:func:`gmres`, one ``K`` per iteration instead of ``K^T K``) the stop is
+  ``|y - K x| <= tol_in |x| / (1 + alpha m)``, which gives the same bound ``tol_in |x| / (1 + alpha m)^2``.
   Every inner solve's flag is counted; :func:`peaceman_rachford` reports a run with an unconverged
   inner solve as not converged (:class:`SplittingInfo`).
 
@@ -36,14 +38,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from proxnets.solvers import SolverInfo, fixed_point, solve_linear
+from proxnets.solvers import FLOOR, SolverInfo, fixed_point, solve_linear
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
-__all__ = ["DenseResolvent", "CircularResolvent", "IterativeResolvent", "SplittingInfo", "peaceman_rachford"]
+__all__ = ["DenseResolvent", "CircularResolvent", "IterativeResolvent", "SplittingInfo", "peaceman_rachford", "gmres"]
+
+
+def _norms(t: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
 
 
 class DenseResolvent:
@@ -116,6 +123,97 @@ class CircularResolvent:
         return torch.fft.irfft2(x_hat, s=self.size).to(y.dtype)
 
 
+def gmres(K: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, x0: torch.Tensor | None = None, *,
+          tol: float = 1e-6, max_iter: int = 100, restart: int = 30, scale: float = 1.0) -> tuple[torch.Tensor, SolverInfo]:
+    """Restarted GMRES on ``K x = y`` per sample (``K`` a map ``(B, ...) -> (B, ...)``, any nonsingular linear map).
+
+    Arnoldi with modified Gram-Schmidt and Givens rotations (Saad & Schultz 1986), ``restart`` vectors per cycle;
+    one ``K`` per iteration. Stopping rule, per sample: ``|y - K x| <= tol * max(|x|, FLOOR) / scale`` with the
+    residual norm of the least-squares recurrence, and the *true* residual recomputed at the end of every cycle
+    (only it decides ``converged``). With ``scale = 1 + alpha m <= sigma_min(K)`` (a strongly monotone ``M``) the
+    rule gives ``|x - x*| <= |r| / sigma_min <= tol |x| / (1 + alpha m)^2``: the bound of the CG resolvent.
+    ``|x|`` along a cycle is ``sqrt(|x0|^2 + 2 <x0, V c> + |c|^2)`` (the basis ``V`` is orthonormal).
+    :class:`SolverInfo`: ``iterations`` = applications of ``K`` in the Arnoldi loops, ``residuals`` the largest
+    relative residual ``|r| scale / max(|x|, FLOOR)`` per iteration, ``stop_reason`` ``"tol"`` / ``"max_iter"`` /
+    ``"nonfinite"``, ``converged`` only when every sample's true residual meets the rule (one more ``K`` per cycle,
+    not counted in ``iterations``).
+    """
+    check_tensor("y", y, ndim=tuple(range(1, 9)), nonempty=True)
+    tol = check_number("tol", tol, low=0.0, low_inclusive=False)
+    max_iter, restart = check_int("max_iter", max_iter, low=1), check_int("restart", restart, low=1)
+    scale = check_number("scale", scale, low=0.0, low_inclusive=False)
+    info = SolverInfo(solver="gmres", tol=tol)
+    bsz, shape = y.shape[0], y.shape
+    flat = lambda t: t.reshape(bsz, -1)  # noqa: E731
+    x = torch.zeros_like(y) if x0 is None else check_tensor("x0", x0, shape=tuple(shape), like=y).clone()
+    dt = torch.float64
+    rel = None
+    while True:
+        r = y - K(x) if x0 is not None or info.iterations else y.clone()
+        r_norm = _norms(r).to(dt)
+        x_norm = _norms(x).to(dt)
+        rel = r_norm * scale / x_norm.clamp_min(FLOOR)
+        if not bool(torch.isfinite(rel).all()):
+            info.stop_reason, info.diverged = "nonfinite", True
+            break
+        if bool((rel <= tol).all()):
+            info.stop_reason, info.converged = "tol", True
+            break
+        if info.iterations >= max_iter:
+            info.stop_reason = "max_iter"
+            break
+        k = min(restart, max_iter - info.iterations)
+        V = [flat(r) / r_norm.clamp_min(1e-300).to(y.dtype)[:, None]]
+        H = torch.zeros(bsz, k + 1, k, dtype=dt, device=y.device)
+        cs = torch.zeros(bsz, k, dtype=dt, device=y.device)
+        sn = torch.zeros_like(cs)
+        g = torch.zeros(bsz, k + 1, dtype=dt, device=y.device)
+        g[:, 0] = r_norm
+        x0v = flat(x)
+        x0_dots = [torch.linalg.vecdot(x0v, V[0]).to(dt)]
+        xx0 = x_norm**2
+        j_done = 0
+        for j in range(k):
+            w = flat(K(V[j].reshape(shape))).clone()
+            info.iterations += 1
+            for i in range(j + 1):  # modified Gram-Schmidt
+                h = torch.linalg.vecdot(w, V[i])
+                H[:, i, j] = h.to(dt)
+                w.sub_(V[i] * h[:, None])
+            hn = _norms(w).to(dt)
+            H[:, j + 1, j] = hn
+            ok = hn > 1e-300
+            V.append(torch.where(ok[:, None], w / hn.clamp_min(1e-300).to(y.dtype)[:, None], torch.zeros_like(w)))
+            x0_dots.append(torch.linalg.vecdot(x0v, V[-1]).to(dt))
+            for i in range(j):  # the previous rotations on the new column
+                a, b = H[:, i, j].clone(), H[:, i + 1, j].clone()
+                H[:, i, j], H[:, i + 1, j] = cs[:, i] * a + sn[:, i] * b, -sn[:, i] * a + cs[:, i] * b
+            a, b = H[:, j, j], H[:, j + 1, j]
+            den = torch.sqrt(a * a + b * b).clamp_min(1e-300)
+            cs[:, j], sn[:, j] = a / den, b / den
+            H[:, j, j], H[:, j + 1, j] = den, 0.0
+            g[:, j + 1] = -sn[:, j] * g[:, j]
+            g[:, j] = cs[:, j] * g[:, j]
+            j_done = j + 1
+            # |x_j| from the least-squares coefficients c (V orthonormal): |x0|^2 + 2 <x0, V c> + |c|^2
+            c = torch.linalg.solve_triangular(H[:, :j_done, :j_done], g[:, :j_done, None], upper=True).squeeze(2)
+            xn = (xx0 + 2 * (torch.stack(x0_dots[:j_done], 1) * c).sum(1) + (c * c).sum(1)).clamp_min(0).sqrt()
+            est = g[:, j + 1].abs() * scale / xn.clamp_min(FLOOR)
+            m_est = float(est.max())
+            info.residuals.append(m_est)
+            info.abs_residuals.append(float(g[:, j + 1].abs().max()))
+            if not math.isfinite(m_est) or m_est <= tol or info.iterations >= max_iter:
+                break
+        c = torch.linalg.solve_triangular(H[:, :j_done, :j_done], g[:, :j_done, None], upper=True).squeeze(2).to(y.dtype)
+        upd = V[0] * c[:, :1]
+        for i in range(1, j_done):
+            upd.add_(V[i] * c[:, i : i + 1])
+        x = x + upd.reshape(shape)
+        x0 = x  # the true residual is recomputed at the top
+    info.final_residual = rel.tolist() if rel is not None else []
+    return x, info
+
+
 class IterativeResolvent:
     """``y -> (I + alpha M)^{-1} y`` for ``M`` given as a map ``apply_m`` and its adjoint ``apply_mt`` on
     ``(B, ...)`` with ``(M + M^T)/2 >= m I``, ``m > 0`` (module docstring): CG on ``K^T K x = K^T y`` by the
@@ -128,7 +226,10 @@ class IterativeResolvent:
     ``last_info`` is the last call's :class:`SolverInfo`. ``error_bound_factor = 1 / (1 + alpha m)^2``: the
     relative error of a converged call is at most ``tol * error_bound_factor``."""
 
-    def __init__(self, tol: float = 1e-5, max_iter: int = 100) -> None:
+    def __init__(self, tol: float = 1e-5, max_iter: int = 100, method: str = "cg") -> None:
+        if method not in ("cg", "gmres"):
+            fail("method", "'cg' or 'gmres'", method)
+        self.method = method
         self.tol = check_number("tol", tol, low=0.0, low_inclusive=False)
         self.max_iter = check_int("max_iter", max_iter, low=1)
         self.apply_m = self.apply_mt = self.start = None
@@ -174,7 +275,10 @@ class IterativeResolvent:
             x0 = last[1] + approx(y - last[0])
         else:
             x0 = approx(y)
-        x, info = solve_linear(lambda v: kt(k(v)), kt(y), x0, tol=self.tol, max_iter=self.max_iter)
+        if self.method == "gmres":  # one K per iteration; the same error bound (module docstring)
+            x, info = gmres(k, y, x0, tol=self.tol, max_iter=self.max_iter, scale=1.0 + alpha * self.m)
+        else:
+            x, info = solve_linear(lambda v: kt(k(v)), kt(y), x0, tol=self.tol, max_iter=self.max_iter)
         if self.remember:
             self._memory[transpose] = (y, x)
         self.calls += 1
