@@ -350,7 +350,7 @@ def entries() -> list[Entry]:
               lambda g, b: {"x0": _randn(g, b, 4)}, data=("x0",), rank_free=True))
 
     # -- solvers
-    for name in ("fixed_point", "anderson", "accelerated", "halpern"):
+    for name in ("fixed_point", "anderson", "safeguarded_anderson", "accelerated", "halpern"):
         fn = getattr(S, name)
         add(Entry("solvers", name, lambda z0, tol=1e-4, max_iter=50, _fn=fn: _fn(lambda z: 0.5 * z + 1.0, z0, tol=tol,
                                                                                   max_iter=max_iter)[0],
