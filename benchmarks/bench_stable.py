@@ -221,6 +221,12 @@ SCREEN = {
     "ortho bjorck fixed3": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 3},  # 3x the steps
     "ortho bjorck fixed maxmin-all": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1,
                                       "glue_activation": "maxmin-all"},
+    # exactly orthogonal circular block convolutions (Cayley transform of the symbol): one step at h nu = 2 has the
+    # Jacobian A^T (I - 2 D) A, orthogonal with ReLU; a second step with the same A would nearly repeat the first
+    "ortho cayley": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1},
+    "ortho cayley relu": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "activation": "relu"},
+    "ortho cayley maxmin": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1,
+                            "glue_activation": "maxmin"},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},

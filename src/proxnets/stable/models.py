@@ -66,7 +66,9 @@ class ClassifierConfig:
     glue_activation: str = "none"
     # A: c -> block_features_ratio * c channels (a wider potential; 1 block with ratio 2 has the parameters of 2 with 1)
     block_features_ratio: int = 1
-    block_weight: str = "free"  # "bjorck": each block's kernel Bjorck-orthonormalized (NonExpansiveBlock.weight_param)
+    # "bjorck": each block's kernel Bjorck-orthonormalized; "cayley": each block's A an exactly orthogonal circular
+    # convolution (Cayley transform of its symbol); see NonExpansiveBlock.weight_param
+    block_weight: str = "free"
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps",
@@ -79,7 +81,10 @@ class ClassifierConfig:
         check_choice("head", self.head, ["global", "flatten"])
         check_choice("glue", self.glue, ["norm", "orthogonal"])
         check_choice("glue_activation", self.glue_activation, ["none", "maxmin", "maxmin-all"])
-        check_choice("block_weight", self.block_weight, ["free", "bjorck"])
+        check_choice("block_weight", self.block_weight, ["free", "bjorck", "cayley"])
+        if self.block_weight == "cayley" and self.block_features_ratio != 1:
+            raise ValueError(f"block_features_ratio: expected 1 with block_weight='cayley' (an orthogonal C -> C convolution), "
+                             f"got {self.block_features_ratio}")
         if self.glue_activation != "none" and self.width % 2:
             raise ValueError(f"width: expected an even width with glue_activation={self.glue_activation!r}, got {self.width}")
         return self
