@@ -136,3 +136,17 @@ def test_cayley_classifier_radius_is_never_beaten_by_the_strong_attack():
             adv = pgd_l2(model, xs[i:i + 1], ys[i:i + 1], float(r[i]) * 0.999, steps=100, restarts=2, loss=objective,
                          generator=gen, box=None)
             assert int(model(adv).argmax(1)) == int(ys[i]), (i, objective, float(r[i]))
+
+
+def test_negative_bias_init_starts_the_relu_cayley_step_at_the_identity():
+    # theory: with ReLU, z = A x + b <= 0 everywhere makes the step x - h A^T relu(z) = x exactly
+    torch.manual_seed(5)
+    b = NonExpansiveBlock((3, 5, 5), weight_param="cayley", schedule="fixed", activation="relu", bias_init=-0.5).eval()
+    assert torch.equal(b.bias.detach(), torch.full((3,), -0.5))
+    x = 0.05 * torch.randn(4, 3, 5, 5)  # |(A x)_i| <= |x| < 0.5: every coordinate inactive
+    assert float(x.flatten(1).norm(dim=1).max()) < 0.5
+    assert torch.equal(b(x), x)
+    far = b(10 * x)  # large inputs activate coordinates: not the identity, still 1-Lipschitz
+    assert not torch.allclose(far, 10 * x)
+    with pytest.raises(ValueError, match="bias_init"):
+        NonExpansiveBlock((3, 5, 5), bias_init=float("nan"))

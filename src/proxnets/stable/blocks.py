@@ -109,6 +109,10 @@ class NonExpansiveBlock(nn.Module):
             preserves gradient norms in every direction. Its ``|A|`` (training steps, evaluation steps and
             certificates alike) is the rigorous float64 Gram bound of the symbol the forward used
             (:func:`proxnets.stable.cayley.unitary_symbol_bound`), never an estimate; ``train_norm`` is ignored.
+        bias_init: the initial ``b``. Why not 0 for orthogonal ``A``: at ``h nu = 2`` the step is, in the coordinates
+            ``z = A x + b``, ``z -> -|z|`` (ReLU) on every coordinate, a block that is nowhere near the identity; with
+            ``b = -beta`` the coordinates with ``(A x)_i < beta`` are inactive and pass unchanged (LeakyReLU: x0.98), so
+            the stack starts close to the identity, like a residual network. Any value keeps every guarantee.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class NonExpansiveBlock(nn.Module):
         train_norm: str = "power",
         norm_options: dict | None = None,
         weight_param: str = "free",
+        bias_init: float = 0.0,
     ):
         super().__init__()
         self.in_shape = _check_shape(in_shape)
@@ -166,7 +171,7 @@ class NonExpansiveBlock(nn.Module):
             w = torch.empty(self.features, c)  # (F, d)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(self.features))  # (F,)
+        self.bias = nn.Parameter(torch.full((self.features,), check_number("bias_init", bias_init)))  # (F,)
         padding = kernel_size // 2 if self.kind == "conv2d" else 0
         self.padding = padding
         self.norm = OperatorNorm(self.kind, self.in_shape, padding=padding, **(norm_options or {}))

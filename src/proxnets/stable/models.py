@@ -69,6 +69,7 @@ class ClassifierConfig:
     # "bjorck": each block's kernel Bjorck-orthonormalized; "cayley": each block's A an exactly orthogonal circular
     # convolution (Cayley transform of its symbol); see NonExpansiveBlock.weight_param
     block_weight: str = "free"
+    block_bias_init: float = 0.0  # initial b of every block (NonExpansiveBlock.bias_init: b < 0 starts near the identity)
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps",
@@ -130,7 +131,7 @@ class NonExpansiveClassifier(_Stack):
                     NonExpansiveBlock(
                         (c, s, s), cfg.block_features_ratio * c, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
                         time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
-                        weight_param=cfg.block_weight,
+                        weight_param=cfg.block_weight, bias_init=cfg.block_bias_init,
                     )
                 )  # (B, c, s, s)
                 layers += [MaxMin()] if cfg.glue_activation == "maxmin-all" else []
