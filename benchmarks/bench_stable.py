@@ -479,6 +479,9 @@ DENOISE_RECIPES = {
     "lr1e-2 cosine": ({"lr": 1e-2, "schedule": "cosine"}, {}, 2048, 32),
     "lr5e-3 cosine T1.8": ({"lr": 5e-3, "schedule": "cosine"}, {"time": 1.8}, 2048, 32),
     "lr5e-3 cosine 24px x2": ({"lr": 5e-3, "schedule": "cosine"}, {}, 4096, 24),  # ~the same pixels, twice the steps
+    # 4x the suite's training budget: is the gap to the Gaussian smoother the budget?
+    "suite x4 epochs": ({"epochs": 16}, {}, 2048, 32),
+    "lr5e-3 cosine x4 epochs": ({"epochs": 16, "lr": 5e-3, "schedule": "cosine"}, {}, 2048, 32),
 }
 
 
@@ -489,7 +492,7 @@ def bench_denoise_recipes(names: list[str], seed: int = 0, jobs: int = 1) -> Non
 
     print(f"== denoiser training recipes, validation photo only, seed {seed}", flush=True)
     args = [(n, seed) for n in names]
-    rs = get_context("spawn").Pool(jobs).map(_recipe_job, args) if jobs > 1 else [_recipe_job(a) for a in args]
+    rs = get_context("spawn").Pool(jobs).imap(_recipe_job, args) if jobs > 1 else map(_recipe_job, args)
     for n, r in zip(names, rs):
         print(f"  {n}: validation PSNR " + ", ".join(f"sigma {k}: {v:.2f}" for k, v in r["psnr"].items())
               + f", mean {r['mean']:.2f} dB (Gaussian on it: {r['gauss']:.2f}); {r['steps']} steps, train {r['time_s']:.0f} s", flush=True)
