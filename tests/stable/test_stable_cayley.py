@@ -127,15 +127,15 @@ def test_cayley_classifier_radius_is_never_beaten_by_the_strong_attack():
     model.eval()
     L = lipschitz_bound(model)
     assert L.rigorous and float(L) <= 1 + 1e-5
-    xs, ys = x[:8], y[:8]
-    r = certified_radii(model, xs, ys, lipschitz=L)
-    assert int((r > 0.02).sum()) >= 4  # training made radii worth attacking
+    r = certified_radii(model, x, y, lipschitz=L)
+    top = torch.argsort(r, descending=True)[:4]  # the largest radii: the attack has room to move
+    assert float(r[top[-1]]) > 0.02  # training made radii worth attacking
     gen = torch.Generator().manual_seed(0)
-    for i in torch.nonzero(r > 0).flatten().tolist():
-        for objective in ("ce", "margin"):
-            adv = pgd_l2(model, xs[i:i + 1], ys[i:i + 1], float(r[i]) * 0.999, steps=100, restarts=2, loss=objective,
-                         generator=gen, box=None)
-            assert int(model(adv).argmax(1)) == int(ys[i]), (i, objective, float(r[i]))
+    for i in top.tolist():  # restarts alternate the cross-entropy and the logit-margin objectives
+        adv = pgd_l2(model, x[i:i + 1], y[i:i + 1], float(r[i]) * 0.999, steps=100, restarts=2, loss="alternate",
+                     generator=gen, box=None)
+        assert float((adv - x[i:i + 1]).norm()) <= float(r[i]) * (1 + 1e-6)
+        assert int(model(adv).argmax(1)) == int(y[i]), (i, float(r[i]))
 
 
 def test_negative_bias_init_starts_the_relu_cayley_step_at_the_identity():
