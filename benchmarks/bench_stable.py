@@ -221,6 +221,17 @@ SCREEN = {
     "ortho bjorck fixed3": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 3},  # 3x the steps
     "ortho bjorck fixed maxmin-all": {"glue": "orthogonal", "block_weight": "bjorck", "schedule": "fixed", "steps": 1,
                                       "glue_activation": "maxmin-all"},
+    # exactly orthogonal circular block convolutions (Cayley transform of the symbol): one step at h nu = 2 has the
+    # Jacobian A^T (I - 2 D) A, orthogonal with ReLU; a second step with the same A would nearly repeat the first
+    "ortho cayley": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1},
+    "ortho cayley relu": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "activation": "relu"},
+    # b = -1/2 at initialization: the step starts near the identity (picked among -1/4, -1/2, -1, -2 by the training loss of
+    # 150 steps and the accuracy on the validation images; b = 0 trains badly: every coordinate starts at z -> -|z|)
+    "ortho cayley b-.5": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5},
+    "ortho cayley b-.5 relu": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5,
+                               "activation": "relu"},
+    "ortho cayley maxmin": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1,
+                            "glue_activation": "maxmin"},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
@@ -460,6 +471,66 @@ def _train_suite_denoisers(seed: int = 0) -> dict[str, nn.Module]:
     return models
 
 
+# training recipes of the suite's quick averaged denoiser screened on the validation photo (``--only denoise-recipes``):
+# name -> (TrainConfig overrides, DenoiserConfig overrides, n_patches, patch); "suite" is what the suite ran before
+DENOISE_RECIPES = {
+    "suite": ({}, {}, 2048, 32),
+    "lr5e-3 cosine": ({"lr": 5e-3, "schedule": "cosine"}, {}, 2048, 32),
+    "lr1e-2 cosine": ({"lr": 1e-2, "schedule": "cosine"}, {}, 2048, 32),
+    "lr5e-3 cosine T1.8": ({"lr": 5e-3, "schedule": "cosine"}, {"time": 1.8}, 2048, 32),
+    "lr5e-3 cosine 24px x2": ({"lr": 5e-3, "schedule": "cosine"}, {}, 4096, 24),  # ~the same pixels, twice the steps
+    # 4x the suite's training budget: is the gap to the Gaussian smoother the budget?
+    "suite x4 epochs": ({"epochs": 16}, {}, 2048, 32),
+    "lr5e-3 cosine x4 epochs": ({"epochs": 16, "lr": 5e-3, "schedule": "cosine"}, {}, 2048, 32),
+}
+
+
+def bench_denoise_recipes(names: list[str], seed: int = 0, jobs: int = 1) -> None:
+    """Train the suite's quick averaged denoiser with each recipe and score it on the validation photo only (PSNR at the
+    suite's two noise levels and validation noise draws): where a suite recipe is picked; test photos are not used."""
+    from multiprocessing import get_context
+
+    print(f"== denoiser training recipes, validation photo only, seed {seed}", flush=True)
+    args = [(n, seed) for n in names]
+    rs = get_context("spawn").Pool(jobs).imap(_recipe_job, args) if jobs > 1 else map(_recipe_job, args)
+    for n, r in zip(names, rs):
+        print(f"  {n}: validation PSNR " + ", ".join(f"sigma {k}: {v:.2f}" for k, v in r["psnr"].items())
+              + f", mean {r['mean']:.2f} dB (Gaussian on it: {r['gauss']:.2f}); {r['steps']} steps, train {r['time_s']:.0f} s", flush=True)
+
+
+def _recipe_job(args: tuple) -> dict:
+    from torch.utils.data import TensorDataset
+
+    from proxnets.data.images import natural_images, random_patches
+    from proxnets.stable import AveragedDenoiser, DenoiserConfig, psnr
+    from proxnets.stable.experiments import STEP_CAP, TEST_PHOTOS, TRAIN_NORM, VAL_PHOTO, _denoising_loss, _gaussian_smoother, _noisy, _square
+
+    name, seed = args
+    torch.set_num_threads(1)
+    train_over, den_over, n_patches, patch = DENOISE_RECIPES[name]
+    photos = natural_images(gray=True)
+    train_imgs = {k: v for k, v in photos.items() if k not in TEST_PHOTOS and k != VAL_PHOTO and min(v.shape[-2:]) >= 64}
+    patches = random_patches(train_imgs, patch, n_patches, seed=seed)
+    torch.manual_seed(seed)
+    model = AveragedDenoiser(DenoiserConfig(**{"channels": 1, "image_size": patch, "width": 16, "depth": 4, "averaged_margin": 0.1,
+                                               "max_steps": STEP_CAP, "train_norm": TRAIN_NORM, **den_over}))
+    torch.manual_seed(seed)
+    cfg = TrainConfig(**{"epochs": 4, "batch_size": 32, "lr": 2e-3, "progress": False, "eval_every_epoch": False, "seed": seed, **train_over})
+    t0 = time.perf_counter()
+    fit(model, TensorDataset(patches, patches), cfg, loss_fn=_denoising_loss((0.05, 0.2)), log=lambda *_: None)
+    dt = time.perf_counter() - t0
+    model.eval()
+    val = _square(photos[VAL_PHOTO], 64)
+    out, gauss = {}, []
+    for sigma in (0.1, 0.15):
+        noisy = _noisy(val, sigma, seed + 99)  # the suite's validation draw
+        with torch.no_grad():
+            out[sigma] = psnr(model(noisy).clamp(0, 1), val)
+        gauss.append(max(psnr(_gaussian_smoother(s)(noisy).clamp(0, 1), val) for s in (0.5, 0.75, 1.0, 1.5, 2.0)))
+    return {"psnr": out, "mean": sum(out.values()) / len(out), "gauss": sum(gauss) / len(gauss), "time_s": dt,
+            "steps": cfg.epochs * (n_patches // cfg.batch_size)}
+
+
 def bench_denoise(quick: bool, denoiser: str = "", seed: int = 0) -> None:
     """Denoising of the suite's held-out photos: noisy, Gaussian smoother, TV (ROF), the averaged denoiser.
 
@@ -535,6 +606,7 @@ def main() -> None:
     parser.add_argument("--torchlip-lrs", default="", help="comma-separated learning rates, one torchlip row each")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the certified comparison")
     parser.add_argument("--denoiser", default="", help="part denoise: a saved averaged denoiser (default: train the suite's)")
+    parser.add_argument("--recipes", default="", help="part denoise-recipes: comma-separated names of DENOISE_RECIPES (default all)")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -558,6 +630,8 @@ def main() -> None:
         bench_certified(args.quick, args.seeds, grid, given, args.heun, variants, args.jobs, lrs)
     if "denoise" in parts:
         bench_denoise(args.quick, args.denoiser)
+    if "denoise-recipes" in parts:
+        bench_denoise_recipes(args.recipes.split(",") if args.recipes else list(DENOISE_RECIPES), jobs=args.jobs)
 
 
 if __name__ == "__main__":

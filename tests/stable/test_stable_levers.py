@@ -212,7 +212,7 @@ def test_bjorck_block_weight_is_row_orthonormal_and_the_block_stays_certified():
     emp, _ = empirical_lipschitz(b, torch.randn(6, 4, 6, 6), steps=30, lr=0.05, generator=torch.Generator().manual_seed(0))
     assert emp <= 1 + 1e-4
     with pytest.raises(ValueError, match="weight_param"):
-        NonExpansiveBlock((4, 6, 6), weight_param="cayley")
+        NonExpansiveBlock((4, 6, 6), weight_param="householder")
 
 
 def test_wide_blocks_and_maxmin_between_blocks_keep_parameters_and_certificate():

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from proxnets.stable.cayley import cayley_apply, cayley_symbol, unitary_symbol_bound
 from proxnets.stable.integrators import RK_METHODS, compose_averaged, step_averagedness
 from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.norm_bounds import fourier_norm_bound
@@ -62,6 +63,7 @@ MONOTONE_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], fl
 SCHEDULES = ("adaptive", "fixed")
 NORM_SIZES = ("input", "any")
 TRAIN_NORMS = ("power", "bound")
+WEIGHT_PARAMS = ("free", "bjorck", "cayley")
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
@@ -100,6 +102,17 @@ class NonExpansiveBlock(nn.Module):
             is scaled by ``1 - 2 s^2 / |A|^2`` where active: a flat spectrum of ``A`` makes the step close to a
             reflection (norm preserving) instead of killing the directions with ``s ~ |A| / sqrt(2)``. The step rule
             and every certificate still use the norm of the weight in use, so the guarantee is unchanged.
+            ``"cayley"``: ``A`` is an exactly orthogonal circular convolution ``C -> C`` at ``in_shape``, the Cayley
+            transform of the kernel's symbol (:mod:`proxnets.stable.cayley`; square, ``features == C``, convolutions
+            only). Then ``|A| = 1`` up to round-off and, at ``h nu = 2``, the step's Jacobian ``I - 2 A^T D A =
+            A^T (I - 2 D) A`` is orthogonal for ReLU (``D`` in {0, 1}; 0.98..1 for LeakyReLU(0.01)): the step
+            preserves gradient norms in every direction. Its ``|A|`` (training steps, evaluation steps and
+            certificates alike) is the rigorous float64 Gram bound of the symbol the forward used
+            (:func:`proxnets.stable.cayley.unitary_symbol_bound`), never an estimate; ``train_norm`` is ignored.
+        bias_init: the initial ``b``. Why not 0 for orthogonal ``A``: at ``h nu = 2`` the step is, in the coordinates
+            ``z = A x + b``, ``z -> -|z|`` (ReLU) on every coordinate, a block that is nowhere near the identity; with
+            ``b = -beta`` the coordinates with ``(A x)_i < beta`` are inactive and pass unchanged (LeakyReLU: x0.98), so
+            the stack starts close to the identity, like a residual network. Any value keeps every guarantee.
     """
 
     def __init__(
@@ -120,6 +133,7 @@ class NonExpansiveBlock(nn.Module):
         train_norm: str = "power",
         norm_options: dict | None = None,
         weight_param: str = "free",
+        bias_init: float = 0.0,
     ):
         super().__init__()
         self.in_shape = _check_shape(in_shape)
@@ -157,13 +171,21 @@ class NonExpansiveBlock(nn.Module):
             w = torch.empty(self.features, c)  # (F, d)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(torch.zeros(self.features))  # (F,)
+        self.bias = nn.Parameter(torch.full((self.features,), check_number("bias_init", bias_init)))  # (F,)
         padding = kernel_size // 2 if self.kind == "conv2d" else 0
         self.padding = padding
         self.norm = OperatorNorm(self.kind, self.in_shape, padding=padding, **(norm_options or {}))
         with torch.no_grad():  # start at |A| = 1: one step per block while training keeps it near 1
             self.weight.div_(self.norm.warm(self.weight))
-        self.weight_param = check_choice("weight_param", weight_param, ("free", "bjorck"))
+        self.weight_param = check_choice("weight_param", weight_param, WEIGHT_PARAMS)
+        self._cayley: tuple | None = None  # (weight key, symbol Q, its NormBound) of the last evaluation weight
+        if weight_param == "cayley":
+            if self.kind != "conv2d" or self.features != c:
+                raise ValueError(f"weight_param: expected a convolution with features == channels ({c}) for 'cayley' "
+                                 f"(an orthogonal C -> C convolution), got {self.kind} with features {self.features}")
+            if norm_size != "input":
+                raise ValueError("norm_size: expected 'input' with weight_param='cayley' (the convolution is circular at "
+                                 f"in_shape), got {norm_size!r}")
         if weight_param == "bjorck":
             from torch.nn.utils import parametrize
 
@@ -176,28 +198,48 @@ class NonExpansiveBlock(nn.Module):
     def lipschitz_activation(self) -> float:
         return MONOTONE_ACTIVATIONS[self.activation][1]
 
-    def apply_a(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x + b``: ``(B, C, H, W) -> (B, F, H, W)`` or ``(B, d) -> (B, F)``."""
+    def symbol(self) -> torch.Tensor:
+        """``weight_param="cayley"``: the unitary symbol ``Q`` (``(H, W // 2 + 1, C, C)``) of ``A``; differentiable while
+        gradients are on in training mode, else cached per weight (no gradient to the weight) with its rigorous bound."""
+        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
+            return cayley_symbol(self.weight, self.in_shape[1:])
+        return self._cayley_cached()[0]
+
+    def _cayley_cached(self) -> tuple:
+        key = self.norm._key(self.weight)
+        if self._cayley is None or self._cayley[0] != key:
+            with torch.no_grad():
+                q = cayley_symbol(self.weight, self.in_shape[1:])
+            self._cayley = (key, q, unitary_symbol_bound(q))
+        return self._cayley[1], self._cayley[2]
+
+    def apply_a(self, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """``A x + b``: ``(B, C, H, W) -> (B, F, H, W)`` or ``(B, d) -> (B, F)`` (``q``: the Cayley symbol to use)."""
+        if self.weight_param == "cayley":
+            return cayley_apply(x, self.symbol() if q is None else q) + self.bias.view(1, -1, 1, 1)
         if self.kind == "conv2d":
             return F.conv2d(x, self.weight, self.bias, padding=self.padding)
         return F.linear(x, self.weight, self.bias)
 
-    def apply_at(self, z: torch.Tensor) -> torch.Tensor:
+    def apply_at(self, z: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         """``A^T z`` (bias-free adjoint): ``(B, F, H, W) -> (B, C, H, W)`` or ``(B, F) -> (B, d)``."""
+        if self.weight_param == "cayley":
+            return cayley_apply(z, self.symbol() if q is None else q, adjoint=True)
         if self.kind == "conv2d":
             return F.conv_transpose2d(z, self.weight, padding=self.padding)
         return z @ self.weight
 
-    def field(self, x: torch.Tensor) -> torch.Tensor:
-        """``F(x) = -A^T sigma(A x + b)``, same shape as ``x``."""
+    def field(self, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        """``F(x) = -A^T sigma(A x + b)``, same shape as ``x`` (``q``: the Cayley symbol to use)."""
         sigma = MONOTONE_ACTIVATIONS[self.activation][0]
-        return -self.apply_at(sigma(self.apply_a(x)))
+        return -self.apply_at(sigma(self.apply_a(x, q)), q)
 
-    def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int) -> torch.Tensor:
+    def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int, q: torch.Tensor | None = None) -> torch.Tensor:
         """``n`` steps of size ``h`` of the chosen RK method (no constraint checked: see ``forward``)."""
         step = RK_METHODS[self.method].step
+        field = self.field if q is None else (lambda z: self.field(z, q))
         for _ in range(n):
-            x = step(self.field, x, h)
+            x = step(field, x, h)
         return x
 
     # -- the step-size rule ----------------------------------------------------------------
@@ -231,6 +273,8 @@ class NonExpansiveBlock(nn.Module):
         return self._any_size[1]
 
     def _train_sigma(self) -> torch.Tensor:
+        if self.weight_param == "cayley":
+            raise RuntimeError("a Cayley block takes its norm from the symbol of its forward")
         if self.train_norm == "power":
             return self.norm(self.weight)
         bound = fourier_norm_bound(self.weight.detach(), self.in_shape, self.padding).value
@@ -240,7 +284,10 @@ class NonExpansiveBlock(nn.Module):
         return torch.tensor(bound * (1 + 1e-6), dtype=self.weight.dtype)  # float32 rounding must not go below it
 
     def input_size_bound(self):
-        """:func:`proxnets.norm_bounds.fourier_norm_bound` of the current weight at ``in_shape`` (a ``NormBound``), cached."""
+        """:func:`proxnets.norm_bounds.fourier_norm_bound` of the current weight at ``in_shape`` (a ``NormBound``), cached
+        (``weight_param="cayley"``: the Gram bound of its symbol)."""
+        if self.weight_param == "cayley":
+            return self._cayley_cached()[1]
         key = self.norm._key(self.weight)
         cached = getattr(self, "_input_size", None)
         if cached is None or cached[0] != key:
@@ -251,7 +298,7 @@ class NonExpansiveBlock(nn.Module):
         """The rigorous bound evaluation steps from, or ``None`` (then: the norm module's estimate)."""
         if self.norm_size == "any":
             return self.any_size_bound()
-        return self.input_size_bound() if self.train_norm == "bound" else None
+        return self.input_size_bound() if self.train_norm == "bound" or self.weight_param == "cayley" else None
 
     def _eval_sigma(self, exact: bool = False) -> torch.Tensor:
         """The ``|A|`` evaluation steps from: the size-independent bound (``norm_size="any"``), the Fourier bound at
@@ -263,6 +310,14 @@ class NonExpansiveBlock(nn.Module):
         return self.norm.exact(self.weight) if exact else self.norm(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_param == "cayley":  # |A| from the rigorous bound of the very symbol this forward applies
+            q = self.symbol()
+            nb = unitary_symbol_bound(q) if q.requires_grad else self._cayley_cached()[1]
+            if not nb.rigorous:
+                raise FloatingPointError(f"NonExpansiveBlock: the Cayley symbol has no finite norm bound ({nb.why})")
+            self.last_train_bound = nb.value if self.training else self.last_train_bound
+            n, h, _ = self.schedule_steps(torch.tensor(nb.value * (1 + 1e-6), dtype=self.weight.dtype))
+            return self.flow(x, h, n, q)
         sigma = (self._train_sigma() if self.training else self._eval_sigma())
         n, h, nu = self.schedule_steps(sigma)
         if not self.training and self._eval_bound() is None and self.norm.cheap_was_low():
@@ -289,6 +344,8 @@ class NonExpansiveBlock(nn.Module):
         (``2 r c``), ``rigorous``, ``method``, ``why``, ``sigma`` (the |A| used for nu), ``sigma_used``.
         """
         check_choice("mode", mode, ("cheap", "exact", "estimate", "upper", "rigorous"))
+        if self.weight_param == "cayley":  # no estimate is kept: the rigorous bound is the only norm it has, in every mode
+            mode = "rigorous"
         if mode == "cheap":
             sigma = self.norm.cheap_sigma if torch.isfinite(self.norm.cheap_sigma) else self.norm.cheap(self.weight).detach()
         else:

@@ -66,7 +66,10 @@ class ClassifierConfig:
     glue_activation: str = "none"
     # A: c -> block_features_ratio * c channels (a wider potential; 1 block with ratio 2 has the parameters of 2 with 1)
     block_features_ratio: int = 1
-    block_weight: str = "free"  # "bjorck": each block's kernel Bjorck-orthonormalized (NonExpansiveBlock.weight_param)
+    # "bjorck": each block's kernel Bjorck-orthonormalized; "cayley": each block's A an exactly orthogonal circular
+    # convolution (Cayley transform of its symbol); see NonExpansiveBlock.weight_param
+    block_weight: str = "free"
+    block_bias_init: float = 0.0  # initial b of every block (NonExpansiveBlock.bias_init: b < 0 starts near the identity)
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps",
@@ -79,7 +82,10 @@ class ClassifierConfig:
         check_choice("head", self.head, ["global", "flatten"])
         check_choice("glue", self.glue, ["norm", "orthogonal"])
         check_choice("glue_activation", self.glue_activation, ["none", "maxmin", "maxmin-all"])
-        check_choice("block_weight", self.block_weight, ["free", "bjorck"])
+        check_choice("block_weight", self.block_weight, ["free", "bjorck", "cayley"])
+        if self.block_weight == "cayley" and self.block_features_ratio != 1:
+            raise ValueError(f"block_features_ratio: expected 1 with block_weight='cayley' (an orthogonal C -> C convolution), "
+                             f"got {self.block_features_ratio}")
         if self.glue_activation != "none" and self.width % 2:
             raise ValueError(f"width: expected an even width with glue_activation={self.glue_activation!r}, got {self.width}")
         return self
@@ -125,7 +131,7 @@ class NonExpansiveClassifier(_Stack):
                     NonExpansiveBlock(
                         (c, s, s), cfg.block_features_ratio * c, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
                         time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
-                        weight_param=cfg.block_weight,
+                        weight_param=cfg.block_weight, bias_init=cfg.block_bias_init,
                     )
                 )  # (B, c, s, s)
                 layers += [MaxMin()] if cfg.glue_activation == "maxmin-all" else []
