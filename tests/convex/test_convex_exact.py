@@ -212,3 +212,41 @@ def test_segment_search_lowers_the_passes_and_keeps_weak_duality(pair):
     y_pm = torch.where(torch.as_tensor(y) == on.classes_[1], 1.0, -1.0).double()
     assert _dense_lambda_max(on, on.dual_coef_[0], y_pm) <= 1 + 1e-9
     assert on.traces_[0].iterations < off.traces_[0].iterations
+
+
+def test_incremental_master_lp_equals_a_fresh_solve():
+    """The master LP kept between passes (rows appended, warm basis) gives the optimum of a solve from
+    scratch after every addition, and its multipliers w >= 0 certify it (LP duality: sum w + c sum
+    max(0, 1 - rows^T w) equals the optimum), so the master bound built from w is tight."""
+    from proxnets.convex.hinge import _lp, _MasterLP
+
+    rng = np.random.default_rng(0)
+    n, c = 20, 0.7
+    lp, rows = _MasterLP(n, c), []
+    assert np.array_equal(lp.solve()[0], np.full(n, c))  # no cut: the box corner
+    for _ in range(12):
+        new = list(rng.normal(size=(int(rng.integers(1, 9)), n)) + 0.2)
+        rows += new
+        lp.add(new)
+        a, w = lp.solve()
+        a_ref, _ = _lp(rows, c, n)
+        assert abs(a.sum() - a_ref.sum()) <= 1e-9 * a_ref.sum()
+        assert (np.stack(rows) @ a <= 1 + 1e-9).all() and (a >= 0).all() and (a <= c).all()
+        assert (w >= 0).all() and np.array_equal(lp.rows, np.stack(rows))
+        bound = w.sum() + c * np.clip(1 - lp.rows.T @ w, 0, None).sum()  # the primal point built from w
+        assert abs(bound - a.sum()) <= 1e-8 * a.sum()
+
+
+def test_cached_training_patches_give_the_same_kernel(pair, monkeypatch):
+    """Small training sets keep their patches (PATCH_CACHE_BYTES); the passes equal the recomputed ones."""
+    import proxnets.convex.exact as ex
+
+    x = pair[0][:20].double()
+    feat = dict(patch_size=3, pool_size=2, kernel="linear", feature_map="linear", n_features=1)
+    cached = PatchKernel(PatchFeaturizer(**feat), "rbf", 0.2).fit(x, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ex, "PATCH_CACHE_BYTES", 0)
+    plain = PatchKernel(PatchFeaturizer(**feat), "rbf", 0.2).fit(x, torch.Generator().manual_seed(0))
+    assert cached._cache is not None and plain._cache is None
+    w = torch.randn(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(cached.quadratic(w), plain.quadratic(w))
+    assert torch.equal(cached.contract(w), plain.contract(w))
