@@ -250,3 +250,22 @@ def test_cached_training_patches_give_the_same_kernel(pair, monkeypatch):
     w = torch.randn(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert torch.equal(cached.quadratic(w), plain.quadratic(w))
     assert torch.equal(cached.contract(w), plain.contract(w))
+
+
+def test_recovery_reads_only_the_symmetric_part_of_r():
+    """The recovery keeps the upper triangle of sym(R_i) (R_i = V^T C_i V diag(mu)^{-1/2} is not
+    symmetric): the scale fit on sym(R) gives the same S, primal value and scores as on R, because
+    tr(S R) = tr(S sym(R)) for symmetric S; and the triangle unpacks to sym(R)."""
+    from proxnets.convex.hinge import _unpack_sym, fit_scales
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(40, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.where(torch.randn(40, generator=g) > 0, 1.0, -1.0).double()
+    sym = (r + r.transpose(1, 2)) / 2
+    assert (r - r.transpose(1, 2)).abs().max() > 0.1  # the test's R is far from symmetric
+    i, j = torch.triu_indices(4, 4)
+    assert torch.equal(_unpack_sym(sym[:, i, j], 4), sym)
+    s_full, p_full, sc_full = fit_scales(r, y, 0.5)
+    s_sym, p_sym, sc_sym = fit_scales(sym, y, 0.5)
+    assert abs(p_full - p_sym) <= 1e-10 * p_full
+    assert torch.allclose(s_full, s_sym, atol=1e-10) and torch.allclose(sc_full, sc_sym, atol=1e-10)

@@ -230,6 +230,15 @@ class _MasterLP:
                 np.clip(-np.asarray(sol.row_dual), 0.0, None))
 
 
+def _unpack_sym(tri: torch.Tensor, r: int) -> torch.Tensor:
+    """``(n, r (r + 1) / 2)`` upper triangles (``torch.triu_indices`` order) -> symmetric ``(n, r, r)``."""
+    i, j = torch.triu_indices(r, r, device=tri.device)
+    out = tri.new_zeros(tri.shape[0], r, r)
+    out[:, i, j] = tri
+    out[:, j, i] = tri
+    return out
+
+
 def _hinge_sum(margins: torch.Tensor) -> float:
     return float((1.0 - margins).clamp_min(0).sum())
 
@@ -363,15 +372,22 @@ def solve_hinge_dual(
         mu_all = mu.flip(-1) if bottom_eigenvectors else mu
         v_rec, mu_rec = v_all[rec_rows, :, :r_rec], mu_all[rec_rows, :r_rec]
 
+        # the recovery reads R_i = V^T C_i V diag(mu)^{-1/2} only through tr(S R_i) with S symmetric, i.e.
+        # through its symmetric part (C_i itself is not symmetric): that part's upper triangle is kept,
+        # r (r + 1) / 2 numbers per image instead of r^2 (44% less at r = 8)
+        d_rec = mu_rec.clamp_min(1e-300).rsqrt()  # (m, r_rec)
+        tri = torch.triu_indices(r_rec, r_rec, device=dev)
+
         def reduce(acc: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            # cuts need v_l^T C_i v_l only; the recovery needs V^T C_i V of one row per problem
+            # cuts need v_l^T C_i v_l only; the recovery needs sym(R_i) of one row per problem
             cut = torch.einsum("mipq,mpl,mql->mil", acc, vsel, vsel)  # (q, b, r_cut)
-            rec = torch.einsum("mpl,mipq,mqr->milr", v_rec, acc[rec_rows], v_rec)  # (m, b, r_rec, r_rec)
-            return cut, rec
+            rec = torch.einsum("mpl,mipq,mqr->milr", v_rec, acc[rec_rows], v_rec) * d_rec[:, None, None, :]
+            rec = rec + rec.transpose(2, 3)  # 2 sym(R_i)
+            return cut, rec[:, :, tri[0], tri[1]].mul_(0.5)  # (m, b, r_rec (r_rec + 1) / 2)
 
         # pass 2: rows = every training image (the cuts are LP rows over all alpha), columns = the support;
         # C_i is never held: memory q n r_cut + m n r_rec^2
-        vcv_diag, vcv_rec = kern.contract(bw, support=support, reduce=reduce)
+        vcv_diag, rec_tri = kern.contract(bw, support=support, reduce=reduce)
         still = []
         for a, k in enumerate(active):
             tr = traces[k]
@@ -400,7 +416,7 @@ def solve_hinge_dual(
                 # invariant to the scaling that made it feasible: C ~ s, mu ~ s^2, R and phi C ~ 1)
                 r0 = r_rec if all_eigenvectors else r_sel[q_in]
                 v, pos = v_rec[a, :, :r0], mu_rec[a, :r0].clamp_min(1e-300)
-                rmat = vcv_rec[a, :, :r0, :r0] / pos.sqrt()  # R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
+                rmat = _unpack_sym(rec_tri[a], r_rec)[:, :r0, :r0]  # sym(R_i), R_i[m, l] = v_m^T C_i v_l / sqrt(mu_l)
                 if all_eigenvectors and float(mu[q_in, 0]) > 0:  # broken variant: S = I, every eigenvector a filter
                     smat = torch.eye(r0, dtype=dtype, device=dev)
                     rec_scores = torch.einsum("ill->i", rmat)
