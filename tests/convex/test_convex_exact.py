@@ -218,16 +218,21 @@ def test_incremental_master_lp_equals_a_fresh_solve():
     """The master LP kept between passes (rows appended, warm basis) gives the optimum of a solve from
     scratch after every addition, and its multipliers w >= 0 certify it (LP duality: sum w + c sum
     max(0, 1 - rows^T w) equals the optimum), so the master bound built from w is tight."""
-    from proxnets.convex.hinge import _lp, _MasterLP
+    from proxnets.convex.hinge import _lp, _LPHost, _MasterLP
 
     rng = np.random.default_rng(0)
     n, c = 20, 0.7
-    lp, rows = _MasterLP(n, c), []
+    host = _LPHost()  # shared by two problems: each solve either appends rows or reloads with its basis
+    lp, other, rows = _MasterLP(n, c, host), _MasterLP(n, c, host), []
     assert np.array_equal(lp.solve()[0], np.full(n, c))  # no cut: the box corner
-    for _ in range(12):
+    for it in range(12):
         new = list(rng.normal(size=(int(rng.integers(1, 9)), n)) + 0.2)
         rows += new
         lp.add(new)
+        if it % 3 == 1:  # another problem takes the host in between
+            other.add(list(rng.normal(size=(3, n)) + 0.2))
+            a_o, _ = other.solve()
+            assert abs(a_o.sum() - _lp(list(other.rows), c, n)[0].sum()) <= 1e-9 * a_o.sum()
         a, w = lp.solve()
         a_ref, _ = _lp(rows, c, n)
         assert abs(a.sum() - a_ref.sum()) <= 1e-9 * a_ref.sum()
@@ -269,3 +274,22 @@ def test_recovery_reads_only_the_symmetric_part_of_r():
     s_sym, p_sym, sc_sym = fit_scales(sym, y, 0.5)
     assert abs(p_full - p_sym) <= 1e-10 * p_full
     assert torch.allclose(s_full, s_sym, atol=1e-10) and torch.allclose(sc_full, sc_sym, atol=1e-10)
+
+
+def test_symmetric_contract_equals_the_streamed_one(pair, monkeypatch):
+    """Small problems evaluate each training block pair once for both row blocks (K_ji = K_ij^T);
+    the result equals the streamed contract, with a support that leaves some blocks out."""
+    import proxnets.convex.exact as ex
+
+    x = pair[0][:40].double()
+    feat = dict(patch_size=3, pool_size=2, kernel="linear", feature_map="linear", n_features=1)
+    kern = PatchKernel(PatchFeaturizer(**feat), "rbf", 0.2).fit(x, torch.Generator().manual_seed(0))
+    w = torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w[:, 5:30] = 0  # whole blocks without support
+    sym = kern.contract(w)
+    monkeypatch.setattr(ex, "SYMMETRIC_BYTES", 0)
+    streamed = kern.contract(w)
+    assert torch.allclose(sym, streamed, rtol=1e-12, atol=1e-12 * float(streamed.abs().max()))
+    red = lambda acc, rows: (acc.sum((2, 3)),)  # noqa: E731
+    monkeypatch.setattr(ex, "SYMMETRIC_BYTES", 2**30)
+    assert torch.allclose(kern.contract(w, reduce=red)[0], streamed.sum((2, 3)), rtol=1e-12)

@@ -39,6 +39,7 @@ __all__ = ["ExactLayer", "PatchKernel", "check_psd_kernel"]
 
 BLOCK_PATCHES = 512  # patches per side of one Gram block: at most 512^2 float64 = 2 MiB (the L2/L3 cache, not RAM)
 PATCH_CACHE_BYTES = 2 * 2**20  # the training patches (n J d numbers) are kept when they fit in this: small problems only
+SYMMETRIC_BYTES = 4 * 2**20  # contract over the training set holds every C_i (m n P^2 numbers) when they fit in this
 
 
 def check_psd_kernel(k: Callable, sample: torch.Tensor, name: str = "kernel") -> float:
@@ -240,6 +241,8 @@ class PatchKernel:
         if support is None:
             support = torch.nonzero((weights != 0).any(0)).flatten()
         m, p, step = weights.shape[0], self.n_positions, self._step
+        if train and self.dense is None and m * n_rows * p * p * torch.empty(0, dtype=self.dtype).element_size() <= SYMMETRIC_BYTES:
+            return self._contract_symmetric(weights, reduce)
         ws = weights[:, support].to(self.dtype)  # (m, s)
         out: tuple[torch.Tensor, ...] | None = None  # allocated from the first block's shapes: no concatenation copy
         idx = torch.arange(n_rows, device=weights.device)
@@ -260,6 +263,32 @@ class PatchKernel:
         if out is None:
             return torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=weights.device)
         return out[0] if reduce is None else out
+
+
+    def _contract_symmetric(self, weights: torch.Tensor, reduce):
+        """:meth:`contract` over the training set for a small problem: every ``C_i`` is held
+        (``m n P^2`` numbers, at most :data:`SYMMETRIC_BYTES`), so each block pair ``A <= B`` of the
+        training images is evaluated once and serves both row blocks (``K_BA = K_AB^T``): about half the
+        Gram blocks of the streamed pass when the support is most of the set. Same sums, other order."""
+        m, p, step, n = weights.shape[0], self.n_positions, self._step, self.n
+        ws = weights.to(self.dtype)
+        acc = torch.zeros(m, n, p, p, dtype=self.dtype, device=weights.device)
+        idx = torch.arange(n, device=weights.device)
+        blocks = [slice(a, min(a + step, n)) for a in range(0, n, step)]
+        live = [bool((ws[:, sl] != 0).any()) for sl in blocks]
+        for ia_pos, sa in enumerate(blocks):
+            ia = idx[sa]
+            xa = self._train_patches(ia)
+            for ib_pos in range(ia_pos, len(blocks)):
+                sb = blocks[ib_pos]
+                if not (live[ib_pos] or live[ia_pos]):
+                    continue
+                kab = self._pair(ia, idx[sb], xa)  # (b1, P, b2, P)
+                if live[ib_pos]:  # C_i for i in A: sum_j in B w_j K_ij
+                    acc[:, sa] += torch.einsum("apbq,mb->mapq", kab, ws[:, sb])
+                if ib_pos != ia_pos and live[ia_pos]:  # C_j for j in B: sum_i in A w_i K_ji, K_ji[q, p] = K_ij[p, q]
+                    acc[:, sb] += torch.einsum("apbq,ma->mbqp", kab, ws[:, sa])
+        return acc if reduce is None else reduce(acc, slice(0, n))
 
 
 class ExactLayer:

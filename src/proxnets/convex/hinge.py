@@ -111,7 +111,7 @@ class BinaryDual:
 
 
 def _segment_search(m_in: torch.Tensor, m_mid: torch.Tensor, m_out: torch.Tensor, s_in: torch.Tensor,
-                    s_out: torch.Tensor, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+                    s_out: torch.Tensor, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Best dual point on each segment ``alpha(t) = (1 - t) alpha_in + t alpha_out``, ``t in [0, 1]``.
 
     ``M`` is quadratic in ``alpha``, so its values at ``t = 0, 1/2, 1`` (``m_in, m_mid, m_out (m, P, P)``)
@@ -135,7 +135,7 @@ def _segment_search(m_in: torch.Tensor, m_mid: torch.Tensor, m_out: torch.Tensor
     lo, hi = torch.zeros_like(s_in), torch.ones_like(s_in)
     x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
     f1, f2 = value(x1), value(x2)
-    for _ in range(iters):  # the bracket shrinks by g per step: 0.618^30 ~ 5e-7
+    for _ in range(iters):  # the bracket shrinks by g per step: 0.618^20 ~ 7e-5 (D moves by <~1e-5 of its value)
         left = f1 >= f2  # the maximum lies in [lo, x2]
         hi, lo = torch.where(left, x2, hi), torch.where(left, lo, x1)
         x2n, x1n = torch.where(left, x1, lo + g * (hi - lo)), torch.where(left, hi - g * (hi - lo), x2)
@@ -164,26 +164,36 @@ except ImportError:  # pragma: no cover - another scipy layout: every solve star
     _highs_core = None
 
 
+class _LPHost:
+    """One HiGHS instance shared by the binary problems of a solve (each instance holds ~0.7 MiB of
+    work space after its first solve, measured: one per problem would add ~7 MiB for 10 classes)."""
+
+    def __init__(self):
+        self.h = None
+        self.owner = None
+        if _highs_core is not None:
+            self.h = _highs_core._Highs()
+            self.h.setOptionValue("output_flag", False)
+
+
 class _MasterLP:
     """The cutting-plane master ``max sum a s.t. cuts @ a <= 1, 0 <= a <= c`` of one binary problem,
-    kept between passes: new cuts are appended as rows and HiGHS's dual simplex restarts from the
-    previous optimal basis (still dual feasible after adding rows), so a pass costs a few simplex
-    iterations instead of a solve from scratch (profile, quick variant fits: the scratch solves were
-    ~45% of the fit). The optimum is the same LP's, so Kelley's argument is unchanged; soundness never
-    rests on it: any multipliers ``w >= 0`` make a primal point (the master bound is recomputed
-    from them). Without the binding (other scipy layouts) each solve is ``linprog`` from scratch."""
+    warm-started between passes: HiGHS's dual simplex restarts from the problem's previous optimal
+    basis with the new cuts' slacks basic (still dual feasible after adding rows), so a pass costs a
+    few simplex iterations instead of a solve from scratch (profile, quick variant fits: the scratch
+    solves were ~45% of the fit). The problems of a solve share one HiGHS instance (``host``): while
+    the same problem solves again its rows are appended in place, otherwise its model is passed
+    again with its stored basis. The optimum is the same LP's, so Kelley's argument is unchanged;
+    soundness never rests on it: any multipliers ``w >= 0`` make a primal point (the master bound is
+    recomputed from them). Without the binding (other scipy layouts) each solve is ``linprog``."""
 
-    def __init__(self, n: int, c: float):
+    def __init__(self, n: int, c: float, host: _LPHost | None = None):
         self.n, self.c = n, c
         self._rows = np.zeros((0, n))
         self._count = 0
-        self._h = None
-        if _highs_core is not None:
-            h = _highs_core._Highs()
-            h.setOptionValue("output_flag", False)
-            h.addVars(n, np.zeros(n), np.full(n, c))
-            h.changeColsCost(n, np.arange(n, dtype=np.int32), -np.ones(n))
-            self._h = h
+        self._host = host if host is not None else _LPHost()
+        self._synced = 0  # rows the host's model holds when this problem owns it
+        self._basis = None
 
     def __len__(self) -> int:
         return self._count
@@ -204,19 +214,41 @@ class _MasterLP:
             self._rows = grown
         self._rows[self._count : self._count + k] = new
         self._count += k
-        if self._h is not None:
-            n = self.n
-            self._h.addRows(k, np.full(k, -_highs_core.kHighsInf), np.ones(k), k * n,
-                            np.arange(0, k * n, n, dtype=np.int32), np.tile(np.arange(n, dtype=np.int32), k),
-                            np.ascontiguousarray(new).ravel())
+
+    def _load(self, h) -> None:
+        """Pass this problem's whole LP to the host, with its last basis (new rows' slacks basic)."""
+        hc, n, m = _highs_core, self.n, self._count
+        lp = hc.HighsLp()
+        lp.num_col_, lp.num_row_ = n, m
+        lp.col_cost_, lp.col_lower_, lp.col_upper_ = -np.ones(n), np.zeros(n), np.full(n, self.c)
+        lp.row_lower_, lp.row_upper_ = np.full(m, -hc.kHighsInf), np.ones(m)
+        lp.a_matrix_.format_ = hc.MatrixFormat.kRowwise
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = n, m
+        lp.a_matrix_.start_ = np.arange(0, m * n + 1, n, dtype=np.int32)
+        lp.a_matrix_.index_ = np.tile(np.arange(n, dtype=np.int32), m)
+        lp.a_matrix_.value_ = np.ascontiguousarray(self.rows).ravel()
+        h.passModel(lp)
+        if self._basis is not None:
+            basis = self._basis
+            basis.row_status = list(basis.row_status) + [hc.HighsBasisStatus.kBasic] * (m - len(basis.row_status))
+            h.setBasis(basis)
 
     def solve(self) -> tuple[np.ndarray, np.ndarray]:
         """``(a, w)``: the master's optimal point and the cuts' multipliers ``w >= 0``."""
         if not self._count:
             return np.full(self.n, self.c), np.zeros(0)
-        if self._h is None:
+        h = self._host.h
+        if h is None:
             return _lp(list(self.rows), self.c, self.n)
-        h = self._h
+        if self._host.owner is not self:
+            self._load(h)
+            self._host.owner = self
+        elif self._count > self._synced:  # the host holds this problem: append the new rows in place
+            k, n = self._count - self._synced, self.n
+            h.addRows(k, np.full(k, -_highs_core.kHighsInf), np.ones(k), k * n,
+                      np.arange(0, k * n, n, dtype=np.int32), np.tile(np.arange(n, dtype=np.int32), k),
+                      np.ascontiguousarray(self._rows[self._synced : self._count]).ravel())
+        self._synced = self._count
         h.run()
         status = h.getModelStatus()
         if status != _highs_core.HighsModelStatus.kOptimal:
@@ -225,6 +257,7 @@ class _MasterLP:
             status = h.getModelStatus()
             if status != _highs_core.HighsModelStatus.kOptimal:
                 raise RuntimeError(f"DCCNN master LP failed: {h.modelStatusToString(status)}")
+        self._basis = h.getBasis()
         sol = h.getSolution()
         return (np.clip(np.asarray(sol.col_value), 0.0, self.c),
                 np.clip(-np.asarray(sol.row_dual), 0.0, None))
@@ -311,7 +344,8 @@ def solve_hinge_dual(
     traces = [HingeTrace() for _ in range(m)]
     if dense_kernel:
         kern.materialize()
-    cuts = [_MasterLP(n, c) for _ in range(m)]
+    host = _LPHost()
+    cuts = [_MasterLP(n, c, host) for _ in range(m)]
     a_out = [torch.full((n,), c, dtype=dtype, device=dev) for _ in range(m)]  # master LP point (outside)
     a_in = [torch.zeros(n, dtype=dtype, device=dev) for _ in range(m)]  # best feasible point (inside)
     best = [0.0] * m
