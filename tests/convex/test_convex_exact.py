@@ -238,6 +238,7 @@ def test_incremental_master_lp_equals_a_fresh_solve():
         assert abs(a.sum() - a_ref.sum()) <= 1e-9 * a_ref.sum()
         assert (np.stack(rows) @ a <= 1 + 1e-9).all() and (a >= 0).all() and (a <= c).all()
         assert (w >= 0).all() and np.array_equal(lp.rows, np.stack(rows))
+        assert np.allclose(lp.margins(w), np.stack(rows)[: w.size].T @ w, rtol=1e-12, atol=1e-12)
         bound = w.sum() + c * np.clip(1 - lp.rows.T @ w, 0, None).sum()  # the primal point built from w
         assert abs(bound - a.sum()) <= 1e-8 * a.sum()
 

@@ -189,7 +189,7 @@ class _MasterLP:
 
     def __init__(self, n: int, c: float, host: _LPHost | None = None):
         self.n, self.c = n, c
-        self._rows = np.zeros((0, n))
+        self._blocks: list[np.ndarray] = []  # the cuts of each pass (no spare capacity: rows are n long)
         self._count = 0
         self._host = host if host is not None else _LPHost()
         self._synced = 0  # rows the host's model holds when this problem owns it
@@ -200,20 +200,35 @@ class _MasterLP:
 
     @property
     def rows(self) -> np.ndarray:
-        """The cuts so far ``(len, n)`` (a view)."""
-        return self._rows[: self._count]
+        """The cuts so far ``(len, n)`` (a copy)."""
+        return np.concatenate(self._blocks) if self._blocks else np.zeros((0, self.n))
+
+    def margins(self, w: np.ndarray) -> np.ndarray:
+        """``rows[:len(w)]^T w`` without stacking the cuts."""
+        out, start = np.zeros(self.n), 0
+        for block in self._blocks:
+            if start >= w.size:
+                break
+            part = w[start : start + block.shape[0]]
+            out += block[: part.size].T @ part
+            start += block.shape[0]
+        return out
+
+    def _tail(self, k: int) -> np.ndarray:
+        """The last ``k`` cuts ``(k, n)`` (contiguous)."""
+        parts, got = [], 0
+        for block in reversed(self._blocks):
+            if got >= k:
+                break
+            parts.append(block[max(0, block.shape[0] - (k - got)) :])
+            got += parts[-1].shape[0]
+        return np.ascontiguousarray(np.concatenate(parts[::-1]))
 
     def add(self, rows: list[np.ndarray]) -> None:
         if not rows:
             return
-        new = np.stack(rows)
-        k = new.shape[0]
-        if self._count + k > self._rows.shape[0]:  # amortized growth: no copy of every cut at every pass
-            grown = np.zeros((max(2 * self._rows.shape[0], self._count + k, 64), self.n))
-            grown[: self._count] = self.rows
-            self._rows = grown
-        self._rows[self._count : self._count + k] = new
-        self._count += k
+        self._blocks.append(np.stack(rows))
+        self._count += len(rows)
 
     def _load(self, h) -> None:
         """Pass this problem's whole LP to the host, with its last basis (new rows' slacks basic)."""
@@ -247,7 +262,7 @@ class _MasterLP:
             k, n = self._count - self._synced, self.n
             h.addRows(k, np.full(k, -_highs_core.kHighsInf), np.ones(k), k * n,
                       np.arange(0, k * n, n, dtype=np.int32), np.tile(np.arange(n, dtype=np.int32), k),
-                      np.ascontiguousarray(self._rows[self._synced : self._count]).ravel())
+                      self._tail(k).ravel())
         self._synced = self._count
         h.run()
         status = h.getModelStatus()
@@ -433,7 +448,7 @@ def solve_hinge_dual(
             dual = best[k] if scale_dual else float(a_out[k].sum())
             # master primal point A_t = sum_t w_t g_t v_t^T (its values at x_i are stored with the cuts)
             if ws[k].size:
-                marg = torch.from_numpy(cuts[k].rows[: ws[k].size].T @ ws[k]).to(y)  # y_i <Z_i, A_t>
+                marg = torch.from_numpy(cuts[k].margins(ws[k])).to(y)  # y_i <Z_i, A_t>
                 master, master_scores = float(ws[k].sum()) + c * _hinge_sum(marg), marg * y[k]
             else:
                 master, master_scores = c * n, torch.zeros(n, dtype=dtype, device=dev)  # A = 0
