@@ -212,3 +212,85 @@ def test_segment_search_lowers_the_passes_and_keeps_weak_duality(pair):
     y_pm = torch.where(torch.as_tensor(y) == on.classes_[1], 1.0, -1.0).double()
     assert _dense_lambda_max(on, on.dual_coef_[0], y_pm) <= 1 + 1e-9
     assert on.traces_[0].iterations < off.traces_[0].iterations
+
+
+def test_incremental_master_lp_equals_a_fresh_solve():
+    """The master LP kept between passes (rows appended, warm basis) gives the optimum of a solve from
+    scratch after every addition, and its multipliers w >= 0 certify it (LP duality: sum w + c sum
+    max(0, 1 - rows^T w) equals the optimum), so the master bound built from w is tight."""
+    from proxnets.convex.hinge import _lp, _LPHost, _MasterLP
+
+    rng = np.random.default_rng(0)
+    n, c = 20, 0.7
+    host = _LPHost()  # shared by two problems: each solve either appends rows or reloads with its basis
+    lp, other, rows = _MasterLP(n, c, host), _MasterLP(n, c, host), []
+    assert np.array_equal(lp.solve()[0], np.full(n, c))  # no cut: the box corner
+    for it in range(12):
+        new = list(rng.normal(size=(int(rng.integers(1, 9)), n)) + 0.2)
+        rows += new
+        lp.add(new)
+        if it % 3 == 1:  # another problem takes the host in between
+            other.add(list(rng.normal(size=(3, n)) + 0.2))
+            a_o, _ = other.solve()
+            assert abs(a_o.sum() - _lp(list(other.rows), c, n)[0].sum()) <= 1e-9 * a_o.sum()
+        a, w = lp.solve()
+        a_ref, _ = _lp(rows, c, n)
+        assert abs(a.sum() - a_ref.sum()) <= 1e-9 * a_ref.sum()
+        assert (np.stack(rows) @ a <= 1 + 1e-9).all() and (a >= 0).all() and (a <= c).all()
+        assert (w >= 0).all() and np.array_equal(lp.rows, np.stack(rows))
+        assert np.allclose(lp.margins(w), np.stack(rows)[: w.size].T @ w, rtol=1e-12, atol=1e-12)
+        bound = w.sum() + c * np.clip(1 - lp.rows.T @ w, 0, None).sum()  # the primal point built from w
+        assert abs(bound - a.sum()) <= 1e-8 * a.sum()
+
+
+def test_cached_training_patches_give_the_same_kernel(pair, monkeypatch):
+    """Small training sets keep their patches (PATCH_CACHE_BYTES); the passes equal the recomputed ones."""
+    import proxnets.convex.exact as ex
+
+    x = pair[0][:20].double()
+    feat = dict(patch_size=3, pool_size=2, kernel="linear", feature_map="linear", n_features=1)
+    cached = PatchKernel(PatchFeaturizer(**feat), "rbf", 0.2).fit(x, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ex, "PATCH_CACHE_BYTES", 0)
+    plain = PatchKernel(PatchFeaturizer(**feat), "rbf", 0.2).fit(x, torch.Generator().manual_seed(0))
+    assert cached._cache is not None and plain._cache is None
+    w = torch.randn(3, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(cached.quadratic(w), plain.quadratic(w))
+    assert torch.equal(cached.contract(w), plain.contract(w))
+
+
+def test_recovery_reads_only_the_symmetric_part_of_r():
+    """The recovery keeps the upper triangle of sym(R_i) (R_i = V^T C_i V diag(mu)^{-1/2} is not
+    symmetric): the scale fit on sym(R) gives the same S, primal value and scores as on R, because
+    tr(S R) = tr(S sym(R)) for symmetric S; and the triangle unpacks to sym(R)."""
+    from proxnets.convex.hinge import _unpack_sym, fit_scales
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(40, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.where(torch.randn(40, generator=g) > 0, 1.0, -1.0).double()
+    sym = (r + r.transpose(1, 2)) / 2
+    assert (r - r.transpose(1, 2)).abs().max() > 0.1  # the test's R is far from symmetric
+    i, j = torch.triu_indices(4, 4)
+    assert torch.equal(_unpack_sym(sym[:, i, j], 4), sym)
+    s_full, p_full, sc_full = fit_scales(r, y, 0.5)
+    s_sym, p_sym, sc_sym = fit_scales(sym, y, 0.5)
+    assert abs(p_full - p_sym) <= 1e-10 * p_full
+    assert torch.allclose(s_full, s_sym, atol=1e-10) and torch.allclose(sc_full, sc_sym, atol=1e-10)
+
+
+def test_symmetric_contract_equals_the_streamed_one(pair, monkeypatch):
+    """Small problems evaluate each training block pair once for both row blocks (K_ji = K_ij^T);
+    the result equals the streamed contract, with a support that leaves some blocks out."""
+    import proxnets.convex.exact as ex
+
+    x = pair[0][:40].double()
+    feat = dict(patch_size=3, pool_size=2, kernel="linear", feature_map="linear", n_features=1)
+    kern = PatchKernel(PatchFeaturizer(**feat), "rbf", 0.2).fit(x, torch.Generator().manual_seed(0))
+    w = torch.randn(3, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w[:, 5:30] = 0  # whole blocks without support
+    sym = kern.contract(w)
+    monkeypatch.setattr(ex, "SYMMETRIC_BYTES", 0)
+    streamed = kern.contract(w)
+    assert torch.allclose(sym, streamed, rtol=1e-12, atol=1e-12 * float(streamed.abs().max()))
+    red = lambda acc, rows: (acc.sum((2, 3)),)  # noqa: E731
+    monkeypatch.setattr(ex, "SYMMETRIC_BYTES", 2**30)
+    assert torch.allclose(kern.contract(w, reduce=red)[0], streamed.sum((2, 3)), rtol=1e-12)
