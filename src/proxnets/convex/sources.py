@@ -121,6 +121,11 @@ def gram_norm(source, n_classes: int, *, max_samples: int = 512, iterations: int
     """
     g = torch.Generator().manual_seed(seed)
     sub = source if source.n <= max_samples else source.subset(torch.randperm(source.n, generator=g)[:max_samples])
+    if isinstance(sub, StreamedFeatures):
+        # the power iteration makes two passes per iteration: over a streamed subsample each would
+        # recompute its features (about 40 subsample passes, half of a short fit's time). Cached once
+        # instead: the same features, the same estimate, memory max_samples P D (released on return).
+        sub = CachedFeatures(cache_features(sub.featurizer, sub.images, sub.chunk), sub.chunk)
     op = score_operator(sub, 1)
     sigma, _, _ = power_iteration(op, iterations=iterations, tol=1e-4, generator=g)
     return float(sigma) ** 2
