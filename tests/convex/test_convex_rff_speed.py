@@ -139,3 +139,35 @@ def test_gram_norm_streamed_equals_cached():
     assert a == b
     a_all, b_all = gram_norm(streamed, 3), gram_norm(cached, 3)  # n <= max_samples: the whole set
     assert abs(a_all - b_all) <= 1e-6 * b_all
+
+
+@pytest.mark.parametrize("budget_chunks", [0, 2, 100])
+def test_bounded_cache_gives_bitwise_the_same_iterates(budget_chunks):
+    f, x = _featurizer(torch.float32)
+    y = torch.arange(x.shape[0]) % 3
+    plain = StreamedFeatures(f, x, chunk=5)
+    chunk_bytes = 5 * f.n_positions * f.dim * 4
+    kept = StreamedFeatures(f, x, chunk=5, cache_bytes=budget_chunks * chunk_bytes)
+    gram = gram_norm(plain, 3)
+    r1, t1 = solve_dual(plain, y, 3, 0.05, max_iter=12, tol=0.0, gram=gram, on_nonconvergence="ignore")
+    r2, t2 = solve_dual(kept, y, 3, 0.05, max_iter=12, tol=0.0, gram=gram, on_nonconvergence="ignore")
+    assert t1.primal == t2.primal and t1.dual == t2.dual  # bitwise
+    assert torch.equal(r1.theta, r2.theta) and torch.equal(r1.p, r2.p)
+    assert kept._kept_bytes <= kept.cache_bytes
+    assert kept.cached_fraction == pytest.approx(min(1.0, budget_chunks * 5 / x.shape[0]))
+    if budget_chunks == 2:  # what is kept is what the featurizer computes
+        with torch.no_grad():
+            assert torch.equal(kept._kept[1], f(x[5:10]))
+
+
+def test_dccnn_cache_mb_same_model():
+    f, x = _featurizer(torch.float32)
+    from proxnets.convex import DCCNN
+    y = (torch.arange(x.shape[0]) % 2).numpy()
+    kw = dict(patch_size=5, n_features=32, pool_size=2, max_iter=8, chunk=6, on_nonconvergence="ignore")
+    a = DCCNN(**kw).fit(x.numpy(), y)
+    b = DCCNN(**kw, cache_mb=0.01).fit(x.numpy(), y)
+    assert a.trace_.primal == b.trace_.primal and a.trace_.dual == b.trace_.dual
+    assert (a.predict(x.numpy()) == b.predict(x.numpy())).all()
+    with pytest.raises(ValueError, match="cache_mb"):
+        DCCNN(**kw, cache_mb=-1).fit(x.numpy(), y)

@@ -55,12 +55,24 @@ class CachedFeatures:
 
 
 class StreamedFeatures:
-    """Features recomputed on every pass from ``images (n, C, H, W)``."""
+    """Features recomputed on every pass from ``images (n, C, H, W)``.
 
-    def __init__(self, featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256):
+    ``cache_bytes``: a bound on memory spent keeping feature chunks between passes (default 0:
+    none). The first pass keeps the chunks it computes, in order, while their total size stays
+    within the bound; later passes read those chunks back instead of recomputing them. The kept
+    tensors are the ones the featurizer returned, so every pass sees bitwise the same features as
+    without a cache (same chunks, same values): the solvers' iterates and certificates are
+    unchanged, only the time per pass falls with the fraction cached.
+    """
+
+    def __init__(self, featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256, cache_bytes: int = 0):
         self.featurizer = featurizer
         self.images = images
         self.chunk = check_int("chunk", chunk, low=1)
+        self.cache_bytes = check_int("cache_bytes", cache_bytes, low=0)
+        self._kept: list[torch.Tensor] = []  # features of the first len(_kept) chunks
+        self._kept_bytes = 0
+        self._full = cache_bytes == 0  # no more chunks will be kept
 
     @property
     def n(self) -> int:
@@ -74,9 +86,25 @@ class StreamedFeatures:
     def dim(self) -> int:
         return self.featurizer.dim
 
+    @property
+    def cached_fraction(self) -> float:
+        """Fraction of the samples whose features are kept between passes."""
+        return min(1.0, len(self._kept) * self.chunk / self.n)
+
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
         with torch.no_grad():
-            yield from self.featurizer.chunks(self.images, self.chunk)
+            for c, i in enumerate(range(0, self.n, self.chunk)):
+                sl = slice(i, min(i + self.chunk, self.n))
+                if c < len(self._kept):
+                    yield sl, self._kept[c]
+                    continue
+                z = self.featurizer(self.images[sl])
+                if not self._full and c == len(self._kept) and self._kept_bytes + z.nbytes <= self.cache_bytes:
+                    self._kept.append(z)
+                    self._kept_bytes += z.nbytes
+                else:
+                    self._full = True
+                yield sl, z
 
     def subset(self, idx: torch.Tensor) -> "StreamedFeatures":
         return StreamedFeatures(self.featurizer, self.images[idx], self.chunk)
