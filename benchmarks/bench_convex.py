@@ -119,7 +119,8 @@ def main() -> None:
     last = rows[-1]
     ratio = last["ccnn_cached_mem_mb"] / max(last["dccnn_mem_mb"], 1e-9)
     dmem = [r["dccnn_mem_mb"] for r in rows]
-    growth = (dmem[-1] - dmem[0]) / max(dmem[0], 1e-9) / ((rows[-1]["n"] - rows[0]["n"]) / rows[0]["n"])
+    growth = ((dmem[-1] - dmem[0]) / max(dmem[0], 1e-9) / ((rows[-1]["n"] - rows[0]["n"]) / rows[0]["n"])
+              if len(rows) > 1 else float("nan"))  # one size (--sizes N): no growth
     err_diff = abs(last["dccnn_test_err"] - last["ccnn_cached_test_err"])
     print(f"memory at n={last['n']}: DCCNN {last['dccnn_mem_mb']:.1f} MiB vs cached primal {last['ccnn_cached_mem_mb']:.1f} MiB: "
           f"{ratio:.2f}x lower (target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
