@@ -18,7 +18,9 @@ strong concavity of the entropy (the dual side is 1-strongly convex relative to 
 with ``tau beta lambda_max(A^* A / n) <= 1``. ``Theta`` is only the multiplier of the dual
 constraint: a ``(D, K P)`` matrix, small. The state that grows with ``n`` is ``P`` (n x K). One pass
 over the (streamed) features per iteration computes ``u``, the new dual rows and ``M`` -- never the
-feature tensor ``Q`` nor any ``n x n`` matrix.
+feature tensor ``Q`` nor any ``n x n`` matrix. ``M`` is linear in ``P``, so
+``M(Pbar_{t+1}) = (1 + th) M(P_{t+1}) - th M(P_t)`` comes from the previous pass's ``M``: one
+adjoint product per pass (two in the first, for ``M(P_0)``).
 
 Certificate at every iteration: the lower bound ``D(P_s)`` of the dual iterate shrunk to
 feasibility (``|M(P_s)|_2 <= lam`` by construction, ``|M|_2`` computed exactly), and the upper bound
@@ -95,13 +97,15 @@ def solve_dual(
     theta = torch.zeros(d, k * npos, dtype=dtype, device=device)
     nuc, rank = 0.0, 0
     m_bar = None  # M(Pbar_t); None before the first pass
-    m_new = None
+    m_new = None  # M(P_t): after the first pass, the previous pass's M
     for _ in range(max_iter):
         if m_bar is not None:
             theta, nuc, rank = nuclear_step(theta + tau * m_bar, lam, None, tau)
         th = 1.0 / math.sqrt(1.0 + 2.0 * beta) if accelerate else 1.0
+        m_old = m_new
         m_new = torch.zeros_like(theta)  # M(P_{t+1})
-        m_bar = torch.zeros_like(theta)  # M(Pbar_{t+1})
+        if m_old is None:
+            m_old = torch.zeros_like(theta)  # M(P_0), summed in the first pass only
         loss = 0.0
         for rows, z in source.chunks():
             u = scores(z, theta)  # (b, K)
@@ -111,11 +115,16 @@ def solve_dual(
             p_next = torch.softmax((step_sign * beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
             e = one_hot(yb, k, dtype)
             m_new += scores_adjoint(z, e - p_next)
-            m_bar += scores_adjoint(z, e - (p_next + th * (p_next - p_old)))
+            if info.passes == 0:
+                m_old += scores_adjoint(z, e - p_old)
             p[rows] = p_next
+        if info.passes == 0:
+            m_old /= n
         info.passes += 1
         m_new /= n
-        m_bar /= n
+        # M is linear in P: M(Pbar_{t+1}) = M(P_{t+1} + th (P_{t+1} - P_t)) = (1 + th) M(P_{t+1}) - th M(P_t),
+        # from the previous pass's M(P_t): one adjoint product per pass instead of two
+        m_bar = (1.0 + th) * m_new - th * m_old
         if accelerate:
             beta, tau = th * beta, tau / th
         m_norm = spectral_norm(m_new)

@@ -266,6 +266,8 @@ class DCCNN(_ConvexCNN):
       :func:`~proxnets.convex.recovery.active_rank`). ``beta0``: initial dual step.
       ``features``: "streamed" (default: recomputed every pass, memory independent of ``n P D``) or
       "cached" (the feature tensor held in memory: same solution, faster, memory ``n P D``).
+      ``cache_mb``: with "streamed", MiB of feature chunks kept between passes (default 0; the
+      same iterates bitwise, faster by the fraction kept, see ``StreamedFeatures``).
       After ``fit``: ``dual_`` (the :class:`~proxnets.convex.dual.DualResult`), ``recovery_``.
       ``n_layers``: layers trained one by one as CCNN's Algorithm 2 does (the loop CCNN uses): each
       layer's dual is solved on the previous layer's recovered filter maps; lower layers recover
@@ -289,7 +291,8 @@ class DCCNN(_ConvexCNN):
                  feature_map="rff", n_features=256, gamma=0.2, pool_size=2, pool_stride=None, lam=1e-2,
                  n_filters=None, max_iter=300, tol=1e-3, beta0=1.0, chunk=256, image_shape=None, device="cpu",
                  random_state=0, on_nonconvergence="warn", features="streamed", loss="logistic", C=1.0, verbose=0,
-                 solver_options=None, n_layers=1):
+                 solver_options=None, n_layers=1, cache_mb=0.0):
+        self.cache_mb = cache_mb
         self.patch_size, self.stride, self.padding = patch_size, stride, padding
         self.contrast_eps, self.zca_eps, self.kernel, self.feature_map = contrast_eps, zca_eps, kernel, feature_map
         self.n_features, self.gamma, self.pool_size, self.pool_stride = n_features, gamma, pool_size, pool_stride
@@ -310,6 +313,7 @@ class DCCNN(_ConvexCNN):
             return self._fit_exact(X, y)
         self._check_common()
         check_choice("features", self.features, ("streamed", "cached"))
+        check_number("cache_mb", self.cache_mb, low=0.0)
         check_number("beta0", self.beta0, low=0.0, low_inclusive=False)
         x = self._images(X, reset=True)
         yt = self._labels(y, x.shape[0]).to(x.device)
@@ -319,7 +323,7 @@ class DCCNN(_ConvexCNN):
         self.duals_, self.recoveries_ = [], []
 
         def solve(feat: PatchFeaturizer, x: torch.Tensor, layer: int, r: int | None):
-            source = (StreamedFeatures(feat, x, self.chunk) if self.features == "streamed"
+            source = (StreamedFeatures(feat, x, self.chunk, int(self.cache_mb * 2**20)) if self.features == "streamed"
                       else CachedFeatures(cache_features(feat, x, self.chunk), self.chunk))
             with _Progress(self.verbose, self.max_iter, f"DCCNN (logistic dual) layer {layer + 1}") as bar:
                 dual, trace = solve_dual(source, yt, k, self.lam, max_iter=self.max_iter, tol=self.tol,

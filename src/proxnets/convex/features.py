@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from proxnets.convex.kernels import make_feature_map
+from proxnets.convex.kernels import RandomFourierFeatures, make_feature_map
 from proxnets.convex.patches import ZCA, contrast_normalize, extract_patches, fit_zca, grid_shape, pair, pool_features
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
@@ -173,8 +173,41 @@ class PatchFeaturizer(nn.Module):
         return x * self.input_scale if self.input_scale != 1.0 else x
 
     def _raw(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.phi, RandomFourierFeatures) and not (torch.is_grad_enabled() and images.requires_grad):
+            return self._raw_rff(images)
         feats = self.phi(self.whitened_patches(images))  # (N, H'W', D)
         return pool_features(feats, self.grid, self.pool_size, self.pool_stride)  # (N, P, D)
+
+    def _raw_rff(self, images: torch.Tensor, block: int = 4) -> torch.Tensor:
+        """``pool(sqrt(2/D) cos(zca(cn(x_j)) s W + b))`` with ZCA and ``s`` folded into the projection.
+
+        ``zca(x) s W + b = x (s Z W) + (b - s mu Z W)`` (``Z`` the ZCA matrix, ``mu`` its mean), so one
+        GEMM with a bias maps the (contrast-normalized in place) patches to the cosine's argument (no whitened copy, no
+        separate bias pass); the cosine is taken in place, pooling (linear) runs before the factor
+        ``sqrt(2/D)``, and ``block`` images at a time keep the ``(block J, D)`` buffer in cache. The same
+        function as :meth:`whitened_patches` followed by ``phi`` and :func:`pool_features`, up to
+        rounding (tested); every solver reads the features from here, so cached and streamed
+        features are identical.
+        """
+        x = extract_patches(images, self.patch_size, self.stride, self.padding).contiguous()  # (N, J, d), a copy
+        if self.contrast_eps is not None:  # contrast_normalize's formula, in place on the contiguous copy
+            x.sub_(x.mean(dim=-1, keepdim=True))
+            x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).add_(self.contrast_eps))
+        w64, b64 = self.phi.weight.double(), self.phi.bias.double()
+        if self.zca is not None:
+            zw = self.zca.matrix.double() @ w64 * self.input_scale
+            bias = b64 - self.zca.mean.double() @ zw
+        else:
+            zw, bias = w64 * self.input_scale, b64
+        zw, bias = zw.to(x.dtype), bias.to(x.dtype)
+        n, j, d = x.shape
+        dim = zw.shape[1]
+        out = torch.empty(n, self.n_positions, dim, dtype=x.dtype, device=x.device)
+        for i in range(0, n, block):
+            xb = x[i : i + block]
+            pre = torch.addmm(bias, xb.reshape(-1, d), zw).cos_()  # (b J, D)
+            out[i : i + block] = pool_features(pre.view(xb.shape[0], j, dim), self.grid, self.pool_size, self.pool_stride)
+        return out.mul_(self.phi.scale)
 
     def _check_fitted(self) -> None:
         if self.phi is None:
