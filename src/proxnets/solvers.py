@@ -342,6 +342,25 @@ def accelerated(
     return z, mon.finish()
 
 
+def _anderson_weights(Hn: torch.Tensor, lam: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Type-II Anderson weights ``alpha = argmin |sum_j alpha_j g_j|^2 + lam s |alpha|^2, sum_j alpha_j = 1``.
+
+    ``Hn`` is the (B, n, n) Gram matrix ``<g_i, g_j>`` in float64 and ``s`` its mean diagonal (so ``lam`` is
+    scale-free). Returns ``alpha`` (B, n) in ``dtype`` and ``bad`` (B,): samples whose regularized system is
+    singular or whose weights are not finite; the caller gives those the plain step.
+    """
+    bsz, n = Hn.shape[0], Hn.shape[1]
+    scale = Hn.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (B,)
+    reg = Hn + (lam * scale)[:, None, None] * torch.eye(n, dtype=Hn.dtype, device=Hn.device)
+    ones = torch.ones(bsz, n, 1, dtype=Hn.dtype, device=Hn.device)
+    # solve_ex reports a singular system per sample (info > 0) instead of raising for the batch
+    sol, singular = torch.linalg.solve_ex(reg, ones)
+    sol = sol.squeeze(2)  # (B, n)
+    alpha = (sol / sol.sum(dim=1, keepdim=True)).to(dtype)
+    bad = (singular != 0) | ~torch.isfinite(alpha).all(dim=1)  # (B,)
+    return alpha, bad
+
+
 def anderson(
     T: Map,
     z0: torch.Tensor,
@@ -391,15 +410,7 @@ def anderson(
         n = min(k + 1, m)
         row = torch.stack([torch.linalg.vecdot(G[j], G[slot]) for j in range(n)], dim=1).double()  # (B, n)
         H[:, slot, :n], H[:, :n, slot] = row, row
-        Hn = H[:, :n, :n]
-        scale = Hn.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (B,)
-        reg = Hn + (lam * scale)[:, None, None] * torch.eye(n, dtype=Hn.dtype, device=x.device)
-        ones = torch.ones(bsz, n, 1, dtype=Hn.dtype, device=x.device)
-        # solve_ex reports a singular system per sample (info > 0) instead of raising for the batch
-        sol, singular = torch.linalg.solve_ex(reg, ones)
-        sol = sol.squeeze(2)  # (B, n)
-        alpha = (sol / sol.sum(dim=1, keepdim=True)).to(x.dtype)
-        bad = (singular != 0) | ~torch.isfinite(alpha).all(dim=1)  # (B,)
+        alpha, bad = _anderson_weights(H[:, :n, :n], lam, x.dtype)
         if bool(bad.any()):  # fall back to the plain step x_{k+1} = T(x_k) for those samples
             info.restarts += int(bad.sum())
             alpha = torch.where(bad[:, None], torch.zeros_like(alpha), alpha)
@@ -524,13 +535,7 @@ def safeguarded_anderson(
             ref = torch.where(reject, ref, d)
         else:
             x, fx, ref = y, fy, d
-        Hn = H[:, :n, :n]
-        scale = Hn.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
-        reg = Hn + (lam * scale)[:, None, None] * torch.eye(n, dtype=Hn.dtype, device=dev)
-        sol, singular = torch.linalg.solve_ex(reg, torch.ones(bsz, n, 1, dtype=Hn.dtype, device=dev))
-        sol = sol.squeeze(2)
-        alpha = (sol / sol.sum(dim=1, keepdim=True)).to(dt)  # (B, n)
-        bad = (singular != 0) | ~torch.isfinite(alpha).all(dim=1)
+        alpha, bad = _anderson_weights(H[:, :n, :n], lam, dt)
         alpha = alpha.masked_fill(bad[:, None], 0.0)  # those samples take the KM point below
         y_new = torch.bmm(alpha.unsqueeze(1), Fb[:, :n]).squeeze(1)  # sum_j alpha_j T(y_j)
         if Xb is not None:  # sum_j alpha_j ((1 - theta) y_j + theta T(y_j))
