@@ -243,6 +243,28 @@ def test_incremental_master_lp_equals_a_fresh_solve():
         assert abs(bound - a.sum()) <= 1e-8 * a.sum()
 
 
+def test_master_lp_without_the_highs_binding_solves_from_scratch(monkeypatch):
+    """Where scipy's private HiGHS module is absent (or lacks a name the warm start calls), the master
+    falls back to ``linprog`` per solve: the same optimum and valid multipliers."""
+    import proxnets.convex.hinge as hg
+
+    rng = np.random.default_rng(1)
+    n, c = 15, 0.5
+    rows = list(rng.normal(size=(10, n)) + 0.2)
+    warm = hg._MasterLP(n, c)
+    warm.add(rows)
+    a_warm, _ = warm.solve()
+    monkeypatch.setattr(hg, "_highs_core", None)
+    cold = hg._MasterLP(n, c)
+    assert cold._host.h is None
+    cold.add(rows)
+    a, w = cold.solve()
+    assert abs(a.sum() - a_warm.sum()) <= 1e-9 * a_warm.sum()
+    assert (np.stack(rows) @ a <= 1 + 1e-9).all() and (w >= 0).all()
+    bound = w.sum() + c * np.clip(1 - np.stack(rows).T @ w, 0, None).sum()
+    assert abs(bound - a.sum()) <= 1e-8 * a.sum()
+
+
 def test_cached_training_patches_give_the_same_kernel(pair, monkeypatch):
     """Small training sets keep their patches (PATCH_CACHE_BYTES); the passes equal the recomputed ones."""
     import proxnets.convex.exact as ex

@@ -162,6 +162,10 @@ try:  # scipy's own HiGHS binding (the one linprog uses) keeps a model between s
     from scipy.optimize._highspy import _core as _highs_core
 except ImportError:  # pragma: no cover - another scipy layout: every solve starts from scratch (same optimum)
     _highs_core = None
+# a private module: use it only if it has every name the warm start calls (else the linprog path)
+_HIGHS_NAMES = ("_Highs", "HighsLp", "MatrixFormat", "HighsBasisStatus", "HighsModelStatus", "kHighsInf")
+if _highs_core is not None and not all(hasattr(_highs_core, name) for name in _HIGHS_NAMES):  # pragma: no cover
+    _highs_core = None
 
 
 class _LPHost:
