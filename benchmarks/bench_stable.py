@@ -232,6 +232,10 @@ SCREEN = {
                                "activation": "relu"},
     "ortho cayley maxmin": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1,
                             "glue_activation": "maxmin"},
+    # the two levers together: b = -1/2 (the step starts near the identity) and MaxMin in the glue (keeps the sign the block's
+    # -|z| regime loses)
+    "ortho cayley b-.5 maxmin": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1,
+                                 "block_bias_init": -0.5, "glue_activation": "maxmin"},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
