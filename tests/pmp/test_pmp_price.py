@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from proxnets.pmp.optimizer import ORDER_BAND, order_pair
@@ -60,3 +61,12 @@ def test_order_pair_with_infinite_scores_is_the_reference():
             ref = _reference(s, k)
             for guess in (0.25, 0.35, 0.15, 0.45, 0.0, 1.0):
                 assert order_pair(s, k, guess) == ref, (k, guess)
+
+
+def test_order_pair_names_a_bad_rank():
+    from proxnets.pmp.optimizer import order_pair
+
+    with pytest.raises(ValueError, match="k: expected 0 <= k < s.numel"):
+        order_pair(torch.arange(5.0), 5)
+    with pytest.raises(ValueError, match="k: expected"):
+        order_pair(torch.ones(2, 3), 1)

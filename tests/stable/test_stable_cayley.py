@@ -150,3 +150,16 @@ def test_negative_bias_init_starts_the_relu_cayley_step_at_the_identity():
     assert not torch.allclose(far, 10 * x)
     with pytest.raises(ValueError, match="bias_init"):
         NonExpansiveBlock((3, 5, 5), bias_init=float("nan"))
+
+
+def test_cayley_apply_and_bound_name_bad_input():
+    """A symbol of the wrong size or kind is refused, naming ``q``; a non-4-d input names ``x``."""
+    from proxnets.stable.cayley import cayley_apply, cayley_symbol, unitary_symbol_bound
+
+    q = cayley_symbol(torch.randn(3, 3, 3, 3, dtype=torch.float64), (6, 6))
+    with pytest.raises(ValueError, match="q: expected the symbol of a 3-channel 6x8"):
+        cayley_apply(torch.randn(2, 3, 6, 8, dtype=torch.float64), q)
+    with pytest.raises(ValueError, match="x:"):
+        cayley_apply(torch.randn(3, 6, 6, dtype=torch.float64), q)
+    with pytest.raises(ValueError, match="q: expected a complex tensor"):
+        unitary_symbol_bound(q.real)

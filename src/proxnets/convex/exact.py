@@ -264,7 +264,6 @@ class PatchKernel:
             return torch.zeros(m, n_rows, p, p, dtype=self.dtype, device=weights.device)
         return out[0] if reduce is None else out
 
-
     def _contract_symmetric(self, weights: torch.Tensor, reduce):
         """:meth:`contract` over the training set for a small problem: every ``C_i`` is held
         (``m n P^2`` numbers, at most :data:`SYMMETRIC_BYTES`), so each block pair ``A <= B`` of the

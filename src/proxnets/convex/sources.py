@@ -13,8 +13,8 @@ on which the project's power iteration estimates ``lambda_max(A^* A / n)``.
 from __future__ import annotations
 
 import ctypes
-import math
 import ctypes.util
+import math
 from collections.abc import Iterator
 
 import torch

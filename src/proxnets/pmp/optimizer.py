@@ -195,6 +195,7 @@ class BSQH(torch.optim.Optimizer):
         self.rule = LinearizedHamiltonianRule() if rule is None else rule
         self.layer = check_choice("layer", layer, LAYERS)
         self.inner_steps = check_int("inner_steps", inner_steps, low=1)
+        self._price_guess: float | None = None  # the last target-density price: order_pair ranks against it first
         self.backtracks = check_int("backtracks", backtracks, low=0)
         self.safeguard = bool(safeguard)
         self.tape: LayerTape | None = None
@@ -402,7 +403,7 @@ class BSQH(torch.optim.Optimizer):
         if k >= s.numel():
             return 0.5 * float(s.min())  # everything is kept at any price below the smallest
         # any rho in [s_(k+1), s_(k)) (k-th largest) keeps exactly the top k; take their geometric mean
-        lo, hi = order_pair(s, k, getattr(self, "_price_guess", None))
+        lo, hi = order_pair(s, k, self._price_guess)
         if not math.isfinite(hi):
             rho = 2.0 * lo if lo > 0 else 1.0
         else:
@@ -662,6 +663,8 @@ def order_pair(s: torch.Tensor, k: int, guess: float | None = None) -> tuple[flo
     result is always the reference's, bit for bit (tested against it).
     """
     n = s.numel()
+    if s.ndim != 1 or not 0 <= k < n:
+        raise ValueError(f"k: expected 0 <= k < s.numel() for a 1-d s, got k={k} with s of shape {tuple(s.shape)}")
     if guess is not None and 0 < k < n and math.isfinite(guess):
         above = s > guess
         # the sum is NaN if any entry is (one vectorized pass; isnan + sum costs 30x more here)

@@ -77,15 +77,28 @@ def cayley_symbol(weight: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 def cayley_apply(x: torch.Tensor, q: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
     """``irfft2(Q rfft2 x)`` (``adjoint``: ``Q^H``): ``(B, C, H, W) -> (B, C, H, W)``; ``q`` is ``(H, W // 2 + 1, C, C)``
     from :func:`cayley_symbol` at the same ``H x W``."""
-    hw = tuple(x.shape[-2:])
+    check_tensor("x", x, ndim=4, finite=False)  # shapes only: this is every step of a block (NaN propagates, checked there)
+    _check_symbol(q)
+    c, hw = x.shape[1], tuple(x.shape[-2:])
+    if tuple(q.shape) != (hw[0], hw[1] // 2 + 1, c, c):
+        raise ValueError(f"q: expected the symbol of a {c}-channel {hw[0]}x{hw[1]} convolution, shape "
+                         f"{(hw[0], hw[1] // 2 + 1, c, c)}, got {tuple(q.shape)}")
     xf = torch.fft.rfft2(x).permute(2, 3, 1, 0)  # (H, W // 2 + 1, C, B)
     m = q.conj().transpose(-2, -1) if adjoint else q
     yf = (m @ xf.to(m.dtype)).permute(3, 2, 0, 1)  # (B, C, H, W // 2 + 1)
     return torch.fft.irfft2(yf, s=hw).to(x.dtype)
 
+
+def _check_symbol(q: torch.Tensor) -> None:
+    if not isinstance(q, torch.Tensor) or not q.is_complex() or q.ndim < 2 or q.shape[-1] != q.shape[-2]:
+        got = f"{q.dtype} tensor of shape {tuple(q.shape)}" if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"q: expected a complex tensor (..., C, C) of square symbol matrices, got {got}")
+
+
 def unitary_symbol_bound(q: torch.Tensor) -> NormBound:
     """A rigorous upper bound of ``max_f |Q(f)|_2`` (the norm of the operator :func:`cayley_apply` applies), from the
     float64 Gram matrices ``Q^H Q`` with their round-off (module docstring). ``q``: ``(..., C, C)`` complex."""
+    _check_symbol(q)
     qd = q.detach().to(torch.complex128)  # exact: complex64 -> complex128
     n = qd.shape[-1]
     if not bool(torch.isfinite(torch.view_as_real(qd)).all()):
