@@ -18,6 +18,11 @@ Same LeNet-5, same data (mnist5k), batch 64. Prints
 - the trial forward's variants (before / now / ``inference_mode`` / ``channels_last`` / 2 threads) over an
   Adam step, in one shuffled interleaved run (:func:`trial_forward_variants`).
 
+``--layer-pilot SEEDS`` runs only the layer-rule pilot (:func:`layer_pilot`) from which the suite's paired
+design was fixed: seeds 10 .. 10 + SEEDS - 1 (not the claim's), one ``map+activation`` sweep from every state of a
+20-sweep ``map`` reference run; per-state means and sds of the paired difference, and the per-seed means over the
+suite's states.
+
 ``--structured-compare SEEDS`` runs only the structured comparison (:func:`structured_compare`): the
 filter-level L0 bSQH against Adam + filter magnitude pruning (``filter_prune``) at bSQH's MAC fraction,
 equal epochs, lr and pruning variant on validation, SEEDS seeds with intervals, exported inference time
@@ -26,7 +31,7 @@ per seed; the loop is the pmp suite's (``proxnets.pmp.experiments.structured``).
 The floor of the step ratio is ``1 + trials x (no-grad forward / Adam step)``: bSQH's only work
 beyond Adam's is its trial forward(s); the bookkeeping is the measured ratio minus that floor.
 
-    python benchmarks/bench_pmp.py [--quick] [--structured-compare SEEDS]
+    python benchmarks/bench_pmp.py [--quick] [--structured-compare SEEDS | --layer-pilot SEEDS]
 """
 
 from __future__ import annotations
@@ -276,6 +281,8 @@ def main() -> None:
                     help="target fraction of multiply-adds of the filter-level L0 run whose zero filters are removed")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: steadier timings on a shared machine)")
+    ap.add_argument("--layer-pilot", type=int, default=0, metavar="SEEDS",
+                    help="only: the layer-rule pilot on seeds 10 .. 10 + SEEDS - 1 (the suite's design came from it)")
     ap.add_argument("--structured-compare", type=int, default=0, metavar="SEEDS",
                     help="only: filter-level bSQH vs Adam + filter magnitude pruning at equal MACs, this many seeds")
     args = ap.parse_args()
@@ -283,6 +290,9 @@ def main() -> None:
     ds = load_dataset("mnist5k", seed=0)
     if args.quick:
         ds = ds.subset(2000, 1000, seed=0)
+    if args.layer_pilot:
+        layer_pilot(list(range(10, 10 + args.layer_pilot)))
+        return
     if args.structured_compare:
         compare_main(ds, args)
         return
@@ -367,6 +377,27 @@ def main() -> None:
     print(f"final test accuracy: bSQH {acc_b:.4f} at density {density:.3f} ({r['iterations']} steps), Adam dense "
           f"{acc_a:.4f}; Adam + magnitude pruning to density {weight_density(pruned):.3f} + 1 epoch fine-tuning "
           f"{acc_p:.4f} (difference bSQH - pruning {acc_b - acc_p:+.4f}; one seed, no fine-tuning for bSQH)")
+
+
+def layer_pilot(seeds: list[int], sweeps: int = 20) -> None:
+    """The pilot of the suite's layer-rule design: every state of a ``sweeps``-sweep reference run, ``seeds``."""
+    from proxnets.pmp.experiments import LAYER_FIRST, LAYER_SWEEPS, layer_rules
+
+    ds = load_dataset("mnist5k", seed=0)
+    lsub = ds.subset(600, 1000, seed=0).subset(256, 10, seed=0)  # the suite's layer subset at quick size
+    ctx = SuiteContext(out_dir=Path(tempfile.mkdtemp()), size="quick", log=lambda s: None)
+    c0 = time.process_time()
+    out = layer_rules(ctx, lsub, seeds, sweeps, 0, 1)
+    print(f"layer pilot: {len(lsub.x_train)} images, seeds {seeds}, one map+activation sweep from each of the "
+          f"{sweeps} states of a map run; {time.process_time() - c0:.1f} s CPU")
+    for t in range(sweeps):
+        d = [r["states"][t]["diff"] for r in out.values() if len(r["states"]) > t]
+        cn = statistics.mean(r["states"][t]["cpu_nl"] for r in out.values() if len(r["states"]) > t)
+        print(f"  state {t:2d}: J_after(map+activation) - J_after(map) mean {statistics.mean(d):+.4f}, sd "
+              f"{statistics.stdev(d):.4f}; map+activation sweep {cn:.3f} s CPU")
+    means = [statistics.mean(q["diff"] for q in r["states"][LAYER_FIRST:LAYER_SWEEPS]) for r in out.values()]
+    print(f"per-seed means over states {LAYER_FIRST}..{LAYER_SWEEPS - 1} (the suite's): "
+          + ", ".join(f"{m:+.4f}" for m in means) + f"; mean {statistics.mean(means):+.4f}, sd {statistics.stdev(means):.4f}")
 
 
 def compare_main(ds, args) -> None:

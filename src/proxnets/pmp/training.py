@@ -3,7 +3,8 @@
 - :func:`bsqh_optimizer`: a BSQH on a model with weights regularized and biases not.
 - :func:`train_bsqh`: mini-batch bSQH with :func:`proxnets.engine.fit` (the engine's batch is the
   batch of the acceptance test), optionally followed by fine-tuning with the zero pattern frozen.
-- :func:`full_batch_bsqh`: the theorem's setting, every iteration on the whole training set.
+- :func:`full_batch_bsqh`: the theorem's setting, every iteration on the whole training set
+  (:func:`full_batch_closure`: its closure).
 - :func:`make_bsqh_trainable`: the ``MODELS`` entries (LeNet-5 and a small CNN trained by bSQH).
 """
 
@@ -22,7 +23,8 @@ from proxnets.pmp.models import LeNet5, SmallLeNet5
 from proxnets.pmp.optimizer import BSQH
 from proxnets.pmp.sparsity import freeze_sparsity, sparsity_param_groups, weight_density
 
-__all__ = ["BSQH_DEFAULTS", "DEFAULT_RHO", "bsqh_optimizer", "train_bsqh", "full_batch_bsqh", "make_bsqh_trainable"]
+__all__ = ["BSQH_DEFAULTS", "DEFAULT_RHO", "bsqh_optimizer", "train_bsqh", "full_batch_bsqh", "full_batch_closure",
+           "make_bsqh_trainable"]
 
 # Defaults measured on mnist5k with LeNet-5 (docs/pmp.md): eps0 = 5 is a step 0.1 of SGD size; the
 # floor eps_min = 1 caps the step at 0.5, which keeps mini-batch bSQH from accepting a huge step
@@ -100,6 +102,19 @@ def full_batch_bsqh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: flo
     x, y = x.to(device), y.to(device)
     options.setdefault("reuse_trial", True)
     opt = bsqh_optimizer(model, rho, audit=DecreaseAudit(full_batch=True) if audit else None, **options)
+    closure = full_batch_closure(model, opt, x, y)
+    times, t0 = [], time.perf_counter()
+    for _ in range(iterations):
+        opt.step(closure)
+        times.append(time.perf_counter() - t0)
+        if opt.run_state["stopped"]:
+            break
+    return dict(model=model, optimizer=opt, times=times)
+
+
+def full_batch_closure(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    """The closure of a full-batch bSQH step: ``closure(backward=True)`` zeroes the gradients, returns the mean
+    cross-entropy of ``model`` on ``(x, y)`` and back-propagates it when ``backward``."""
 
     def closure(backward: bool = True) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -109,13 +124,7 @@ def full_batch_bsqh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: flo
             return loss.detach()
         return loss  # un-detached when autograd is on: reuse_trial back-propagates the accepted trial
 
-    times, t0 = [], time.perf_counter()
-    for _ in range(iterations):
-        opt.step(closure)
-        times.append(time.perf_counter() - t0)
-        if opt.run_state["stopped"]:
-            break
-    return dict(model=model, optimizer=opt, times=times)
+    return closure
 
 
 def make_bsqh_trainable(arch: type[nn.Module]):
