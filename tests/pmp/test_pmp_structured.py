@@ -142,11 +142,17 @@ def test_fast_pool_equals_max_pool2d_bit_for_bit_and_keeps_its_gradient():
     from proxnets.pmp.models import MaxPool2x2
 
     pool = MaxPool2x2()
-    for shape in ((3, 2, 28, 28), (2, 3, 9, 7)):
+    # even and contiguous: the two-pass path; odd, 3-d or a transposed view: the four strided views
+    for shape in ((3, 2, 28, 28), (2, 3, 9, 7), (4, 16, 10, 10), (2, 6, 8), (2, 3, 12, 6)):
         x = torch.randn(shape)
-        x[0, 0, :2, :2] = 0.0  # ties
+        x.view(-1, *shape[-2:])[0, :2, :2] = 0.0  # ties
         with torch.no_grad():
             assert torch.equal(pool(x), F.max_pool2d(x, 2))
+            xt = x.transpose(-1, -2)
+            assert not xt.is_contiguous() and torch.equal(pool(xt), F.max_pool2d(xt, 2))
+            xn = x.clone()
+            xn[..., 1, 0] = float("nan")  # a NaN propagates to its window, as in max_pool2d
+            assert torch.equal(pool(xn).isnan(), F.max_pool2d(xn, 2).isnan())
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         g = torch.randn_like(F.max_pool2d(x, 2))
         pool(a).backward(g)
