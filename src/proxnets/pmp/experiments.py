@@ -106,7 +106,7 @@ FULL: dict = {
     "datasets": ("mnist", "fashion-mnist"), "n_train": None, "n_test": None, "seeds": 3, "epochs": 30,
     "finetune_epochs": 5, "densities": (0.4, 0.2, 0.1, 0.05), "batch_size": 64, "target_acc": 0.97,
     "mechanism_images": 2000, "mechanism_iterations": 200, "layer_images": 1000, "layer_sweeps": 50,
-    "layer_every": 5, "layer_seeds": 5,
+    "layer_first": LAYER_FIRST, "layer_every": 5, "layer_seeds": 5,
     "timing_epochs": 2, "timing_iterations": 10,
 }
 
@@ -595,7 +595,8 @@ def run(ctx: SuiteContext) -> SuiteResult:
     lsub = sub.subset(ctx.pick(smoke=64, quick=256, full=FULL["layer_images"]), ctx.pick(smoke=10, quick=10, full=min(100, len(sub.x_test))),
                       seed=ctx.seed)
     layer_its = ctx.pick(smoke=5, quick=LAYER_SWEEPS, full=FULL["layer_sweeps"])
-    layer_first = ctx.pick(smoke=2, quick=LAYER_FIRST, full=LAYER_FIRST)
+    # a run shorter than the first measured state (a tiny full-path test) measures its last sweep
+    layer_first = min(ctx.pick(smoke=2, quick=LAYER_FIRST, full=FULL["layer_first"]), layer_its - 1)
     layer_every = ctx.pick(smoke=1, quick=1, full=FULL["layer_every"])
     layer_seeds = [ctx.seed + i for i in range(ctx.pick(smoke=2, quick=LAYER_SEEDS, full=FULL["layer_seeds"]))]
     lr_runs = layer_rules(ctx, lsub, layer_seeds, layer_its, layer_first, layer_every) \
