@@ -397,7 +397,8 @@ def layer_pilot(seeds: list[int], sweeps: int = 20) -> None:
               f"{statistics.stdev(d):.4f}; map+activation sweep {cn:.3f} s CPU")
     means = [statistics.mean(q["diff"] for q in r["states"][LAYER_FIRST:LAYER_SWEEPS]) for r in out.values()]
     print(f"per-seed means over states {LAYER_FIRST}..{LAYER_SWEEPS - 1} (the suite's): "
-          + ", ".join(f"{m:+.4f}" for m in means) + f"; mean {statistics.mean(means):+.4f}, sd {statistics.stdev(means):.4f}")
+          + ", ".join(f"{m:+.4f}" for m in means)
+          + f"; mean {statistics.mean(means):+.4f}, sd {statistics.stdev(means):.4f}")
 
 
 def compare_main(ds, args) -> None:

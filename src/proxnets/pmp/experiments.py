@@ -414,7 +414,8 @@ def _timed_sweep(opt: BSQH, closure) -> tuple[dict[str, Any], float, float]:
     return opt.history[-1], time.process_time() - c0, time.perf_counter() - t0
 
 
-def layer_rules(ctx: SuiteContext, sub, seeds: list[int], sweeps: int, first: int = 0, every: int = 1) -> dict[str, Any]:
+def layer_rules(ctx: SuiteContext, sub, seeds: list[int], sweeps: int, first: int = 0,
+                every: int = 1) -> dict[str, Any]:
     """The two layer rules' J decrease per sweep from the SAME states (full batch, curvature eps rule).
 
     Per seed a reference run of ``sweeps`` sweeps with ``layer="map"``; at the states ``t = first, first + every, ...``
