@@ -8,6 +8,7 @@ to a long reference solve; and the bounds fail past the norm bound.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from proxnets.equilibrium import DeepOptEqConv2d, OptEqConv2d, certify_equilibrium
@@ -34,8 +35,8 @@ def _dense_w(m):
     """The matrix of ``z -> W z`` on the flattened state, one basis vector at a time (no conv algebra reused)."""
     n = sum(SIZES) * SPATIAL[0] * SPATIAL[1]
     basis = torch.eye(n, dtype=torch.float64).reshape(n, sum(SIZES), *SPATIAL)
-    with torch.no_grad():
-        return m.apply_w(basis, m.W.weight).reshape(n, -1).T  # column j = W e_j
+    with torch.no_grad():  # the full masked kernel, not the layer's blockwise products
+        return F.conv2d(basis, m.W.weight, padding=m.kernel_size // 2).reshape(n, -1).T  # column j = W e_j
 
 
 def test_joint_weight_is_block_lower_bidiagonal_and_under_its_bound():
@@ -132,3 +133,16 @@ def test_one_layer_is_the_conv_layer_and_bad_channels_are_named():
         assert torch.allclose(deep(x), single(x), atol=1e-9)
     with pytest.raises(ValueError, match="channels"):
         DeepOptEqConv2d(IN, [], SPATIAL)
+
+
+def test_blockwise_products_equal_the_masked_convolution():
+    m = _deep()
+    w = m.W.weight.detach()
+    gen = torch.Generator().manual_seed(3)
+    z, q = (torch.randn(2, sum(SIZES), *SPATIAL, dtype=torch.float64, generator=gen) for _ in range(2))
+    assert torch.allclose(m.apply_w(z, w), F.conv2d(z, w, padding=1), atol=1e-12)
+    assert torch.allclose(m.apply_wt(z, w), F.conv_transpose2d(z, w, padding=1), atol=1e-12)
+    wz, wq = F.conv2d(z, w, padding=1), F.conv2d(q, w, padding=1)
+    full = (torch.nn.grad.conv2d_weight(q, w.shape, wz, padding=1) + torch.nn.grad.conv2d_weight(z, w.shape, wq, padding=1))
+    mask = m.W.parametrizations.weight[0].mask.double()
+    assert torch.allclose(m.weight_grad(z, wz, q, w), full * mask, atol=1e-12)

@@ -205,8 +205,9 @@ class DeepOptEqConv2d(_JointBlocks, OptEqConv2d):
     operator unchanged: ``z* = prox_f(W^T W z* + inj(x))`` minimizes the one joint objective ``G``, the norm
     bound ``|W|_2 <= target_norm < 1`` is that of the masked convolution at ``spatial``
     (:func:`proxnets.norm_bounds.norm_bound` certifies it), the adjoint is conjugate gradient, and
-    :func:`certify_equilibrium` gives the joint certificate. Cost: the masked convolution multiplies all
-    ``L^2`` channel blocks, zeros included (``2L - 1`` are nonzero)."""
+    :func:`certify_equilibrium` gives the joint certificate. ``W z``, ``W^T y`` and the weight gradient are
+    applied layer by layer on the nonzero blocks only (one convolution per layer over its two input blocks),
+    so a joint application costs the ``2L - 1`` nonzero blocks, not the ``L^2`` of the masked kernel."""
 
     def __init__(self, in_channels: int, channels: Sequence[int], spatial: Sequence[int], *, kernel_size: int = 3,
                  activation: str | ProxActivation = "relu", target_norm: float = 0.97,
@@ -235,6 +236,34 @@ class DeepOptEqConv2d(_JointBlocks, OptEqConv2d):
         parametrize.register_parametrization(conv, "weight", _BlockMask(mask))
         self.W = operator_norm_bound(conv, target=self.target_norm, in_shape=(total, *self.spatial),
                                      n_power_iterations=self.power_iterations)
+
+    def _rows(self):
+        """Per layer l: its channels ``a:b`` and the input channels ``p:b`` of its row (``p`` = start of l - 1)."""
+        s = self.starts
+        return [(s[l], s[l + 1], s[max(l - 1, 0)]) for l in range(len(self.sizes))]
+
+    def apply_w(self, z, w):
+        """``(W z)_l = A_l * z_l + B_l * z_{l-1}``: one convolution of the channels of layers l - 1 and l."""
+        return torch.cat([F.conv2d(z[:, p:b], w[a:b, p:b], padding=self._pad) for a, b, p in self._rows()], dim=1)
+
+    def apply_wt(self, y, w):
+        """``(W^T y)_l = A_l^T * y_l + B_{l+1}^T * y_{l+1}``: one transposed convolution of layers l and l + 1."""
+        rows = self._rows()
+        outs = []
+        for l, (a, b, _) in enumerate(rows):
+            c = rows[l + 1][1] if l + 1 < len(rows) else b
+            outs.append(F.conv_transpose2d(y[:, a:c], w[a:c, a:b], padding=self._pad))
+        return torch.cat(outs, dim=1)
+
+    def weight_grad(self, z, wz, q, w):
+        # d/dw <W q, W z> on the nonzero row blocks (the mask zeroes the others' gradient anyway)
+        wq = self.apply_w(q, w)
+        grad = torch.zeros_like(w)
+        for a, b, p in self._rows():
+            shape = w[a:b, p:b].shape
+            grad[a:b, p:b] = (torch.nn.grad.conv2d_weight(q[:, p:b], shape, wz[:, a:b], padding=self._pad)
+                              + torch.nn.grad.conv2d_weight(z[:, p:b], shape, wq[:, a:b], padding=self._pad))
+        return grad
 
 
 class SequentialOptEq(nn.Sequential):
