@@ -13,7 +13,9 @@ of our fastest to TorchDEQ's fastest (target: <= 0.4), in wall time and in CPU t
 
 Also, in the same run: the joint deep OptEq (:class:`~proxnets.equilibrium.deep.DeepOptEq`, L dense layers of
 width n, the bound ``|W|_2 = 0.97`` active) against one dense OptEq layer of width n, forward to 1e-4 plus
-implicit backward: CPU time per layer and its ratio to the single layer's (target: <= 1).
+implicit backward: CPU time per layer and its ratio to the single layer's (target: <= 1); and the same for the
+convolutional joint deep OptEq (:class:`~proxnets.equilibrium.deep.DeepOptEqConv2d`, L layers of 16 channels on the
+stem features) against one :class:`OptEqConv2d` of 16 channels.
 
 ``--baselines`` (instead): accuracy of OptEq against its baselines at the suite's quick size (mnist5k, 1500
 training / 500 validation / 1000 test images, 3 epochs, same tolerance 1e-3 and cap 100), 3 seeds, paired
@@ -252,6 +254,44 @@ def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in
     return ratio
 
 
+def bench_deep_conv(repeats: int, x: torch.Tensor, channels: int = 16, layers: int = 3,
+                    solver: str = "safeguarded_anderson") -> float:
+    """Per-layer CPU time of the convolutional joint deep OptEq / that of one conv OptEq layer (same channels per
+    layer, input, tol, solvers; the bound 0.97 active on both)."""
+    from proxnets.equilibrium import DeepOptEqConv2d
+
+    torch.manual_seed(0)
+    spatial, cin = tuple(x.shape[2:]), x.shape[1]
+    models = {"single OptEqConv2d": OptEqConv2d(cin, channels, spatial, solver=solver, tol=TOL, max_iter=MAX_ITER,
+                                                policy="warn"),
+              f"DeepOptEqConv2d x{layers}": DeepOptEqConv2d(cin, [channels] * layers, spatial, solver=solver, tol=TOL,
+                                                           max_iter=MAX_ITER, policy="warn")}
+    calls = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            m.W.parametrizations.weight.original.mul_(10.0)  # the bound 0.97 active
+        m.train().eval()
+        params = [p for p in m.parameters() if p.requires_grad]
+        c = torch.randn(x.shape[0], channels, *spatial)
+
+        def step(m=m, params=params, c=c):
+            torch.autograd.grad((c * m(x)).sum(), params)
+
+        calls[name] = step
+    cpu = _cpu_interleaved(calls, repeats)
+    print(f"\n== joint deep conv OptEq vs one conv layer: {channels} channels per layer, batch {x.shape[0]}, "
+          f"{spatial}, |W|_2 = 0.97, tol {TOL}, {solver} ==")
+    for name, m in models.items():
+        per = cpu[name] / (layers if name.startswith("Deep") else 1)
+        it = m.last_info
+        print(f"{name:22s} CPU {cpu[name] * 1e3:8.1f} ms, per layer {per * 1e3:7.1f} ms, "
+              f"f-it {it.iterations}, b-it {it.backward.iterations if it.backward else None}")
+    ratio = cpu[f"DeepOptEqConv2d x{layers}"] / layers / cpu["single OptEqConv2d"]
+    print(f"deep conv OptEq: CPU time per layer / single layer's {ratio:.2f}x (flop bound at equal iterations "
+          f"{(2 * layers - 1) / layers:.2f}x)")
+    return ratio
+
+
 PR_ALPHA_GRID = (0.5, 1.0, 2.0)  # MON's Peaceman-Rachford step, picked on validation accuracy (seed 0)
 
 
@@ -387,6 +427,7 @@ def main(argv=None):
         bench_regime("|W|_2 = 0.97", hard, x, repeats, have_torchdeq)
         bench_regime(f"after {steps} training steps", block, x, repeats, have_torchdeq)
         bench_deep(repeats)
+        bench_deep_conv(repeats, x)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ when ``|W|_2 < 1``. The package provides
 - the ``reproduce opteq`` suite (:mod:`~proxnets.equilibrium.experiments`).
 """
 
-from proxnets.equilibrium.deep import DeepOptEq, SequentialOptEq, certify_equilibrium
+from proxnets.equilibrium.deep import DeepOptEq, DeepOptEqConv2d, SequentialOptEq, certify_equilibrium
 from proxnets.equilibrium.implicit import BACKWARDS, BackwardConfig, equilibrium
 from proxnets.equilibrium.layers import ANCHORS, OptEq, OptEqBase, OptEqConv2d
 from proxnets.equilibrium.models import (
@@ -65,7 +65,7 @@ __all__ = [
     "PROX_ACTIVATIONS", "ProxActivation", "ReLUProx", "SoftThreshold", "BoxClamp", "IdentityProx", "UserProx",
     "get_activation", "LeakyReLUProx", "TanhProx", "SigmoidProx", "SoftsignProx", "IncreasingProx",
     "UnitLayer", "UnitChain", "UnitOptEq", "decompose", "prox_of_module",
-    "DeepOptEq", "SequentialOptEq", "certify_equilibrium",
+    "DeepOptEq", "DeepOptEqConv2d", "SequentialOptEq", "certify_equilibrium",
     "SOLVERS", "ADJOINT_SOLVERS", "EquilibriumInfo", "get_solver", "solve",
     "BACKWARDS", "BackwardConfig", "equilibrium",
     "OperatorNormBound", "operator_norm_bound", "refresh_operator_norm",

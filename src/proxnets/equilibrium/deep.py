@@ -49,7 +49,7 @@ from proxnets.equilibrium.layers import OptEq, OptEqBase, OptEqConv2d
 from proxnets.equilibrium.prox import ProxActivation
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
-__all__ = ["DeepOptEq", "SequentialOptEq", "certify_equilibrium"]
+__all__ = ["DeepOptEq", "DeepOptEqConv2d", "SequentialOptEq", "certify_equilibrium"]
 
 
 class _BlockMask(nn.Module):
@@ -75,7 +75,39 @@ class _Injection(nn.Module):
         return torch.cat([self.first(x), self.rest_bias.expand(x.shape[0], -1)], dim=1)
 
 
-class DeepOptEq(OptEq):
+class _JointBlocks:
+    """What the dense and the convolutional joint layer share: the blocks of the state, the norm refresh."""
+
+    sizes: tuple[int, ...]
+    starts: list[int]
+
+    def block(self, z: torch.Tensor, l: int) -> torch.Tensor:
+        """``z_l`` of a joint state (``(B, sum n)``, or ``(B, sum C, H, W)`` for the convolutional layer)."""
+        return z[:, self.starts[l]:self.starts[l + 1]]
+
+    def train(self, mode: bool = True):
+        was_training = self.training
+        nn.Module.train(self, mode)
+        if was_training and not mode:  # converge the norm's power iteration on the *masked* operator
+            plist = self.W.parametrizations.weight
+            masked = plist[0](plist.original)
+            with torch.no_grad():
+                plist[1].norm.refresh(masked)
+        return self
+
+    def joint(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        """The joint equilibrium ``z* = (z*_1, ..., z*_L)``, concatenated along dimension 1."""
+        return OptEqBase.forward(self, x, z0)
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block(self.joint(x, z0), len(self.sizes) - 1)
+
+
+def _starts(sizes: Sequence[int]) -> list[int]:
+    return [0, *torch.cumsum(torch.tensor(sizes), 0).tolist()]
+
+
+class DeepOptEq(_JointBlocks, OptEq):
     """``x (B, in_features) -> z*_L (B, features[-1])``: one joint equilibrium of ``len(features)`` layers
     (module docstring). Every OptEq keyword applies to the joint solve."""
 
@@ -91,7 +123,7 @@ class DeepOptEq(OptEq):
                          power_iterations=power_iterations)
         self.U = _Injection(self.in_features, self.sizes[0], total - self.sizes[0])
         mask = torch.zeros(total, total)
-        starts = [0, *torch.cumsum(torch.tensor(self.sizes), 0).tolist()]
+        starts = _starts(self.sizes)
         for l, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
             mask[a:b, a:b] = 1.0  # A_l
             if l > 0:
@@ -145,26 +177,93 @@ class DeepOptEq(OptEq):
                 grad[a:b, p:a] = wz[:, a:b].T @ q[:, p:a] + wq[:, a:b].T @ z[:, p:a]
         return grad
 
-    def block(self, z: torch.Tensor, l: int) -> torch.Tensor:
-        """``z_l`` of a joint state ``(B, sum n)``."""
-        return z[:, self.starts[l]:self.starts[l + 1]]
 
-    def train(self, mode: bool = True) -> "DeepOptEq":
-        was_training = self.training
-        nn.Module.train(self, mode)
-        if was_training and not mode:  # converge the norm's power iteration on the *masked* matrix
-            plist = self.W.parametrizations.weight
-            masked = plist[0](plist.original)
-            with torch.no_grad():
-                plist[1].norm.refresh(masked)
-        return self
 
-    def joint(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
-        """The joint equilibrium ``z* = (z*_1, ..., z*_L)``, ``(B, sum n)``."""
-        return OptEqBase.forward(self, x, z0)
+class _ConvInjection(nn.Module):
+    """``x -> (U x + b_1, b_2, ..., b_L)`` per pixel: the input enters the first layer only (``b_l`` one bias
+    per channel of layer ``l``, the same at every pixel)."""
 
-    def forward(self, x: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
-        return self.block(self.joint(x, z0), len(self.sizes) - 1)
+    def __init__(self, in_channels: int, first: int, rest: int, kernel_size: int):
+        super().__init__()
+        self.first = nn.Conv2d(in_channels, first, kernel_size, padding=kernel_size // 2)
+        self.rest_bias = nn.Parameter(torch.zeros(rest))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.first(x)
+        rest = self.rest_bias.view(1, -1, 1, 1).expand(u.shape[0], -1, *u.shape[2:])
+        return torch.cat([u, rest], dim=1)
+
+
+class DeepOptEqConv2d(_JointBlocks, OptEqConv2d):
+    """Convolutional deep OptEq: ``x (B, in_channels, H, W) -> z*_L (B, channels[-1], H, W)``, one joint
+    equilibrium of ``L = len(channels)`` convolutional unit layers (module docstring, with convolutions).
+
+    The state is ``z = (z_1, ..., z_L)`` concatenated along the channels, ``(B, sum C_l, H, W)``, and the joint
+    weight is one ``sum C -> sum C`` convolution (zero padding) whose kernel is block lower bidiagonal in the
+    channels: ``(W z)_l = A_l * z_l + B_l * z_{l-1}`` (``A_l``: ``C_l -> C_l``, ``B_l``: ``C_{l-1} -> C_l``, a fixed
+    0/1 mask on the kernel's channel pairs). Everything of :class:`OptEqConv2d` then applies to the joint
+    operator unchanged: ``z* = prox_f(W^T W z* + inj(x))`` minimizes the one joint objective ``G``, the norm
+    bound ``|W|_2 <= target_norm < 1`` is that of the masked convolution at ``spatial``
+    (:func:`proxnets.norm_bounds.norm_bound` certifies it), the adjoint is conjugate gradient, and
+    :func:`certify_equilibrium` gives the joint certificate. ``W z``, ``W^T y`` and the weight gradient are
+    applied layer by layer on the nonzero blocks only (one convolution per layer over its two input blocks),
+    so a joint application costs the ``2L - 1`` nonzero blocks, not the ``L^2`` of the masked kernel."""
+
+    def __init__(self, in_channels: int, channels: Sequence[int], spatial: Sequence[int], *, kernel_size: int = 3,
+                 activation: str | ProxActivation = "relu", target_norm: float = 0.97,
+                 solver: str = "safeguarded_anderson", tol: float = 1e-4, max_iter: int = 200,
+                 backward: str = "implicit", policy: str = "warn", power_iterations: int = 16):
+        if not (isinstance(channels, (list, tuple)) and channels and all(isinstance(n, int) and n > 0 for n in channels)):
+            fail("channels", "a non-empty sequence of positive ints", channels)
+        self.sizes = tuple(channels)
+        total = sum(self.sizes)
+        super().__init__(in_channels, total, spatial, kernel_size=kernel_size, activation=activation,
+                         target_norm=target_norm, solver=solver, tol=tol, max_iter=max_iter, backward=backward,
+                         policy=policy, power_iterations=power_iterations)
+        self.U = _ConvInjection(self.in_channels, self.sizes[0], total - self.sizes[0], self.kernel_size)
+        starts = _starts(self.sizes)
+        mask = torch.zeros(total, total, 1, 1)
+        for l, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+            mask[a:b, a:b] = 1.0  # A_l
+            if l > 0:
+                mask[a:b, starts[l - 1]:a] = 1.0  # B_l: z_{l-1} -> layer l
+        self.starts = starts
+        from proxnets.equilibrium.parametrize import operator_norm_bound
+
+        conv = nn.Conv2d(total, total, self.kernel_size, padding=self._pad, bias=False)
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+        parametrize.register_parametrization(conv, "weight", _BlockMask(mask))
+        self.W = operator_norm_bound(conv, target=self.target_norm, in_shape=(total, *self.spatial),
+                                     n_power_iterations=self.power_iterations)
+
+    def _rows(self):
+        """Per layer l: its channels ``a:b`` and the input channels ``p:b`` of its row (``p`` = start of l - 1)."""
+        s = self.starts
+        return [(s[l], s[l + 1], s[max(l - 1, 0)]) for l in range(len(self.sizes))]
+
+    def apply_w(self, z, w):
+        """``(W z)_l = A_l * z_l + B_l * z_{l-1}``: one convolution of the channels of layers l - 1 and l."""
+        return torch.cat([F.conv2d(z[:, p:b], w[a:b, p:b], padding=self._pad) for a, b, p in self._rows()], dim=1)
+
+    def apply_wt(self, y, w):
+        """``(W^T y)_l = A_l^T * y_l + B_{l+1}^T * y_{l+1}``: one transposed convolution of layers l and l + 1."""
+        rows = self._rows()
+        outs = []
+        for l, (a, b, _) in enumerate(rows):
+            c = rows[l + 1][1] if l + 1 < len(rows) else b
+            outs.append(F.conv_transpose2d(y[:, a:c], w[a:c, a:b], padding=self._pad))
+        return torch.cat(outs, dim=1)
+
+    def weight_grad(self, z, wz, q, w):
+        # d/dw <W q, W z> on the nonzero row blocks (the mask zeroes the others' gradient anyway)
+        wq = self.apply_w(q, w)
+        grad = torch.zeros_like(w)
+        for a, b, p in self._rows():
+            shape = w[a:b, p:b].shape
+            grad[a:b, p:b] = (torch.nn.grad.conv2d_weight(q[:, p:b], shape, wz[:, a:b], padding=self._pad)
+                              + torch.nn.grad.conv2d_weight(z[:, p:b], shape, wq[:, a:b], padding=self._pad))
+        return grad
 
 
 class SequentialOptEq(nn.Sequential):
