@@ -308,6 +308,9 @@ def entries() -> list[Entry]:
     opteq = lambda: E.OptEq(4, 6, max_iter=30)  # noqa: E731
     add(Entry("equilibrium", "OptEq.forward", lambda x: _cached("opteq", opteq)(x), lambda g, b: {"x": _randn(g, b, 4)},
               data=("x",)))
+    deepconv = lambda: E.DeepOptEqConv2d(1, [2, 2], (5, 5), max_iter=30)  # noqa: E731
+    add(Entry("equilibrium", "DeepOptEqConv2d.forward", lambda x: _cached("deepconv", deepconv)(x),
+              lambda g, b: {"x": _randn(g, b, 1, 5, 5)}, data=("x",)))
     add(Entry("equilibrium", "equilibrium", lambda z0, tol=1e-4: E.equilibrium(lambda z: 0.5 * z + 1.0, z0, tol=tol)[0],
               lambda g, b: {"z0": _randn(g, b, 4), "tol": 1e-4}, data=("z0",), positive=("tol",), rank_free=True))
     add(Entry("equilibrium", "dense_matrix", lambda in_shape: E.dense_matrix(lambda v: 2 * v, in_shape),
