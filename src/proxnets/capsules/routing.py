@@ -388,11 +388,11 @@ def dynamic_routing(
                     inner = votes.parent_major()  # the final pass keeps the factored votes (gradients, memory)
             else:
                 votes = inner = votes.parent_major()  # autograd through every pass; keeps B N M D numbers
-        elif tol is None and not trace:
+        elif tol is None and not trace and (detached or not outer_grad or _broken is None):
             if initial_logits is not None:
                 check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
-            chunked = _chunked_routing if detached or not outer_grad else (
-                _recomputed_routing if _broken is not None or not _ADJOINT else _adjoint_routing)
+            # (a broken variant with gradients through every pass takes the generic path below: tests only)
+            chunked = _chunked_routing if detached or not outer_grad else _adjoint_routing
             return chunked(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
                            initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=_broken)
         else:
@@ -550,85 +550,6 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.contiguous(),
                        tau=torch.cat(taus), step=torch.cat(steps))
     return v, info
-
-
-class _RecomputedRouting(torch.autograd.Function):
-    """``dynamic_routing(FactoredVotes(u, W), gradient="all")`` over chunks of the batch, saving only its inputs.
-
-    Forward, per chunk of ``step`` samples: form the votes ``U = u W`` (parent-major) into a reused buffer, route
-    without a graph. Backward, per chunk: re-form ``U``, replay the passes with autograd on the small tensors only
-    (couplings, ``s``, ``v``, logits: the votes are constants of :class:`~proxnets.capsules.votes._StashVotes`),
-    which yields the gradients to the bias and the rank-one factors of ``dL/dU`` of every map; sum those in one
-    batched product and back-propagate through ``U = u W`` (two batched products, the weight's accumulated in one
-    buffer). The same derivative as autograd through every pass, without one ``(b, N, M, D)`` gradient per map,
-    and one Function for the whole batch: no fresh weight-sized gradient per chunk (page faults, an add each).
-    """
-
-    @staticmethod
-    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, step, options):
-        B, M, _ = u.shape
-        D = wi.shape[2] // parents
-        workspace: dict = {}  # every chunk's votes (and, in backward, their gradient) in the same two buffers
-        v = torch.empty(B, parents, D, dtype=u.dtype, device=u.device)
-        c_pm = torch.empty(parents, B, M, dtype=u.dtype, device=u.device)
-        taus, steps = [], []
-        with torch.no_grad():
-            for sl in _batch_chunks(B, step):
-                formed = form_parent_major(u[sl], wi, parents, workspace)
-                out: dict = {}
-                v[sl], info = dynamic_routing(formed, iterations, gradient="all", bias=_rows(bias, sl),
-                                              initial_logits=_rows(initial_logits, sl), _out=out, **options)
-                c_pm[:, sl] = out["c_pm"]
-                taus.append(info.tau)
-                steps.append(info.step)
-        ctx.save_for_backward(u, wi, bias)
-        ctx.rest = (parents, initial_logits, iterations, step, options, workspace)
-        c, tau_b, step_b = c_pm.permute(1, 2, 0).contiguous(), torch.cat(taus), torch.cat(steps)
-        ctx.mark_non_differentiable(c, tau_b, step_b)
-        return v, c, tau_b, step_b
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g, *_):
-        from proxnets.capsules.votes import _StashVotes
-
-        u, wi, bias = ctx.saved_tensors
-        parents, initial_logits, iterations, step, options, workspace = ctx.rest
-        B = u.shape[0]
-        M, K, ND = wi.shape
-        need_u, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
-        g_u = torch.empty_like(u) if need_u else None
-        g_wi = torch.zeros_like(wi) if need_w else None  # (M, K, N D), accumulated over the chunks
-        g_bias = torch.zeros_like(bias) if need_bias else None
-        for sl in _batch_chunks(B, step):
-            b = sl.stop - sl.start
-            with torch.no_grad():
-                u_pm = form_parent_major(u[sl], wi, parents, workspace).u_pm  # (b, N, M, D), in the buffer "pm"
-            token = torch.zeros((), dtype=u.dtype, device=u.device, requires_grad=True)
-            votes = _StashVotes(u_pm, token)
-            chunk_bias = _rows(bias, sl)
-            beta = None if chunk_bias is None else chunk_bias.detach().requires_grad_(need_bias)
-            with torch.enable_grad():
-                v, _ = dynamic_routing(votes, iterations, gradient="all", bias=beta,
-                                       initial_logits=_rows(initial_logits, sl), **options)
-                leaves = [token] + ([beta] if need_bias else [])
-                grads = torch.autograd.grad(v, leaves, g[sl], allow_unused=True)
-            if need_bias:
-                if bias.ndim == 2:
-                    g_bias += grads[1]
-                else:
-                    g_bias[sl] = grads[1]
-            # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
-            g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
-            g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
-            # one copy straight into the buffer (a reshape of the permuted view would first copy into a fresh one)
-            g_votes.view(M, b, parents, ND // parents).copy_(g_pm.permute(2, 0, 1, 3))
-            if need_u:
-                g_u[sl] = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1)  # (b, M, K)
-            if need_w:
-                g_wi.baddbmm_(u[sl].permute(1, 2, 0), g_votes)  # sum_b u[b, i]^T dL/dU[b, i]
-        return g_u, g_wi, g_bias, None, None, None, None, None
 
 
 def _route_formed(votes: ParentMajorVotes, passes: int, *, leaky: bool, bias: torch.Tensor | None,
@@ -807,26 +728,6 @@ def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return x if x is None or x.ndim == 2 else x[sl]
 
 
-def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
-                        **options):
-    """``dynamic_routing(..., gradient="all")`` for votes too large to keep: over chunks of the batch (routing is
-    per sample), each chunk's votes formed once and routed (:class:`_RecomputedRouting`): the forward keeps only
-    ``u``, ``weight`` and ``bias``; the backward re-forms one chunk's votes at a time and replays its passes.
-    Values and gradients are those of the factored path (same map, up to rounding); memory is one chunk's votes
-    (``_CHUNK_BYTES``) and their gradient instead of all the votes and one gradient per map."""
-    B = votes.batch
-    per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
-    step = max(1, min(B, _CHUNK_BYTES // per_sample))
-    wi = votes.child_major_weight()  # formed once with gradient (backward: one accumulated gradient)
-    v, c, tau_b, step_b = _RecomputedRouting.apply(votes.u, wi, bias, votes.parents, initial_logits, iterations,
-                                                   step, options)
-    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c,
-                       tau=tau_b, step=step_b)
-    return v, info
-
-
-
-_ADJOINT = True
 _KEEP_BYTES = 32 << 20  # the adjoint's per-pass tensors are kept up to this size, else replayed in backward
 _EXACT_MAX_PATH = False  # tests: also take the subtracted max's (round-off) term when nothing is clamped
 
