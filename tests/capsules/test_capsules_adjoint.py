@@ -28,9 +28,11 @@ def _problem(options, seed=3):
 
 def _run(monkeypatch, options, path, passes=4):
     """(v, couplings, grads) of gradient="all" on one problem: the adjoint in chunks of 2 + 1 samples (per-pass
-    tensors kept or replayed), or autograd through every pass (votes formed once, or the factored maps)."""
+    tensors kept or replayed) or on the votes formed whole (the suite's models), or autograd through every pass
+    (votes formed once, or the factored maps)."""
     u0, w0, bias, init, probe = _problem(options)
-    monkeypatch.setattr(R, "_MATERIALIZE_BYTES", 1 << 30 if path == "formed" else 0)
+    monkeypatch.setattr(R, "_MATERIALIZE_BYTES", 1 << 30 if path in ("formed", "formed-adjoint") else 0)
+    monkeypatch.setattr(R, "_FORMED_ADJOINT", path == "formed-adjoint")  # "formed": autograd on formed votes
     monkeypatch.setattr(R, "_CHUNK_BYTES", 2 * N * M * D * 8)
     monkeypatch.setattr(R, "_KEEP_BYTES", 0 if path == "replayed" else 1 << 30)
     monkeypatch.setattr(R, "_EXACT_MAX_PATH", bool(options.get("exact")))
@@ -47,7 +49,7 @@ def _close(a, b, tol):
     return all(torch.allclose(x, y, atol=tol, rtol=tol) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("path", ["kept", "replayed"])
+@pytest.mark.parametrize("path", ["kept", "replayed", "formed-adjoint"])
 @pytest.mark.parametrize("options", OPTIONS)
 def test_adjoint_equals_autograd_through_every_pass(monkeypatch, options, path):
     """Values, couplings and gradients (u, W, bias) of the adjoint equal autograd's through every pass, with leak,

@@ -386,6 +386,11 @@ def dynamic_routing(
             if detached or not outer_grad:
                 with torch.no_grad():
                     inner = votes.parent_major()  # the final pass keeps the factored votes (gradients, memory)
+            elif _FORMED_ADJOINT and not measure and _broken is None and _out is None:
+                if initial_logits is not None:
+                    check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
+                return _adjoint_routing(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
+                                        initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=None)
             else:
                 votes = inner = votes.parent_major()  # autograd through every pass; keeps B N M D numbers
         elif tol is None and not trace and (detached or not outer_grad or _broken is None):
@@ -728,6 +733,7 @@ def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return x if x is None or x.ndim == 2 else x[sl]
 
 
+_FORMED_ADJOINT = True  # formed votes with gradient="all" also take the adjoint (measured, docs)
 _KEEP_BYTES = 32 << 20  # the adjoint's per-pass tensors are kept up to this size, else replayed in backward
 _EXACT_MAX_PATH = False  # tests: also take the subtracted max's (round-off) term when nothing is clamped
 
