@@ -372,7 +372,7 @@ def test_recomputed_routing_keeps_no_votes_and_passes_gradcheck(monkeypatch):
     assert gradcheck(lambda u, w, b: dynamic_routing(FactoredVotes(u, w), 3, gradient="all", bias=b,
                                                      leaky=True)[0], (us, ws, beta), fast_mode=True)
 
-    def saved_votes(materialize, formed_adjoint=True):  # saved tensors holding votes of b = 1..B samples
+    def saved_votes(materialize, formed_adjoint=False):  # saved tensors holding votes of b = 1..B samples
         monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
         monkeypatch.setattr(R, "_FORMED_ADJOINT", formed_adjoint)
         u, w = factored(requires_grad=True)
@@ -381,8 +381,8 @@ def test_recomputed_routing_keeps_no_votes_and_passes_gradcheck(monkeypatch):
             dynamic_routing(FactoredVotes(u, w), 3, gradient="all")
         return [n for n in saved if n in {b * N * M * D for b in range(1, B + 1)}]  # W has K > B slices
 
-    assert saved_votes(1 << 30, formed_adjoint=False)  # formed whole, autograd: keeps the votes (the check can fail)
-    assert not saved_votes(1 << 30)  # formed whole, the adjoint (the default)
+    assert saved_votes(1 << 30)  # formed whole, autograd (the default there): keeps the votes (the check can fail)
+    assert not saved_votes(1 << 30, formed_adjoint=True)  # formed whole, the adjoint
     assert not saved_votes(0)
 
 

@@ -733,7 +733,10 @@ def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return x if x is None or x.ndim == 2 else x[sl]
 
 
-_FORMED_ADJOINT = True  # formed votes with gradient="all" also take the adjoint (measured, docs)
+_FORMED_ADJOINT = False
+"""Formed votes (the suite's models) with ``gradient="all"`` take autograd through the passes, not the adjoint: the
+adjoint there saved 3% CPU on the quick suite (one paired run, within its noise) and moves every trained claim value
+by float round-off (docs/capsules.md); True selects it (tested equal to autograd)."""
 _KEEP_BYTES = 32 << 20  # the adjoint's per-pass tensors are kept up to this size, else replayed in backward
 _EXACT_MAX_PATH = False  # tests: also take the subtracted max's (round-off) term when nothing is clamped
 
