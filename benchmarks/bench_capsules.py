@@ -12,19 +12,21 @@ forward + backward. Compared:
   batched matrix-vector products; the output pass back-propagates through the factored maps, so the
   ``(B, M, N, D)`` votes never exist in full.
 - ``ours-all``: ``CapsuleLinear(gradient="all")``, the official code's choice and the library default
-  (back-propagation through every pass; more work, reported beside, not compared with the textbook). At this size
-  (94 MB of votes) one autograd Function keeps only its inputs and, in backward, re-forms each chunk's votes
-  and replays its passes (``routing._RecomputedRouting``).
+  (back-propagation through every pass; more work). At this size (94 MB of votes) one autograd Function
+  (``routing._AdjointRouting``) routes cache-sized chunks without a graph, keeps the small per-pass tensors, and in
+  backward re-forms each chunk's votes and runs the hand-derived adjoint of the passes.
 - ``compiled`` / ``compiled-all``: the same layers with ``backend="compiled"`` (opt-in): the routing passes of
   each cache-sized chunk as one ``torch.compile`` graph (``proxnets.capsules.compiled``). The first call compiles;
   its time is printed separately and excluded from the timings; their peak memory is that of a warm call.
 
-All timings are interleaved (one call of each, repeated), medians reported.
-
-Prints medians, the three ratios (ours vs textbook, ours vs an equal-FLOP matmul, peak memory textbook /
-ours), the largest output/gradient differences, peak memory, the time of
-one matrix product with the same FLOPs as ours (the machine's limit), and the epoch time of the
-small CapsNet on mnist5k. ``--quick`` uses fewer repeats and extrapolates the epoch from 8 steps.
+Timing: ``--rounds`` (default 15) interleaved rounds (one call of each implementation and of the matmul per round)
+for each ``--threads`` count (e.g. ``--threads 1 2``). Printed per implementation: median and interquartile range
+of its times, and the median and IQR of its **per-round** ratios (to the equal-FLOP matmul and to the textbook of
+the same round: load from other processes hits a round alike). A target counts as met / not met only when the whole
+per-round IQR is on one side of it, else "undecided". Peak memory per implementation in a fresh interpreter.
+``RATIOS`` lines and a summary give the three ratios (textbook / ours, ours / equal-FLOP matmul, peak memory
+textbook / ours) for ``gradient="last"`` and ``"all"``, eager and compiled. Then the epoch time of the small
+CapsNet on mnist5k (``--quick``: extrapolated from 8 steps).
 
 ``--capsnet-step`` instead times one training step (forward, loss, backward, Adam) of the quick suite's CapsNet
 (28x28 input, conv 32, 4 primary channels, decoder 256/512, ``gradient="all"``, bias, batch 25) with
@@ -36,12 +38,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
+import statistics
 import time
 
 import torch
 
 from proxnets.capsules import CapsNet, CapsuleLinear, DenseVotes, capsnet_loss, dynamic_routing, small_config, squash
-from proxnets.utils.benchmark import ratio_line, time_interleaved
+from proxnets.utils.benchmark import time_interleaved
 
 B, M, N, D_IN, D_OUT, ITERATIONS = 128, 1152, 10, 8, 16, 3
 
@@ -150,10 +153,41 @@ def peak_memory(name: str, threads: int | None) -> float:
     return float(value)
 
 
-def main(quick: bool, threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
-    repeats = 3 if quick else 7
+def _rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Wall seconds of every function in each of ``rounds`` interleaved rounds (A B C ... A B C ...), after one
+    warm-up call each: load from other processes hits a round's calls alike, so per-round ratios cancel it."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _spread(xs: list[float]) -> tuple[float, float, float]:
+    """``(median, first quartile, third quartile)``."""
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return statistics.median(xs), q[0], q[2]
+
+
+def _verdict(ratio: tuple[float, float, float], target: float, below: bool) -> str:
+    """``met`` / ``not met`` when the whole interquartile range of the per-round ratio is on one side of the target,
+    else ``undecided`` (the noise covers it): the statement "within 2x" comes with its spread."""
+    _, lo, hi = ratio
+    ok, bad = (hi <= target, lo > target) if below else (lo >= target, hi < target)
+    return "met" if ok else "not met" if bad else "undecided (the IQR straddles the target)"
+
+
+IMPLS = {"ours": "eager, gradient='last'", "ours-all": "eager, gradient='all' (default)",
+         "compiled": "compiled, gradient='last'", "compiled-all": "compiled, gradient='all'"}
+
+
+def main(quick: bool, threads: list[int] | None, rounds: int) -> None:
+    import os
+
     fns, (layer, layer_all, layer_c, layer_all_c), W_text = build()
     run_ours, run_einsum, run_textbook = fns["ours"], fns["einsum"], fns["textbook"]
 
@@ -168,12 +202,10 @@ def main(quick: bool, threads: int | None) -> None:
     v_c, v_all_c = fns["compiled"](), fns["compiled-all"]()
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     g_t = W_text.grad[0].permute(0, 1, 3, 2)
-    print(f"routing layer {M}x{D_IN} -> {N}x{D_OUT}, {ITERATIONS} passes, batch {B}, forward+backward, "
-          f"{torch.get_num_threads()} threads")
+    print(f"routing layer {M}x{D_IN} -> {N}x{D_OUT}, {ITERATIONS} passes, batch {B}, forward+backward")
     print(f"max |v_ours - v_textbook| = {float((v_ours - v_t).detach().abs().max()):.2e}, "
           f"max |v_einsum - v_textbook| = {float((v_e - v_t).detach().abs().max()):.2e}, "
           f"max |dW_ours - dW_textbook| / max |dW| = {float((g_ours - g_t).abs().max() / g_t.abs().max()):.2e}")
-
     print(f"backend='compiled' vs eager: gradient='last' max |dv| = {float((v_c - v_ours).detach().abs().max()):.2e}, "
           f"max |dW| rel = {rel(layer_c.weight.grad, layer.weight.grad):.2e}; gradient='all' max |dv| = "
           f"{float((v_all_c - v_all).detach().abs().max()):.2e}, max |dW| rel = "
@@ -183,47 +215,51 @@ def main(quick: bool, threads: int | None) -> None:
 
     # The reference FLOPs (fixed since issue 16, so that the ratio stays comparable): the factored algorithm's
     # 5 forward passes of the trilinear map (2 x combine+agree, 1 combine) and 2 backward ones (weights,
-    # inputs), each 2 * B * M * N * d_in * d_out. Ours now does fewer: forming the votes (1 such pass), 5
-    # matrix-vector passes over them (2 B M N d_out each) and the 2 backward passes.
+    # inputs), each 2 * B * M * N * d_in * d_out. The same matmul is the reference of every implementation
+    # (gradient='all' does more work than this count: its ratio is the stricter statement).
     trilinear = 2 * B * M * N * D_IN * D_OUT
     flops = 7 * trilinear
-    done = 3 * trilinear + 5 * 2 * B * M * N * D_OUT
     n = round((flops / 2) ** (1 / 3))
     a, b = torch.randn(n, n), torch.randn(n, n)
-    # interleaved (A B C ... A B C ...): load from other processes hits every implementation alike
-    timed = {"textbook": run_textbook, "einsum": run_einsum, "ours": run_ours, "ours-all": fns["ours-all"],
-             "compiled": fns["compiled"], "compiled-all": fns["compiled-all"], "matmul": lambda: a @ b}
-    c0 = time.process_time()
-    times = time_interleaved(timed, warmup=1, repeats=repeats)
-    cpu = time.process_time() - c0
-    t_text, t_einsum, t_ours, t_all = times["textbook"], times["einsum"], times["ours"], times["ours-all"]
-    t_c, t_all_c, t_mm = times["compiled"], times["compiled-all"], times["matmul"]
-    print(f"textbook {t_text}\neinsum   {t_einsum}\nours     {t_ours}\nours, gradient='all' (official) {t_all}\n"
-          f"ours, backend='compiled' {t_c}\nours, gradient='all', backend='compiled' {t_all_c}\n"
-          f"(process CPU time of the interleaved timing: {cpu:.1f} s for {repeats + 1} rounds)")
-    print(ratio_line("routing layer fwd+bwd", t_ours, t_text, "textbook"))
-    print(ratio_line("routing layer fwd+bwd", t_ours, t_einsum, "einsum"))
-    print(f"throughput: ours {B / t_ours.median:.0f} samples/s, textbook {B / t_text.median:.0f} samples/s")
+    timed = {"textbook": run_textbook, **{k: fns[k] for k in IMPLS}, "matmul": lambda: a @ b}
+    summary = []
+    for th in threads or [torch.get_num_threads()]:
+        torch.set_num_threads(th)
+        load0, c0 = os.getloadavg()[0], time.process_time()
+        times = _rounds(timed, rounds)
+        print(f"\n== {th} thread(s), {rounds} interleaved rounds, load {load0:.1f} -> {os.getloadavg()[0]:.1f}, "
+              f"process CPU {time.process_time() - c0:.0f} s ==")
+        for name, ts in times.items():
+            med, q1, q3 = _spread(ts)
+            print(f"  {name:13s} median {med * 1e3:8.1f} ms  IQR {q1 * 1e3:8.1f}-{q3 * 1e3:8.1f}")
+        print(f"  matmul of equal FLOPs: {flops / 1e9:.2f} GFLOP ({n}x{n}), "
+              f"{flops / _spread(times['matmul'])[0] / 1e9:.1f} GFLOP/s")
+        for name, what in IMPLS.items():
+            per_mm = _spread([x / y for x, y in zip(times[name], times["matmul"])])
+            per_text = _spread([y / x for x, y in zip(times[name], times["textbook"])])
+            line = (f"RATIOS {th}t {name} ({what}): / matmul {per_mm[0]:.2f}x (per-round IQR {per_mm[1]:.2f}-"
+                    f"{per_mm[2]:.2f}; <= 2x: {_verdict(per_mm, 2.0, True)}); vs textbook {per_text[0]:.1f}x faster "
+                    f"(IQR {per_text[1]:.1f}-{per_text[2]:.1f}; >= 20x: {_verdict(per_text, 20.0, False)})")
+            print(line)
+            summary.append(line)
+        all_last = _spread([x / y for x, y in zip(times["ours-all"], times["ours"])])
+        print(f"  per-round eager 'all' / 'last' {all_last[0]:.2f}x (IQR {all_last[1]:.2f}-{all_last[2]:.2f})")
+        for th_name in ("ours", "ours-all"):
+            comp = "compiled" + th_name[4:]
+            r = _spread([x / y for x, y in zip(times[comp], times[th_name])])
+            print(f"  per-round {comp} / eager {th_name}: {r[0]:.2f}x (IQR {r[1]:.2f}-{r[2]:.2f})")
 
-    print(f"matmul of equal FLOPs ({flops / 1e9:.2f} GFLOP, {n}x{n}): {t_mm}; ours takes "
-          f"{t_ours.median / t_mm.median:.1f}x that; ours does {done / 1e9:.2f} GFLOP: "
-          f"{done / t_ours.median / 1e9:.1f} GFLOP/s vs the matmul's {flops / t_mm.median / 1e9:.1f} GFLOP/s")
-
-    mem_text, mem_einsum, mem_ours, mem_all, mem_c, mem_all_c = (
-        peak_memory(name, threads) for name in ("textbook", "einsum", "ours", "ours-all", "compiled", "compiled-all"))
-    print(f"peak memory: ours {mem_ours:.0f} MiB, ours gradient='all' {mem_all:.0f} MiB, einsum {mem_einsum:.0f} MiB, "
-          f"textbook {mem_text:.0f} MiB ({mem_text / max(mem_ours, 1e-9):.1f}x less)")
-    print(f"RATIOS: ours vs textbook {t_text.median / t_ours.median:.1f}x faster (target >= 20x); ours / equal-FLOP "
-          f"matmul {t_ours.median / t_mm.median:.1f}x (target <= 2x); peak memory textbook / ours "
-          f"{mem_text / max(mem_ours, 1e-9):.1f}x")
-    print(f"RATIOS backend='compiled' (gradient='last'): vs textbook {t_text.median / t_c.median:.1f}x faster; / "
-          f"equal-FLOP matmul {t_c.median / t_mm.median:.1f}x; peak memory textbook / compiled "
-          f"{mem_text / max(mem_c, 1e-9):.1f}x ({mem_c:.0f} MiB, a warm call); compiled / eager "
-          f"{t_c.median / t_ours.median:.2f}x")
-    print(f"RATIOS backend='compiled', gradient='all': vs textbook {t_text.median / t_all_c.median:.1f}x faster; / "
-          f"equal-FLOP matmul {t_all_c.median / t_mm.median:.1f}x; peak memory textbook / compiled "
-          f"{mem_text / max(mem_all_c, 1e-9):.1f}x ({mem_all_c:.0f} MiB, a warm call); compiled / eager 'all' "
-          f"{t_all_c.median / t_all.median:.2f}x")
+        mem = {name: peak_memory(name, th) for name in ("textbook", *IMPLS)}
+        print("  peak memory (MiB, one fwd+bwd in a fresh interpreter; compiled: a warm call): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
+        for name in IMPLS:
+            line = (f"RATIOS {th}t {name}: peak memory textbook / {name} {mem['textbook'] / max(mem[name], 1e-9):.1f}x "
+                    f"(no higher: {'met' if mem[name] <= mem['textbook'] else 'not met'})")
+            print(line)
+            summary.append(line)
+    print("\nsummary:\n" + "\n".join(summary))
+    if threads:
+        torch.set_num_threads(threads[0])
 
     from proxnets.data import load_dataset
     from proxnets.engine import TrainConfig, fit
@@ -238,15 +274,15 @@ def main(quick: bool, threads: int | None) -> None:
     per_epoch = elapsed * (len(ds.x_train) / (steps * 128)) if steps else elapsed
     how = f"extrapolated from {steps} steps" if steps else "measured"
     print(f"small CapsNet ({model.num_parameters():,} parameters) on mnist5k: {per_epoch:.1f} s per epoch "
-          f"of {len(ds.x_train)} images, batch 128 ({how})")
+          f"of {len(ds.x_train)} images, batch 128 ({how}, {torch.get_num_threads()} threads)")
 
 
-def capsnet_step(quick: bool, threads: int | None) -> None:
+def capsnet_step(quick: bool, threads: list[int] | None) -> None:
     """Training-step time of the quick suite's CapsNet, eager vs compiled routing (see the module docstring)."""
     import os
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads[0])
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(25, 1, 28, 28, generator=g), torch.randint(0, 10, (25,), generator=g)
     steps = {}
@@ -278,9 +314,14 @@ def capsnet_step(quick: bool, threads: int | None) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats; epoch time from 8 steps")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="epoch time from 8 steps")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts, each timed in its own interleaved rounds (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per thread count (default 15)")
     parser.add_argument("--capsnet-step", action="store_true",
                         help="only: training step of the quick suite's CapsNet, eager vs backend='compiled'")
     args = parser.parse_args()
-    (capsnet_step if args.capsnet_step else main)(args.quick, args.threads)
+    if args.capsnet_step:
+        capsnet_step(args.quick, args.threads)
+    else:
+        main(args.quick, args.threads, args.rounds)

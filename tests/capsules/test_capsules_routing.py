@@ -372,15 +372,17 @@ def test_recomputed_routing_keeps_no_votes_and_passes_gradcheck(monkeypatch):
     assert gradcheck(lambda u, w, b: dynamic_routing(FactoredVotes(u, w), 3, gradient="all", bias=b,
                                                      leaky=True)[0], (us, ws, beta), fast_mode=True)
 
-    def saved_votes(materialize):  # saved tensors holding the votes of b = 1..B samples (b N M D numbers)
+    def saved_votes(materialize, formed_adjoint=False):  # saved tensors holding votes of b = 1..B samples
         monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
+        monkeypatch.setattr(R, "_FORMED_ADJOINT", formed_adjoint)
         u, w = factored(requires_grad=True)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             dynamic_routing(FactoredVotes(u, w), 3, gradient="all")
         return [n for n in saved if n in {b * N * M * D for b in range(1, B + 1)}]  # W has K > B slices
 
-    assert saved_votes(1 << 30)  # formed whole: autograd keeps the votes (the check can fail)
+    assert saved_votes(1 << 30)  # formed whole, autograd (the default there): keeps the votes (the check can fail)
+    assert not saved_votes(1 << 30, formed_adjoint=True)  # formed whole, the adjoint
     assert not saved_votes(0)
 
 

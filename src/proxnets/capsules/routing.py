@@ -386,12 +386,18 @@ def dynamic_routing(
             if detached or not outer_grad:
                 with torch.no_grad():
                     inner = votes.parent_major()  # the final pass keeps the factored votes (gradients, memory)
+            elif _FORMED_ADJOINT and not measure and _broken is None and _out is None:
+                if initial_logits is not None:
+                    check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
+                return _adjoint_routing(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
+                                        initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=None)
             else:
                 votes = inner = votes.parent_major()  # autograd through every pass; keeps B N M D numbers
-        elif tol is None and not trace:
+        elif tol is None and not trace and (detached or not outer_grad or _broken is None):
             if initial_logits is not None:
                 check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
-            chunked = _chunked_routing if detached or not outer_grad else _recomputed_routing
+            # (a broken variant with gradients through every pass takes the generic path below: tests only)
+            chunked = _chunked_routing if detached or not outer_grad else _adjoint_routing
             return chunked(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
                            initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=_broken)
         else:
@@ -551,84 +557,172 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
     return v, info
 
 
-class _RecomputedRouting(torch.autograd.Function):
-    """``dynamic_routing(FactoredVotes(u, W), gradient="all")`` over chunks of the batch, saving only its inputs.
+def _route_formed(votes: ParentMajorVotes, passes: int, *, leaky: bool, bias: torch.Tensor | None,
+                  decay: torch.Tensor | None, lam: torch.Tensor | None, init: torch.Tensor | None, floor: float,
+                  keep: bool):
+    """The ``passes`` of standard/regularized routing on formed votes, without autograd: the formulas of the eager
+    loop of :func:`dynamic_routing` in the same order, with the logits batch-major ``(b, N [+ 1], M)`` (each
+    agreement comes out of its product in that layout: no transposing copies). ``decay``/``lam`` ``(b, 1, 1)``
+    (None: ``b <- b + a``). Returns ``(v, c, record)``: the output ``v (b, N, D)``, the output pass's couplings
+    ``(b, N [+ 1], M)`` and, with ``keep``, what :class:`_AdjointRouting` needs to run the passes backwards:
+    per pass ``s_t + beta`` and ``v_t`` ``(b, N, D)`` and ``C_t``, and the renormalized logits ``b_t`` of the passes
+    ``t >= 1``."""
+    b, N, M, D = votes.u_pm.shape
+    U = votes.u_pm.view(b * N, M, D)
+    logits = torch.zeros(b, N + int(leaky), M, dtype=votes.dtype, device=votes.device)
+    if init is not None:
+        logits[:, :N] = init.permute(0, 2, 1)
+    c = torch.softmax(logits, dim=1)
+    sb, vs, cs, bs = [], [], [], []
+    for t in range(passes):
+        s = torch.bmm(c[:, :N].reshape(b * N, 1, M), U).view(b, N, D)  # s_j = sum_i c_ij u_hat_ij
+        if bias is not None:
+            s = s + bias
+        v = squash(s)
+        if keep:
+            sb.append(s)
+            vs.append(v)
+            cs.append(c)
+        if t == passes - 1:
+            break
+        agreement = torch.bmm(v.view(b * N, 1, D), U.transpose(1, 2)).view(b, N, M)  # a = -grad E(C)
+        if leaky:
+            agreement = torch.cat([agreement, agreement.new_zeros(b, 1, M)], 1)  # the leak's gradient is 0
+        if decay is None:
+            logits = logits + (agreement if lam is None else lam * agreement)
+        else:
+            logits = decay * logits + lam * agreement
+        logits.sub_(logits.amax(1, keepdim=True)).clamp_min_(-floor)  # same softmax; no subnormals
+        if keep:
+            bs.append(logits)
+        c = torch.softmax(logits, dim=1)
+    return v, c, (sb, vs, cs, bs)
 
-    Forward, per chunk of ``step`` samples: form the votes ``U = u W`` (parent-major) into a reused buffer, route
-    without a graph. Backward, per chunk: re-form ``U``, replay the passes with autograd on the small tensors only
-    (couplings, ``s``, ``v``, logits: the votes are constants of :class:`~proxnets.capsules.votes._StashVotes`),
-    which yields the gradients to the bias and the rank-one factors of ``dL/dU`` of every map; sum those in one
-    batched product and back-propagate through ``U = u W`` (two batched products, the weight's accumulated in one
-    buffer). The same derivative as autograd through every pass, without one ``(b, N, M, D)`` gradient per map,
-    and one Function for the whole batch: no fresh weight-sized gradient per chunk (page faults, an add each).
+
+def _squash_vjp(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``(d squash / d s)^T g`` by autograd on the small ``(b, N, D)`` tensor (the same ops as the forward)."""
+    with torch.enable_grad():
+        x = s.detach().requires_grad_()
+        (gs,) = torch.autograd.grad(squash(x), x, g)
+    return gs
+
+
+def _renormalization_vjp(gb: torch.Tensor, bt: torch.Tensor, floor: float) -> torch.Tensor:
+    """Adjoint of ``b_t = max(x - max_j x, -floor)`` (``(b, N [+ 1], M)``, parents on dim 1) given ``G_b`` and
+    ``b_t``: ``G_y = G_b [b_t > -floor]``, ``G_x = G_y - [b_t = 0] / #[b_t = 0] sum_j G_y`` (torch's ``amax``
+    splits its gradient evenly over ties). When nothing is clamped ``sum_j G_b = 0`` exactly in real arithmetic
+    (softmax backward, and the same for the carried ``G_x``), so the max's term is round-off and skipped
+    (unless ``_EXACT_MAX_PATH``)."""
+    if not _EXACT_MAX_PATH and not bool((bt <= -floor).any()):
+        return gb
+    gy = gb * (bt > -floor)  # clamp_min: no gradient where clamped
+    is_max = bt == 0
+    return gy - is_max * (gy.sum(1, keepdim=True) / is_max.sum(1, keepdim=True))
+
+
+class _AdjointRouting(torch.autograd.Function):
+    """``dynamic_routing(FactoredVotes(u, W), gradient="all")`` over chunks of the batch, with a hand-derived
+    backward through every pass.
+
+    Forward, per chunk: form the votes ``U = u W`` (parent-major) into a reused buffer and route without a graph
+    (:func:`_route_formed`), keeping the small per-pass tensors (``s_t + beta``, ``v_t`` ``(b, N, D)``, the
+    couplings ``C_t`` and the renormalized logits ``b_t`` ``(b, N [+ 1], M)``: ``2 (r - 1) / D`` of the votes' size;
+    replayed per chunk in backward instead when they would exceed ``_KEEP_BYTES``). Backward, per chunk:
+    re-form ``U`` and run the adjoint of the passes in reverse (upstream ``G_v`` of pass ``t``; ``x_t`` the logits
+    before renormalization, ``b_t = max(x_t - max_j x_t, -floor)``, ``C_t = softmax_j b_t``,
+    ``x_{t+1} = decay b_t + lambda a_t``):
+
+        G_s = squash'(s_t)^T G_v;   G_beta += G_s;   dL/dU_ij += c_t,ij G_s,j
+        G_c,ij = <U_ij, G_s,j>;     G_b = C_t (G_c - <C_t, G_c>_j) + decay G_x(t+1)
+        G_y = G_b [b_t > -floor];   G_x(t) = G_y - [b_t = 0] / #[b_t = 0] sum_j G_y     (clamp, subtracted max)
+        G_a(t-1) = lambda G_x(t);   dL/dU_ij += G_a,ij v_t-1,j;   G_v(t-1) = sum_i G_a,ij U_ij
+
+    (the leak's logit enters the softmax, the max and the clamp; its agreement is the constant 0). Two batched
+    matrix-vector passes over ``U`` per inner pass; the ``2 r - 1`` rank-one terms of ``dL/dU`` are summed by one
+    batched product written straight in the child-major layout, then back-propagated through ``U = u W`` (two
+    batched products). The derivative autograd takes through every pass (the subtracted max and the clamp
+    included), without autograd's replay of the forward.
     """
 
     @staticmethod
-    def forward(ctx, u, wi, bias, parents, initial_logits, iterations, step, options):
+    def forward(ctx, u, wi, bias, parents, init, passes, step, leaky, decay, lam, floor, keep):
         B, M, _ = u.shape
         D = wi.shape[2] // parents
-        workspace: dict = {}  # every chunk's votes (and, in backward, their gradient) in the same two buffers
+        workspace: dict = {}
         v = torch.empty(B, parents, D, dtype=u.dtype, device=u.device)
-        c_pm = torch.empty(parents, B, M, dtype=u.dtype, device=u.device)
-        taus, steps = [], []
+        c_out = torch.empty(B, M, parents, dtype=u.dtype, device=u.device)
+        records = []
         with torch.no_grad():
             for sl in _batch_chunks(B, step):
                 formed = form_parent_major(u[sl], wi, parents, workspace)
-                out: dict = {}
-                v[sl], info = dynamic_routing(formed, iterations, gradient="all", bias=_rows(bias, sl),
-                                              initial_logits=_rows(initial_logits, sl), _out=out, **options)
-                c_pm[:, sl] = out["c_pm"]
-                taus.append(info.tau)
-                steps.append(info.step)
+                v[sl], c, rec = _route_formed(formed, passes, leaky=leaky, bias=_rows(bias, sl), decay=_rows(decay, sl),
+                                              lam=_rows(lam, sl), init=_rows(init, sl), floor=floor, keep=keep)
+                c_out[sl] = c[:, :parents].transpose(1, 2)
+                records.append(rec if keep else None)
         ctx.save_for_backward(u, wi, bias)
-        ctx.rest = (parents, initial_logits, iterations, step, options, workspace)
-        c, tau_b, step_b = c_pm.permute(1, 2, 0).contiguous(), torch.cat(taus), torch.cat(steps)
-        ctx.mark_non_differentiable(c, tau_b, step_b)
-        return v, c, tau_b, step_b
+        ctx.rest = (parents, init, passes, step, leaky, decay, lam, floor, workspace, records)
+        ctx.mark_non_differentiable(c_out)
+        return v, c_out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g, *_):
-        from proxnets.capsules.votes import _StashVotes
-
+    def backward(ctx, g, _):
         u, wi, bias = ctx.saved_tensors
-        parents, initial_logits, iterations, step, options, workspace = ctx.rest
+        parents, init, passes, step, leaky, decay, lam, floor, workspace, records = ctx.rest
         B = u.shape[0]
         M, K, ND = wi.shape
+        N, D = parents, ND // parents
         need_u, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         g_u = torch.empty_like(u) if need_u else None
         g_wi = torch.zeros_like(wi) if need_w else None  # (M, K, N D), accumulated over the chunks
         g_bias = torch.zeros_like(bias) if need_bias else None
-        for sl in _batch_chunks(B, step):
+        for k, sl in enumerate(_batch_chunks(B, step)):
             b = sl.stop - sl.start
+            dec, la = _rows(decay, sl), _rows(lam, sl)
             with torch.no_grad():
-                u_pm = form_parent_major(u[sl], wi, parents, workspace).u_pm  # (b, N, M, D), in the buffer "pm"
-            token = torch.zeros((), dtype=u.dtype, device=u.device, requires_grad=True)
-            votes = _StashVotes(u_pm, token)
-            chunk_bias = _rows(bias, sl)
-            beta = None if chunk_bias is None else chunk_bias.detach().requires_grad_(need_bias)
-            with torch.enable_grad():
-                v, _ = dynamic_routing(votes, iterations, gradient="all", bias=beta,
-                                       initial_logits=_rows(initial_logits, sl), **options)
-                leaves = [token] + ([beta] if need_bias else [])
-                grads = torch.autograd.grad(v, leaves, g[sl], allow_unused=True)
-            if need_bias:
-                if bias.ndim == 2:
-                    g_bias += grads[1]
-                else:
-                    g_bias[sl] = grads[1]
-            # dL/dU into the votes' own buffer (no longer read), then child-major (as formed) into the buffer "cm"
-            g_pm = votes.votes_gradient(out=u_pm.view(-1, M, ND // parents))
-            g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
-            # one copy straight into the buffer (a reshape of the permuted view would first copy into a fresh one)
-            g_votes.view(M, b, parents, ND // parents).copy_(g_pm.permute(2, 0, 1, 3))
-            if need_u:
-                g_u[sl] = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1)  # (b, M, K)
-            if need_w:
-                g_wi.baddbmm_(u[sl].permute(1, 2, 0), g_votes)  # sum_b u[b, i]^T dL/dU[b, i]
-        return g_u, g_wi, g_bias, None, None, None, None, None
-
+                formed = form_parent_major(u[sl], wi, parents, workspace)
+                rec = records[k]
+                if rec is None:  # not kept: replay this chunk's passes (no graph)
+                    _, _, rec = _route_formed(formed, passes, leaky=leaky, bias=_rows(bias, sl), decay=dec, lam=la,
+                                              init=_rows(init, sl), floor=floor, keep=True)
+                records[k] = None  # free as we go
+                sb, vs, cs, bs = rec
+                U = formed.u_pm.view(b * N, M, D)
+                gv, gx = g[sl], None
+                left, right = [], []
+                for t in range(passes - 1, -1, -1):
+                    gs = _squash_vjp(sb[t], gv)  # (b, N, D)
+                    if need_bias:
+                        if bias.ndim == 2:
+                            g_bias += gs.sum(0)
+                        else:
+                            g_bias[sl] += gs
+                    c_t = cs[t]  # (b, N [+ 1], M)
+                    left.append(c_t[:, :N].reshape(b * N, 1, M))
+                    right.append(gs.view(b * N, 1, D))
+                    if t == 0:
+                        break  # the initial logits are constants
+                    gc = torch.bmm(gs.view(b * N, 1, D), U.transpose(1, 2)).view(b, N, M)
+                    if leaky:
+                        gc = torch.cat([gc, gc.new_zeros(b, 1, M)], 1)
+                    gb = c_t * (gc - (c_t * gc).sum(1, keepdim=True))  # softmax backward
+                    if gx is not None:
+                        gb = gb + (gx if dec is None else dec * gx)
+                    gx = _renormalization_vjp(gb, bs[t - 1], floor)
+                    ga = (gx[:, :N] if la is None else la * gx[:, :N]).reshape(b * N, 1, M)
+                    left.append(ga)
+                    right.append(vs[t - 1].view(b * N, 1, D))
+                    gv = torch.bmm(ga, U).view(b, N, D)  # G_v(t-1) = sum_i G_a,ij U_ij
+                # dL/dU = the sum of the rank-one terms, written child-major (M, b, N D) as the votes were formed
+                g_votes = workspace_buffer(workspace, "cm", (M, b, ND), wi)
+                torch.bmm(torch.cat(left, 1).transpose(1, 2), torch.cat(right, 1),
+                          out=g_votes.view(M, b * N, D).transpose(0, 1))
+                if need_u:
+                    g_u[sl] = torch.bmm(g_votes, wi.transpose(1, 2)).transpose(0, 1)  # (b, M, K)
+                if need_w:
+                    g_wi.baddbmm_(u[sl].permute(1, 2, 0), g_votes)  # sum_b u[b, i]^T dL/dU[b, i]
+        return g_u, g_wi, g_bias, None, None, None, None, None, None, None, None, None
 
 def _batch_chunks(batch: int, step: int) -> list[slice]:
     return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
@@ -639,23 +733,36 @@ def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return x if x is None or x.ndim == 2 else x[sl]
 
 
-def _recomputed_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
-                        **options):
-    """``dynamic_routing(..., gradient="all")`` for votes too large to keep: over chunks of the batch (routing is
-    per sample), each chunk's votes formed once and routed (:class:`_RecomputedRouting`): the forward keeps only
-    ``u``, ``weight`` and ``bias``; the backward re-forms one chunk's votes at a time and replays its passes.
-    Values and gradients are those of the factored path (same map, up to rounding); memory is one chunk's votes
-    (``_CHUNK_BYTES``) and their gradient instead of all the votes and one gradient per map."""
-    B = votes.batch
-    per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
-    step = max(1, min(B, _CHUNK_BYTES // per_sample))
-    wi = votes.child_major_weight()  # formed once with gradient (backward: one accumulated gradient)
-    v, c, tau_b, step_b = _RecomputedRouting.apply(votes.u, wi, bias, votes.parents, initial_logits, iterations,
-                                                   step, options)
-    info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c,
-                       tau=tau_b, step=step_b)
-    return v, info
+_FORMED_ADJOINT = False
+"""Formed votes (the suite's models) with ``gradient="all"`` take autograd through the passes, not the adjoint: the
+adjoint there saved 3% CPU on the quick suite (one paired run, within its noise) and moves every trained claim value
+by float round-off (docs/capsules.md); True selects it (tested equal to autograd)."""
+_KEEP_BYTES = 32 << 20  # the adjoint's per-pass tensors are kept up to this size, else replayed in backward
+_EXACT_MAX_PATH = False  # tests: also take the subtracted max's (round-off) term when nothing is clamped
 
+
+def _adjoint_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
+                     leaky: bool, routing: str, tau: Any, step: Any, mute_threshold: float, _broken: None):
+    """``dynamic_routing(..., gradient="all")`` for votes too large to keep: over chunks of the batch, each chunk's
+    votes formed once and routed, with the hand-derived backward of :class:`_AdjointRouting`. The forward keeps
+    ``u``, ``weight``, ``bias`` and the small per-pass tensors; the backward re-forms one chunk's votes at a time.
+    Values and gradients are those of autograd through every pass (up to rounding); memory is one chunk's votes
+    (``_CHUNK_BYTES``) and their gradient instead of all the votes and one gradient per map."""
+    B, N, M, D = votes.batch, votes.parents, votes.children, votes.dim
+    per_sample = N * M * D * votes.dtype.itemsize
+    chunk = max(1, min(B, _CHUNK_BYTES // per_sample))
+    passes = max(iterations, 1)
+    tau_b, step_b = _regularization(votes, routing, tau, step)
+    decay = lam = None
+    if routing == "regularized":
+        decay, lam = (1 - step_b * tau_b)[:, None, None], step_b[:, None, None]
+    init = None if initial_logits is None else initial_logits.detach().to(votes.dtype)
+    kept = ((2 * passes - 1) * (N + int(leaky)) * M + 2 * passes * N * D) * B * votes.dtype.itemsize
+    wi = votes.child_major_weight()  # formed once with gradient (backward: one accumulated gradient)
+    v, c = _AdjointRouting.apply(votes.u, wi, bias, N, init, passes, chunk, leaky, decay, lam,
+                                 _logit_floor(votes.dtype), kept <= _KEEP_BYTES)
+    info = RoutingInfo(iterations=passes, converged=False, residuals=[], couplings=c, tau=tau_b, step=step_b)
+    return v, info
 
 def _compiled_call(votes: Votes, iterations: int, *, gradient: str, leaky: bool, bias: torch.Tensor | None,
                    routing: str, tau: Any, step: Any, initial_logits: torch.Tensor | None):
