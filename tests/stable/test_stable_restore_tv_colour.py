@@ -84,7 +84,7 @@ def test_tv_prox_is_firmly_nonexpansive_up_to_its_certificate():
     assert prox.inner_unconverged == 0 and prox.calls == 12
 
 
-@pytest.mark.parametrize("algo", [pnp_drs, pytest.param(pnp_admm, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algo", [pnp_drs, pnp_admm])
 def test_pnp_with_tv_prox_on_denoising_is_rof_at_lam_over_gamma(algo):
     y, lam, gamma = _image(1, 8, 8, seed=5), 0.3, 2.0
     ref, iref = tv_denoise(y, lam / gamma, tol=1e-3, max_iter=50000, policy="raise")
