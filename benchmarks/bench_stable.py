@@ -28,7 +28,10 @@
    to a certified duality gap (:func:`proxnets.stable.tv_denoise`), and the averaged denoiser and DnCNN trained as the
    suite trains them at quick; Gaussian width and TV weight each picked per noise level on the validation photo.
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise] [--seeds N]
+6. Restoration (``--only restore``, ``benchmarks/stable_restoration.py``): Euler / Heun / RK4 at equal parameters and budget,
+   TV inside PnP, colour, DnCNN and ours at ``--budget`` x the training epochs.
+
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise,restore] [--seeds N]
 [--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
 """
 
@@ -611,6 +614,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for the certified comparison")
     parser.add_argument("--denoiser", default="", help="part denoise: a saved averaged denoiser (default: train the suite's)")
     parser.add_argument("--recipes", default="", help="part denoise-recipes: comma-separated names of DENOISE_RECIPES (default all)")
+    parser.add_argument("--restore-seeds", default="0", help="part restore (benchmarks/stable_restoration.py): training seeds")
+    parser.add_argument("--budget", type=int, default=4, help="part restore: the larger training budget, x the suite's epochs")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -634,6 +639,10 @@ def main() -> None:
         bench_certified(args.quick, args.seeds, grid, given, args.heun, variants, args.jobs, lrs)
     if "denoise" in parts:
         bench_denoise(args.quick, args.denoiser)
+    if "restore" in parts:  # Euler/Heun/RK4, TV inside PnP, colour, budget: benchmarks/stable_restoration.py
+        import stable_restoration
+
+        stable_restoration.run(tuple(int(v) for v in args.restore_seeds.split(",")), args.budget, args.jobs)
     if "denoise-recipes" in parts:
         bench_denoise_recipes(args.recipes.split(",") if args.recipes else list(DENOISE_RECIPES), jobs=args.jobs)
 

@@ -76,9 +76,10 @@ class PnPInfo(SolverInfo):
     plus ``psnr[k]``, ``ssim[k]``: of the k-th estimate against ``x_true`` (one per checked iteration with a
     finite estimate; empty without ``x_true``; SSIM only
     with ``with_ssim``); ``gamma``: the step used; ``step_bound``: the admissible bound on ``gamma``
-    (FBS: ``2 / |A|^2``; inf otherwise); ``inner_unconverged``: data-prox solves (the conjugate
-    gradients of :class:`proxnets.stable.physics.Blur` with ``boundary="valid"``) that missed their
-    tolerance during the run (0 for exact proxes): a result resting on them is not exact.
+    (FBS: ``2 / |A|^2``; inf otherwise); ``inner_unconverged``: inner solves that missed their tolerance during
+    the run: the data prox's (the conjugate gradients of :class:`proxnets.stable.physics.Blur` with
+    ``boundary="valid"``) plus the denoiser's when it counts its own in ``denoiser.inner_unconverged`` (the TV prox
+    :class:`proxnets.stable.tv.TVProx`); 0 for exact maps. A result resting on them is not exact.
     """
 
     psnr: list[float] = dataclasses.field(default_factory=list)
@@ -117,7 +118,7 @@ def _check_common(y, x_true, max_iter, tol, policy):
     check_choice("policy", policy, POLICIES)
 
 
-def _run(S, s0: torch.Tensor, physics, estimate, x_true, with_ssim: bool, max_iter: int, tol: float, policy: str, what: str,
+def _run(S, s0: torch.Tensor, physics, denoiser, estimate, x_true, with_ssim: bool, max_iter: int, tol: float, policy: str, what: str,
          **fields) -> tuple[torch.Tensor, PnPInfo]:
     """Iterate the map ``S`` from ``s0`` with the shared solver; ``estimate(s_new)`` is the image the
     algorithm reports for the state ``s_new = S(s)`` (read right after that evaluation)."""
@@ -130,11 +131,14 @@ def _run(S, s0: torch.Tensor, physics, estimate, x_true, with_ssim: bool, max_it
             if with_ssim:
                 traces["ssim"].append(ssim(x, x_true))
 
-    failed_before = getattr(physics, "cg_unconverged", 0)
+    def failures() -> int:  # inner solves that missed their tolerance so far: the data prox's and the denoiser's
+        return getattr(physics, "cg_unconverged", 0) + getattr(denoiser, "inner_unconverged", 0)
+
+    failed_before = failures()
     with torch.no_grad():
         s, base = fixed_point(S, s0, tol=tol, max_iter=max_iter, callback=record)
     info = PnPInfo(**{f.name: getattr(base, f.name) for f in dataclasses.fields(SolverInfo)}, **traces, **fields,
-                   inner_unconverged=getattr(physics, "cg_unconverged", 0) - failed_before)
+                   inner_unconverged=failures() - failed_before)
     handle_nonconvergence(info, policy, what)
     return estimate(s), info
 
@@ -168,7 +172,7 @@ def pnp_fbs(
     def S(x: torch.Tensor) -> torch.Tensor:  # x_{k+1} = D(x_k - gamma A^T (A x_k - y))
         return _apply(denoiser, x - gamma * physics.A_adjoint(physics.A(x) - y))
 
-    return _run(S, x, physics, lambda x: x, x_true, with_ssim, max_iter, tol, policy, "PnP forward-backward", gamma=gamma,
+    return _run(S, x, physics, denoiser, lambda x: x, x_true, with_ssim, max_iter, tol, policy, "PnP forward-backward", gamma=gamma,
                 step_bound=bound)
 
 
@@ -203,7 +207,7 @@ def pnp_drs(
         # (finite) state after a non-finite evaluation
         return last["u"] if s is last.get("z") else physics.prox_data(s, y, gamma)
 
-    return _run(S, z, physics, estimate, x_true, with_ssim, max_iter, tol, policy, "PnP Douglas-Rachford", gamma=gamma)
+    return _run(S, z, physics, denoiser, estimate, x_true, with_ssim, max_iter, tol, policy, "PnP Douglas-Rachford", gamma=gamma)
 
 
 def pnp_admm(
@@ -231,7 +235,7 @@ def pnp_admm(
         return torch.stack([v_new, w + x - v_new], dim=1)
 
     state = torch.stack([v, torch.zeros_like(v)], dim=1)
-    return _run(S, state, physics, lambda s: s[:, 0], x_true, with_ssim, max_iter, tol, policy, "PnP ADMM", gamma=gamma)
+    return _run(S, state, physics, denoiser, lambda s: s[:, 0], x_true, with_ssim, max_iter, tol, policy, "PnP ADMM", gamma=gamma)
 
 
 SOLVERS = {"fbs": pnp_fbs, "drs": pnp_drs, "admm": pnp_admm}

@@ -15,6 +15,9 @@ iteration, and the full strength over-smooths; measured on the embedded test pho
 
 Colour. A denoiser trained on grey images is applied to each channel of an RGB image separately: the
 channel-wise map is as averaged as ``D`` (``|T x - T y|^2`` and the averagedness inequality add over channels).
+:func:`opponent_colour` applies it in an orthonormal opponent colour basis instead (luminance and two chroma axes),
+equally averaged: an orthogonal change of basis and a per-channel affine rescaling of ``D`` leave the averagedness
+inequality unchanged (both sides scale alike).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from proxnets.utils.io import load_state, save_state
 from proxnets.utils.validation import check_choice, check_number, fail
 
 __all__ = ["save_denoiser", "load_denoiser", "denoise_image", "deblur_image", "train_denoiser", "default_denoiser_path",
-           "resolve_denoiser", "channelwise", "KERNELS", "DENOISE_STRENGTH", "DEBLUR_STRENGTH", "TEST_PHOTOS", "VAL_PHOTO"]
+           "resolve_denoiser", "channelwise", "opponent_colour", "OPPONENT", "KERNELS", "DENOISE_STRENGTH", "DEBLUR_STRENGTH", "TEST_PHOTOS", "VAL_PHOTO"]
 
 KERNELS = ("gaussian", "motion")
 DENOISE_STRENGTH = 1.0
@@ -103,6 +106,38 @@ def channelwise(denoiser: nn.Module, channels: int):
     def apply(x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         return denoiser(x.reshape(b * c, 1, h, w)).reshape(b, c, h, w)  # (B, C, H, W)
+
+    return apply
+
+
+# rows: an orthonormal basis of R^3: luminance (R + G + B) / sqrt 3, red-green (R - G) / sqrt 2, yellow-blue (R + G - 2B) / sqrt 6
+OPPONENT = torch.tensor([[3**-0.5, 3**-0.5, 3**-0.5], [2**-0.5, -(2**-0.5), 0.0], [6**-0.5, 6**-0.5, -2 * 6**-0.5]], dtype=torch.float64)
+# per opponent channel u_c = w_c / s_c + t_c, so that an RGB image in [0, 1]^3 maps near [0, 1] (the range D was trained on):
+# luminance / sqrt 3 is the mean of R, G, B; the chroma axes, in [-0.82, 0.82], are centred on 1/2
+_OPP_SCALE = (3**0.5, 1.0, 1.0)
+_OPP_SHIFT = (0.0, 0.5, 0.5)
+
+
+def opponent_colour(denoiser: nn.Module):
+    """``x -> Q^T a^{-1}(D(a(Q x)))`` on ``(B, 3, H, W)``: the 1-channel ``denoiser`` ``D`` applied channel by channel in the
+    opponent basis ``Q`` (:data:`OPPONENT`, orthogonal) after the per-channel affine map ``a_c(w) = w / s_c + t_c``.
+
+    Why it keeps ``D``'s certificate: with ``T`` this map, ``|T x - T y| = |S (D u - D v)|`` and
+    ``|(I - T) x - (I - T) y| = |S ((I - D) u - (I - D) v)|``, ``|x - y| = |S (u - v)|`` (``u = a(Q x)``, ``v = a(Q y)``, ``S``
+    the diagonal of the ``s_c``): each channel's averagedness inequality is multiplied by ``s_c^2`` on both sides, so ``T`` is
+    ``alpha``-averaged (or non-expansive) whenever ``D`` is. Why the basis: Gaussian noise stays white and of the same level
+    in an orthonormal basis, while the chroma channels carry less detail than R, G, B (they are smoother), and the luminance
+    channel's noise is divided by ``sqrt 3`` by the scaling.
+    """
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            fail("x", "an RGB batch (B, 3, H, W)", f"shape {tuple(x.shape)}")
+        q = OPPONENT.to(x)
+        scale = torch.tensor(_OPP_SCALE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        shift = torch.tensor(_OPP_SHIFT, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        u = torch.einsum("dc,bchw->bdhw", q, x) / scale + shift  # (B, 3, H, W) opponent channels near [0, 1]
+        d = channelwise(denoiser, 3)(u)
+        return torch.einsum("dc,bdhw->bchw", q, (d - shift) * scale)  # back: Q^T S (D u - t)
 
     return apply
 
