@@ -339,6 +339,11 @@ def entries() -> list[Entry]:
               data=("x", "ref"), empty_ok=False))
     add(Entry("stable", "tv_denoise", lambda y, lam=0.1: ST.tv_denoise(y, lam, max_iter=20, policy="ignore")[0],
               lambda g, b: {"y": _rand(g, b, 1, 8, 8), "lam": 0.1}, data=("y",), nonneg=("lam",), empty_ok=False))
+    add(Entry("stable", "tv_denoise(vectorial)", lambda y, lam=0.1: ST.tv_denoise(y, lam, max_iter=20, policy="ignore",
+                                                                           vectorial=True)[0],
+              lambda g, b: {"y": _rand(g, b, 3, 8, 8), "lam": 0.1}, data=("y",), nonneg=("lam",), empty_ok=False))
+    add(Entry("stable", "TVProx.__call__", lambda v, lam=0.1: ST.TVProx(lam, max_iter=20)(v),
+              lambda g, b: {"v": _rand(g, b, 1, 8, 8), "lam": 0.1}, data=("v",), nonneg=("lam",), empty_ok=False))
     add(Entry("stable", "gaussian_kernel", ST.gaussian_kernel, lambda g, b: {"size": 5, "sigma": 1.0},
               positive=("size", "sigma")))
     add(Entry("stable", "motion_kernel", ST.motion_kernel, lambda g, b: {"size": 5, "angle": 0.3}, positive=("size",)))

@@ -27,11 +27,11 @@ from proxnets.stable.lipschitz import LipschitzBound, empirical_lipschitz, lipsc
 from proxnets.stable.models import (
     AveragedDenoiser, ClassifierConfig, DenoiserConfig, DnCNN, NonExpansiveClassifier, ResNetClassifier, num_parameters,
 )
-from proxnets.stable.tv import tv_denoise, total_variation, tv_dual_gap
+from proxnets.stable.tv import TVProx, tv_denoise, total_variation, tv_dual_gap
 from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, OperatorNormConstraint, constrain_operator_norm
 from proxnets.stable.physics import Blur, Denoising, gaussian_kernel, motion_kernel
 from proxnets.stable.pnp import PnPInfo, firmly_nonexpansive, pnp_admm, pnp_drs, pnp_fbs, psnr, relax_denoiser, ssim
-from proxnets.stable.restore import deblur_image, denoise_image, load_denoiser, save_denoiser
+from proxnets.stable.restore import deblur_image, denoise_image, load_denoiser, opponent_colour, save_denoiser
 
 __all__ = [
     "MONOTONE_ACTIVATIONS", "RK_METHODS", "NonExpansiveBlock", "ResNetBlock", "compose_averaged",
@@ -39,10 +39,10 @@ __all__ = [
     "lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "lipschitz_margin_loss", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "MaxMin", "ZeroChannelPad", "ChannelSelect",
     "lipschitz_bound", "empirical_lipschitz", "LipschitzBound", "certificate", "rigorous_lipschitz",
     "ClassifierConfig", "NonExpansiveClassifier", "ResNetClassifier", "DenoiserConfig", "AveragedDenoiser", "DnCNN",
-    "num_parameters", "margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "tv_denoise", "total_variation", "tv_dual_gap",
+    "num_parameters", "margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "tv_denoise", "total_variation", "tv_dual_gap", "TVProx",
     "Denoising", "Blur", "gaussian_kernel", "motion_kernel",
     "PnPInfo", "pnp_fbs", "pnp_drs", "pnp_admm", "firmly_nonexpansive", "relax_denoiser", "psnr", "ssim",
-    "denoise_image", "deblur_image", "save_denoiser", "load_denoiser",
+    "denoise_image", "deblur_image", "save_denoiser", "load_denoiser", "opponent_colour",
     "MODELS", "DENOISERS", "denoising_loss",
 ]
 

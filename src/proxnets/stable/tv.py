@@ -220,6 +220,7 @@ class TVProx:
         self._p: torch.Tensor | None = None
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        check_tensor("v", v, ndim=4, nonempty=True)  # named as the caller's argument, before _solve's own check of y
         p0 = self._p if self.warm_start and self._p is not None and self._p.shape[:2] == v.shape[:2] \
             and self._p.shape[3:] == v.shape[2:] else None
         x, p, info = _solve(v, self.lam, tol=self.tol, max_iter=self.max_iter, check_every=self.check_every,
