@@ -65,8 +65,9 @@ MUTATIONS: dict[str, str] = {
 RADII = (36 / 255, 72 / 255, 108 / 255)
 # the attack alternates its objective over the restarts: cross-entropy, then the logit margin (where CE saturates)
 PGD_LOSS = "alternate"
-# smoke/quick cap on the adaptive steps per block: beyond it h = 2 r c / nu shrinks, so the condition still holds and
-# the block integrates a shorter time; it bounds the CPU cost (the seed's rule is uncapped: full size caps at 64)
+# the denoisers' smoke/quick cap on the adaptive steps per block: beyond it h = 2 r c / nu shrinks, so the condition still
+# holds and the block integrates a shorter time; it bounds the CPU cost (the seed's rule is uncapped: full size caps at 64).
+# The classifier uses ClassifierConfig's default cap at every size (1 step, picked on validation: bench_stable --only steprule)
 STEP_CAP = 2
 # training steps from the rigorous Fourier bound: with the seed's one-iteration power estimate the smoke run measured
 # h L S^2 / (2 r) up to 1.74 (denoiser) and 1.12 (classifier) -- the estimate lags behind a growing |A|
@@ -377,9 +378,9 @@ def robust_classification(ctx: SuiteContext, result: SuiteResult) -> None:
     c, s, _ = data.input_shape
     cfg = ctx.pick(
         smoke=ClassifierConfig(in_channels=c, image_size=s, num_classes=data.num_classes, width=8, stages=2, blocks_per_stage=1, head="flatten",
-                               max_steps=STEP_CAP, train_norm="bound"),
+                               train_norm="bound"),
         quick=ClassifierConfig(in_channels=c, image_size=s, num_classes=data.num_classes, width=8, stages=2, blocks_per_stage=2, head="flatten",
-                               max_steps=STEP_CAP, train_norm="bound"),
+                               train_norm="bound"),
         full=ClassifierConfig(in_channels=c, image_size=s, num_classes=data.num_classes),
     )
     train = ctx.pick(smoke=TrainConfig(epochs=3, batch_size=32, lr=5e-3, progress=False, eval_every_epoch=False),
@@ -864,7 +865,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
         ctx.log(f"[stable] {name}: {time.perf_counter() - t0:.1f} s")
     if ctx.size != "full":
         result.notes.append("Small CPU configurations: classifier of width 8 with one (smoke) or two (quick) blocks per stage, a flatten "
-                            f"head and the seed's adaptive step rule (T = 1, capped at {STEP_CAP} steps per block: past the cap h shrinks "
+                            f"head and the seed's adaptive step rule (T = 1, capped at {ClassifierConfig().max_steps} step(s) per block: past the cap h shrinks "
                             "so that h L |A|^2 <= 2 r still holds and the block integrates a shorter time), trained with Adam for a few epochs on 3 seeds (mean and 95% "
                             "Student-t interval; 300 (smoke) or 1,000 (quick) mnist5k test images; PGD on the first seed's model only); "
                             "denoisers trained for a few epochs on photo patches, one seed, 6 held-out test photographs. Full sizes "
