@@ -28,7 +28,12 @@
    to a certified duality gap (:func:`proxnets.stable.tv_denoise`), and the averaged denoiser and DnCNN trained as the
    suite trains them at quick; Gaussian width and TV weight each picked per noise level on the validation photo.
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise] [--seeds N]
+6. Step rules (``--only steprule``): the suite's quick classifier under each rule of ``STEP_RULES`` (adaptive uncapped,
+   capped at 2 and 1 steps, fixed CPL) and the ResNet, ``--seeds`` seeds on validation (where the default cap is picked)
+   and on test (``--splits``), CPU time per optimizer step vs the ResNet, and the fixed rule trained for the CPU time of
+   the uncapped adaptive run (equal compute).
+
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise,steprule] [--seeds N]
 [--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
 """
 
