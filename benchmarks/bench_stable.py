@@ -30,14 +30,19 @@
 
 6. Restoration (``--only restore``, ``benchmarks/stable_restoration.py``): Euler / Heun / RK4 at equal parameters and budget,
    TV inside PnP, colour, DnCNN and ours at ``--budget`` x the training epochs.
+7. Step rules (``--only steprule``): the suite's quick classifier under each rule of ``STEP_RULES`` (adaptive uncapped,
+   capped at 2 and 1 steps, fixed CPL) and the ResNet, ``--seeds`` seeds on validation (where the default cap is picked)
+   and on test (``--splits``), CPU time per optimizer step vs the ResNet, and the fixed rule trained for the CPU time of
+   the uncapped adaptive run (equal compute).
 
-Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise,restore] [--seeds N]
+Usage: ``python benchmarks/bench_stable.py [--quick] [--threads N] [--only step,torchlip,certified,denoise,restore,steprule] [--seeds N]
 [--jobs N] [--screen NAMES --grid "tau,m;..." --lr LR]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 
@@ -84,12 +89,15 @@ def bench_classifier_step(quick: bool) -> None:
     torch.manual_seed(0)
     resnet = ResNetClassifier(ClassifierConfig(**base))
     variants = {"ResNet": (resnet, "")}
-    for label, opts, grow in (("adaptive, at init", {"schedule": "adaptive"}, 0),
-                              ("adaptive, |A| grown x2", {"schedule": "adaptive"}, 2.0),
+    cap = ClassifierConfig().max_steps
+    for label, opts, grow in (("adaptive (seed, uncapped), at init", {"schedule": "adaptive", "max_steps": 64}, 0),
+                              ("adaptive (seed, uncapped), |A| grown x2", {"schedule": "adaptive", "max_steps": 64}, 2.0),
                               ("adaptive capped at 2 steps, |A| grown x2", {"schedule": "adaptive", "max_steps": 2}, 2.0),
                               # the cap that keeps the cost: past it h = 2 r / nu shrinks (condition kept, time span cut)
                               ("adaptive capped at 1 step, |A| grown x2", {"schedule": "adaptive", "max_steps": 1}, 2.0),
-                              ("adaptive, |A| grown x4", {"schedule": "adaptive"}, 4.0),
+                              (f"default (ClassifierConfig(): adaptive, cap {cap}), |A| grown x2", {}, 2.0),
+                              (f"default (ClassifierConfig(): adaptive, cap {cap}), |A| grown x4", {}, 4.0),
+                              ("adaptive (seed, uncapped), |A| grown x4", {"schedule": "adaptive", "max_steps": 64}, 4.0),
                               ("fixed (CPL), |A| grown x2", {"schedule": "fixed"}, 2.0)):
         torch.manual_seed(0)
         model = NonExpansiveClassifier(ClassifierConfig(**base, **opts))
@@ -239,6 +247,13 @@ SCREEN = {
     # -|z| regime loses)
     "ortho cayley b-.5 maxmin": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1,
                                  "block_bias_init": -0.5, "glue_activation": "maxmin"},
+    # the norm budget per block below the full h nu = 2 (adaptive rule, T < 2, one step of h = T: |A| = 1 for Cayley): in
+    # z = A x + b the ReLU step is z -> z - T relu(z), slope 1 - T on the active side: T = 2 is -|z| (norm preserving, the
+    # sign lost), T < 2 keeps the sign (injective) at the price of shrinking the active coordinates by |1 - T|
+    "ortho cayley b-.5 T1.5": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "adaptive", "time": 1.5, "max_steps": 1,
+                               "block_bias_init": -0.5},
+    "ortho cayley b-.5 T1.8": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "adaptive", "time": 1.8, "max_steps": 1,
+                               "block_bias_init": -0.5},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
@@ -449,6 +464,122 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
         print(f"  {name}: " + ", ".join(f"{sum(r['curve'][e] for r in rs) / len(rs):.3f}" for e in CURVE[::4]))
 
 
+# -- 6. step rules: accuracy cost of the step cap, and adaptive vs fixed at equal compute -------------------------------
+# the suite's quick classifier (norm glue, rigorous training norm, plain cross-entropy, 4 epochs, batch 64, Adam 3e-3)
+# under each step rule; "cap k": the adaptive rule never takes more than k steps, past it h = 2 r / nu shrinks (the
+# condition h L |A|^2 <= 2 r is kept, the block's time span is cut)
+STEP_RULES = {
+    "adaptive (seed, uncapped)": {"schedule": "adaptive", "max_steps": 64},
+    "adaptive, cap 2": {"schedule": "adaptive", "max_steps": 2},
+    "adaptive, cap 1": {"schedule": "adaptive", "max_steps": 1},
+    "fixed (CPL)": {"schedule": "fixed", "steps": 1},
+}
+
+
+class _Budget(Exception):
+    """Raised by the budget callback: the run has used its CPU time."""
+
+
+def _steprule_job(args: tuple) -> dict:
+    """One (rule, seed, split) training in a worker (1 thread): accuracy, certified accuracy (rigorous L), wall and CPU
+    time, optimizer steps and the steps per block the rule took. ``budget_s``: stop at that much process CPU time (an
+    equal-compute comparison; CPU time, unlike wall time, does not depend on what else the shared machine runs)."""
+    import dataclasses
+
+    from proxnets.stable.experiments import StepLog
+
+    rule, seed, split, budget_s = args
+    torch.set_num_threads(1)
+    data = load_dataset("mnist5k", seed=0)
+    if split == "val":
+        data = dataclasses.replace(data, x_train=data.x_train[:-500], y_train=data.y_train[:-500], x_test=data.x_train[-500:],
+                                   y_test=data.y_train[-500:])
+    torch.manual_seed(seed)
+    if rule == "ResNet":  # the same layout unconstrained: the per-step cost reference, trained the same way
+        model = ResNetClassifier(ClassifierConfig(in_channels=1, image_size=28, num_classes=10, head="flatten", width=8, stages=2,
+                                                  blocks_per_stage=2))
+    else:
+        model = _ours_classifier(glue="norm", **STEP_RULES[rule])
+    blocks = [m for m in model.modules() if isinstance(m, NonExpansiveBlock)]
+    log = StepLog(blocks) if blocks else None
+    steps = [0]
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def budget(event: str, info: dict) -> None:
+        if event == "step_end":
+            steps[0] += 1
+            if budget_s and time.process_time() - c0 >= budget_s:
+                raise _Budget
+
+    cfg = TrainConfig(epochs=40 if budget_s else 4, batch_size=64, lr=3e-3, progress=False, eval_every_epoch=False, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fit(model, data, cfg, callbacks=[budget], log=lambda s: None)
+        except _Budget:
+            pass
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        model.eval()
+        L = lipschitz_bound(model)
+        curve = _certified_curve(model, data.x_test, data.y_test, L)
+    out = {"curve": curve, "area": _area(curve), "L": float(L), "rigorous": L.rigorous, "wall_s": wall, "cpu_s": cpu,
+           "steps": steps[0], "mean_n": math.nan, "max_n": 0, "max_ratio": math.nan, "sigma_max": math.nan, "capped": 0}
+    if log is not None:
+        log.close()
+        n = [sum(r) / len(r) for r in log.n]
+        out.update(mean_n=sum(n) / len(n), max_n=max(max(r) for r in log.n), max_ratio=log.max_ratio,
+                   sigma_max=max(max(r) for r in log.sigma), capped=log.capped)
+    return out
+
+
+def bench_step_rules(n_seeds: int, jobs: int = 1, splits: tuple[str, ...] = ("val", "test"), budget: bool = True) -> None:
+    """Each rule of :data:`STEP_RULES` trained ``n_seeds`` times on mnist5k (``val``: the training images but the last
+    500, scored on those 500, where a default is picked; ``test``: the full training set, scored on the 1,000 test
+    images); paired differences against the uncapped adaptive rule. ``budget``: the fixed rule also trained for the CPU
+    time the uncapped adaptive run of the same seed took (equal compute, more optimizer steps)."""
+    from multiprocessing import get_context
+
+    from proxnets.utils.stats import difference_interval, mean_interval
+
+    seeds = list(range(n_seeds))
+    pool = get_context("spawn").Pool(jobs) if jobs > 1 else None
+    run_all = (lambda a: pool.map(_steprule_job, a)) if pool else (lambda a: [_steprule_job(x) for x in a])
+    e0 = 36 / 255
+    ref = next(iter(STEP_RULES))
+    for split in splits:
+        print(f"== 6. step rules, suite's quick classifier (norm glue, CE, 4 epochs), split {split}, {n_seeds} seeds, 1 thread each",
+              flush=True)
+        names = [*STEP_RULES, "ResNet"]
+        flat = run_all([(rule, s, split, 0.0) for rule in names for s in seeds])
+        res = {rule: flat[i * n_seeds:(i + 1) * n_seeds] for i, rule in enumerate(names)}
+        if budget and split == "test":
+            rows = run_all([("fixed (CPL)", s, split, res[ref][s]["cpu_s"]) for s in seeds])
+            res["fixed (CPL), CPU time of the adaptive run"] = rows
+        per_step = {k: sum(r["cpu_s"] / r["steps"] for r in rs) / len(rs) for k, rs in res.items()}
+        print("| rule | clean | @36/255 | @72/255 | area | wall s | CPU s | optimizer steps | CPU per step vs ResNet | mean steps/block "
+              "| max steps/block | max |A| | max h L S^2/(2r) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for rule, rs in res.items():
+            cells = []
+            for e in (0.0, e0, 72 / 255):
+                m, lo, hi = mean_interval([r["curve"][e] for r in rs])
+                cells.append(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]")
+            m, lo, hi = mean_interval([r["area"] for r in rs])
+            avg = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+            print(f"| {rule} | " + " | ".join(cells) + f" | {m:.3f} [{lo:.3f}, {hi:.3f}] | {avg('wall_s'):.0f} | {avg('cpu_s'):.0f} | "
+                  f"{avg('steps'):.0f} | {per_step[rule] / per_step['ResNet']:.2f}x | {avg('mean_n'):.2f} | {max(r['max_n'] for r in rs)} | {max(r['sigma_max'] for r in rs):.3f} | "
+                  f"{max(r['max_ratio'] for r in rs):.6f} |", flush=True)
+        for rule in (k for k in res if k not in (ref, "ResNet")):
+            for e, label in ((0.0, "clean"), (e0, "@36/255")):
+                d = difference_interval([r["curve"][e] for r in res[rule]], [r["curve"][e] for r in res[ref]])
+                print(f"  '{rule}' - '{ref}' {label}: {100 * d[0]:+.1f} points [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
+        print("  per seed (clean, @36/255, CPU s): " + "; ".join(
+            f"{rule}: " + ", ".join(f"({r['curve'][0.0]:.3f}, {r['curve'][e0]:.3f}, {r['cpu_s']:.0f})" for r in rs) for rule, rs in res.items()),
+            flush=True)
+    if pool:
+        pool.close()
+
+
 TV_LAMS = (0.02, 0.03, 0.045, 0.065, 0.09, 0.13, 0.18)  # lam grid of TV (searched on the validation photo only)
 TV_TOL = 1e-3  # certified |x - x*| <= TV_TOL |x| per image
 
@@ -616,6 +747,7 @@ def main() -> None:
     parser.add_argument("--recipes", default="", help="part denoise-recipes: comma-separated names of DENOISE_RECIPES (default all)")
     parser.add_argument("--restore-seeds", default="0", help="part restore (benchmarks/stable_restoration.py): training seeds")
     parser.add_argument("--budget", type=int, default=4, help="part restore: the larger training budget, x the suite's epochs")
+    parser.add_argument("--splits", default="val,test", help="part steprule: 'val' (where a default is picked), 'test', or both")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -643,6 +775,8 @@ def main() -> None:
         import stable_restoration
 
         stable_restoration.run(tuple(int(v) for v in args.restore_seeds.split(",")), args.budget, args.jobs)
+    if "steprule" in parts:
+        bench_step_rules(args.seeds, args.jobs, tuple(args.splits.split(",")))
     if "denoise-recipes" in parts:
         bench_denoise_recipes(args.recipes.split(",") if args.recipes else list(DENOISE_RECIPES), jobs=args.jobs)
 
