@@ -150,3 +150,39 @@ def test_non_finite_features_stop_as_diverged():
     huge = z * 1e200  # finite features, overflowing scores: the bounds become non-finite
     _, trace = solve_dual(CachedFeatures(huge, chunk=8), y, 3, 0.05, max_iter=5, gram=1.0, on_nonconvergence="ignore")
     assert not trace.converged and getattr(trace, "diverged", False)
+
+
+def test_pass_in_flat_layout_is_bitwise_the_scores_functions():
+    """One pass of solve_dual (Theta flattened once, M unflattened once) equals, bitwise, the pass
+    written with scores / scores_adjoint per chunk."""
+    from proxnets.convex.duality import logistic_loss, scores_adjoint
+    from proxnets.convex.primal import nuclear_step, one_hot
+
+    z = _coherent(n=45).float()
+    src = CachedFeatures(z, chunk=8)
+    y = _labels(45)
+    n, p, d = z.shape
+    gram = gram_bound(src)
+    res, _ = solve_dual(src, y, 3, 0.05, max_iter=2, tol=0.0, gram=gram, on_nonconvergence="ignore")
+    # reference: pass 1 from Theta = 0, uniform P; then the Theta step and pass 2
+    pm = torch.full((n, 3), 1 / 3)
+    m1, m0 = torch.zeros(d, 3 * p), torch.zeros(d, 3 * p)
+    beta, tau = 1.0, 2.0 / gram
+    for rows, zc in src.chunks():
+        e = one_hot(y[rows], 3, zc.dtype)
+        pn = torch.softmax(torch.log(pm[rows].clamp_min(1e-30)) / 2.0, dim=-1)
+        m1 += scores_adjoint(zc, e - pn)
+        m0 += scores_adjoint(zc, e - pm[rows])
+        pm[rows] = pn
+    m1, m0 = m1 / n, m0 / n
+    th = 1 / math.sqrt(3.0)
+    theta, _, _ = nuclear_step(tau / th * ((1 + th) * m1 - th * m0), 0.05, None, tau / th)
+    beta = th
+    m2 = torch.zeros(d, 3 * p)
+    for rows, zc in src.chunks():
+        u = scores(zc, theta)
+        e = one_hot(y[rows], 3, zc.dtype)
+        pn = torch.softmax((beta * u + torch.log(pm[rows].clamp_min(1e-30))) / (1 + beta), dim=-1)
+        m2 += scores_adjoint(zc, e - pn)
+        pm[rows] = pn
+    assert torch.equal(res.theta, theta) and torch.equal(res.p, pm) and torch.equal(res.m, m2 / n)

@@ -47,13 +47,18 @@ import math
 
 import torch
 
-from proxnets.convex.duality import logistic_loss, regularized_dual_value, scores, scores_adjoint, spectral_norm
+from proxnets.convex.duality import _flat_theta, logistic_loss, regularized_dual_value, spectral_norm
 from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
 from proxnets.convex.sources import GramBound, check_problem_labels, deflation_basis
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number
 
 __all__ = ["DualResult", "solve_dual"]
+
+
+def _unflat(g: torch.Tensor, npos: int, d: int, k: int) -> torch.Tensor:
+    """``(P D, K)`` -> ``(D, K P)``: the layout of ``Theta`` (as :func:`~proxnets.convex.duality.scores_adjoint`)."""
+    return g.reshape(npos, d, k).permute(1, 2, 0).reshape(d, k * npos)
 
 
 class DualResult:
@@ -121,23 +126,30 @@ def solve_dual(
             theta, nuc, rank = nuclear_step(theta + tau * m_bar, lam, None, tau)
         th = 1.0 / math.sqrt(1.0 + 2.0 * beta) if accelerate else 1.0
         m_old = m_new
-        m_new = torch.zeros_like(theta)  # M(P_{t+1})
-        if m_old is None:
-            m_old = torch.zeros_like(theta)  # M(P_0), summed in the first pass only
+        # the pass works in the flat (P D, K) layout of the scores' GEMMs: Theta flattened once per pass
+        # and M unflattened once (not per chunk, as scores / scores_adjoint do); the same sums in the same
+        # order, so bitwise the values those functions give
+        theta_flat = _flat_theta(theta, npos)
+        m_flat = torch.zeros(npos * d, k, dtype=theta.dtype, device=theta.device)  # M(P_{t+1}), flat
+        m0_flat = torch.zeros_like(m_flat) if m_old is None else None  # M(P_0), summed in the first pass only
         loss = 0.0
         for rows, z in source.chunks():
-            u = scores(z, theta)  # (b, K)
+            zf = z.reshape(z.shape[0], -1)  # (b, P D), a view
+            u = zf @ theta_flat  # scores (b, K)
             yb = y[rows]
             loss += float(logistic_loss(u, yb))
             p_old = p[rows]
             p_next = torch.softmax((step_sign * beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
             e = one_hot(yb, k, dtype)
-            m_new += scores_adjoint(z, e - p_next)
-            if info.passes == 0:
-                m_old += scores_adjoint(z, e - p_old)
+            m_flat += zf.T @ (e - p_next)
+            if m0_flat is not None:
+                m0_flat += zf.T @ (e - p_old)
                 if acc is not None:
                     acc.add(z)
             p[rows] = p_next
+        m_new = _unflat(m_flat, npos, d, k)
+        if m0_flat is not None:
+            m_old = _unflat(m0_flat, npos, d, k)
         if info.passes == 0:
             m_old /= n
             info.gram_norm = acc.value() if acc is not None else float(gram)
