@@ -62,8 +62,8 @@ def test_gram_bound_is_an_upper_bound_for_any_basis_and_tight_with_the_deflation
     assert values["none"] >= 1.2 * dense  # sum_p lambda(G_pp) alone is loose: deflation is what makes it tight
     per_pos = torch.linalg.eigvalsh(torch.einsum("npd,npe->pde", z, z) / z.shape[0])[:, -1]
     assert float(per_pos.max()) < dense  # a max over positions would not be a bound here
-    # the helper computes the same; chunking does not matter beyond rounding
-    assert gram_bound(src, rank=8) == pytest.approx(values["deflation"], rel=1e-12)
+    # the helper computes the same up to rounding and margin (batch 32 vs 5)
+    assert gram_bound(src, rank=8) == pytest.approx(values["deflation"], rel=1e-4)  # other batches: other float32 sums, margins
 
 
 def test_gram_bound_rejects_a_basis_that_is_not_orthonormal():

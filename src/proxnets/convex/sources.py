@@ -232,15 +232,20 @@ class GramBound:
     coherent is what makes ``c`` small (with ``U = 0`` it is the loose ``sum_p lambda_max(G_pp)``,
     measured 3.4x the true value on mnist5k; with a 256-sample basis of rank 32, 1.007x).
 
-    Round-off: every quantity is a float64 sum of at most ``m = P D + n + k`` products of the
-    float32 features (exact in float64), so each is within ``gamma_m tr(G)`` (``gamma_m = m u /
-    (1 - m u)``, ``u = 2^-53``) of its exact value, and ``eigh`` is backward stable; ``U``'s
-    departure ``eps = |U^T U - I|_2`` from orthonormality moves the split by ``O(eps)``. The value
-    returned adds ``8 (gamma_m + eps) tr(G) + 1e-9 bound`` (about 1e-11 relative at n = 4000: a margin
-    that dominates these first-order terms by a wide factor).
+    Round-off: ``A``, ``B``, ``tr G`` and the split are float64 sums of at most ``m = P D + n + k``
+    products of the float32 features (exact in float64), so each is within ``gamma_m tr(G)``
+    (``gamma_m = m u / (1 - m u)``, ``u = 2^-53``) of its exact value; the ``C_pp`` (``P D^2``
+    numbers, the bound's memory) are kept in float32: each entry is a sum over batches of float32
+    batch products of the rounded ``z'`` entries, so its error is at most
+    ``gamma32 sum_i |z'_i[p]_d| |z'_i[p]_e|`` with ``gamma32 = gamma_{b + N + 2}`` in float32
+    (``b`` the batch, ``N`` the number of batches), whose spectral norm is at most
+    ``gamma32 sum_i |z'_i[p]|^2``; summed over ``p``, at most ``gamma32 n tr(G)``. ``eigh`` is backward stable
+    and ``U``'s departure ``eps = |U^T U - I|_2`` from orthonormality moves the split by ``O(eps)``.
+    The value returned adds ``8 (gamma_m + gamma32 + eps) tr(G) + 1e-9 bound`` (about 7e-4 relative
+    on mnist5k at n = 4000), a margin that dominates these terms.
     """
 
-    def __init__(self, basis: torch.Tensor, n_positions: int, dim: int, batch: int = 64):
+    def __init__(self, basis: torch.Tensor, n_positions: int, dim: int, batch: int = 32):
         check_tensor("basis", basis, ndim=2)
         self.batch = check_int("batch", batch, low=1)
         if basis.shape[0] != n_positions * dim:
@@ -254,11 +259,12 @@ class GramBound:
         dev = self.u.device
         self.a = torch.zeros(k, k, dtype=torch.float64, device=dev)
         self.b = torch.zeros(n_positions * dim, k, dtype=torch.float64, device=dev)
-        self.c = torch.zeros(n_positions, dim, dim, dtype=torch.float64, device=dev)
+        self.c = torch.zeros(n_positions, dim, dim, dtype=torch.float32, device=dev)  # P D^2: float32 (see Round-off)
+        self.n_batches = 0
         self.trace = 0.0
         # projected rows wait here until `batch` of them feed one batched product: the (P, D, D)
         # accumulator is read and written once per batch, not once per (small) chunk
-        self._buf = torch.empty(self.batch, n_positions * dim, dtype=torch.float64, device=dev)
+        self._buf = torch.empty(self.batch, n_positions * dim, dtype=torch.float32, device=dev)
         self._fill = 0
 
     def add(self, z: torch.Tensor) -> None:
@@ -286,6 +292,7 @@ class GramBound:
             zp = self._buf[: self._fill].view(self._fill, self.n_positions, self.dim).transpose(0, 1)  # (P, b, D)
             self.c.baddbmm_(zp.transpose(1, 2), zp)  # C_pp += sum_i z'_i[p] z'_i[p]^T
             self._fill = 0
+            self.n_batches += 1
 
     def value(self) -> float:
         """The bound (see the class docstring); raises on non-finite accumulators."""
@@ -298,14 +305,16 @@ class GramBound:
             raise FloatingPointError(f"GramBound: non-finite accumulators (trace {tr})")
         a = float(torch.linalg.eigvalsh(self.a / n)[-1]) if self.a.numel() else 0.0
         b = float(torch.linalg.matrix_norm(self.b / n, 2)) if self.b.numel() else 0.0
-        c = float(torch.linalg.eigvalsh(self.c / n)[:, -1].clamp_min(0).sum())
+        c = float(torch.linalg.eigvalsh(self.c.double() / n)[:, -1].clamp_min(0).sum())
         if not all(math.isfinite(v) for v in (a, b, c, tr)):
             raise FloatingPointError(f"GramBound: non-finite accumulators (a={a}, b={b}, c={c}, trace={tr})")
         top = 0.5 * (a + c) + math.sqrt((0.5 * (a - c)) ** 2 + b * b)
         m = self.u.shape[0] + n + self.u.shape[1]
         gamma = m * 2.0**-53 / (1 - m * 2.0**-53)
+        m32 = self.batch + self.n_batches + 2
+        gamma32 = m32 * 2.0**-24 / (1 - m32 * 2.0**-24)
         bound = min(top, tr)
-        return bound + 8.0 * (gamma + self.eps) * tr + 1e-9 * bound
+        return bound + 8.0 * (gamma + gamma32 + self.eps) * tr + 1e-9 * bound
 
 
 def deflation_basis(source, *, rank: int = 32, max_samples: int = 256, seed: int = 0) -> torch.Tensor:
