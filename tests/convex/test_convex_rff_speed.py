@@ -22,7 +22,7 @@ from proxnets.convex.duality import entropy, logistic_loss, scores, scores_adjoi
 from proxnets.convex.features import PatchFeaturizer
 from proxnets.convex.patches import ZCA, pool_features
 from proxnets.convex.primal import nuclear_step, one_hot
-from proxnets.convex.sources import CachedFeatures, StreamedFeatures, cache_features, gram_norm
+from proxnets.convex.sources import CachedFeatures, StreamedFeatures, cache_features, gram_bound, gram_norm
 
 
 def _problem(n=60, p=4, d=12, k=3, seed=0):
@@ -36,7 +36,7 @@ def _two_adjoint_dual(source, y, k, lam, iters, beta0, gram):
     """The loop ``solve_dual`` ran before: ``M(Pbar)`` from a second adjoint product every pass."""
     n, npos, d = source.n, source.n_positions, source.dim
     beta = beta0
-    tau = 1.0 / (beta * 1.1 * gram)
+    tau = 2.0 / (beta * gram)
     p = torch.full((n, k), 1.0 / k, dtype=torch.float64)
     theta = torch.zeros(d, k * npos, dtype=torch.float64)
     m_bar, out = None, []
@@ -63,7 +63,7 @@ def _two_adjoint_dual(source, y, k, lam, iters, beta0, gram):
 def test_one_adjoint_per_pass_gives_the_same_iterates():
     z, y, k = _problem()
     src = CachedFeatures(z, chunk=16)
-    lam, gram = 0.05, gram_norm(src, k)
+    lam, gram = 0.05, gram_bound(src)
     ref = _two_adjoint_dual(src, y, k, lam, 25, 1.0, gram)
     for t in (1, 2, 7, 25):  # the iterate after t passes (a run of max_iter = t)
         res, trace = solve_dual(src, y, k, lam, max_iter=t, tol=0.0, gram=gram, on_nonconvergence="ignore")
@@ -148,7 +148,7 @@ def test_bounded_cache_gives_bitwise_the_same_iterates(budget_chunks):
     plain = StreamedFeatures(f, x, chunk=5)
     chunk_bytes = 5 * f.n_positions * f.dim * 4
     kept = StreamedFeatures(f, x, chunk=5, cache_bytes=budget_chunks * chunk_bytes)
-    gram = gram_norm(plain, 3)
+    gram = gram_bound(plain)
     r1, t1 = solve_dual(plain, y, 3, 0.05, max_iter=12, tol=0.0, gram=gram, on_nonconvergence="ignore")
     r2, t2 = solve_dual(kept, y, 3, 0.05, max_iter=12, tol=0.0, gram=gram, on_nonconvergence="ignore")
     assert t1.primal == t2.primal and t1.dual == t2.dual  # bitwise

@@ -137,6 +137,8 @@ class PatchFeaturizer(nn.Module):
         """``Z`` for a batch: ``(N, C, H, W) -> (N, P, D)``."""
         self._check_fitted()
         self.check_images(images)
+        if self._fused(images):  # _raw_rff's output is its own preallocated tensor: centred in place, the same values
+            return self._raw_rff(images).sub_(self.center).div_(self.scale)
         return (self._raw(images) - self.center) / self.scale
 
     def chunks(self, images: torch.Tensor, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -173,10 +175,14 @@ class PatchFeaturizer(nn.Module):
         return x * self.input_scale if self.input_scale != 1.0 else x
 
     def _raw(self, images: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.phi, RandomFourierFeatures) and not (torch.is_grad_enabled() and images.requires_grad):
+        if self._fused(images):
             return self._raw_rff(images)
         feats = self.phi(self.whitened_patches(images))  # (N, H'W', D)
         return pool_features(feats, self.grid, self.pool_size, self.pool_stride)  # (N, P, D)
+
+    def _fused(self, images: torch.Tensor) -> bool:
+        """Whether the fused RFF path runs (it works in place, so not when gradients are needed)."""
+        return isinstance(self.phi, RandomFourierFeatures) and not (torch.is_grad_enabled() and images.requires_grad)
 
     def _raw_rff(self, images: torch.Tensor, block: int = 4) -> torch.Tensor:
         """``pool(sqrt(2/D) cos(zca(cn(x_j)) s W + b))`` with ZCA and ``s`` folded into the projection.
