@@ -219,6 +219,35 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     return rows
 
 
+def _per_layer_ratio(models: dict, x: torch.Tensor, cotangent, layers: int, title: str, refresh: bool,
+                     repeats: int) -> float:
+    """Interleaved fwd+bwd CPU time of ``models`` (one single layer, then the joint deep one), per layer; prints each and
+    returns deep per layer / single. The bound 0.97 is made active on both (weights x 10)."""
+    calls = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            m.W.parametrizations.weight.original.mul_(10.0)  # the bound 0.97 active
+        if refresh:
+            m.train()  # refresh the norm estimate after the rescaling
+        m.eval()
+        params = [p for p in m.parameters() if p.requires_grad]
+        c = cotangent(m)
+
+        def step(m=m, params=params, c=c):
+            torch.autograd.grad((c * m(x)).sum(), params)
+
+        calls[name] = step
+    cpu = _cpu_interleaved(calls, repeats)
+    print(f"\n== {title} ==")
+    single, deep = list(models)
+    for name, m in models.items():
+        per = cpu[name] / (layers if name == deep else 1)
+        it = m.last_info
+        print(f"{name:22s} CPU {cpu[name] * 1e3:8.1f} ms, per layer {per * 1e3:7.1f} ms, "
+              f"f-it {it.iterations}, b-it {it.backward.iterations if it.backward else None}")
+    return cpu[deep] / layers / cpu[single]
+
+
 def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in_features: int = 196,
                solver: str = "accelerated") -> float:
     """Per-layer CPU time of the joint deep OptEq / that of one OptEq layer (same width, tol, solvers)."""
@@ -230,26 +259,8 @@ def bench_deep(repeats: int, n: int = 256, layers: int = 3, batch: int = 128, in
     models = {"single OptEq": OptEq(in_features, n, solver=solver, tol=TOL, max_iter=MAX_ITER, policy="warn"),
               f"DeepOptEq x{layers}": DeepOptEq(in_features, [n] * layers, solver=solver, tol=TOL, max_iter=MAX_ITER,
                                                 policy="warn")}
-    calls = {}
-    for name, m in models.items():
-        with torch.no_grad():
-            m.W.parametrizations.weight.original.mul_(10.0)  # the bound 0.97 active
-        m.eval()
-        params = [p for p in m.parameters() if p.requires_grad]
-        c = torch.randn(batch, n)
-
-        def step(m=m, params=params, c=c):
-            torch.autograd.grad((c * m(x)).sum(), params)
-
-        calls[name] = step
-    cpu = _cpu_interleaved(calls, repeats)
-    print(f"\n== joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL}, {solver} ==")
-    for name, m in models.items():
-        per = cpu[name] / (layers if name.startswith("Deep") else 1)
-        it = m.last_info
-        print(f"{name:20s} CPU {cpu[name] * 1e3:8.1f} ms, per layer {per * 1e3:7.1f} ms, "
-              f"f-it {it.iterations}, b-it {it.backward.iterations if it.backward else None}")
-    ratio = cpu[f"DeepOptEq x{layers}"] / layers / cpu["single OptEq"]
+    title = f"joint deep OptEq vs one layer: dense, width {n}, batch {batch}, |W|_2 = 0.97, tol {TOL}, {solver}"
+    ratio = _per_layer_ratio(models, x, lambda m: torch.randn(batch, n), layers, title, refresh=False, repeats=repeats)
     print(f"deep OptEq: CPU time per layer / single layer's {ratio:.2f}x (target <= 1)")
     return ratio
 
@@ -266,27 +277,10 @@ def bench_deep_conv(repeats: int, x: torch.Tensor, channels: int = 16, layers: i
                                                 policy="warn"),
               f"DeepOptEqConv2d x{layers}": DeepOptEqConv2d(cin, [channels] * layers, spatial, solver=solver, tol=TOL,
                                                            max_iter=MAX_ITER, policy="warn")}
-    calls = {}
-    for name, m in models.items():
-        with torch.no_grad():
-            m.W.parametrizations.weight.original.mul_(10.0)  # the bound 0.97 active
-        m.train().eval()
-        params = [p for p in m.parameters() if p.requires_grad]
-        c = torch.randn(x.shape[0], channels, *spatial)
-
-        def step(m=m, params=params, c=c):
-            torch.autograd.grad((c * m(x)).sum(), params)
-
-        calls[name] = step
-    cpu = _cpu_interleaved(calls, repeats)
-    print(f"\n== joint deep conv OptEq vs one conv layer: {channels} channels per layer, batch {x.shape[0]}, "
-          f"{spatial}, |W|_2 = 0.97, tol {TOL}, {solver} ==")
-    for name, m in models.items():
-        per = cpu[name] / (layers if name.startswith("Deep") else 1)
-        it = m.last_info
-        print(f"{name:22s} CPU {cpu[name] * 1e3:8.1f} ms, per layer {per * 1e3:7.1f} ms, "
-              f"f-it {it.iterations}, b-it {it.backward.iterations if it.backward else None}")
-    ratio = cpu[f"DeepOptEqConv2d x{layers}"] / layers / cpu["single OptEqConv2d"]
+    title = (f"joint deep conv OptEq vs one conv layer: {channels} channels per layer, batch {x.shape[0]}, {spatial}, "
+             f"|W|_2 = 0.97, tol {TOL}, {solver}")
+    ratio = _per_layer_ratio(models, x, lambda m: torch.randn(x.shape[0], channels, *spatial), layers, title,
+                             refresh=True, repeats=repeats)
     print(f"deep conv OptEq: CPU time per layer / single layer's {ratio:.2f}x (flop bound at equal iterations "
           f"{(2 * layers - 1) / layers:.2f}x)")
     return ratio

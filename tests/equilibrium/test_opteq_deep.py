@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from proxnets.equilibrium.deep import DeepOptEq, SequentialOptEq, certify_equilibrium
+from proxnets.equilibrium.deep import DeepOptEq, DeepOptEqConv2d, SequentialOptEq, certify_equilibrium
 from proxnets.equilibrium.unit import UnitOptEq
 from proxnets.solvers import solve
 
@@ -19,6 +19,15 @@ def _deep(seed=0, scale=30.0):
 
 def _x(seed=1):
     return torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _deep_conv(batch=3):
+    torch.manual_seed(0)
+    m = DeepOptEqConv2d(2, [2, 3, 2], (5, 4), tol=1e-12, max_iter=5000, policy="raise").double().eval()
+    with torch.no_grad():
+        m.W.parametrizations.weight.original.mul_(30.0)  # the bound 0.97 is active
+    m.train().eval()  # refresh the norm estimate after the rescaling
+    return m, torch.randn(batch, 2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
 def test_joint_equilibrium_minimizes_the_joint_objective_with_feedback():
@@ -49,8 +58,9 @@ def test_sequential_variant_has_no_feedback():
         assert torch.equal(seq[0](x), first)
 
 
-def test_deep_implicit_gradient_equals_unrolled():
-    m, x = _deep(), _x()
+@pytest.mark.parametrize("joint", ["dense", "conv"])
+def test_deep_implicit_gradient_equals_unrolled(joint):
+    m, x = (_deep(), _x()) if joint == "dense" else _deep_conv(batch=2)
     grads = {}
     for mode in ("implicit", "unrolled"):
         m.backward_config.mode = mode
@@ -85,8 +95,9 @@ class _Scale(torch.nn.Module):
         return 1.3 * w
 
 
-def test_joint_certificate_fails_past_the_norm_bound():
-    m, x = _deep(), _x()
+@pytest.mark.parametrize("joint", ["dense", "conv"])
+def test_joint_certificate_fails_past_the_norm_bound(joint):
+    m, x = (_deep(), _x()) if joint == "dense" else _deep_conv()
     parametrize.register_parametrization(m.W, "weight", _Scale())  # |W|_2 = 1.26: G no longer convex
     certs = {c.name: c for c in certify_equilibrium(m, x, max_iter=50)}
     assert not certs["operator_norm"].holds
