@@ -129,6 +129,9 @@ def opponent_colour(denoiser: nn.Module):
     in an orthonormal basis, while the chroma channels carry less detail than R, G, B (they are smoother), and the luminance
     channel's noise is divided by ``sqrt 3`` by the scaling.
     """
+    if not callable(denoiser):
+        fail("denoiser", "a callable 1-channel denoiser (an nn.Module)", type(denoiser).__name__)
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             fail("x", "an RGB batch (B, 3, H, W)", f"shape {tuple(x.shape)}")
