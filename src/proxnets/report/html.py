@@ -14,7 +14,7 @@ __all__ = ["render_report", "SEED_REFERENCES"]
 
 THUMB_WIDTH = 480  # px of a headline thumbnail on the first screen
 
-# The paper behind each suite (from /work/shared/seeds and the technical notes in docs/).
+# The paper behind each suite (its seed paper and the technical notes in docs/).
 SEED_REFERENCES: dict[str, dict[str, str]] = {
     "capsules": {"seed": "000", "short": "dynamic routing as optimization",
                  "title": "The Convergence of Dynamic Routing between Capsules",
