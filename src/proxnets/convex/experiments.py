@@ -164,11 +164,10 @@ def _certificate_part(ctx: SuiteContext, s: dict) -> dict:
     src = CachedFeatures(cache_features(feat, x), 256)  # the solvers' iterates do not depend on feature handling
     k = ds.num_classes
     lam = GAP_LAM / 1e4 if ctx.broken("no-nuclear-norm") else GAP_LAM
-    gram = gram_bound(src)  # a proved bound: the dual's step
     gram_est = gram_norm(src, k)  # CCNN's own step convention (its solver's power estimate x 1.1), unchanged
     iters = 2 if ctx.broken("two-iterations") else s["gap_iters"]
     t0 = time.perf_counter()
-    dual, dtrace = solve_dual(src, y, k, lam, max_iter=iters, tol=0.0, rtol=GAP_RTOL, gram=gram, on_nonconvergence="ignore",
+    dual, dtrace = solve_dual(src, y, k, lam, max_iter=iters, tol=0.0, rtol=GAP_RTOL, on_nonconvergence="ignore",
                               step_sign=-1.0 if ctx.broken("dual-step-sign") else 1.0,
                               feasible_dual=not ctx.broken("infeasible-dual"))
     t_dual = time.perf_counter() - t0
