@@ -15,7 +15,7 @@ def test_suite_smoke(tmp_path):
 
     result = run(SuiteContext(out_dir=tmp_path, size="smoke", log=lambda s: None))
     assert result.method == "opteq"
-    assert len(result.claims) == 15
+    assert len(result.claims) == 16
     for claim in result.claims:
         assert claim.falsified_by in MUTATIONS
         if claim.falsified_by in ("shuffled-labels", "selection-shuffled-labels"):
