@@ -271,6 +271,14 @@ SCREEN = {
     "cayley s2d16": {**_CAYLEY, "stage_widths": (16, 16, 32), "stage_blocks": (2, 4), "downsample": "s2d", "head_pool": 2},
     "cayley s2d16 3-3": {**_CAYLEY, "stage_widths": (16, 16, 32), "stage_blocks": (3, 3), "downsample": "s2d", "head_pool": 2},
     "cayley wide24": {**_CAYLEY, "stage_widths": (14, 24, 12), "stage_blocks": (0, 3)},
+    # mid24: between today's and deep16: 1 block at 8 x 28 x 28, 4 at 16 x 14 x 14, the last transition 16 -> 24 (head 1,176 -> 10:
+    # 11,770; trunk 9,864)
+    "cayley mid24": {**_CAYLEY, "stage_widths": (8, 16, 24), "stage_blocks": (1, 4)},
+    # the other way: a larger head paid for by the trunk. head40: 3 blocks at 8 x 28 x 28, none at 14 x 14, the last transition
+    # 16 -> 40 (head 1,960 -> 10: 19,610; trunk 1,752); narrow: today's head size with more, narrower blocks (5 at 5 x 28 x 28,
+    # 4 at 11 x 14 x 14, the last transition 11 -> 33: head 1,617 -> 10; trunk 5,550)
+    "cayley head40": {**_CAYLEY, "stage_widths": (8, 16, 40), "stage_blocks": (3, 0)},
+    "cayley narrow": {**_CAYLEY, "stage_widths": (5, 11, 33), "stage_blocks": (5, 4)},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
@@ -332,7 +340,8 @@ def _torchlip_classifier(stage_widths: tuple[int, ...] = (8, 16, 32), stage_bloc
 
 # torchlip in the layouts of ours screened on validation (``--screen "torchlip NAME"``): the same parameter count
 TORCHLIP_SCREEN = {"torchlip": {}, "torchlip deep16": {"stage_widths": (8, 16, 16), "stage_blocks": (0, 6)},
-                   "torchlip wide24": {"stage_widths": (14, 24, 12), "stage_blocks": (0, 3)}}
+                   "torchlip wide24": {"stage_widths": (14, 24, 12), "stage_blocks": (0, 3)},
+                   "torchlip mid24": {"stage_widths": (8, 16, 24), "stage_blocks": (1, 4)}}
 
 
 def _torchlip_bound(model: nn.Sequential, x: torch.Tensor) -> LipschitzBound:
