@@ -19,7 +19,7 @@
    and its area (the seed's protocol), the table at 36/72/108/255, every certificate from rigorous norms.
 
 4. ``--screen NAMES``: variants of ours (keys of ``SCREEN``: glue, block kernel parametrization, step rule, MaxMin glue,
-   wider blocks, Heun) and deel-torchlip, trained on the training set but its last 500 images and scored on those 500
+   wider blocks, Heun / RK4, layouts at equal parameters) and deel-torchlip (``TORCHLIP_SCREEN``: its layout or ours), trained on the training set but its last 500 images and scored on those 500
    (validation) for each loss of ``--grid`` at ``--lr``: where part 3's ``--variants``, ``--pick`` and
    ``--torchlip-lrs`` come from.
 
