@@ -19,7 +19,7 @@
    and its area (the seed's protocol), the table at 36/72/108/255, every certificate from rigorous norms.
 
 4. ``--screen NAMES``: variants of ours (keys of ``SCREEN``: glue, block kernel parametrization, step rule, MaxMin glue,
-   wider blocks, Heun) and deel-torchlip, trained on the training set but its last 500 images and scored on those 500
+   wider blocks, Heun / RK4, layouts at equal parameters) and deel-torchlip (``TORCHLIP_SCREEN``: its layout or ours), trained on the training set but its last 500 images and scored on those 500
    (validation) for each loss of ``--grid`` at ``--lr``: where part 3's ``--variants``, ``--pick`` and
    ``--torchlip-lrs`` come from.
 
@@ -214,6 +214,9 @@ def _ours_classifier(glue: str = "norm", method: str = "euler", **opts) -> nn.Mo
                                                    method=method, **cfg))
 
 
+# the current pick (issue 19, Cayley round): exactly orthogonal block convolutions, one step at h nu = 2, b = -1/2, orthogonal glue
+_CAYLEY = {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5}
+
 # variants of ours screened on validation (``--screen``): name -> ClassifierConfig overrides
 SCREEN = {
     "ortho": {"glue": "orthogonal"},
@@ -254,6 +257,28 @@ SCREEN = {
                                "block_bias_init": -0.5},
     "ortho cayley b-.5 T1.8": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "adaptive", "time": 1.8, "max_steps": 1,
                                "block_bias_init": -0.5},
+    # more field evaluations per block at the same parameters: one Heun (2 evaluations) / RK4 (4) step at h nu = 2 (r = 1 for both)
+    "ortho cayley b-.5 heun": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5,
+                               "method": "heun"},
+    "ortho cayley b-.5 rk4": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5,
+                              "method": "rk4"},
+    # the layout at 22,202 parameters (issue 19): the trunk paid for by a smaller head (today's head: 15,690 parameters, 71%).
+    # deep16: no block at 28x28, six at 16 x 14 x 14, the last transition 16 -> 16 (head 784 -> 10: 7,850; trunk 13,920);
+    # s2d16: lift 1 -> 16, space-to-depth transitions (16 -> 64 -> 1x1 -> 16, then -> 32), 2 blocks at 16 x 28 x 28 and 4 at
+    # 16 x 14 x 14, a norm-1 2x2 pooling to 32 x 4 x 4 before the head (512 -> 10: 5,130; trunk 13,920);
+    # wide24: three blocks at 24 x 14 x 14, the last transition 24 -> 12 (head 588 -> 10: 5,890; trunk 15,624)
+    "cayley deep16": {**_CAYLEY, "stage_widths": (8, 16, 16), "stage_blocks": (0, 6)},
+    "cayley s2d16": {**_CAYLEY, "stage_widths": (16, 16, 32), "stage_blocks": (2, 4), "downsample": "s2d", "head_pool": 2},
+    "cayley s2d16 3-3": {**_CAYLEY, "stage_widths": (16, 16, 32), "stage_blocks": (3, 3), "downsample": "s2d", "head_pool": 2},
+    "cayley wide24": {**_CAYLEY, "stage_widths": (14, 24, 12), "stage_blocks": (0, 3)},
+    # mid24: between today's and deep16: 1 block at 8 x 28 x 28, 4 at 16 x 14 x 14, the last transition 16 -> 24 (head 1,176 -> 10:
+    # 11,770; trunk 9,864)
+    "cayley mid24": {**_CAYLEY, "stage_widths": (8, 16, 24), "stage_blocks": (1, 4)},
+    # the other way: a larger head paid for by the trunk. head40: 3 blocks at 8 x 28 x 28, none at 14 x 14, the last transition
+    # 16 -> 40 (head 1,960 -> 10: 19,610; trunk 1,752); narrow: today's head size with more, narrower blocks (5 at 5 x 28 x 28,
+    # 4 at 11 x 14 x 14, the last transition 11 -> 33: head 1,617 -> 10; trunk 5,550)
+    "cayley head40": {**_CAYLEY, "stage_widths": (8, 16, 40), "stage_blocks": (3, 0)},
+    "cayley narrow": {**_CAYLEY, "stage_widths": (5, 11, 33), "stage_blocks": (5, 4)},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},
@@ -280,7 +305,8 @@ def bench_screen(names: list[str], grid: list[tuple[float, float]], epochs: int,
     e0 = 36 / 255
     print(f"== screen on validation (500 images), seed {seed}, {epochs} epochs", flush=True)
     todo = [(name, loss) for name in names for loss in grid]
-    args = [(("torchlip", {}) if n == "torchlip" else ("ours", SCREEN[n]), seed, loss, epochs, "val", LR) for n, loss in todo]
+    args = [(("torchlip", TORCHLIP_SCREEN[n]) if n.startswith("torchlip") else ("ours", SCREEN[n]), seed, loss, epochs, "val", LR)
+            for n, loss in todo]
     if jobs > 1:
         with get_context("spawn").Pool(jobs) as pool:
             rs = pool.imap(_certified_job, args)
@@ -295,20 +321,27 @@ def _print_screen(todo, rs, e0: float) -> None:
               f"| @72 {r['curve'][72 / 255]:.3f} | area {r['area']:.4f} | L {r['L']:.4f} | {r['time_s']:.0f} s", flush=True)
 
 
-def _torchlip_classifier() -> nn.Module:
+def _torchlip_classifier(stage_widths: tuple[int, ...] = (8, 16, 32), stage_blocks: tuple[int, ...] = (2, 2)) -> nn.Module:
     """The quick classifier's layout in deel-torchlip layers: every conv a ``SpectralConv2d`` (spectral normalization +
-    Bjorck on the reshaped kernel), the blocks ``SpectralConv2d 3x3 -> GroupSort2``; the same parameter count."""
+    Bjorck on the reshaped kernel), the blocks ``SpectralConv2d 3x3 -> GroupSort2``; the same parameter count as ours in
+    the same layout (``stage_widths``, ``stage_blocks`` as in :class:`ClassifierConfig`, pooling transitions)."""
     import deel.torchlip as tl
 
-    layers: list[nn.Module] = [tl.SpectralConv2d(1, 8, 1)]
-    c = 8
-    for _ in range(2):
-        for _ in range(2):
+    layers: list[nn.Module] = [tl.SpectralConv2d(1, stage_widths[0], 1)]
+    c, s = stage_widths[0], 28
+    for stage, n in enumerate(stage_blocks):
+        for _ in range(n):
             layers += [tl.SpectralConv2d(c, c, 3, padding=1), tl.GroupSort2()]
-        layers += [tl.SpectralConv2d(c, 2 * c, 1), ScaledAvgPool2d(2)]
-        c *= 2
-    layers += [nn.Flatten(), tl.SpectralLinear(c * 7 * 7, 10)]
+        layers += [tl.SpectralConv2d(c, stage_widths[stage + 1], 1), ScaledAvgPool2d(2)]
+        c, s = stage_widths[stage + 1], s // 2
+    layers += [nn.Flatten(), tl.SpectralLinear(c * s * s, 10)]
     return nn.Sequential(*layers)
+
+
+# torchlip in the layouts of ours screened on validation (``--screen "torchlip NAME"``): the same parameter count
+TORCHLIP_SCREEN = {"torchlip": {}, "torchlip deep16": {"stage_widths": (8, 16, 16), "stage_blocks": (0, 6)},
+                   "torchlip wide24": {"stage_widths": (14, 24, 12), "stage_blocks": (0, 3)},
+                   "torchlip mid24": {"stage_widths": (8, 16, 24), "stage_blocks": (1, 4)}}
 
 
 def _torchlip_bound(model: nn.Sequential, x: torch.Tensor) -> LipschitzBound:
@@ -369,7 +402,7 @@ def _loss_pair(text: str) -> tuple[float, float]:
 
 def _build(spec: tuple[str, dict]) -> nn.Module:
     family, opts = spec
-    return _torchlip_classifier() if family == "torchlip" else _ours_classifier(**opts)
+    return _torchlip_classifier(**opts) if family == "torchlip" else _ours_classifier(**opts)
 
 
 def _certified_job(args: tuple) -> dict:

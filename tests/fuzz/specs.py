@@ -333,6 +333,15 @@ def entries() -> list[Entry]:
               nonneg=("eps",)))
     add(Entry("stable", "NonExpansiveClassifier.forward", lambda x: _cached("clf", clf)(x),
               lambda g, b: {"x": _rand(g, b, 1, 8, 8)}, data=("x",)))
+    clf_s2d = lambda: ST.NonExpansiveClassifier(ST.ClassifierConfig(  # noqa: E731
+        in_channels=1, image_size=8, num_classes=3, width=2, stages=2, head="flatten", stage_widths=(2, 2, 3), stage_blocks=(1, 0),
+        downsample="s2d", head_pool=2))
+    add(Entry("stable", "NonExpansiveClassifier.forward(s2d, head pool)", lambda x: _cached("clf_s2d", clf_s2d)(x),
+              lambda g, b: {"x": _rand(g, b, 1, 8, 8)}, data=("x",)))
+    add(Entry("stable", "SpaceToDepth.forward", lambda x: ST.SpaceToDepth(2)(x), lambda g, b: {"x": _rand(g, b, 2, 4, 6)},
+              data=("x",), elementwise=True))
+    add(Entry("stable", "ScaledAvgPool2d.forward(pad)", lambda x: ST.ScaledAvgPool2d(2, pad=True)(x),
+              lambda g, b: {"x": _rand(g, b, 2, 5, 7)}, data=("x",), elementwise=True))
     add(Entry("stable", "psnr", ST.psnr, lambda g, b: {"x": _rand(g, b, 1, 8, 8), "ref": _rand(g, b, 1, 8, 8)},
               data=("x", "ref"), empty_ok=False))
     add(Entry("stable", "ssim", ST.ssim, lambda g, b: {"x": _rand(g, b, 1, 16, 16), "ref": _rand(g, b, 1, 16, 16)},

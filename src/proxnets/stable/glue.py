@@ -5,6 +5,7 @@ certified constant), so stacking them with blocks keeps the whole network's boun
   operator norm ``<= bound`` at their input size (:func:`constrain_operator_norm`).
 - :class:`ScaledAvgPool2d`: ``k * avgpool_k`` (stride ``k``). Each output averages ``k^2`` disjoint
   inputs, so ``avgpool_k`` has norm ``1/k``; the scaled pooling has norm exactly 1.
+- :class:`SpaceToDepth`: ``k x k`` patches into channels, a permutation (orthogonal, norm exactly 1).
 - :class:`ScaledGlobalAvgPool`: ``sqrt(H W) * mean_{H,W}`` (norm 1; ``mean`` alone has ``1/sqrt(HW)``).
 - :func:`orthogonal_conv1x1`, :func:`orthogonal_linear`: lift / transition / head layers whose matrix is
   Bjorck-orthonormalized (every singular value pushed to 1, not only the largest capped): see
@@ -30,9 +31,9 @@ from proxnets.norm_bounds import dense_norm_bound
 from proxnets.operators import linear_operator
 from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.stable.norms import constrain_operator_norm
-from proxnets.utils.validation import check_int
+from proxnets.utils.validation import check_int, check_tensor
 
-__all__ = ["lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "BjorckOrthogonal", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "MaxMin", "ZeroChannelPad", "ChannelSelect"]
+__all__ = ["lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "BjorckOrthogonal", "ScaledAvgPool2d", "SpaceToDepth", "ScaledGlobalAvgPool", "MaxMin", "ZeroChannelPad", "ChannelSelect"]
 
 
 def lipschitz_conv2d(
@@ -140,14 +141,42 @@ class _OneLipschitz(nn.Module):
 
 
 class ScaledAvgPool2d(_OneLipschitz):
-    """``k * avg_pool2d(x, k)``: ``(B, C, H, W) -> (B, C, H // k, W // k)``, 1-Lipschitz."""
+    """``k * avg_pool2d(x, k)``: ``(B, C, H, W) -> (B, C, H // k, W // k)``, 1-Lipschitz.
 
-    def __init__(self, kernel_size: int = 2):
+    ``pad=True``: zero rows / columns are first appended up to a multiple of ``k``, so ``(B, C, H, W) -> (B, C,
+    ceil(H / k), ceil(W / k))`` and no input is dropped. Still 1-Lipschitz: the zero padding is an isometry and every
+    window still averages ``k^2`` entries (padded zeros included). (``avg_pool2d(ceil_mode=True)`` would divide a
+    clipped border window by fewer entries: ``k`` times one entry, norm ``k``; that is why the padding is explicit.)"""
+
+    def __init__(self, kernel_size: int = 2, pad: bool = False):
         super().__init__()
         self.kernel_size = check_int("kernel_size", kernel_size, low=1)
+        self.pad = bool(pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel_size * F.avg_pool2d(x, self.kernel_size)
+        k = self.kernel_size
+        check_tensor("x", x, ndim=4, finite=False)  # shapes only (NaN propagates elementwise)
+        if self.pad:
+            x = F.pad(x, (0, -x.shape[-1] % k, 0, -x.shape[-2] % k))  # (B, C, k ceil(H / k), k ceil(W / k))
+        return k * F.avg_pool2d(x, k)
+
+
+class SpaceToDepth(_OneLipschitz):
+    """``(B, C, H, W) -> (B, C k^2, H / k, W / k)``: each ``k x k`` patch moved into channels (``pixel_unshuffle``).
+
+    A permutation of the coordinates: orthogonal, so exactly 1-Lipschitz and invertible (an invertible downsampling
+    that loses nothing, unlike pooling). ``H`` and ``W`` must be multiples of ``k``."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = check_int("factor", factor, low=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.factor
+        check_tensor("x", x, ndim=4, finite=False)  # shapes only (a permutation: NaN propagates)
+        if x.shape[-1] % k or x.shape[-2] % k:
+            raise ValueError(f"x: expected (B, C, H, W) with H and W multiples of {k}, got shape {tuple(x.shape)}")
+        return F.pixel_unshuffle(x, k)
 
 
 class ScaledGlobalAvgPool(_OneLipschitz):

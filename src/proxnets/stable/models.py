@@ -23,7 +23,7 @@ from torch import nn
 
 from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import (
-    ChannelSelect, MaxMin, ScaledAvgPool2d, ScaledGlobalAvgPool, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
+    ChannelSelect, MaxMin, ScaledAvgPool2d, ScaledGlobalAvgPool, SpaceToDepth, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
     orthogonal_linear,
 )
 from proxnets.stable.integrators import compose_averaged
@@ -74,6 +74,23 @@ class ClassifierConfig:
     # convolution (Cayley transform of its symbol); see NonExpansiveBlock.weight_param
     block_weight: str = "free"
     block_bias_init: float = 0.0  # initial b of every block (NonExpansiveBlock.bias_init: b < 0 starts near the identity)
+    # the layout at a given parameter count (issue 19): where the parameters sit, trunk or head.
+    # stage_widths: channels of each stage and, last, after the last transition (stages + 1 values; default: width doubled
+    # after every stage, the seed's); stage_blocks: blocks of each stage (default: blocks_per_stage each)
+    stage_widths: tuple[int, ...] | None = None
+    stage_blocks: tuple[int, ...] | None = None
+    # the transitions' downsampling: "pool" (1x1 conv c -> c' then the norm-1 2x2 average pooling: 3/4 of the dimensions
+    # dropped) or "s2d" (space-to-depth c -> 4c, a permutation, then the 1x1 conv 4c -> c': nothing dropped but by the conv)
+    downsample: str = "pool"
+    head_pool: int = 1  # > 1: a norm-1 k x k average pooling (zero-padded to a multiple of k) before the head: a smaller head
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.stage_widths) if self.stage_widths is not None else tuple(self.width * 2**i for i in range(self.stages + 1))
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(self.stage_blocks) if self.stage_blocks is not None else (self.blocks_per_stage,) * self.stages
 
     def validate(self) -> "ClassifierConfig":
         for name in ("in_channels", "image_size", "num_classes", "width", "stages", "kernel_size", "steps", "max_steps",
@@ -92,11 +109,25 @@ class ClassifierConfig:
                              f"got {self.block_features_ratio}")
         if self.glue_activation != "none" and self.width % 2:
             raise ValueError(f"width: expected an even width with glue_activation={self.glue_activation!r}, got {self.width}")
+        check_choice("downsample", self.downsample, ["pool", "s2d"])
+        check_int("head_pool", self.head_pool, low=1)
+        for name, n in (("stage_widths", self.stages + 1), ("stage_blocks", self.stages)):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (tuple, list)) or len(v) != n):
+                raise ValueError(f"{name}: expected a tuple of {n} integers (stages = {self.stages}), got {v!r}")
+        for v in self.widths:
+            check_int("stage_widths", v, low=1)
+        for v in self.blocks:
+            check_int("stage_blocks", v, low=0)
+        if self.stage_widths is not None and self.glue_activation != "none" and any(v % 2 for v in self.widths):
+            raise ValueError(f"stage_widths: expected even widths with glue_activation={self.glue_activation!r}, got {self.widths}")
+        if self.downsample == "s2d" and self.image_size % 2**self.stages:
+            raise ValueError(f"image_size: expected a multiple of 2**stages = {2**self.stages} with downsample='s2d', got {self.image_size}")
         return self
 
     @property
     def head_features(self) -> int:
-        c, s = self.width * 2**self.stages, self.image_size // 2**self.stages
+        c, s = self.widths[-1], -(-(self.image_size // 2**self.stages) // self.head_pool)
         return c if self.head == "global" else c * s * s
 
 
@@ -119,7 +150,8 @@ class NonExpansiveClassifier(_Stack):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = cfg = config.validate()
-        s, c = cfg.image_size, cfg.width
+        s, widths = cfg.image_size, cfg.widths
+        c = widths[0]
         ortho = cfg.glue == "orthogonal"
 
         def conv1x1(cin: int, cout: int, size: int) -> nn.Module:
@@ -129,8 +161,8 @@ class NonExpansiveClassifier(_Stack):
             return [MaxMin()] if cfg.glue_activation != "none" else []
 
         layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s), *act()]  # (B, w, S, S)
-        for _ in range(cfg.stages):
-            for _ in range(cfg.blocks_per_stage):
+        for stage in range(cfg.stages):
+            for _ in range(cfg.blocks[stage]):
                 layers.append(
                     NonExpansiveBlock(
                         (c, s, s), cfg.block_features_ratio * c, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
@@ -139,10 +171,14 @@ class NonExpansiveClassifier(_Stack):
                     )
                 )  # (B, c, s, s)
                 layers += [MaxMin()] if cfg.glue_activation == "maxmin-all" else []
-            layers.append(conv1x1(c, 2 * c, s))  # (B, 2c, s, s)
-            layers += act()  # (B, 2c, s, s)
-            layers.append(ScaledAvgPool2d(2))  # (B, 2c, s/2, s/2)
-            c, s = 2 * c, s // 2
+            c2 = widths[stage + 1]
+            if cfg.downsample == "s2d":
+                layers += [SpaceToDepth(2), conv1x1(4 * c, c2, s // 2), *act()]  # (B, 4c, s/2, s/2) -> (B, c', s/2, s/2)
+            else:
+                layers += [conv1x1(c, c2, s), *act(), ScaledAvgPool2d(2)]  # (B, c', s, s) -> (B, c', s/2, s/2)
+            c, s = c2, s // 2
+        if cfg.head_pool > 1:
+            layers.append(ScaledAvgPool2d(cfg.head_pool, pad=True))  # (B, c, ceil(s / k), ceil(s / k))
         layers.append(ScaledGlobalAvgPool() if cfg.head == "global" else nn.Flatten())  # (B, c) or (B, c s s)
         head = orthogonal_linear if ortho else lipschitz_linear
         layers.append(head(cfg.head_features, cfg.num_classes))  # (B, K)
@@ -155,6 +191,9 @@ class ResNetClassifier(_Stack):
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = cfg = config.validate()
+        if (cfg.stage_widths, cfg.stage_blocks, cfg.downsample, cfg.head_pool) != (None, None, "pool", 1):
+            raise ValueError("config: expected the seed's layout for ResNetClassifier (stage_widths=None, stage_blocks=None, "
+                             f"downsample='pool', head_pool=1), got {(cfg.stage_widths, cfg.stage_blocks, cfg.downsample, cfg.head_pool)}")
         s, c = cfg.image_size, cfg.width
         layers: list[nn.Module] = [_PlainConv(cfg.in_channels, c, 1, (s, s))]
         for _ in range(cfg.stages):
