@@ -1,22 +1,26 @@
 """Benchmark: bSQH (L0) vs Adam, same run, ratios (``proxnets bench pmp``).
 
-Same LeNet-5, same data (mnist5k), batch 64. Prints
+Same LeNet-5, same data (mnist5k), batch 64, thread CPU time. Every timing is taken in ``--rounds`` (default 15)
+interleaved rounds (:func:`proxnets.utils.benchmark.interleaved_rounds`: each variant called call by call in an
+order drawn per round, so load from other sessions hits a round alike) and reported as the median and IQR of the
+per-round ratios, with a verdict against the target (:func:`~proxnets.utils.benchmark.verdict`: met / not met
+only when the whole IQR is on one side). Prints
 
-- step time on a fixed batch, bSQH / Adam, measured *interleaved* (one bSQH step, one Adam step,
-  repeated; the median of the paired ratios), so that a load change on a shared machine hits both;
-  target <= 1.3. Also a no-grad forward alone (the trial forward's cost) and where a bSQH step's time
-  goes (sweep, closed-form update, trial forward, bookkeeping);
-- epoch time, bSQH / Adam, also interleaved (median of the paired per-epoch ratios), target <= 1.35;
+- where a step's time goes beyond Adam's (torch profiler, :func:`step_breakdown`);
+- step time, mini-batch, bSQH / Adam (target <= 1.3), with and without ``target_density``
+  (:func:`step_rounds`): the bSQH trial forwards timed in place give the floor ``1 + trial forwards / Adam step``
+  and the rest (update and bookkeeping beyond Adam's update); the levers ``inference_mode`` for the trial and the
+  last stop's pool as variants of the same run (their weights must end equal to bSQH's bit for bit);
+- the trial forward's variants over an Adam step (:func:`trial_forward_variants`; ``--compile`` adds a
+  ``torch.compile``'d one, its compile time printed separately);
+- epoch time, bSQH / Adam (target <= 1.35, :func:`epoch_rounds`); ``--timings-only`` stops here;
 - full batch: an iteration with the accepted trial's graph reused as the next sweep vs without;
-- the test accuracy at equal density: bSQH with ``target_density``, Adam pruned to bSQH's density
-  and fine-tuned as many epochs;
 - structured sparsity: bSQH with the filter-level L0 (``structure="filter"``) priced by multiply-adds
   (:func:`~proxnets.pmp.sparsity.mac_param_groups`) at a target fraction of them,
   its zero filters removed (:func:`~proxnets.pmp.sparsity.remove_zero_filters`), the largest output
-  difference, and the inference time dense vs exported, interleaved (median of the paired ratios).
-
-- the trial forward's variants (before / now / ``inference_mode`` / ``channels_last`` / 2 threads) over an
-  Adam step, in one shuffled interleaved run (:func:`trial_forward_variants`).
+  difference, and the inference time dense vs exported (rounds, median of the per-round ratios);
+- the test accuracy at equal density: bSQH with ``target_density``, Adam pruned to bSQH's density
+  and fine-tuned as many epochs.
 
 ``--layer-pilot SEEDS`` runs only the layer-rule pilot (:func:`layer_pilot`) from which the suite's paired
 design was fixed: seeds 10 .. 10 + SEEDS - 1 (not the claim's), one ``map+activation`` sweep from every state of a
@@ -28,10 +32,8 @@ filter-level L0 bSQH against Adam + filter magnitude pruning (``filter_prune``) 
 equal epochs, lr and pruning variant on validation, SEEDS seeds with intervals, exported inference time
 per seed; the loop is the pmp suite's (``proxnets.pmp.experiments.structured``).
 
-The floor of the step ratio is ``1 + trials x (no-grad forward / Adam step)``: bSQH's only work
-beyond Adam's is its trial forward(s); the bookkeeping is the measured ratio minus that floor.
-
-    python benchmarks/bench_pmp.py [--quick] [--structured-compare SEEDS | --layer-pilot SEEDS]
+    python benchmarks/bench_pmp.py [--quick] [--rounds N] [--compile] [--timings-only]
+                                   [--structured-compare SEEDS | --layer-pilot SEEDS]
 """
 
 from __future__ import annotations
@@ -108,12 +110,14 @@ def step_rounds(x, y, rounds: int, steps: int, target_density: float | None = No
     (cycling), so all see the same batch sequence; a round calls them step by step in an order drawn per round.
     Variants: Adam, bSQH (the library), bSQH with its trial forward under ``torch.inference_mode`` and bSQH
     with the pool of the last stop (columns first) -- both exact, so the three bSQH runs must end with the same
-    weights bit for bit (checked: the levers change nothing the algorithm decides) -- and a no-grad forward
-    + loss on the same batch (the trial forward's cost). Per-round ratios to Adam's round: median and IQR.
+    weights bit for bit (checked: the levers change nothing the algorithm decides). The library bSQH's trial
+    forwards are also timed in place (its ``_trial_loss`` wrapped: the batch its sweep has just checked, the
+    weights just written), which splits its round into Adam's + trial forwards + the rest (update, bookkeeping,
+    minus Adam's update). Per-round ratios to Adam's round: median and IQR.
     """
     torch.manual_seed(0)
     init = LeNet5()
-    models = {k: copy.deepcopy(init) for k in ("adam", "bsqh", "bsqh inference_mode", "bsqh pool before", "forward")}
+    models = {k: copy.deepcopy(init) for k in ("adam", "bsqh", "bsqh inference_mode", "bsqh pool before")}
     models["bsqh pool before"].pool = _PoolColumnsFirst()
     opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3)}
     for k, cls in (("bsqh", BSQH), ("bsqh inference_mode", _InferenceModeTrial), ("bsqh pool before", BSQH)):
@@ -121,32 +125,42 @@ def step_rounds(x, y, rounds: int, steps: int, target_density: float | None = No
                                  target_density=target_density)
     n = len(x) // 64
     counter = dict.fromkeys(models, 0)
+    warmup = 5
+    ob = opts["bsqh"]
+    trial_time = [0.0] * rounds
+    orig_trial = ob._trial_loss
+
+    def timed_trial(c):  # the in-place trial forward, summed per round (bSQH step number -> round)
+        t0 = time.thread_time()
+        out = orig_trial(c)
+        r = (counter["bsqh"] - 1 - warmup) // steps
+        if r >= 0:
+            trial_time[r] += time.thread_time() - t0
+        return out
+
+    ob._trial_loss = timed_trial
 
     def stepper(k):
-        m, o = models[k], opts.get(k)
+        m, o = models[k], opts[k]
 
         def run():
             j = (counter[k] % n) * 64
             counter[k] += 1
-            xb, yb = x[j:j + 64], y[j:j + 64]
-            if o is None:  # the forward alone
-                with torch.no_grad():
-                    return F.cross_entropy(m(xb), yb)
-            return o.step(_closure(m, o, xb, yb))
+            return o.step(_closure(m, o, x[j:j + 64], y[j:j + 64]))
         return run
 
     load0 = _load()
     t = interleaved_rounds({k: stepper(k) for k in models}, rounds, calls=steps, clock=time.thread_time,
-                           shuffle=True, warmup=5)
-    ob = opts["bsqh"]
+                           shuffle=True, warmup=warmup)
     trials = (ob.run_state["accepted"] + ob.run_state["rejected"]) / max(ob.run_state["iteration"], 1)
     ref = [p for p in models["bsqh"].parameters()]
     same = all(all(torch.equal(p, q) for p, q in zip(ref, models[k].parameters()))
                and opts[k].run_state["rejected"] == ob.run_state["rejected"]
                for k in ("bsqh inference_mode", "bsqh pool before"))
     per = {k: spread([a / b for a, b in zip(t[k], t["adam"])]) for k in models if k != "adam"}
-    floor = spread([1.0 + trials * f / a for f, a in zip(t["forward"], t["adam"])])
-    rest = spread([(b - a - trials * f) / a for b, a, f in zip(t["bsqh"], t["adam"], t["forward"])])
+    per["trial forwards"] = spread([f / a for f, a in zip(trial_time, t["adam"])])
+    floor = spread([1.0 + f / a for f, a in zip(trial_time, t["adam"])])
+    rest = spread([(b - a - f) / a for b, a, f in zip(t["bsqh"], t["adam"], trial_time)])
     return dict(per=per, floor=floor, rest=rest, trials=trials, same=same, adam_ms=statistics.median(t["adam"]) / steps * 1e3,
                 bsqh_ms=statistics.median(t["bsqh"]) / steps * 1e3, load=(load0, _load()))
 
@@ -259,20 +273,21 @@ def epoch_rounds(ds, rounds: int, target_density: float | None) -> dict[str, Any
 
 
 def inference_ratio(dense, small, x, repeats: int) -> dict[str, float]:
-    """Median over repeats of (exported / dense) no-grad forward time on ``x``, interleaved."""
-    td, ts = [], []
-    with torch.no_grad():
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            dense(x)
-            t1 = time.perf_counter()
-            small(x)
-            t2 = time.perf_counter()
-            if i >= 3:
-                td.append(t1 - t0)
-                ts.append(t2 - t1)
-    return dict(ratio=statistics.median([b / a for a, b in zip(td, ts)]), dense=statistics.median(td),
-                exported=statistics.median(ts))
+    """(exported / dense) no-grad forward time on ``x``: 15 interleaved rounds of ``max(repeats // 15, 1)`` calls each
+    (order drawn per round, thread CPU: wall time at load 5-10 scattered this ratio by +-0.2); median of the per-round
+    ratios, and of the per-call times."""
+    calls = max(repeats // 15, 1)
+
+    def run(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    t = interleaved_rounds({"dense": run(dense), "exported": run(small)}, 15, calls=calls, clock=time.thread_time,
+                           shuffle=True, warmup=3)
+    return dict(ratio=spread([s / d for d, s in zip(t["dense"], t["exported"])])[0],
+                dense=statistics.median(t["dense"]) / calls, exported=statistics.median(t["exported"]) / calls)
 
 
 def structured_export(ds, density: float, epochs: int, repeats: int) -> dict[str, float]:
@@ -434,8 +449,8 @@ def main() -> None:
               f"{steps} steps, thread CPU, load {s['load'][0]:.1f} -> {s['load'][1]:.1f}): Adam {s['adam_ms']:.2f} ms, "
               f"bSQH {s['bsqh_ms']:.2f} ms per step; per-round ratio to Adam: bSQH {_ratio_text(p['bsqh'], 1.3)}, "
               f"trial under inference_mode {_ratio_text(p['bsqh inference_mode'])}, pool of the last stop "
-              f"{_ratio_text(p['bsqh pool before'])}; a no-grad forward {_ratio_text(p['forward'])}; "
-              f"{s['trials']:.3f} trial forwards per step; floor 1 + trials x forward {_ratio_text(s['floor'])}, "
+              f"{_ratio_text(p['bsqh pool before'])}; {s['trials']:.3f} trial forwards per step, timed in place "
+              f"{_ratio_text(p['trial forwards'])} of Adam's step: floor 1 + trial forwards {_ratio_text(s['floor'])}, "
               f"the rest {s['rest'][0]:+.3f} (IQR {s['rest'][1]:+.3f}-{s['rest'][2]:+.3f}); the three bSQH runs "
               f"end with the same weights and rejections: {s['same']}")
     tv = trial_forward_variants(xb, yb, rounds, 20 if args.quick else 50, compiled=args.compile)
@@ -479,7 +494,7 @@ def main() -> None:
           f"{args.structured_density}): MAC fraction {ex['macs']:.3f}, weight density {ex['density']:.3f}, widths (6, 16, 120, 84) -> {ex['widths']}, parameters {ex['params_dense']} -> "
           f"{ex['params_exported']}; largest output difference exported vs sparse {ex['max_diff']:.2g}; test acc "
           f"{ex['test_acc']:.4f} / exported {ex['test_acc_exported']:.4f}; inference on 256 images (no grad, "
-          f"interleaved, medians): dense {ex['dense'] * 1e3:.2f} ms, exported {ex['exported'] * 1e3:.2f} ms, "
+          f"15 interleaved rounds, thread CPU, medians): dense {ex['dense'] * 1e3:.2f} ms, exported {ex['exported'] * 1e3:.2f} ms, "
           f"ratio exported/dense {ex['ratio']:.2f}")
 
     density = r["density"]

@@ -75,19 +75,8 @@ def _timing(times: list[float]) -> Timing:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 7) -> dict[str, Timing]:
     """Time several functions in alternation (A B A B ...), so that load from other processes on a
-    shared machine hits all of them alike; returns ``{name: Timing}``."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - t0)
-    return {k: _timing(v) for k, v in times.items()}
+    shared machine hits all of them alike; returns ``{name: Timing}`` (:func:`interleaved_rounds` of one call)."""
+    return {k: _timing(v) for k, v in interleaved_rounds(fns, repeats, warmup=warmup).items()}
 
 
 def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int, *, calls: int = 1,
