@@ -38,13 +38,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
-import statistics
 import time
 
 import torch
 
 from proxnets.capsules import CapsNet, CapsuleLinear, DenseVotes, capsnet_loss, dynamic_routing, small_config, squash
-from proxnets.utils.benchmark import time_interleaved
+from proxnets.utils.benchmark import interleaved_rounds, spread, time_interleaved, verdict
 
 B, M, N, D_IN, D_OUT, ITERATIONS = 128, 1152, 10, 8, 16, 3
 
@@ -153,34 +152,6 @@ def peak_memory(name: str, threads: int | None) -> float:
     return float(value)
 
 
-def _rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Wall seconds of every function in each of ``rounds`` interleaved rounds (A B C ... A B C ...), after one
-    warm-up call each: load from other processes hits a round's calls alike, so per-round ratios cancel it."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _spread(xs: list[float]) -> tuple[float, float, float]:
-    """``(median, first quartile, third quartile)``."""
-    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
-    return statistics.median(xs), q[0], q[2]
-
-
-def _verdict(ratio: tuple[float, float, float], target: float, below: bool) -> str:
-    """``met`` / ``not met`` when the whole interquartile range of the per-round ratio is on one side of the target,
-    else ``undecided`` (the noise covers it): the statement "within 2x" comes with its spread."""
-    _, lo, hi = ratio
-    ok, bad = (hi <= target, lo > target) if below else (lo >= target, hi < target)
-    return "met" if ok else "not met" if bad else "undecided (the IQR straddles the target)"
-
-
 IMPLS = {"ours": "eager, gradient='last'", "ours-all": "eager, gradient='all' (default)",
          "compiled": "compiled, gradient='last'", "compiled-all": "compiled, gradient='all'"}
 
@@ -226,27 +197,27 @@ def main(quick: bool, threads: list[int] | None, rounds: int) -> None:
     for th in threads or [torch.get_num_threads()]:
         torch.set_num_threads(th)
         load0, c0 = os.getloadavg()[0], time.process_time()
-        times = _rounds(timed, rounds)
+        times = interleaved_rounds(timed, rounds)
         print(f"\n== {th} thread(s), {rounds} interleaved rounds, load {load0:.1f} -> {os.getloadavg()[0]:.1f}, "
               f"process CPU {time.process_time() - c0:.0f} s ==")
         for name, ts in times.items():
-            med, q1, q3 = _spread(ts)
+            med, q1, q3 = spread(ts)
             print(f"  {name:13s} median {med * 1e3:8.1f} ms  IQR {q1 * 1e3:8.1f}-{q3 * 1e3:8.1f}")
         print(f"  matmul of equal FLOPs: {flops / 1e9:.2f} GFLOP ({n}x{n}), "
-              f"{flops / _spread(times['matmul'])[0] / 1e9:.1f} GFLOP/s")
+              f"{flops / spread(times['matmul'])[0] / 1e9:.1f} GFLOP/s")
         for name, what in IMPLS.items():
-            per_mm = _spread([x / y for x, y in zip(times[name], times["matmul"])])
-            per_text = _spread([y / x for x, y in zip(times[name], times["textbook"])])
+            per_mm = spread([x / y for x, y in zip(times[name], times["matmul"])])
+            per_text = spread([y / x for x, y in zip(times[name], times["textbook"])])
             line = (f"RATIOS {th}t {name} ({what}): / matmul {per_mm[0]:.2f}x (per-round IQR {per_mm[1]:.2f}-"
-                    f"{per_mm[2]:.2f}; <= 2x: {_verdict(per_mm, 2.0, True)}); vs textbook {per_text[0]:.1f}x faster "
-                    f"(IQR {per_text[1]:.1f}-{per_text[2]:.1f}; >= 20x: {_verdict(per_text, 20.0, False)})")
+                    f"{per_mm[2]:.2f}; <= 2x: {verdict(per_mm, 2.0, True)}); vs textbook {per_text[0]:.1f}x faster "
+                    f"(IQR {per_text[1]:.1f}-{per_text[2]:.1f}; >= 20x: {verdict(per_text, 20.0, False)})")
             print(line)
             summary.append(line)
-        all_last = _spread([x / y for x, y in zip(times["ours-all"], times["ours"])])
+        all_last = spread([x / y for x, y in zip(times["ours-all"], times["ours"])])
         print(f"  per-round eager 'all' / 'last' {all_last[0]:.2f}x (IQR {all_last[1]:.2f}-{all_last[2]:.2f})")
         for th_name in ("ours", "ours-all"):
             comp = "compiled" + th_name[4:]
-            r = _spread([x / y for x, y in zip(times[comp], times[th_name])])
+            r = spread([x / y for x, y in zip(times[comp], times[th_name])])
             print(f"  per-round {comp} / eager {th_name}: {r[0]:.2f}x (IQR {r[1]:.2f}-{r[2]:.2f})")
 
         mem = {name: peak_memory(name, th) for name in ("textbook", *IMPLS)}

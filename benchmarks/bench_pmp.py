@@ -1,22 +1,26 @@
 """Benchmark: bSQH (L0) vs Adam, same run, ratios (``proxnets bench pmp``).
 
-Same LeNet-5, same data (mnist5k), batch 64. Prints
+Same LeNet-5, same data (mnist5k), batch 64, thread CPU time. Every timing is taken in ``--rounds`` (default 15)
+interleaved rounds (:func:`proxnets.utils.benchmark.interleaved_rounds`: each variant called call by call in an
+order drawn per round, so load from other sessions hits a round alike) and reported as the median and IQR of the
+per-round ratios, with a verdict against the target (:func:`~proxnets.utils.benchmark.verdict`: met / not met
+only when the whole IQR is on one side). Prints
 
-- step time on a fixed batch, bSQH / Adam, measured *interleaved* (one bSQH step, one Adam step,
-  repeated; the median of the paired ratios), so that a load change on a shared machine hits both;
-  target <= 1.3. Also a no-grad forward alone (the trial forward's cost) and where a bSQH step's time
-  goes (sweep, closed-form update, trial forward, bookkeeping);
-- epoch time, bSQH / Adam, also interleaved (median of the paired per-epoch ratios), target <= 1.35;
+- where a step's time goes beyond Adam's (torch profiler, :func:`step_breakdown`);
+- step time, mini-batch, bSQH / Adam (target <= 1.3), with and without ``target_density``
+  (:func:`step_rounds`): the bSQH trial forwards timed in place give the floor ``1 + trial forwards / Adam step``
+  and the rest (update and bookkeeping beyond Adam's update); the levers ``inference_mode`` for the trial and the
+  last stop's pool as variants of the same run (their weights must end equal to bSQH's bit for bit);
+- the trial forward's variants over an Adam step (:func:`trial_forward_variants`; ``--compile`` adds a
+  ``torch.compile``'d one, its compile time printed separately);
+- epoch time, bSQH / Adam (target <= 1.35, :func:`epoch_rounds`); ``--timings-only`` stops here;
 - full batch: an iteration with the accepted trial's graph reused as the next sweep vs without;
-- the test accuracy at equal density: bSQH with ``target_density``, Adam pruned to bSQH's density
-  and fine-tuned as many epochs;
 - structured sparsity: bSQH with the filter-level L0 (``structure="filter"``) priced by multiply-adds
   (:func:`~proxnets.pmp.sparsity.mac_param_groups`) at a target fraction of them,
   its zero filters removed (:func:`~proxnets.pmp.sparsity.remove_zero_filters`), the largest output
-  difference, and the inference time dense vs exported, interleaved (median of the paired ratios).
-
-- the trial forward's variants (before / now / ``inference_mode`` / ``channels_last`` / 2 threads) over an
-  Adam step, in one shuffled interleaved run (:func:`trial_forward_variants`).
+  difference, and the inference time dense vs exported (rounds, median of the per-round ratios);
+- the test accuracy at equal density: bSQH with ``target_density``, Adam pruned to bSQH's density
+  and fine-tuned as many epochs.
 
 ``--layer-pilot SEEDS`` runs only the layer-rule pilot (:func:`layer_pilot`) from which the suite's paired
 design was fixed: seeds 10 .. 10 + SEEDS - 1 (not the claim's), one ``map+activation`` sweep from every state of a
@@ -28,33 +32,35 @@ filter-level L0 bSQH against Adam + filter magnitude pruning (``filter_prune``) 
 equal epochs, lr and pruning variant on validation, SEEDS seeds with intervals, exported inference time
 per seed; the loop is the pmp suite's (``proxnets.pmp.experiments.structured``).
 
-The floor of the step ratio is ``1 + trials x (no-grad forward / Adam step)``: bSQH's only work
-beyond Adam's is its trial forward(s); the bookkeeping is the measured ratio minus that floor.
-
-    python benchmarks/bench_pmp.py [--quick] [--structured-compare SEEDS | --layer-pilot SEEDS]
+    python benchmarks/bench_pmp.py [--quick] [--rounds N] [--compile] [--timings-only]
+                                   [--structured-compare SEEDS | --layer-pilot SEEDS]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from proxnets.data import load_dataset
 from proxnets.engine import TrainConfig, evaluate, fit
-from proxnets.pmp import LeNet5, mac_param_groups, remove_zero_filters, sparsity_report
+from proxnets.pmp import BSQH, LeNet5, mac_param_groups, remove_zero_filters, sparsity_report
 from proxnets.pmp.baselines import magnitude_prune
+from proxnets.pmp.models import MaxPool2x2
 from proxnets.pmp.experiments import _carve_validation, pick_adam_lr, structured
 from proxnets.utils.stats import difference_interval, mean_interval
 from proxnets.pmp.sparsity import weight_density
 from proxnets.pmp.training import bsqh_optimizer, full_batch_bsqh, train_bsqh
 from proxnets.report.suite import SuiteContext
+from proxnets.utils.benchmark import interleaved_rounds, spread, verdict
 
 
 def _closure(model, opt, x, y):
@@ -68,59 +74,133 @@ def _closure(model, opt, x, y):
     return closure
 
 
-def interleaved_step_ratio(x, y, repeats: int, target_density: float | None = None) -> dict[str, float]:
-    """Median over steps of (bSQH step time / Adam step time), measured back to back, in mini-batch mode.
+class _PoolColumnsFirst(MaxPool2x2):
+    """``MaxPool2x2``'s no-grad path before this stop: column pairs first, then row pairs (the same maximum)."""
 
-    Each step takes the next batch of 64 of ``(x, y)`` (cycling), the same batch for both optimizers: a
-    new batch every step is mini-batch mode (the step on one fixed batch is a full-batch run on 64
-    images, where the acceptance test rejects more). Wall time and the thread's CPU time
-    (``time.thread_time``, one torch thread: what another session's load does not add); medians of the
-    paired ratios. ``forward``: a no-grad forward + loss on the same batch (the trial forward's cost).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.max_pool2d(x, 2)
+        h, w = x.shape[-2], x.shape[-1]
+        pairs = x.view(*x.shape[:-1], w // 2, 2)
+        cols = torch.maximum(pairs[..., 0], pairs[..., 1]).view(*x.shape[:-2], h // 2, 2, w // 2)
+        return torch.maximum(cols[..., 0, :], cols[..., 1, :])
+
+
+class _InferenceModeTrial(BSQH):
+    """The lever "``torch.inference_mode`` instead of ``no_grad`` for the trial forward" (measured, not kept)."""
+
+    def _trial_loss(self, closure):
+        with torch.inference_mode():
+            return super()._trial_loss(closure)
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _ratio_text(r: tuple[float, float, float], target: float | None = None) -> str:
+    text = f"{r[0]:.3f} (IQR {r[1]:.3f}-{r[2]:.3f}"
+    return text + (f"; <= {target}: {verdict(r, target, True)})" if target is not None else ")")
+
+
+def step_rounds(x, y, rounds: int, steps: int, target_density: float | None = None) -> dict[str, Any]:
+    """bSQH's step against Adam's, mini-batch, in ``rounds`` interleaved rounds of ``steps`` steps each (thread CPU).
+
+    Every variant has its own LeNet-5 (same initial weights) and takes the next batch of 64 of ``(x, y)``
+    (cycling), so all see the same batch sequence; a round calls them step by step in an order drawn per round.
+    Variants: Adam, bSQH (the library), bSQH with its trial forward under ``torch.inference_mode`` and bSQH
+    with the pool of the last stop (columns first) -- both exact, so the three bSQH runs must end with the same
+    weights bit for bit (checked: the levers change nothing the algorithm decides). The library bSQH's trial
+    forwards are also timed in place (its ``_trial_loss`` wrapped: the batch its sweep has just checked, the
+    weights just written), which splits its round into Adam's + trial forwards + the rest (update, bookkeeping,
+    minus Adam's update). Per-round ratios to Adam's round: median and IQR.
     """
     torch.manual_seed(0)
-    mb, ma = LeNet5(), LeNet5()
-    ob = bsqh_optimizer(mb, 1.0, record_history=False, target_density=target_density)
-    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+    init = LeNet5()
+    models = {k: copy.deepcopy(init) for k in ("adam", "bsqh", "bsqh inference_mode", "bsqh pool before")}
+    models["bsqh pool before"].pool = _PoolColumnsFirst()
+    opts = {"adam": torch.optim.Adam(models["adam"].parameters(), lr=1e-3)}
+    for k, cls in (("bsqh", BSQH), ("bsqh inference_mode", _InferenceModeTrial), ("bsqh pool before", BSQH)):
+        opts[k] = bsqh_optimizer(models[k], 1.0, optimizer_class=cls, record_history=False,
+                                 target_density=target_density)
     n = len(x) // 64
-    t: dict[str, list[float]] = {k: [] for k in ("bw", "aw", "fw", "bc", "ac", "fc")}
-    clock = time.thread_time
-    for i in range(repeats + 5):
-        j = (i % n) * 64
-        xb, yb = x[j:j + 64], y[j:j + 64]
-        cb, ca = _closure(mb, ob, xb, yb), _closure(ma, oa, xb, yb)
-        w0, c0 = time.perf_counter(), clock()
-        ob.step(cb)
-        w1, c1 = time.perf_counter(), clock()
-        oa.step(ca)
-        w2, c2 = time.perf_counter(), clock()
-        with torch.no_grad():
-            ca(backward=False)
-        w3, c3 = time.perf_counter(), clock()
-        if i >= 5:  # warm-up
-            for k, v in zip(t, (w1 - w0, w2 - w1, w3 - w2, c1 - c0, c2 - c1, c3 - c2)):
-                t[k].append(v)
-    med = statistics.median
+    counter = dict.fromkeys(models, 0)
+    warmup = 5
+    ob = opts["bsqh"]
+    trial_time = [0.0] * rounds
+    orig_trial = ob._trial_loss
+
+    def timed_trial(c):  # the in-place trial forward, summed per round (bSQH step number -> round)
+        t0 = time.thread_time()
+        out = orig_trial(c)
+        r = (counter["bsqh"] - 1 - warmup) // steps
+        if r >= 0:
+            trial_time[r] += time.thread_time() - t0
+        return out
+
+    ob._trial_loss = timed_trial
+
+    def stepper(k):
+        m, o = models[k], opts[k]
+
+        def run():
+            j = (counter[k] % n) * 64
+            counter[k] += 1
+            return o.step(_closure(m, o, x[j:j + 64], y[j:j + 64]))
+        return run
+
+    load0 = _load()
+    t = interleaved_rounds({k: stepper(k) for k in models}, rounds, calls=steps, clock=time.thread_time,
+                           shuffle=True, warmup=warmup)
     trials = (ob.run_state["accepted"] + ob.run_state["rejected"]) / max(ob.run_state["iteration"], 1)
-    return dict(ratio=med([b / a for b, a in zip(t["bw"], t["aw"])]), bsqh=med(t["bw"]), adam=med(t["aw"]),
-                forward=med(t["fw"]), cpu_ratio=med([b / a for b, a in zip(t["bc"], t["ac"])]),
-                cpu_bsqh=med(t["bc"]), cpu_adam=med(t["ac"]), cpu_forward=med(t["fc"]), trials=trials)
+    ref = [p for p in models["bsqh"].parameters()]
+    same = all(all(torch.equal(p, q) for p, q in zip(ref, models[k].parameters()))
+               and opts[k].run_state["rejected"] == ob.run_state["rejected"]
+               for k in ("bsqh inference_mode", "bsqh pool before"))
+    per = {k: spread([a / b for a, b in zip(t[k], t["adam"])]) for k in models if k != "adam"}
+    per["trial forwards"] = spread([f / a for f, a in zip(trial_time, t["adam"])])
+    floor = spread([1.0 + f / a for f, a in zip(trial_time, t["adam"])])
+    rest = spread([(b - a - f) / a for b, a, f in zip(t["bsqh"], t["adam"], trial_time)])
+    return dict(per=per, floor=floor, rest=rest, trials=trials, same=same, adam_ms=statistics.median(t["adam"]) / steps * 1e3,
+                bsqh_ms=statistics.median(t["bsqh"]) / steps * 1e3, load=(load0, _load()))
 
 
 def _act_then_pool(m, x):
-    """LeNet-5 in the seed's order map -> ReLU -> pool (the no-grad forward before this session's change)."""
+    """LeNet-5 in the seed's order map -> ReLU -> pool (the no-grad forward before the pool-first change)."""
     x = m.pool(m.act(m.conv1(x)))
     x = m.pool(m.act(m.conv2(x)))
     return m.fc3(m.act(m.fc2(m.act(m.fc1(x.flatten(1))))))
 
 
-def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
-    """The trial forward's cost, per variant, over an Adam step's (thread CPU time): interleaved in a shuffled
-    order, the median of the paired ratios (at 2 threads the main thread's CPU only: a lower bound). Variants: map -> ReLU -> pool (before), LeNet5's no-grad path pool -> ReLU (now), the same
-    under ``torch.inference_mode``, channels_last memory, and 2 threads (Adam's step at 2 threads too)."""
-    import random
+def _functional(m, x):
+    """LeNet5's no-grad forward without module calls (no hooks can run: measured, not kept)."""
+    x = torch.relu(m.pool(F.conv2d(x, m.conv1.weight, m.conv1.bias, padding=2)))
+    x = torch.relu(m.pool(F.conv2d(x, m.conv2.weight, m.conv2.bias)))
+    x = torch.relu(F.linear(x.flatten(1), m.fc1.weight, m.fc1.bias))
+    return F.linear(torch.relu(F.linear(x, m.fc2.weight, m.fc2.bias)), m.fc3.weight, m.fc3.bias)
 
+
+def _fused_conv_relu(m, x):
+    """conv + bias + ReLU as one oneDNN primitive (``mkldnn._convolution_pointwise``), then the pool."""
+    cpr = torch.ops.mkldnn._convolution_pointwise
+    x = m.pool(cpr(x, m.conv1.weight, m.conv1.bias, [2, 2], [1, 1], [1, 1], 1, "relu", [], ""))
+    x = m.pool(cpr(x, m.conv2.weight, m.conv2.bias, [0, 0], [1, 1], [1, 1], 1, "relu", [], ""))
+    x = torch.relu(F.linear(x.flatten(1), m.fc1.weight, m.fc1.bias))
+    return F.linear(torch.relu(F.linear(x, m.fc2.weight, m.fc2.bias)), m.fc3.weight, m.fc3.bias)
+
+
+def trial_forward_variants(x, y, rounds: int, calls: int, compiled: bool = False) -> dict[str, Any]:
+    """The trial forward's variants over an Adam step (thread CPU, 1 thread): ``rounds`` rounds of ``calls`` calls
+    of each, shuffled per round; median and IQR of the per-round ratios. All give the same loss bit for bit
+    (asserted), except ``torch.compile`` (``compiled=True``: its compile time is reported separately and its
+    largest loss difference is printed). Variants: ``LeNet5``'s no-grad path (now: pool rows first, then ReLU),
+    the last stop's pool (columns first), the seed's order ReLU -> pool, ``torch.inference_mode``,
+    ``channels_last`` weights and input, conv + bias + ReLU fused by oneDNN, a functional forward without module
+    calls, and the compiled functional forward."""
     torch.manual_seed(0)
     m, ma = LeNet5(), LeNet5()
+    mold = copy.deepcopy(m)
+    mold.pool = _PoolColumnsFirst()
     mcl = copy.deepcopy(m).to(memory_format=torch.channels_last)
     xcl = x.contiguous(memory_format=torch.channels_last)
     oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
@@ -132,55 +212,82 @@ def trial_forward_variants(x, y, repeats: int) -> dict[str, float]:
 
     def ng(f):
         with torch.no_grad():
-            return f()
+            return F.cross_entropy(f(), y)
 
     def im(f):
         with torch.inference_mode():
-            return f()
+            return F.cross_entropy(f(), y)
 
-    variants = {"act->pool (before)": lambda: ng(lambda: F.cross_entropy(_act_then_pool(m, x), y)),
-                "pool->act (now)": lambda: ng(lambda: F.cross_entropy(m(x), y)),
-                "pool->act + inference_mode": lambda: im(lambda: F.cross_entropy(m(x), y)),
-                "pool->act + channels_last": lambda: ng(lambda: F.cross_entropy(mcl(xcl), y))}
-    ref = float(variants["act->pool (before)"]())
+    variants = {"now (pool rows first -> ReLU)": lambda: ng(lambda: m(x)),
+                "pool columns first (last stop)": lambda: ng(lambda: mold(x)),
+                "ReLU -> pool (seed order)": lambda: ng(lambda: _act_then_pool(m, x)),
+                "inference_mode": lambda: im(lambda: m(x)),
+                "channels_last": lambda: ng(lambda: mcl(xcl)),
+                "functional (no module calls)": lambda: ng(lambda: _functional(m, x))}
+    if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        variants["conv+bias+ReLU fused (oneDNN)"] = lambda: ng(lambda: _fused_conv_relu(m, x))
+    ref = float(variants["ReLU -> pool (seed order)"]())
     assert all(float(f()) == ref for f in variants.values())  # the same loss bit for bit
-    threads = torch.get_num_threads()
-    out = {}
-    for nt in (threads, 2):
-        torch.set_num_threads(nt)
-        t: dict[str, list[float]] = {k: [] for k in ["adam", *variants]}
-        for i in range(repeats + 5):
-            keys = list(t)
-            random.Random(i).shuffle(keys)
-            for k in keys:
-                t0 = time.thread_time()  # the thread's CPU time: wall time at load 7-10 scatters by 2-5x
-                (adam if k == "adam" else variants[k])()
-                if i >= 5:
-                    t[k].append(time.thread_time() - t0)
-        for k in variants:
-            out[f"{k} [{nt} thr]"] = statistics.median([a / b for a, b in zip(t[k], t["adam"])])
-        out[f"Adam step ms [{nt} thr]"] = statistics.median(t["adam"]) * 1e3
-        if nt == 2 == threads:
-            break
-    torch.set_num_threads(threads)
+    out: dict[str, Any] = {}
+    if compiled:
+        fn = torch.compile(_functional, dynamic=False)
+        w0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            diff = abs(float(F.cross_entropy(fn(m, x), y)) - ref)
+        out["compile"] = (time.perf_counter() - w0, time.process_time() - c0, diff)
+        variants["torch.compile (functional)"] = lambda: ng(lambda: fn(m, x))
+    load0 = _load()
+    t = interleaved_rounds({"adam": adam, **variants}, rounds, calls=calls, clock=time.thread_time, shuffle=True,
+                           warmup=3)
+    out["per"] = {k: spread([v / a for v, a in zip(t[k], t["adam"])]) for k in variants}
+    out["adam_ms"] = statistics.median(t["adam"]) / calls * 1e3
+    out["load"] = (load0, _load())
     return out
 
 
+def epoch_rounds(ds, rounds: int, target_density: float | None) -> dict[str, Any]:
+    """Epoch time bSQH / Adam (no evaluation, thread CPU), ``rounds`` interleaved rounds of one epoch each (order
+    drawn per round, after one warm-up epoch each); median and IQR of the per-round ratios."""
+    quiet = lambda s: None  # noqa: E731
+    torch.manual_seed(0)
+    mb, ma = LeNet5(), LeNet5()
+    ob = bsqh_optimizer(mb, 1.0, target_density=target_density)
+    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+    seeds = {"bsqh": 0, "adam": 0}
+
+    def epoch(k, m, o):
+        def run():
+            one = TrainConfig(epochs=1, batch_size=64, seed=seeds[k], device="cpu", progress=False,
+                              eval_every_epoch=False)
+            seeds[k] += 1
+            fit(m, ds, one, optimizer=o, log=quiet)
+        return run
+
+    load0 = _load()
+    t = interleaved_rounds({"bsqh": epoch("bsqh", mb, ob), "adam": epoch("adam", ma, oa)}, rounds,
+                           clock=time.thread_time, shuffle=True)
+    info = ob.info()
+    return dict(ratio=spread([b / a for b, a in zip(t["bsqh"], t["adam"])]), bsqh=statistics.median(t["bsqh"]),
+                adam=statistics.median(t["adam"]), acceptance=info.acceptance_ratio,
+                trials=(info.accepted + info.rejected) / max(info.iterations, 1), load=(load0, _load()))
+
+
 def inference_ratio(dense, small, x, repeats: int) -> dict[str, float]:
-    """Median over repeats of (exported / dense) no-grad forward time on ``x``, interleaved."""
-    td, ts = [], []
-    with torch.no_grad():
-        for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            dense(x)
-            t1 = time.perf_counter()
-            small(x)
-            t2 = time.perf_counter()
-            if i >= 3:
-                td.append(t1 - t0)
-                ts.append(t2 - t1)
-    return dict(ratio=statistics.median([b / a for a, b in zip(td, ts)]), dense=statistics.median(td),
-                exported=statistics.median(ts))
+    """(exported / dense) no-grad forward time on ``x``: 15 interleaved rounds of ``max(repeats // 15, 1)`` calls each
+    (order drawn per round, thread CPU: wall time at load 5-10 scattered this ratio by +-0.2); median of the per-round
+    ratios, and of the per-call times."""
+    calls = max(repeats // 15, 1)
+
+    def run(m):
+        def f():
+            with torch.no_grad():
+                m(x)
+        return f
+
+    t = interleaved_rounds({"dense": run(dense), "exported": run(small)}, 15, calls=calls, clock=time.thread_time,
+                           shuffle=True, warmup=3)
+    return dict(ratio=spread([s / d for d, s in zip(t["dense"], t["exported"])])[0],
+                dense=statistics.median(t["dense"]) / calls, exported=statistics.median(t["exported"]) / calls)
 
 
 def structured_export(ds, density: float, epochs: int, repeats: int) -> dict[str, float]:
@@ -240,37 +347,61 @@ def structured_compare(ds, seeds: list[int], mac_target: float, epochs: int, ft_
 
 
 def step_breakdown(x, y, repeats: int) -> dict[str, float]:
-    """Where a bSQH step's time goes (torch profiler, CPU time per step, ms)."""
-    torch.manual_seed(0)
-    model = LeNet5()
-    opt = bsqh_optimizer(model, 1.0, record_history=False)
-    closure = _closure(model, opt, x, y)
-    for _ in range(3):
-        opt.step(closure)
+    """Where a bSQH step's time goes beyond Adam's (torch profiler, CPU ms per step, the two interleaved).
+
+    Mini-batch (the next batch of 64 each step, the same for both). bSQH: sweep (forward + backward), trial
+    forward(s), the rest (closed-form update, price search, bookkeeping); Adam: sweep and update. Beyond Adam:
+    bSQH total - Adam total = trial forward + (bSQH rest - Adam update) + (sweep difference: noise).
+    """
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    sections = {"sweep (forward+backward)": 0.0, "trial forward": 0.0, "step total": 0.0}
+    torch.manual_seed(0)
+    model, ma = LeNet5(), LeNet5()
+    opt = bsqh_optimizer(model, 1.0, record_history=False)
+    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
+    n = len(x) // 64
+
+    def batch(i):
+        j = (i % n) * 64
+        return x[j:j + 64], y[j:j + 64]
+
+    def adam_closure(xb, yb):
+        inner = _closure(ma, oa, xb, yb)
+
+        def closure():
+            with record_function("adam sweep"):
+                return inner()
+        return closure
+
+    for i in range(5):
+        opt.step(_closure(model, opt, *batch(i)))
+        oa.step(_closure(ma, oa, *batch(i)))
+    keys = ("bsqh sweep", "bsqh trial forward", "bsqh step", "adam sweep", "adam step")
     orig_sweep, orig_trial = opt._sweep, opt._trial_loss
 
     def sweep(c):
-        with record_function("sweep (forward+backward)"):
+        with record_function("bsqh sweep"):
             return orig_sweep(c)
 
     def trial(c):
-        with record_function("trial forward"):
+        with record_function("bsqh trial forward"):
             return orig_trial(c)
 
     opt._sweep, opt._trial_loss = sweep, trial
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(repeats):
-            with record_function("step total"):
-                opt.step(closure)
+        for i in range(5, 5 + repeats):
+            with record_function("bsqh step"):
+                opt.step(_closure(model, opt, *batch(i)))
+            with record_function("adam step"):
+                oa.step(adam_closure(*batch(i)))
+    sec = dict.fromkeys(keys, 0.0)
     for ev in prof.key_averages():
-        if ev.key in sections:
-            sections[ev.key] = ev.cpu_time_total / 1e3 / repeats
-    sections["update + bookkeeping"] = (sections["step total"] - sections["sweep (forward+backward)"]
-                                        - sections["trial forward"])
-    return sections
+        if ev.key in sec:
+            sec[ev.key] = ev.cpu_time_total / 1e3 / repeats
+    sec["bsqh rest (update, bookkeeping)"] = sec["bsqh step"] - sec["bsqh sweep"] - sec["bsqh trial forward"]
+    sec["adam update"] = sec["adam step"] - sec["adam sweep"]
+    sec["beyond Adam"] = sec["bsqh step"] - sec["adam step"]
+    return sec
 
 
 def main() -> None:
@@ -279,6 +410,11 @@ def main() -> None:
     ap.add_argument("--target-density", type=float, default=0.1)
     ap.add_argument("--structured-density", type=float, default=0.3,
                     help="target fraction of multiply-adds of the filter-level L0 run whose zero filters are removed")
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the step, forward and epoch timings")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time a torch.compile'd trial forward (its compile time printed separately)")
+    ap.add_argument("--timings-only", action="store_true",
+                    help="stop after the step, trial-forward and epoch timings (no training runs, export, accuracy)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: steadier timings on a shared machine)")
     ap.add_argument("--layer-pilot", type=int, default=0, metavar="SEEDS",
@@ -302,54 +438,46 @@ def main() -> None:
           f"{args.threads} thread(s)")
 
     xb, yb = ds.x_train[:64], ds.y_train[:64]
-    for td in (None, args.target_density):
-        s = interleaved_step_ratio(ds.x_train, ds.y_train, repeats=120 if args.quick else 400, target_density=td)
-        floor = 1.0 + s["trials"] * s["cpu_forward"] / s["cpu_adam"]
-        print(f"step time, mini-batch (a new batch of 64 each step, interleaved, medians; target_density={td}): "
-              f"wall bSQH {s['bsqh'] * 1e3:.2f} ms, Adam {s['adam'] * 1e3:.2f} ms, ratio {s['ratio']:.3f} "
-              f"(target <= 1.3); thread CPU bSQH {s['cpu_bsqh'] * 1e3:.2f} ms, Adam {s['cpu_adam'] * 1e3:.2f} ms, "
-              f"ratio {s['cpu_ratio']:.3f}; a no-grad forward {s['cpu_forward'] / s['cpu_adam']:.3f} of Adam's step "
-              f"(CPU); {s['trials']:.3f} trial forwards per step; floor 1 + trials x forward / Adam = {floor:.3f}, "
-              f"the rest {s['cpu_ratio'] - floor:+.3f}")
-    tv = trial_forward_variants(xb, yb, repeats=60 if args.quick else 200)
-    print("trial forward / Adam step (no grad, batch 64, shuffled interleaving, medians of paired ratios; same loss "
-          "bit for bit): " + ", ".join(f"{k} {v:.3f}" if "ms" not in k else f"{k} {v:.2f}" for k, v in tv.items()))
-    br = step_breakdown(xb, yb, repeats=30)
-    print("bSQH step breakdown (CPU ms per step, torch profiler): "
+    br = step_breakdown(ds.x_train, ds.y_train, repeats=30)
+    print("profile of a step (torch profiler, CPU ms per step, bSQH and Adam interleaved, mini-batch): "
           + ", ".join(f"{k} {v:.2f}" for k, v in br.items()))
+    rounds, steps = args.rounds, 20 if args.quick else 50
+    for td in (None, args.target_density):
+        s = step_rounds(ds.x_train, ds.y_train, rounds, steps, target_density=td)
+        p = s["per"]
+        print(f"step, mini-batch (a new batch of 64 each step; target_density={td}; {rounds} interleaved rounds of "
+              f"{steps} steps, thread CPU, load {s['load'][0]:.1f} -> {s['load'][1]:.1f}): Adam {s['adam_ms']:.2f} ms, "
+              f"bSQH {s['bsqh_ms']:.2f} ms per step; per-round ratio to Adam: bSQH {_ratio_text(p['bsqh'], 1.3)}, "
+              f"trial under inference_mode {_ratio_text(p['bsqh inference_mode'])}, pool of the last stop "
+              f"{_ratio_text(p['bsqh pool before'])}; {s['trials']:.3f} trial forwards per step, timed in place "
+              f"{_ratio_text(p['trial forwards'])} of Adam's step: floor 1 + trial forwards {_ratio_text(s['floor'])}, "
+              f"the rest {s['rest'][0]:+.3f} (IQR {s['rest'][1]:+.3f}-{s['rest'][2]:+.3f}); the three bSQH runs "
+              f"end with the same weights and rejections: {s['same']}")
+    tv = trial_forward_variants(xb, yb, rounds, 20 if args.quick else 50, compiled=args.compile)
+    if "compile" in tv:
+        w, c, d = tv["compile"]
+        print(f"torch.compile of the functional trial forward: first call {w:.1f} s wall / {c:.1f} s CPU "
+              f"(this process; excluded from the rounds), loss differs from eager by {d:.2g}")
+    print(f"trial forward / Adam step (no grad, batch 64, {rounds} shuffled rounds, thread CPU, load {tv['load'][0]:.1f} "
+          f"-> {tv['load'][1]:.1f}, Adam {tv['adam_ms']:.2f} ms; same loss bit for bit): "
+          + ", ".join(f"{k} {_ratio_text(v)}" for k, v in tv["per"].items()))
+
+    er = epoch_rounds(ds, rounds, args.target_density)
+    print(f"epoch (no evaluation, target_density={args.target_density}; {rounds} interleaved rounds of one epoch each, "
+          f"thread CPU, load {er['load'][0]:.1f} -> {er['load'][1]:.1f}): bSQH {er['bsqh']:.3f} s, Adam "
+          f"{er['adam']:.3f} s, per-round ratio {_ratio_text(er['ratio'], 1.35)}; acceptance ratio "
+          f"{er['acceptance']:.3f}, {er['trials']:.2f} trial forwards per step")
+
+    if args.timings_only:
+        return
 
     cfg = TrainConfig(epochs=epochs, batch_size=64, seed=0, device="cpu", progress=False, schedule="cosine")
     torch.manual_seed(0)
     r = train_bsqh(LeNet5(), ds, 1.0, epochs=epochs, schedule="cosine", log=quiet, target_density=args.target_density)
     hist_b = r["history"]
-    info = r["optimizer"].info()
     torch.manual_seed(0)
     dense = LeNet5()
     hist_a = fit(dense, ds, TrainConfig(**{**cfg.to_dict(), "optimizer": "adam", "lr": 1e-3}), log=quiet).history
-    # epoch time interleaved (one bSQH epoch, one Adam epoch, repeated; no evaluation), so that a
-    # change of load on a shared machine hits both; the median of the paired ratios
-    torch.manual_seed(0)
-    mb, ma = LeNet5(), LeNet5()
-    ob = bsqh_optimizer(mb, 1.0, target_density=args.target_density)
-    oa = torch.optim.Adam(ma.parameters(), lr=1e-3)
-    ratios, tb, ta, cpu = [], [], [], []
-    for e in range(2 * epochs):
-        one = TrainConfig(epochs=1, batch_size=64, seed=e, device="cpu", progress=False, eval_every_epoch=False)
-        t0, c0 = time.perf_counter(), time.thread_time()
-        fit(mb, ds, one, optimizer=ob, log=quiet)
-        t1, c1 = time.perf_counter(), time.thread_time()
-        fit(ma, ds, one, optimizer=oa, log=quiet)
-        t2, c2 = time.perf_counter(), time.thread_time()
-        tb.append(t1 - t0)
-        ta.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))
-        cpu.append((c1 - c0) / (c2 - c1))
-    print(f"epoch time (interleaved, medians of {2 * epochs}, no evaluation, target_density={args.target_density}): "
-          f"bSQH {statistics.median(tb):.3f} s, Adam {statistics.median(ta):.3f} s, ratio {statistics.median(ratios):.3f}, "
-          f"thread CPU ratio {statistics.median(cpu):.3f} (target <= 1.35); in the training "
-          f"run: bSQH acceptance ratio {info.acceptance_ratio:.3f}, "
-          f"{(info.accepted + info.rejected) / max(info.iterations, 1):.2f} trial forwards per step")
-
     x, y = ds.x_train[:1000], ds.y_train[:1000]
     times = {}
     for reuse in (False, True):
@@ -366,7 +494,7 @@ def main() -> None:
           f"{args.structured_density}): MAC fraction {ex['macs']:.3f}, weight density {ex['density']:.3f}, widths (6, 16, 120, 84) -> {ex['widths']}, parameters {ex['params_dense']} -> "
           f"{ex['params_exported']}; largest output difference exported vs sparse {ex['max_diff']:.2g}; test acc "
           f"{ex['test_acc']:.4f} / exported {ex['test_acc_exported']:.4f}; inference on 256 images (no grad, "
-          f"interleaved, medians): dense {ex['dense'] * 1e3:.2f} ms, exported {ex['exported'] * 1e3:.2f} ms, "
+          f"15 interleaved rounds, thread CPU, medians): dense {ex['dense'] * 1e3:.2f} ms, exported {ex['exported'] * 1e3:.2f} ms, "
           f"ratio exported/dense {ex['ratio']:.2f}")
 
     density = r["density"]

@@ -25,9 +25,11 @@ class MaxPool2x2(nn.Module):
     ``x[..., i::2, j::2]`` is taken: the same values bit for bit (a maximum is exact; odd trailing
     rows/columns are dropped as ``max_pool2d`` does), ~10x faster than ``max_pool2d`` on this CPU,
     which also computes the indices for a backward pass. With autograd: ``F.max_pool2d``. A contiguous
-    input of even height and width is reduced in two passes instead, first over adjacent column pairs
-    (``x.view(..., H, W/2, 2)``), then over row pairs of that half-size result: the same maximum of the
-    same four values, ~20% faster than the four strided views on LeNet-5's activations.
+    input of even height and width is reduced in two passes instead, first over row pairs (the two
+    halves of ``x.view(..., H/2, 2W)``: contiguous rows, one vectorized pass), then over adjacent column
+    pairs of that half-height result: the same maximum of the same four values. On LeNet-5's
+    activations (one thread) it takes 86 / 41 us where columns first took 149 / 57 us (64x6x28x28 /
+    64x16x10x10) and the four strided views ~1.25x that.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,9 +37,9 @@ class MaxPool2x2(nn.Module):
             return F.max_pool2d(x, 2)
         h, w = x.shape[-2], x.shape[-1]
         if x.dim() >= 2 and h % 2 == 0 and w % 2 == 0 and h and w and x.is_contiguous():
-            pairs = x.view(*x.shape[:-1], w // 2, 2)
-            cols = torch.maximum(pairs[..., 0], pairs[..., 1]).view(*x.shape[:-2], h // 2, 2, w // 2)
-            return torch.maximum(cols[..., 0, :], cols[..., 1, :])
+            rows = x.view(*x.shape[:-2], h // 2, 2 * w)  # row 2i then row 2i + 1
+            pairs = torch.maximum(rows[..., :w], rows[..., w:]).view(*x.shape[:-2], h // 2, w // 2, 2)
+            return torch.maximum(pairs[..., 0], pairs[..., 1])
         x = x[..., : h // 2 * 2, : w // 2 * 2]
         return torch.maximum(torch.maximum(x[..., ::2, ::2], x[..., 1::2, ::2]),
                              torch.maximum(x[..., ::2, 1::2], x[..., 1::2, 1::2]))

@@ -11,6 +11,9 @@ runs, and compare implementations *in the same run*, printing their ratio.
   (load data...), resets its peak (``/proc/self/clear_refs`` = 5), runs the returned callable
   and reports ``VmHWM - VmRSS`` (peak minus the resident set before the call), Linux only.
 - :func:`ratio_line` -- the one-line "A vs B" summary every benchmark prints.
+- :func:`interleaved_rounds` -- per-round times of several functions called in alternation, and
+  :func:`spread` / :func:`verdict` -- the median and IQR of per-round ratios and the met / not met /
+  undecided call against a target (a target is decided only when the whole IQR is on one side of it).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Timing", "time_fn", "time_interleaved", "peak_memory_mb", "fresh_peak_memory_mb", "ratio_line"]
+__all__ = ["Timing", "time_fn", "time_interleaved", "interleaved_rounds", "spread", "verdict", "peak_memory_mb",
+           "fresh_peak_memory_mb", "ratio_line"]
 
 
 @dataclasses.dataclass
@@ -71,19 +75,59 @@ def _timing(times: list[float]) -> Timing:
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 1, repeats: int = 7) -> dict[str, Timing]:
     """Time several functions in alternation (A B A B ...), so that load from other processes on a
-    shared machine hits all of them alike; returns ``{name: Timing}``."""
+    shared machine hits all of them alike; returns ``{name: Timing}`` (:func:`interleaved_rounds` of one call)."""
+    return {k: _timing(v) for k, v in interleaved_rounds(fns, repeats, warmup=warmup).items()}
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], object]], rounds: int, *, calls: int = 1,
+                       clock: Callable[[], float] = time.perf_counter, shuffle: bool = False,
+                       warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds (by ``clock``) of every function in each of ``rounds`` interleaved rounds, after ``warmup`` calls each.
+
+    A round calls each function ``calls`` times, call by call in alternation (A B C A B C ...; with ``shuffle``
+    in an order drawn per round from ``random.Random(round)``), and records each function's total: load from
+    other processes hits a round's calls alike, so per-round ratios (:func:`spread`) cancel most of it.
+    ``clock=time.thread_time`` counts only this thread's CPU time (one torch thread: what other processes'
+    load does not add, bar cache and frequency effects).
+    """
+    import random
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - t0)
-    return {k: _timing(v) for k, v in times.items()}
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        order = list(fns)
+        if shuffle:
+            random.Random(r).shuffle(order)
+        total = dict.fromkeys(fns, 0.0)
+        for _ in range(calls):
+            for name in order:
+                t0 = clock()
+                fns[name]()
+                _sync()
+                total[name] += clock() - t0
+        for name in fns:
+            out[name].append(total[name])
+    return out
+
+
+def spread(xs: list[float]) -> tuple[float, float, float]:
+    """``(median, first quartile, third quartile)`` of ``xs`` (e.g. per-round ratios)."""
+    if not xs:
+        raise ValueError("xs: expected at least one value, got an empty list")
+    q = statistics.quantiles(xs, n=4) if len(xs) >= 2 else [xs[0]] * 3
+    return statistics.median(xs), q[0], q[2]
+
+
+def verdict(ratio: tuple[float, float, float], target: float, below: bool) -> str:
+    """``met`` / ``not met`` when the whole interquartile range of ``ratio = (median, q1, q3)`` (:func:`spread` of
+    per-round ratios) is on one side of ``target`` (``below``: the target is an upper bound), else ``undecided``
+    (the noise covers it)."""
+    _, lo, hi = ratio
+    ok, bad = (hi <= target, lo > target) if below else (lo >= target, hi < target)
+    return "met" if ok else "not met" if bad else "undecided (the IQR straddles the target)"
 
 
 def _child(fn, conn) -> None:
