@@ -78,7 +78,7 @@ def _passes(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         lambda v, final: torch.einsum("bnmd,bnd->bnm", inner, v),  # agreement = -grad E(C)
         logits, max(iterations, 1), pdim=1, leaky=leaky, bias=bias,
         inner_bias=None if bias is None else (bias.detach() if detach_inner else bias), decay=decay, lam=lam,
-        sign=1.0, axis="parents", floor=floor, inplace=False)
+        sign=1.0, axis="parents", floor=floor, inplace=False, uniform=init is None)
     c = c[:, :N]
     if detach_inner:  # gradient="last": the caller runs the output pass with gradients (eager factored kernels)
         return s, c.permute(0, 2, 1)

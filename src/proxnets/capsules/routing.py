@@ -307,7 +307,8 @@ def _per_sample(x: torch.Tensor | None, pdim: int) -> torch.Tensor | None:
 def _route_passes(combine, agree, logits: torch.Tensor, passes: int, *, pdim: int, leaky: bool,
                   bias: torch.Tensor | None, inner_bias: torch.Tensor | None, decay: torch.Tensor | None,
                   lam: torch.Tensor | None, sign: float, axis: str, floor: float, inplace: bool,
-                  output_pass: bool = True, step_after_last: bool = False, on_pass=None, on_step=None):
+                  uniform: bool = False, output_pass: bool = True, step_after_last: bool = False, on_pass=None,
+                  on_step=None):
     """The routing passes, the one implementation every path runs (eager, formed/chunked, the adjoint's forward,
     compiled). Per pass ``t``:
 
@@ -320,6 +321,7 @@ def _route_passes(combine, agree, logits: torch.Tensor, passes: int, *, pdim: in
     in that layout, ``agree(v, final)`` returns the agreement in it; ``final`` marks the output pass (where
     ``gradient="last"`` uses the votes with gradients and ``bias`` instead of ``inner_bias``). ``decay``/``lam``:
     shaped like :func:`_per_sample`. ``inplace``: renormalize without new buffers (nothing saved for backward).
+    ``uniform``: the logits are zeros, ``C_0 = 1 / n`` without the softmax (the same numbers: ``exp(0) = 1``).
 
     ``output_pass=False`` (measured runs): the last pass is not the output pass; ``step_after_last``: the step to
     ``C_T`` is still taken (its change and KL are traced). ``on_pass(t, s + beta, v, C_t, b_t)`` observes every pass,
@@ -327,7 +329,7 @@ def _route_passes(combine, agree, logits: torch.Tensor, passes: int, *, pdim: in
     ``(s, v, C, passes done, stopped)`` of the output pass: ``s`` without the bias, ``C`` with the leak."""
     parents = logits.shape[pdim] - int(leaky)
     ax = pdim if axis == "parents" else 2
-    c_full = torch.softmax(logits, ax)
+    c_full = torch.full_like(logits, 1.0).div_(logits.shape[ax]) if uniform else torch.softmax(logits, ax)
     stopped = False
     s = v = None
     t = 0
@@ -543,7 +545,7 @@ def dynamic_routing(
     s, v, c_full, done, converged = _route_passes(
         combine, agree, logits, passes, pdim=0, leaky=leaky, bias=bias, inner_bias=inner_bias,
         decay=_per_sample(decay, 0), lam=_per_sample(lam, 0), sign=sign, axis=axis, floor=_logit_floor(votes.dtype),
-        inplace=detached or not outer_grad, output_pass=not measure, step_after_last=measure and iterations > 0,
+        inplace=detached or not outer_grad, uniform=initial_logits is None, output_pass=not measure, step_after_last=measure and iterations > 0,
         on_pass=on_pass, on_step=on_step)
     c = c_full[:-1] if leaky else c_full
     if detached and measure and outer_grad:
@@ -638,7 +640,7 @@ def _route_formed(votes: ParentMajorVotes, passes: int, *, leaky: bool, bias: to
         lambda c, final: torch.bmm(c.reshape(b * N, 1, M), U).view(b, N, D),  # s_j = sum_i c_ij u_hat_ij
         lambda v, final: torch.bmm(v.view(b * N, 1, D), U.transpose(1, 2)).view(b, N, M),  # <u_hat_ij, v_j>
         logits, passes, pdim=1, leaky=leaky, bias=bias, inner_bias=bias, decay=_per_sample(decay, 1),
-        lam=_per_sample(lam, 1), sign=sign, axis=axis, floor=floor, inplace=True,
+        lam=_per_sample(lam, 1), sign=sign, axis=axis, floor=floor, inplace=True, uniform=init is None,
         on_pass=on_pass if keep else None, on_step=on_step if keep else None)
     return s, v, c, record
 
