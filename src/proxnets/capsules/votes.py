@@ -325,9 +325,7 @@ class ParentMajorVotes(Votes):
     def __init__(self, u_pm: torch.Tensor, *, validate: bool = True):
         if validate:
             check_tensor("votes", u_pm, ndim=4)
-            u_pm = u_pm.contiguous()
-        # (unvalidated: any strides for which u_pm.view(B * N, M, D) exists, as form_parent_major's)
-        self.u_pm = u_pm
+        self.u_pm = u_pm.contiguous()
         self.batch, self.parents, self.children, self.dim = u_pm.shape
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
@@ -383,15 +381,17 @@ def workspace_buffer(workspace: dict | None, name: str, shape: tuple[int, ...], 
 
 def form_parent_major(u: torch.Tensor, wi: torch.Tensor, parents: int, workspace: dict | None = None) -> ParentMajorVotes:
     """Votes of ``u (b, M, d_in)`` and ``wi (M, d_in, N D)`` (:meth:`FactoredVotes.child_major_weight`) as
-    :class:`ParentMajorVotes`: one batched product per child, ``u[:, i] @ wi[i]`` ``(M, b, N D)``, then one
-    transposing copy. With a ``workspace`` (no autograd) the product lands in its reused buffer ``"cm"`` and is not
-    copied: the votes are a parent-major *view* of it (strides ``(N D, D, b N D, 1)``), which the batched products of
-    routing read as they are (measured: the copy cost more than the strided reads; the values are the same)."""
+    :class:`ParentMajorVotes`: one batched product per child, ``u[:, i] @ wi[i]``, then one transposing copy.
+    With a ``workspace`` (no autograd), both land in its reused buffers ``"cm"`` and ``"pm"``."""
     M, _, ND = wi.shape
     b, D = u.shape[0], ND // parents
-    cm = torch.bmm(u.transpose(0, 1), wi, out=workspace_buffer(workspace, "cm", (M, b, ND), wi))  # (M, b, N D)
-    pm = cm.view(M, b, parents, D).permute(1, 2, 0, 3)  # (b, N, M, D) view
-    return ParentMajorVotes(pm if workspace is not None else pm.contiguous(), validate=False)
+    if workspace is None:
+        pm = torch.bmm(u.transpose(0, 1), wi)  # (M, b, N D)
+        return ParentMajorVotes(pm.view(M, b, parents, D).permute(1, 2, 0, 3), validate=False)
+    cm = torch.bmm(u.transpose(0, 1), wi, out=workspace_buffer(workspace, "cm", (M, b, ND), wi))
+    out = workspace_buffer(workspace, "pm", (b, parents, M, D), wi)
+    out.copy_(cm.view(M, b, parents, D).permute(1, 2, 0, 3))
+    return ParentMajorVotes(out, validate=False)
 
 
 def as_votes(votes: torch.Tensor | Votes) -> Votes:
