@@ -374,11 +374,10 @@ def test_recomputed_routing_keeps_no_votes_and_passes_gradcheck(monkeypatch):
 
     def saved_votes(materialize, formed_adjoint=False):  # saved tensors holding votes of b = 1..B samples
         monkeypatch.setattr(R, "_MATERIALIZE_BYTES", materialize)
-        monkeypatch.setattr(R, "_FORMED_ADJOINT", formed_adjoint)
         u, w = factored(requires_grad=True)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            dynamic_routing(FactoredVotes(u, w), 3, gradient="all")
+            dynamic_routing(FactoredVotes(u, w), 3, gradient="all", _formed_adjoint=formed_adjoint)
         return [n for n in saved if n in {b * N * M * D for b in range(1, B + 1)}]  # W has K > B slices
 
     assert saved_votes(1 << 30)  # formed whole, autograd (the default there): keeps the votes (the check can fail)

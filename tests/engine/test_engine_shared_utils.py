@@ -61,6 +61,21 @@ def test_validation_messages():
         check_tensor("x", torch.tensor([1.0, math.nan]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64])
+def test_check_tensor_finds_any_nan_or_inf_and_accepts_huge_finite_values(dtype):
+    """The one-pass finiteness check (min and max) sees a NaN, +inf or -inf wherever it is, and finite values whose
+    sum would overflow are still finite."""
+    for bad in (math.nan, math.inf, -math.inf):
+        for pos in (0, 17, 4095):
+            x = torch.zeros(4096, dtype=dtype)
+            x[pos] = bad
+            with pytest.raises(ValueError, match="NaN or inf"):
+                check_tensor("x", x.view(64, 64))
+    big = torch.finfo(torch.float32 if dtype == torch.complex64 else dtype).max
+    check_tensor("x", torch.full((1000,), big, dtype=dtype))
+    check_tensor("x", torch.zeros(0, 3, dtype=dtype))
+
+
 def test_nonconvergence_policy():
     info = IterInfo(iterations=5, converged=False, residuals=[1e-2])
     with pytest.warns(NonConvergenceWarning, match="solver did not converge in 5 iterations"):

@@ -7,8 +7,9 @@ as the eager code -- votes ``u_hat[b, j, i] = u[b, i] @ W[j, i]`` formed parent-
     b <- max(b - max_j b, -floor),          C = softmax_j(b)
 
 and the output pass -- written as plain tensor code that inductor fuses (CPU: C++/OpenMP kernels, so a C++
-compiler is required; CUDA: Triton). The same formulas in the same order as :mod:`proxnets.capsules.routing`:
-values, couplings and gradients agree with the eager paths up to float round-off (tested in float64).
+compiler is required; CUDA: Triton). The passes are :func:`proxnets.capsules.routing._route_passes`, the loop every
+routing path runs, with einsum products: values, couplings and gradients agree with the eager paths up to float
+round-off (tested in float64).
 
 Only the fixed-pass call without ``trace``/``tol`` is compiled; traced or tolerance-stopped calls (and so every
 certificate: energy, KKT gap, symmetric KL) always run the eager code, unchanged. ``gradient="last"`` detaches
@@ -27,7 +28,7 @@ import shutil
 
 import torch
 
-from proxnets.capsules.functional import _squash as squash
+from proxnets.capsules.routing import _route_passes
 
 __all__ = ["RECOMPILE_LIMIT", "compiler_available", "compiled_routing"]
 
@@ -69,25 +70,18 @@ def _passes(u: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         votes = torch.einsum("bmk,nmkd->bnmd", u, weight)  # parent-major, as ParentMajorVotes
     B, N, M, _ = votes.shape
     inner = votes.detach() if detach_inner else votes
-    inner_bias = None if bias is None else (bias.detach() if detach_inner else bias)
-    logits = votes.new_zeros(B, N + int(leaky), M)  # softmax over dim 1 (the parents)
+    logits = votes.new_zeros(B, N + int(leaky), M)  # batch-major: softmax over dim 1 (the parents)
     if init is not None:
         logits = torch.cat([init.permute(0, 2, 1), logits[:, N:]], 1) if leaky else init.permute(0, 2, 1)
-    c = torch.softmax(logits, 1)
-    for _ in range(max(iterations, 1) - 1):
-        s = torch.einsum("bnm,bnmd->bnd", c[:, :N], inner)
-        v = squash(s if inner_bias is None else s + inner_bias)
-        a = torch.einsum("bnmd,bnd->bnm", inner, v)  # agreement = -grad E(C)
-        if leaky:
-            a = torch.cat([a, a.new_zeros(B, 1, M)], 1)  # the leak's gradient is 0
-        logits = logits + a if decay is None else decay * logits + lam * a
-        logits = (logits - logits.amax(1, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
-        c = torch.softmax(logits, 1)
+    s, v, c, _, _ = _route_passes(
+        lambda c, final: torch.einsum("bnm,bnmd->bnd", c, votes if final else inner),
+        lambda v, final: torch.einsum("bnmd,bnd->bnm", inner, v),  # agreement = -grad E(C)
+        logits, max(iterations, 1), pdim=1, leaky=leaky, bias=bias,
+        inner_bias=None if bias is None else (bias.detach() if detach_inner else bias), decay=decay, lam=lam,
+        sign=1.0, axis="parents", floor=floor, inplace=False, uniform=init is None)
     c = c[:, :N]
-    s = torch.einsum("bnm,bnmd->bnd", c, votes)
     if detach_inner:  # gradient="last": the caller runs the output pass with gradients (eager factored kernels)
         return s, c.permute(0, 2, 1)
-    v = squash(s if bias is None else s + bias)
     return v, c.detach().permute(0, 2, 1)
 
 

@@ -282,19 +282,138 @@ def _logit_floor(dtype: torch.dtype) -> float:
     return 0.6 * -math.log(torch.finfo(dtype).tiny)
 
 
-def _softmax_couplings(logits: torch.Tensor, leaky: bool, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Couplings from parent-major logits ``(N [+ 1], B, M)``: softmax over the parents (dim 0).
+def _update_rule(votes: Votes, routing: str, tau: Any, step: Any, broken: str | None):
+    """The logit update of every routing path, written once: ``(tau_b, step_b, decay, lam, sign, axis)``.
 
-    Returns ``(c, c_full)``; with ``leaky`` the last row of the logits is the leak (its logit never
-    changes from 0) and ``c`` drops it. (Parent-major because a softmax over a short last axis is
-    slow on CPU.) ``dim = 2`` (the children) is only the broken variant ``"softmax-over-children"``.
-    """
-    full = torch.softmax(logits, dim=dim)
-    return (full[:-1] if leaky else full), full
+    ``tau_b``, ``step_b``: per-sample ``tau`` and ``lambda`` ``(B,)`` (:func:`_regularization`); ``decay = 1 - lambda
+    tau`` and ``lam = lambda`` ``(B,)`` for regularized routing, both None for standard routing (``b <- b + a``);
+    ``sign = -1`` and ``axis = "children"`` only for the broken variants ``"negative-update"`` and
+    ``"softmax-over-children"`` (``"anti-regularized"`` flips the sign of ``lambda tau`` in ``decay``)."""
+    tau_b, step_b = _regularization(votes, routing, tau, step)
+    decay = lam = None
+    if routing == "regularized":
+        decay = 1 - (-1 if broken == "anti-regularized" else 1) * step_b * tau_b
+        lam = step_b
+    sign = -1.0 if broken == "negative-update" else 1.0
+    axis = "children" if broken == "softmax-over-children" else "parents"
+    return tau_b, step_b, decay, lam, sign, axis
+
+
+def _per_sample(x: torch.Tensor | None, pdim: int) -> torch.Tensor | None:
+    """A ``(B,)`` tensor shaped to broadcast against logits of layout ``pdim`` (:func:`_route_passes`)."""
+    return None if x is None else x.view((1, -1, 1) if pdim == 0 else (-1, 1, 1))
+
+
+def _route_passes(combine, agree, logits: torch.Tensor, passes: int, *, pdim: int, leaky: bool,
+                  bias: torch.Tensor | None, inner_bias: torch.Tensor | None, decay: torch.Tensor | None,
+                  lam: torch.Tensor | None, sign: float, axis: str, floor: float, inplace: bool,
+                  uniform: bool = False, output_pass: bool = True, step_after_last: bool = False, on_pass=None,
+                  on_step=None):
+    """The routing passes, the one implementation every path runs (eager, formed/chunked, the adjoint's forward,
+    compiled). Per pass ``t``:
+
+        s = combine(C_t) (+ beta),  v = squash(s),  a = agree(v) (+ the leak's 0),
+        x = b + sign a  |  decay b + lam sign a,    b_t+1 = max(x - max_j x, -floor),   C_t+1 = softmax_j(b_t+1)
+
+    ``logits``: the initial logits in one of two layouts, parent-major ``(N [+ 1], B, M)`` (``pdim = 0``) or
+    batch-major ``(B, N [+ 1], M)`` (``pdim = 1``); the children are dim 2 in both (``axis = "children"``: the
+    broken softmax over them). ``combine(c, final) -> (B, N, D)`` (bias excluded) takes the real parents' couplings
+    in that layout, ``agree(v, final)`` returns the agreement in it; ``final`` marks the output pass (where
+    ``gradient="last"`` uses the votes with gradients and ``bias`` instead of ``inner_bias``). ``decay``/``lam``:
+    shaped like :func:`_per_sample`. ``inplace``: renormalize without new buffers (nothing saved for backward).
+    ``uniform``: the logits are zeros, ``C_0 = 1 / n`` without the softmax (the same numbers: ``exp(0) = 1``).
+
+    ``output_pass=False`` (measured runs): the last pass is not the output pass; ``step_after_last``: the step to
+    ``C_T`` is still taken (its change and KL are traced). ``on_pass(t, s + beta, v, C_t, b_t)`` observes every pass,
+    ``on_step(t, a, C_t, C_t+1, b_t+1)`` every step and stops the run when it returns True (``tol``). Returns
+    ``(s, v, C, passes done, stopped)`` of the output pass: ``s`` without the bias, ``C`` with the leak."""
+    parents = logits.shape[pdim] - int(leaky)
+    ax = pdim if axis == "parents" else 2
+    c_full = torch.full_like(logits, 1.0).div_(logits.shape[ax]) if uniform else torch.softmax(logits, ax)
+    stopped = False
+    s = v = None
+    t = 0
+    for t in range(passes):
+        last = t == passes - 1
+        final = last and output_pass
+        s = combine(c_full.narrow(pdim, 0, parents) if leaky else c_full, final)
+        beta = bias if final else inner_bias
+        sb = s if beta is None else s + beta
+        v = squash(sb)
+        if on_pass is not None:
+            on_pass(t, sb, v, c_full, logits)
+        if last and not step_after_last:
+            break
+        a = agree(v, final)  # a = -grad E(C)
+        if leaky:  # the leak's gradient is 0
+            a = torch.cat([a, a.new_zeros(a.shape[:pdim] + (1,) + a.shape[pdim + 1:])], pdim)
+        step_a = a if sign == 1.0 else sign * a
+        x = logits + step_a if decay is None else decay * logits + lam * step_a  # b <- (1 - lambda tau) b + lambda a
+        if inplace:
+            x.sub_(x.amax(ax, keepdim=True)).clamp_min_(-floor)  # same softmax; no subnormals
+        else:
+            x = (x - x.amax(ax, keepdim=True)).clamp_min(-floor)
+        c_next = torch.softmax(x, ax)
+        if on_step is not None and on_step(t, a, c_full, c_next, x):
+            stopped = True
+            break
+        if last:
+            break
+        logits, c_full = x, c_next
+    return s, v, c_full, t + 1, stopped
 
 
 def _bmn(c: torch.Tensor) -> torch.Tensor:
     return c.permute(1, 2, 0)  # parent-major (N, B, M) -> logical (B, M, N) view
+
+
+def _tracer(stats: dict, residuals: list, *, pdim: int, axis: str, trace: bool, tol: float | None, regularized: bool,
+            tau_b: torch.Tensor, step_b: torch.Tensor, mute_threshold: float, logits: torch.Tensor):
+    """``(on_pass, on_step)`` of :func:`_route_passes` that record the certificate's bookkeeping of
+    :class:`RoutingInfo` (energy, objective, entropy, couplings, muting, row sums per pass; change, KKT gap,
+    symmetric KL and the regularized decrease bound per step) into ``stats`` and the residuals, and stop at
+    ``tol``. Everything from the logits' layout ``pdim``; log-couplings from ``log_softmax`` of the logits
+    (couplings underflow in linear space)."""
+    ax = pdim if axis == "parents" else 2
+    both = (pdim, 2)
+    tau_l = _per_sample(tau_b, pdim)
+    state = {"log_c": torch.log_softmax(logits.detach(), dim=ax) if trace else None}
+
+    def on_pass(t, sb, v, c_full, _logits):
+        if not trace:
+            return
+        with torch.no_grad():
+            cf, lc = c_full.detach(), state["log_c"]
+            energy = _energy_of(sb.detach())
+            stats["energy"].append(energy)
+            stats["objective"].append(energy + tau_b * (cf * lc).sum(both))
+            stats["entropy"].append(-torch.special.xlogy(cf, cf).sum(pdim).mean(-1))
+            stats["max_coupling"].append(cf.amax(pdim).mean(-1))
+            stats["min_log_coupling"].append(lc.amin(both))
+            stats["muted"].append((capsule_length(v.detach()) < mute_threshold).to(sb.dtype).mean(-1))
+            stats["row_sum_error"].append((cf.sum(pdim) - 1).abs().amax(-1))
+
+    def on_step(t, a, c_full, c_next, x):
+        with torch.no_grad():
+            cf = c_full.detach()
+            moved = (c_next - cf).abs().amax(both)  # (B,)
+            residuals.append(float(moved.max()))
+            if trace:
+                log_c = state["log_c"]
+                q = a.detach() - tau_l * log_c if regularized else a.detach()  # -grad F up to a row constant
+                stats["kkt_gap"].append((q.amax(pdim) - (cf * q).sum(pdim)).sum(-1))  # (B,)
+                stats["change"].append(moved)
+                log_next = torch.log_softmax(x.detach(), dim=ax)
+                diff = log_next - log_c
+                # KL(C'||C) and KL(C||C') from logs (couplings underflow in linear space)
+                kl_fwd = (c_next.detach() * diff).sum(both)
+                kl_bwd = -(cf * diff).sum(both)
+                stats["sym_kl"].append(kl_fwd + kl_bwd)
+                stats["decrease_bound"].append((1 / step_b - tau_b) * kl_fwd + kl_bwd / step_b)
+                state["log_c"] = log_next
+        return tol is not None and residuals[-1] < tol
+
+    return on_pass, on_step
 
 
 def dynamic_routing(
@@ -314,7 +433,7 @@ def dynamic_routing(
     policy: str = "warn",
     backend: str = "eager",
     _broken: str | None = None,
-    _out: dict | None = None,
+    _formed_adjoint: bool = False,
 ) -> tuple[torch.Tensor, RoutingInfo]:
     """Routing by agreement (Sabour et al. 2017, Procedure 1), vectorized over batch, children, parents.
 
@@ -347,9 +466,10 @@ def dynamic_routing(
             certificates) always run eager.
         _broken: a key of :data:`BROKEN_VARIANTS` runs that deliberately wrong procedure (tests of
             the certificate and the claims only).
-        _out: (internal, the chunked paths) a dict that receives ``"s"``, the output pass's
-            ``sum_i c_ij u_hat_ij`` ``(B, N, D)`` without the bias, and ``"c_pm"``, its couplings parent-major
-            ``(N, B, M)``: what the caller would otherwise recompute.
+        _formed_adjoint: (tests) factored votes formed whole with ``gradient="all"`` take the hand-derived
+            backward (:class:`_AdjointRouting`) instead of autograd through the passes (the default there: the
+            adjoint saved 3% CPU on the quick suite, within its noise, and would move every trained claim value by
+            round-off; docs/capsules.md). Votes routed in chunks always take the adjoint.
 
     Returns:
         ``(v, info)``: parent capsules ``v (B, N, D)`` and a :class:`RoutingInfo`.
@@ -372,13 +492,16 @@ def dynamic_routing(
         bias = check_tensor("bias", bias, finite=False)
         if bias.shape not in ((N, votes.dim), (B, N, votes.dim)):
             fail("bias", f"shape ({N}, {votes.dim}) or ({B}, {N}, {votes.dim})", tuple(bias.shape))
+    if initial_logits is not None:
+        initial_logits = check_tensor("initial_logits", initial_logits, shape=(B, M, N)).detach().to(votes.dtype)
     passes = max(iterations, 1)
     measure = trace or tol is not None
     outer_grad = torch.is_grad_enabled()
     detached = gradient == "last"
-    if backend == "compiled" and not measure and _broken is None and _out is None:
-        return _compiled_call(votes, iterations, gradient=gradient, leaky=leaky, bias=bias, routing=routing, tau=tau,
-                              step=step, initial_logits=initial_logits)
+    options = dict(leaky=leaky, bias=bias, routing=routing, tau=tau, step=step, initial_logits=initial_logits)
+    if backend == "compiled" and not measure and _broken is None:
+        return _compiled_call(votes, iterations, gradient=gradient, **options)
+    inner = votes.detach() if detached else votes
     if isinstance(votes, FactoredVotes) and passes > 1:
         # The passes read the same votes 2r - 1 times: form them once, parent-major (ParentMajorVotes), when they
         # fit in _MATERIALIZE_BYTES; otherwise route cache-sized chunks of the batch (same result, per sample).
@@ -386,132 +509,57 @@ def dynamic_routing(
             if detached or not outer_grad:
                 with torch.no_grad():
                     inner = votes.parent_major()  # the final pass keeps the factored votes (gradients, memory)
-            elif _FORMED_ADJOINT and not measure and _broken is None and _out is None:
-                if initial_logits is not None:
-                    check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
-                return _adjoint_routing(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
-                                        initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=None)
+            elif _formed_adjoint and not measure and _broken is None:
+                return _adjoint_routing(votes, iterations, **options)
             else:
                 votes = inner = votes.parent_major()  # autograd through every pass; keeps B N M D numbers
-        elif tol is None and not trace and (detached or not outer_grad or _broken is None):
-            if initial_logits is not None:
-                check_tensor("initial_logits", initial_logits, shape=(votes.batch, votes.children, votes.parents))
-            # (a broken variant with gradients through every pass takes the generic path below: tests only)
-            chunked = _chunked_routing if detached or not outer_grad else _adjoint_routing
-            return chunked(votes, iterations, leaky=leaky, bias=bias, routing=routing, tau=tau, step=step,
-                           initial_logits=initial_logits, mute_threshold=mute_threshold, _broken=_broken)
-        else:
-            inner = votes.detach() if detached else votes
-    else:
-        inner = votes.detach() if detached else votes
-    axis = 2 if _broken == "softmax-over-children" else 0  # parent-major logits: dim 0 = parents
-    sign = -1.0 if _broken == "negative-update" else 1.0
-    tau_b, step_b_ = _regularization(inner if isinstance(inner, ParentMajorVotes) else votes, routing, tau, step)
-    inner_bias = None if bias is None else (bias.detach() if detached else bias)
+        elif not measure and (detached or not outer_grad):
+            return _chunked_routing(votes, iterations, _broken=_broken, **options)
+        elif not measure and _broken is None:
+            return _adjoint_routing(votes, iterations, **options)
+        # (traced runs, and a broken variant with gradients through every pass, take the generic path: tests only)
+    tau_b, step_b, decay, lam, sign, axis = _update_rule(
+        inner if isinstance(inner, ParentMajorVotes) else votes, routing, tau, step, _broken)
     inner_mode = torch.no_grad() if detached else contextlib.nullcontext()
-    regularized = routing == "regularized"
-    if regularized:  # (standard routing needs none of these: fewer small ops per call)
-        decay = (1 - (-1 if _broken == "anti-regularized" else 1) * step_b_ * tau_b)[None, :, None]  # 1 - lambda tau
-        lam = step_b_[None, :, None]
-        tau_pm = tau_b[None, :, None]
 
-    last_sum: list[torch.Tensor] = []
+    def combine(c: torch.Tensor, final: bool) -> torch.Tensor:
+        if final and detached:  # the last pass of the classic procedure: the only one gradients go through
+            return votes.combine(_bmn(c))
+        with inner_mode:
+            return inner.combine(_bmn(c))  # (B, N, D)
 
-    def combine(vs: Votes, c: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
-        s_ = vs.combine(_bmn(c))  # (B, N, D)
-        if _out is not None:
-            last_sum[:] = [s_]  # the last call is the output pass (its couplings are those reported)
-        return s_ if beta is None else s_ + beta
+    def agree(v: torch.Tensor, final: bool) -> torch.Tensor:
+        with inner_mode:
+            return inner.agree(v).permute(2, 0, 1)  # (N, B, M)
 
-    # b, parent-major (N, B, M) plus the leak's row; reset for every call
+    # b, parent-major (N, B, M) plus the leak's row (a softmax over a short last axis is slow on CPU); reset for
+    # every call
     logits = torch.zeros(N + int(leaky), B, M, dtype=votes.dtype, device=votes.device)
     if initial_logits is not None:
-        init = check_tensor("initial_logits", initial_logits, shape=(B, M, N))
-        logits[:N] = init.detach().to(votes.dtype).permute(2, 0, 1)
-    floor = _logit_floor(votes.dtype)
-    c, c_full = _softmax_couplings(logits, leaky, axis)
-    log_c = torch.log_softmax(logits, dim=axis) if trace else None
+        logits[:N] = initial_logits.permute(2, 0, 1)
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in RoutingInfo.TRACE_FIELDS}
     residuals: list[float] = []
-    converged = False
-    s = v = None
-    s_has_grad = False
-    for t in range(passes):
-        final = t == passes - 1 and not measure
-        if final and detached:
-            # The last pass of the classic procedure: the only one gradients go through.
-            with torch.set_grad_enabled(outer_grad):
-                s = combine(votes, c, bias)
-            s_has_grad = True
-        else:
-            with inner_mode:
-                s = combine(inner, c, inner_bias)
-            s_has_grad = not detached
-        v = squash(s)  # (B, N, D)
-        if trace:
-            with torch.no_grad():
-                cf_, lc_ = c_full.detach(), log_c.detach()
-                energy = _energy_of(s.detach())
-                stats["energy"].append(energy)
-                stats["objective"].append(energy + tau_b * (cf_ * lc_).sum((0, 2)))
-                stats["entropy"].append(-torch.special.xlogy(cf_, cf_).sum(0).mean(-1))
-                stats["max_coupling"].append(cf_.amax(0).mean(-1))
-                stats["min_log_coupling"].append(lc_.amin((0, 2)))
-                stats["muted"].append((capsule_length(v.detach()) < mute_threshold).to(s.dtype).mean(-1))
-                stats["row_sum_error"].append((cf_.sum(0) - 1).abs().amax(-1))
-        if final or iterations == 0:
-            break
-        with inner_mode:
-            agreement = inner.agree(v).permute(2, 0, 1)  # a = -grad E(C), (N, B, M)
-            if leaky:
-                agreement = torch.cat([agreement, agreement.new_zeros(1, B, M)])  # the leak's gradient is 0
-            if trace:
-                a, cf = agreement.detach(), c_full.detach()  # (N [+ 1], B, M)
-                q = a - tau_pm * log_c.detach() if regularized else a  # -grad F up to a row constant
-                stats["kkt_gap"].append((q.amax(0) - (cf * q).sum(0)).sum(-1))  # (B,)
-            if regularized:
-                logits = decay * logits + (sign * lam) * agreement  # b <- (1 - lambda tau) b + lambda a
-            else:
-                logits = logits + sign * agreement  # b <- b - grad E(C)
-            if torch.is_grad_enabled():
-                logits = (logits - logits.amax(axis, keepdim=True)).clamp_min(-floor)  # same softmax; no subnormals
-            else:  # nothing is saved for backward: in place, no new (N, B, M) buffers
-                logits.sub_(logits.amax(axis, keepdim=True)).clamp_min_(-floor)
-            c_next, c_next_full = _softmax_couplings(logits, leaky, axis)
-        if measure:
-            moved = (c_next_full - c_full).detach().abs().amax((0, 2))  # (B,)
-            residuals.append(float(moved.max()))
-            if trace:
-                stats["change"].append(moved)
-                log_next = torch.log_softmax(logits.detach(), dim=axis)
-                diff = log_next - log_c
-                # KL(C'||C) and KL(C||C') from logs (couplings underflow in linear space)
-                kl_fwd = (c_next_full.detach() * diff).sum((0, 2))
-                kl_bwd = -(cf * diff).sum((0, 2))
-                stats["sym_kl"].append(kl_fwd + kl_bwd)
-                stats["decrease_bound"].append((1 / step_b_ - tau_b) * kl_fwd + kl_bwd / step_b_)
-                log_c = log_next
-            if tol is not None and residuals[-1] < tol:
-                converged = True
-                break
-        if t == passes - 1:
-            break
-        c, c_full = c_next, c_next_full
-
-    if detached and not s_has_grad and outer_grad:
-        s = combine(votes, c, bias)  # re-run the final pass with gradients to the votes
-        v = squash(s)
+    on_pass, on_step = (_tracer(stats, residuals, pdim=0, axis=axis, trace=trace, tol=tol, regularized=decay is not None,
+                                tau_b=tau_b, step_b=step_b, mute_threshold=mute_threshold, logits=logits) if measure else (None, None))
+    inner_bias = None if bias is None else (bias.detach() if detached else bias)
+    s, v, c_full, done, converged = _route_passes(
+        combine, agree, logits, passes, pdim=0, leaky=leaky, bias=bias, inner_bias=inner_bias,
+        decay=_per_sample(decay, 0), lam=_per_sample(lam, 0), sign=sign, axis=axis, floor=_logit_floor(votes.dtype),
+        inplace=detached or not outer_grad, uniform=initial_logits is None, output_pass=not measure, step_after_last=measure and iterations > 0,
+        on_pass=on_pass, on_step=on_step)
+    c = c_full[:-1] if leaky else c_full
+    if detached and measure and outer_grad:
+        s = votes.combine(_bmn(c))  # re-run the final pass with gradients to the votes
+        v = squash(s if bias is None else s + bias)
     for name in ("change", "sym_kl", "kkt_gap", "decrease_bound"):
         if trace and len(stats[name]) < len(stats["energy"]):
             stats[name].append(torch.full((B,), math.nan, dtype=votes.dtype, device=votes.device))
-    if _out is not None:
-        _out["s"], _out["c_pm"] = last_sum[0], c
     info = RoutingInfo(
-        iterations=len(stats["energy"]) if trace else min(passes, t + 1),
+        iterations=len(stats["energy"]) if trace else done,
         converged=converged,
         residuals=residuals,
-        couplings=_bmn(c).detach() if _out is not None else _bmn(c).detach().contiguous(),  # _out: the caller copies
-        tau=tau_b, step=step_b_,
+        couplings=_bmn(c).detach().contiguous(),
+        tau=tau_b, step=step_b,
         **({k: torch.stack(val) for k, val in stats.items()} if trace else {}),
     )
     if tol is not None:
@@ -523,33 +571,38 @@ _MATERIALIZE_BYTES = 32 << 20
 """Factored votes up to this size (``B N M D`` numbers) are formed once per routing call (the suite's models:
 2.3 MB at batch 25); larger batches are routed in chunks of ``_CHUNK_BYTES``."""
 _CHUNK_BYTES = 8 << 20  # one chunk's votes stay in the last-level cache while its passes run (2-16 MB measured)
+_KEEP_BYTES = 32 << 20  # the adjoint's per-pass tensors are kept up to this size, else replayed in backward
 
 
-def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits, **options):
-    """``dynamic_routing`` without gradients through the passes, over chunks of the batch: each chunk's votes are
-    formed once (:meth:`FactoredVotes.parent_major`) and routed; the output pass uses the factored votes, so
-    gradients reach ``u`` and ``weight`` without the ``(B, M, N, D)`` votes ever existing in full."""
-    B = votes.batch
+def _chunk_size(votes: Votes) -> int:
     per_sample = votes.parents * votes.children * votes.dim * votes.dtype.itemsize
-    step = max(1, min(B, _CHUNK_BYTES // per_sample))
-    N, M, D = votes.parents, votes.children, votes.dim
-    # each chunk's output-pass couplings (parent-major, the layout of the backward kernels) and sums land here
-    c_pm = torch.empty(N, B, M, dtype=votes.dtype, device=votes.device)
+    return max(1, min(votes.batch, _CHUNK_BYTES // per_sample))
+
+
+def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits, leaky: bool,
+                     routing: str, tau: Any, step: Any, _broken: str | None):
+    """``dynamic_routing`` without gradients through the passes, over chunks of the batch: each chunk's votes are
+    formed once (:func:`form_parent_major`) and routed (:func:`_route_formed`); the output pass uses the factored
+    votes, so gradients reach ``u`` and ``weight`` without the ``(B, M, N, D)`` votes ever existing in full."""
+    B, N, M, D = votes.batch, votes.parents, votes.children, votes.dim
+    # each chunk's output-pass couplings and sums land here (batch-major, as the passes leave them)
+    c_bm = torch.empty(B, N, M, dtype=votes.dtype, device=votes.device)
     sums = torch.empty(B, N, D, dtype=votes.dtype, device=votes.device)
     taus, steps = [], []
     workspace: dict = {}  # every chunk's votes in the same two buffers (votes.workspace_buffer)
+    floor = _logit_floor(votes.dtype)
     with torch.no_grad():
         wi = votes.child_major_weight()
-        for sl in _batch_chunks(B, step):
-            formed = form_parent_major(votes.u[sl], wi, votes.parents, workspace)
-            out: dict = {}
-            _, info = dynamic_routing(formed, iterations, gradient="last", bias=_rows(bias, sl),
-                                      initial_logits=_rows(initial_logits, sl), _out=out, **options)
-            c_pm[:, sl] = out["c_pm"]
-            sums[sl] = out["s"]  # the output pass's s, bias excluded (not recomputed)
-            taus.append(info.tau)
-            steps.append(info.step)
-    c = c_pm.permute(1, 2, 0)  # (B, M, N) view: the couplings of the output pass
+        for sl in _batch_chunks(B, _chunk_size(votes)):
+            formed = form_parent_major(votes.u[sl], wi, N, workspace)
+            tau_b, step_b, decay, lam, sign, axis = _update_rule(formed, routing, tau, step, _broken)
+            sums[sl], _, c, _ = _route_formed(formed, max(iterations, 1), leaky=leaky, bias=_rows(bias, sl),
+                                              decay=decay, lam=lam, sign=sign, axis=axis,
+                                              init=_rows(initial_logits, sl), floor=floor, keep=False)
+            c_bm[sl] = c[:, :N]
+            taus.append(tau_b)
+            steps.append(step_b)
+    c = c_bm.permute(0, 2, 1)  # (B, M, N) view: the couplings of the output pass
     s = votes.combine_given(c, sums)  # gradients to u and weight through the factored maps
     v = squash(s if bias is None else s + bias)
     info = RoutingInfo(iterations=max(iterations, 1), converged=False, residuals=[], couplings=c.contiguous(),
@@ -559,44 +612,37 @@ def _chunked_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tenso
 
 def _route_formed(votes: ParentMajorVotes, passes: int, *, leaky: bool, bias: torch.Tensor | None,
                   decay: torch.Tensor | None, lam: torch.Tensor | None, init: torch.Tensor | None, floor: float,
-                  keep: bool):
-    """The ``passes`` of standard/regularized routing on formed votes, without autograd: the formulas of the eager
-    loop of :func:`dynamic_routing` in the same order, with the logits batch-major ``(b, N [+ 1], M)`` (each
-    agreement comes out of its product in that layout: no transposing copies). ``decay``/``lam`` ``(b, 1, 1)``
-    (None: ``b <- b + a``). Returns ``(v, c, record)``: the output ``v (b, N, D)``, the output pass's couplings
-    ``(b, N [+ 1], M)`` and, with ``keep``, what :class:`_AdjointRouting` needs to run the passes backwards:
-    per pass ``s_t + beta`` and ``v_t`` ``(b, N, D)`` and ``C_t``, and the renormalized logits ``b_t`` of the passes
-    ``t >= 1``."""
+                  keep: bool, sign: float = 1.0, axis: str = "parents"):
+    """:func:`_route_passes` on formed votes without autograd, the logits batch-major ``(b, N [+ 1], M)`` (each
+    agreement comes out of its product in that layout: no transposing copies). ``decay``/``lam`` ``(b,)`` (None:
+    ``b <- b + a``). Returns ``(s, v, c, record)``: the output pass's ``s`` (bias excluded) and ``v (b, N, D)``, its
+    couplings ``(b, N [+ 1], M)`` and, with ``keep``, what :class:`_AdjointRouting` needs to run the passes
+    backwards: per pass ``s_t + beta`` and ``v_t`` ``(b, N, D)`` and ``C_t``, and the renormalized logits ``b_t`` of
+    the passes ``t >= 1``."""
     b, N, M, D = votes.u_pm.shape
     U = votes.u_pm.view(b * N, M, D)
     logits = torch.zeros(b, N + int(leaky), M, dtype=votes.dtype, device=votes.device)
     if init is not None:
         logits[:, :N] = init.permute(0, 2, 1)
-    c = torch.softmax(logits, dim=1)
-    sb, vs, cs, bs = [], [], [], []
-    for t in range(passes):
-        s = torch.bmm(c[:, :N].reshape(b * N, 1, M), U).view(b, N, D)  # s_j = sum_i c_ij u_hat_ij
-        if bias is not None:
-            s = s + bias
-        v = squash(s)
-        if keep:
-            sb.append(s)
-            vs.append(v)
-            cs.append(c)
-        if t == passes - 1:
-            break
-        agreement = torch.bmm(v.view(b * N, 1, D), U.transpose(1, 2)).view(b, N, M)  # a = -grad E(C)
-        if leaky:
-            agreement = torch.cat([agreement, agreement.new_zeros(b, 1, M)], 1)  # the leak's gradient is 0
-        if decay is None:
-            logits = logits + (agreement if lam is None else lam * agreement)
-        else:
-            logits = decay * logits + lam * agreement
-        logits.sub_(logits.amax(1, keepdim=True)).clamp_min_(-floor)  # same softmax; no subnormals
-        if keep:
-            bs.append(logits)
-        c = torch.softmax(logits, dim=1)
-    return v, c, (sb, vs, cs, bs)
+    record: tuple[list, list, list, list] = ([], [], [], [])
+    sb, vs, cs, bs = record
+
+    def on_pass(t, s_beta, v, c, _logits):
+        sb.append(s_beta)
+        vs.append(v)
+        cs.append(c)
+
+    def on_step(t, a, c, c_next, x):
+        bs.append(x)
+        return False
+
+    s, v, c, _, _ = _route_passes(
+        lambda c, final: torch.bmm(c.reshape(b * N, 1, M), U).view(b, N, D),  # s_j = sum_i c_ij u_hat_ij
+        lambda v, final: torch.bmm(v.view(b * N, 1, D), U.transpose(1, 2)).view(b, N, M),  # <u_hat_ij, v_j>
+        logits, passes, pdim=1, leaky=leaky, bias=bias, inner_bias=bias, decay=_per_sample(decay, 1),
+        lam=_per_sample(lam, 1), sign=sign, axis=axis, floor=floor, inplace=True, uniform=init is None,
+        on_pass=on_pass if keep else None, on_step=on_step if keep else None)
+    return s, v, c, record
 
 
 def _squash_vjp(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -607,13 +653,13 @@ def _squash_vjp(s: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return gs
 
 
-def _renormalization_vjp(gb: torch.Tensor, bt: torch.Tensor, floor: float) -> torch.Tensor:
+def _renormalization_vjp(gb: torch.Tensor, bt: torch.Tensor, floor: float, exact: bool = False) -> torch.Tensor:
     """Adjoint of ``b_t = max(x - max_j x, -floor)`` (``(b, N [+ 1], M)``, parents on dim 1) given ``G_b`` and
     ``b_t``: ``G_y = G_b [b_t > -floor]``, ``G_x = G_y - [b_t = 0] / #[b_t = 0] sum_j G_y`` (torch's ``amax``
     splits its gradient evenly over ties). When nothing is clamped ``sum_j G_b = 0`` exactly in real arithmetic
     (softmax backward, and the same for the carried ``G_x``), so the max's term is round-off and skipped
-    (unless ``_EXACT_MAX_PATH``)."""
-    if not _EXACT_MAX_PATH and not bool((bt <= -floor).any()):
+    (``exact``: taken anyway; the tests check that both agree with autograd)."""
+    if not exact and not bool((bt <= -floor).any()):
         return gb
     gy = gb * (bt > -floor)  # clamp_min: no gradient where clamped
     is_max = bt == 0
@@ -655,8 +701,9 @@ class _AdjointRouting(torch.autograd.Function):
         with torch.no_grad():
             for sl in _batch_chunks(B, step):
                 formed = form_parent_major(u[sl], wi, parents, workspace)
-                v[sl], c, rec = _route_formed(formed, passes, leaky=leaky, bias=_rows(bias, sl), decay=_rows(decay, sl),
-                                              lam=_rows(lam, sl), init=_rows(init, sl), floor=floor, keep=keep)
+                _, v[sl], c, rec = _route_formed(formed, passes, leaky=leaky, bias=_rows(bias, sl),
+                                                 decay=_rows(decay, sl), lam=_rows(lam, sl), init=_rows(init, sl),
+                                                 floor=floor, keep=keep)
                 c_out[sl] = c[:, :parents].transpose(1, 2)
                 records.append(rec if keep else None)
         ctx.save_for_backward(u, wi, bias)
@@ -684,8 +731,8 @@ class _AdjointRouting(torch.autograd.Function):
                 formed = form_parent_major(u[sl], wi, parents, workspace)
                 rec = records[k]
                 if rec is None:  # not kept: replay this chunk's passes (no graph)
-                    _, _, rec = _route_formed(formed, passes, leaky=leaky, bias=_rows(bias, sl), decay=dec, lam=la,
-                                              init=_rows(init, sl), floor=floor, keep=True)
+                    rec = _route_formed(formed, passes, leaky=leaky, bias=_rows(bias, sl), decay=dec, lam=la,
+                                        init=_rows(init, sl), floor=floor, keep=True)[3]
                 records[k] = None  # free as we go
                 sb, vs, cs, bs = rec
                 U = formed.u_pm.view(b * N, M, D)
@@ -733,57 +780,38 @@ def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
     return x if x is None or x.ndim == 2 else x[sl]
 
 
-_FORMED_ADJOINT = False
-"""Formed votes (the suite's models) with ``gradient="all"`` take autograd through the passes, not the adjoint: the
-adjoint there saved 3% CPU on the quick suite (one paired run, within its noise) and moves every trained claim value
-by float round-off (docs/capsules.md); True selects it (tested equal to autograd)."""
-_KEEP_BYTES = 32 << 20  # the adjoint's per-pass tensors are kept up to this size, else replayed in backward
-_EXACT_MAX_PATH = False  # tests: also take the subtracted max's (round-off) term when nothing is clamped
-
-
 def _adjoint_routing(votes: FactoredVotes, iterations: int, *, bias: torch.Tensor | None, initial_logits,
-                     leaky: bool, routing: str, tau: Any, step: Any, mute_threshold: float, _broken: None):
+                     leaky: bool, routing: str, tau: Any, step: Any):
     """``dynamic_routing(..., gradient="all")`` for votes too large to keep: over chunks of the batch, each chunk's
     votes formed once and routed, with the hand-derived backward of :class:`_AdjointRouting`. The forward keeps
     ``u``, ``weight``, ``bias`` and the small per-pass tensors; the backward re-forms one chunk's votes at a time.
     Values and gradients are those of autograd through every pass (up to rounding); memory is one chunk's votes
     (``_CHUNK_BYTES``) and their gradient instead of all the votes and one gradient per map."""
     B, N, M, D = votes.batch, votes.parents, votes.children, votes.dim
-    per_sample = N * M * D * votes.dtype.itemsize
-    chunk = max(1, min(B, _CHUNK_BYTES // per_sample))
     passes = max(iterations, 1)
-    tau_b, step_b = _regularization(votes, routing, tau, step)
-    decay = lam = None
-    if routing == "regularized":
-        decay, lam = (1 - step_b * tau_b)[:, None, None], step_b[:, None, None]
-    init = None if initial_logits is None else initial_logits.detach().to(votes.dtype)
+    tau_b, step_b, decay, lam, _, _ = _update_rule(votes, routing, tau, step, None)
     kept = ((2 * passes - 1) * (N + int(leaky)) * M + 2 * passes * N * D) * B * votes.dtype.itemsize
     wi = votes.child_major_weight()  # formed once with gradient (backward: one accumulated gradient)
-    v, c = _AdjointRouting.apply(votes.u, wi, bias, N, init, passes, chunk, leaky, decay, lam,
-                                 _logit_floor(votes.dtype), kept <= _KEEP_BYTES)
+    v, c = _AdjointRouting.apply(votes.u, wi, bias, N, initial_logits, passes, _chunk_size(votes), leaky,
+                                 _per_sample(decay, 1), _per_sample(lam, 1), _logit_floor(votes.dtype),
+                                 kept <= _KEEP_BYTES)
     info = RoutingInfo(iterations=passes, converged=False, residuals=[], couplings=c, tau=tau_b, step=step_b)
     return v, info
+
 
 def _compiled_call(votes: Votes, iterations: int, *, gradient: str, leaky: bool, bias: torch.Tensor | None,
                    routing: str, tau: Any, step: Any, initial_logits: torch.Tensor | None):
     """``backend="compiled"``: the untraced fixed-pass call as one compiled graph (same formulas, same order)."""
     from proxnets.capsules.compiled import compiled_routing
 
-    B, M, N = votes.batch, votes.children, votes.parents
-    init = None
-    if initial_logits is not None:
-        init = check_tensor("initial_logits", initial_logits, shape=(B, M, N)).detach().to(votes.dtype)
-    tau_b, step_b = _regularization(votes, routing, tau, step)
-    decay = lam = None
-    if routing == "regularized":
-        decay, lam = (1 - step_b * tau_b)[:, None, None], step_b[:, None, None]
+    tau_b, step_b, decay, lam, _, _ = _update_rule(votes, routing, tau, step, None)
     if isinstance(votes, FactoredVotes):
         u, weight = votes.u, votes.weight
     else:
         u, weight = votes.dense(), None
-    v, c = compiled_routing(u, weight, iterations=iterations, gradient=gradient, leaky=leaky, bias=bias, decay=decay,
-                            lam=lam, initial_logits=init, floor=_logit_floor(votes.dtype),
-                            chunk_bytes=_CHUNK_BYTES)
+    v, c = compiled_routing(u, weight, iterations=iterations, gradient=gradient, leaky=leaky, bias=bias,
+                            decay=_per_sample(decay, 1), lam=_per_sample(lam, 1), initial_logits=initial_logits,
+                            floor=_logit_floor(votes.dtype), chunk_bytes=_CHUNK_BYTES)
     if gradient == "last":  # v holds s (bias excluded); the output pass with gradients, couplings constant
         if isinstance(votes, FactoredVotes):
             s = votes.combine_given(c, v)  # the value computed, gradients through the factored maps
