@@ -25,6 +25,8 @@ from proxnets.equilibrium import (
 )
 
 SHAPE = (1, 12, 12)
+# the single layer, and two unit layers as one joint equilibrium (DeepOptEqConv2d: one block, one certificate)
+LAYERS = pytest.mark.parametrize("layer", [{}, {"blocks": 2, "deep": "joint"}], ids=["single", "joint"])
 
 
 class _Scale(nn.Module):
@@ -58,6 +60,23 @@ def _scale_applied_to(block, norm: float) -> None:
     parametrize.register_parametrization(block.W, "weight", _Scale(norm / _applied_norm(block)))
 
 
+def test_joint_classifier_is_the_deep_layer_on_the_stem():
+    from proxnets.equilibrium import DeepOptEqConv2d
+
+    model = _opteq(blocks=3, deep="joint", tol=1e-6)
+    (block,) = model.blocks
+    assert isinstance(block, DeepOptEqConv2d) and block.sizes == (4, 4, 4)
+    x = torch.rand(3, *SHAPE)
+    with torch.no_grad():
+        z = block.joint(model.stem(x))
+        assert torch.equal(model.features(x), block.block(z, 2))  # the output is the last layer's z*_L
+    for bad in ({"l1": 0.1}, {"eps": 1e-3}, {"warm_start": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}: expected .* with deep='joint'"):
+            _opteq(blocks=2, deep="joint", **bad)
+    with pytest.raises(ValueError, match="deep: expected 'sequential' or 'joint', got 'both'"):
+        _opteq(deep="both")
+
+
 def test_dense_matrix_of_a_convolution():
     torch.manual_seed(1)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
@@ -68,8 +87,9 @@ def test_dense_matrix_of_a_convolution():
         dense_matrix(lambda z: z.float(), (2, 2))
 
 
-def test_intact_opteq_holds_rigorously():
-    model = _opteq()
+@LAYERS
+def test_intact_opteq_holds_rigorously(layer):
+    model = _opteq(**layer)
     certs = _by_name(certify_opteq(model, torch.rand(6, *SHAPE)))
     assert set(certs) == {"operator_norm", "equilibrium_residual", "distance_to_minimizer"}
     assert all_hold(certs.values()), [c.line() for c in certs.values()]
@@ -80,11 +100,12 @@ def test_intact_opteq_holds_rigorously():
     assert certs["distance_to_minimizer"].value == pytest.approx(certs["equilibrium_residual"].value / (1 - q))
 
 
-def test_distance_bound_holds_against_a_float64_solution():
+@LAYERS
+def test_distance_bound_holds_against_a_float64_solution(layer):
     # the a-posteriori bound |z - z*| <= |T(z) - z| / (1 - |W|^2) on a deliberately unconverged z
     from proxnets.equilibrium import solve
 
-    model = _opteq()
+    model = _opteq(**layer)
     block = model.blocks[0]
     with torch.no_grad():
         inj = block.injection(model.stem(torch.rand(5, *SHAPE))).double()
@@ -100,8 +121,9 @@ def test_distance_bound_holds_against_a_float64_solution():
         assert bool((err <= bound).all()) and bool((bound <= 30 * err).all())
 
 
-def test_norm_1_2_past_the_parametrization_fails():
-    model = _opteq()
+@LAYERS
+def test_norm_1_2_past_the_parametrization_fails(layer):
+    model = _opteq(**layer)
     _scale_applied_to(model.blocks[0], 1.2)
     certs = _by_name(certify_opteq(model, torch.rand(6, *SHAPE)))
     assert 1.2 * (1 - 1e-6) <= certs["operator_norm"].value <= 1.2 * (1 + 1e-3)

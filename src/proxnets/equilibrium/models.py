@@ -100,7 +100,8 @@ class OptEqConfig:
 
     stem_channels: int = 16
     channels: int = 16  # channels of each equilibrium z
-    blocks: int = 1  # OptEq blocks in sequence
+    blocks: int = 1  # OptEq layers: independent equilibria in sequence, or one joint equilibrium (``deep``)
+    deep: str = "sequential"  # "sequential" | "joint": the blocks as one deep OptEq (DeepOptEqConv2d, one certificate)
     kernel_size: int = 3
     activation: str = "relu"
     l1: float = 0.0  # L1 prior on the equilibrium features (a shifted ReLU)
@@ -118,6 +119,21 @@ class OptEqConfig:
     anchor: str = "linear"  # a(x) when eps > 0: "linear" (learned conv of the stem output) | "feedforward" | "zero"
 
 
+def _joint_block(cfg: OptEqConfig, spatial: tuple[int, int]) -> nn.Module:
+    """``cfg.blocks`` unit layers of ``cfg.channels`` as one joint equilibrium (:class:`DeepOptEqConv2d`)."""
+    from proxnets.equilibrium.deep import DeepOptEqConv2d
+
+    # options of the single layer that the joint layer does not implement: refused, never dropped
+    unsupported = {"l1": (cfg.l1, 0.0), "eps": (cfg.eps, 0.0), "warm_start": (cfg.warm_start, False),
+                   "solver_options": (cfg.solver_options, {}), "backward_solver": (cfg.backward_solver, None)}
+    for name, (value, default) in unsupported.items():
+        if value != default:
+            fail(name, f"{default!r} with deep='joint' (the joint layer has no {name} option)", value)
+    return DeepOptEqConv2d(cfg.stem_channels, [cfg.channels] * cfg.blocks, spatial, kernel_size=cfg.kernel_size,
+                           activation=cfg.activation, target_norm=cfg.target_norm, solver=cfg.solver, tol=cfg.tol,
+                           max_iter=cfg.max_iter, backward=cfg.backward, policy=cfg.policy)
+
+
 class OptEqClassifier(nn.Module):
     """``x (B, C, H, W) -> stem (B, S, H/2, W/2) -> OptEq blocks (B, C', H/2, W/2) -> pool -> logits (B, K)``."""
 
@@ -129,6 +145,13 @@ class OptEqClassifier(nn.Module):
         check_int("blocks", cfg.blocks, low=1)
         self.stem = _stem(c, cfg.stem_channels)
         spatial = ((h + 1) // 2, (w + 1) // 2)
+        if cfg.deep not in ("sequential", "joint"):
+            fail("deep", "'sequential' or 'joint'", cfg.deep)
+        if cfg.deep == "joint":
+            self.blocks = nn.ModuleList([_joint_block(cfg, spatial)])
+            self.pool = cfg.pool
+            self.head, _ = _head(cfg.channels, spatial, cfg.pool, num_classes)
+            return
         blocks, in_ch = [], cfg.stem_channels
         for _ in range(cfg.blocks):
             blocks.append(
@@ -595,6 +618,18 @@ def _backward_certificate(prefix: str, layer_info) -> list[Certificate]:
                         method=f"adjoint residual reported by {binfo.solver}", details={"iterations": binfo.iterations})]
 
 
+def _parametrization_estimate(block: nn.Module) -> float:
+    """The norm parametrization's own estimate of the unconstrained norm, of the weight it receives (after any
+    earlier parametrization in the chain, e.g. the joint layer's block mask)."""
+    chain = block.W.parametrizations.weight
+    w = chain.original
+    for p in chain:
+        if hasattr(p, "sigma"):
+            return float(p.sigma(w))
+        w = p(w)
+    fail("block", "a layer whose weight carries OptEq's norm parametrization", type(block).__name__, TypeError)
+
+
 def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4, max_iter: int = 1000,
                   distance_tol: float = 1e-2, perturbations: int = 0, seed: int = 0) -> list[Certificate]:
     """The optimization certificate of each OptEq block of ``model`` on inputs ``x``.
@@ -637,7 +672,7 @@ def certify_opteq(model: OptEqClassifier, x: torch.Tensor, *, tol: float = 1e-4,
                 w64 = w.double()
                 T64 = block.fixed_point_map(inj.double(), w64)
                 norm, rig, method, why = _block_norm(block)
-                estimate = float(block.W.parametrizations.weight[0].sigma(block.W.parametrizations.weight.original))
+                estimate = _parametrization_estimate(block)
                 certs += _operator_norm_certificates(prefix, block, norm, rig, method, why,
                                                      {"parametrization_estimate_of_unconstrained_norm": estimate})
                 certs += _residual_certificates(prefix, T64, z, info, tol, block.contraction(norm), rig, distance_tol,
