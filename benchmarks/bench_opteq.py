@@ -335,7 +335,7 @@ def bench_baselines(seeds: int = 3, rows: list[str] | None = None) -> dict:
     }
     if rows:
         make = {k: v for k, v in make.items() if k == "OptEq" or any(r.lower() in k.lower() for r in rows)}
-    ctx = SuiteContext(out_dir=__import__("pathlib").Path("/tmp/bench_opteq_baselines"), size="quick", log=print)
+    ctx = SuiteContext(out_dir=__import__("pathlib").Path(__import__("tempfile").mkdtemp(prefix="bench_opteq_")), size="quick", log=print)
     acc: dict[str, list[float]] = {k: [] for k in make}
     cpu: dict[str, list[float]] = {k: [] for k in make}
     iters: dict[str, list[float]] = {k: [] for k in make}
