@@ -216,6 +216,8 @@ def _ours_classifier(glue: str = "norm", method: str = "euler", **opts) -> nn.Mo
 
 # the current pick (issue 19, Cayley round): exactly orthogonal block convolutions, one step at h nu = 2, b = -1/2, orthogonal glue
 _CAYLEY = {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5}
+# the diagonal step scale (issue 19, s10): NonExpansiveBlock(step_scale="diagonal"), one step at h nu = 2 (nu = L), orthogonal glue
+_DIAG = {"glue": "orthogonal", "block_step_scale": "diagonal", "schedule": "fixed", "steps": 1}
 
 # variants of ours screened on validation (``--screen``): name -> ClassifierConfig overrides
 SCREEN = {
@@ -279,6 +281,14 @@ SCREEN = {
     # 4 at 11 x 14 x 14, the last transition 11 -> 33: head 1,617 -> 10; trunk 5,550)
     "cayley head40": {**_CAYLEY, "stage_widths": (8, 16, 40), "stage_blocks": (3, 0)},
     "cayley narrow": {**_CAYLEY, "stage_widths": (5, 11, 33), "stage_blocks": (5, 4)},
+    # the diagonal step scale (issue 19, s10): one Euler step x - 2 A^T T^{-1} sigma(A x + b) per block, T >= A A^T per channel
+    # (the SDP-based Lipschitz layer form, q = 1: no parameter added); free kernels (Cayley has no kernel to bound)
+    "ortho diag": _DIAG,
+    "ortho diag b-.5": {**_DIAG, "block_bias_init": -0.5},
+    "ortho diag b-.5 fixed2": {**_DIAG, "block_bias_init": -0.5, "steps": 2},
+    "ortho diag b-.5 wide": {**_DIAG, "block_bias_init": -0.5, "blocks_per_stage": 1, "block_features_ratio": 2},  # A: c -> 2c
+    "ortho diag b-.5 relu": {**_DIAG, "block_bias_init": -0.5, "activation": "relu"},
+    "ortho diag b-.5 bjorck": {**_DIAG, "block_bias_init": -0.5, "block_weight": "bjorck"},
     # fewer, wider blocks at equal parameters: 1 block per stage with A: c -> 2c
     "ortho wide": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2},
     "ortho wide T2": {"glue": "orthogonal", "blocks_per_stage": 1, "block_features_ratio": 2, "time": 2.0},

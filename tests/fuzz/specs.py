@@ -338,6 +338,13 @@ def entries() -> list[Entry]:
         downsample="s2d", head_pool=2))
     add(Entry("stable", "NonExpansiveClassifier.forward(s2d, head pool)", lambda x: _cached("clf_s2d", clf_s2d)(x),
               lambda g, b: {"x": _rand(g, b, 1, 8, 8)}, data=("x",)))
+    clf_diag = lambda: ST.NonExpansiveClassifier(ST.ClassifierConfig(  # noqa: E731
+        in_channels=1, image_size=8, num_classes=3, width=2, stages=1, blocks_per_stage=1, head="flatten", block_step_scale="diagonal",
+        schedule="fixed"))
+    add(Entry("stable", "NonExpansiveClassifier.forward(diagonal step scale)", lambda x: _cached("clf_diag", clf_diag)(x),
+              lambda g, b: {"x": _rand(g, b, 1, 8, 8)}, data=("x",)))
+    add(Entry("stable", "diagonal_step_scale", lambda weight: ST.diagonal_step_scale(weight),
+              lambda g, b: {"weight": _randn(g, 3, 2, 3, 3)}, tensors=("weight",)))
     add(Entry("stable", "SpaceToDepth.forward", lambda x: ST.SpaceToDepth(2)(x), lambda g, b: {"x": _rand(g, b, 2, 4, 6)},
               data=("x",), elementwise=True))
     add(Entry("stable", "ScaledAvgPool2d.forward(pad)", lambda x: ST.ScaledAvgPool2d(2, pad=True)(x),

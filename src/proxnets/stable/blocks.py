@@ -24,6 +24,34 @@ Stiffness budget. ``stiffness_budget = tau`` also keeps ``n h nu <= tau`` (``h``
 stack is firmly non-expansive (1/2-averaged), what Douglas-Rachford and ADMM need without relaxation.
 Capped steps (``max_steps``) also shorten ``h``: the condition is kept, the time span ``T`` is cut.
 
+Diagonal step scale (``step_scale="diagonal"``). The scalar rule takes the step ``h`` from ``|A|^2``, the largest
+eigenvalue of ``A A^T``. With a positive diagonal ``T`` (one entry per feature of ``A``) such that ``T >= A A^T`` in the
+PSD order, the block integrates instead the flow of the preconditioned potential
+
+    V_T(x) = sum_f Phi((A x + b)_f) / T_f,   F_T(x) = -grad V_T(x) = -A^T T^{-1} sigma(A x + b),
+
+whose gradient is ``L``-Lipschitz: ``nu = L`` in every rule above (one Euler step at ``h = 2 / L`` is the SDP-based
+Lipschitz layer ``x - 2 A^T T^{-1} sigma(A x + b)`` of Araujo et al., ICLR 2023; with ``T = |A|^2 I`` it is CPL). Proof.
+``V_T`` is convex (``Phi`` convex, ``T > 0``). Where ``sigma`` is differentiable the Hessian is ``A^T T^{-1} D A`` with
+``D = diag(sigma')``, ``0 <= D <= L``, so ``0 <= A^T T^{-1} D A <= L A^T T^{-1} A``, and ``A^T T^{-1} A`` has the nonzero
+eigenvalues of ``T^{-1/2} A A^T T^{-1/2} <= T^{-1/2} T T^{-1/2} = I`` (congruence keeps the PSD order). For a nonsmooth
+``sigma`` the same holds for difference quotients: ``sigma(u) - sigma(v) = D_uv (u - v)`` with ``D_uv`` diagonal in
+``[0, L]``, so ``grad V_T(x) - grad V_T(y) = A^T T^{-1} D_xy A (x - y)``: ``grad V_T`` is ``L``-Lipschitz and, being the
+gradient of a convex function, ``1/L``-cocoercive (Baillon-Haddad). Everything proved above for ``nu = L |A|^2`` (non-
+expansive at ``h nu <= 2 r``, the Euler / Heun averagedness) then holds with ``nu = L``. Directly for one Euler step: its
+difference quotient is ``J = I - 2 A^T M A`` with ``M = T^{-1} D_xy / L`` diagonal, ``0 <= M <= T^{-1}``, and
+``J^T J = I - 4 A^T M^{1/2} (I - M^{1/2} A A^T M^{1/2}) M^{1/2} A <= I`` because ``M^{1/2} A A^T M^{1/2} <= M T <= I``.
+
+The certified ``T`` (:func:`diagonal_step_scale`): ``T_f = sum_g |A A^T|_fg q_g / q_f`` for any ``q > 0`` (Schur test:
+``x^T M x <= sum_fg |M_fg| |x_f| |x_g| <= sum_fg |M_fg| (x_f^2 q_g / q_f + x_g^2 q_f / q_g) / 2 = sum_f x_f^2 T_f`` for a
+symmetric ``M``). For a zero-padded convolution ``A = S C E`` (``E`` zero-extends the image to the whole grid, ``C`` the
+convolution on the grid, ``S`` restricts to the image): ``A A^T = S C E E^T C^T S^T <= S C C^T S^T`` (``E E^T`` is a
+projection), a principal block of the grid operator ``C C^T``, the convolution ``F -> F`` with the kernels' cross-
+correlations ``R_fg(d) = sum_c sum_u K_fc(u) K_gc(u + d)``. With ``q`` constant over pixels, each row sum of ``|S C C^T S^T|``
+is at most the grid's ``sum_g q_g / q_f sum_d |R_fg(d)|``, so ``T`` is per feature and holds at every image size. The
+entries are computed in float64 and rounded up by ``1 + 1e-6`` (evaluation and certificates); the certificate is 1 per
+block, proved, not estimated. Broken variants (tested to fail): ``T = diag(A A^T)`` (the cross terms dropped) and ``T / 2``.
+
 ResNet block: ``x -> x + B sigma(A x + b)``, Lipschitz bound ``1 + L |B| |A|``: with
 ``|A| = |B| = 1`` that is 2 per block, ``2^depth`` for a stack.
 """
@@ -43,9 +71,9 @@ from proxnets.stable.integrators import RK_METHODS, compose_averaged, step_avera
 from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.norm_bounds import fourier_norm_bound
 from proxnets.stable.norms import NormConstraintWarning, OperatorNorm, constrain_operator_norm, symbol_sup_bound
-from proxnets.utils.validation import check_choice, check_int, check_number
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor
 
-__all__ = ["MONOTONE_ACTIVATIONS", "SCHEDULES", "NonExpansiveBlock", "ResNetBlock"]
+__all__ = ["MONOTONE_ACTIVATIONS", "SCHEDULES", "STEP_SCALES", "NonExpansiveBlock", "ResNetBlock", "diagonal_step_scale"]
 
 
 def _leaky(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +92,34 @@ SCHEDULES = ("adaptive", "fixed")
 NORM_SIZES = ("input", "any")
 TRAIN_NORMS = ("power", "bound")
 WEIGHT_PARAMS = ("free", "bjorck", "cayley")
+STEP_SCALES = ("scalar", "diagonal")
+_T_ROUND_UP = 1 + 1e-6  # float64 round-off of the sums, then the float32 cast, never take T below its bound
+
+
+def _abs_gram(weight: torch.Tensor) -> torch.Tensor:
+    """``(F, F)``: ``sum_d |R_fg(d)|`` for a kernel ``(F, C, kh, kw)`` (``R`` the channel-summed cross-correlation of the
+    kernels of features ``f`` and ``g``, every offset ``d``: the absolute kernel of ``A A^T`` on the whole grid), or
+    ``|W W^T|`` for a matrix ``(F, d)``. Symmetric, nonnegative."""
+    if weight.dim() == 4:
+        kh, kw = weight.shape[-2:]
+        return F.conv2d(weight, weight, padding=(kh - 1, kw - 1)).abs().sum((-2, -1))  # (F, F, 2kh-1, 2kw-1) -> (F, F)
+    return (weight @ weight.T).abs()
+
+
+def diagonal_step_scale(weight: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """``T`` (``(F,)``) with ``diag(T) >= A A^T`` (PSD order) for ``A`` the zero-padded stride-1 convolution with kernel
+    ``weight`` ``(F, C, kh, kw)`` at every image size, or the matrix ``weight`` ``(F, d)``: ``T_f = sum_g |A A^T|_fg q_g /
+    q_f`` (the Schur-test / Gershgorin bound, proof in the module docstring); ``q``: ``(F,)`` positive weights, default 1.
+    Differentiable; no rounding (the block rounds up what certifies)."""
+    check_tensor("weight", weight, ndim=(2, 4))
+    m = _abs_gram(weight)
+    if q is None:
+        return m.sum(1)
+    check_tensor("q", q, shape=(m.shape[0],))
+    if not bool((q > 0).all()):
+        raise ValueError(f"q: expected positive entries, got min {float(q.min()):.4g}")
+    q = q.to(m.dtype)
+    return (m * q).sum(1) / q
 
 
 def _check_shape(in_shape: Sequence[int]) -> tuple[int, ...]:
@@ -109,6 +165,12 @@ class NonExpansiveBlock(nn.Module):
             preserves gradient norms in every direction. Its ``|A|`` (training steps, evaluation steps and
             certificates alike) is the rigorous float64 Gram bound of the symbol the forward used
             (:func:`proxnets.stable.cayley.unitary_symbol_bound`), never an estimate; ``train_norm`` is ignored.
+        step_scale: ``"scalar"`` (the seed: ``nu = L |A|^2``, one step size for every feature) or ``"diagonal"``: the field
+            ``-A^T T^{-1} sigma(A x + b)`` with the certified per-feature ``T >= A A^T`` of :func:`diagonal_step_scale`
+            (``q = 1``), so ``nu = L`` (module docstring: the proof). Every schedule, method and certificate keeps its
+            meaning with ``nu = L``; no norm is estimated (``train_norm``, ``norm_size`` are not used: ``T`` holds at every
+            size). Training differentiates through ``T``; evaluation uses ``T`` from float64, rounded up. Not with
+            ``weight_param="cayley"`` (no kernel).
         bias_init: the initial ``b``. Why not 0 for orthogonal ``A``: at ``h nu = 2`` the step is, in the coordinates
             ``z = A x + b``, ``z -> -|z|`` (ReLU) on every coordinate, a block that is nowhere near the identity; with
             ``b = -beta`` the coordinates with ``(A x)_i < beta`` are inactive and pass unchanged (LeakyReLU: x0.98), so
@@ -133,6 +195,7 @@ class NonExpansiveBlock(nn.Module):
         train_norm: str = "power",
         norm_options: dict | None = None,
         weight_param: str = "free",
+        step_scale: str = "scalar",
         bias_init: float = 0.0,
     ):
         super().__init__()
@@ -179,6 +242,11 @@ class NonExpansiveBlock(nn.Module):
             self.weight.div_(self.norm.warm(self.weight))
         self.weight_param = check_choice("weight_param", weight_param, WEIGHT_PARAMS)
         self._cayley: tuple | None = None  # (weight key, symbol Q, its NormBound) of the last evaluation weight
+        self.step_scale = check_choice("step_scale", step_scale, STEP_SCALES)
+        self._diag: tuple | None = None  # (weight key, 1 / T in the weight's dtype, its NormBound) of the last evaluation weight
+        if step_scale == "diagonal" and weight_param == "cayley":
+            raise ValueError("step_scale: expected 'scalar' with weight_param='cayley' (a Cayley block has no kernel to "
+                             "bound A A^T from), got 'diagonal'")
         if weight_param == "cayley":
             if self.kind != "conv2d" or self.features != c:
                 raise ValueError(f"weight_param: expected a convolution with features == channels ({c}) for 'cayley' "
@@ -229,15 +297,20 @@ class NonExpansiveBlock(nn.Module):
             return F.conv_transpose2d(z, self.weight, padding=self.padding)
         return z @ self.weight
 
-    def field(self, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
-        """``F(x) = -A^T sigma(A x + b)``, same shape as ``x`` (``q``: the Cayley symbol to use)."""
+    def field(self, x: torch.Tensor, q: torch.Tensor | None = None, t_inv: torch.Tensor | None = None) -> torch.Tensor:
+        """``F(x) = -A^T sigma(A x + b)``, same shape as ``x`` (``q``: the Cayley symbol to use; ``t_inv``: ``(F,)``, the
+        diagonal rule's ``T^{-1}``, giving ``-A^T T^{-1} sigma(A x + b)``)."""
         sigma = MONOTONE_ACTIVATIONS[self.activation][0]
-        return -self.apply_at(sigma(self.apply_a(x, q)), q)
+        z = sigma(self.apply_a(x, q))
+        if t_inv is not None:
+            z = z * (t_inv.view(1, -1, 1, 1) if z.dim() == 4 else t_inv)
+        return -self.apply_at(z, q)
 
-    def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int, q: torch.Tensor | None = None) -> torch.Tensor:
+    def flow(self, x: torch.Tensor, h: float | torch.Tensor, n: int, q: torch.Tensor | None = None,
+             t_inv: torch.Tensor | None = None) -> torch.Tensor:
         """``n`` steps of size ``h`` of the chosen RK method (no constraint checked: see ``forward``)."""
         step = RK_METHODS[self.method].step
-        field = self.field if q is None else (lambda z: self.field(z, q))
+        field = self.field if q is None and t_inv is None else (lambda z: self.field(z, q, t_inv))
         for _ in range(n):
             x = step(field, x, h)
         return x
@@ -272,7 +345,34 @@ class NonExpansiveBlock(nn.Module):
             self._any_size = (key, symbol_sup_bound(self.weight.detach(), grid=grid))
         return self._any_size[1]
 
+    def diagonal_scale(self) -> tuple[torch.Tensor, "object"]:
+        """``step_scale="diagonal"``: ``(T^{-1}, bound)``, ``T^{-1}`` ``(F,)`` in the weight's dtype (0 for a zero feature) and
+        the ``NormBound`` of the preconditioned ``|T^{-1/2} A|`` (value 1, rigorous when ``T`` is finite). Differentiable
+        in training mode with gradients on; else from float64 ``T`` rounded up, cached per weight."""
+        w = self.weight
+        if self.training and torch.is_grad_enabled() and w.requires_grad:
+            t = diagonal_step_scale(w) * _T_ROUND_UP
+            return torch.where(t > 0, 1.0 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t)), None
+        return self._diag_cached()
+
+    def _diag_cached(self) -> tuple[torch.Tensor, "object"]:
+        from proxnets.norm_bounds import NormBound
+
+        w = self.weight
+        key = self.norm._key(w)
+        if self._diag is None or self._diag[0] != key:
+            with torch.no_grad():
+                t = diagonal_step_scale(w.detach().double()) * _T_ROUND_UP
+                ok = bool(torch.isfinite(t).all())
+                t_inv = torch.where(t > 0, 1.0 / t.clamp_min(1e-300), torch.zeros_like(t)).to(w.dtype)
+            method = "diagonal step scale T >= A A^T (Schur test on |A A^T|, float64, rounded up)"
+            nb = NormBound(1.0, ok, method, why="" if ok else "T is not finite")
+            self._diag = (key, t_inv, nb)
+        return self._diag[1], self._diag[2]
+
     def _train_sigma(self) -> torch.Tensor:
+        if self.step_scale == "diagonal":  # |T^{-1/2} A| <= 1 by construction of T; rounded up as evaluation does
+            return torch.tensor(1 + 1e-6, dtype=self.weight.dtype)
         if self.weight_param == "cayley":
             raise RuntimeError("a Cayley block takes its norm from the symbol of its forward")
         if self.train_norm == "power":
@@ -296,6 +396,8 @@ class NonExpansiveBlock(nn.Module):
 
     def _eval_bound(self):
         """The rigorous bound evaluation steps from, or ``None`` (then: the norm module's estimate)."""
+        if self.step_scale == "diagonal":
+            return self._diag_cached()[1]
         if self.norm_size == "any":
             return self.any_size_bound()
         return self.input_size_bound() if self.train_norm == "bound" or self.weight_param == "cayley" else None
@@ -318,6 +420,12 @@ class NonExpansiveBlock(nn.Module):
             self.last_train_bound = nb.value if self.training else self.last_train_bound
             n, h, _ = self.schedule_steps(torch.tensor(nb.value * (1 + 1e-6), dtype=self.weight.dtype))
             return self.flow(x, h, n, q)
+        if self.step_scale == "diagonal":
+            t_inv, nb = self.diagonal_scale()
+            if nb is not None and not nb.rigorous:
+                raise FloatingPointError(f"NonExpansiveBlock: the diagonal step scale has no finite bound ({nb.why})")
+            n, h, _ = self.schedule_steps(self._train_sigma() if self.training else self._eval_sigma())
+            return self.flow(x, h, n, t_inv=t_inv)
         sigma = (self._train_sigma() if self.training else self._eval_sigma())
         n, h, nu = self.schedule_steps(sigma)
         if not self.training and self._eval_bound() is None and self.norm.cheap_was_low():
@@ -344,7 +452,7 @@ class NonExpansiveBlock(nn.Module):
         (``2 r c``), ``rigorous``, ``method``, ``why``, ``sigma`` (the |A| used for nu), ``sigma_used``.
         """
         check_choice("mode", mode, ("cheap", "exact", "estimate", "upper", "rigorous"))
-        if self.weight_param == "cayley":  # no estimate is kept: the rigorous bound is the only norm it has, in every mode
+        if self.weight_param == "cayley" or self.step_scale == "diagonal":  # no estimate is kept: the bound is the only norm
             mode = "rigorous"
         if mode == "cheap":
             sigma = self.norm.cheap_sigma if torch.isfinite(self.norm.cheap_sigma) else self.norm.cheap(self.weight).detach()
@@ -394,7 +502,7 @@ class NonExpansiveBlock(nn.Module):
         return (
             f"in_shape={self.in_shape}, features={self.features}, method={self.method!r}, schedule={self.schedule!r}, "
             f"time={self.time}, averaged_margin={self.averaged_margin}, stiffness_budget={self.stiffness_budget}, "
-            f"norm_size={self.norm_size!r}, weight_param={self.weight_param!r}"
+            f"norm_size={self.norm_size!r}, weight_param={self.weight_param!r}, step_scale={self.step_scale!r}"
         )
 
 

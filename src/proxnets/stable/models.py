@@ -73,6 +73,8 @@ class ClassifierConfig:
     # "bjorck": each block's kernel Bjorck-orthonormalized; "cayley": each block's A an exactly orthogonal circular
     # convolution (Cayley transform of its symbol); see NonExpansiveBlock.weight_param
     block_weight: str = "free"
+    # "diagonal": each block's step scaled per feature by the certified T >= A A^T (NonExpansiveBlock.step_scale)
+    block_step_scale: str = "scalar"
     block_bias_init: float = 0.0  # initial b of every block (NonExpansiveBlock.bias_init: b < 0 starts near the identity)
     # the layout at a given parameter count (issue 19): where the parameters sit, trunk or head.
     # stage_widths: channels of each stage and, last, after the last transition (stages + 1 values; default: width doubled
@@ -104,6 +106,9 @@ class ClassifierConfig:
         check_choice("glue", self.glue, ["norm", "orthogonal"])
         check_choice("glue_activation", self.glue_activation, ["none", "maxmin", "maxmin-all"])
         check_choice("block_weight", self.block_weight, ["free", "bjorck", "cayley"])
+        check_choice("block_step_scale", self.block_step_scale, ["scalar", "diagonal"])
+        if self.block_weight == "cayley" and self.block_step_scale == "diagonal":
+            raise ValueError("block_step_scale: expected 'scalar' with block_weight='cayley' (no kernel), got 'diagonal'")
         if self.block_weight == "cayley" and self.block_features_ratio != 1:
             raise ValueError(f"block_features_ratio: expected 1 with block_weight='cayley' (an orthogonal C -> C convolution), "
                              f"got {self.block_features_ratio}")
@@ -167,7 +172,7 @@ class NonExpansiveClassifier(_Stack):
                     NonExpansiveBlock(
                         (c, s, s), cfg.block_features_ratio * c, kernel_size=cfg.kernel_size, activation=cfg.activation, method=cfg.method,
                         time=cfg.time, schedule=cfg.schedule, steps=cfg.steps, max_steps=cfg.max_steps, train_norm=cfg.train_norm,
-                        weight_param=cfg.block_weight, bias_init=cfg.block_bias_init,
+                        weight_param=cfg.block_weight, step_scale=cfg.block_step_scale, bias_init=cfg.block_bias_init,
                     )
                 )  # (B, c, s, s)
                 layers += [MaxMin()] if cfg.glue_activation == "maxmin-all" else []
