@@ -130,9 +130,16 @@ class DenseVotes(Votes):
         return self.u_hat.device
 
 
-def _chunks(batch: int, per_sample: int):
-    step = max(1, min(batch, _CHUNK_ELEMENTS // max(per_sample, 1)))
+def _chunks(batch: int, per_sample: int, budget: int = _CHUNK_ELEMENTS) -> list[slice]:
+    """Slices of ``range(batch)`` of at most ``budget // per_sample`` items (at least one) each."""
+    step = max(1, min(batch, budget // max(per_sample, 1)))
     return [slice(b0, min(b0 + step, batch)) for b0 in range(0, batch, step)]
+
+
+def _child_blocks(children: int, per_child: int) -> list[slice]:
+    """Blocks of children whose child-major votes (``per_child`` numbers each) fit in ``_FORM_BLOCK_ELEMENTS``: what a
+    transposition between the child-major and the parent-major layout reads or writes while it is still in cache."""
+    return _chunks(children, per_child, _FORM_BLOCK_ELEMENTS)
 
 
 def _parent_major(p: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -397,11 +404,10 @@ def form_parent_major(u: torch.Tensor, wi: torch.Tensor, parents: int, workspace
         return ParentMajorVotes(pm.view(M, b, parents, D).permute(1, 2, 0, 3), validate=False)
     out = workspace_buffer(workspace, "pm", (b, parents, M, D), wi)
     ut = u.transpose(0, 1)  # (M, b, d_in)
-    step = max(1, min(M, _FORM_BLOCK_ELEMENTS // (b * ND)))
-    for i0 in range(0, M, step):
-        i1 = min(i0 + step, M)
-        cm = torch.bmm(ut[i0:i1], wi[i0:i1], out=workspace_buffer(workspace, "cm", (i1 - i0, b, ND), wi))
-        out[:, :, i0:i1].copy_(cm.view(i1 - i0, b, parents, D).permute(1, 2, 0, 3))
+    for blk in _child_blocks(M, b * ND):
+        mi = blk.stop - blk.start
+        cm = torch.bmm(ut[blk], wi[blk], out=workspace_buffer(workspace, "cm", (mi, b, ND), wi))
+        out[:, :, blk].copy_(cm.view(mi, b, parents, D).permute(1, 2, 0, 3))
     return ParentMajorVotes(out, validate=False)
 
 
