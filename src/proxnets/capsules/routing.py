@@ -348,9 +348,12 @@ def _route_passes(combine, agree, logits: torch.Tensor, passes: int, *, pdim: in
         if leaky:  # the leak's gradient is 0
             a = torch.cat([a, a.new_zeros(a.shape[:pdim] + (1,) + a.shape[pdim + 1:])], pdim)
         step_a = a if sign == 1.0 else sign * a
-        if uniform and t == 0 and (not inplace or on_step is None):  # zero logits: x = lambda a (a is not kept)
+        # Without autograd (inplace) and with nothing keeping the logits or a (on_step): from zero logits x = lambda a,
+        # later the update goes into the loop's own logit buffer. With autograd the graph stays as it was: one node
+        # fewer reorders the engine's gradient sums over the passes (round-off that training would carry on).
+        if inplace and on_step is None and uniform and t == 0:
             x = step_a if decay is None else lam * step_a
-        elif inplace and on_step is None:  # the logits are this loop's own buffer and nothing keeps them
+        elif inplace and on_step is None:
             x = logits.add_(step_a) if decay is None else logits.mul_(decay).add_(lam * step_a)
         else:
             x = logits + step_a if decay is None else decay * logits + lam * step_a  # b <- (1 - lambda tau) b + lambda a
