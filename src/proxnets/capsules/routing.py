@@ -121,7 +121,8 @@ class RoutingInfo(IterInfo):
     - ``residuals``: per pass ``t``, ``max_b max_{i,j} |C_{t+1} - C_t|`` (measured only with ``tol``
       or ``trace``; empty otherwise).
     - ``couplings``: ``(B, M, N)`` the couplings ``C`` that produced the output (detached; for leaky
-      routing the real parents' columns only).
+      routing the real parents' columns only; batches routed in chunks give a non-contiguous view of the
+      routing's own buffer: ``.contiguous()`` before ``.view``).
 
     With ``trace=True``, per pass ``t = 0..T-1`` and per sample (tensors of shape ``(T, B)``):
 
