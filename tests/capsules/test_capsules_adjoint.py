@@ -9,6 +9,7 @@ from torch.autograd import gradcheck
 
 from proxnets.capsules import FactoredVotes, dynamic_routing
 from proxnets.capsules import routing as R
+from proxnets.capsules import votes as V
 
 B, M, N, K, D = 3, 12, 5, 4, 6
 OPTIONS = [{}, {"leaky": True}, {"routing": "regularized"}, {"bias": "shared"}, {"bias": "per-sample"},
@@ -28,12 +29,14 @@ def _problem(options, seed=3):
 
 def _run(monkeypatch, options, path, passes=4):
     """(v, couplings, grads) of gradient="all" on one problem: the adjoint in chunks of 2 + 1 samples (per-pass
-    tensors kept or replayed) or on the votes formed whole (the suite's models), or autograd through every pass
+    tensors kept or replayed; votes formed in blocks of children) or on the votes formed whole (the suite's models), or autograd through every pass
     (votes formed once, or the factored maps)."""
     u0, w0, bias, init, probe = _problem(options)
     monkeypatch.setattr(R, "_MATERIALIZE_BYTES", 1 << 30 if path in ("formed", "formed-adjoint") else 0)
     monkeypatch.setattr(R, "_CHUNK_BYTES", 2 * N * M * D * 8)
     monkeypatch.setattr(R, "_KEEP_BYTES", 0 if path == "replayed" else 1 << 30)
+    # votes formed and their gradient transposed a block of children at a time: 5 + 5 + 2 children per 2-sample chunk
+    monkeypatch.setattr(V, "_FORM_BLOCK_ELEMENTS", 5 * 2 * N * D)
     u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
     beta = None if bias is None else bias.clone().requires_grad_()
     kw = {k: options[k] for k in ("leaky", "routing") if k in options}

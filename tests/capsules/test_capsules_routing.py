@@ -341,6 +341,8 @@ def test_formed_chunked_and_factored_routing_agree(monkeypatch, gradient, option
         monkeypatch.setattr(R, "_CHUNK_BYTES", chunk)
         # the factored kernels' own chunks: 2 + 1 samples in the chunked run (a short last chunk in backward)
         monkeypatch.setattr(V, "_CHUNK_ELEMENTS", 2 * N * M * K if name == "chunked" else 1 << 20)
+        # each chunk's votes formed (and, for "all", their gradient transposed) in blocks of 3 children (2 samples)
+        monkeypatch.setattr(V, "_FORM_BLOCK_ELEMENTS", 3 * 2 * N * D if name == "chunked" else 1 << 17)
         u, w = u0.clone().requires_grad_(), w0.clone().requires_grad_()
         beta = None if bias is None else bias.clone().requires_grad_()
         if name == "factored":  # gradient="all" and traced runs take this path when the votes do not fit
