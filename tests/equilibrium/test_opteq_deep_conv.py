@@ -16,9 +16,9 @@ from proxnets.solvers import solve
 SIZES, SPATIAL, IN = [2, 3, 2], (5, 4), 2
 
 
-def _deep(seed=0, scale=30.0, tol=1e-12):
+def _deep(seed=0, scale=30.0, tol=1e-12, **kw):
     torch.manual_seed(seed)
-    m = DeepOptEqConv2d(IN, SIZES, SPATIAL, tol=tol, max_iter=5000, policy="raise").double().eval()
+    m = DeepOptEqConv2d(IN, SIZES, SPATIAL, tol=tol, max_iter=5000, policy="raise", **kw).double().eval()
     with torch.no_grad():
         m.W.parametrizations.weight.original.mul_(scale)  # the bound 0.97 is active
         m.U.rest_bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(seed + 7))
@@ -92,6 +92,33 @@ def test_joint_certificate_bounds_hold_against_a_long_reference_solve():
         true_gap = float(((G(y) - G(z_star)) / G(y).abs()).max())
     assert 0 < true_dist <= certs["distance_to_minimizer"].value
     assert 0 <= true_gap <= certs["objective_gap"].value
+
+
+@pytest.mark.parametrize("anchor", ["linear", "feedforward"])
+def test_joint_selection_at_norm_1_is_the_minimizer_of_g_eps(anchor):
+    # |W|_2 = 1 (bound active): the joint equilibria need not be unique; with eps > 0 the layer's fixed point is the
+    # minimizer of G + eps/2 |z - a(x)|^2 over z >= 0, checked by KKT with the dense joint matrix
+    eps = 0.05
+    m, x = _deep(target_norm=1.0, eps=eps, anchor=anchor), _x()
+    with torch.no_grad():
+        assert float(torch.linalg.matrix_norm(_dense_w(m), ord=2)) == pytest.approx(1.0, abs=1e-9)
+        z = m.joint(x)
+        assert m.last_info.converged
+        a = m.anchor_point(x).reshape(x.shape[0], -1)
+        base = m.U(x).reshape(x.shape[0], -1)
+        assert torch.allclose(m.injection(x).reshape(x.shape[0], -1), base + eps * a, atol=1e-12)
+        wd, zf = _dense_w(m), z.reshape(x.shape[0], -1)
+        grad = zf - (zf @ wd.T) @ wd - base + eps * (zf - a)  # gradient of G_eps on the quadratic part
+        scale = float(base.abs().max() + eps * a.abs().max())
+        assert float(zf.min()) >= 0.0 and float(grad.min()) >= -1e-9 * scale
+        assert float((zf * grad).abs().max()) <= 1e-9 * scale ** 2
+        assert int((zf > 0).sum()) > 0 and int((zf == 0).sum()) > 0
+        certs = {c.name: c for c in certify_equilibrium(m, x, z=z, tol=1e-6)}
+    assert certs["strong_convexity"].holds and certs["strong_convexity"].value == pytest.approx(eps, abs=1e-6)
+    assert certs["distance_to_selected_equilibrium"].holds
+    # without selection the same weight at |W|_2 = 1 has no strong convexity to certify
+    with pytest.raises(ValueError, match="target_norm"):
+        _deep(target_norm=1.0)
 
 
 # past the norm bound the joint certificate fails, and implicit = unrolled gradients: tests/equilibrium/test_opteq_deep.py,

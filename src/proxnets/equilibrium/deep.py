@@ -212,14 +212,16 @@ class DeepOptEqConv2d(_JointBlocks, OptEqConv2d):
     def __init__(self, in_channels: int, channels: Sequence[int], spatial: Sequence[int], *, kernel_size: int = 3,
                  activation: str | ProxActivation = "relu", target_norm: float = 0.97,
                  solver: str = "safeguarded_anderson", tol: float = 1e-4, max_iter: int = 200,
-                 backward: str = "implicit", policy: str = "warn", power_iterations: int = 16):
+                 backward: str = "implicit", policy: str = "warn", power_iterations: int = 16, eps: float = 0.0,
+                 anchor: str | nn.Module = "linear"):
         if not (isinstance(channels, (list, tuple)) and channels and all(isinstance(n, int) and n > 0 for n in channels)):
             fail("channels", "a non-empty sequence of positive ints", channels)
         self.sizes = tuple(channels)
         total = sum(self.sizes)
+        # eps > 0: equilibrium selection on the joint state (G + eps/2 |z - a(x)|^2, a(x) of all L layers' channels)
         super().__init__(in_channels, total, spatial, kernel_size=kernel_size, activation=activation,
                          target_norm=target_norm, solver=solver, tol=tol, max_iter=max_iter, backward=backward,
-                         policy=policy, power_iterations=power_iterations)
+                         policy=policy, power_iterations=power_iterations, eps=eps, anchor=anchor)
         self.U = _ConvInjection(self.in_channels, self.sizes[0], total - self.sizes[0], self.kernel_size)
         starts = _starts(self.sizes)
         mask = torch.zeros(total, total, 1, 1)

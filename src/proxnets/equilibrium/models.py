@@ -124,14 +124,14 @@ def _joint_block(cfg: OptEqConfig, spatial: tuple[int, int]) -> nn.Module:
     from proxnets.equilibrium.deep import DeepOptEqConv2d
 
     # options of the single layer that the joint layer does not implement: refused, never dropped
-    unsupported = {"l1": (cfg.l1, 0.0), "eps": (cfg.eps, 0.0), "warm_start": (cfg.warm_start, False),
+    unsupported = {"l1": (cfg.l1, 0.0), "warm_start": (cfg.warm_start, False),
                    "solver_options": (cfg.solver_options, {}), "backward_solver": (cfg.backward_solver, None)}
     for name, (value, default) in unsupported.items():
         if value != default:
             fail(name, f"{default!r} with deep='joint' (the joint layer has no {name} option)", value)
     return DeepOptEqConv2d(cfg.stem_channels, [cfg.channels] * cfg.blocks, spatial, kernel_size=cfg.kernel_size,
                            activation=cfg.activation, target_norm=cfg.target_norm, solver=cfg.solver, tol=cfg.tol,
-                           max_iter=cfg.max_iter, backward=cfg.backward, policy=cfg.policy)
+                           max_iter=cfg.max_iter, backward=cfg.backward, policy=cfg.policy, eps=cfg.eps, anchor=cfg.anchor)
 
 
 class OptEqClassifier(nn.Module):
