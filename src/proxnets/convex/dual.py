@@ -50,6 +50,7 @@ import torch
 from proxnets.convex.duality import _flat_theta, logistic_loss, regularized_dual_value, spectral_norm
 from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
 from proxnets.convex.sources import GramBound, check_problem_labels, deflation_basis
+from proxnets.utils.buffers import workspace_buffer
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number
 
@@ -121,6 +122,9 @@ def solve_dual(
     nuc, rank, m_norm = 0.0, 0, math.nan
     m_bar = None  # M(Pbar_t); None before the first pass
     m_new = None  # M(P_t): after the first pass, the previous pass's M
+    # scratch buffers of this fit's passes (the features of a chunk, the per-chunk adjoint): the same
+    # few chunk-sized temporaries every chunk, without fresh pages each time; freed when the fit returns
+    workspace: dict = {}
     for _ in range(max_iter):
         if m_bar is not None:
             theta, nuc, rank = nuclear_step(theta + tau * m_bar, lam, None, tau)
@@ -133,7 +137,7 @@ def solve_dual(
         m_flat = torch.zeros(npos * d, k, dtype=theta.dtype, device=theta.device)  # M(P_{t+1}), flat
         m0_flat = torch.zeros_like(m_flat) if m_old is None else None  # M(P_0), summed in the first pass only
         loss = 0.0
-        for rows, z in source.chunks():
+        for rows, z in source.chunks(workspace):  # each chunk is done with before the next is computed
             zf = z.reshape(z.shape[0], -1)  # (b, P D), a view
             u = zf @ theta_flat  # scores (b, K)
             yb = y[rows]
@@ -141,9 +145,9 @@ def solve_dual(
             p_old = p[rows]
             p_next = torch.softmax((step_sign * beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
             e = one_hot(yb, k, dtype)
-            m_flat += zf.T @ (e - p_next)
+            m_flat += torch.mm(zf.T, e - p_next, out=workspace_buffer(workspace, "adjoint", m_flat.shape, m_flat))
             if m0_flat is not None:
-                m0_flat += zf.T @ (e - p_old)
+                m0_flat += torch.mm(zf.T, e - p_old, out=workspace_buffer(workspace, "adjoint", m_flat.shape, m_flat))
                 if acc is not None:
                     acc.add(z)
             p[rows] = p_next
