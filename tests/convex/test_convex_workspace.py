@@ -5,8 +5,9 @@ a chunk is handed one.
   :func:`~proxnets.convex.patches.pool_features` with ``out`` writes the same pooled values.
 - ``StreamedFeatures.chunks(workspace)`` yields bitwise the chunks of ``chunks()``, all in one buffer
   (the reuse happens), while the chunks a cache keeps stay distinct and intact across passes.
-- :func:`~proxnets.convex.dual.solve_dual` over a streamed source (its pass reuses one workspace)
-  gives bitwise the trace and iterates of a source that computes every chunk afresh.
+- :func:`~proxnets.convex.dual.solve_dual` and :func:`~proxnets.convex.primal.solve_primal` over a streamed
+  source (their passes reuse one workspace) give bitwise the trace and iterates of a source that
+  computes every chunk afresh.
 """
 
 from __future__ import annotations
@@ -107,3 +108,16 @@ def test_solver_with_reused_buffers_gives_bitwise_the_same_fit():
     assert ta.primal == tb.primal and ta.dual == tb.dual and ta.gram_norm == tb.gram_norm
     assert torch.equal(a.p, b.p) and torch.equal(a.theta, b.theta) and torch.equal(a.m, b.m)
     assert ta.residuals[-1] < ta.residuals[0]  # the fit moves (not a trivially equal run)
+
+
+def test_primal_solver_with_reused_buffers_gives_bitwise_the_same_fit():
+    from proxnets.convex.primal import solve_primal
+
+    f, x = _featurizer()
+    y = torch.arange(40) % 3
+    fits = [solve_primal(src, y, 3, lam=0.02, max_iter=6, tol=0.0, on_nonconvergence="ignore")
+            for src in (StreamedFeatures(f, x, chunk=6), _Fresh(StreamedFeatures(f, x, chunk=6)))]
+    (ta_theta, ta), (tb_theta, tb) = fits
+    assert ta.primal == tb.primal and ta.dual == tb.dual
+    assert torch.equal(ta_theta, tb_theta)
+    assert ta.residuals[-1] < ta.residuals[0]

@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from proxnets.convex.duality import _flat_theta, logistic_loss, regularized_dual_value, spectral_norm
+from proxnets.convex.duality import _flat_theta, _unflat, logistic_loss, regularized_dual_value, spectral_norm
 from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
 from proxnets.convex.sources import GramBound, check_problem_labels, deflation_basis
 from proxnets.utils.buffers import workspace_buffer
@@ -55,11 +55,6 @@ from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number
 
 __all__ = ["DualResult", "solve_dual"]
-
-
-def _unflat(g: torch.Tensor, npos: int, d: int, k: int) -> torch.Tensor:
-    """``(P D, K)`` -> ``(D, K P)``: the layout of ``Theta`` (as :func:`~proxnets.convex.duality.scores_adjoint`)."""
-    return g.reshape(npos, d, k).permute(1, 2, 0).reshape(d, k * npos)
 
 
 class DualResult:

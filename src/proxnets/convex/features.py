@@ -149,12 +149,13 @@ class PatchFeaturizer(nn.Module):
             return self._raw_rff(images, workspace=workspace).sub_(self.center).div_(self.scale)
         return (self._raw(images) - self.center) / self.scale
 
-    def chunks(self, images: torch.Tensor, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """``(rows, Z[rows])`` for consecutive slices of ``chunk`` images."""
+    def chunks(self, images: torch.Tensor, chunk: int, workspace: dict | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, Z[rows])`` for consecutive slices of ``chunk`` images (``workspace``: see :meth:`forward`;
+        each chunk then overwrites the previous one)."""
         check_int("chunk", chunk, low=1)
         for i in range(0, images.shape[0], chunk):
             sl = slice(i, min(i + chunk, images.shape[0]))
-            yield sl, self(images[sl])
+            yield sl, self(images[sl], workspace)
 
     def next_input(self, images: torch.Tensor) -> torch.Tensor:
         """The filter maps that feed the next layer: ``(N, r, Hp, Wp)`` from ``Z(x) @ filters``."""

@@ -136,8 +136,9 @@ class StreamedFeatures:
 def cache_features(featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """The feature tensor ``Q (n, P, D)`` filled chunk by chunk into one preallocated tensor."""
     out = None
+    workspace: dict = {}  # each chunk is copied into the result before the next is computed
     with torch.no_grad():
-        for rows, z in featurizer.chunks(images, chunk):
+        for rows, z in featurizer.chunks(images, chunk, workspace):
             if out is None:
                 out = torch.empty(images.shape[0], *z.shape[1:], dtype=z.dtype, device=z.device)
             out[rows] = z
