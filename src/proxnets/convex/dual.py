@@ -151,6 +151,7 @@ def solve_dual(
             m_old = _unflat(m0_flat, npos, d, k)
         if info.passes == 0:
             m_old /= n
+            workspace.clear()  # not held while the bound's eigenvalue problems run (the peak of the fit's memory)
             info.gram_norm = acc.value() if acc is not None else float(gram)
             acc = None  # its (P, D, D) accumulators are freed before the second pass
             tau = 2.0 / (beta * info.gram_norm)  # tau beta Lbar = 2: the proved step (module docstring)

@@ -316,6 +316,7 @@ class GramBound:
         if self.n == 0:
             raise RuntimeError("GramBound: no chunk added")
         self._flush()
+        self._workspace.clear()  # add()'s temporaries are not held during the eigenvalue problems (peak memory)
         n = self.n
         tr = self.trace / n
         if not (math.isfinite(tr) and bool(torch.isfinite(self.c).all()) and bool(torch.isfinite(self.b).all())):
