@@ -24,11 +24,10 @@ and ``agree`` is the adjoint of ``combine``: ``<A(c), v> = <c, A^*(v)>``. Two im
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.autograd.function import once_differentiable
 
+from proxnets.utils.buffers import workspace_buffer  # re-exported (it was defined here first)
 from proxnets.utils.validation import check_tensor, fail
 
 __all__ = ["Votes", "DenseVotes", "FactoredVotes", "ParentMajorVotes", "form_parent_major", "workspace_buffer",
@@ -373,22 +372,6 @@ class ParentMajorVotes(Votes):
     @property
     def device(self) -> torch.device:
         return self.u_pm.device
-
-
-def workspace_buffer(workspace: dict | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-    """A contiguous ``shape`` view of the reusable buffer ``workspace[name]`` (grown when too small), or None.
-
-    Chunked routing allocates the same few chunk-sized (8 MiB) temporaries for every chunk; fresh ones of that
-    size come from new pages (glibc returns large freed blocks to the system), so reusing them saves the page
-    faults (measured: ~50,000 per call of the benchmark's layer with gradient="all", a third of its time).
-    """
-    if workspace is None:
-        return None
-    n = math.prod(shape)
-    buf = workspace.get(name)
-    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-        buf = workspace[name] = torch.empty(n, dtype=like.dtype, device=like.device)
-    return buf[:n].view(shape)
 
 
 def form_parent_major(u: torch.Tensor, wi: torch.Tensor, parents: int, workspace: dict | None = None) -> ParentMajorVotes:

@@ -47,18 +47,14 @@ import math
 
 import torch
 
-from proxnets.convex.duality import _flat_theta, logistic_loss, regularized_dual_value, spectral_norm
+from proxnets.convex.duality import _flat_theta, _unflat, logistic_loss, regularized_dual_value, spectral_norm
 from proxnets.convex.primal import GapTrace, nuclear_step, one_hot
 from proxnets.convex.sources import GramBound, check_problem_labels, deflation_basis
+from proxnets.utils.buffers import workspace_buffer
 from proxnets.utils.convergence import handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number
 
 __all__ = ["DualResult", "solve_dual"]
-
-
-def _unflat(g: torch.Tensor, npos: int, d: int, k: int) -> torch.Tensor:
-    """``(P D, K)`` -> ``(D, K P)``: the layout of ``Theta`` (as :func:`~proxnets.convex.duality.scores_adjoint`)."""
-    return g.reshape(npos, d, k).permute(1, 2, 0).reshape(d, k * npos)
 
 
 class DualResult:
@@ -121,6 +117,9 @@ def solve_dual(
     nuc, rank, m_norm = 0.0, 0, math.nan
     m_bar = None  # M(Pbar_t); None before the first pass
     m_new = None  # M(P_t): after the first pass, the previous pass's M
+    # scratch buffers of this fit's passes (the features of a chunk, the per-chunk adjoint): the same
+    # few chunk-sized temporaries every chunk, without fresh pages each time; freed when the fit returns
+    workspace: dict = {}
     for _ in range(max_iter):
         if m_bar is not None:
             theta, nuc, rank = nuclear_step(theta + tau * m_bar, lam, None, tau)
@@ -133,7 +132,7 @@ def solve_dual(
         m_flat = torch.zeros(npos * d, k, dtype=theta.dtype, device=theta.device)  # M(P_{t+1}), flat
         m0_flat = torch.zeros_like(m_flat) if m_old is None else None  # M(P_0), summed in the first pass only
         loss = 0.0
-        for rows, z in source.chunks():
+        for rows, z in source.chunks(workspace):  # each chunk is done with before the next is computed
             zf = z.reshape(z.shape[0], -1)  # (b, P D), a view
             u = zf @ theta_flat  # scores (b, K)
             yb = y[rows]
@@ -141,9 +140,9 @@ def solve_dual(
             p_old = p[rows]
             p_next = torch.softmax((step_sign * beta * u + torch.log(p_old.clamp_min(1e-30))) / (1.0 + beta), dim=-1)
             e = one_hot(yb, k, dtype)
-            m_flat += zf.T @ (e - p_next)
+            m_flat += torch.mm(zf.T, e - p_next, out=workspace_buffer(workspace, "adjoint", m_flat.shape, m_flat))
             if m0_flat is not None:
-                m0_flat += zf.T @ (e - p_old)
+                m0_flat += torch.mm(zf.T, e - p_old, out=workspace_buffer(workspace, "adjoint", m_flat.shape, m_flat))
                 if acc is not None:
                     acc.add(z)
             p[rows] = p_next
@@ -152,6 +151,7 @@ def solve_dual(
             m_old = _unflat(m0_flat, npos, d, k)
         if info.passes == 0:
             m_old /= n
+            workspace.clear()  # not held while the bound's eigenvalue problems run (the peak of the fit's memory)
             info.gram_norm = acc.value() if acc is not None else float(gram)
             acc = None  # its (P, D, D) accumulators are freed before the second pass
             tau = 2.0 / (beta * info.gram_norm)  # tau beta Lbar = 2: the proved step (module docstring)

@@ -56,6 +56,11 @@ def _flat_theta(theta: torch.Tensor, n_positions: int) -> torch.Tensor:
     return theta.reshape(d, k, n_positions).permute(2, 0, 1).reshape(n_positions * d, k)  # (P D, K)
 
 
+def _unflat(g: torch.Tensor, npos: int, d: int, k: int) -> torch.Tensor:
+    """``(P D, K)`` -> ``(D, K P)``: the layout of ``Theta``, the inverse of :func:`_flat_theta`."""
+    return g.reshape(npos, d, k).permute(1, 2, 0).reshape(d, k * npos)
+
+
 def scores(z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``A Theta`` on a chunk: ``z (b, P, D)``, ``theta (D, K P)`` -> ``(b, K)``."""
     b, p, d = z.shape
@@ -66,8 +71,7 @@ def scores_adjoint(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``A^* C`` on a chunk: ``z (b, P, D)``, ``c (b, K)`` -> ``(D, K P)``."""
     b, p, d = z.shape
     k = c.shape[1]
-    g = z.reshape(b, p * d).T @ c  # (P D, K)
-    return g.reshape(p, d, k).permute(1, 2, 0).reshape(d, k * p)
+    return _unflat(z.reshape(b, p * d).T @ c, p, d, k)  # (P D, K) -> (D, K P)
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:

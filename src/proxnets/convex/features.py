@@ -21,6 +21,7 @@ from torch import nn
 
 from proxnets.convex.kernels import RandomFourierFeatures, make_feature_map
 from proxnets.convex.patches import ZCA, contrast_normalize, extract_patches, fit_zca, grid_shape, pair, pool_features
+from proxnets.utils.buffers import workspace_buffer
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
 
 __all__ = ["PatchFeaturizer"]
@@ -110,8 +111,9 @@ class PatchFeaturizer(nn.Module):
         self.center = torch.zeros(0, device=images.device)
         # centering and scale from running sums over chunks (no (n_img, P, D) tensor)
         total = sq_total = None
+        workspace: dict = {}  # every chunk's featurization in the same buffers (each chunk is summed before the next)
         for i in range(0, n_img, 16):
-            raw = self._raw(images[img_idx[i : i + 16]]).double()  # (b, P, D)
+            raw = self._raw(images[img_idx[i : i + 16]], workspace).double()  # (b, P, D)
             total = raw.sum(0) if total is None else total + raw.sum(0)
             sq = (raw * raw).sum()
             sq_total = sq if sq_total is None else sq_total + sq
@@ -133,20 +135,27 @@ class PatchFeaturizer(nn.Module):
         self._check_fitted()
         return int(self.center.shape[1])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``Z`` for a batch: ``(N, C, H, W) -> (N, P, D)``."""
+    def forward(self, images: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
+        """``Z`` for a batch: ``(N, C, H, W) -> (N, P, D)``.
+
+        ``workspace``: a dict of scratch buffers (:func:`~proxnets.utils.buffers.workspace_buffer`)
+        that the fused RFF path computes in and *returns a view of*: the next call with the same
+        workspace overwrites the result. Only for a caller that is done with one batch's features
+        before it asks for the next (a solver's pass); the values are bitwise those without it.
+        """
         self._check_fitted()
         self.check_images(images)
         if self._fused(images):  # _raw_rff's output is its own preallocated tensor: centred in place, the same values
-            return self._raw_rff(images).sub_(self.center).div_(self.scale)
+            return self._raw_rff(images, workspace=workspace).sub_(self.center).div_(self.scale)
         return (self._raw(images) - self.center) / self.scale
 
-    def chunks(self, images: torch.Tensor, chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """``(rows, Z[rows])`` for consecutive slices of ``chunk`` images."""
+    def chunks(self, images: torch.Tensor, chunk: int, workspace: dict | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, Z[rows])`` for consecutive slices of ``chunk`` images (``workspace``: see :meth:`forward`;
+        each chunk then overwrites the previous one)."""
         check_int("chunk", chunk, low=1)
         for i in range(0, images.shape[0], chunk):
             sl = slice(i, min(i + chunk, images.shape[0]))
-            yield sl, self(images[sl])
+            yield sl, self(images[sl], workspace)
 
     def next_input(self, images: torch.Tensor) -> torch.Tensor:
         """The filter maps that feed the next layer: ``(N, r, Hp, Wp)`` from ``Z(x) @ filters``."""
@@ -174,9 +183,9 @@ class PatchFeaturizer(nn.Module):
         x = self.zca(x) if self.zca is not None else x
         return x * self.input_scale if self.input_scale != 1.0 else x
 
-    def _raw(self, images: torch.Tensor) -> torch.Tensor:
+    def _raw(self, images: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
         if self._fused(images):
-            return self._raw_rff(images)
+            return self._raw_rff(images, workspace=workspace)
         feats = self.phi(self.whitened_patches(images))  # (N, H'W', D)
         return pool_features(feats, self.grid, self.pool_size, self.pool_stride)  # (N, P, D)
 
@@ -184,7 +193,7 @@ class PatchFeaturizer(nn.Module):
         """Whether the fused RFF path runs (it works in place, so not when gradients are needed)."""
         return isinstance(self.phi, RandomFourierFeatures) and not (torch.is_grad_enabled() and images.requires_grad)
 
-    def _raw_rff(self, images: torch.Tensor, block: int = 4) -> torch.Tensor:
+    def _raw_rff(self, images: torch.Tensor, block: int = 4, workspace: dict | None = None) -> torch.Tensor:
         """``pool(sqrt(2/D) cos(zca(cn(x_j)) s W + b))`` with ZCA and ``s`` folded into the projection.
 
         ``zca(x) s W + b = x (s Z W) + (b - s mu Z W)`` (``Z`` the ZCA matrix, ``mu`` its mean), so one
@@ -193,9 +202,13 @@ class PatchFeaturizer(nn.Module):
         ``sqrt(2/D)``, and ``block`` images at a time keep the ``(block J, D)`` buffer in cache. The same
         function as :meth:`whitened_patches` followed by ``phi`` and :func:`pool_features`, up to
         rounding (tested); every solver reads the features from here, so cached and streamed
-        features are identical.
+        features are identical. With a ``workspace`` the patches, the ``(block J, D)`` buffer and the
+        output are its reused buffers (see :meth:`forward`), else fresh tensors; the same values.
         """
-        x = extract_patches(images, self.patch_size, self.stride, self.padding).contiguous()  # (N, J, d), a copy
+        n, j, d = images.shape[0], self.grid[0] * self.grid[1], self._patch_dim()
+        x = workspace_buffer(workspace, "patches", (n, j, d), images)
+        x = extract_patches(images, self.patch_size, self.stride, self.padding,
+                            out=x if x is not None else torch.empty(n, j, d, dtype=images.dtype, device=images.device))
         if self.contrast_eps is not None:  # contrast_normalize's formula, in place on the contiguous copy
             x.sub_(x.mean(dim=-1, keepdim=True))
             x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).add_(self.contrast_eps))
@@ -206,16 +219,20 @@ class PatchFeaturizer(nn.Module):
         else:
             zw, bias = w64 * self.input_scale, b64
         zw, bias = zw.to(x.dtype), bias.to(x.dtype)
-        n, j, d = x.shape
         dim = zw.shape[1]
-        out = torch.empty(n, self.n_positions, dim, dtype=x.dtype, device=x.device)
+
+        def buffer(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            buf = workspace_buffer(workspace, name, shape, x)
+            return buf if buf is not None else torch.empty(shape, dtype=x.dtype, device=x.device)
+
+        out = buffer("features", (n, self.n_positions, dim))
         # one (block J, D) buffer for every block: a buffer per block is a fresh mmap where the allocator
         # returns large blocks to the system (the benchmark's fixed mmap threshold), i.e. page faults per block
-        work = torch.empty(min(block, n) * j, dim, dtype=x.dtype, device=x.device)
+        work = buffer("rff", (min(block, n) * j, dim))
         for i in range(0, n, block):
             xb = x[i : i + block]
             pre = torch.addmm(bias, xb.reshape(-1, d), zw, out=work[: xb.shape[0] * j]).cos_()  # (b J, D)
-            out[i : i + block] = pool_features(pre.view(xb.shape[0], j, dim), self.grid, self.pool_size, self.pool_stride)
+            pool_features(pre.view(xb.shape[0], j, dim), self.grid, self.pool_size, self.pool_stride, out=out[i : i + block])
         return out.mul_(self.phi.scale)
 
     def _check_fitted(self) -> None:

@@ -41,15 +41,30 @@ def grid_shape(image_hw: tuple[int, int], size: tuple[int, int], stride: int, pa
     return (h - size[0]) // stride + 1, (w - size[1]) // stride + 1
 
 
-def extract_patches(images: torch.Tensor, size: int | tuple[int, int], stride: int = 1, padding: int = 0) -> torch.Tensor:
-    """Patches ``(N, H' W', C kh kw)`` of images ``(N, C, H, W)``."""
+def extract_patches(
+    images: torch.Tensor, size: int | tuple[int, int], stride: int = 1, padding: int = 0, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Patches ``(N, H' W', C kh kw)`` of images ``(N, C, H, W)``.
+
+    Without ``out`` a (non-contiguous) view of ``F.unfold``'s output; with ``out`` (contiguous, that
+    shape) the patches are copied into it straight from a strided view of the images, with no
+    intermediate: the same values (a copy, no arithmetic; tested against ``F.unfold``).
+    """
     check_tensor("images", images, ndim=4)
     size = pair("patch_size", size)
     check_int("stride", stride, low=1)
     check_int("padding", padding, low=0)
-    grid_shape(tuple(images.shape[-2:]), size, stride, padding)
-    cols = F.unfold(images, size, padding=padding, stride=stride)  # (N, d, H'W')
-    return cols.transpose(1, 2)  # (N, H'W', d)
+    gh, gw = grid_shape(tuple(images.shape[-2:]), size, stride, padding)
+    if out is None:
+        cols = F.unfold(images, size, padding=padding, stride=stride)  # (N, d, H'W')
+        return cols.transpose(1, 2)  # (N, H'W', d)
+    n, c = images.shape[:2]
+    if tuple(out.shape) != (n, gh * gw, c * size[0] * size[1]) or not out.is_contiguous():
+        fail("out", f"a contiguous tensor of shape {(n, gh * gw, c * size[0] * size[1])}", f"shape {tuple(out.shape)}")
+    x = F.pad(images, (padding,) * 4) if padding else images
+    view = x.unfold(2, size[0], stride).unfold(3, size[1], stride)  # (N, C, H', W', kh, kw)
+    out.view(n, gh, gw, c, size[0], size[1]).copy_(view.permute(0, 2, 3, 1, 4, 5))
+    return out
 
 
 def contrast_normalize(patches: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
@@ -91,14 +106,29 @@ def fit_zca(patches: torch.Tensor, eps: float = 0.1) -> ZCA:
     return ZCA(mean.to(patches.dtype), w.to(patches.dtype))
 
 
-def pool_features(features: torch.Tensor, grid: tuple[int, int], size: int, stride: int) -> torch.Tensor:
-    """Average pooling of ``(N, H' W', D)`` on the ``grid`` -> ``(N, P, D)``, ``P`` pooled positions."""
+def pool_features(
+    features: torch.Tensor, grid: tuple[int, int], size: int, stride: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Average pooling of ``(N, H' W', D)`` on the ``grid`` -> ``(N, P, D)``, ``P`` pooled positions.
+
+    ``out``: a contiguous ``(N, P, D)`` tensor (e.g. a slice of a larger feature tensor) the pooled
+    features are written into by the pooling kernel itself (no pooled temporary, no copy; the same
+    kernel on the same input, so the same values)."""
     n, m, dim = features.shape
     if m != grid[0] * grid[1]:
         fail("features", f"{grid[0] * grid[1]} positions for grid {grid}", f"shape {tuple(features.shape)}")
     if size == 1 and stride == 1:
-        return features
+        return features if out is None else out.copy_(features)
     # (N, H', W', D) viewed as channels-last (N, D, H', W'): pooled without copying the input
     maps = features.reshape(n, grid[0], grid[1], dim).permute(0, 3, 1, 2)
-    pooled = F.avg_pool2d(maps, size, stride=stride)  # (N, D, Hp, Wp)
-    return pooled.flatten(2).transpose(1, 2)  # (N, P, D)
+    if out is None:
+        pooled = F.avg_pool2d(maps, size, stride=stride)  # (N, D, Hp, Wp)
+        return pooled.flatten(2).transpose(1, 2)  # (N, P, D)
+    hp, wp = (grid[0] - size) // stride + 1, (grid[1] - size) // stride + 1
+    if tuple(out.shape) != (n, hp * wp, dim) or not out.is_contiguous():
+        fail("out", f"a contiguous tensor of shape {(n, hp * wp, dim)}", f"shape {tuple(out.shape)}")
+    # out as (N, D, Hp, Wp) in channels-last strides, the layout avg_pool2d gives a channels-last input:
+    # F.avg_pool2d's defaults (no padding, floor mode, padding counted, no divisor override)
+    torch.ops.aten.avg_pool2d.out(maps, [size, size], [stride, stride], [0, 0], False, True, None,
+                                  out=out.view(n, hp, wp, dim).permute(0, 3, 1, 2))
+    return out

@@ -23,15 +23,16 @@ import math
 import torch
 
 from proxnets.convex.duality import (
+    _flat_theta,
+    _unflat,
     constrained_dual_value,
     logistic_loss,
     regularized_dual_value,
-    scores,
-    scores_adjoint,
     spectral_norm,
 )
 from proxnets.convex.nuclear import project_l1_ball
 from proxnets.convex.sources import check_problem_labels, gram_norm
+from proxnets.utils.buffers import workspace_buffer
 from proxnets.utils.convergence import IterInfo, handle_nonconvergence
 from proxnets.utils.validation import check_int, check_number, fail
 
@@ -133,21 +134,28 @@ def solve_primal(
     theta_prev, u_prev = theta, None
     momentum_k, prev_obj = 1.0, math.inf
     beta = 0.0
+    # the pass works in the flat (P D, K) layout of the scores' GEMMs (as the dual solver's): Theta flattened
+    # once per pass, M and grad unflattened once, each chunk's adjoint product in one reused buffer; the same
+    # sums in the same order as scores / scores_adjoint per chunk, so bitwise the same values
+    workspace: dict = {}
     for _ in range(max_iter):
         u_all = torch.empty(n, k, dtype=theta.dtype, device=theta.device)
-        m = torch.zeros_like(theta)  # A^*(E - P_t) / n
-        grad_y = torch.zeros_like(theta)  # grad L(Y_t)
+        theta_flat = _flat_theta(theta, p)
+        m_flat = torch.zeros(p * d, k, dtype=theta.dtype, device=theta.device)  # A^*(E - P_t) / n, flat
+        grad_flat = torch.zeros_like(m_flat)  # grad L(Y_t), flat
         loss = 0.0
-        for rows, z in source.chunks():
-            u = scores(z, theta)  # (b, K)
+        for rows, z in source.chunks(workspace):  # each chunk is done with before the next is computed
+            zf = z.reshape(z.shape[0], -1)  # (b, P D), a view
+            u = zf @ theta_flat  # scores (b, K)
             u_all[rows] = u
             yb = y[rows]
             e = one_hot(yb, k, u.dtype)
             loss += float(logistic_loss(u, yb))
-            m += scores_adjoint(z, e - torch.softmax(u, -1))
+            m_flat += torch.mm(zf.T, e - torch.softmax(u, -1), out=workspace_buffer(workspace, "adjoint", m_flat.shape, m_flat))
             if beta > 0:
                 uy = u + beta * (u - u_prev[rows])
-                grad_y += scores_adjoint(z, torch.softmax(uy, -1) - e)
+                grad_flat += torch.mm(zf.T, torch.softmax(uy, -1) - e, out=workspace_buffer(workspace, "adjoint", m_flat.shape, m_flat))
+        m, grad_y = _unflat(m_flat, p, d, k), _unflat(grad_flat, p, d, k)
         info.passes += 1
         m /= n
         grad_y = -m if beta == 0 else grad_y / n

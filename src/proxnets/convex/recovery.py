@@ -56,7 +56,10 @@ def active_rank(singular_values: torch.Tensor, lam: float, rtol: float = 0.05) -
 
 def reduced_features(source, filters: torch.Tensor) -> torch.Tensor:
     """``Z_i W`` for every sample: ``(n, P, r)`` (the CNN's pooled filter responses)."""
-    return torch.cat([z @ filters for _, z in source.chunks()])
+    workspace: dict = {}  # each chunk's features are reduced before the next chunk is computed
+    parts = [z @ filters for _, z in source.chunks(workspace)]
+    workspace.clear()  # the chunk buffers are not held while the (n, P, r) result is assembled (peak memory)
+    return torch.cat(parts)
 
 
 def recover(

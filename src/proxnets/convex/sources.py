@@ -23,6 +23,7 @@ import torch
 from proxnets.convex.duality import scores, scores_adjoint
 from proxnets.convex.features import PatchFeaturizer
 from proxnets.operators import LinearOperator, power_iteration
+from proxnets.utils.buffers import workspace_buffer
 from proxnets.utils.validation import check_int, check_labels, check_tensor, fail
 
 __all__ = [
@@ -57,7 +58,8 @@ class CachedFeatures:
     def dim(self) -> int:
         return self.z.shape[2]
 
-    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+    def chunks(self, workspace: dict | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, z[rows])`` views of the cache (``workspace`` unused: nothing is computed)."""
         for i in range(0, self.n, self.chunk):
             sl = slice(i, min(i + self.chunk, self.n))
             yield sl, self.z[sl]
@@ -103,15 +105,24 @@ class StreamedFeatures:
         """Fraction of the samples whose features are kept between passes."""
         return min(1.0, len(self._kept) * self.chunk / self.n)
 
-    def chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+    def chunks(self, workspace: dict | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, Z[rows])`` chunk by chunk.
+
+        ``workspace``: a dict of scratch buffers (:func:`~proxnets.utils.buffers.workspace_buffer`)
+        that every computed chunk is written into, so each yielded chunk is overwritten by the next:
+        only for a caller that is done with a chunk before asking for the next (a solver's pass; not
+        one that collects the chunks). Chunks this source keeps (``cache_bytes``) are never computed
+        in it. The same values either way.
+        """
         with torch.no_grad():
             for c, i in enumerate(range(0, self.n, self.chunk)):
                 sl = slice(i, min(i + self.chunk, self.n))
                 if c < len(self._kept):
                     yield sl, self._kept[c]
                     continue
-                z = self.featurizer(self.images[sl])
-                if not self._full and c == len(self._kept) and self._kept_bytes + z.nbytes <= self.cache_bytes:
+                keep = not self._full and c == len(self._kept)  # a candidate for the cache: a fresh tensor
+                z = self.featurizer(self.images[sl], workspace=None if keep else workspace)
+                if keep and self._kept_bytes + z.nbytes <= self.cache_bytes:
                     self._kept.append(z)
                     self._kept_bytes += z.nbytes
                 else:
@@ -125,8 +136,9 @@ class StreamedFeatures:
 def cache_features(featurizer: PatchFeaturizer, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """The feature tensor ``Q (n, P, D)`` filled chunk by chunk into one preallocated tensor."""
     out = None
+    workspace: dict = {}  # each chunk is copied into the result before the next is computed
     with torch.no_grad():
-        for rows, z in featurizer.chunks(images, chunk):
+        for rows, z in featurizer.chunks(images, chunk, workspace):
             if out is None:
                 out = torch.empty(images.shape[0], *z.shape[1:], dtype=z.dtype, device=z.device)
             out[rows] = z
@@ -184,9 +196,10 @@ def _fused_power(source, iterations: int, tol: float, g: torch.Generator) -> flo
     v = r / r.norm()
     w = torch.empty(source.n, 1, dtype=sample.dtype, device=sample.device)
     sigma = None
+    workspace: dict = {}  # each chunk is used before the next is computed
     for k in range(iterations):
         out = None
-        for rows, z in source.chunks():
+        for rows, z in source.chunks(workspace):
             w[rows] = scores(z, v) * scale
             gc = scores_adjoint(z, w[rows])
             out = gc if out is None else out + gc
@@ -202,7 +215,7 @@ def _fused_power(source, iterations: int, tol: float, g: torch.Generator) -> flo
         sigma = sigma_new
         if k > 0 and rel <= tol:
             break
-    final = torch.cat([scores(z, v) for _, z in source.chunks()]) * scale  # |A v| at the last v, as power_iteration
+    final = torch.cat([scores(z, v) for _, z in source.chunks(workspace)]) * scale  # |A v| at the last v, as power_iteration
     return float(final.norm()) ** 2
 
 
@@ -266,17 +279,21 @@ class GramBound:
         # accumulator is read and written once per batch, not once per (small) chunk
         self._buf = torch.empty(self.batch, n_positions * dim, dtype=torch.float32, device=dev)
         self._fill = 0
+        self._workspace: dict = {}  # add()'s float64 temporaries, reused by every chunk
 
     def add(self, z: torch.Tensor) -> None:
         """Accumulate a chunk ``z (b, P, D)``."""
+        ws = self._workspace  # the float64 temporaries of every batch in the same buffers (no page faults per chunk)
+        pd, k = self.u.shape
         for i in range(0, z.shape[0], self.batch):
-            q = z[i : i + self.batch].reshape(-1, self.u.shape[0]).double()
-            b = q.shape[0]
+            zb = z[i : i + self.batch].reshape(-1, pd)
+            b = zb.shape[0]
+            q = workspace_buffer(ws, "q", (b, pd), self.u).copy_(zb)  # the chunk in float64
             s = q @ self.u  # (b, k)
-            qp = q - s @ self.u.T  # z'
+            qp = torch.sub(q, torch.mm(s, self.u.T, out=workspace_buffer(ws, "us", (b, pd), q)), out=workspace_buffer(ws, "qp", (b, pd), q))  # z'
             self.a += s.T @ s
-            self.b += qp.T @ s
-            self.trace += float((q * q).sum())
+            self.b += torch.mm(qp.T, s, out=workspace_buffer(ws, "bs", (pd, k), q))
+            self.trace += float(torch.mul(q, q, out=workspace_buffer(ws, "us", (b, pd), q)).sum())
             self.n += b
             take = min(b, self.batch - self._fill)
             self._buf[self._fill : self._fill + take] = qp[:take]
@@ -299,6 +316,7 @@ class GramBound:
         if self.n == 0:
             raise RuntimeError("GramBound: no chunk added")
         self._flush()
+        self._workspace.clear()  # add()'s temporaries are not held during the eigenvalue problems (peak memory)
         n = self.n
         tr = self.trace / n
         if not (math.isfinite(tr) and bool(torch.isfinite(self.c).all()) and bool(torch.isfinite(self.b).all())):
