@@ -18,6 +18,10 @@ Feature maps ``phi: R^d -> R^D`` with ``<phi(x), phi(y)> ~ k(x, y)``, acting on 
 - :class:`NystromFeatures` (any kernel): ``phi(x) = k(x, L) K_LL^{-1/2}`` for ``m`` landmarks ``L``
   (pseudo-inverse square root; eigenvalues below ``1e-8 max`` dropped).
 - :class:`LinearFeatures`: ``phi(x) = x``.
+
+:func:`cos_` is the one cosine of every random-feature map (CCNN's cached features and DCCNN's
+streamed ones alike): numpy's SIMD float32 cosine on CPU float32 tensors, within ``COS_ERROR`` of the
+float64 cosine of the same input.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -85,6 +90,28 @@ def kernel_matvec(
     return torch.cat([k(x[i : i + chunk], y) @ v for i in range(0, x.shape[0], chunk)], dim=0)
 
 
+COS_ERROR = 2.0**-23  # stated, tested (not proved) bound of |cos_(x) - cos(x)|, cos in float64 of the same float32 x
+
+
+def cos_(x: torch.Tensor) -> torch.Tensor:
+    """``x <- cos(x)`` in place; returns ``x``.
+
+    A contiguous CPU float32 tensor goes through numpy's float32 cosine (SIMD where the CPU has it:
+    measured 2.7x faster than ``torch.cos_`` on a ``(2304, 256)`` block, AVX-512), which is within
+    ``COS_ERROR = 2^-23`` of the float64 cosine of the same input (tested on 6 million inputs in
+    ``[-200, 200]``, measured 6.9e-8; torch's 3.6e-8; the random-feature arguments are ``O(10)``).
+    It is elementwise and deterministic: an element's value does not depend on its position in the
+    array (tested), so chunk and block sizes never change a feature. Anything else (other dtypes,
+    devices, tensors that need gradients or are not contiguous) takes ``torch.cos_``. No certificate
+    depends on this bound: the duality gaps are those of the program over the features computed here.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
+        a = x.numpy()
+        np.cos(a, out=a)
+        return x
+    return x.cos_()
+
+
 class RandomFourierFeatures(nn.Module):
     """``phi(x) = sqrt(2/D) cos(x @ weight + bias)``: ``E <phi(x), phi(y)> = exp(-gamma |x-y|^2)``."""
 
@@ -104,7 +131,7 @@ class RandomFourierFeatures(nn.Module):
         out = x @ self.weight
         if torch.is_grad_enabled() and x.requires_grad:
             return self.scale * torch.cos(out + self.bias)
-        return out.add_(self.bias).cos_().mul_(self.scale)  # in place: one (..., D) buffer
+        return cos_(out.add_(self.bias)).mul_(self.scale)  # in place: one (..., D) buffer
 
 
 class NystromFeatures(nn.Module):
