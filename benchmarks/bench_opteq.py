@@ -26,7 +26,8 @@ validation; a DEQ on TorchDEQ's Anderson at equal parameters, and OptEq with equ
 ``|W|_2 <= 1`` with the feed-forward and with the learned linear anchor; with each model's training CPU time.
 ``--rows`` runs a subset (substrings of the row names; OptEq always runs).
 
-Usage: ``python benchmarks/bench_opteq.py [--quick | --baselines [--rows ...]]``. Runs on one CPU thread (see
+Usage: ``python benchmarks/bench_opteq.py [--quick] [--breakdown | --baselines [--rows ...]]`` (``--breakdown``: the CPU time of
+one step split into map applications and the rest, forward and backward, ours and TorchDEQ's, both regimes). Runs on one CPU thread (see
 :mod:`proxnets.utils.threads`).
 """
 
