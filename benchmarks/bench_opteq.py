@@ -26,7 +26,8 @@ validation; a DEQ on TorchDEQ's Anderson at equal parameters, and OptEq with equ
 ``|W|_2 <= 1`` with the feed-forward and with the learned linear anchor; with each model's training CPU time.
 ``--rows`` runs a subset (substrings of the row names; OptEq always runs).
 
-Usage: ``python benchmarks/bench_opteq.py [--quick | --baselines [--rows ...]]``. Runs on one CPU thread (see
+Usage: ``python benchmarks/bench_opteq.py [--quick] [--breakdown | --baselines [--rows ...]]`` (``--breakdown``: the CPU time of
+one step split into map applications and the rest, forward and backward, ours and TorchDEQ's, both regimes). Runs on one CPU thread (see
 :mod:`proxnets.utils.threads`).
 """
 
@@ -286,6 +287,84 @@ def bench_deep_conv(repeats: int, x: torch.Tensor, channels: int = 16, layers: i
     return ratio
 
 
+def _conv_counts(forward, params, c) -> tuple[int, int]:
+    """Convolutions (forward and transposed, and their autograd backward) run in the forward and in the backward
+    phase of one step, counted by the profiler (top-level convolution ops only)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("PHASE_fwd"):
+            z = forward()
+        with record_function("PHASE_bwd"):
+            torch.autograd.grad((c * z).sum(), params)
+    counts = {"fwd": 0, "bwd": 0}
+    for e in prof.events():
+        if "conv" in e.name and not (e.cpu_parent is not None and "conv" in e.cpu_parent.name):
+            p = e
+            while p is not None and not p.name.startswith("PHASE_"):
+                p = p.cpu_parent
+            if p is not None:
+                counts[p.name[6:]] += 1
+    return counts["fwd"], counts["bwd"]
+
+
+def bench_breakdown(title, layer, x, repeats, have_torchdeq) -> None:
+    """CPU time of one step split into forward phase and backward phase, each into its map applications (two
+    convolutions each: ``n`` times the median cost of one ``T`` evaluation, measured in the same rounds) and the
+    rest (solver bookkeeping, the elementwise work, the injection, weight gradients, autograd), for our two fastest
+    methods and TorchDEQ's two. ``n`` is half the convolutions the profiler counts in that phase (an untimed
+    step); a TorchDEQ backward iteration is one vector-Jacobian product through ``T`` (two convolution
+    backwards), counted and priced as one map."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        c = torch.randn_like(layer.injection(x))
+    params = list(layer.parameters())
+    methods = {f"ours:{s}/conjugate_gradient": _run_ours(layer, x, c, s, {}, "conjugate_gradient")
+               for s in ("safeguarded_anderson", "accelerated")}
+    if have_torchdeq:
+        methods.update({f"torchdeq:{s}": _run_torchdeq(layer, x, c, s) for s in ("fixed_point_iter", "anderson")})
+
+    def configure(name):
+        if name.startswith("ours"):
+            solver, backward_solver = name[5:].split("/")
+            _run_ours(layer, x, c, solver, {}, backward_solver)
+
+    counts, times = {}, {n: {"fwd": [], "bwd": []} for n in methods}
+    for name, (forward, _, _) in methods.items():
+        configure(name)
+        counts[name] = _conv_counts(forward, params, c)
+    with torch.no_grad():
+        T = layer.fixed_point_map(layer.injection(x), layer.W.weight)
+        z_ref = T(T(torch.zeros_like(c)))
+    t_map = []
+    for _ in range(repeats):
+        for name, (forward, _, _) in methods.items():
+            configure(name)
+            t0 = time.process_time()
+            z = forward()
+            t1 = time.process_time()
+            torch.autograd.grad((c * z).sum(), params)
+            t2 = time.process_time()
+            times[name]["fwd"].append(t1 - t0)
+            times[name]["bwd"].append(t2 - t1)
+        with torch.no_grad():
+            t0 = time.process_time()
+            for _ in range(5):
+                T(z_ref)
+            t_map.append((time.process_time() - t0) / 5)
+    med = lambda v: sorted(v)[len(v) // 2] * 1e3  # noqa: E731
+    tm = med(t_map)
+    print(f"\n== breakdown, {title}: CPU ms per step (median of {repeats} interleaved rounds); one T evaluation "
+          f"{tm:.2f} ms ==")
+    print(f"{'method':40s} {'fwd':>7s} {'maps':>5s} {'map ms':>7s} {'rest':>7s} | {'bwd':>7s} {'maps':>5s} "
+          f"{'map ms':>7s} {'rest':>7s} | {'total':>7s} {'rest %':>6s}")
+    for name in methods:
+        f, b = med(times[name]["fwd"]), med(times[name]["bwd"])
+        nf, nb = counts[name][0] / 2, counts[name][1] / 2
+        print(f"{name:40s} {f:7.1f} {nf:5.1f} {nf * tm:7.1f} {f - nf * tm:7.1f} | {b:7.1f} {nb:5.1f} {nb * tm:7.1f} "
+              f"{b - nb * tm:7.1f} | {f + b:7.1f} {100 * (f + b - (nf + nb) * tm) / (f + b):6.0f}")
+
+
 PR_ALPHA_GRID = (0.5, 1.0, 2.0)  # MON's Peaceman-Rachford step, picked on validation accuracy (seed 0)
 
 
@@ -393,6 +472,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and training steps")
     parser.add_argument("--baselines", action="store_true", help="accuracy vs MON / TorchDEQ DEQ / selection, 3 seeds")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CPU time split into map applications and the rest, forward and backward, both regimes")
     parser.add_argument("--rows", nargs="*", default=None, help="with --baselines: substrings of the rows to run")
     args = parser.parse_args(argv)
     if args.baselines:
@@ -418,6 +499,10 @@ def main(argv=None):
         with torch.no_grad():
             x = stem(x_img)  # (128, 16, 14, 14)
         hard = _layer_at_bound(block.channels, block.spatial, block.in_channels, seed=0)
+        if args.breakdown:
+            bench_breakdown("|W|_2 = 0.97", hard, x, repeats, have_torchdeq)
+            bench_breakdown(f"after {steps} training steps", block, x, repeats, have_torchdeq)
+            return
         bench_regime("|W|_2 = 0.97", hard, x, repeats, have_torchdeq)
         bench_regime(f"after {steps} training steps", block, x, repeats, have_torchdeq)
         bench_deep(repeats)

@@ -57,10 +57,16 @@ def test_implicit_gradient_matches_finite_differences(kind, activation, backward
     x = _input(kind).requires_grad_()
     with torch.no_grad():
         c = torch.randn(layer(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert _fd_error(layer, x, c) <= 1e-6
+
+
+def _fd_error(layer, x, c) -> float:
+    """Largest ``|finite difference - implicit gradient| / max(1, |fd|)`` over 4 random coordinates of x and of
+    every parameter (central differences, step 1e-6, float64); the backward must report convergence."""
     loss = _loss(layer, x, c)
     grads = torch.autograd.grad(loss, [x, *_params(layer).values()])
     assert layer.last_info.backward is not None and layer.last_info.backward.converged
-    eps = 1e-6
+    eps, worst = 1e-6, 0.0
     g = torch.Generator().manual_seed(3)
     for (name, tensor), grad in zip([("x", x), *_params(layer).items()], grads):
         flat = tensor.data.view(-1)
@@ -73,7 +79,40 @@ def test_implicit_gradient_matches_finite_differences(kind, activation, backward
                 down = _loss(layer, x, c).item()
                 flat[idx] = old
             fd = (up - down) / (2 * eps)
-            assert abs(fd - grad.view(-1)[idx].item()) <= 1e-6 * max(1.0, abs(fd)), (name, idx, fd, grad.view(-1)[idx])
+            worst = max(worst, abs(fd - grad.view(-1)[idx].item()) / max(1.0, abs(fd)))
+    return worst
+
+
+def _broken_adjoint(layer, variant):
+    """The layer with a broken symmetrized adjoint (:meth:`OptEqBase.adjoint_pre` given a wrong ``s``):
+    ``"no-mask"`` drops the active set (``s = 1``: CG on ``I - W^T W``, SPD, so it converges, to the wrong
+    point); ``"d-for-sqrt"`` uses ``d`` where ``sqrt(d)`` belongs (equal for a 0/1 derivative, wrong for tanh)."""
+    base = type(layer)
+
+    class Broken(base):
+        def adjoint_pre(self, v, s, w):
+            return base.adjoint_pre(self, v, torch.ones_like(s) if variant == "no-mask" else s * s, w)
+
+    layer.__class__ = Broken
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+@pytest.mark.parametrize("activation,variant", [("relu", "no-mask"), ("tanh", "d-for-sqrt")])
+def test_broken_symmetrized_adjoint_fails_the_gradient_check(kind, activation, variant):
+    # the CG backward on the active-set system passes the finite-difference check; each broken variant converges
+    # (CG reports it) and fails the same check by orders of magnitude
+    x = _input(kind).requires_grad_()
+    errors = {}
+    for name in ("intact", variant):
+        layer = _layer(kind, activation, backward_solver="conjugate_gradient")
+        if name != "intact":
+            layer = _broken_adjoint(layer, variant)
+        with torch.no_grad():
+            c = torch.randn(layer(x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+        errors[name] = _fd_error(layer, x, c)
+    assert errors["intact"] <= 1e-6, errors
+    assert errors[variant] > 1e-3, errors
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])

@@ -99,3 +99,20 @@ def test_errors():
 def test_inplace_prox_equals_prox(act):
     v = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2
     assert torch.equal(act.prox_(v.clone()), act.prox(v))
+
+
+@pytest.mark.parametrize("act", ACTS, ids=IDS)
+def test_binary_derivative_flag_is_true_only_for_a_0_1_derivative(act):
+    # the symmetrized adjoint skips sqrt(prox') when the flag is set: sound only if prox' is 0/1 everywhere;
+    # an unflagged activation with a derivative must really have values strictly between 0 and 1 (else the
+    # flag is missing), on the same samples
+    v = torch.randn(64, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3
+    d = act.derivative(v)
+    if d is None:
+        assert not act.binary_derivative
+        return
+    is_binary = bool(((d == 0) | (d == 1)).all())
+    assert act.binary_derivative == is_binary, (act, d.unique()[:8])
+    at_out = act.derivative_at_output(act.prox(v))
+    if act.binary_derivative and at_out is not None:
+        assert bool(((at_out == 0) | (at_out == 1)).all())

@@ -297,8 +297,7 @@ class OptEqBase(nn.Module):
         def attach(z_star: torch.Tensor):
             pre = self.linear_part(z_star, w) + inj  # recorded: connects z* to W, U, b and x
             z = self.activation.prox(pre)
-            # prox' lies in [0, 1] (prox is monotone and nonexpansive); clamp a user's round-off
-            s = self.activation.derivative(pre.detach()).clamp(0.0, 1.0).sqrt()
+            s = self._sqrt_derivative(self.activation.derivative(pre.detach()).clone())
             wd = w.detach()
 
             def adjoint(v: torch.Tensor):
@@ -320,6 +319,13 @@ class OptEqBase(nn.Module):
     # unchanged, with that evaluation's input untouched: the cached step is then the returned point
     _CACHE_SAFE = ("fixed_point", "accelerated", "anderson", "safeguarded_anderson", "halpern")
 
+    def _sqrt_derivative(self, d: torch.Tensor) -> torch.Tensor:
+        """``s = sqrt(prox_f')`` of the symmetrized adjoint, in place on ``d``: prox' lies in [0, 1] (prox is monotone
+        and nonexpansive; the clamp removes a user's round-off), and for a 0/1 derivative
+        (:attr:`ProxActivation.binary_derivative`) the square root is the identity and is skipped."""
+        d = d.clamp_(0.0, 1.0)
+        return d if self.activation.binary_derivative else d.sqrt_()
+
     def adjoint_pre(self, v: torch.Tensor, s: torch.Tensor, w: torch.Tensor):
         """The gradient with respect to the pre-activation ``p`` of the implicit step, ``(q, info)``.
 
@@ -331,6 +337,25 @@ class OptEqBase(nn.Module):
         ``M = W^T W - eps I`` and the eigenvalues of ``I - s M s`` are ``>= eps``): conjugate gradient by
         default (:func:`proxnets.solvers.solve_linear`), or any solver of the registry on the fixed-point
         form ``h = s W^T W (s h) + s v`` (a gradient step of size 1 on the same convex quadratic).
+
+        Derivation. ``T(z) = prox_f(M z + inj)`` has Jacobian ``J = D M`` at ``z*``, ``D = diag(d)``,
+        ``d = prox_f'(p)`` in ``[0, 1]``; in terms of the Hessian ``H = I - M`` of the smooth part of ``G``,
+        ``J = D (I - H)``. The implicit function theorem gives ``dz*/dp = (I - D M)^{-1} D``, so the gradient at
+        ``p`` for the upstream ``v`` is ``q = D (I - M D)^{-1} v = D g`` with ``(I - M D) g = v``: not symmetric
+        (``M D != D M``), so CG does not apply to it as it stands. With ``S = diag(s)``, ``s = sqrt(d)``,
+        ``D = S S``, multiply by ``S``: ``S g - S M S (S g) = S v``, i.e. ``(I - S M S) h = S v`` for ``h = S g``,
+        and ``q = S S g = S h``. ``S M S`` is symmetric with ``|S M S|_2 <= |S|_2^2 |M|_2 <= |W|_2^2``. For ReLU
+        (and every 0/1 derivative: soft threshold, box, their l1 compositions) ``S`` is the 0/1 projection on the
+        active set ``A = {p > 0}``: the system is ``(I - M_AA) h_A = v_A`` with ``h = 0`` off ``A``, and CG
+        from ``h0 = 0`` never leaves ``A`` (every Krylov vector is a multiple of ``S``). By Cauchy interlacing
+        the eigenvalues of ``I - M_AA`` lie in ``[1 - |W|_2^2, 1]``, so ``kappa <= 1 / (1 - |W|_2^2)`` (17 at
+        0.97) and CG's error in the ``A``-norm falls at least as ``2 ((sqrt(kappa) - 1) / (sqrt(kappa) + 1))^k``
+        (0.61 per iteration at 0.97, against 0.94 for the plain adjoint iteration). CG's stop uses the
+        recurrence residual ``r_k`` (equal to ``S v - (I - S M S) h_k`` up to round-off; its finiteness and
+        ``<p, A p> > 0`` are checked every iteration, a failure ends the run as diverged) and its ``info``
+        (converged or not) is passed on to the layer's policy by :class:`_ImplicitStep`. The tests check the
+        result against finite differences and the unrolled gradient in float64, and two broken variants (the
+        mask dropped, ``d`` used where ``sqrt(d)`` belongs) against the same check.
         """
         cfg = self.backward_config
         sv = s * v
@@ -373,8 +398,7 @@ class OptEqBase(nn.Module):
         d = self.activation.derivative_at_output(out)
         if d is None:
             return None
-        # prox' lies in [0, 1] (prox is monotone and nonexpansive); clamp a user's round-off
-        s = d.clamp_(0.0, 1.0).sqrt_()
+        s = self._sqrt_derivative(d)
         state = dict(layer=self, z=cache["z"], wz=cache["wz"], out=out, s=s, w=w.detach(), info=info, policy=policy)
         return _ImplicitStep.apply(inj, w, state)
 

@@ -80,6 +80,10 @@ class ProxActivation:
     """Base class: ``prox(v)``, ``value(z)`` (per-sample sum of f, shape ``(B,)``), ``derivative(v)``."""
 
     name = "base"
+    # True when prox_f' takes only the values 0 and 1 (a.e.): then sqrt(prox_f') = prox_f', and the symmetrized
+    # adjoint of OptEq skips the square root (on this kind of CPU a square root of a 0/1 tensor is ~10x one of
+    # positive numbers, measured 2.2 ms for a (128, 16, 14, 14) batch, more than one map evaluation)
+    binary_derivative = False
 
     def prox(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -124,6 +128,7 @@ class ReLUProx(ProxActivation):
     """ReLU = prox of the indicator of the nonnegative orthant."""
 
     name = "relu"
+    binary_derivative = True
 
     def prox(self, v):
         return torch.relu(v)
@@ -145,6 +150,7 @@ class SoftThreshold(ProxActivation):
     """Soft-threshold = prox of ``lam |z|``."""
 
     name = "soft_threshold"
+    binary_derivative = True
 
     def __init__(self, lam: float = 0.1):
         self.lam = check_number("lam", lam, low=0.0)
@@ -169,6 +175,7 @@ class BoxClamp(ProxActivation):
     """Clamp (hard-tanh for ``[-1, 1]``) = prox (projection) of the indicator of ``[low, high]``."""
 
     name = "box"
+    binary_derivative = True
 
     def __init__(self, low: float = -1.0, high: float = 1.0):
         self.low = check_number("low", low)
@@ -199,6 +206,7 @@ class IdentityProx(ProxActivation):
     """Identity = prox of ``f = 0`` (a linear equilibrium)."""
 
     name = "identity"
+    binary_derivative = True
 
     def prox(self, v):
         return v
@@ -260,6 +268,10 @@ class L1Composed(ProxActivation):
             fail("activation", "an f minimized at 0 (prox_f(0) = 0) to add an L1 prior", repr(base))
         self.base, self.lam = base, float(lam)
         self.name = f"{base.name}+l1"
+
+    @property
+    def binary_derivative(self) -> bool:  # the base's derivative times a 0/1 mask
+        return self.base.binary_derivative
 
     def prox(self, v):
         return self.base.prox(soft_threshold(v, self.lam))
