@@ -282,6 +282,13 @@ def entries() -> list[Entry]:
     add(Entry("pmp", "SparseRegularizer", lambda beta=1.0, lam1=0.0: P.SparseRegularizer(beta, lam1).value(torch.linspace(-1, 1, 7)),
               lambda g, b: {"beta": 1.0, "lam1": 0.1}, nonneg=("beta", "lam1")))
 
+    from proxnets.pmp.baselines import strength_search
+
+    add(Entry("pmp", "strength_search",
+              lambda target=0.2, rtol=0.25: strength_search(lambda s: 1.0 / (1.0 + (s / 6e-3) ** 3), target,
+                                                            (3e-4, 3e-2), 4, rtol)["strength"],
+              lambda g, b: {"target": 0.2, "rtol": 0.25}, positive=("target",), nonneg=("rtol",)))
+
     def bsqh_step(x, y, rho=0.01, eps=1.0):
         torch.manual_seed(0)
         model = lenet()

@@ -34,7 +34,9 @@ def test_full_path_on_tiny_files_with_an_overridden_budget(tmp_path, monkeypatch
                 target_acc=0.1, mechanism_images=40, mechanism_iterations=3, layer_images=16, layer_sweeps=2,
                 timing_epochs=1, timing_iterations=2)
     monkeypatch.setattr(experiments, "FULL", tiny)
-    monkeypatch.setattr(experiments, "L1_STRENGTHS", (1e-2,))
+    monkeypatch.setattr(experiments, "SGD_LRS", (0.1,))  # L1 then prune: one lr, 2 + 1 probes
+    monkeypatch.setattr(experiments, "L1_PROBES", 2)
+    monkeypatch.setattr(experiments, "L1_SEED_PROBES", 1)
     ctx = SuiteContext(out_dir=tmp_path / "out", size="full", data_dir=tmp_path / "data", log=lambda m: None)
     result = experiments.run(ctx)
     full = result.metrics["full"]
@@ -46,9 +48,14 @@ def test_full_path_on_tiny_files_with_an_overridden_budget(tmp_path, monkeypatch
     fashion = full["fashion-mnist"]["frontier"]
     assert sorted({p["rho"] for p in fashion["bsqh"]}) == [0.2, 0.4] and len(fashion["bsqh"]) == 4
     assert len(fashion["prune"]) == 4  # Adam + pruning at every bSQH density and seed
+    assert len(fashion["l1_prune"]) == 4  # L1 then prune likewise, at the bSQH densities
+    assert all(abs(p["density"] - q["density"]) <= 1e-4 for p, q in zip(
+        sorted(fashion["l1_prune"], key=lambda p: (p["seed"], p["rho"])),
+        sorted(fashion["bsqh"], key=lambda p: (p["seed"], p["rho"]))))
     titles = [t.title for t in result.tables]
     assert any(t.startswith("Accuracy vs density (LeNet-5, fashion-mnist") for t in titles)
     assert any(t.startswith("Accuracy vs density (LeNet-5, mnist,") for t in titles)  # the claims' dataset
     assert sum(t.startswith("Time per epoch") for t in titles) == 2
+    assert sum(t.startswith("Accuracy at equal density with 95% intervals") for t in titles) == 2
     assert result.metrics["n_test"] == 30 and result.metrics["n_train"] == 64
     assert not any("not available" in n for n in result.notes)

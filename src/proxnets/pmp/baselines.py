@@ -8,9 +8,14 @@
   all such groups together (iterative hard thresholding at a fixed density).
 - :func:`filter_prune`: structured magnitude pruning (whole filters by their L1/L2 norm) to a target
   fraction of multiply-adds, the baseline of the filter-level L0.
+- :func:`strength_search`: the L1 strength at which a training run reaches a target density
+  (bisection in log strength, a fixed number of probes), for "L1 then prune" at equal density.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,9 +23,9 @@ from torch.nn.utils import prune
 
 from proxnets.pmp.regularizers import soft_threshold
 from proxnets.pmp.sparsity import SPARSIFIABLE, sparsity_report
-from proxnets.utils.validation import check_choice, check_number, check_probability
+from proxnets.utils.validation import check_choice, check_int, check_number, check_probability, fail
 
-__all__ = ["magnitude_prune", "filter_prune", "ProxSGD"]
+__all__ = ["magnitude_prune", "filter_prune", "ProxSGD", "strength_search"]
 
 
 def magnitude_prune(model: nn.Module, density: float) -> nn.Module:
@@ -29,6 +34,48 @@ def magnitude_prune(model: nn.Module, density: float) -> nn.Module:
     targets = [(m, "weight") for m in model.modules() if isinstance(m, SPARSIFIABLE)]
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=1.0 - density)
     return model
+
+
+def strength_search(density_at: Callable[[float], float], target: float, bracket: tuple[float, float],
+                    probes: int, rtol: float) -> dict:
+    """The regularization strength whose training run lands at density ``target`` (to ``rtol`` above it).
+
+    ``density_at(strength)`` trains and returns the density reached (the fraction of nonzero weights of the
+    training run: no test or validation data). The density is taken as non-increasing in the strength.
+    Bisection in log strength inside ``bracket = (low, high)``: each probe is the geometric midpoint of the
+    current bracket; a density above ``target * (1 + rtol)`` moves the lower end up, one below ``target``
+    the upper end down, one in the band ``[target, target * (1 + rtol)]`` ends the search. At most
+    ``probes`` calls of ``density_at``, so the bracket shrinks to ``(log10 high - log10 low) / 2**probes``
+    decades. Pick: the probe in the band; else the sparsest probe at or above ``target`` (pruning then
+    removes the fewest surviving weights); else the densest probe (all landed below ``target``).
+    Returns ``dict(strength, density, within, probes=[(strength, density), ...])``; ``within`` says whether
+    the picked probe's measured density lies in the band (never set otherwise).
+    """
+    target = check_number("target", target, low=0.0, high=1.0, low_inclusive=False)
+    if (not isinstance(bracket, (tuple, list)) or len(bracket) != 2
+            or not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bracket)
+            or not 0.0 < bracket[0] < bracket[1]):
+        fail("bracket", "(low, high) with 0 < low < high", bracket)
+    probes = check_int("probes", probes, low=1)
+    rtol = check_number("rtol", rtol, low=0.0)
+    lo, hi = math.log(bracket[0]), math.log(bracket[1])
+    upper = target * (1.0 + rtol)
+    seen: list[tuple[float, float]] = []
+    for _ in range(probes):
+        strength = math.exp((lo + hi) / 2)
+        density = float(density_at(strength))
+        if not math.isfinite(density):
+            fail("density_at", f"a finite density at strength {strength:g}", density)
+        seen.append((strength, density))
+        if target <= density <= upper:
+            break
+        if density > upper:
+            lo = math.log(strength)
+        else:
+            hi = math.log(strength)
+    above = [p for p in seen if p[1] >= target]
+    strength, density = min(above, key=lambda p: p[1]) if above else max(seen, key=lambda p: p[1])
+    return dict(strength=strength, density=density, within=target <= density <= upper, probes=seen)
 
 
 class ProxSGD(torch.optim.SGD):

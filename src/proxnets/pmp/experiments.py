@@ -13,8 +13,9 @@
 2. Frontier: test accuracy against the fraction of nonzero weights, bSQH at several target
    densities (``target_density`` adapts rho; then
    fine-tuning with its zeros frozen) against Adam + global magnitude pruning + as many
-   fine-tuning epochs, same data, several seeds; SGD + IHT and L1-prox SGD (one seed) for the
-   figure. The operating target and Adam's learning rate are chosen on a validation split carved from the
+   fine-tuning epochs, same data, several seeds; SGD + IHT (one seed) for the figure; at size full
+   L1-prox SGD + pruning + fine-tuning at the same densities (:func:`l1_prune`; at quick size in
+   ``benchmarks/pmp_frontier_l1.py``, outside the suite's budget). The operating target and Adam's learning rate are chosen on a validation split carved from the
    training images; the test images are used only for the reported accuracies.
 
 Every claim names the broken variant (``MUTATIONS``) that must flip it; the tests run each one at
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from proxnets.data import load_dataset, stratified_split
 from proxnets.engine import TrainConfig, evaluate, fit
 from proxnets.engine.plotting import Panel, multi_plot
-from proxnets.pmp.baselines import ProxSGD, filter_prune, magnitude_prune
+from proxnets.pmp.baselines import ProxSGD, filter_prune, magnitude_prune, strength_search
 from proxnets.pmp.certify import certificate, penalty
 from proxnets.pmp.eps import CurvatureEps, TrialStep
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
@@ -96,7 +97,14 @@ HELD_OUT = 2000
 # cost (5 x (10 map + 6 map+activation sweeps)) below the old design's (3 x (15 + 15) sweeps, 6.4 vs 7.0 s).
 LAYER_SEEDS, LAYER_SWEEPS, LAYER_FIRST = 5, 10, 4
 TARGET_DENSITY = 0.3  # the operating point: the most accurate on validation among those at most this dense
-L1_STRENGTHS = (1e-3, 1e-2, 3e-2)  # L1-prox SGD (figure only, first seed)
+# "L1 then prune" (l1_prune; size full and benchmarks/pmp_frontier_l1.py, no claim): L1-prox SGD (ProxSGD) trained
+# at the strength whose run reaches each target density (strength_search on the training run's density: bisection
+# in log strength inside L1_BRACKET, L1_PROBES probes for the first seed at each lr of SGD_LRS, then L1_SEED_PROBES
+# inside [s / 2, 2 s] around the first seed's pick s; stop in the band [target, (1 + L1_RTOL) target]), then global
+# magnitude pruning to bSQH's measured density and as many fine-tuning epochs. lr grid and bracket from a pilot on
+# seed 10 (docs/pmp.md): dense SGD lr 0.3 diverges, 0.2 is the most accurate; density 0.4 .. 0.1 needs 2e-3 .. 2e-2.
+SGD_LRS = (0.05, 0.1, 0.2)
+L1_BRACKET, L1_PROBES, L1_SEED_PROBES, L1_RTOL = (3e-4, 3e-2), 7, 4, 0.25
 
 FULL: dict = {
     # The budget of size "full" (meant for a GPU): LeNet-5 on full MNIST and Fashion-MNIST, the frontier with
@@ -241,9 +249,10 @@ def _bsqh_point(ctx: SuiteContext, out: dict[str, Any], ds, train, val, seed: in
 
 
 def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], epochs: int, ft_epochs: int,
-             batch: int, baselines: bool, op_seeds: list[int] = (), target_density: float = TARGET_DENSITY
-             ) -> dict[str, Any]:
-    """bSQH at each rho and seed; Adam + pruning + fine-tuning at each bSQH density; IHT (first seed).
+             batch: int, baselines: bool, op_seeds: list[int] = (), target_density: float = TARGET_DENSITY,
+             l1: bool | None = None) -> dict[str, Any]:
+    """bSQH at each rho and seed; Adam + pruning + fine-tuning at each bSQH density; IHT (first seed); with ``l1``
+    (default: at size full) L1-prox SGD + pruning + fine-tuning (:func:`l1_prune`) at each bSQH density.
 
     ``op_seeds``: more seeds at the operating target only (:func:`operating_rho` on the grid's validation
     accuracies, chosen before they run), each with its Adam model pruned to its density; their records carry
@@ -291,14 +300,67 @@ def frontier(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], ep
                 out["iht"].append(dict(seed=seed, rho=point["rho"], density=weight_density(model),
                                        test_acc=evaluate(model, ds.x_test, ds.y_test)))
             ctx.log(f"seed {seed} density {point['density']:.3f}: prune+ft {out['prune'][-1]['test_acc']:.4f}")
-    out["l1"] = []
-    for strength in (L1_STRENGTHS if ctx.size != "smoke" else ()):  # L1-prox SGD (proximal gradient on strength |w|_1), first seed, figure only
-        model = _model(ds, seeds[0])
+    if (ctx.size == "full") if l1 is None else l1:
+        grid = {(p["seed"], p["rho"]): p["density"] for p in out["bsqh"] if not p.get("extra")}
+        out.update(l1_prune(ctx, ds, val, seeds, rhos, grid, epochs, ft_epochs, batch))
+    return out
+
+
+def _l1_point(ds, val, seed: int, rho: float, density: float, lr: float, bracket: tuple[float, float], probes: int,
+              epochs: int, ft_epochs: int, batch: int, raw: list[dict[str, Any]]) -> dict[str, Any]:
+    """L1 then prune at one target: :func:`strength_search` for the L1-prox SGD run (lr ``lr``) that reaches
+    ``rho`` on its own training run, global magnitude pruning of that run's model to ``density``, ``ft_epochs``
+    epochs of SGD (momentum, masks kept) at ``lr / 3``. Every probe is appended to ``raw`` (figure only)."""
+    models = {}
+
+    def density_at(strength: float) -> float:
+        model = _model(ds, seed)
         groups = sparsity_param_groups(model, 0.0)
         groups[0].update(prox="l1", strength=strength)
-        fit(model, ds, _cfg(epochs, seeds[0], batch), optimizer=ProxSGD(groups, lr=0.05, momentum=0.9), log=_quiet)
-        out["l1"].append(dict(seed=seeds[0], strength=strength, density=weight_density(model),
-                              test_acc=evaluate(model, ds.x_test, ds.y_test)))
+        fit(model, ds, _cfg(epochs, seed, batch), optimizer=ProxSGD(groups, lr=lr, momentum=0.9), log=_quiet)
+        models[strength] = model
+        raw.append(dict(seed=seed, rho=rho, lr=lr, strength=strength, density=weight_density(model),
+                        test_acc=evaluate(model, ds.x_test, ds.y_test)))
+        return raw[-1]["density"]
+
+    found = strength_search(density_at, rho, bracket, probes, L1_RTOL)
+    pruned = magnitude_prune(models[found["strength"]], density)
+    # as many fine-tuning epochs as the others, its own solver without the prox at a third of its lr (Adam's rule)
+    fit(pruned, ds, _cfg(ft_epochs, seed + 1, batch), optimizer=ProxSGD(pruned.parameters(), lr=lr / 3, momentum=0.9),
+        log=_quiet)
+    return dict(seed=seed, rho=rho, lr=lr, strength=found["strength"], l1_density=found["density"],
+                within=found["within"], probes=len(found["probes"]), density=weight_density(pruned),
+                test_acc=evaluate(pruned, ds.x_test, ds.y_test), val_acc=evaluate(pruned, *val))
+
+
+def l1_prune(ctx: SuiteContext, ds, val, seeds: list[int], rhos: list[float], densities: dict[tuple[int, float], float],
+             epochs: int, ft_epochs: int, batch: int) -> dict[str, Any]:
+    """L1-prox SGD + global magnitude pruning + fine-tuning at each target density ("L1 then prune").
+
+    At each target ``rho`` the first seed runs :func:`_l1_point` at every lr of ``SGD_LRS`` (``L1_PROBES`` probes
+    in ``L1_BRACKET``); the lr of the most accurate pruned, fine-tuned model on the validation split is kept
+    (ties: the smaller lr) and every other seed searches ``L1_SEED_PROBES`` probes in ``[s / 2, 2 s]`` around the
+    first seed's strength ``s``. Pruned to ``densities[(seed, rho)]`` (bSQH's measured density: equal density).
+    Returns ``dict(l1_prune=[per seed and target], l1_raw=[every probe unpruned], l1_lr_val={rho: {lr: val acc}})``.
+    """
+    out: dict[str, Any] = {"l1_prune": [], "l1_raw": [], "l1_lr_val": {}}
+    for rho in rhos:
+        first = {lr: _l1_point(ds, val, seeds[0], rho, densities[(seeds[0], rho)], lr, L1_BRACKET, L1_PROBES, epochs,
+                               ft_epochs, batch, out["l1_raw"]) for lr in SGD_LRS}
+        lr = max(SGD_LRS, key=lambda a: (first[a]["val_acc"], -a))
+        out["l1_lr_val"][str(rho)] = {str(a): p["val_acc"] for a, p in first.items()}
+        out["l1_prune"].append(first[lr])
+        s0 = first[lr]["strength"]
+        for seed in seeds[1:]:
+            out["l1_prune"].append(_l1_point(ds, val, seed, rho, densities[(seed, rho)], lr, (s0 / 2, 2 * s0),
+                                             L1_SEED_PROBES, epochs, ft_epochs, batch, out["l1_raw"]))
+        for p in (q for q in out["l1_prune"] if q["rho"] == rho):
+            ctx.log(f"L1+prune+ft seed {p['seed']} target {rho:g}: lr {p['lr']:g} strength {p['strength']:.3g} "
+                    f"({p['probes']} probes, L1 density {p['l1_density']:.3f}) -> density {p['density']:.3f}, "
+                    f"test acc {p['test_acc']:.4f}")
+    # the unpruned probes at the kept lr of each target: the raw L1-prox points
+    kept = {(p["rho"], p["lr"]) for p in out["l1_prune"]}
+    out["l1_raw"] = [p for p in out["l1_raw"] if (p["rho"], p["lr"]) in kept]
     return out
 
 
@@ -522,6 +584,10 @@ def _frontier_rows(fr: dict[str, Any], rhos: list[float], rho_op: float | None) 
             rows.append(["Adam+prune+ft", r, round(_mean(_by_rho(fr["prune"], r, "density")), 4),
                          round(_mean(_by_rho(fr["prune"], r, "test_acc")), 4),
                          round(_mean(_by_rho(fr["prune"], r, "val_acc")), 4), ""])
+        if fr.get("l1_prune"):
+            rows.append(["L1-prox SGD+prune+ft", r, round(_mean(_by_rho(fr["l1_prune"], r, "density")), 4),
+                         round(_mean(_by_rho(fr["l1_prune"], r, "test_acc")), 4),
+                         round(_mean(_by_rho(fr["l1_prune"], r, "val_acc")), 4), ""])
         if _by_rho(fr["iht"], r, "density"):
             rows.append(["SGD+IHT (1 seed)", r, round(_by_rho(fr["iht"], r, "density")[0], 4),
                          round(_by_rho(fr["iht"], r, "test_acc")[0], 4), "-", ""])
@@ -532,12 +598,49 @@ def _frontier_rows(fr: dict[str, Any], rhos: list[float], rho_op: float | None) 
                 rows.append([f"{name} ({n} seeds)", rho_op, round(_mean(_by_rho(pts, rho_op, "density", extra=True)), 4),
                              round(_mean(_by_rho(pts, rho_op, "test_acc", extra=True)), 4),
                              round(_mean(_by_rho(pts, rho_op, "val_acc", extra=True)), 4), "(operating, claims)"])
-    for p in fr.get("l1", []):
-        rows.append([f"L1-prox SGD {p['strength']:g} (1 seed)", "-", round(p["density"], 4),
-                     round(p["test_acc"], 4), "-", ""])
     if fr["adam_dense"]:
         rows.append(["Adam dense", "-", 1.0, round(_mean([p["test_acc"] for p in fr["adam_dense"]]), 4), "-", ""])
     return rows
+
+
+def _with_interval(values: list[float], digits: int = 3) -> str:
+    mean, lo, hi = mean_interval(values)
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _difference(a: list[float], b: list[float], digits: int = 3) -> str:
+    mean, lo, hi = difference_interval(a, b)
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+FRONTIER_INTERVAL_COLUMNS = ["target density", "density", "bSQH", "Adam+prune+ft", "L1-prox SGD+prune+ft",
+                             "bSQH - Adam+prune+ft", "bSQH - L1+prune+ft", "Adam+prune+ft - L1+prune+ft"]
+
+
+def frontier_interval_rows(fr: dict[str, Any], rhos: list[float]) -> list[list[Any]]:
+    """Per target density (grid seeds, paired by seed): mean test accuracy and 95% interval of bSQH, Adam + prune +
+    ft and L1-prox SGD + prune + ft, and the paired differences (``FRONTIER_INTERVAL_COLUMNS``)."""
+    rows = []
+    for r in rhos:
+        acc = {k: _by_rho(fr[k], r, "test_acc") for k in ("bsqh", "prune", "l1_prune")}
+        rows.append([r, round(_mean(_by_rho(fr["bsqh"], r, "density")), 4)] + [_with_interval(acc[k]) for k in acc]
+                    + [_difference(acc["bsqh"], acc["prune"]), _difference(acc["bsqh"], acc["l1_prune"]),
+                       _difference(acc["prune"], acc["l1_prune"])])
+    return rows
+
+
+def frontier_series(fr: dict[str, Any]) -> dict[str, tuple[list[float], list[float]]]:
+    """The accuracy-vs-density scatter of every method present, every seed (the suite's and the benchmark's plot)."""
+    pts = lambda key: ([p["density"] for p in fr[key]], [p["test_acc"] for p in fr[key]])  # noqa: E731
+    series = {"bSQH (L0)": pts("bsqh")}
+    if fr["prune"]:
+        series["Adam + magnitude pruning + fine-tune"] = pts("prune")
+        series["SGD + IHT (1 seed)"] = pts("iht")
+        series["Adam dense"] = ([1.0] * len(fr["adam_dense"]), [p["test_acc"] for p in fr["adam_dense"]])
+    if fr.get("l1_prune"):
+        series["L1-prox SGD + pruning + fine-tune"] = pts("l1_prune")
+        series["L1-prox SGD, unpruned (every search probe)"] = pts("l1_raw")
+    return series
 
 
 def _by_rho(points: list[dict[str, Any]], rho: float, key: str, extra: bool = False) -> list[float]:
@@ -557,6 +660,23 @@ def operating_rho(points: list[dict[str, Any]], rhos: list[float], target_densit
     if not sparse:
         return min(rhos, key=lambda r: _mean(_by_rho(points, r, "density")))
     return max(sparse, key=lambda r: (_mean(_by_rho(points, r, "val_acc")), r))
+
+
+def frontier_data(ctx: SuiteContext, ds):
+    """The frontier's data at ``ctx.size``: ``(training part, (x_val, y_val))``; the test split has the held-out
+    training images appended at quick size (:func:`with_held_out`), the validation split is carved from training."""
+    ds = with_held_out(ds, ctx.pick(smoke=600, quick=2000, full=None), ctx.pick(smoke=300, quick=1000, full=None),
+                       ctx.pick(smoke=0, quick=HELD_OUT, full=0), ctx.seed)
+    return _carve_validation(ds, ctx.seed)
+
+
+def frontier_budget(ctx: SuiteContext) -> dict[str, Any]:
+    """Epochs, fine-tuning epochs, batch and the grid of target densities at ``ctx.size`` (rho adapts to each
+    target; the key stays "rho" in the records)."""
+    return dict(epochs=ctx.pick(smoke=2, quick=8, full=FULL["epochs"]),
+                ft_epochs=ctx.pick(smoke=1, quick=2, full=FULL["finetune_epochs"]),
+                batch=ctx.pick(smoke=16, quick=64, full=FULL["batch_size"]),  # smoke: more steps from few images
+                rhos=ctx.pick(smoke=[0.4, 0.2], quick=[0.4, 0.2, 0.1], full=list(FULL["densities"])))
 
 
 # ------------------------------------------------------------------------------------- the suite
@@ -587,7 +707,7 @@ def run(ctx: SuiteContext) -> SuiteResult:
     # 1. mechanism on a small subset
     n_mech = ctx.pick(smoke=128, quick=600, full=FULL["mechanism_images"])
     iterations = ctx.pick(smoke=25, quick=30, full=FULL["mechanism_iterations"])
-    batch = ctx.pick(smoke=16, quick=64, full=FULL["batch_size"])  # smoke: more steps from few images
+    batch = frontier_budget(ctx)["batch"]
     sub = ds.subset(n_mech, ctx.pick(smoke=300, quick=1000, full=None), seed=ctx.seed)
     cpu0, part_cpu = time.process_time(), {}  # CPU seconds per part (metrics; the budget is on the whole suite)
     md = mechanism(ctx, sub, seeds, iterations, batch, full=run_full, mini=run_mini)
@@ -606,13 +726,8 @@ def run(ctx: SuiteContext) -> SuiteResult:
 
     # 2. frontier: a validation split carved from the training images
     n_test_split = ctx.pick(smoke=300, quick=1000, full=len(ds.x_test))  # test images of the test split
-    ds = with_held_out(ds, ctx.pick(smoke=600, quick=2000, full=None), ctx.pick(smoke=300, quick=1000, full=None),
-                       ctx.pick(smoke=0, quick=HELD_OUT, full=0), ctx.seed)
-    ds, val = _carve_validation(ds, ctx.seed)
-    epochs = ctx.pick(smoke=2, quick=8, full=FULL["epochs"])
-    ft_epochs = ctx.pick(smoke=1, quick=2, full=FULL["finetune_epochs"])
-    # the grid: target densities (rho adapts to each; the key stays "rho" in the records)
-    rhos = ctx.pick(smoke=[0.4, 0.2], quick=[0.4, 0.2, 0.1], full=list(FULL["densities"]))
+    ds, val = frontier_data(ctx, ds)
+    epochs, ft_epochs, rhos = (frontier_budget(ctx)[k] for k in ("epochs", "ft_epochs", "rhos"))
     target_acc = ctx.pick(smoke=0.3, quick=0.8, full=FULL["target_acc"])
     target_density = ctx.pick(smoke=0.5, quick=TARGET_DENSITY, full=TARGET_DENSITY)
     # more seeds at the operating target only (its claims; see OP_SEEDS), chosen on the grid's validation first
@@ -798,15 +913,11 @@ def run(ctx: SuiteContext) -> SuiteResult:
         tables.append(Table(f"Accuracy vs density (LeNet-5, {ds.name}, mean over {n_seeds} seeds)",
                             ["method", "target density", "density", "test acc", "val acc", ""],
                             _frontier_rows(fr, rhos, rho_op)))
+        if fr.get("l1_prune"):
+            tables.append(Table(f"Accuracy at equal density with 95% intervals (LeNet-5, {ds.name}, {n_seeds} seeds, "
+                                "paired by seed)", FRONTIER_INTERVAL_COLUMNS, frontier_interval_rows(fr, rhos)))
         frontier_png = ctx.path("frontier.png")
-        series = {"bSQH (L0)": ([p["density"] for p in fr["bsqh"]], [p["test_acc"] for p in fr["bsqh"]])}
-        if fr["prune"]:
-            series["Adam + magnitude pruning + fine-tune"] = ([p["density"] for p in fr["prune"]],
-                                                              [p["test_acc"] for p in fr["prune"]])
-            series["SGD + IHT (1 seed)"] = ([p["density"] for p in fr["iht"]], [p["test_acc"] for p in fr["iht"]])
-            series["L1-prox SGD (1 seed)"] = ([p["density"] for p in fr["l1"]], [p["test_acc"] for p in fr["l1"]])
-            series["Adam dense"] = ([1.0] * len(fr["adam_dense"]), [p["test_acc"] for p in fr["adam_dense"]])
-        multi_plot(frontier_png, [Panel(series=series, kind="scatter", xlabel="fraction of nonzero weights",
+        multi_plot(frontier_png, [Panel(series=frontier_series(fr), kind="scatter", xlabel="fraction of nonzero weights",
                                         ylabel="test accuracy", title="accuracy vs density (every seed)")])
         figs.append(Figure(frontier_png, "Test accuracy against the fraction of nonzero weights, every seed "
                                          f"(LeNet-5, {ds.name})."))
@@ -873,6 +984,9 @@ def run(ctx: SuiteContext) -> SuiteResult:
             tables.append(Table(f"Accuracy vs density (LeNet-5, {name}, mean over {n_seeds} seeds, {epochs} + "
                                 f"{ft_epochs} epochs)", ["method", "target density", "density", "test acc",
                                                          "val acc", ""], _frontier_rows(other, rhos, None)))
+            if other.get("l1_prune"):
+                tables.append(Table(f"Accuracy at equal density with 95% intervals (LeNet-5, {name}, {n_seeds} seeds)",
+                                    FRONTIER_INTERVAL_COLUMNS, frontier_interval_rows(other, rhos)))
             full_out[name] = dict(frontier={a: b for a, b in other.items() if not a.startswith("_")})
         t = epoch_times(ctx, part, seeds[0], batch, FULL["timing_epochs"], FULL["timing_iterations"])
         full_out.setdefault(name, {})["timing"] = t
@@ -902,8 +1016,13 @@ def run(ctx: SuiteContext) -> SuiteResult:
                  f"L2 1e-3, box |w| <= 1), rho started at 1 and adapted to each target density, {epochs} epochs + "
                  f"{ft_epochs} epochs with its zeros frozen (rho=0). Adam + global magnitude pruning: {epochs} epochs "
                  f"dense, pruned to the bSQH model's measured density (so the densities are equal), {ft_epochs} epochs "
-                 "fine-tuning at a third of its lr. SGD+IHT (every target at full size, the sparsest at quick) and L1-prox SGD (strengths "
-                 f"{list(L1_STRENGTHS)}) are shown for one seed and not tuned (no claim rests on them).")
+                 "fine-tuning at a third of its lr. SGD+IHT (every target at full size, the sparsest at quick; one seed, "
+                 "not tuned) is shown for the figure. L1 then prune (size full; at quick size "
+                 f"benchmarks/pmp_frontier_l1.py): L1-prox SGD (lr among {list(SGD_LRS)}) at the strength whose training "
+                 f"run reaches each target density (bisection in log strength, {L1_PROBES} probes in {list(L1_BRACKET)} "
+                 f"for the first seed at each lr, the lr picked on validation after pruning and fine-tuning; "
+                 f"{L1_SEED_PROBES} probes around its strength for the other seeds), pruned to the bSQH model's "
+                 f"density, {ft_epochs} epochs of fine-tuning (SGD at a third of its lr). No claim rests on IHT or L1.")
     notes.append(f"Full-batch regime: rho={FULL_RHO:g} on the normalized L0 term (rho x density <= 1 < log 10, so "
                  f"the all-zero network is not J's minimizer and the cross-entropy is most of J), eta={FULL_ETA:g}, "
                  f"eps0={FULL_EPS0:g} (the authors' SQH default), eps_min={FULL_EPS_MIN:g}: the acceptance test, not "
