@@ -5,11 +5,12 @@ import warnings
 import torch.nn.functional as F
 
 
-def full_batch_steps(model, opt, x, y, iterations):
-    """``iterations`` bSQH steps on the whole batch (warnings of rejected steps silenced); returns ``opt``."""
+def full_batch_steps(model, opt, x, y, iterations, set_to_none=True):
+    """``iterations`` bSQH steps on the whole batch (warnings of rejected steps silenced); returns ``opt``.
+    ``set_to_none``: how the closure zeroes the gradients (``opt.zero_grad(set_to_none=...)``)."""
 
     def closure(backward=True):
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=set_to_none)
         loss = F.cross_entropy(model(x), y)
         if backward:
             loss.backward()

@@ -3,7 +3,7 @@
 import math
 
 import torch
-import torch.nn.functional as F
+from pmp_closures import full_batch_steps
 
 from proxnets.pmp import BSQH, LinearizedHamiltonianRule, SparseRegularizer
 from proxnets.pmp.regularizers import nonzero_count
@@ -45,15 +45,7 @@ def _run(set_to_none: bool, keep: bool):
 
     opt = Opt(sparsity_param_groups(model, 0.01), eps=1e-3, eta=1e-4, eps_rule="sigma-zeta", sigma=10.0)
 
-    def closure(backward=True):
-        opt.zero_grad(set_to_none=set_to_none)
-        loss = F.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss.detach()
-
-    for _ in range(3):
-        opt.step(closure)
+    full_batch_steps(model, opt, x, y, 3, set_to_none=set_to_none)
     return [p.detach().clone() for p in model.parameters()], opt
 
 
