@@ -25,7 +25,8 @@ convolution ``A`` with its stride, dilation, groups and zero padding on inputs `
 
 Both are *estimates* (a power iterate is a lower bound of ``|A|_2``). What the constraint
 certifies comes from :func:`proxnets.norm_bounds.norm_bound`: :meth:`OperatorNormConstraint.certified_norm`
-returns ``s(V) * U(V)`` with ``U(V) >= |A_V|_2`` proved, and says whether it is rigorous.
+returns ``s(V) * U(V)`` with ``U(V) >= |A_V|_2`` proved, plus a bound of what rounding ``s V`` to the weight's
+dtype can add (:func:`rounding_allowance`), and says whether it is rigorous.
 
 Used by the stable blocks and glue (:mod:`proxnets.stable.norms` re-exports) and by OptEq
 (:mod:`proxnets.equilibrium.parametrize`: ``operator_norm_bound`` is ``constrain_operator_norm``
@@ -35,6 +36,7 @@ with ``rescale="clip"``, ``evaluation="frozen"``, ``fresh_restart=True``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -44,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from proxnets.norm_bounds import NormBound, norm_bound
 from proxnets.operators import LinearOperator, OperatorNormEstimator, conv2d_operator, linear_operator, power_iteration
-from proxnets.utils.validation import check_choice, check_int, check_number, fail
+from proxnets.utils.validation import check_choice, check_int, check_number, check_tensor, fail
 
 __all__ = [
     "KINDS",
@@ -56,6 +58,7 @@ __all__ = [
     "constrain_operator_norm",
     "constrained_scale",
     "find_constraint",
+    "rounding_allowance",
     "layer_operator",
     "module_operator",
 ]
@@ -239,6 +242,25 @@ class OperatorNorm(nn.Module):
         return bool(self.cheap_sigma * (1 + rel_tol) * self.safety < self.exact_sigma)
 
 
+def rounding_allowance(weight: torch.Tensor, scale: float) -> float:
+    """A bound of ``|A_{fl(s V)} - A_{s V}|_2``: the norm the rounding of the product ``s V`` in ``V``'s dtype can add.
+
+    Why it holds: ``fl(s V) = s V (1 + delta) + eta`` elementwise with ``|delta| <= u`` (unit round-off) and
+    ``|eta| <= eta_min`` (subnormal spacing), so ``E = fl(s V) - s V`` has ``|E_k| <= u |s V_k| + eta_min``. Every entry
+    of the matrix of a linear map or convolution (any stride, padding, dilation, groups) is one kernel entry or 0
+    (a circular wrap: a sum of entries), so its rows sum at most ``R = max_o sum |E[o, ...]|`` and its columns at most
+    ``C = max_j sum_o |E[o, j, ...]|``, and ``|A_E|_2 <= sqrt(R C)`` (Schur's test: ``|M|_2^2 <= |M|_1 |M|_inf``). The
+    sums are taken in float64 of the float32 magnitudes and enlarged by ``(1 + 1e-12)``, far above their round-off."""
+    check_tensor("weight", weight, ndim=(2, 3, 4))
+    scale = check_number("scale", scale, low=0.0)
+    w = weight.detach().double().reshape(weight.shape[0], weight.shape[1], -1)  # (out, in per group, taps)
+    fin = torch.finfo(weight.dtype)
+    err = w.abs() * (scale * fin.eps / 2) + fin.tiny * fin.eps  # per entry: u |s V| + subnormal spacing
+    rows = float(err.sum(dim=(1, 2)).max())
+    cols = float(err.sum(dim=(0, 2)).max())
+    return math.sqrt(rows * cols) * (1 + 1e-12)
+
+
 def constrained_scale(sigma: torch.Tensor, bound: float, rescale: str) -> torch.Tensor:
     """``s`` with ``|s W| <= bound``: ``bound / sigma`` (normalize) or ``min(1, bound / sigma)`` (clip)."""
     s = bound / sigma.clamp_min(1e-12)
@@ -300,20 +322,42 @@ class OperatorNormConstraint(nn.Module):
         return constrained_scale(sigma, self.bound, self.rescale)
 
     def certified_norm(self, weight: torch.Tensor, method: str = "auto") -> NormBound:
-        """``|s(V) A_V|_2 <= s(V) U(V)`` for the evaluation scale, ``U`` from :meth:`OperatorNorm.upper_bound`."""
-        scale = float(self.eval_scale(weight))
+        """A bound of the norm of the weight evaluation applies, ``W = fl(s V)`` (the product rounded in ``V``'s dtype):
+
+            |A_W|_2 <= s U(V) + rounding(s, V),
+
+        ``U(V) >= |A_V|_2`` from :meth:`OperatorNorm.upper_bound` and ``rounding`` from :func:`rounding_allowance`
+        (``s U(V)`` alone can be ~1e-7 relative short of ``|A_W|`` in float32); the sum is rounded upwards."""
+        scale_t = self.eval_scale(weight)
+        scale = float(scale_t)
         u = self.norm.upper_bound(weight, method)
-        details = {**u.details, "scale": scale, "norm_of_V": u.value, "estimate_converged": self.norm.exact_converged}
-        return dataclasses.replace(u, value=scale * u.value, details=details)
+        extra = 0.0 if scale == 1.0 else rounding_allowance(weight.detach(), scale)
+        value = math.nextafter(math.nextafter(scale * u.value, math.inf) + extra, math.inf)
+        details = {**u.details, "scale": scale, "norm_of_V": u.value, "rounding": extra,
+                   "estimate_converged": self.norm.exact_converged}
+        return dataclasses.replace(u, value=value, details=details)
+
+    def lower_estimate(self, weight: torch.Tensor) -> float:
+        """``|A_W v| / |v|`` for the applied weight ``W`` (as evaluation computes it) and the converged persistent vector
+        ``v``, in float64: a lower estimate of ``|A_W|_2`` (never a bound; :meth:`certified_norm` is the bound)."""
+        with torch.no_grad():
+            self.eval_scale(weight)  # converges the persistent vector (cached per weight)
+            w = weight.detach() * self.eval_scale(weight)  # the applied weight, rounded as evaluation rounds it
+            op = self.norm.operator(w.double())
+            v = self.norm.estimator.v.detach().double().reshape(op.in_shape)
+            nv = float(v.norm())
+            return float(op.forward(v).norm()) / nv if nv > 0 and math.isfinite(nv) else 0.0
 
     def lipschitz_constant(self, weight: torch.Tensor, mode: str = "rigorous") -> float:
         """``|s(V) V|_2``: ``"rigorous"`` (alias ``"upper"``): :meth:`certified_norm`; ``"estimate"`` (alias
-        ``"exact"``): from the evaluation estimate; ``"cheap"``: from the last training estimate."""
+        ``"exact"``): :meth:`lower_estimate` of the applied weight; ``"cheap"``: from the last training estimate."""
         check_choice("mode", mode, ("cheap", "exact", "estimate", "upper", "rigorous"))
         if mode in ("upper", "rigorous"):
             return self.certified_norm(weight).value
-        sigma = self.norm.exact(weight) if mode in ("exact", "estimate") else self.norm.cheap_sigma
-        if mode == "cheap" and not torch.isfinite(sigma):
+        if mode in ("exact", "estimate"):
+            return self.lower_estimate(weight)
+        sigma = self.norm.cheap_sigma
+        if not torch.isfinite(sigma):
             sigma = self.norm.cheap(weight).detach()
         return float(constrained_scale(sigma, self.bound, self.rescale) * sigma)
 

@@ -202,6 +202,7 @@ def entries() -> list[Entry]:
     from proxnets import convex as X
     from proxnets import equilibrium as E
     from proxnets import norm_bounds as NB
+    from proxnets.constraints import rounding_allowance
     from proxnets import pmp as P
     from proxnets import solvers as S
     from proxnets import stable as ST
@@ -403,6 +404,8 @@ def entries() -> list[Entry]:
     add(Entry("norm_bounds", "gram_iteration", lambda mats, iterations=4: NB.gram_iteration(mats, iterations),
               lambda g, b: {"mats": _randn(g, b, 3, 3), "iterations": 4}, data=("mats",), nonneg=("iterations",),
               rank_free=True))  # (..., m, n): batched; 1-D still refused
+    add(Entry("norm_bounds", "rounding_allowance", lambda weight, scale=0.5: rounding_allowance(weight, scale),
+              lambda g, b: {"weight": _randn(g, 3, 2, 3, 3), "scale": 0.5}, tensors=("weight",), nonneg=("scale",)))
     add(Entry("norm_bounds", "norm_bound(conv)", lambda in_shape: NB.norm_bound(nn.Conv2d(2, 3, 3, padding=1), in_shape).value,
               lambda g, b: {"in_shape": (2, 6, 6)}))
 

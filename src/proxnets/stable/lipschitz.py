@@ -117,9 +117,8 @@ def lipschitz_bound(model: nn.Module, mode: str = "rigorous") -> LipschitzBound:
             nb = constraint.certified_norm(original)
             return LipschitzBound(nb.value, nb.rigorous, nb.method, nb.why, {"layer": type(model).__name__})
         return LipschitzBound(constraint.lipschitz_constant(original, mode), False, "power iteration",
-                              why=f"mode {mode!r}: the norm constraint's own power-iteration estimate of the operator it normalizes, "
-                                  "not of the applied one: no bound, and it can lie above the applied norm (e.g. 1 where the "
-                                  "rigorous bound of a zero-padded convolution is 0.999)")
+                              why=f"mode {mode!r}: |A_W v| / |v| for the applied weight W and the converged power-iteration "
+                                  "vector v, a lower estimate of the layer's norm (never a bound)")
     if isinstance(model, nn.Sequential):
         return compose_bounds(lipschitz_bound(child, mode) for child in model)
     rule = ELEMENTWISE_LIPSCHITZ.get(type(model))
