@@ -264,6 +264,11 @@ SCREEN = {
                                "method": "heun"},
     "ortho cayley b-.5 rk4": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "block_bias_init": -0.5,
                               "method": "rk4"},
+    # a learned pair-reflection glue (issue 19, s12): PairReflection after the lift and each transition, MaxMin at initialization,
+    # the 1x1 conv before it bias-free (per pair an angle and an offset replace the two biases: 22,202 parameters kept)
+    "ortho cayley b-.5 reflect": {**_CAYLEY, "glue_activation": "reflect"},
+    "ortho reflect": {"glue": "orthogonal", "glue_activation": "reflect"},
+    "ortho cayley reflect": {"glue": "orthogonal", "block_weight": "cayley", "schedule": "fixed", "steps": 1, "glue_activation": "reflect"},
     # the layout at 22,202 parameters (issue 19): the trunk paid for by a smaller head (today's head: 15,690 parameters, 71%).
     # deep16: no block at 28x28, six at 16 x 14 x 14, the last transition 16 -> 16 (head 784 -> 10: 7,850; trunk 13,920);
     # s2d16: lift 1 -> 16, space-to-depth transitions (16 -> 64 -> 1x1 -> 16, then -> 32), 2 blocks at 16 x 28 x 28 and 4 at

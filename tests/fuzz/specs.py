@@ -355,6 +355,10 @@ def entries() -> list[Entry]:
               lambda g, b: {"weight": _randn(g, 3, 2, 3, 3)}, tensors=("weight",)))
     add(Entry("stable", "SpaceToDepth.forward", lambda x: ST.SpaceToDepth(2)(x), lambda g, b: {"x": _rand(g, b, 2, 4, 6)},
               data=("x",), elementwise=True))
+    add(Entry("stable", "PairReflection.forward", lambda x: _cached("fold", lambda: ST.PairReflection(4))(x), lambda g, b: {"x": _randn(g, b, 4, 3, 3)},
+              data=("x",), elementwise=True))
+    add(Entry("stable", "PairReflection(channels)", lambda channels: ST.PairReflection(channels), lambda g, b: {"channels": 4},
+              positive=("channels",)))
     add(Entry("stable", "ScaledAvgPool2d.forward(pad)", lambda x: ST.ScaledAvgPool2d(2, pad=True)(x),
               lambda g, b: {"x": _rand(g, b, 2, 5, 7)}, data=("x",), elementwise=True))
     add(Entry("stable", "psnr", ST.psnr, lambda g, b: {"x": _rand(g, b, 1, 8, 8), "ref": _rand(g, b, 1, 8, 8)},

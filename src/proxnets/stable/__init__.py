@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock, diagonal_step_scale
 from proxnets.stable.certify import certificate, lipschitz_margin_loss, certified_accuracy, certified_radii, margins, pgd_l2, rigorous_lipschitz, robust_accuracy
 from proxnets.stable.glue import (
-    ChannelSelect, MaxMin, ScaledAvgPool2d, ScaledGlobalAvgPool, SpaceToDepth, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
+    ChannelSelect, MaxMin, PairReflection, ScaledAvgPool2d, ScaledGlobalAvgPool, SpaceToDepth, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
     orthogonal_linear,
 )
 from proxnets.stable.integrators import RK_METHODS, compose_averaged
@@ -36,7 +36,7 @@ from proxnets.stable.restore import deblur_image, denoise_image, load_denoiser, 
 __all__ = [
     "MONOTONE_ACTIVATIONS", "RK_METHODS", "NonExpansiveBlock", "ResNetBlock", "compose_averaged", "diagonal_step_scale",
     "OperatorNorm", "OperatorNormConstraint", "constrain_operator_norm", "NormConstraintWarning",
-    "lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "lipschitz_margin_loss", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "SpaceToDepth", "MaxMin", "ZeroChannelPad", "ChannelSelect",
+    "lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "lipschitz_margin_loss", "ScaledAvgPool2d", "ScaledGlobalAvgPool", "SpaceToDepth", "MaxMin", "PairReflection", "ZeroChannelPad", "ChannelSelect",
     "lipschitz_bound", "empirical_lipschitz", "LipschitzBound", "certificate", "rigorous_lipschitz",
     "ClassifierConfig", "NonExpansiveClassifier", "ResNetClassifier", "DenoiserConfig", "AveragedDenoiser", "DnCNN",
     "num_parameters", "margins", "certified_radii", "certified_accuracy", "pgd_l2", "robust_accuracy", "tv_denoise", "total_variation", "tv_dual_gap", "TVProx",

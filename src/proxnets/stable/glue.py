@@ -13,6 +13,8 @@ certified constant), so stacking them with blocks keeps the whole network's boun
 - :class:`MaxMin`: ``(a, b) -> (max(a, b), min(a, b))`` on the two halves of the channels (GroupSort of size 2,
   Anil et al. 2019): a pointwise permutation of coordinate pairs, so 1-Lipschitz and gradient-norm preserving (its
   Jacobian is a permutation matrix almost everywhere). Not monotone: it belongs in the glue, never inside a block.
+- :class:`PairReflection`: on the same channel pairs, a fold across a learned line ``n . (a, b) = c`` (a Householder
+  activation with an offset); MaxMin at initialization, 1-Lipschitz for every angle and offset.
 - :class:`ZeroChannelPad`: ``(B, C, H, W) -> (B, C', H, W)`` by zero channels (an isometry) and
   :class:`ChannelSelect` its adjoint (keep the first ``C`` channels; norm 1).
 """
@@ -20,6 +22,8 @@ certified constant), so stacking them with blocks keeps the whole network's boun
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +37,7 @@ from proxnets.stable.lipschitz import LipschitzBound
 from proxnets.stable.norms import constrain_operator_norm
 from proxnets.utils.validation import check_int, check_tensor
 
-__all__ = ["lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "BjorckOrthogonal", "ScaledAvgPool2d", "SpaceToDepth", "ScaledGlobalAvgPool", "MaxMin", "ZeroChannelPad", "ChannelSelect"]
+__all__ = ["lipschitz_conv2d", "lipschitz_linear", "orthogonal_conv1x1", "orthogonal_linear", "BjorckOrthogonal", "ScaledAvgPool2d", "SpaceToDepth", "ScaledGlobalAvgPool", "MaxMin", "PairReflection", "ZeroChannelPad", "ChannelSelect"]
 
 
 def lipschitz_conv2d(
@@ -198,6 +202,49 @@ class MaxMin(_OneLipschitz):
             raise ValueError(f"x: expected an even number of channels for MaxMin, got {x.shape[1]}")
         a, b = x.chunk(2, dim=1)
         return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+class PairReflection(_OneLipschitz):
+    """``(B, 2m, ...) -> (B, 2m, ...)``: per channel pair ``x = (a, b) = (x[:, j], x[:, m + j])`` (the halves of MaxMin), a
+    fold across the line ``n . x = c`` with the learned unit normal ``n = (cos theta_j, sin theta_j)`` and offset ``c_j``:
+
+        f(x) = x                          if n . x >= c
+        f(x) = x - 2 (n . x - c) n        otherwise (the mirror image across the line)
+
+    ``theta`` and ``c`` are shared over the positions (``2m`` parameters). This is the Householder activation of Singla,
+    Singla & Feizi (ICLR 2022) on pairs, with an offset that moves the fold off the origin.
+
+    Why 1-Lipschitz, for every ``theta`` and ``c``: the half-planes ``H+ = {n . x >= c}`` and ``H- = {n . x <= c}`` are
+    convex and cover the plane; on ``H+`` the map is the identity, on ``H-`` the affine reflection ``R`` (an isometry), and
+    both agree on the line (``R`` fixes it), so ``f`` is continuous. For ``x, y`` in one piece ``|f(x) - f(y)| = |x - y|``;
+    for ``x`` in ``H+``, ``y`` in ``H-`` the segment ``[x, y]`` meets the line at some ``z``, and ``|f(x) - f(y)| <=
+    |f(x) - f(z)| + |f(z) - f(y)| = |x - z| + |z - y| = |x - y|``. Summing the squared pair distances over pairs and
+    positions gives the l2 bound 1 of the whole layer. The Jacobian is the identity or a reflection (orthogonal) almost
+    everywhere, so gradient norms are kept, as with MaxMin.
+
+    Initialization ``theta = -pi/4``, ``c = 0``: ``n = (1, -1) / sqrt 2``, ``n . x >= 0`` iff ``a >= b``, and the reflection
+    swaps ``a`` and ``b``: exactly :class:`MaxMin` (the map starts as MaxMin and learns where to fold).
+
+    A hot-path map: shapes are checked, values are not (NaN and inf propagate elementwise)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        check_int("channels", channels, low=2)
+        if channels % 2:
+            raise ValueError(f"channels: expected an even number of channels for PairReflection, got {channels}")
+        self.channels = channels
+        self.theta = nn.Parameter(torch.full((channels // 2,), -math.pi / 4))
+        self.offset = nn.Parameter(torch.zeros(channels // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, finite=False, like=self)  # type, dtype and device only (values propagate)
+        if x.ndim < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"x: expected (B, {self.channels}, ...) for PairReflection({self.channels}), got shape {tuple(x.shape)}")
+        a, b = x.chunk(2, dim=1)
+        view = (1, self.channels // 2) + (1,) * (x.ndim - 2)  # broadcast over the batch and the positions
+        ca, sa, c = self.theta.cos().view(view), self.theta.sin().view(view), self.offset.view(view)
+        t = 2 * (ca * a + sa * b - c).clamp(max=0)  # 2 (n . x - c) on the folded side, 0 on the kept side
+        return torch.cat([a - t * ca, b - t * sa], dim=1)
 
 
 class ZeroChannelPad(_OneLipschitz):

@@ -23,7 +23,7 @@ from torch import nn
 
 from proxnets.stable.blocks import MONOTONE_ACTIVATIONS, NonExpansiveBlock, ResNetBlock
 from proxnets.stable.glue import (
-    ChannelSelect, MaxMin, ScaledAvgPool2d, ScaledGlobalAvgPool, SpaceToDepth, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
+    ChannelSelect, MaxMin, PairReflection, ScaledAvgPool2d, ScaledGlobalAvgPool, SpaceToDepth, ZeroChannelPad, lipschitz_conv2d, lipschitz_linear, orthogonal_conv1x1,
     orthogonal_linear,
 )
 from proxnets.stable.integrators import compose_averaged
@@ -66,7 +66,9 @@ class ClassifierConfig:
     # lift / transition / head: "norm" (largest singular value rescaled to 1, seed) or "orthogonal" (Bjorck: all to 1)
     glue: str = "norm"
     # "maxmin": a MaxMin (GroupSort-2, 1-Lipschitz, gradient-norm preserving) after the lift and every transition;
-    # "maxmin-all": also after every block (the blocks' own activation stays monotone, as their convexity needs)
+    # "maxmin-all": also after every block (the blocks' own activation stays monotone, as their convexity needs);
+    # "reflect": a PairReflection (a learned fold of each channel pair, MaxMin at initialization) where "maxmin" puts MaxMin,
+    # and the 1x1 conv before it has no bias (the fold's offset takes its role: the parameter count is that of "maxmin")
     glue_activation: str = "none"
     # A: c -> block_features_ratio * c channels (a wider potential; 1 block with ratio 2 has the parameters of 2 with 1)
     block_features_ratio: int = 1
@@ -104,7 +106,7 @@ class ClassifierConfig:
         check_choice("activation", self.activation, list(MONOTONE_ACTIVATIONS))
         check_choice("head", self.head, ["global", "flatten"])
         check_choice("glue", self.glue, ["norm", "orthogonal"])
-        check_choice("glue_activation", self.glue_activation, ["none", "maxmin", "maxmin-all"])
+        check_choice("glue_activation", self.glue_activation, ["none", "maxmin", "maxmin-all", "reflect"])
         check_choice("block_weight", self.block_weight, ["free", "bjorck", "cayley"])
         check_choice("block_step_scale", self.block_step_scale, ["scalar", "diagonal"])
         if self.block_weight == "cayley" and self.block_step_scale == "diagonal":
@@ -159,13 +161,19 @@ class NonExpansiveClassifier(_Stack):
         c = widths[0]
         ortho = cfg.glue == "orthogonal"
 
-        def conv1x1(cin: int, cout: int, size: int) -> nn.Module:
-            return orthogonal_conv1x1(cin, cout) if ortho else lipschitz_conv2d(cin, cout, 1, (size, size))
+        reflect = cfg.glue_activation == "reflect"
 
-        def act() -> list[nn.Module]:  # the glue's activation (1-Lipschitz), if any
+        def conv1x1(cin: int, cout: int, size: int) -> nn.Module:  # followed by act(): no bias before a fold (its offset is one)
+            if ortho:
+                return orthogonal_conv1x1(cin, cout, bias=not reflect)
+            return lipschitz_conv2d(cin, cout, 1, (size, size), bias=not reflect)
+
+        def act(channels: int) -> list[nn.Module]:  # the glue's activation (1-Lipschitz), if any
+            if reflect:
+                return [PairReflection(channels)]
             return [MaxMin()] if cfg.glue_activation != "none" else []
 
-        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s), *act()]  # (B, w, S, S)
+        layers: list[nn.Module] = [conv1x1(cfg.in_channels, c, s), *act(c)]  # (B, w, S, S)
         for stage in range(cfg.stages):
             for _ in range(cfg.blocks[stage]):
                 layers.append(
@@ -178,9 +186,9 @@ class NonExpansiveClassifier(_Stack):
                 layers += [MaxMin()] if cfg.glue_activation == "maxmin-all" else []
             c2 = widths[stage + 1]
             if cfg.downsample == "s2d":
-                layers += [SpaceToDepth(2), conv1x1(4 * c, c2, s // 2), *act()]  # (B, 4c, s/2, s/2) -> (B, c', s/2, s/2)
+                layers += [SpaceToDepth(2), conv1x1(4 * c, c2, s // 2), *act(c2)]  # (B, 4c, s/2, s/2) -> (B, c', s/2, s/2)
             else:
-                layers += [conv1x1(c, c2, s), *act(), ScaledAvgPool2d(2)]  # (B, c', s, s) -> (B, c', s/2, s/2)
+                layers += [conv1x1(c, c2, s), *act(c2), ScaledAvgPool2d(2)]  # (B, c', s, s) -> (B, c', s/2, s/2)
             c, s = c2, s // 2
         if cfg.head_pool > 1:
             layers.append(ScaledAvgPool2d(cfg.head_pool, pad=True))  # (B, c, ceil(s / k), ceil(s / k))
