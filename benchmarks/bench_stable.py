@@ -789,7 +789,7 @@ def main() -> None:
     parser.add_argument("--denoiser", default="", help="part denoise: a saved averaged denoiser (default: train the suite's)")
     parser.add_argument("--recipes", default="", help="part denoise-recipes: comma-separated names of DENOISE_RECIPES (default all)")
     parser.add_argument("--restore-seeds", default="0", help="part restore (benchmarks/stable_restoration.py): training seeds")
-    parser.add_argument("--budget", type=int, default=4, help="part restore: the larger training budget, x the suite's epochs")
+    parser.add_argument("--budget", type=int, default=8, help="part restore: DnCNN's validation curve length, x the suite's epochs")
     parser.add_argument("--splits", default="val,test", help="part steprule: 'val' (where a default is picked), 'test', or both")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()
