@@ -30,6 +30,7 @@ Trained models are cached under ``runs/bench/restore`` (the same recipe and seed
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -182,27 +183,35 @@ def _cells(rows: list[list[float]], f: int) -> tuple[str, str]:
     return f"{m:.{f}f} [{lo:.{f}f}, {hi:.{f}f}]", " / ".join(f"{v:.{f}f}" for v in sm) + f" [{slo:.{f}f}, {shi:.{f}f}]"
 
 
-def _diff(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
-    b = b * len(a) if len(b) == 1 else b
-    return [[u - v for u, v in zip(ra, rb)] for ra, rb in zip(a, b)]
+def _paired(a: dict, b: dict) -> tuple[list[list[float]], list[list[float]]]:
+    """Rows of ``a`` and ``b`` (``{seed: per-photo scores}``) on their common training seeds; a seed-free ``b`` (key
+    None, TV) is paired with every seed of ``a``."""
+    if None in b:
+        return [a[k] for k in a], [b[None]] * len(a)
+    common = [k for k in a if k in b]
+    return [a[k] for k in common], [b[k] for k in common]
 
 
-def _dcells(a: list[list[float]], b: list[list[float]], f: int) -> tuple[str, str]:
-    m, lo, hi = crossed_difference_interval(a, b)
-    d = _diff(a, b)
+def _dcells(a: dict, b: dict, f: int) -> tuple[str, str]:
+    ra, rb = _paired(a, b)
+    if not ra:
+        return "no common seed", "-"
+    m, lo, hi = crossed_difference_interval(ra, rb)
+    d = [[u - v for u, v in zip(x, y)] for x, y in zip(ra, rb)]
     if len(d) < 2:
         return f"{m:+.{f}f} [{lo:+.{f}f}, {hi:+.{f}f}]", "-"
     _, slo, shi = mean_interval(_seed_means(d))
     return f"{m:+.{f}f} [{lo:+.{f}f}, {hi:+.{f}f}]", f"[{slo:+.{f}f}, {shi:+.{f}f}]"
 
 
-def _table(title: str, scores: dict[str, dict[str, list[list[float]]]], pairs: list[tuple[str, str]]) -> None:
+def _table(title: str, scores: dict[str, dict[str, dict]], pairs: list[tuple[str, str]]) -> None:
     """Print a markdown table: rows = methods, PSNR / SSIM (mean [crossed interval]; per-seed means [seeds-only
     interval]); then the paired differences."""
     print(f"\n   {title}")
     print("   | method | PSNR (dB) | per seed [seeds only] | SSIM | per seed [seeds only] |\n   |---|---|---|---|---|")
     for m, s in scores.items():
-        print(f"   | {m} | " + " | ".join(_cells(s['psnr'], 2) + _cells(s['ssim'], 3)) + " |")
+        seeds = "" if None in s["psnr"] else f" (seeds {list(s['psnr'])})"
+        print(f"   | {m}{seeds} | " + " | ".join(_cells(list(s['psnr'].values()), 2) + _cells(list(s['ssim'].values()), 3)) + " |")
     for a, b in pairs:
         if a in scores and b in scores:
             print(f"   | {a} - {b} | " + " | ".join(_dcells(scores[a]['psnr'], scores[b]['psnr'], 2)
@@ -213,6 +222,7 @@ def _score(out: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:
     return psnr(out.clamp(0, 1), clean), ssim(out.clamp(0, 1), clean)
 
 
+@functools.lru_cache(maxsize=2)  # decoding every embedded photo costs ~1 s: once per process and mode
 def _images(gray: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from proxnets.data.images import natural_images
     from proxnets.stable.experiments import TEST_PHOTOS, VAL_PHOTO, _square
@@ -279,10 +289,10 @@ def _net_factory(model: nn.Module, wrap=None):
 
 
 def _nets(seed: int, dncnn_epochs: int) -> dict[str, nn.Module]:
-    nets = {n: load_denoiser(_path(n, seed)) for n in ("Euler", "Heun", "RK4", "Heun colour")}
-    nets["DnCNN"] = load_denoiser(_path(f"DnCNN-e{EPOCHS}", seed))
-    nets["DnCNN (val. epochs)"] = load_denoiser(_path(f"DnCNN-e{dncnn_epochs}", seed))
-    return nets
+    """The trained networks of ``seed`` (those in the cache: a recipe not trained for this seed is left out)."""
+    files = {n: _path(n, seed) for n in ("Euler", "Heun", "RK4", "Heun colour")}
+    files.update({"DnCNN": _path(f"DnCNN-e{EPOCHS}", seed), "DnCNN (val. epochs)": _path(f"DnCNN-e{dncnn_epochs}", seed)})
+    return {n: load_denoiser(f) for n, f in files.items() if f.is_file()}
 
 
 def _methods(part: str, seed: int | None, dncnn_epochs: int) -> dict[str, tuple]:
@@ -295,14 +305,19 @@ def _methods(part: str, seed: int | None, dncnn_epochs: int) -> dict[str, tuple]
     n = _nets(seed, dncnn_epochs)
     dn = "DnCNN (val. epochs)"
     if part == "grey":
-        return {k: _direct(n[k]) for k in ("Euler", "Heun", "RK4", "DnCNN", dn)}
-    if part == "colour":
-        return {"Heun channel-wise": _direct(channelwise(n["Heun"], 3)), "Heun opponent": _direct(opponent_colour(n["Heun"])),
-                "Heun colour": _direct(n["Heun colour"]), f"{dn} channel-wise": _direct(channelwise(n[dn], 3))}
-    if part == "pnp":
-        return {k: _net_factory(n[k]) for k in ("Euler", "Heun", "RK4", dn)}
-    return {"Heun channel-wise": _net_factory(n["Heun"], lambda m: channelwise(m, 3)), "Heun colour": _net_factory(n["Heun colour"]),
-            f"{dn} channel-wise": _net_factory(n[dn], lambda m: channelwise(m, 3))}
+        out = {k: (lambda k=k: _direct(n[k]), k) for k in ("Euler", "Heun", "RK4", "DnCNN", dn)}
+    elif part == "colour":
+        out = {"Heun channel-wise": (lambda: _direct(channelwise(n["Heun"], 3)), "Heun"),
+               "Heun opponent": (lambda: _direct(opponent_colour(n["Heun"])), "Heun"),
+               "Heun colour": (lambda: _direct(n["Heun colour"]), "Heun colour"),
+               f"{dn} channel-wise": (lambda: _direct(channelwise(n[dn], 3)), dn)}
+    elif part == "pnp":
+        out = {k: (lambda k=k: _net_factory(n[k]), k) for k in ("Euler", "Heun", "RK4", dn)}
+    else:
+        out = {"Heun channel-wise": (lambda: _net_factory(n["Heun"], lambda m: channelwise(m, 3)), "Heun"),
+               "Heun colour": (lambda: _net_factory(n["Heun colour"]), "Heun colour"),
+               f"{dn} channel-wise": (lambda: _net_factory(n[dn], lambda m: channelwise(m, 3)), dn)}
+    return {k: make() for k, (make, need) in out.items() if need in n}
 
 
 def _drs(y, physics, den, clean):
@@ -394,13 +409,13 @@ def _report(part: str, results: dict, seeds: tuple[int, ...]) -> dict:
     for key in results[None]:
         if key == "_meta":
             continue
-        scores = {("noisy" if part in ("grey", "colour") else "blurred"): {m: [base[key][m]] for m in ("psnr", "ssim")}}
+        scores = {("noisy" if part in ("grey", "colour") else "blurred"): {m: {None: base[key][m]} for m in ("psnr", "ssim")}}
         picks, edges, tally = {}, [], []
         for seed in (None, *seeds):
             for name, r in results[seed][key].items():
-                scores.setdefault(name, {"psnr": [], "ssim": []})
-                scores[name]["psnr"].append(r["psnr"])
-                scores[name]["ssim"].append(r["ssim"])
+                scores.setdefault(name, {"psnr": {}, "ssim": {}})
+                scores[name]["psnr"][seed] = r["psnr"]
+                scores[name]["ssim"][seed] = r["ssim"]
                 if len(r["sweep"]) > 1:
                     picks.setdefault(name, []).append(r["pick"])
                 if r["edge"]:
@@ -422,28 +437,40 @@ def _report(part: str, results: dict, seeds: tuple[int, ...]) -> dict:
     return record
 
 
+def train(todo: list[tuple[str, int]], budget: int = 8, jobs: int = 1) -> None:
+    """Train the ``(recipe, seed)`` pairs of ``todo`` (cached), ``jobs`` processes."""
+    from multiprocessing import get_context
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    print(f"== restoration benchmark: training {len(todo)} denoisers (cached in {CACHE}), jobs {jobs}", flush=True)
+    with get_context("spawn").Pool(jobs) as pool:
+        for n, s, dt in pool.imap_unordered(_train_job, [(n, s, budget) for n, s in todo]):
+            print(f"   trained {n} seed {s}: {dt:.0f} s" if dt else f"   {n} seed {s}: cached", flush=True)
+
+
 def run(seeds: tuple[int, ...] = (0,), budget: int = 8, jobs: int = 1, parts: str = "grey,pnp,colour,colour-pnp",
-        heun_curve: bool = False) -> None:
+        heun_curve: bool = False, fit_missing: bool = True, pick_seeds: tuple[int, ...] | None = None) -> None:
     """Train (cached) and evaluate. ``budget``: DnCNN's validation curve runs to ``budget`` x the suite's epochs;
-    ``heun_curve``: also the Heun denoiser's validation curve to HEUN_CURVE_EPOCHS (first seed)."""
+    ``heun_curve``: also the Heun denoiser's validation curve to HEUN_CURVE_EPOCHS (first seed); ``fit_missing=False``:
+    evaluate only what is in the cache (a recipe missing for a seed is left out of that seed's rows); ``pick_seeds``:
+    the seeds whose DnCNN validation curves pick its epochs (default ``seeds``)."""
     from multiprocessing import get_context
 
     t0 = time.perf_counter()
     part_list = [p for p in ("pnp", "colour-pnp", "grey", "colour") if p in set(parts.split(","))]  # the long ones first
     CACHE.mkdir(parents=True, exist_ok=True)
     names = ["RK4", "Heun colour", "Heun", "Euler", "DnCNN curve"]  # per seed, the long ones first
-    todo = [(n, s, budget) for s in seeds for n in names] + ([("Heun curve", seeds[0], budget)] if heun_curve else [])
-    print(f"== restoration benchmark: training {len(todo)} denoisers (cached in {CACHE}), jobs {jobs}", flush=True)
+    todo = [(n, s) for s in seeds for n in names] + ([("Heun curve", seeds[0])] if heun_curve else [])
+    if fit_missing:
+        train(todo, budget, jobs)
     pool = get_context("spawn").Pool(jobs) if jobs > 1 else None
-    for n, s, dt in (pool.imap_unordered(_train_job, todo) if pool else map(_train_job, todo)):
-        print(f"   trained {n} seed {s}: {dt:.0f} s" if dt else f"   {n} seed {s}: cached", flush=True)
-    curves = [json.loads(_path("DnCNN curve", s, ".json").read_text())["validation_psnr"] for s in seeds]
+    curves = [json.loads(_path("DnCNN curve", s, ".json").read_text())["validation_psnr"] for s in (pick_seeds or seeds)]
     pick = pick_epochs(curves)
     hc = _path("Heun curve", seeds[0], ".json")
     heun = json.loads(hc.read_text())["validation_psnr"] if hc.is_file() else []
     print("\n   DnCNN validation curve (grey coffee, mean PSNR of sigma 0.1 / 0.15, per epoch; seed mean): "
           + ", ".join(f"{e + 1}: {v:.2f}" for e, v in enumerate(pick["mean"])))
-    print(f"   per seed, best epoch: {[1 + max(range(len(c)), key=c.__getitem__) for c in curves]}; seed-mean best epoch "
+    print(f"   seeds {list(pick_seeds or seeds)}, per seed, best epoch: {[1 + max(range(len(c)), key=c.__getitem__) for c in curves]}; seed-mean best epoch "
           f"{pick['best']} (used), first within 0.05 dB of it {pick['plateau']}" + (" -- STILL RISING at the last epoch" if pick["rising"] else ""))
     if heun:
         print(f"   Heun validation curve (seed {seeds[0]}, per epoch): " + ", ".join(f"{e + 1}: {v:.2f}" for e, v in enumerate(heun)))
@@ -465,7 +492,8 @@ def run(seeds: tuple[int, ...] = (0,), budget: int = 8, jobs: int = 1, parts: st
     for p in ("grey", "colour", "pnp", "colour-pnp"):
         if p in results:
             record[p] = _report(p, results[p], seeds)
-    (CACHE / f"results-seeds{'_'.join(map(str, seeds))}.json").write_text(json.dumps(record, default=str))
+    tag = "_".join(map(str, seeds)) + "-" + "_".join(sorted(results))
+    (CACHE / f"results-seeds{tag}.json").write_text(json.dumps(record, default=str))
     print(f"\n   restoration benchmark: {time.perf_counter() - t0:.0f} s")
 
 
