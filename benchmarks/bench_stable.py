@@ -29,7 +29,8 @@
    suite trains them at quick; Gaussian width and TV weight each picked per noise level on the validation photo.
 
 6. Restoration (``--only restore``, ``benchmarks/stable_restoration.py``): Euler / Heun / RK4 at equal parameters and budget,
-   TV inside PnP, colour, DnCNN and ours at ``--budget`` x the training epochs.
+   ``--restore-seeds`` training seeds, TV inside PnP, colour (a colour-trained firm Heun too), DnCNN at the epoch count its
+   validation curve (``--budget`` x the suite's epochs long) picks.
 7. Step rules (``--only steprule``): the suite's quick classifier under each rule of ``STEP_RULES`` (adaptive uncapped,
    capped at 2 and 1 steps, fixed CPL) and the ResNet, ``--seeds`` seeds on validation (where the default cap is picked)
    and on test (``--splits``), CPU time per optimizer step vs the ResNet, and the fixed rule trained for the CPU time of
@@ -794,7 +795,7 @@ def main() -> None:
     parser.add_argument("--denoiser", default="", help="part denoise: a saved averaged denoiser (default: train the suite's)")
     parser.add_argument("--recipes", default="", help="part denoise-recipes: comma-separated names of DENOISE_RECIPES (default all)")
     parser.add_argument("--restore-seeds", default="0", help="part restore (benchmarks/stable_restoration.py): training seeds")
-    parser.add_argument("--budget", type=int, default=4, help="part restore: the larger training budget, x the suite's epochs")
+    parser.add_argument("--budget", type=int, default=8, help="part restore: DnCNN's validation curve length, x the suite's epochs")
     parser.add_argument("--splits", default="val,test", help="part steprule: 'val' (where a default is picked), 'test', or both")
     parser.add_argument("--screen", default="", help="comma-separated variants of SCREEN (or 'torchlip') to screen on validation")
     args = parser.parse_args()

@@ -209,6 +209,8 @@ def entries() -> list[Entry]:
     from proxnets.data import stratified_split
     from proxnets.data.images import random_patches, write_image
     from proxnets.data.variants import rotate
+    from proxnets.stable.restore import training_photos
+    from proxnets.utils.stats import crossed_difference_interval, crossed_interval
 
     out: list[Entry] = []
     add = out.append
@@ -372,6 +374,8 @@ def entries() -> list[Entry]:
               lambda g, b: {"y": _rand(g, b, 3, 8, 8), "lam": 0.1}, data=("y",), nonneg=("lam",), empty_ok=False))
     add(Entry("stable", "TVProx.__call__", lambda v, lam=0.1: ST.TVProx(lam, max_iter=20)(v),
               lambda g, b: {"v": _rand(g, b, 1, 8, 8), "lam": 0.1}, data=("v",), nonneg=("lam",), empty_ok=False))
+    add(Entry("stable", "training_photos", lambda min_side=200: float(len(training_photos(min_side=min_side))),
+              lambda g, b: {"min_side": 200}, positive=("min_side",)))
     add(Entry("stable", "gaussian_kernel", ST.gaussian_kernel, lambda g, b: {"size": 5, "sigma": 1.0},
               positive=("size", "sigma")))
     add(Entry("stable", "motion_kernel", ST.motion_kernel, lambda g, b: {"size": 5, "angle": 0.3}, positive=("size",)))
@@ -397,6 +401,12 @@ def entries() -> list[Entry]:
               lambda g, n: {"b": _randn(g, n, 4), "tol": 1e-6}, data=("b",), nonneg=("tol",), rank_free=True))
     add(Entry("solvers", "relative_residual", S.relative_residual, lambda g, b: {"z": _randn(g, b, 4), "tz": _randn(g, b, 4)},
               data=("z", "tz"), rank_free=True, elementwise=True))  # documented: NaN where a norm is not finite
+
+    # -- utils
+    add(Entry("utils", "crossed_interval", lambda table: crossed_interval(table), lambda g, b: {"table": _randn(g, b + 1, 3)},
+              tensors=("table",)))
+    add(Entry("utils", "crossed_difference_interval", lambda a, b: crossed_difference_interval(a, b),
+              lambda g, b: {"a": _randn(g, b + 1, 3), "b": _randn(g, 1, 3)}, tensors=("a", "b")))
 
     # -- norm_bounds
     add(Entry("norm_bounds", "norm_bound(matrix)", lambda target: NB.norm_bound(target).value,

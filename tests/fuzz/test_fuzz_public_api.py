@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from specs import entries, mutations, run  # noqa: E402
 
-PACKAGES = ["capsules", "convex", "pmp", "equilibrium", "stable", "solvers", "norm_bounds", "data"]
+PACKAGES = ["capsules", "convex", "pmp", "equilibrium", "stable", "solvers", "norm_bounds", "data", "utils"]
 ENTRIES = entries()
 
 

@@ -36,10 +36,10 @@ from proxnets.stable.physics import Blur, gaussian_kernel, motion_kernel
 from proxnets.stable.pnp import SOLVERS, psnr, relax_denoiser, ssim
 from proxnets.data.images import read_image, write_image
 from proxnets.utils.io import load_state, save_state
-from proxnets.utils.validation import check_choice, check_number, fail
+from proxnets.utils.validation import check_choice, check_int, check_number, fail
 
 __all__ = ["save_denoiser", "load_denoiser", "denoise_image", "deblur_image", "train_denoiser", "default_denoiser_path",
-           "resolve_denoiser", "channelwise", "opponent_colour", "OPPONENT", "KERNELS", "DENOISE_STRENGTH", "DEBLUR_STRENGTH", "TEST_PHOTOS", "VAL_PHOTO"]
+           "resolve_denoiser", "training_photos", "channelwise", "opponent_colour", "OPPONENT", "KERNELS", "DENOISE_STRENGTH", "DEBLUR_STRENGTH", "TEST_PHOTOS", "VAL_PHOTO"]
 
 KERNELS = ("gaussian", "motion")
 DENOISE_STRENGTH = 1.0
@@ -55,9 +55,24 @@ def default_denoiser_path() -> Path:
     return DEFAULT_DENOISER
 
 
+def training_photos(colour: bool = False, min_side: int = 32) -> dict[str, torch.Tensor]:
+    """The embedded photographs a denoiser may train on: all but :data:`TEST_PHOTOS` and :data:`VAL_PHOTO`, those with
+    both sides ``>= min_side``, as ``{name: (C, H, W)}``; ``colour=True`` gives them in RGB (``C = 3``; a grey photograph
+    has its one channel repeated), the same photographs and pixels as the grey set. The RGB photographs the colour
+    benchmark tests on (``astronaut``, ``chelsea``; ``retina`` is not among :data:`proxnets.data.images.PHOTOS`) are
+    never among them."""
+    from proxnets.data.images import PHOTOS, natural_images
+
+    check_int("min_side", min_side, low=1)
+    names = tuple(n for n in PHOTOS if n not in TEST_PHOTOS and n != VAL_PHOTO)
+    photos = natural_images(gray=not colour, names=names)
+    return {k: v for k, v in photos.items() if min(v.shape[-2:]) >= min_side}
+
+
 def train_denoiser(
     *,
     firm: bool = False,
+    channels: int = 1,
     width: int = 16,
     depth: int = 4,
     patch: int = 32,
@@ -68,8 +83,9 @@ def train_denoiser(
     progress: bool = True,
     log: Any = print,
 ) -> AveragedDenoiser:
-    """A small grey :class:`AveragedDenoiser` trained by Adam on ``n_patches`` noisy patches of the embedded
-    photographs other than :data:`TEST_PHOTOS` and :data:`VAL_PHOTO` (noise std drawn in ``sigmas``).
+    """A small :class:`AveragedDenoiser` trained by Adam on ``n_patches`` noisy patches of :func:`training_photos`
+    (the embedded photographs other than :data:`TEST_PHOTOS` and :data:`VAL_PHOTO`; noise std drawn in ``sigmas``):
+    grey for ``channels=1``, RGB patches for ``channels=3`` (a colour denoiser, same photographs).
 
     ``firm=True`` builds :meth:`DenoiserConfig.firm` (Heun, firmly non-expansive at every image size), otherwise
     the default averaged Euler denoiser. About 10-30 s on two CPU cores at the defaults. Returns it in eval mode.
@@ -78,14 +94,13 @@ def train_denoiser(
 
     from torch.utils.data import TensorDataset
 
-    from proxnets.data.images import natural_images, random_patches
+    from proxnets.data.images import random_patches
     from proxnets.engine import TrainConfig, fit
 
-    photos = natural_images(gray=True)
-    train_imgs = {k: v for k, v in photos.items() if k not in TEST_PHOTOS and k != VAL_PHOTO and min(v.shape[-2:]) >= patch}
-    x = random_patches(train_imgs, patch, n_patches, seed=seed)  # (N, 1, p, p)
+    check_choice("channels", channels, [1, 3])
+    x = random_patches(training_photos(channels == 3, patch), patch, n_patches, seed=seed)  # (N, C, p, p)
     data = TensorDataset(x, x)  # (input, target): the loss adds the noise to the input
-    kw = {"channels": 1, "image_size": patch, "width": width, "depth": depth}
+    kw = {"channels": channels, "image_size": patch, "width": width, "depth": depth}
     torch.manual_seed(seed)
     model = AveragedDenoiser(DenoiserConfig.firm(**kw) if firm else DenoiserConfig(**kw))
 
