@@ -112,6 +112,10 @@ def sparse_terms(regs: Sequence["SparseRegularizer"], ws: Sequence[torch.Tensor]
     n = len(ws)
     if n != len(regs):
         fail("regs", f"one regularizer per tensor ({n} tensors)", f"{len(regs)} regularizers")
+    for w in ws:  # the boundary checks that cost no pass over the data (an optimizer hot path)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            fail("ws", "real floating-point tensors", type(w).__name__ if not isinstance(w, torch.Tensor)
+                 else f"dtype {w.dtype}", TypeError)
     if n == 0:
         return torch.zeros(0, 3)
     like = ws[0]
