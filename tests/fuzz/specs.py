@@ -269,6 +269,8 @@ def entries() -> list[Entry]:
               data=("z",), labels=("y",), nonneg=("lam",), empty_ok=False))
 
     # -- pmp
+    from proxnets.pmp.regularizers import sparse_terms
+
     add(Entry("pmp", "soft_threshold", P.soft_threshold, lambda g, b: {"z": _randn(g, b, 4), "a": 0.3}, data=("z",),
               nonneg=("a",), rank_free=True, elementwise=True))
     add(Entry("pmp", "augmented_hamiltonian_1d",
@@ -282,6 +284,8 @@ def entries() -> list[Entry]:
               lambda g, b: {"rho": 0.1}, nonneg=("rho",)))
     add(Entry("pmp", "SigmaZetaEps", lambda sigma=1.1, zeta=0.9: P.SigmaZetaEps(sigma, zeta), lambda g, b: {"sigma": 1.1, "zeta": 0.9},
               positive=("sigma", "zeta")))
+    add(Entry("pmp", "sparse_terms", lambda ws: sparse_terms([P.SparseRegularizer(lam1=0.1, lam2=0.1)], [ws]),
+              lambda g, b: {"ws": _randn(g, b, 4)}, data=("ws",), rank_free=True, elementwise=True))
     add(Entry("pmp", "SparseRegularizer", lambda beta=1.0, lam1=0.0: P.SparseRegularizer(beta, lam1).value(torch.linspace(-1, 1, 7)),
               lambda g, b: {"beta": 1.0, "lam1": 0.1}, nonneg=("beta", "lam1")))
 

@@ -56,3 +56,81 @@ def test_a_retried_trial_uses_the_sweeps_gradient_whatever_the_closures_zero_gra
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
     broken, _ = _run(False, False)  # the trial's zero_grad(set_to_none=False) zeroes the gradient in place
     assert not all(torch.equal(a, b) for a, b in zip(ref, broken))
+
+
+def _terms_one_by_one(reg, w):
+    """(L0 price, |w|_1, |w|^2) term by term: the definition."""
+    zero = w.new_zeros(())
+    if not reg.beta:
+        l0 = zero
+    elif reg.structure == "filter":
+        g = w.reshape(w.shape[0], -1) if w.dim() else w.reshape(1, 1)
+        l0 = reg.l0_weight(w) * g.shape[1] * (g != 0).any(1).sum().to(w.dtype)
+    else:
+        l0 = reg.l0_weight(w) * torch.count_nonzero(w).to(w.dtype)
+    return torch.stack([l0, w.abs().sum() if reg.lam1 else zero, (w * w).sum() if reg.lam2 else zero])
+
+
+def test_sparse_terms_equal_the_terms_one_by_one_bit_for_bit():
+    from proxnets.pmp.regularizers import sparse_terms
+
+    g = torch.Generator().manual_seed(0)
+    regs = [SparseRegularizer(beta=1.0, lam2=1e-3, normalize="group", count=977), SparseRegularizer(beta=0.3, lam1=0.01),
+            SparseRegularizer(beta=1.0, structure="filter", lam2=0.1, normalize="layer"), SparseRegularizer(beta=0.0),
+            SparseRegularizer(beta=2.0, lam1=0.5, lam2=0.25, normalize="layer")]
+    shapes = [(120, 7), (16, 6, 5, 5), (6, 1, 5, 5), (10,), (84,)]
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        ws = []
+        for shape in shapes:
+            w = torch.randn(shape, generator=g).to(dtype)
+            w[torch.rand(shape, generator=g) < 0.6] = 0.0
+            ws.append(w)
+        ws[2][1] = 0.0  # a zero filter
+        ref = torch.stack([_terms_one_by_one(r, w) for r, w in zip(regs, ws)])
+        for order in (list(range(5)), [4, 3, 2, 1, 0], [0, 3]):
+            rs, vs, want = [regs[i] for i in order], [ws[i] for i in order], ref[order]
+            assert torch.equal(sparse_terms(rs, vs).view(torch.int16 if dtype == torch.bfloat16 else want.dtype),
+                               want.view(torch.int16 if dtype == torch.bfloat16 else want.dtype))
+            counts = torch.stack([torch.count_nonzero(w).to(torch.int32) for w in vs])
+            assert torch.equal(sparse_terms(rs, vs, counts), want)
+        # all rows priced alike (the optimizer's common case: one column each)
+        same = [regs[0]] * 3
+        assert torch.equal(sparse_terms(same, ws[:3]), torch.stack([_terms_one_by_one(regs[0], w) for w in ws[:3]]))
+        assert all(torch.equal(r.terms(w), t) for r, w, t in zip(regs, ws, ref))
+    mixed = [torch.randn(5, generator=g), torch.randn(3, generator=g).double()]
+    assert torch.equal(sparse_terms(regs[:2], mixed), torch.stack([_terms_one_by_one(r, w).double()
+                                                                  for r, w in zip(regs[:2], mixed)]))
+    # broken: a count that misses negative weights is detected
+    bad = torch.stack([reg.l0_weight(w) * (w > 0).sum().to(w.dtype) for reg, w in zip(regs[:1], ws[:1])])
+    assert not torch.equal(bad, sparse_terms(regs[:1], ws[:1])[:, 0])
+
+
+def test_sparse_terms_names_bad_input():
+    import pytest
+
+    from proxnets.pmp.regularizers import sparse_terms
+
+    with pytest.raises(ValueError, match="regs: expected one regularizer per tensor"):
+        sparse_terms([SparseRegularizer()], [torch.ones(2), torch.ones(3)])
+    with pytest.raises(TypeError, match="ws: expected real floating-point tensors"):
+        sparse_terms([SparseRegularizer()], [torch.ones(2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="counts: expected one nonzero count per tensor"):
+        sparse_terms([SparseRegularizer()], [torch.ones(2)], torch.ones(2, dtype=torch.int32))
+
+
+def test_order_pair_keeps_signed_zeros_and_values_bit_for_bit():
+    from proxnets.pmp.optimizer import order_pair
+
+    # one sign of zero per tensor (a -0.0 and a +0.0 are equal: which one a maximum returns is not a property)
+    for s in (torch.tensor([0.0, 0.5, -1.0, 0.25, 0.0, 2.0, -3.0]), torch.tensor([-0.0, 0.5, -1.0, 0.25, -0.0, 2.0])):
+        _check_signs(order_pair, s)
+
+
+def _check_signs(order_pair, s):
+    for k in range(1, len(s)):
+        lo = torch.kthvalue(s, len(s) - k).values
+        above = s[s > lo]
+        ref = (float(lo), float(above.min()) if above.numel() else math.inf)
+        for guess in (-0.5, 0.1, 0.3, -2.0, 1.0, 0.0):
+            got = order_pair(s, k, guess)
+            assert [math.copysign(1.0, v) for v in got] == [math.copysign(1.0, v) for v in ref] and got == ref, (k, guess)

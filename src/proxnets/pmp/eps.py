@@ -49,6 +49,8 @@ class TrialStep:
     - ``d_loss``: ``L(u_new) - L(u_k)`` (float; ``nan``/``inf`` when the trial diverged).
     - ``d_reg``: ``rho (R(u_new) - R(u_k))`` (float).
     - ``eta``: the sufficient-decrease constant.
+    - ``tau_total``: ``float(tau.sum())`` when the caller has it (the optimizer's acceptance test needs it
+      first); ``None``: summed here. Read it as :attr:`total`.
     """
 
     tau: torch.Tensor
@@ -56,6 +58,12 @@ class TrialStep:
     d_loss: float
     d_reg: float
     eta: float
+    tau_total: float | None = None
+
+    @property
+    def total(self) -> float:
+        """``tau.sum()``: the whole step's ``|u_new - u_k|^2``."""
+        return float(self.tau.sum()) if self.tau_total is None else self.tau_total
 
     @property
     def gain(self) -> float:
@@ -65,7 +73,7 @@ class TrialStep:
     @property
     def curvature(self) -> float:
         """``kappa = 2 (dL - lin) / tau`` (``nan`` when ``tau = 0`` or the loss is not finite)."""
-        total = float(self.tau.sum())
+        total = self.total
         if total <= 0.0 or not math.isfinite(self.d_loss):
             return math.nan
         return 2.0 * (self.d_loss - self.lin) / total
@@ -126,7 +134,7 @@ class CurvatureEps:
         kappa, gain = trial.curvature, trial.gain
         if not math.isfinite(kappa) or not gain > 0.0:
             return math.nan
-        return self.safety * (0.5 * kappa + trial.eta) * float(trial.tau.sum()) / gain
+        return self.safety * (0.5 * kappa + trial.eta) * trial.total / gain
 
     def accept(self, eps: torch.Tensor, trial: TrialStep) -> torch.Tensor:
         f = self._factor(eps, trial)

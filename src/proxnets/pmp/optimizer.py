@@ -54,7 +54,7 @@ from proxnets.pmp.adjoints import AdjointRecorder
 from proxnets.pmp.eps import TrialStep, make_eps_rule
 from proxnets.pmp.hamiltonian import LinearizedHamiltonianRule
 from proxnets.pmp.layer_hamiltonian import LayerParam, LayerTape, maximize_layer
-from proxnets.pmp.regularizers import Regularizer, SparseRegularizer, nonzero_count
+from proxnets.pmp.regularizers import Regularizer, SparseRegularizer, nonzero_count, sparse_terms
 from proxnets.utils.convergence import IterInfo, NonConvergenceWarning
 from proxnets.utils.validation import check_choice, check_int, check_number, fail
 
@@ -196,7 +196,7 @@ class BSQH(torch.optim.Optimizer):
         self.layer = check_choice("layer", layer, LAYERS)
         self.inner_steps = check_int("inner_steps", inner_steps, low=1)
         self._price_guess: float | None = None  # the last target-density price: order_pair ranks against it first
-        self._price_buffers: torch.Tensor | None = None  # the price search's points and scores (reused)
+        self._price_buffers: tuple | None = None  # the price search's points and scores (reused), shapes, views
         self._start_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(p) -> (p, u_k buffer)
         self._in_trial = False  # inside a trial forward: zero_grad keeps the gradients
         self.backtracks = check_int("backtracks", backtracks, low=0)
@@ -309,8 +309,22 @@ class BSQH(torch.optim.Optimizer):
 
     def sparsity(self) -> dict[str, Any]:
         """Exact zeros per layer and in total over the parameters with ``rho > 0``."""
+        return self._sparsity(None)
+
+    def _sparsity(self, known: tuple[torch.Tensor, dict[int, tuple[int, int]]] | None) -> dict[str, Any]:
+        """:meth:`sparsity`; ``known``: (counts, id(p) -> (p's version then, row)) of the accepted trial, reused for
+        the parameters not written since (version counters): one count of each regularized tensor per step."""
         layers = list(self._layers())
-        counts = torch.stack([nonzero_count(p.detach()) for _, p, _ in layers]).tolist() if layers else []
+        if known is not None:
+            stacked, rows = known
+            fresh = [p for _, p, _ in layers if rows.get(id(p), (None,))[0] != p._version]
+            values = torch.cat([stacked, torch.stack([nonzero_count(p.detach()) for p in fresh])]) if fresh \
+                else stacked
+            values = values.tolist()
+            at = {id(p): len(stacked) + i for i, p in enumerate(fresh)}
+            counts = [values[at[id(p)]] if id(p) in at else values[rows[id(p)][1]] for _, p, _ in layers]
+        else:
+            counts = torch.stack([nonzero_count(p.detach()) for _, p, _ in layers]).tolist() if layers else []
         per_layer, zeros, total = {}, 0, 0
         for (name, p, group), nnz in zip(layers, counts):
             z, n = p.numel() - int(nnz), p.numel()
@@ -380,21 +394,28 @@ class BSQH(torch.optim.Optimizer):
         scores, sizes = [], []
         if not filters:  # per weight: the points and scores written into two buffers (no concatenation)
             like = adapt[0][1][3]
-            size = sum(layer[3].numel() for _, layer in adapt)
-            buf = self._price_buffers
-            if buf is None or buf.shape != (2, size) or buf.dtype != like.dtype or buf.device != like.device:
-                buf = self._price_buffers = torch.empty(2, size, dtype=like.dtype, device=like.device)
-            zbuf, s = buf[0], buf[1]
-            offset = 0
+            shapes = [layer[3].shape for _, layer in adapt]
+            cached = self._price_buffers
+            if cached is None or cached[1] != shapes or cached[0].dtype != like.dtype \
+                    or cached[0].device != like.device:
+                # the buffers and their per-layer views, made once for these shapes (4 view calls per layer saved)
+                size = sum(layer[3].numel() for _, layer in adapt)
+                buf = torch.empty(2, size, dtype=like.dtype, device=like.device)
+                views, offset = [], 0
+                for shape in shapes:
+                    m = math.prod(shape)
+                    views.append((buf[0, offset:offset + m].view(shape), buf[1, offset:offset + m].view(shape)))
+                    offset += m
+                cached = self._price_buffers = (buf, shapes, views)
+            s = cached[0][1]
+            views = iter(cached[2])
         for i, (_, p, group, w_k, g) in adapt:
             reg, e = group["regularizer"], eps_l[i] / group["lr"]
             beta = reg.l0_weight(w_k)
             factor = e / (beta * (1.0 + group["l2_weight"] / (2.0 * e)))
             if not filters:
                 # kept iff z^2 > (rho beta / e)(1 + c / (2 e)), c = rho lam2 fixed: rho_i is linear in z^2
-                z = zbuf[offset:offset + w_k.numel()].view_as(w_k)
-                sc = s[offset:offset + w_k.numel()].view_as(w_k)
-                offset += w_k.numel()
+                z, sc = next(views)
                 torch.add(w_k, g, alpha=-0.5 / e, out=z)  # the rule's first operation (LinearizedHamiltonianRule)
                 torch.mul(z, z, out=sc).mul_(factor)
                 if points is not None and z.dtype == w_k.dtype:
@@ -549,7 +570,8 @@ class BSQH(torch.optim.Optimizer):
                 continue  # unused this batch: left unchanged (as torch optimizers do)
             if p.grad.is_sparse:
                 fail("params", "dense gradients", f"a sparse gradient for {name}", TypeError)
-            layers.append((name, p, group, self._start_buffer(p), p.grad.detach()))
+            g = p.grad  # detached only if it is part of a graph (create_graph=True): a detach is a call per tensor
+            layers.append((name, p, group, self._start_buffer(p), g.detach() if g.requires_grad else g))
         ps, w_ks, gs = [q[1] for q in layers], [q[3] for q in layers], [q[4] for q in layers]
         if layers:
             torch._foreach_copy_(w_ks, ps)  # u_k, one multi-tensor copy into buffers kept between steps
@@ -560,12 +582,14 @@ class BSQH(torch.optim.Optimizer):
         # the regularizer's terms at u_k, once: R is linear in them, so J_B(u_k) at any trial's rho
         # comes from them (synchronized with the trial's numbers, one transfer per trial)
         regs = [(p, group) for _, p, group in self._layers() if group["rho"] > 0 or group.get("adapt_rho")]
+        all_sparse = all(isinstance(g["regularizer"], SparseRegularizer) for _, g in regs)
+        counts = None
         versions = [p._version for p, _ in regs]
         cached = terms_cache
         if cached is not None and cached[0] == versions and cached[1] == [_terms_key(g["regularizer"]) for _, g in regs]:
             reg_terms_k = cached[2]  # the weights are the last accepted trial's: its terms
         else:
-            reg_terms_k = torch.stack([_reg_terms(group, p.detach()) for p, group in regs]) if regs else None
+            reg_terms_k = _reg_terms([g for _, g in regs], [p.detach() for p, _ in regs]) if regs else None
         reg_k = self.regularization() if not layers else math.nan  # set per trial
         j_k = loss_k + reg_k
         eps = torch.stack([self.state[p]["eps"] for _, p, _, _, _ in layers]) if layers else torch.zeros(0, dtype=torch.float64)
@@ -604,29 +628,41 @@ class BSQH(torch.optim.Optimizer):
             # D = u - u_k per layer and its two sums, multi-tensor (the same kernels as per tensor, fewer calls);
             # torch's cascade sum (torch.dot's float32 sum is ~10x less exact)
             ds = torch._foreach_sub(ps, w_ks)
-            sq = [q.sum() for q in torch._foreach_mul(ds, ds)]
             dots = [q.sum() for q in torch._foreach_mul(gs, ds)]
-            parts = [torch.stack(sq), torch.stack(dots)]
+            torch._foreach_mul_(ds, ds)  # D * D in place (the same products, one allocation fewer per tensor)
+            parts = [torch.stack([q.sum() for q in ds]), torch.stack(dots)]
             if regs:
-                reg_terms_new = torch.stack([_reg_terms(group, p) if id(p) in moved else reg_terms_k[j]
-                                             for j, (p, group) in enumerate(regs)])
+                rows = [j for j, (p, _) in enumerate(regs) if id(p) in moved]  # unmoved: their terms at u_k
+                # the trial's nonzero counts, once: its L0 terms and, if accepted, the record's sparsity
+                counts = (torch.stack([nonzero_count(regs[j][0]) for j in rows]), [regs[j][0] for j in rows]) \
+                    if rows and all_sparse else None
+                reg_terms_new = _reg_terms([regs[j][1] for j in rows], [regs[j][0] for j in rows],
+                                           None if counts is None else counts[0]) if rows else reg_terms_k
+                if rows and len(rows) != len(regs):
+                    reg_terms_new = reg_terms_k.index_copy(0, torch.tensor(rows, dtype=torch.long,
+                                                                           device=reg_terms_k.device), reg_terms_new)
                 parts += [reg_terms_k.reshape(-1), reg_terms_new.reshape(-1)]
-            both = torch.cat([q.double() for q in parts]).cpu()  # one synchronization
+            # one conversion (widening: cat's type promotion then double() give the same values as double() per
+            # part) and one synchronization
+            both = torch.cat(parts).double()
+            if both.device.type != "cpu":
+                both = both.cpu()
             n = len(layers)
             tau = both[:n].clone()
-            lin = float(both[n:2 * n].sum())
-            total_tau = float(tau.sum())
+            sums = [both[n:2 * n].sum(), tau.sum()]
             if regs:  # rho R at u_k and at the trial, with this trial's rho (target_density adapts it)
                 coef = torch.tensor([_reg_coef(group) for _, group in regs], dtype=torch.float64)
-                t = both[2 * n:].reshape(2, len(regs), 3)
-                reg_k, reg_new = float((coef * t[0]).sum()), float((coef * t[1]).sum())
-            else:
-                reg_k = reg_new = 0.0
+                t = both[2 * n:].view(2, len(regs), 3)
+                sums += [(coef * t[0]).sum(), (coef * t[1]).sum()]
+            values = torch.stack(sums).tolist()  # the same float64 sums, read in one call
+            lin, total_tau = values[0], values[1]
+            reg_k, reg_new = (values[2], values[3]) if regs else (0.0, 0.0)
             j_k = loss_k + reg_k
             record.update(J_before=j_k)
             if total_tau <= self.kappa:  # the maximizer is (within kappa) u_k itself: a stationary point
                 torch._foreach_copy_(ps, w_ks)
                 tau.zero_()
+                counts = None  # the trial's counts, not u_k's
                 rs["converged"] = True
                 accepted = True
                 record.update(J_after=j_k, loss_after=loss_k)
@@ -634,7 +670,8 @@ class BSQH(torch.optim.Optimizer):
             rs["converged"] = False
             loss_new = self._trial_loss(closure)
             j_new = loss_new + reg_new
-            trial = TrialStep(tau=tau.clone(), lin=lin, d_loss=loss_new - loss_k, d_reg=reg_new - reg_k, eta=self.eta)
+            trial = TrialStep(tau=tau.clone(), lin=lin, d_loss=loss_new - loss_k, d_reg=reg_new - reg_k, eta=self.eta,
+                              tau_total=total_tau)
             if self.sufficient_decrease(j_new, j_k, total_tau):
                 accepted = True
                 rs["accepted"] += 1
@@ -647,6 +684,9 @@ class BSQH(torch.optim.Optimizer):
                 if regs:  # the next step starts here: its terms at u_k are these
                     self._terms_cache = ([p._version for p, _ in regs], [_terms_key(g["regularizer"]) for _, g in regs],
                                          reg_terms_new)
+                if counts is not None:  # the weights are the trial's: its counts are theirs
+                    known = {id(p): (p._version, i) for i, p in enumerate(counts[1])}
+                    counts = (counts[0], known)
                 if self._pending is not None:
                     params = [p for g in self.param_groups for p in g["params"]]
                     self._reuse = (self._pending, [p._version for p in params])
@@ -675,7 +715,7 @@ class BSQH(torch.optim.Optimizer):
         rs["last_tau"] = tau_acc
         rs["iteration"] += 1
         if self.record_history:
-            sp = self.sparsity()
+            sp = self._sparsity(counts if accepted else None)
             record.update(
                 accepted=accepted, trials=trials, tau=tau_acc,
                 eps=dict(zip([name for name, *_rest in layers], eps.tolist())),
@@ -693,6 +733,7 @@ class BSQH(torch.optim.Optimizer):
 
 
 ORDER_BAND = 512  # order_pair's fast path: at most this many ranks between the guess and the k-th largest
+_EXACT_COUNT = 2 ** 24  # a float32 sum of 0/1 values is an exact count below this many entries
 
 
 def order_pair(s: torch.Tensor, k: int, guess: float | None = None) -> tuple[float, float]:
@@ -706,29 +747,37 @@ def order_pair(s: torch.Tensor, k: int, guess: float | None = None) -> tuple[flo
     ``|c - k| + 1`` on that side (the other side masked to -inf/inf). When the ``k``-th and ``(k+1)``-th largest
     tie (``hi`` is then a later distinct value), the guess is far, or there is none, the reference is used: the
     result is always the reference's, bit for bit (tested against it).
+
+    The fast path makes no boolean tensor (on this CPU a comparison, a boolean sum or a ``where`` on a boolean
+    mask costs 20-85 us on 61k entries, a float pass 5-10 us): ``a = sign(s - guess)`` is 1 exactly where
+    ``s > guess`` (the scalar is rounded to ``s``'s dtype in both, and a float difference is 0 only between equal
+    values), the count is the sum of ``max(a, 0)``, and ``m = (1/2 - a) inf`` (``-inf`` above the guess, ``+inf``
+    at or below it) masks by clamping: ``clamp(s, max=m)`` keeps the entries at or below the guess and puts
+    ``-inf`` above, ``clamp(s, min=m)`` keeps those above and puts ``+inf`` below (a clamp returns ``s`` itself or
+    the bound, so values and signed zeros are kept).
     """
     n = s.numel()
     if s.ndim != 1 or not 0 <= k < n:
         raise ValueError(f"k: expected 0 <= k < s.numel() for a 1-d s, got k={k} with s of shape {tuple(s.shape)}")
-    if guess is not None and 0 < k < n and math.isfinite(guess):
-        above = s > guess
-        # the sum is NaN if any entry is (one vectorized pass; isnan + sum costs 30x more here)
-        c, total = torch.stack([above.sum().double(), s.sum().double()]).tolist()
-        c = int(c)
+    if guess is not None and 0 < k < n < _EXACT_COUNT and math.isfinite(guess):
+        a = torch.sub(s, guess).sign_()  # 1 above the guess, 0 at it or NaN, -1 below
+        # the sum of s is NaN if any entry is (one vectorized pass; isnan + sum costs 30x more here)
+        c, total = torch.stack([a.clamp(min=0.0).sum(), s.sum()]).tolist()
         # kthvalue ranks a NaN largest, the comparison with the guess never: with a NaN the reference decides
         if total == total:
+            c = int(c)
+            mask = torch.rsub(a, 0.5).mul_(math.inf)  # -inf above the guess, +inf at or below it
             if c == k:
                 # exactly k above the guess: lo is the largest entry at or below it, hi the smallest above it
-                lo, hi = torch.stack([torch.where(above, -math.inf, s).amax(),
-                                      torch.where(above, s, math.inf).amin()]).tolist()
+                lo, hi = torch.stack([torch.clamp(s, max=mask).amax(), torch.clamp(s, min=mask).amin()]).tolist()
                 return lo, hi
             elif 0 < k - c < ORDER_BAND:  # the k-th and (k+1)-th largest are the (k-c)-th and (k-c+1)-th below
-                v = torch.topk(torch.where(above, -math.inf, s), k - c + 1).values.tolist()
+                v = torch.topk(torch.clamp(s, max=mask), k - c + 1).values.tolist()
                 kth, lo = v[-2], v[-1]
                 if kth > lo:
                     return lo, kth
             elif 0 < c - k < ORDER_BAND:  # ... the (c-k)-th and (c-k+1)-th smallest above
-                v = torch.topk(torch.where(above, s, math.inf), c - k + 1, largest=False).values.tolist()
+                v = torch.topk(torch.clamp(s, min=mask), c - k + 1, largest=False).values.tolist()
                 lo, kth = v[-2], v[-1]
                 if kth > lo:
                     return lo, kth
@@ -738,14 +787,23 @@ def order_pair(s: torch.Tensor, k: int, guess: float | None = None) -> tuple[flo
     return float(lo_t), hi
 
 
-def _reg_terms(group: dict[str, Any], w: torch.Tensor) -> torch.Tensor:
-    """The ``(3,)`` terms of ``R(w)`` whose combination with :func:`_reg_coef` is ``rho R(w)``."""
-    reg = group["regularizer"]
-    if isinstance(reg, SparseRegularizer):
-        return reg.terms(w)
-    v = reg.value(w)
-    z = v.new_zeros(())
-    return torch.stack([v, z, z])
+def _reg_terms(groups: list[dict[str, Any]], ws: list[torch.Tensor],
+               counts: torch.Tensor | None = None) -> torch.Tensor:
+    """``(len(ws), 3)``: the terms of ``R(w)`` whose combination with :func:`_reg_coef` is ``rho R(w)``, one row per
+    tensor (:func:`~proxnets.pmp.regularizers.sparse_terms` over all rows when every regularizer is sparse;
+    ``counts``: the tensors' nonzero counts, stacked, when the caller has them)."""
+    regs = [g["regularizer"] for g in groups]
+    if all(isinstance(r, SparseRegularizer) for r in regs):
+        return sparse_terms(regs, ws, counts)
+    rows = []
+    for reg, w in zip(regs, ws):
+        if isinstance(reg, SparseRegularizer):
+            rows.append(reg.terms(w))
+        else:
+            v = reg.value(w)
+            z = v.new_zeros(())
+            rows.append(torch.stack([v, z, z]))
+    return torch.stack(rows)
 
 
 def _terms_key(reg: Any) -> Any:
