@@ -328,7 +328,7 @@ def uncompiled_fused(monkeypatch):
     import proxnets.solvers as S
 
     kernels = S._Bookkeeping(True)
-    for name in ("cg_update", "cg_direction", "fista_norms", "fista_momentum"):
+    for name in S._Bookkeeping.COMPILED:
         kernel = getattr(kernels, name)
         kernel.compiled = kernel.fusable
     monkeypatch.setattr(S, "_FUSED", kernels)
@@ -373,11 +373,11 @@ def _broken_cg_update(x, r, p, ap, rs):  # x -= alpha p instead of x += alpha p
     return (pap, rs_new) + S._cg_norms(rs_new, S._flat_dot(x, x), S._flat_dot(x, r))
 
 
-def _broken_momentum(z_new, z, t, worse, d, y_buf, d_ready):  # y = z_{k+1} - mom (z_{k+1} - z_k)
+def _broken_norms(y, z_new, z, diff, d, gradient):  # <z_{k+1} - y_k, ...>: the restart test's sign flipped
     import proxnets.solvers as S
 
-    t_next, coef = S._fista_t(t, worse)
-    return y_buf.copy_(z_new - S._expand(coef, z) * (z_new - z)), t_next
+    norms = S._fista_norms_fusable(y, z_new, z, diff, d, gradient)
+    return norms[:3] + ((-norms[3],) if gradient else (None,))
 
 
 def _fused_claims(kernels) -> None:
@@ -406,7 +406,7 @@ def _fused_claims(kernels) -> None:
     with pytest.raises(TypeError, match="fused: expected a bool"):
         solve_linear(lambda v: v @ a, b, fused="yes")
     # broken variants: a wrong sign in a fused axpy fails the agreement check
-    for name, broken, run in (("cg_update", _broken_cg_update, _cg_run), ("fista_momentum", _broken_momentum, _fista_run)):
+    for name, broken, run in (("cg_update", _broken_cg_update, _cg_run), ("fista_norms", _broken_norms, _fista_run)):
         kernel = getattr(kernels, name)
         intact, kernel.compiled = kernel.compiled, broken
         try:
@@ -426,9 +426,10 @@ def test_fused_kernels_compiled_run_the_eager_iteration_and_broken_kernels_fail(
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a silent fallback to eager would make this vacuous
         _fused_claims(S._FUSED)
-    for name in ("cg_update", "cg_direction", "fista_norms", "fista_momentum"):
+    for name in S._Bookkeeping.COMPILED:
         kernel = getattr(S._FUSED, name)
         assert kernel.failure is None and kernel.compiled is not kernel.fusable
+    assert S._FUSED.cg_direction is S._cg_direction
 
 
 def test_fused_falls_back_to_eager_with_a_warning_when_compilation_fails(monkeypatch):
@@ -449,7 +450,7 @@ def test_fused_options_reach_the_opteq_layer_and_give_the_eager_gradient(uncompi
     from proxnets.equilibrium.layers import OptEqConv2d
 
     calls = {}
-    for name in ("cg_update", "fista_momentum"):
+    for name in ("cg_update", "fista_norms"):
         kernel = getattr(uncompiled_fused, name)
         kernel.compiled = lambda *a, _f=kernel.fusable, _n=name: (calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(*a))[1]
     results = []
@@ -463,7 +464,7 @@ def test_fused_options_reach_the_opteq_layer_and_give_the_eager_gradient(uncompi
         info = layer.last_info
         results.append((z.detach(), grads, (info.iterations, info.backward.iterations, info.converged)))
     (z0, g0, it0), (z1, g1, it1) = results
-    assert it0 == it1 and it1[2] and calls.get("cg_update", 0) >= it1[1] - 1 and calls.get("fista_momentum", 0) > 0
+    assert it0 == it1 and it1[2] and calls.get("cg_update", 0) >= it1[1] - 1 and calls.get("fista_norms", 0) >= it1[0]
     assert torch.allclose(z0, z1, rtol=1e-4, atol=1e-6)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g0, g1))
     with pytest.raises(ValueError, match="fused"):

@@ -302,12 +302,15 @@ def _cg_update_fusable(x, r, p, ap, rs):
 
 
 def _cg_direction(p, r, rs_new, rs):
-    # a kernel of its own: with the update above in one compiled graph the CPU code generator fails
-    # (torch 2.13, a reduction read by an in-place write after another reduction)
+    # eager on both paths: one pass already, and compiled it is slower (the compiled call's guard checks cost
+    # more than the pass; measured, docs/opteq.md); in one graph with the update above the CPU code generator
+    # of torch 2.13 fails (a reduction read by an in-place write after another reduction)
     p.mul_(_expand(rs_new / rs.clamp_min(1e-30), p)).add_(r)
 
 
 def _fista_norms_eager(y, z_new, z, diff, d, gradient: bool):
+    """``|y - z_{k+1}|, |z_{k+1}|, |y|`` and, for the gradient restart, ``<y - z_{k+1}, z_{k+1} - z_k>``
+    (writing ``d = z_{k+1} - z_k``, which the momentum step reads)."""
     torch.sub(y, z_new, out=diff)
     norms = (_norms(diff), _norms(z_new), _norms(y))
     if not gradient:
@@ -317,10 +320,15 @@ def _fista_norms_eager(y, z_new, z, diff, d, gradient: bool):
 
 
 def _fista_norms_fusable(y, z_new, z, diff, d, gradient: bool):
-    # no temporaries written: |y - T(y)|, |T(y)|, |y| and <y - z_{k+1}, z_{k+1} - z_k> in one pass
+    # |y - T(y)|, |T(y)|, |y| and <y - z_{k+1}, z_{k+1} - z_k> in one pass; like the eager form it leaves
+    # d = z_{k+1} - z_k for the momentum step (diff, which nothing reads later, is not written)
     e = y - z_new
     norms = (_flat_dot(e, e).sqrt(), _flat_dot(z_new, z_new).sqrt(), _flat_dot(y, y).sqrt())
-    return norms + ((_flat_dot(e, z_new - z),) if gradient else (None,))
+    if not gradient:
+        return norms + (None,)
+    step = z_new - z
+    d.copy_(step)
+    return norms + (_flat_dot(e, step),)
 
 
 def _fista_t(t, worse):
@@ -331,16 +339,12 @@ def _fista_t(t, worse):
     return t_next, (t - 1) / t_next
 
 
-def _fista_momentum_eager(z_new, z, t, worse, d, y_buf, d_ready: bool):
+def _fista_momentum(z_new, z, t, worse, d, y_buf, d_ready: bool):
+    # eager on both paths, like _cg_direction (one pass when d is ready; compiled it measured slower)
     t_next, coef = _fista_t(t, worse)
     if not d_ready:  # d = z_{k+1} - z_k was not written by the norms kernel (z_{k+1} may have been restarted)
         torch.sub(z_new, z, out=d)
     return torch.addcmul(z_new, _expand(coef, z), d, out=y_buf), t_next
-
-
-def _fista_momentum_fusable(z_new, z, t, worse, d, y_buf, d_ready: bool):
-    t_next, coef = _fista_t(t, worse)
-    return y_buf.copy_(z_new + _expand(coef, z) * (z_new - z)), t_next
 
 
 class _Kernel:
@@ -372,14 +376,17 @@ class _Kernel:
 
 
 class _Bookkeeping:
-    """The kernels a solver calls per iteration; :data:`_EAGER` or :data:`_FUSED` (``fused=True``)."""
+    """The kernels a solver calls per iteration; :data:`_EAGER` or :data:`_FUSED` (``fused=True``). Compiled
+    when fused: the multi-pass ones (the CG update: 4 dots and 2 axpys; FISTA's 3 norms and restart dot);
+    the single-pass ones (``cg_direction``, ``fista_momentum``) are the same eager functions on both paths."""
+
+    COMPILED = ("cg_update", "fista_norms")
 
     def __init__(self, fused: bool):
-        names = ("cg_update", "cg_direction", "fista_norms", "fista_momentum")
-        forms = ((_cg_update_eager, _cg_update_fusable), (_cg_direction, _cg_direction),
-                 (_fista_norms_eager, _fista_norms_fusable), (_fista_momentum_eager, _fista_momentum_fusable))
-        for name, (eager, fusable) in zip(names, forms):
+        forms = {"cg_update": (_cg_update_eager, _cg_update_fusable), "fista_norms": (_fista_norms_eager, _fista_norms_fusable)}
+        for name, (eager, fusable) in forms.items():
             setattr(self, name, _Kernel(name, eager, fusable) if fused else eager)
+        self.cg_direction, self.fista_momentum = _cg_direction, _fista_momentum
 
 
 _EAGER = _Bookkeeping(False)
@@ -435,8 +442,8 @@ def accelerated(
 ) -> tuple[torch.Tensor, SolverInfo]:
     """FISTA on the proximal-gradient step ``T`` with per-sample adaptive restart (module docstring).
 
-    ``fused=True`` (opt-in): the residual norms with the restart test's dot, and the momentum step, run as
-    two ``torch.compile``-d kernels (one pass each over the batch instead of ~7); same loop, checks and flags
+    ``fused=True`` (opt-in): the three residual norms and the restart test's dot run as one
+    ``torch.compile``-d kernel (one pass over the batch instead of five); same loop, checks and flags
     (:func:`solve_linear` says what compiling costs)."""
     K = _bookkeeping(fused)
     check_choice("restart", restart, ("objective", "gradient", "none"))
@@ -807,9 +814,9 @@ def solve_linear(
     by conjugate gradient from ``x0`` (default 0): the fixed point of ``T(x) = x + b - A x``, with the
     stopping rules of every solver. Returns ``(x, info)``; ``info.solver == "conjugate_gradient"``.
 
-    ``fused=True`` (opt-in): the per-iteration update (4 per-sample dots, 3 axpys) runs as two
-    ``torch.compile``-d kernels instead of ~10 eager passes; compiled once per shape, dtype and device
-    (seconds; a warning and the eager kernels where compilation is unavailable). The loop, its checks and
+    ``fused=True`` (opt-in): the per-iteration update (4 per-sample dots, 2 axpys) runs as one
+    ``torch.compile``-d kernel instead of 6 eager passes; compiled once per shape, dtype and device
+    (seconds to a minute on a CPU; a warning and the eager kernels where compilation is unavailable). The loop, its checks and
     its flags are the eager path's; only the arithmetic (round-off) differs."""
     _bookkeeping(fused)
     check_tensor("b", b, ndim=tuple(range(1, 9)), nonempty=True)
