@@ -9,7 +9,9 @@ fixed point; the residual column recomputes TorchDEQ's stricter form for every m
 Reports per method: median time of forward+backward, median backward time, forward/backward
 iterations, the residual reached (recomputed on the returned point), peak memory, and the ratio
 of our fastest to TorchDEQ's fastest (target: <= 0.4), in wall time and in CPU time
-(``time.process_time``, which a loaded machine distorts less).
+(``time.process_time``, which a loaded machine distorts less). One row runs the opt-in fused bookkeeping
+(``fused=True`` of :mod:`proxnets.solvers`, forward and adjoint): its kernels are compiled by an untimed first step
+(wall time printed, cold compiler cache) and its ratios to TorchDEQ's fastest and to its eager twin are printed.
 
 Also, in the same run: the joint deep OptEq (:class:`~proxnets.equilibrium.deep.DeepOptEq`, L dense layers of
 width n, the bound ``|W|_2 = 0.97`` active) against one dense OptEq layer of width n, forward to 1e-4 plus
