@@ -9,7 +9,9 @@ fixed point; the residual column recomputes TorchDEQ's stricter form for every m
 Reports per method: median time of forward+backward, median backward time, forward/backward
 iterations, the residual reached (recomputed on the returned point), peak memory, and the ratio
 of our fastest to TorchDEQ's fastest (target: <= 0.4), in wall time and in CPU time
-(``time.process_time``, which a loaded machine distorts less).
+(``time.process_time``, which a loaded machine distorts less). One row runs the opt-in fused bookkeeping
+(``fused=True`` of :mod:`proxnets.solvers`, forward and adjoint): its kernels are compiled by an untimed first step
+(wall time printed, cold compiler cache) and its ratios to TorchDEQ's fastest and to its eager twin are printed.
 
 Also, in the same run: the joint deep OptEq (:class:`~proxnets.equilibrium.deep.DeepOptEq`, L dense layers of
 width n, the bound ``|W|_2 = 0.97`` active) against one dense OptEq layer of width n, forward to 1e-4 plus
@@ -34,6 +36,8 @@ one step split into map applications and the rest, forward and backward, ours an
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 import warnings
 
@@ -68,9 +72,11 @@ def _trained_layer(ds, steps: int, seed: int) -> tuple[OptEqConv2d, torch.nn.Mod
     return block, model.stem
 
 
-def _run_ours(layer: OptEqConv2d, x: torch.Tensor, c: torch.Tensor, solver: str, options: dict, backward_solver: str):
-    layer.solver, layer.solver_options = solver, options
-    layer.backward_config.solver, layer.backward_config.options = backward_solver, {}
+def _run_ours(layer: OptEqConv2d, x: torch.Tensor, c: torch.Tensor, solver: str, options: dict, backward_solver: str,
+              fused: bool = False):
+    layer.solver, layer.solver_options = solver, dict(options, fused=True) if fused else options
+    layer.backward_config.solver = backward_solver
+    layer.backward_config.options = {"fused": True} if fused else {}
     layer.backward_config.tol, layer.backward_config.max_iter = TOL, MAX_ITER
     params = list(layer.parameters())
 
@@ -165,20 +171,28 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
     torch.manual_seed(1)
     with torch.no_grad():
         c = torch.randn_like(layer.injection(x))
-    runs = {}
-    for solver, backward_solver in [("safeguarded_anderson", "conjugate_gradient"), ("accelerated", "conjugate_gradient"),
-                                    ("anderson", "conjugate_gradient"),
-                                    ("accelerated", "accelerated"), ("anderson", "anderson"),
-                                    ("fixed_point", "fixed_point")]:
-        runs[f"ours:{solver}/{backward_solver}"] = _run_ours(layer, x, c, solver, {}, backward_solver)
+    runs, configs = {}, {}
+    for solver, backward_solver, fused in [
+            ("safeguarded_anderson", "conjugate_gradient", False), ("accelerated", "conjugate_gradient", False),
+            ("accelerated", "conjugate_gradient", True), ("anderson", "conjugate_gradient", False),
+            ("accelerated", "accelerated", False), ("anderson", "anderson", False), ("fixed_point", "fixed_point", False)]:
+        name = f"ours:{solver}/{backward_solver}" + (" fused" if fused else "")
+        configs[name] = (solver, {}, backward_solver, fused)
+        runs[name] = _run_ours(layer, x, c, *configs[name])
     if have_torchdeq:
         for solver in ("anderson", "fixed_point_iter"):
             runs[f"torchdeq:{solver}"] = _run_torchdeq(layer, x, c, solver)
+    for name, config in configs.items():  # compile the fused kernels before anything is timed
+        if config[3]:
+            _run_ours(layer, x, c, *config)
+            t0 = time.perf_counter()
+            runs[name][1]()
+            print(f"{title}: {name}: first step (torch.compile of the kernels at this shape, cold cache) "
+                  f"{time.perf_counter() - t0:.1f} s wall; excluded from the timed rounds")
     rows = []
     for name, (forward, step, info_fn) in runs.items():
-        if name.startswith("ours"):  # the layer's solver settings are per run: set them again
-            solver, backward_solver = name[5:].split("/")
-            _run_ours(layer, x, c, solver, {}, backward_solver)
+        if name in configs:  # the layer's solver settings are per run: set them again
+            _run_ours(layer, x, c, *configs[name])
         row = _describe(name, forward, step, info_fn, layer, x)
         if name.startswith("torchdeq"):
             row["backward_iters"] = _torchdeq_backward_iters(layer, x, c, name.split(":")[1])
@@ -186,9 +200,8 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
 
     def bind(name, fn):
         def call():
-            if name.startswith("ours"):
-                solver, backward_solver = name[5:].split("/")
-                _run_ours(layer, x, c, solver, {}, backward_solver)
+            if name in configs:
+                _run_ours(layer, x, c, *configs[name])
             return fn()
         return call
 
@@ -217,6 +230,12 @@ def bench_regime(title, layer, x, repeats, have_torchdeq):
         best_cpu = min(r["cpu_ms"] for r in theirs)
         print(f"{title}: CPU-time ratio ours' fastest / TorchDEQ's fastest {ours_cpu / best_cpu:.2f}x "
               f"({ours_cpu:.1f} vs {best_cpu:.1f} ms)")
+        eager_cpu = min(r["cpu_ms"] for r in rows if r["method"].startswith("ours") and "fused" not in r["method"])
+        fused_cpu = {r["method"]: r["cpu_ms"] for r in rows if "fused" in r["method"]}
+        for name, ms in fused_cpu.items():
+            twin = cpu[name.replace(" fused", "")] * 1e3
+            print(f"{title}: CPU-time ratio {name} / TorchDEQ's fastest {ms / best_cpu:.2f}x; ours' fastest eager "
+                  f"{eager_cpu / best_cpu:.2f}x; fused / its eager twin {ms / twin:.2f}x ({ms:.1f} vs {twin:.1f} ms)")
     return rows
 
 
@@ -319,19 +338,20 @@ def bench_breakdown(title, layer, x, repeats, have_torchdeq) -> None:
     with torch.no_grad():
         c = torch.randn_like(layer.injection(x))
     params = list(layer.parameters())
-    methods = {f"ours:{s}/conjugate_gradient": _run_ours(layer, x, c, s, {}, "conjugate_gradient")
-               for s in ("safeguarded_anderson", "accelerated")}
+    configs = {f"ours:{s}/conjugate_gradient" + (" fused" if f else ""): (s, {}, "conjugate_gradient", f)
+               for s, f in (("safeguarded_anderson", False), ("accelerated", False), ("accelerated", True))}
+    methods = {name: _run_ours(layer, x, c, *config) for name, config in configs.items()}
     if have_torchdeq:
         methods.update({f"torchdeq:{s}": _run_torchdeq(layer, x, c, s) for s in ("fixed_point_iter", "anderson")})
 
     def configure(name):
-        if name.startswith("ours"):
-            solver, backward_solver = name[5:].split("/")
-            _run_ours(layer, x, c, solver, {}, backward_solver)
+        if name in configs:
+            _run_ours(layer, x, c, *configs[name])
 
     counts, times = {}, {n: {"fwd": [], "bwd": []} for n in methods}
-    for name, (forward, _, _) in methods.items():
+    for name, (forward, step, _) in methods.items():
         configure(name)
+        step()  # the fused kernels compile here, untimed
         counts[name] = _conv_counts(forward, params, c)
     with torch.no_grad():
         T = layer.fixed_point_map(layer.injection(x), layer.W.weight)
@@ -481,6 +501,8 @@ def main(argv=None):
             bench_baselines(rows=args.rows)
         return
     warnings.simplefilter("default")
+    # the compile time of the fused rows is printed cold: a fresh compiler cache for this run
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_opteq_compile_"))
     try:
         import torchdeq  # noqa: F401
 

@@ -8,7 +8,7 @@ import torch
 from proxnets.equilibrium.implicit import BackwardConfig, equilibrium
 from proxnets.equilibrium.layers import OptEq
 from proxnets.solvers import (
-    ADJOINT_SOLVERS, SOLVERS, STOP_REASONS, SolverInfo, anderson, check_solver_options, conjugate_gradient, fixed_point,
+    ADJOINT_SOLVERS, SOLVERS, STOP_REASONS, SolverInfo, accelerated, anderson, check_solver_options, conjugate_gradient, fixed_point,
     register_solver, relative_residual, safeguarded_anderson, solve, solve_linear, solver_options,
 )
 from proxnets.utils.convergence import NonConvergenceWarning
@@ -126,7 +126,7 @@ def test_unknown_option_raises_with_the_valid_list():
         check_solver_options("fixed_point", {"restart": "gradient"})
     with pytest.raises(ValueError, match="solver: expected one of"):
         solve("broyden", lambda z: z, torch.zeros(1, 2))
-    assert solver_options(SOLVERS["accelerated"]) == ("divergence", "restart")
+    assert solver_options(SOLVERS["accelerated"]) == ("divergence", "restart", "fused")
 
 
 def test_register_solver_round_trip():
@@ -311,3 +311,161 @@ def test_safeguarded_anderson_returns_the_output_of_its_last_evaluation():
 
     z, info = safeguarded_anderson(spy, torch.zeros(3, 6), tol=1e-5, max_iter=100)
     assert info.converged and z is seen["out"]
+
+
+# --- fused bookkeeping (``fused=True``): the same loop with compiled arithmetic kernels --------------------
+# Claim (project, docs/opteq.md "Benchmark"): the fused path runs the eager path's iteration, so on a fixed
+# problem it takes the same number of iterations, ends with the same flags and returns the same point up to
+# float32 round-off (FUSED_RTOL relative). Broken variant: a fused kernel with a sign flipped fails the same check.
+# The default run checks the fused kernels' arithmetic and the loop's wiring with the kernels run uncompiled
+# (``uncompiled_fused``: no compile cost); the slow tests compile them (tiny shapes, still ~10-40 s cold).
+FUSED_RTOL = 1e-4
+
+
+@pytest.fixture
+def uncompiled_fused(monkeypatch):
+    """A fresh fused kernel set whose "compiled" forms are the fusable functions themselves, run eagerly."""
+    import proxnets.solvers as S
+
+    kernels = S._Bookkeeping(True)
+    for name in S._Bookkeeping.COMPILED:
+        kernel = getattr(kernels, name)
+        kernel.compiled = kernel.fusable
+    monkeypatch.setattr(S, "_FUSED", kernels)
+    return kernels
+
+
+def _spd32(n=12, seed=0, cond=30.0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.logspace(0, float(torch.log10(torch.tensor(cond))), n, dtype=torch.float64)) @ q.T
+    return a.float(), torch.randn(3, n, generator=g)
+
+
+def _same_run(i0, i1) -> bool:
+    return (i0.iterations, i0.stop_reason, i0.converged, i0.diverged, i0.restarts) == (
+        i1.iterations, i1.stop_reason, i1.converged, i1.diverged, i1.restarts)
+
+
+def _agree(run, tol=FUSED_RTOL) -> bool:
+    """Fused and eager runs of ``run(fused) -> (z, info)``: same iterations, flags and stop, same point."""
+    (z0, i0), (z1, i1) = run(False), run(True)
+    scale = z0.abs().max().clamp_min(1e-30)
+    return _same_run(i0, i1) and bool(torch.isfinite(z1).all()) and float((z1 - z0).abs().max() / scale) <= tol
+
+
+def _cg_run(fused):
+    a, b = _spd32()
+    return solve_linear(lambda v: v @ a, b, tol=1e-6, max_iter=100, fused=fused)
+
+
+def _fista_run(fused, restart="gradient"):
+    T, _, _ = _contraction()
+    return solve("accelerated", T, torch.zeros(3, 6), tol=1e-6, max_iter=500, restart=restart, fused=fused,
+                 objective=(lambda z: (z * z).sum(1)) if restart == "objective" else None)
+
+
+def _broken_cg_update(x, r, p, ap, rs):  # x -= alpha p instead of x += alpha p
+    import proxnets.solvers as S
+
+    pap, rs_new, *_ = S._cg_update_fusable(x, r, p, ap, rs)
+    x.addcmul_(S._expand(rs / pap.clamp_min(1e-30), x), p, value=-2.0)
+    return (pap, rs_new) + S._cg_norms(rs_new, S._flat_dot(x, x), S._flat_dot(x, r))
+
+
+def _broken_norms(y, z_new, z, diff, d, gradient):  # <z_{k+1} - y_k, ...>: the restart test's sign flipped
+    import proxnets.solvers as S
+
+    norms = S._fista_norms_fusable(y, z_new, z, diff, d, gradient)
+    return norms[:3] + ((-norms[3],) if gradient else (None,))
+
+
+def _fused_claims(kernels) -> None:
+    """Every check of the fused path; shapes shared, so each kernel compiles once per restart mode."""
+    a, b = _spd32()
+    assert _agree(_cg_run)
+    x, info = _cg_run(True)
+    assert info.converged and info.iterations > 3 and torch.allclose(x @ a, b, atol=1e-4)
+    # the conjugate_gradient entry point (the affine fixed-point form) too
+    assert _agree(lambda f: conjugate_gradient(lambda z: z - z @ a + b, torch.zeros(3, 12), tol=1e-6, max_iter=100,
+                                               fused=f))
+    # failures are reported as by the eager path: non-finite map, indefinite system, budget
+    for A, tol, cap in ((lambda v: v @ a * float("nan"), 1e-6, 20), (lambda v: v @ torch.diag(torch.linspace(-1, 2, 12)),
+                                                                      1e-6, 50), (lambda v: v @ a, 1e-12, 3)):
+        (_, i0), (_, i1) = (solve_linear(A, b, tol=tol, max_iter=cap, fused=f) for f in (False, True))
+        assert _same_run(i0, i1) and not i1.converged and i1.stop_reason != "tol"
+        assert i1.diverged == (i1.stop_reason in ("nonfinite", "diverged"))
+    for restart in ("gradient", "objective", "none"):
+        assert _agree(lambda f: _fista_run(f, restart))
+        z, info = _fista_run(True, restart)
+        assert info.converged and (restart == "none" or info.restarts > 0)
+    # relu(1.5 z + 1) has no fixed point and grows geometrically; z + inf is not finite
+    for T, z0 in ((lambda z: torch.relu(1.5 * z + 1.0), torch.zeros(3, 6)), (lambda z: z + float("inf"), torch.ones(3, 6))):
+        (_, i0), (z1, i1) = (accelerated(T, z0, tol=1e-6, max_iter=200, fused=f) for f in (False, True))
+        assert _same_run(i0, i1) and not i1.converged and i1.diverged and torch.isfinite(z1).all()
+    with pytest.raises(TypeError, match="fused: expected a bool"):
+        solve_linear(lambda v: v @ a, b, fused="yes")
+    # broken variants: a wrong sign in a fused axpy fails the agreement check
+    for name, broken, run in (("cg_update", _broken_cg_update, _cg_run), ("fista_norms", _broken_norms, _fista_run)):
+        kernel = getattr(kernels, name)
+        intact, kernel.compiled = kernel.compiled, broken
+        try:
+            assert not _agree(run)
+        finally:
+            kernel.compiled = intact
+
+
+def test_fused_kernels_run_the_eager_iteration_and_broken_kernels_fail(uncompiled_fused):
+    _fused_claims(uncompiled_fused)
+
+
+@pytest.mark.slow
+def test_fused_kernels_compiled_run_the_eager_iteration_and_broken_kernels_fail():
+    import proxnets.solvers as S
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a silent fallback to eager would make this vacuous
+        _fused_claims(S._FUSED)
+    for name in S._Bookkeeping.COMPILED:
+        kernel = getattr(S._FUSED, name)
+        assert kernel.failure is None and kernel.compiled is not kernel.fusable
+    assert S._FUSED.cg_direction is S._cg_direction
+
+
+def test_fused_falls_back_to_eager_with_a_warning_when_compilation_fails(monkeypatch):
+    import proxnets.solvers as S
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(S, "_FUSED", S._Bookkeeping(True))
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the 'cg_update' kernel failed.*no C\\+\\+ compiler"):
+        x1, i1 = _cg_run(True)
+    x0, i0 = _cg_run(False)
+    assert torch.equal(x0, x1) and i0.residuals == i1.residuals and S._FUSED.cg_update.failure
+
+
+def test_fused_options_reach_the_opteq_layer_and_give_the_eager_gradient(uncompiled_fused):
+    from proxnets.equilibrium.layers import OptEqConv2d
+
+    calls = {}
+    for name in ("cg_update", "fista_norms"):
+        kernel = getattr(uncompiled_fused, name)
+        kernel.compiled = lambda *a, _f=kernel.fusable, _n=name: (calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(*a))[1]
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        layer = OptEqConv2d(2, 3, (5, 5), solver="accelerated", solver_options={"fused": fused},
+                            backward_options={"fused": fused}, tol=1e-6, max_iter=300, policy="raise").eval()
+        x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+        z = layer(x)
+        grads = torch.autograd.grad((z * torch.linspace(-1, 1, z.numel()).reshape(z.shape)).sum(), list(layer.parameters()))
+        info = layer.last_info
+        results.append((z.detach(), grads, (info.iterations, info.backward.iterations, info.converged)))
+    (z0, g0, it0), (z1, g1, it1) = results
+    assert it0 == it1 and it1[2] and calls.get("cg_update", 0) >= it1[1] - 1 and calls.get("fista_norms", 0) >= it1[0]
+    assert torch.allclose(z0, z1, rtol=1e-4, atol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g0, g1))
+    with pytest.raises(ValueError, match="fused"):
+        OptEqConv2d(2, 3, (5, 5), backward_solver="anderson", backward_options={"fused": True})

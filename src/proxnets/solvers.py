@@ -65,6 +65,12 @@ Solvers (:data:`SOLVERS`; :data:`ADJOINT_SOLVERS` adds conjugate gradient for af
 ``conjugate_gradient``  CG on ``(I - M) z = c`` for an affine ``T(z) = M z + c`` with ``I - M`` symmetric
                  positive definite; :func:`solve_linear` is the same loop on ``A x = b``.
 
+Fused bookkeeping (opt-in option ``fused=True`` of ``accelerated``, ``conjugate_gradient`` and
+:func:`solve_linear`): the per-iteration dots, norms and axpys run as ``torch.compile``-d kernels (compiled
+once per shape, dtype and device, seconds to a minute on a CPU; ``torch._dynamo``'s recompile limit applies
+to many shapes), with a warning and the eager kernels where compilation fails. The loop, the monitor and the
+flags are the eager path's; results agree to round-off (``_Bookkeeping``).
+
 New solvers: :func:`register_solver` (their options are read from their signatures).
 """
 
@@ -73,6 +79,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -256,6 +263,142 @@ def _track(info: SolverInfo, objective: Objective | None, z: torch.Tensor) -> No
             info.objectives.append(float(objective(z).mean()))
 
 
+# --- the per-iteration bookkeeping: eager kernels and their fused (torch.compile) twins ----------------
+# What the solvers do per iteration besides evaluating T is a few memory-bound passes over batch-sized
+# tensors (dots, norms, axpys). Run eagerly, each pass is one dispatched op that reads and writes the whole
+# batch; ``fused=True`` runs the same arithmetic as compiled functions that do it in fewer passes. Only these
+# kernels differ between the two paths: the loops that call them, the monitor (finiteness, convergence
+# flags, divergence and stopping rules) and what is reported are one code. The fused twins compute the same
+# quantities up to float round-off (sums in another order); the tests compare both paths on fixed problems.
+
+
+def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product in a form the compiler fuses (``vecdot`` is one opaque op)."""
+    return (a * b).reshape(a.shape[0], -1).sum(dim=1)
+
+
+def _cg_norms(rs, xx, xr):
+    """``(|r|, |x + r|, |x|)`` from ``<r, r>, <x, x>, <x, r>``: what the monitor checks (``T(x) = x + r``);
+    ``|x + r|^2 = |x|^2 + 2 <x, r> + |r|^2``, without a batch-sized temporary."""
+    return rs.sqrt(), (xx + 2 * xr + rs).clamp_min(0).sqrt(), xx.sqrt()
+
+
+def _cg_update_eager(x, r, p, ap, rs):
+    pap = _batch_dot(p, ap)
+    alpha = _expand(rs / pap.clamp_min(1e-30), x)
+    x.addcmul_(alpha, p)
+    r.addcmul_(alpha, ap, value=-1.0)
+    rs_new = _batch_dot(r, r)
+    return (pap, rs_new) + _cg_norms(rs_new, _batch_dot(x, x), _batch_dot(x, r))
+
+
+def _cg_update_fusable(x, r, p, ap, rs):
+    pap = _flat_dot(p, ap)
+    alpha = _expand(rs / pap.clamp_min(1e-30), x)
+    x.addcmul_(alpha, p)
+    r.addcmul_(alpha, ap, value=-1.0)
+    rs_new = _flat_dot(r, r)
+    return (pap, rs_new) + _cg_norms(rs_new, _flat_dot(x, x), _flat_dot(x, r))
+
+
+def _cg_direction(p, r, rs_new, rs):
+    # eager on both paths: one pass already, and compiled it is slower (the compiled call's guard checks cost
+    # more than the pass; measured, docs/opteq.md); in one graph with the update above the CPU code generator
+    # of torch 2.13 fails (a reduction read by an in-place write after another reduction)
+    p.mul_(_expand(rs_new / rs.clamp_min(1e-30), p)).add_(r)
+
+
+def _fista_norms_eager(y, z_new, z, diff, d, gradient: bool):
+    """``|y - z_{k+1}|, |z_{k+1}|, |y|`` and, for the gradient restart, ``<y - z_{k+1}, z_{k+1} - z_k>``
+    (writing ``d = z_{k+1} - z_k``, which the momentum step reads)."""
+    torch.sub(y, z_new, out=diff)
+    norms = (_norms(diff), _norms(z_new), _norms(y))
+    if not gradient:
+        return norms + (None,)
+    torch.sub(z_new, z, out=d)
+    return norms + (_batch_dot(diff, d),)
+
+
+def _fista_norms_fusable(y, z_new, z, diff, d, gradient: bool):
+    # |y - T(y)|, |T(y)|, |y| and <y - z_{k+1}, z_{k+1} - z_k> in one pass; like the eager form it leaves
+    # d = z_{k+1} - z_k for the momentum step (diff, which nothing reads later, is not written)
+    e = y - z_new
+    norms = (_flat_dot(e, e).sqrt(), _flat_dot(z_new, z_new).sqrt(), _flat_dot(y, y).sqrt())
+    if not gradient:
+        return norms + (None,)
+    step = z_new - z
+    d.copy_(step)
+    return norms + (_flat_dot(e, step),)
+
+
+def _fista_t(t, worse):
+    """``t`` reset to 1 where the sample restarts, ``t_{k+1} = (1 + sqrt(1 + 4 t^2)) / 2`` and the momentum
+    coefficient ``(t - 1) / t_{k+1}``."""
+    t = torch.where(worse, torch.ones_like(t), t)
+    t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+    return t_next, (t - 1) / t_next
+
+
+def _fista_momentum(z_new, z, t, worse, d, y_buf, d_ready: bool):
+    # eager on both paths, like _cg_direction (one pass when d is ready; compiled it measured slower)
+    t_next, coef = _fista_t(t, worse)
+    if not d_ready:  # d = z_{k+1} - z_k was not written by the norms kernel (z_{k+1} may have been restarted)
+        torch.sub(z_new, z, out=d)
+    return torch.addcmul(z_new, _expand(coef, z), d, out=y_buf), t_next
+
+
+class _Kernel:
+    """One bookkeeping kernel: its eager form and the form compiled when ``fused`` (once per input shape,
+    dtype and device: ``torch.compile(dynamic=False)`` caches the compiled code behind guards). If compiling
+    or running the compiled code raises (no C++ compiler, a device the compiler does not support), the kernel
+    warns once and uses its eager form from then on. Under autograd (an input that requires a gradient) the
+    eager form runs: the compiled kernels write into their inputs in place."""
+
+    def __init__(self, name: str, eager: Callable, fusable: Callable):
+        self.name, self.eager, self.fusable = name, eager, fusable
+        self.compiled: Callable | None = None
+        self.failure: str | None = None
+
+    def __call__(self, *args):
+        if self.failure is not None or (torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            return self.eager(*args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fusable, dynamic=False, fullgraph=True)
+            return self.compiled(*args)
+        except Exception as err:  # noqa: BLE001 -- any compiler failure: fall back, loudly, once
+            self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(f"proxnets.solvers: fused=True, but torch.compile of the {self.name!r} kernel failed "
+                          f"({self.failure}); the eager kernel runs instead (same results, unfused)",
+                          RuntimeWarning, stacklevel=3)
+            return self.eager(*args)
+
+
+class _Bookkeeping:
+    """The kernels a solver calls per iteration; :data:`_EAGER` or :data:`_FUSED` (``fused=True``). Compiled
+    when fused: the multi-pass ones (the CG update: 4 dots and 2 axpys; FISTA's 3 norms and restart dot);
+    the single-pass ones (``cg_direction``, ``fista_momentum``) are the same eager functions on both paths."""
+
+    COMPILED = ("cg_update", "fista_norms")
+
+    def __init__(self, fused: bool):
+        forms = {"cg_update": (_cg_update_eager, _cg_update_fusable), "fista_norms": (_fista_norms_eager, _fista_norms_fusable)}
+        for name, (eager, fusable) in forms.items():
+            setattr(self, name, _Kernel(name, eager, fusable) if fused else eager)
+        self.cg_direction, self.fista_momentum = _cg_direction, _fista_momentum
+
+
+_EAGER = _Bookkeeping(False)
+_FUSED = _Bookkeeping(True)
+
+
+def _bookkeeping(fused: bool) -> _Bookkeeping:
+    if not isinstance(fused, bool):
+        fail("fused", "a bool", fused, TypeError)
+    return _FUSED if fused else _EAGER
+
+
 def fixed_point(
     T: Map,
     z0: torch.Tensor,
@@ -295,8 +438,14 @@ def accelerated(
     objective: Objective | None = None,
     divergence: float = DIVERGENCE,
     restart: str = "gradient",
+    fused: bool = False,
 ) -> tuple[torch.Tensor, SolverInfo]:
-    """FISTA on the proximal-gradient step ``T`` with per-sample adaptive restart (module docstring)."""
+    """FISTA on the proximal-gradient step ``T`` with per-sample adaptive restart (module docstring).
+
+    ``fused=True`` (opt-in): the three residual norms and the restart test's dot run as one
+    ``torch.compile``-d kernel (one pass over the batch instead of five); same loop, checks and flags
+    (:func:`solve_linear` says what compiling costs)."""
+    K = _bookkeeping(fused)
     check_choice("restart", restart, ("objective", "gradient", "none"))
     if restart == "objective" and objective is None:
         fail("objective", 'a callable z -> (B,) when restart="objective"', None)
@@ -309,9 +458,13 @@ def accelerated(
     forced = torch.zeros_like(t, dtype=torch.bool)  # samples whose step is a plain step from z_k
     if g_z is not None:
         info.objectives.append(float(g_z.mean()))
+    gradient = restart == "gradient"
     for _ in range(max_iter):
         z_new = _fresh(T(y), y_buf)
-        done = mon.check(y, z_new, out=diff)  # diff = y_k - z_{k+1}
+        # |y_k - z_{k+1}|, |z_{k+1}|, |y_k| and (gradient restart) <y_k - z_{k+1}, z_{k+1} - z_k>
+        with torch.no_grad():
+            dn, tzn, yn, gdot = K.fista_norms(y.detach(), z_new.detach(), z.detach(), diff, d, gradient)
+        done = mon.check_norms(dn, tzn, yn, z_new)
         if mon.nonfinite:
             break  # z: the last finite iterate
         if done:
@@ -327,16 +480,14 @@ def accelerated(
             # keep z_k where G went up: the next step is then a plain prox-gradient step from z_k
             z_new = torch.where(_expand(worse, z), z, z_new)
             g_z = torch.where(worse, g_z, g_new)
-        torch.sub(z_new, z, out=d)  # z_{k+1} - z_k
-        if restart == "gradient":
-            worse = _batch_dot(diff, d) > 0  # <y_k - z_{k+1}, z_{k+1} - z_k> > 0
+        if gradient:
+            worse = gdot > 0  # <y_k - z_{k+1}, z_{k+1} - z_k> > 0
         elif restart == "none":
             worse = torch.zeros_like(t, dtype=torch.bool)
         info.restarts += int(worse.sum())
-        t = torch.where(worse, torch.ones_like(t), t)
-        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-        y = torch.addcmul(z_new, _expand((t - 1) / t_next, z), d, out=y_buf)  # z_{k+1} + mom (z_{k+1} - z_k)
-        z, t = z_new, t_next
+        # t restarted where worse, then y = z_{k+1} + (t_k - 1) / t_{k+1} (z_{k+1} - z_k)
+        y, t = K.fista_momentum(z_new, z, t, worse, d, y_buf, gradient)
+        z = z_new
         if objective is not None:
             info.objectives.append(float((g_z if restart == "objective" else objective(z)).mean()))
     return z, mon.finish()
@@ -581,31 +732,29 @@ def halpern(
     return tz, mon.finish()
 
 
-def _cg_loop(apply: Map, x: torch.Tensor, r: torch.Tensor, mon: _Monitor, max_iter: int, want_estimate: bool) -> torch.Tensor:
+def _cg_loop(apply: Map, x: torch.Tensor, r: torch.Tensor, mon: _Monitor, max_iter: int, want_estimate: bool,
+             fused: bool = False) -> torch.Tensor:
     """Conjugate gradient on ``A x = b`` from ``x`` with residual ``r = b - A x`` (``A = apply``, SPD).
 
     In fixed-point form ``T(x) = x + r`` (``d = |r|``, scale ``max(|x + r|, |x|)``), so the monitor's rules
     are those of every solver; ``<p, A p> <= 0`` (A not positive definite) ends the run as diverged.
-    The one CG loop of the project: :func:`conjugate_gradient` and :func:`solve_linear` call it.
+    The one CG loop of the project: :func:`conjugate_gradient` and :func:`solve_linear` call it; ``fused``
+    swaps the arithmetic kernels only (:class:`_Bookkeeping`).
     """
+    K = _bookkeeping(fused)
     p = r.clone()
     rs = _batch_dot(r, r)
+    norms = _cg_norms(rs, _batch_dot(x, x), _batch_dot(x, r))  # |r|, |x + r|, |x|
     broke = None
     for _ in range(max_iter):
-        xx, xr = _batch_dot(x, x), _batch_dot(x, r)
-        # |x + r|^2 = |x|^2 + 2 <x, r> + |r|^2, without a batch-sized temporary
-        tz_norm = (xx + 2 * xr + rs).clamp_min(0).sqrt()
         estimate = x + r if want_estimate else None
-        if mon.check_norms(rs.sqrt(), tz_norm, xx.sqrt(), estimate, broke):
+        if mon.check_norms(*norms, estimate, broke):
             break
         ap = _fresh(apply(p), p, x, r)
-        pap = _batch_dot(p, ap)
+        # x += alpha p, r -= alpha A p (alpha = <r, r> / <p, A p>); the norms of the next check come with it
+        pap, rs_new, *norms = K.cg_update(x, r, p, ap, rs)
         broke = ((pap <= 0) & (rs > 0)).any()  # p = 0 exactly where r = 0 (a solved sample)
-        alpha = _expand(rs / pap.clamp_min(1e-30), x)
-        x.addcmul_(alpha, p)
-        r.addcmul_(alpha, ap, value=-1.0)
-        rs_new = _batch_dot(r, r)
-        p.mul_(_expand(rs_new / rs.clamp_min(1e-30), p)).add_(r)
+        K.cg_direction(p, r, rs_new, rs)  # p = r + (<r_new, r_new> / <r, r>) p
         rs = rs_new
     return x
 
@@ -619,6 +768,7 @@ def conjugate_gradient(
     callback: Callable | None = None,
     objective: Objective | None = None,
     divergence: float = DIVERGENCE,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, SolverInfo]:
     """Conjugate gradient on ``(I - M) z = c`` for an *affine* ``T(z) = M z + c`` with ``M`` symmetric
     and ``I - M`` positive definite (e.g. ``|M|_2 < 1``), per sample of the batch.
@@ -627,8 +777,10 @@ def conjugate_gradient(
     ``r = T(z) - z`` is updated by the CG recurrence (exact for affine ``T`` up to round-off; for a
     nonlinear ``T`` the recurrence is meaningless, so CG is only in :data:`ADJOINT_SOLVERS`). It is the
     optimal Krylov method for this system, and the symmetrized adjoint of OptEq
-    (:meth:`proxnets.equilibrium.layers.OptEqBase.attach_implicit`) has exactly this form.
+    (:meth:`proxnets.equilibrium.layers.OptEqBase.attach_implicit`) has exactly this form. ``fused=True``
+    runs the per-iteration dots and axpys as compiled kernels (see :func:`solve_linear`).
     """
+    _bookkeeping(fused)
     mon = _Monitor("conjugate_gradient", z0, tol, callback, divergence, max_iter)
     c = T(torch.zeros_like(z0))
     x = z0.clone()
@@ -642,7 +794,7 @@ def conjugate_gradient(
         # (I - M) p = p - (T(p) - c), in place on T's output unless T handed back p or c itself
         return _fresh(T(p), p, c).sub_(c).neg_().add_(p)
 
-    x = _cg_loop(apply, x, r, mon, max_iter, callback is not None)
+    x = _cg_loop(apply, x, r, mon, max_iter, callback is not None, fused)
     _track(mon.info, objective, x + r)
     return x.add_(r), mon.finish()
 
@@ -656,17 +808,24 @@ def solve_linear(
     max_iter: int = 200,
     callback: Callable | None = None,
     divergence: float = DIVERGENCE,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, SolverInfo]:
     """Solve ``A x = b`` per sample for a symmetric positive definite ``A`` (a map ``(B, ...) -> (B, ...)``)
     by conjugate gradient from ``x0`` (default 0): the fixed point of ``T(x) = x + b - A x``, with the
-    stopping rules of every solver. Returns ``(x, info)``; ``info.solver == "conjugate_gradient"``."""
+    stopping rules of every solver. Returns ``(x, info)``; ``info.solver == "conjugate_gradient"``.
+
+    ``fused=True`` (opt-in): the per-iteration update (4 per-sample dots, 2 axpys) runs as one
+    ``torch.compile``-d kernel instead of 6 eager passes; compiled once per shape, dtype and device
+    (seconds to a minute on a CPU; a warning and the eager kernels where compilation is unavailable). The loop, its checks and
+    its flags are the eager path's; only the arithmetic (round-off) differs."""
+    _bookkeeping(fused)
     check_tensor("b", b, ndim=tuple(range(1, 9)), nonempty=True)
     if x0 is not None:
         check_tensor("x0", x0, shape=tuple(b.shape), like=b)
     mon = _Monitor("conjugate_gradient", b, tol, callback, divergence, max_iter)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b.clone() if x0 is None else b - A(x)
-    x = _cg_loop(A, x, r, mon, max_iter, callback is not None)
+    x = _cg_loop(A, x, r, mon, max_iter, callback is not None, fused)
     return x, mon.finish()
 
 

@@ -72,7 +72,8 @@ class OptEqBase(nn.Module):
     ``activation_options``, ``l1`` (prior weight >= 0), ``target_norm`` in (0, 1), ``solver`` and
     ``solver_options``, ``tol`` > 0, ``max_iter``, ``backward`` in {"implicit", "phantom",
     "unrolled"} with ``backward_solver`` (default: conjugate gradient on the symmetrized adjoint,
-    Anderson when f has no closed-form prox derivative), ``backward_tol``/``backward_max_iter``, ``warm_start``
+    Anderson when f has no closed-form prox derivative) and its ``backward_options`` (e.g. ``{"fused": True}``,
+    :func:`proxnets.solvers.solve_linear`), ``backward_tol``/``backward_max_iter``, ``warm_start``
     (start from the previous batch's equilibrium when shapes match), ``policy`` for
     non-convergence, ``track_objective`` (record ``G`` along the iterations), ``power_iterations``
     (per training forward, for the norm bound), ``eps`` in [0, 1) with ``anchor`` (equilibrium selection,
@@ -94,6 +95,7 @@ class OptEqBase(nn.Module):
         max_iter: int = 100,
         backward: str = "implicit",
         backward_solver: str | None = None,
+        backward_options: dict | None = None,
         backward_tol: float | None = None,
         backward_max_iter: int | None = None,
         warm_start: bool = False,
@@ -132,6 +134,7 @@ class OptEqBase(nn.Module):
             solver=backward_solver,
             tol=self.tol if backward_tol is None else backward_tol,
             max_iter=self.max_iter if backward_max_iter is None else backward_max_iter,
+            options=backward_options,
         )
         if not isinstance(warm_start, bool):
             fail("warm_start", "a bool", warm_start, TypeError)
@@ -366,7 +369,7 @@ class OptEqBase(nn.Module):
                 msh = self.linear_part(torch.mul(s, h, out=sh), w)
                 return torch.addcmul(h, msh, s, value=-1.0, out=msh)
 
-            h, binfo = solve_linear(A, sv, tol=cfg.tol, max_iter=cfg.max_iter)
+            h, binfo = solve_linear(A, sv, tol=cfg.tol, max_iter=cfg.max_iter, **cfg.options)  # e.g. fused=True
         else:
             def H(h: torch.Tensor) -> torch.Tensor:  # s M (s h) + s v
                 return self.linear_part(s * h, w).mul_(s).add_(sv)
@@ -478,7 +481,7 @@ class OptEq(OptEqBase):
     Keywords (all of :class:`OptEqBase`): ``activation`` (a name of :data:`~proxnets.equilibrium.prox.PROX_ACTIVATIONS`
     or a :class:`~proxnets.equilibrium.prox.ProxActivation`) with ``activation_options``, ``l1`` (L1 prior),
     ``target_norm`` (``|W|_2`` bound in (0, 1)), ``solver``/``solver_options``/``tol``/``max_iter`` (forward),
-    ``backward`` (``"implicit" | "phantom" | "unrolled"``) with ``backward_solver``/``backward_tol``/
+    ``backward`` (``"implicit" | "phantom" | "unrolled"``) with ``backward_solver``/``backward_options``/``backward_tol``/
     ``backward_max_iter``, ``warm_start``, ``policy`` (``"warn" | "raise" | "ignore"``), ``track_objective``,
     ``power_iterations``, ``eps``/``anchor`` (equilibrium selection; ``target_norm = 1`` allowed when ``eps > 0``).
     """
@@ -499,6 +502,7 @@ class OptEq(OptEqBase):
         max_iter: int = 100,
         backward: str = "implicit",
         backward_solver: str | None = None,
+        backward_options: dict | None = None,
         backward_tol: float | None = None,
         backward_max_iter: int | None = None,
         warm_start: bool = False,
@@ -511,7 +515,8 @@ class OptEq(OptEqBase):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
             solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
-            backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            backward_solver=backward_solver, backward_options=backward_options, backward_tol=backward_tol,
+            backward_max_iter=backward_max_iter,
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
             eps=eps, anchor=anchor,
         )
@@ -567,6 +572,7 @@ class OptEqConv2d(OptEqBase):
         max_iter: int = 100,
         backward: str = "implicit",
         backward_solver: str | None = None,
+        backward_options: dict | None = None,
         backward_tol: float | None = None,
         backward_max_iter: int | None = None,
         warm_start: bool = False,
@@ -579,7 +585,8 @@ class OptEqConv2d(OptEqBase):
         super().__init__(
             activation=activation, activation_options=activation_options, l1=l1, target_norm=target_norm,
             solver=solver, solver_options=solver_options, tol=tol, max_iter=max_iter, backward=backward,
-            backward_solver=backward_solver, backward_tol=backward_tol, backward_max_iter=backward_max_iter,
+            backward_solver=backward_solver, backward_options=backward_options, backward_tol=backward_tol,
+            backward_max_iter=backward_max_iter,
             warm_start=warm_start, policy=policy, track_objective=track_objective, power_iterations=power_iterations,
             eps=eps, anchor=anchor,
         )
