@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from proxnets.convex.kernels import RandomFourierFeatures, cos_, make_feature_map
+from proxnets.convex.kernels import RandomFourierFeatures, _cos_, make_feature_map
 from proxnets.convex.patches import ZCA, contrast_normalize, extract_patches, fit_zca, grid_shape, pair, pool_features
 from proxnets.utils.buffers import workspace_buffer
 from proxnets.utils.validation import check_int, check_number, check_tensor, fail
@@ -198,7 +198,7 @@ class PatchFeaturizer(nn.Module):
 
         ``zca(x) s W + b = x (s Z W) + (b - s mu Z W)`` (``Z`` the ZCA matrix, ``mu`` its mean), so one
         GEMM with a bias maps the (contrast-normalized in place) patches to the cosine's argument (no whitened copy, no
-        separate bias pass); the cosine is taken in place (:func:`~proxnets.convex.kernels.cos_`), pooling (linear)
+        separate bias pass); the cosine is taken in place (:func:`~proxnets.convex.kernels._cos_`), pooling (linear)
         runs before the factor ``sqrt(2/D)``, and ``block`` images at a time keep the ``(block J, D)`` buffer in cache. The same
         function as :meth:`whitened_patches` followed by ``phi`` and :func:`pool_features`, up to
         rounding (tested); every solver reads the features from here, so cached and streamed
@@ -231,7 +231,7 @@ class PatchFeaturizer(nn.Module):
         work = buffer("rff", (min(block, n) * j, dim))
         for i in range(0, n, block):
             xb = x[i : i + block]
-            pre = cos_(torch.addmm(bias, xb.reshape(-1, d), zw, out=work[: xb.shape[0] * j]))  # (b J, D)
+            pre = _cos_(torch.addmm(bias, xb.reshape(-1, d), zw, out=work[: xb.shape[0] * j]))  # (b J, D)
             pool_features(pre.view(xb.shape[0], j, dim), self.grid, self.pool_size, self.pool_stride, out=out[i : i + block])
         return out.mul_(self.phi.scale)
 
