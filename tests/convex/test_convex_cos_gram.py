@@ -101,7 +101,7 @@ def test_fused_features_take_the_cosine_and_do_not_depend_on_chunks(monkeypatch)
         for chunk in (1, 5, 7):
             parts = torch.cat([z.clone() for _, z in StreamedFeatures(f, x, chunk=chunk).chunks({})])
             assert torch.equal(parts, whole), chunk
-        for block in (1, 3):  # the (block J, D) buffer's size
+        for block in (1, 3, 4):  # the (block J, D) buffer's size (the default: RFF_BLOCK_BYTES)
             assert torch.equal(f._raw_rff(x, block=block), f._raw_rff(x)), block
 
 
