@@ -1,6 +1,6 @@
 """The random-feature cosine and the step bound's per-position eigenvalues, as the fit computes them.
 
-- :func:`~proxnets.convex.kernels.cos_` (numpy's float32 cosine on CPU float32) is within its stated
+- :func:`~proxnets.convex.kernels._cos_` (numpy's float32 cosine on CPU float32) is within its stated
   ``COS_ERROR = 2^-23`` of the float64 cosine of the same inputs; a half-precision cosine (a broken
   variant) is not. An element's value does not depend on where it sits in the array, so chunk and
   block sizes never change a feature; a cosine that treats an array's tail differently (broken) does.
@@ -21,7 +21,7 @@ import torch
 
 from proxnets.convex import features as features_module
 from proxnets.convex.features import PatchFeaturizer
-from proxnets.convex.kernels import COS_ERROR, cos_
+from proxnets.convex.kernels import COS_ERROR, _cos_
 from proxnets.convex.sources import GramBound, StreamedFeatures
 
 
@@ -38,7 +38,7 @@ def _half_cos(x: torch.Tensor) -> torch.Tensor:  # broken: the argument rounded 
 
 
 def test_cosine_within_its_stated_error_and_a_coarse_cosine_is_not():
-    err = _cos_error(cos_)
+    err = _cos_error(_cos_)
     assert err <= COS_ERROR
     assert err > 0.0  # it is numpy's float32 cosine, not a float64 one rounded (which would be <= 2^-25)
     assert _cos_error(_half_cos) > 100 * COS_ERROR  # the check can fail
@@ -46,7 +46,7 @@ def test_cosine_within_its_stated_error_and_a_coarse_cosine_is_not():
 
 def _tail_torch_cos(x: torch.Tensor) -> torch.Tensor:  # broken: the last numel % 16 elements by torch
     body = x.numel() // 16 * 16
-    cos_(x[:body])
+    _cos_(x[:body])
     x[body:].cos_()
     return x
 
@@ -63,19 +63,19 @@ def _position_dependent(cos) -> bool:
 
 
 def test_cosine_does_not_depend_on_an_elements_position():
-    assert not _position_dependent(cos_)
+    assert not _position_dependent(_cos_)
     assert _position_dependent(_tail_torch_cos)  # the check can fail
 
 
 def test_cosine_falls_back_to_torch_where_numpy_does_not_apply():
     g = torch.Generator().manual_seed(2)
     x64 = torch.randn(300, generator=g, dtype=torch.float64) * 4
-    assert torch.equal(cos_(x64.clone()), x64.cos())  # float64: torch's
+    assert torch.equal(_cos_(x64.clone()), x64.cos())  # float64: torch's
     x = torch.randn(40, 30, generator=g) * 4
     strided = x.clone().T  # not contiguous: torch's, in place on the view
-    assert torch.equal(cos_(strided), x.T.cos())
+    assert torch.equal(_cos_(strided), x.T.cos())
     y = x.clone()
-    assert cos_(y) is y  # in place
+    assert _cos_(y) is y  # in place
 
 
 def _featurizer():
@@ -92,16 +92,16 @@ def test_fused_features_take_the_cosine_and_do_not_depend_on_chunks(monkeypatch)
 
     def counting(t):
         calls.append(t.numel())
-        return cos_(t)
+        return _cos_(t)
 
-    monkeypatch.setattr(features_module, "cos_", counting)
+    monkeypatch.setattr(features_module, "_cos_", counting)
     with torch.no_grad():
         whole = f(x)
         assert calls  # the fused path (every solver's features) computes its cosine here
         for chunk in (1, 5, 7):
             parts = torch.cat([z.clone() for _, z in StreamedFeatures(f, x, chunk=chunk).chunks({})])
             assert torch.equal(parts, whole), chunk
-        for block in (1, 3):  # the (block J, D) buffer's size
+        for block in (1, 3, 4):  # the (block J, D) buffer's size (the default: RFF_BLOCK_BYTES)
             assert torch.equal(f._raw_rff(x, block=block), f._raw_rff(x)), block
 
 
@@ -147,4 +147,4 @@ def test_a_non_finite_block_beyond_the_first_group_is_refused():
 
 def test_numpy_cosine_is_what_cos_computes_on_float32():
     x = torch.linspace(-30, 30, 1001)
-    assert torch.equal(cos_(x.clone()), torch.from_numpy(np.cos(x.numpy())))
+    assert torch.equal(_cos_(x.clone()), torch.from_numpy(np.cos(x.numpy())))

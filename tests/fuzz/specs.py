@@ -263,6 +263,23 @@ def entries() -> list[Entry]:
     add(Entry("convex", "RandomFourierFeatures.forward",
               lambda x: _cached("rff", lambda: X.RandomFourierFeatures(4, 8, 0.5, generator=torch.Generator().manual_seed(0)))(x),
               lambda g, b: {"x": _randn(g, b, 4)}, data=("x",), rank_free=True))
+    def featurizer():  # the fused random-feature path: the public caller of the private SIMD cosine kernels._cos_
+        x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        return X.PatchFeaturizer(patch_size=3, n_features=8, pool_size=2).fit(x, torch.Generator().manual_seed(0))
+
+    add(Entry("convex", "PatchFeaturizer.forward", lambda X: _cached("featurizer", featurizer)(X),  # noqa: N803 - its error names X
+              lambda g, b: {"X": _rand(g, b, 1, 8, 8)}, data=("X",)))
+
+    from proxnets.convex.sources import GramBound
+
+    def gram_tops(group=4):
+        z = torch.randn(5, 3, 2, generator=torch.Generator().manual_seed(0))
+        acc = GramBound(torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(1))).Q, 3, 2)
+        acc.add(z)
+        acc.value()  # flushes the pending rows into the per-position blocks
+        return acc.block_tops(group)
+
+    add(Entry("convex", "GramBound.block_tops", gram_tops, lambda g, b: {"group": 2}, positive=("group",)))
     add(Entry("convex", "solve_primal", lambda z, y, lam=0.01: X.solve_primal(X.CachedFeatures(z), y, 3, lam=lam, max_iter=20,
                                                                            on_nonconvergence="ignore")[0],
               lambda g, b: {"z": _randn(g, b + 3, 2, 4), "y": _labels(g, b + 3, 3), "lam": 0.01},

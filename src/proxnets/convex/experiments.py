@@ -459,7 +459,11 @@ def exact_bench_job(n: int, method: str, iters: int = 1, data_dir: str | None = 
     def work() -> dict:
         t0 = time.perf_counter()
         est = make(iters).fit(x, y)
-        return {"time_s": time.perf_counter() - t0, "iters": est.trace_.iterations}
+        out = {"time_s": time.perf_counter() - t0, "iters": est.trace_.iterations}
+        if method != "exact":  # the cached tensor Q (n, P, D) itself: the floor of any primal that caches it
+            feat = est.featurizers_[-1]
+            out["cache_mb"] = n * feat.n_positions * feat.dim * est.full_theta_.element_size() / 2**20
+        return out
 
     return work
 

@@ -19,7 +19,7 @@ Feature maps ``phi: R^d -> R^D`` with ``<phi(x), phi(y)> ~ k(x, y)``, acting on 
   (pseudo-inverse square root; eigenvalues below ``1e-8 max`` dropped).
 - :class:`LinearFeatures`: ``phi(x) = x``.
 
-:func:`cos_` is the one cosine of every random-feature map (CCNN's cached features and DCCNN's
+:func:`_cos_` (private) is the one cosine of every random-feature map (CCNN's cached features and DCCNN's
 streamed ones alike): numpy's SIMD float32 cosine on CPU float32 tensors, within ``COS_ERROR`` of the
 float64 cosine of the same input.
 """
@@ -90,10 +90,10 @@ def kernel_matvec(
     return torch.cat([k(x[i : i + chunk], y) @ v for i in range(0, x.shape[0], chunk)], dim=0)
 
 
-COS_ERROR = 2.0**-23  # stated, tested (not proved) bound of |cos_(x) - cos(x)|, cos in float64 of the same float32 x
+COS_ERROR = 2.0**-23  # stated, tested (not proved) bound of |_cos_(x) - cos(x)|, cos in float64 of the same float32 x
 
 
-def cos_(x: torch.Tensor) -> torch.Tensor:
+def _cos_(x: torch.Tensor) -> torch.Tensor:
     """``x <- cos(x)`` in place; returns ``x``.
 
     A contiguous CPU float32 tensor goes through numpy's float32 cosine (SIMD where the CPU has it:
@@ -104,6 +104,10 @@ def cos_(x: torch.Tensor) -> torch.Tensor:
     array (tested), so chunk and block sizes never change a feature. Anything else (other dtypes,
     devices, tensors that need gradients or are not contiguous) takes ``torch.cos_``. No certificate
     depends on this bound: the duality gaps are those of the program over the features computed here.
+
+    Private, and without argument checks on purpose: it runs on every feature block of every pass, and its
+    callers (:class:`RandomFourierFeatures`, :class:`~proxnets.convex.features.PatchFeaturizer`) check their
+    own inputs before the block exists; those public callers are the fuzzed entry points.
     """
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad:
         a = x.numpy()
@@ -131,7 +135,7 @@ class RandomFourierFeatures(nn.Module):
         out = x @ self.weight
         if torch.is_grad_enabled() and x.requires_grad:
             return self.scale * torch.cos(out + self.bias)
-        return cos_(out.add_(self.bias)).mul_(self.scale)  # in place: one (..., D) buffer
+        return _cos_(out.add_(self.bias)).mul_(self.scale)  # in place: one (..., D) buffer
 
 
 class NystromFeatures(nn.Module):
