@@ -283,22 +283,23 @@ def _cg_norms(rs, xx, xr):
     return rs.sqrt(), (xx + 2 * xr + rs).clamp_min(0).sqrt(), xx.sqrt()
 
 
-def _cg_update_eager(x, r, p, ap, rs):
-    pap = _batch_dot(p, ap)
-    alpha = _expand(rs / pap.clamp_min(1e-30), x)
-    x.addcmul_(alpha, p)
-    r.addcmul_(alpha, ap, value=-1.0)
-    rs_new = _batch_dot(r, r)
-    return (pap, rs_new) + _cg_norms(rs_new, _batch_dot(x, x), _batch_dot(x, r))
+def _cg_update_with(dot):
+    """One CG update (``x``, ``r`` in place) with the per-sample dot ``dot``: the eager and the fusable form differ
+    only in how the dots are written."""
+
+    def update(x, r, p, ap, rs):
+        pap = dot(p, ap)
+        alpha = _expand(rs / pap.clamp_min(1e-30), x)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, ap, value=-1.0)
+        rs_new = dot(r, r)
+        return (pap, rs_new) + _cg_norms(rs_new, dot(x, x), dot(x, r))
+
+    return update
 
 
-def _cg_update_fusable(x, r, p, ap, rs):
-    pap = _flat_dot(p, ap)
-    alpha = _expand(rs / pap.clamp_min(1e-30), x)
-    x.addcmul_(alpha, p)
-    r.addcmul_(alpha, ap, value=-1.0)
-    rs_new = _flat_dot(r, r)
-    return (pap, rs_new) + _cg_norms(rs_new, _flat_dot(x, x), _flat_dot(x, r))
+_cg_update_eager = _cg_update_with(_batch_dot)
+_cg_update_fusable = _cg_update_with(_flat_dot)
 
 
 def _cg_direction(p, r, rs_new, rs):
