@@ -502,12 +502,17 @@ def bench_certified(quick: bool, n_seeds: int, grid: list[tuple[float, float]], 
         m, lo, hi = mean_interval([r["area"] for r in rs])
         print(f"| {name} | {rs[0]['params']} | " + " | ".join(cells) + f" | {m:.4f} [{lo:.4f}, {hi:.4f}] |")
     for tl in (k for k in results if k.startswith("deel")):
-        b = [r["curve"][e0] for r in results[tl]]
         for name in (k for k in results if k.startswith("ours")):
-            a = [r["curve"][e0] for r in results[name]]
-            d = difference_interval(a, b)
-            print(f"'{name}' vs '{tl}' at 36/255: ratio {sum(a) / sum(b):.3f}, difference {100 * d[0]:+.1f} points "
-                  f"[{100 * d[1]:+.1f}, {100 * d[2]:+.1f}] (95%, paired by seed)")
+            for label, key in [(f"{round(e * 255)}/255", e) for e in (e0, *TABLE_RADII[1:])] + [("area", "area")]:
+                def value(r):
+                    return r["area"] if key == "area" else r["curve"][key]
+
+                a, b = [value(r) for r in results[name]], [value(r) for r in results[tl]]
+                d, unit = difference_interval(a, b), (1 if key == "area" else 100)
+                ratio = f"{sum(a) / sum(b):.3f}" if sum(b) else "n/a"
+                print(f"'{name}' vs '{tl}' at {label}: ratio {ratio}, difference {unit * d[0]:+.{3 if key == 'area' else 1}f} "
+                      f"[{unit * d[1]:+.{3 if key == 'area' else 1}f}, {unit * d[2]:+.{3 if key == 'area' else 1}f}] "
+                      "(95%, paired by seed)")
     print("curve (mean over seeds), radius: " + ", ".join(f"{e:.3f}" for e in CURVE[::4]))
     for name, rs in results.items():
         print(f"  {name}: " + ", ".join(f"{sum(r['curve'][e] for r in rs) / len(rs):.3f}" for e in CURVE[::4]))
