@@ -16,6 +16,8 @@ import proxnets.pmp.regularizers as regularizers_module
 from proxnets.pmp import BSQH, LinearizedHamiltonianRule, SmallLeNet5, SparseRegularizer, TrialStep
 from proxnets.pmp.sparsity import sparsity_param_groups
 
+from pmp_closures import cross_entropy_closure
+
 REG = SparseRegularizer(beta=1.0, lam2=1e-3, normalize="group", bound=1.0)
 
 
@@ -114,15 +116,8 @@ def optimizer_run(model, batches, eps0, eta, eps_rule, target_density=None, cls=
               regularizer=REG, target_density=target_density)
     out = []
     for xb, yb in batches:
-        def closure(backward=True):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            if backward:
-                loss.backward()
-            return loss.detach()
-
         before = (opt.run_state["accepted"], opt.run_state["rejected"])
-        loss = float(opt.step(closure))
+        loss = float(opt.step(cross_entropy_closure(model, opt, xb, yb)))
         ps = [p for g in opt.param_groups for p in g["params"]]
         out.append(dict(loss=loss, accepted=opt.run_state["accepted"] - before[0],
                         rejected=opt.run_state["rejected"] - before[1],
